@@ -1,0 +1,32 @@
+"""Backbone adapters keyed by Hugging Face ``model_type``. Only adapters touch HF internals."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from offramp.backbones.albert import AlbertAdapter
+from offramp.backbones.base import EncoderAdapter
+from offramp.backbones.bert import BertAdapter
+from offramp.backbones.distilbert import DistilBertAdapter
+from offramp.backbones.mpnet import MPNetAdapter
+
+ADAPTERS: dict[str, type[EncoderAdapter]] = {
+    "bert": BertAdapter,
+    "roberta": BertAdapter,
+    "xlm-roberta": BertAdapter,
+    "electra": BertAdapter,
+    "mpnet": MPNetAdapter,
+    "distilbert": DistilBertAdapter,
+    "albert": AlbertAdapter,
+}
+
+
+def adapter_for(model: nn.Module) -> EncoderAdapter:
+    """The encoder adapter for a HF base model, by its ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(f"unsupported encoder model_type {model_type!r}; supported: {sorted(ADAPTERS)}")
+    return ADAPTERS[model_type](model)
+
+
+__all__ = ["ADAPTERS", "EncoderAdapter", "adapter_for"]

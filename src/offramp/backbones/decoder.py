@@ -1,0 +1,154 @@
+"""Decoder-only backbones (transformer and Mamba) run layer by layer for token-level exits.
+
+Only adapters touch Hugging Face internals. An adapter knows how to embed tokens, run ONE layer
+(the HF layer module itself, so forward hooks on it see every call) on a subset of the batch rows,
+project a hidden state to keys/values for a layer (CALM's "propagate" cache fill), and apply the
+final norm and the LM head. The decoding engine (``offramp.engines.generate``) owns the loop, the
+per-row exits and the cache of skipped layers.
+
+Cache protocol: layer modules receive a *view* that implements the methods HF layers call on a
+``transformers.Cache`` (``update`` for attention; ``get_conv_state`` / ``update_conv_state`` /
+``get_recurrent_state`` / ``update_recurrent_state`` for Mamba). HF's own caches grow or update all
+rows of the batch together; per-row exits need per-row, per-position writes, so the engine keeps
+the storage (``offramp.engines.generate_cache``) and hands the layer a view on the rows it runs.
+
+Exit layers are counted as "layers run": exit ``k`` reads the hidden state after layers
+``0 .. k-1``; ``k = num_layers`` is the full model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+# model_type values of HF configs -> adapter class; filled at the end of this module.
+DECODER_ADAPTERS: dict[str, type["DecoderAdapter"]] = {}
+
+
+class DecoderAdapter:
+    """Layer-by-layer access to a HF causal LM.
+
+    Attributes:
+        kind: "attention" (KV cache) or "ssm" (conv + recurrent state).
+        model_types: the HF ``model_type`` values this adapter serves.
+    """
+
+    kind: ClassVar[str] = "attention"
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # ---- structure -------------------------------------------------------------------------
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm_head().weight.shape[0])
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def layer_device(self, index: int) -> torch.device:
+        """The device of layer ``index`` (a model spread by ``device_map`` has several)."""
+        return next(self.layers()[index].parameters()).device
+
+    @property
+    def head_device(self) -> torch.device:
+        return self.lm_head().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head().weight.dtype
+
+    def max_positions(self) -> int | None:
+        """The longest sequence the model accepts (None: unbounded)."""
+        return getattr(self.config, "max_position_embeddings", None)
+
+    # ---- compute ---------------------------------------------------------------------------
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:  # (b, t) -> (b, t, d)
+        raise NotImplementedError
+
+    def logits(self, hidden: Tensor) -> Tensor:  # (b, t, d) -> (b, t, V)
+        """Final norm then LM head (the full-vocabulary projection)."""
+        hidden = hidden.to(self.head_device)
+        return self.lm_head()(self.final_norm()(hidden))
+
+    def rotary(self, hidden: Tensor, position_ids: Tensor) -> Any:
+        """Position embeddings shared by all layers for ``position_ids`` (b, t); None if unused."""
+        return None
+
+    def run_layer(self, index: int, hidden: Tensor, *, cache: Any, mask: Tensor | None = None,
+                  position_ids: Tensor | None = None, rotary: Any = None) -> Tensor:
+        """Run layer ``index`` (the HF module) on ``hidden`` (b, t, d); returns (b, t, d)."""
+        raise NotImplementedError
+
+    # ---- attention-only --------------------------------------------------------------------
+    def kv_shape(self) -> tuple[int, int]:
+        """(number of key/value heads, head dim) of every attention layer."""
+        cfg = self.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return int(heads), int(head_dim)
+
+    def sliding_window(self, index: int) -> int | None:
+        """The sliding-window size of attention layer ``index``, None for full attention."""
+        return None
+
+    def project_kv(self, index: int, hidden: Tensor, rotary: Any) -> tuple[Tensor, Tensor]:
+        """Keys and values (b, heads, t, head_dim) that layer ``index`` makes from ``hidden``."""
+        raise NotImplementedError
+
+    def mask_dtype(self) -> str:
+        """"bool" (True = attend) for SDPA, "float" (additive) for eager attention."""
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        return "float" if impl == "eager" else "bool"
+
+
+def text_config(config: Any) -> Any:
+    """The text config of a (possibly multimodal) HF config."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    """The decoder adapter for a HF causal LM, chosen by ``model.config.model_type``.
+
+    Raises:
+        ValueError: if the model type has no decoder adapter.
+    """
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in DECODER_ADAPTERS:
+        supported = ", ".join(sorted(DECODER_ADAPTERS))
+        raise ValueError(f"model_type {model_type!r} has no decoder adapter; supported: {supported}. "
+                         "Add an adapter in offramp/backbones/ and a line in DECODER_ADAPTERS.")
+    return DECODER_ADAPTERS[model_type](model)
+
+
+def _register() -> None:
+    from offramp.backbones.gemma3 import Gemma3Adapter
+    from offramp.backbones.gpt2 import GPT2Adapter
+    from offramp.backbones.llama import LlamaAdapter
+    from offramp.backbones.mamba import Mamba2Adapter, MambaAdapter
+
+    for cls in (LlamaAdapter, GPT2Adapter, Gemma3Adapter, MambaAdapter, Mamba2Adapter):
+        for name in cls.model_types:
+            DECODER_ADAPTERS[name] = cls
+
+
+_register()

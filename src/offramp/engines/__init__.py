@@ -1,0 +1,1 @@
+"""Inference engines that really skip compute: classify (row compaction), generate, reason."""

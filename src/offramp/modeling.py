@@ -1,0 +1,255 @@
+"""EarlyExitModel: a Hugging Face encoder with exit classifiers (and a halting layer) on its layers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from offramp.backbones import adapter_for
+from offramp.backbones.base import check_ids
+from offramp.config import CONFIG_NAME, OfframpConfig
+from offramp.heads.classifier import ExitClassifiers
+from offramp.heads.halting import HaltingLayer, exit_log_distribution
+from offramp.policies import ExitPolicy, make_policy
+from offramp.utils import atomic_dir
+
+HEADS_NAME = "offramp_heads.safetensors"
+BACKBONE_DIR = "backbone"
+
+
+@dataclass
+class EarlyExitOutput(ModelOutput):
+    """Every exit's output for a batch (training and analysis).
+
+    Attributes:
+        loss: the objective's loss when labels were given.
+        exit_logits: (E, b, c) logits of every exit.
+        halting_logits: (b, E) halting logits (lambda = sigmoid) when a halting layer is present.
+        halting_probs: (b, E) the exit distribution p when a halting layer is present.
+        gate_logits: (b, E) JEI-DNN gate logits when gates are present.
+        pooled: (E, b, d) pooled hidden states when ``output_pooled=True``.
+    """
+
+    loss: torch.FloatTensor | None = None
+    exit_logits: torch.FloatTensor | None = None
+    halting_logits: torch.FloatTensor | None = None
+    halting_probs: torch.FloatTensor | None = None
+    gate_logits: torch.FloatTensor | None = None
+    pooled: torch.FloatTensor | None = None
+
+
+@dataclass
+class Prediction:
+    """The result of real early-exit inference, per row.
+
+    Attributes:
+        logits: (b, c) logits of the exit each row took.
+        exit_index: (b,) 0-based index of that exit.
+        exit_layer: (b,) 1-based backbone layer of that exit (how deep the row ran).
+    """
+
+    logits: Tensor
+    exit_index: Tensor
+    exit_layer: Tensor
+
+    @property
+    def labels(self) -> Tensor:  # (b,)
+        return self.logits.argmax(-1)
+
+
+def _load_backbone(spec: str | os.PathLike | nn.Module, **kwargs: Any) -> nn.Module:
+    if isinstance(spec, nn.Module):
+        base = getattr(spec, "base_model", spec)
+        return base
+    try:
+        return AutoModel.from_pretrained(str(spec), **kwargs)
+    except OSError as e:
+        raise ValueError(f"cannot load the backbone {spec!r}: {e}. Give a local HF model folder or a Hub id "
+                         "(Hub ids need internet access)") from e
+
+
+class EarlyExitModel(nn.Module):
+    """A HF encoder backbone with exits. Build with ``from_backbone`` or ``from_pretrained``.
+
+    ``forward`` runs every layer and returns all exits (for training and traces); ``predict``
+    runs each row only as deep as the exit policy says, dropping rows from the running batch as
+    they exit.
+    """
+
+    def __init__(self, backbone: nn.Module, config: OfframpConfig, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.adapter = adapter_for(backbone)
+        self.tokenizer = tokenizer
+        config.backbone_model_type = backbone.config.model_type
+        n = self.adapter.num_layers
+        layers = list(range(1, n + 1)) if config.exit_layers is None else list(config.exit_layers)
+        if layers[-1] > n:
+            raise ValueError(f"exit_layers {layers} go past the backbone's {n} layers; use numbers in 1..{n}")
+        self.config = config
+        self.exit_layers: list[int] = layers
+        self._exit_at = {layer: i for i, layer in enumerate(layers)}
+        h = self.adapter.hidden_size
+        head = config.head
+        pooler = self.adapter.pooler() if head["use_pooler"] and head["pooling"] == "cls" else None
+        self.classifiers = ExitClassifiers(h, config.num_labels, len(layers), shared=head["shared"],
+                                           pooling=head["pooling"], dropout=head["dropout"], pooler=pooler)
+        self.halting = HaltingLayer(h, len(layers), **config.halting) if config.halting else None
+        self.gates = self._build_gates()
+
+    def _build_gates(self) -> nn.Module | None:
+        if not self.config.gate:
+            return None
+        from offramp.heads.gate import build_gates  # JEI-DNN gates
+
+        return build_gates(self.config.gate, len(self.exit_layers))
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, backbone: str | os.PathLike | nn.Module, config: OfframpConfig,
+                      tokenizer: Any = None, **load_kwargs: Any) -> "EarlyExitModel":
+        """Add exits to a HF encoder given as a model, a local folder or a Hub id."""
+        model = _load_backbone(backbone, **load_kwargs)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = (str(backbone) if not isinstance(backbone, nn.Module)
+                                              else getattr(model.config, "_name_or_path", None) or None)
+        if tokenizer is None and not isinstance(backbone, nn.Module):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(backbone))
+            except (OSError, ValueError):
+                tokenizer = None
+        return cls(model, config, tokenizer)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Train exits only (frozen) or everything (full fine-tuning)."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(not frozen)
+
+    # -- all exits ------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None,
+                output_pooled: bool = False) -> EarlyExitOutput:
+        attention_mask = check_ids(input_ids, attention_mask)
+        a = self.adapter
+        hidden = a.embed(input_ids, token_type_ids)  # (b, t, d)
+        ctx = a.context(hidden, attention_mask)
+        pooled = []
+        for i in range(self.exit_layers[-1]):
+            hidden = a.run_layer(i, hidden, ctx)
+            if i + 1 in self._exit_at:
+                pooled.append(self.classifiers.pool(hidden, attention_mask))
+        pooled_t = torch.stack(pooled)  # (E, b, d)
+        out = EarlyExitOutput(exit_logits=self.classifiers.all_exits(pooled_t))
+        if self.halting is not None:
+            out.halting_logits = self.halting(pooled_t)
+            obj = self.config.objective
+            out.halting_probs = exit_log_distribution(
+                out.halting_logits, obj.get("truncation", "force_last"), obj.get("epsilon", 0.05)).exp()
+        if self.gates is not None:
+            out.gate_logits = self.gates(out.exit_logits)
+        if output_pooled:
+            out.pooled = pooled_t
+        if labels is not None:
+            from offramp.objectives import compute_loss
+
+            out.loss = compute_loss(self, out, self.check_labels(labels))
+        return out
+
+    def check_labels(self, labels: Tensor) -> Tensor:
+        if self.config.is_regression:
+            return labels.float().reshape(-1)
+        labels = labels.long()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_labels):
+            raise ValueError(f"labels out of range: got values in [{int(labels.min())}, {int(labels.max())}] "
+                             f"but the model has {self.config.num_labels} classes (0..{self.config.num_labels - 1})")
+        return labels
+
+    # -- real early exit ------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                policy: str | dict | ExitPolicy | None = None, token_type_ids: Tensor | None = None,
+                labels: Tensor | None = None) -> Prediction:
+        """Per-row early-exit inference. ``policy`` defaults to the config's policy."""
+        from offramp.engines.classify import early_exit_predict
+
+        pol = make_policy(policy if policy is not None else self.config.policy)
+        return early_exit_predict(self, input_ids, attention_mask, pol, token_type_ids=token_type_ids,
+                                  labels=labels)
+
+    # -- save / load ----------------------------------------------------------------------------
+    def head_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                if not k.startswith("backbone.")}
+
+    def save_pretrained(self, directory: str | os.PathLike, save_backbone: bool = True) -> None:
+        """Write offramp_config.json + offramp_heads.safetensors (+ backbone/ and the tokenizer).
+
+        The folder is built under a temporary name and renamed into place, so an interrupted
+        save leaves the previous checkpoint intact. With ``save_backbone=False`` the backbone is
+        loaded from ``config.base_model_name_or_path`` again (use it for a frozen backbone).
+        """
+        with atomic_dir(directory) as tmp:
+            self.config.save(tmp)
+            save_file(self.head_state_dict(), str(tmp / HEADS_NAME))
+            if save_backbone:
+                self.backbone.save_pretrained(tmp / BACKBONE_DIR)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **load_kwargs: Any) -> "EarlyExitModel":
+        """Load what ``save_pretrained`` wrote (a folder; or a training output folder)."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() and (directory / "checkpoint" / CONFIG_NAME).is_file():
+            directory = directory / "checkpoint"
+        config = OfframpConfig.load(directory)
+        source = directory / BACKBONE_DIR
+        if not source.is_dir():
+            if not config.base_model_name_or_path:
+                raise ValueError(f"{directory} has no backbone/ folder and its config names no base model")
+            source = config.base_model_name_or_path
+        backbone = _load_backbone(source, **load_kwargs)
+        tokenizer = None
+        if (directory / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = cls(backbone, config, tokenizer)
+        state = load_file(str(directory / HEADS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"{directory}: heads do not match the config (missing {missing}, "
+                             f"unexpected {unexpected}); the checkpoint is damaged or from another version")
+        return model.eval()
+
+    # -- text convenience -----------------------------------------------------------------------
+    def encode(self, texts: list[str], max_length: int = 128) -> dict[str, Tensor]:
+        """Tokenise texts with the model's tokenizer (ValueError on an empty list or empty text)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass input_ids, or build it from a name or path")
+        if not texts:
+            raise ValueError("empty batch: give at least one text")
+        empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if empty:
+            raise ValueError(f"empty text at position(s) {empty}: every input needs some text")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -1,0 +1,50 @@
+"""Exit policies: one file each, one registry. See ``offramp.policies.base`` for the protocol."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
+from offramp.policies.entropy import EntropyPolicy
+from offramp.policies.margin import MarginPolicy
+from offramp.policies.max_prob import MaxProbPolicy
+from offramp.policies.never import NeverPolicy
+from offramp.policies.oracle import OraclePolicy
+from offramp.policies.patience import PatiencePolicy
+from offramp.policies.ponder_sample import PonderSamplePolicy
+from offramp.policies.q_exit import QExitPolicy
+from offramp.policies.saturation import SaturationPolicy
+from offramp.policies.static import StaticPolicy
+
+POLICIES: dict[str, type[ExitPolicy]] = {
+    "never": NeverPolicy,
+    "static": StaticPolicy,
+    "max_prob": MaxProbPolicy,
+    "entropy": EntropyPolicy,
+    "margin": MarginPolicy,
+    "saturation": SaturationPolicy,
+    "patience": PatiencePolicy,
+    "ponder_sample": PonderSamplePolicy,
+    "q_exit": QExitPolicy,
+    "oracle": OraclePolicy,
+}
+
+
+def make_policy(spec: str | dict[str, Any] | ExitPolicy | None, **params: Any) -> ExitPolicy:
+    """Build a policy from a name + parameters, a {"type": name, ...} dict, or pass one through."""
+    if isinstance(spec, ExitPolicy):
+        return spec
+    if spec is None:
+        spec = "never"
+    if isinstance(spec, dict):
+        params = {**{k: v for k, v in spec.items() if k != "type"}, **params}
+        spec = spec.get("type")
+    if spec not in POLICIES:
+        raise ValueError(f"unknown policy {spec!r}; known policies: {sorted(POLICIES)}")
+    try:
+        return POLICIES[spec](**params)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for policy {spec!r}: {e}") from e
+
+
+__all__ = ["POLICIES", "ExitPolicy", "ExitSignals", "PolicyState", "make_policy"]

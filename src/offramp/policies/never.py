@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
+
+
+@dataclass(frozen=True)
+class NeverPolicy(ExitPolicy):
+    """Never exit early: every row runs to the last exit (the full model)."""
+
+    type = "never"
+
+    def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
+        return torch.zeros(signals.logits.shape[0], dtype=torch.bool, device=signals.logits.device), state

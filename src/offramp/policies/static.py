@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
+
+
+@dataclass(frozen=True)
+class StaticPolicy(ExitPolicy):
+    """Always exit at the first exit at or after layer ``layer`` (1-based): static truncation."""
+
+    type = "static"
+    threshold_field = "layer"
+    layer: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"static policy: layer must be an integer >= 1, got {self.layer!r}")
+
+    def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
+        b = signals.logits.shape[0]
+        return torch.full((b,), signals.layer >= self.layer, dtype=torch.bool, device=signals.logits.device), state
