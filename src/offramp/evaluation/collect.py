@@ -1,0 +1,162 @@
+"""ExitTrace: every exit's outputs over a dataset, stored once, replayed by any policy.
+
+``collect`` runs the model with all exits over a dataloader; ``replay`` runs a policy's own
+``decide`` over the stored trace, exit by exit, exactly as the online engine does (same rows, same
+order of calls, rows removed once they exit). So the exits a sweep picks on a trace are the exits
+``EarlyExitModel.predict`` takes on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from offramp.policies import ExitPolicy, ExitSignals, make_policy
+from offramp.utils import atomic_dir
+
+if TYPE_CHECKING:
+    from offramp.modeling import EarlyExitModel
+
+TRACE_TENSORS = "trace.safetensors"
+TRACE_META = "trace.json"
+
+
+@dataclass
+class ExitTrace:
+    """All exits' outputs over n inputs.
+
+    Attributes:
+        logits: (E, n, c) float32 exit logits.
+        labels: (n,) true labels (long; float for regression), or None.
+        exit_layers: 1-based layer of each exit.
+        num_layers: layers of the backbone.
+        halting: (n, E) halting probabilities lambda, if the model has a halting layer.
+        gate: (n, E) gate values, if the model has gates.
+        hidden: (E, n, d) pooled hidden states, if collected (for saturation).
+        layer_flops: FLOPs of running up to each exit (E,), if known.
+        meta: free-form metadata (model, data, split, ...).
+    """
+
+    logits: Tensor
+    labels: Tensor | None
+    exit_layers: list[int]
+    num_layers: int
+    halting: Tensor | None = None
+    gate: Tensor | None = None
+    hidden: Tensor | None = None
+    layer_flops: list[float] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_exits(self) -> int:
+        return self.logits.shape[0]
+
+    def __len__(self) -> int:
+        return self.logits.shape[1]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the trace folder atomically (a partial write is never visible as a trace)."""
+        tensors = {"logits": self.logits.contiguous()}
+        for name in ("labels", "halting", "gate", "hidden"):
+            t = getattr(self, name)
+            if t is not None:
+                tensors[name] = t.contiguous()
+        meta = {"exit_layers": self.exit_layers, "num_layers": self.num_layers, "layer_flops": self.layer_flops,
+                "meta": self.meta, "complete": True}
+        with atomic_dir(directory) as tmp:
+            save_file(tensors, str(tmp / TRACE_TENSORS))
+            (tmp / TRACE_META).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ExitTrace":
+        directory = Path(directory)
+        meta_path, tensor_path = directory / TRACE_META, directory / TRACE_TENSORS
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise ValueError(f"{directory} is not a complete exit trace ({TRACE_META} and {TRACE_TENSORS} "
+                             "are written together at the end of `offramp collect`); collect it again")
+        meta = json.loads(meta_path.read_text())
+        if not meta.get("complete"):
+            raise ValueError(f"{directory} is an incomplete trace; collect it again")
+        t = load_file(str(tensor_path))
+        return cls(logits=t["logits"], labels=t.get("labels"), exit_layers=meta["exit_layers"],
+                   num_layers=meta["num_layers"], halting=t.get("halting"), gate=t.get("gate"),
+                   hidden=t.get("hidden"), layer_flops=meta.get("layer_flops"), meta=meta.get("meta", {}))
+
+
+@torch.no_grad()
+def collect(model: "EarlyExitModel", batches: Iterable[dict[str, Tensor]], *, keep_hidden: bool = False,
+            progress: bool = False) -> ExitTrace:
+    """Run every exit over ``batches`` (dicts with input_ids, attention_mask[, token_type_ids, labels])."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    logits, labels, halting, gate, hidden = [], [], [], [], []
+    device = model.device
+    for batch in tqdm(batches, desc="collect", disable=not progress):
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        out = model(**inputs, output_pooled=keep_hidden)
+        logits.append(out.exit_logits.float().cpu())
+        if "labels" in batch:
+            labels.append(batch["labels"].cpu())
+        if out.halting_logits is not None:
+            halting.append(torch.sigmoid(out.halting_logits).float().cpu())
+        if out.gate_logits is not None:
+            gate.append(torch.sigmoid(out.gate_logits).float().cpu())
+        if keep_hidden:
+            hidden.append(out.pooled.float().cpu())
+    if not logits:
+        raise ValueError("no batches to collect: the data split is empty")
+    return ExitTrace(
+        logits=torch.cat(logits, dim=1), labels=torch.cat(labels) if labels else None,
+        exit_layers=list(model.exit_layers), num_layers=model.num_layers,
+        halting=torch.cat(halting) if halting else None, gate=torch.cat(gate) if gate else None,
+        hidden=torch.cat(hidden, dim=1) if hidden else None)
+
+
+def replay(policy: ExitPolicy | str | dict, trace: ExitTrace, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Run ``policy`` over a stored trace: (exit_index (n,), logits (n, c)) per row.
+
+    The same ``decide`` calls as the online engine, with exited rows removed from the running
+    set. ``labels`` overrides the trace's labels for the oracle; an oracle with mode
+    "consistent" uses the last exit's predictions as labels (the consistency oracle).
+    """
+    policy = make_policy(policy)
+    e, n, _ = trace.logits.shape
+    if "labels" in policy.needs:
+        if getattr(policy, "mode", "correct") == "consistent":
+            labels = trace.logits[-1].argmax(-1)
+        elif labels is None:
+            labels = trace.labels
+        if labels is None:
+            raise ValueError(f"policy {policy.type!r} needs labels and the trace has none")
+    for need in ("halting", "gate", "hidden"):
+        if need in policy.needs and getattr(trace, need) is None:
+            raise ValueError(f"policy {policy.type!r} needs {need} and this trace has none; collect it from a "
+                             f"model that has it" + (" with keep_hidden=True" if need == "hidden" else ""))
+    rows = torch.arange(n)
+    out_index = torch.full((n,), e - 1, dtype=torch.long)
+    state = policy.start(n, e)
+    for k in range(e - 1):
+        sig = ExitSignals(logits=trace.logits[k, rows], layer=trace.exit_layers[k],
+                          halting=trace.halting[rows, k] if trace.halting is not None else None,
+                          gate=trace.gate[rows, k] if trace.gate is not None else None,
+                          hidden=trace.hidden[k, rows] if (trace.hidden is not None and "hidden" in policy.needs)
+                          else None,
+                          labels=labels[rows] if labels is not None else None)
+        exits, state = policy.decide(k, sig, state)
+        out_index[rows[exits]] = k
+        keep = (~exits).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        if keep.numel() < rows.numel():
+            rows, state = rows[keep], state.select(keep)
+    logits = trace.logits[out_index, torch.arange(n)]
+    return out_index, logits

@@ -1,0 +1,208 @@
+"""One training loop on Accelerate: single CPU to multi-GPU (`accelerate launch`) unchanged.
+
+Each epoch ends with an evaluation (accuracy or MSE of every exit on the validation batches) and an
+atomic checkpoint: the model folder and the training state are written under a temporary name and
+swapped in, so an interrupted run leaves the last good checkpoint intact; ``resume=True``
+continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from offramp.utils import atomic_write_json
+
+if TYPE_CHECKING:
+    from offramp.modeling import EarlyExitModel
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_NAME = "training_state.pt"
+
+
+@dataclass
+class TrainingArgs:
+    """Hyperparameters of ``train``.
+
+    Args:
+        output_dir: where the checkpoint (``output_dir/checkpoint``) and metrics go.
+        epochs: passes over the training batches.
+        lr: learning rate of the exits (and of the backbone when not frozen).
+        backbone_lr: learning rate of the backbone in full fine-tuning (default ``lr``).
+        weight_decay: AdamW weight decay.
+        frozen_backbone: train the exits only.
+        warmup_ratio: linear warm-up fraction of the steps, then linear decay.
+        max_grad_norm: gradient clipping.
+        seed: seed of torch, numpy and random.
+        save_backbone: store the backbone in the checkpoint (False: by reference; frozen only).
+        resume: continue from ``output_dir/checkpoint`` if it exists.
+        progress: show a progress bar.
+    """
+
+    output_dir: str
+    epochs: int = 3
+    lr: float = 1e-3
+    backbone_lr: float | None = None
+    weight_decay: float = 0.0
+    frozen_backbone: bool = True
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_backbone: bool = True
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _param_groups(model: "EarlyExitModel", args: TrainingArgs) -> list[dict[str, Any]]:
+    groups: dict[float, list] = {}
+    halting_lr = (model.config.halting or {}).get("lr") or args.lr
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            lr = args.backbone_lr or args.lr
+        elif name.startswith("halting."):
+            lr = halting_lr
+        else:
+            lr = args.lr
+        groups.setdefault(lr, []).append(p)
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return [{"params": ps, "lr": lr, "weight_decay": args.weight_decay} for lr, ps in groups.items()]
+
+
+@torch.no_grad()
+def evaluate_exits(model: "EarlyExitModel", batches: Sequence[dict], accelerator: Accelerator | None = None
+                   ) -> dict[str, Any]:
+    """Per-exit accuracy (classification) or MSE (regression) over ``batches``."""
+    model.eval()
+    correct = err = None
+    n = 0
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        logits = model(**inputs).exit_logits  # (E, b, c)
+        labels = batch["labels"]
+        if accelerator is not None:
+            logits, labels = accelerator.gather_for_metrics((logits.transpose(0, 1), labels))
+            logits = logits.transpose(0, 1)
+        if model.config.is_regression:
+            e = ((logits[..., 0] - labels[None].float()) ** 2).sum(1)
+            err = e if err is None else err + e
+        else:
+            c = (logits.argmax(-1) == labels[None]).sum(1)
+            correct = c if correct is None else correct + c
+        n += labels.shape[0]
+    if n == 0:
+        raise ValueError("the validation split is empty")
+    if model.config.is_regression:
+        per_exit = (err / n).tolist()
+        return {"mse_per_exit": per_exit, "mse_last": per_exit[-1], "n": n}
+    per_exit = (correct.float() / n).tolist()
+    return {"accuracy_per_exit": per_exit, "accuracy_last": per_exit[-1], "n": n}
+
+
+def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: Sequence[dict] | None,
+          args: TrainingArgs, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train ``model``'s exits with its config's objective; returns the history of metrics.
+
+    ``train_batches`` is a list of batches (dicts of tensors with ``labels``); their order is
+    shuffled each epoch with ``seed + epoch`` (so a resumed run sees the same order) and split
+    between processes under ``accelerate launch``.
+    """
+    from offramp.modeling import EarlyExitModel
+    from transformers import get_linear_schedule_with_warmup
+
+    _seed_all(args.seed)
+    out = Path(args.output_dir)
+    ckpt = out / CHECKPOINT_DIR
+    accelerator = Accelerator()
+    model.freeze_backbone(args.frozen_backbone)
+    start_epoch, history = 0, []
+    state = None
+    if args.resume and (ckpt / STATE_NAME).is_file():
+        resumed = EarlyExitModel.from_pretrained(ckpt)
+        model.load_state_dict(resumed.state_dict())
+        state = torch.load(ckpt / STATE_NAME, weights_only=False)
+        start_epoch, history = state["epoch"] + 1, state["history"]
+    elif args.resume:
+        raise ValueError(f"--resume: no checkpoint at {ckpt} to continue from; start without --resume")
+    optimizer = torch.optim.AdamW(_param_groups(model, args))
+    if not len(train_batches):
+        raise ValueError("the training split is empty: no batches to train on")
+    steps = max(1, len(train_batches) * args.epochs // accelerator.num_processes)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+    pmodel, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    for epoch in range(start_epoch, args.epochs):
+        pmodel.train()
+        total, count = 0.0, 0
+        order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(args.seed + epoch))
+        mine = [train_batches[i] for i in order.tolist()][accelerator.process_index::accelerator.num_processes]
+        bar = tqdm(mine, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=not (args.progress and accelerator.is_local_main_process))
+        for batch in bar:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss = pmodel(**batch).loss
+            accelerator.backward(loss)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(pmodel.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
+        if eval_batches:
+            batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in eval_batches]
+            metrics.update(evaluate_exits(accelerator.unwrap_model(pmodel), batches, accelerator))
+        history.append(metrics)
+        if accelerator.is_main_process:
+            _checkpoint(accelerator.unwrap_model(pmodel), optimizer, scheduler, epoch, history, args, ckpt)
+            atomic_write_json(out / "metrics.json", history)
+        accelerator.wait_for_everyone()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    model.eval()
+    return {"history": history, "checkpoint": str(ckpt)}
+
+
+def _checkpoint(model: "EarlyExitModel", optimizer, scheduler, epoch: int, history: list, args: TrainingArgs,
+                ckpt: Path) -> None:
+    """Write model + training state into ``ckpt`` in one atomic directory swap."""
+    from offramp.utils import atomic_dir
+
+    with atomic_dir(ckpt) as tmp:
+        # save_pretrained itself is atomic; write into a sub-folder name then move its files up
+        model.save_pretrained(tmp / "model", save_backbone=args.save_backbone or not args.frozen_backbone)
+        for f in (tmp / "model").iterdir():
+            os.replace(f, tmp / f.name)
+        (tmp / "model").rmdir()
+        torch.save({"epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                    "args": asdict(args)}, tmp / STATE_NAME)
+        (tmp / "history.json").write_text(json.dumps(history, indent=2))
