@@ -1,0 +1,363 @@
+"""Token-level early-exit decoding for decoder transformers and Mamba (DYNAMAX, CALM).
+
+At each decoding step every running row starts at layer 0 with its new token. At each exit layer
+a small confidence classifier decides per row; rows that exit leave the running batch (their
+logits come from their exit head: one full-vocabulary LM head per token, at the exit taken), and
+the layers they skip are never run for them. What those layers store for later tokens is the
+cache strategy:
+
+- ``copy_kv`` (DYNAMAX): skipped layers get the key/value of the last computed layer;
+- ``propagate`` (CALM): skipped layers get keys/values projected from the exit hidden state;
+- ``catch_up`` (FREE/DEED, exact): nothing is written; when a later token of that row goes
+  deeper, the skipped layers run for the pending tokens together with it, from their exit hidden
+  states, so deep tokens see exactly the cache of the full model;
+- ``freeze`` (Mamba): skipped layers keep their conv/SSM states;
+- ``update`` (Mamba): skipped layers run their state update on the exit hidden state.
+
+With no exit model (or ``threshold=None``) no row ever exits and greedy decoding reproduces HF
+``generate(do_sample=False)`` token for token, ragged left-padded batches included.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from offramp.backbones.decoder import DecoderAdapter, adapter_for
+from offramp.engines.generate_cache import KVStore, SSMStore, attention_mask
+from offramp.engines.generate_policy import TokenConfidencePolicy
+from offramp.engines.generate_sampling import SamplingOptions, next_tokens
+from offramp.policies.base import ExitPolicy, ExitSignals
+
+ATTENTION_STRATEGIES = ("copy_kv", "propagate", "catch_up")
+SSM_STRATEGIES = ("freeze", "update")
+
+
+@dataclass(frozen=True)
+class GenerateReport:
+    """What one ``generate`` call did. ``layer_rows`` counts (token, layer) pairs run on the
+    token's own path; ``fill_layer_rows`` the layer runs a cache strategy made for skipped layers
+    (``propagate``: K/V projections, ``update``: state updates, ``catch_up``: pending tokens)."""
+
+    new_tokens: int
+    layer_rows: int
+    fill_layer_rows: int
+    mean_exit_layer: float
+    num_layers: int
+    wall_s: float
+
+
+@dataclass
+class GenerateOutput:
+    """Tokens, exit layers and texts of one call.
+
+    Attributes:
+        sequences: (b, prompt + n) left-padded prompt then new tokens (pad after EOS), as HF.
+        new_tokens: (b, n) the generated tokens.
+        exit_layers: (b, n) layers run for each generated token (num_layers = no exit; 0 = none,
+            after EOS).
+        texts: decoded new tokens per row if a tokenizer was given.
+        step_logits: (b, n, V) logits used for each token, if asked for.
+    """
+
+    sequences: Tensor
+    new_tokens: Tensor
+    exit_layers: Tensor
+    report: GenerateReport
+    texts: list[str] | None = None
+    step_logits: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _select(obj: Any, idx: Tensor) -> Any:
+    """Rows ``idx`` of a tensor, or of every tensor in a tuple/dict (rotary tables)."""
+    if obj is None:
+        return None
+    if isinstance(obj, Tensor):
+        return obj.index_select(0, idx.to(obj.device))
+    if isinstance(obj, dict):
+        return {k: _select(v, idx) for k, v in obj.items()}
+    return type(obj)(_select(v, idx) for v in obj)
+
+
+class _Run:
+    """State of one generation call (cache, positions, per-row bookkeeping)."""
+
+    def __init__(self, adapter: DecoderAdapter, exit_model: Any, policy: ExitPolicy | None, strategy: str,
+                 ids: Tensor, attn: Tensor, max_new: int) -> None:
+        self.adapter, self.exit_model, self.policy, self.strategy = adapter, exit_model, policy, strategy
+        self.L = adapter.num_layers
+        b, p = ids.shape
+        self.B, self.P, self.T = b, p, p + max_new
+        dev = adapter.layer_device(0)
+        self.valid = torch.ones(b, self.T, dtype=torch.bool, device=dev)
+        self.valid[:, :p] = attn.bool()
+        self.has_pad = bool((~self.valid[:, :p]).any())
+        pos = attn.long().cumsum(-1) - 1
+        pos = pos.masked_fill(attn == 0, 0)
+        gen = pos[:, -1:] + torch.arange(1, max_new + 1, device=dev)[None]
+        self.pos = torch.cat([pos, gen], dim=1)  # (b, T)
+        self.exit_of_layer = {} if policy is None else {k: i for i, k in enumerate(exit_model.exit_layers)}
+        self.layer_rows = 0
+        self.fill_rows = 0
+        if adapter.kind == "attention":
+            heads, hd = adapter.kv_shape()
+            devices = [adapter.layer_device(i) for i in range(self.L)]
+            self.kv = KVStore(devices, b, self.T, heads, hd, adapter.dtype)
+            self.mask_kind = adapter.mask_dtype()
+        else:
+            self.ssm = SSMStore(self.L)
+        self.head_states = SSMStore(len(exit_model.exit_layers)) if exit_model is not None else None
+        if strategy == "catch_up":
+            self.filled = [torch.full((b,), p, dtype=torch.long, device=dev) for _ in range(self.L)]
+            self.frontier = torch.zeros(b, self.T, adapter.hidden_size, dtype=adapter.dtype, device=dev)
+
+    # ---- one layer ------------------------------------------------------------------------
+    def _mask(self, rows: Tensor, layer: int, start: int, end: int) -> Tensor | None:
+        window = self.adapter.sliding_window(layer)
+        needs_window = window is not None and end > window
+        if not self.has_pad and not needs_window and (end - start == 1 or start == 0):
+            return None  # HF passes no mask either: plain causal / single query
+        return attention_mask(self.valid.index_select(0, rows), start, end, window=window,
+                              kind=self.mask_kind, dtype=self.adapter.dtype)
+
+    def run_layer(self, layer: int, h: Tensor, rows: Tensor, full: bool, col: int, rot: Any,
+                  masks: dict) -> Tensor:
+        """Run ``layer`` for ``rows`` whose current token sits at column ``col``; h is (r, 1, d)."""
+        self.layer_rows += rows.numel()
+        ad = self.adapter
+        if ad.kind == "ssm":
+            view = self.ssm.view(layer, None if full else rows)
+            out = ad.run_layer(layer, h, cache=view)
+            view.commit()
+            return out
+        start = col
+        if self.strategy == "catch_up":
+            start = int(self.filled[layer].index_select(0, rows).min())
+        if start < col:
+            out = self._catch_up_layer(layer, h, rows, col, start)
+        else:
+            key = ad.sliding_window(layer)
+            if key not in masks:
+                masks[key] = self._mask(rows, layer, col, col + 1)
+            view = self.kv.view(layer, None if full else rows, col, col + 1)
+            out = ad.run_layer(layer, h, cache=view, mask=masks[key],
+                               position_ids=self.pos.index_select(0, rows)[:, col:col + 1], rotary=rot)
+        if self.strategy == "catch_up":
+            self.filled[layer].index_fill_(0, rows, col + 1)
+        return out
+
+    def _catch_up_layer(self, layer: int, h: Tensor, rows: Tensor, col: int, start: int) -> Tensor:
+        """Run ``layer`` on columns start..col: the pending tokens of ``rows`` and the current one."""
+        ad = self.adapter
+        self.frontier[rows, col] = h[:, 0].to(self.frontier.device)
+        win = self.frontier[rows, start:col + 1]  # (r, w, d)
+        posw = self.pos.index_select(0, rows)[:, start:col + 1]
+        cols = torch.arange(start, col + 1, device=self.frontier.device)
+        write = cols[None, :] >= self.filled[layer].index_select(0, rows)[:, None]  # (r, w)
+        mask = attention_mask(self.valid.index_select(0, rows), start, col + 1,
+                              window=ad.sliding_window(layer), kind=self.mask_kind, dtype=ad.dtype)
+        view = self.kv.view(layer, rows, start, col + 1, write)
+        out = ad.run_layer(layer, win, cache=view, mask=mask, position_ids=posw, rotary=ad.rotary(win, posw))
+        out = out.to(self.frontier.device)
+        self.frontier[rows, start:col + 1] = torch.where(write[..., None], out, win)
+        self.fill_rows += int(write.sum()) - rows.numel()
+        return out[:, -1:]
+
+    # ---- what skipped layers store ---------------------------------------------------------
+    def fill(self, k: int, rows: Tensor, col: int, h: Tensor) -> None:
+        """Rows ``rows`` exited after ``k`` layers with hidden state h (n, 1, d) at column ``col``."""
+        ad, n = self.adapter, rows.numel()
+        if self.strategy == "copy_kv":
+            for layer in range(k, self.L):
+                self.kv.copy_columns(k - 1, layer, rows, col)
+        elif self.strategy == "propagate":
+            rot = ad.rotary(h, self.pos.index_select(0, rows)[:, col:col + 1])
+            for layer in range(k, self.L):
+                key, value = ad.project_kv(layer, h, rot)
+                self.kv.write(layer, rows, col, key, value)
+            self.fill_rows += n * (self.L - k)
+        elif self.strategy == "catch_up":
+            self.frontier[rows, col] = h[:, 0].to(self.frontier.device)
+        elif self.strategy == "update":
+            for layer in range(k, self.L):
+                view = self.ssm.view(layer, rows)
+                ad.run_layer(layer, h, cache=view)
+                view.commit()
+            self.fill_rows += n * (self.L - k)
+        for e, depth in enumerate(self.exit_model.exit_layers):
+            if depth > k and self.exit_model.heads[e].stateful:
+                view = self.head_states.view(e, rows)
+                self.exit_model.features(e, h, cache=view)
+                view.commit()
+
+    # ---- exits -----------------------------------------------------------------------------
+    def exit_check(self, e: int, h: Tensor, rows: Tensor, full: bool) -> tuple[Tensor, Tensor]:
+        """Features of exit ``e`` for ``rows`` and, per row, whether it exits there."""
+        stateful = self.exit_model.heads[e].stateful
+        view = self.head_states.view(e, None if full else rows) if stateful else None
+        feats = self.exit_model.features(e, h, cache=view)  # (r, 1, d)
+        if view is not None:
+            view.commit()
+        logit = self.exit_model.confidence_logit(e, feats)[:, -1]  # (r,)
+        signals = ExitSignals(logits=logit[:, None], gate=torch.sigmoid(logit), hidden=feats[:, -1])
+        state = self.policy.start(rows.numel(), len(self.exit_model.exit_layers), device=logit.device)
+        exit_now, _ = self.policy.decide(e, signals, state)
+        return feats, exit_now
+
+    # ---- prefill and one decoding step -------------------------------------------------------
+    def prefill(self, ids: Tensor, attn: Tensor) -> Tensor:
+        """Run the whole prompt through every layer; (b, V) logits of the last column."""
+        ad, p = self.adapter, self.P
+        pos = self.pos[:, :p]
+        h = ad.embed(ids, pos)
+        rot = ad.rotary(h, pos)
+        mask2d = attn if self.has_pad else None
+        for layer in range(self.L):
+            if ad.kind == "ssm":
+                view = self.ssm.view(layer, None)
+                h = ad.run_layer(layer, h, cache=view, mask=mask2d)
+            else:
+                view = self.kv.view(layer, None, 0, p)
+                rows = torch.arange(self.B, device=self.valid.device)
+                h = ad.run_layer(layer, h, cache=view, mask=self._mask(rows, layer, 0, p), position_ids=pos,
+                                 rotary=rot)
+            view.commit()
+            e = self.exit_of_layer.get(layer + 1)
+            if e is not None and self.exit_model.heads[e].stateful:
+                hv = self.head_states.view(e, None)
+                self.exit_model.features(e, h, cache=hv, mask=mask2d)
+                hv.commit()
+        self.layer_rows += self.B * self.L
+        return ad.logits(h[:, -1:])[:, -1]
+
+    def step(self, tokens: Tensor, alive: Tensor, col: int) -> tuple[Tensor, Tensor]:
+        """Decode the token at column ``col`` of rows ``alive``: (r, V) logits and (r,) exit layers."""
+        ad = self.adapter
+        r0 = alive.numel()
+        full = r0 == self.B
+        loc = torch.arange(r0, device=alive.device)
+        rows = alive
+        posc = self.pos.index_select(0, rows)[:, col:col + 1]
+        h = ad.embed(tokens[:, None], posc)  # (r, 1, d)
+        rot = ad.rotary(h, posc)
+        logits = torch.empty(r0, ad.vocab_size, dtype=ad.dtype, device=ad.head_device)
+        exit_at = torch.full((r0,), self.L, dtype=torch.long, device=alive.device)
+        masks: dict = {}
+        for layer in range(self.L):
+            h = self.run_layer(layer, h, rows, full, col, rot, masks)
+            e = self.exit_of_layer.get(layer + 1)
+            if e is None:
+                continue
+            feats, exit_now = self.exit_check(e, h, rows, full)
+            if not bool(exit_now.any()):
+                continue
+            sel = exit_now.nonzero()[:, 0]
+            keep = (~exit_now).nonzero()[:, 0]
+            logits[loc[sel]] = ad.logits(feats.index_select(0, sel))[:, -1]
+            exit_at[loc[sel]] = layer + 1
+            self.fill(layer + 1, rows[sel], col, h.index_select(0, sel.to(h.device)))
+            loc, rows, h = loc[keep], rows[keep], h.index_select(0, keep.to(h.device))
+            rot, full = _select(rot, keep), False
+            masks = {k: (None if m is None else m.index_select(0, keep.to(m.device))) for k, m in masks.items()}
+            if rows.numel() == 0:
+                break
+        if rows.numel():
+            logits[loc] = ad.logits(h)[:, -1]
+        return logits, exit_at
+
+
+def _check_inputs(adapter: DecoderAdapter, ids: Tensor, attn: Tensor, max_new: int, strategy: str) -> None:
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(ids.shape)}")
+    if attn.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attn.shape)} differs from input_ids {tuple(ids.shape)}")
+    if bool((attn.sum(-1) == 0).any()):
+        raise ValueError("a prompt is empty (its attention_mask is all zeros): give every row a token")
+    if bool((attn[:, -1] == 0).any()):
+        raise ValueError("prompts must be LEFT-padded (tokenizer.padding_side = 'left')")
+    if max_new < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+    limit = adapter.max_positions()
+    if limit is not None and ids.shape[1] + max_new > limit:
+        raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new} exceeds the model's context "
+                         f"of {limit} tokens: shorten the prompt or lower max_new_tokens")
+    allowed = ATTENTION_STRATEGIES if adapter.kind == "attention" else SSM_STRATEGIES
+    if strategy not in allowed:
+        raise ValueError(f"cache_strategy {strategy!r} does not apply to a {adapter.kind} backbone; "
+                         f"choose one of {allowed}")
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+             threshold: float | None = None, policy: ExitPolicy | None = None,
+             cache_strategy: str | None = None, max_new_tokens: int = 32,
+             sampling: SamplingOptions | None = None, tokenizer: Any = None,
+             output_logits: bool = False) -> GenerateOutput:
+    """Generate with token-level early exits.
+
+    Args:
+        model: a ``DecoderExitModel`` (backbone + exit heads) or a plain HF causal LM (never exits).
+        input_ids: (b, t) left-padded prompts; attention_mask (b, t), 1 on real tokens.
+        threshold: exit confidence threshold in [0, 1]; None (and no ``policy``) never exits.
+        policy: an ``ExitPolicy`` reading ``ExitSignals.gate`` (overrides ``threshold``).
+        cache_strategy: copy_kv | propagate | catch_up (transformers), freeze | update (Mamba);
+            default: copy_kv / freeze.
+        max_new_tokens: tokens to generate per row (fewer if every row hits EOS).
+        sampling: greedy by default; temperature, top-p, repetition penalty, EOS, seed.
+        tokenizer: decodes ``texts`` when given.
+        output_logits: keep the (b, n, V) logits of every step.
+
+    Returns:
+        A ``GenerateOutput`` with tokens, per-token exit layers, texts and a ``GenerateReport``.
+    """
+    exit_model = model if hasattr(model, "exit_layers") else None
+    backbone = exit_model.backbone if exit_model is not None else model
+    adapter = exit_model.adapter if exit_model is not None else adapter_for(backbone)
+    sampling = sampling or SamplingOptions.from_model(backbone)
+    if policy is None and threshold is not None:
+        policy = TokenConfidencePolicy(threshold=threshold)
+    if policy is not None and exit_model is None:
+        raise ValueError("exits need a DecoderExitModel (backbone + trained exit heads), not a plain backbone")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    strategy = cache_strategy or ("copy_kv" if adapter.kind == "attention" else "freeze")
+    _check_inputs(adapter, input_ids, attention_mask, max_new_tokens, strategy)
+    dev = adapter.layer_device(0)
+    ids, attn = input_ids.to(dev), attention_mask.to(dev)
+    start = time.perf_counter()
+    run = _Run(adapter, exit_model, policy, strategy, ids, attn, max_new_tokens)
+    b, p = ids.shape
+    seq = torch.cat([ids, torch.full((b, max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)], 1)
+    exits = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    kept: list[Tensor] = []
+    gen = sampling.generator(dev)
+    logits = run.prefill(ids, attn)
+    alive, exit_at, n = torch.arange(b, device=dev), torch.full((b,), run.L, device=dev), 0
+    for i in range(max_new_tokens):
+        col = p + i
+        tok = next_tokens(logits, seq.index_select(0, alive)[:, :col], sampling, gen)
+        seq[alive, col], exits[alive, i], n = tok, exit_at, i + 1
+        if output_logits:
+            full_logits = torch.zeros(b, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+            full_logits[alive] = logits
+            kept.append(full_logits)
+        done[alive] = sampling.is_eos(tok)
+        alive = (~done).nonzero()[:, 0]
+        if alive.numel() == 0 or i == max_new_tokens - 1:
+            break
+        logits, exit_at = run.step(seq[alive, col], alive, col)
+    wall = time.perf_counter() - start
+    new = seq[:, p:p + n]
+    counted = exits[:, :n][exits[:, :n] > 0]
+    report = GenerateReport(new_tokens=int(counted.numel()), layer_rows=run.layer_rows,
+                            fill_layer_rows=run.fill_rows, num_layers=run.L, wall_s=wall,
+                            mean_exit_layer=float(counted.float().mean()) if counted.numel() else 0.0)
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
+    return GenerateOutput(sequences=seq[:, :p + n], new_tokens=new, exit_layers=exits[:, :n], report=report,
+                          texts=texts, step_logits=torch.stack(kept, 1) if kept else None)
