@@ -1,0 +1,230 @@
+"""Reports a person would rather look at than read: Markdown table, JSON, and PNG plots.
+
+``write_report`` writes into a folder: ``report.md`` (the numbers), ``report.json`` (everything),
+``pareto.png`` (metric vs mean exit layer and vs FLOPs: every rule, its frontier, the oracles and
+the full model), ``exit_histogram.png`` (where rows left, per rule) and ``reliability.png``
+(confidence vs accuracy in 15 bins, with ECE). Every file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from offramp.evaluation.sweep import SweepPoint, SweepResult, pareto  # noqa: E402
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> dict:
+    """Equal-width confidence bins: per bin the count, mean confidence, accuracy; and the ECE."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.shape != ok.shape or conf.size == 0:
+        raise ValueError("confidence and correct must be non-empty arrays of the same shape")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        sel = which == b
+        n = int(sel.sum())
+        acc = float(ok[sel].mean()) if n else None
+        mc = float(conf[sel].mean()) if n else None
+        if n:
+            ece += n / conf.size * abs(acc - mc)
+        bins.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n,
+                     "confidence": mc, "accuracy": acc})
+    return {"bins": bins, "ece": float(ece)}
+
+
+def softmax_confidence(logits: np.ndarray) -> np.ndarray:
+    """(n,) max softmax probability of (n, c) logits."""
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    return (p / p.sum(-1, keepdims=True)).max(-1)
+
+
+# -------------------------------------------------------------------------------------------- plots
+def plot_pareto(result: SweepResult, path: str | Path, *, chosen: Mapping[str, SweepPoint] | None = None) -> None:
+    """Metric vs mean exit layer (and vs FLOPs when counted): every rule, frontiers, oracles, full."""
+    by = ["mean_exit_layer"] + (["mean_flops"] if result.full_flops is not None else [])
+    fig, axes = plt.subplots(1, len(by), figsize=(6.5 * len(by), 4.8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key in zip(axes[0], by):
+        scale = 1e9 if key == "mean_flops" else 1.0
+        for i, rule in enumerate(result.rules):
+            pts, col = result.of(rule), colors[i % len(colors)]
+            ax.scatter([getattr(p, key) / scale for p in pts], [p.metric for p in pts], s=12,
+                       alpha=0.35, color=col)
+            front = pareto(pts, by=key)
+            ax.plot([getattr(p, key) / scale for p in front], [p.metric for p in front], "-o",
+                    ms=3, color=col, label=rule)
+            if chosen and rule in chosen and chosen[rule] is not None:
+                c = chosen[rule]
+                ax.scatter([getattr(c, key) / scale], [c.metric], s=90, marker="*", color=col,
+                           edgecolor="black", zorder=5)
+        for o, marker in zip(result.oracles, ["X", "P", "D", "v", "^", "s"]):
+            ax.scatter([getattr(o, key) / scale], [o.metric], s=70, marker=marker, color="black",
+                       label=o.rule, zorder=6)
+        fulls = {id(p): p for p in result.full.values()}.values()
+        for f in fulls:
+            ax.axhline(f.metric, color="gray", ls="--", lw=0.8)
+        ax.set_xlabel("mean exit layer" if key == "mean_exit_layer" else "mean GFLOPs per example")
+        ax.set_ylabel(result.metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{result.metric} vs compute (dashed: full model; star: chosen setting)")
+    _save_fig(fig, Path(path))
+
+
+def plot_exit_histograms(points: Mapping[str, SweepPoint], exit_layers: Sequence[int],
+                         path: str | Path) -> None:
+    """One bar chart per rule: share of rows leaving at each exit layer."""
+    names = [k for k, v in points.items() if v is not None]
+    if not names:
+        raise ValueError("no points to draw exit histograms for")
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        p = points[name]
+        counts = np.asarray(p.exit_counts, dtype=np.float64)
+        ax.bar([str(x) for x in exit_layers], counts / max(1.0, counts.sum()), color="tab:blue")
+        ax.set_title(f"{name}\nmean exit layer {p.mean_exit_layer:.2f}", fontsize=9)
+        ax.set_xlabel("exit layer")
+        ax.set_ylabel("share of rows")
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save_fig(fig, Path(path))
+
+
+def plot_reliability(curves: Mapping[str, dict], path: str | Path) -> None:
+    """Reliability diagram: accuracy vs confidence per bin for each curve (from reliability_bins)."""
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=0.8, label="perfect calibration")
+    for name, rel in curves.items():
+        pts = [(b["confidence"], b["accuracy"]) for b in rel["bins"] if b["count"]]
+        ax.plot([c for c, _ in pts], [a for _, a in pts], "-o", ms=3,
+                label=f"{name} (ECE {rel['ece']:.3f})")
+    ax.set_xlabel("confidence (max softmax probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    _save_fig(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------------------- markdown
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub Markdown table of ``rows`` (floats shown with 4 significant decimals)."""
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+        if isinstance(v, dict):
+            return ", ".join(f"{k}={fmt(x)}" for k, x in v.items() if k != "type") or "–"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def point_row(p: SweepPoint, metric: str, measured: Mapping[str, Any] | None = None) -> dict:
+    """A table row for one point (measured speed-up from ``measured`` when given)."""
+    setting = {p.param: p.value} if p.param else (p.policy or None)
+    return {"rule": p.rule, "policy": p.policy.get("type", "–") if p.policy else "–",
+            "setting": setting, metric: p.metric, "mean exit layer": p.mean_exit_layer,
+            "layer speed-up": p.speedup_layers, "FLOPs speed-up": p.speedup_flops,
+            "measured speed-up": (measured or {}).get("speedup")}
+
+
+def write_report(out_dir: str | Path, result: SweepResult, *,
+                 chosen: Mapping[str, SweepPoint | None] | None = None,
+                 measured: Mapping[str, Mapping[str, Any]] | None = None,
+                 reliability: Mapping[str, dict] | None = None, title: str = "offramp report",
+                 notes: Sequence[str] = (), extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write report.md, report.json and the PNG plots of a sweep into ``out_dir``.
+
+    Args:
+        out_dir: the folder (created if needed).
+        result: the sweep.
+        chosen: rule -> its chosen point (default: the cheapest within 1 point of its full model).
+        measured: rule -> measured timing (``{"speedup": ..., "wall_s": ...}``), shown in the table.
+        reliability: curve name -> :func:`reliability_bins` output, for reliability.png.
+        title: the Markdown title; notes: lines printed under it; extra: more keys for report.json.
+
+    Returns:
+        name -> path of each file written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if chosen is None:
+        chosen = {r: result.best_within(r) for r in result.rules}
+    m = result.metric
+    cols = ["rule", "setting", m, "mean exit layer", "layer speed-up", "FLOPs speed-up",
+            "measured speed-up"]
+    rows = [point_row(next(iter(result.full.values())), m, (measured or {}).get("full"))] if result.full else []
+    rows += [point_row(p, m, (measured or {}).get(r)) for r, p in chosen.items() if p is not None]
+    rows += [point_row(o, m) for o in result.oracles]
+    front = [point_row(p, m) for p in result.frontier()]
+    md = [f"# {title}", "", *[f"{n}  " for n in notes], "",
+          f"Chosen setting per rule (the cheapest within 1 point of its full model), "
+          f"{len(result.points)} settings swept:", "", markdown_table(rows, cols), "",
+          "Pareto frontier over all rules (metric vs mean exit layer):", "",
+          markdown_table(front, ["rule", "setting", m, "mean exit layer", "FLOPs speed-up"]), "",
+          "![pareto](pareto.png)", "", "![exit layers](exit_histogram.png)", ""]
+    paths = {"markdown": out / "report.md", "json": out / "report.json", "pareto": out / "pareto.png"}
+    plot_pareto(result, paths["pareto"], chosen=chosen)
+    hist_points = {r: p for r, p in chosen.items() if p is not None}
+    hist_points.update({o.rule: o for o in result.oracles[:1]})
+    paths["exit_histogram"] = out / "exit_histogram.png"
+    plot_exit_histograms(hist_points, result.exit_layers, paths["exit_histogram"])
+    if reliability:
+        paths["reliability"] = out / "reliability.png"
+        plot_reliability(reliability, paths["reliability"])
+        md += ["![reliability](reliability.png)", ""]
+    payload = {"title": title, "sweep": result.to_dict(),
+               "chosen": {r: (p.to_dict() if p else None) for r, p in chosen.items()},
+               "measured": dict(measured or {}), "reliability": dict(reliability or {}),
+               **dict(extra or {})}
+    atomic_write(paths["json"], json.dumps(payload, indent=2, default=float))
+    atomic_write(paths["markdown"], "\n".join(md))
+    return paths

@@ -1,0 +1,113 @@
+"""Wall-clock of the full model vs early-exit ``predict``, measured in the same run.
+
+The full model is the plain Hugging Face backbone forward (every layer, no exit heads: the fastest
+way to run the model without exits, so the speed-up is not flattered). Runs are interleaved batch
+by batch (full, early exit, full, early exit, ...) so that both see the same machine load, and
+the median over ``repeats`` passes is kept.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Measured seconds for one pass over the batches.
+
+    Attributes:
+        full_s: median seconds of the plain full-model forward over all batches.
+        early_s: median seconds of early-exit ``predict`` over the same batches.
+        speedup: full_s / early_s.
+        repeats: passes measured; rows: examples per pass.
+    """
+
+    full_s: float
+    early_s: float
+    speedup: float
+    repeats: int
+    rows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: batch[k].to(device) for k in INPUTS if k in batch}
+
+
+def full_forward(model: Any) -> Callable[[dict[str, Tensor]], Any]:
+    """The plain full model: the HF backbone forward over every layer."""
+    def run(inputs: dict[str, Tensor]) -> Any:
+        return model.backbone(**inputs)
+    return run
+
+
+def early_predict(model: Any, policy: Any) -> Callable[[dict[str, Tensor]], Any]:
+    """Real per-row early exit under ``policy``."""
+    def run(inputs: dict[str, Tensor]) -> Any:
+        return model.predict(inputs["input_ids"], inputs.get("attention_mask"), policy,
+                             token_type_ids=inputs.get("token_type_ids"))
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tensor]], *,
+              device: torch.device | str = "cpu", repeats: int = 3, warmup: int = 1) -> Timing:
+    """Time two callables over the same batches, interleaved; the median pass of each."""
+    if not batches:
+        raise ValueError("no batches to time: the split is empty")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    prepared = [_inputs(b, device) for b in batches]
+    for inputs in prepared[:warmup]:
+        full(inputs)
+        early(inputs)
+    full_times, early_times = [], []
+    for _ in range(repeats):
+        tf = te = 0.0
+        for inputs in prepared:
+            _sync(device)
+            t0 = time.perf_counter()
+            full(inputs)
+            _sync(device)
+            t1 = time.perf_counter()
+            early(inputs)
+            _sync(device)
+            t2 = time.perf_counter()
+            tf, te = tf + (t1 - t0), te + (t2 - t1)
+        full_times.append(tf)
+        early_times.append(te)
+    f, e = statistics.median(full_times), statistics.median(early_times)
+    rows = sum(int(b["input_ids"].shape[0]) for b in prepared)
+    return Timing(f, e, f / e if e > 0 else float("inf"), repeats, rows)
+
+
+def time_model(model: Any, policy: Any, batches: Sequence[dict[str, Tensor]], *, repeats: int = 3,
+               warmup: int = 1) -> Timing:
+    """Full HF forward vs ``model.predict(policy)`` over ``batches``, measured in the same run."""
+    model.eval()
+    return time_pair(full_forward(model), early_predict(model, policy), batches, device=model.device,
+                     repeats=repeats, warmup=warmup)
+
+
+def time_policies(model: Any, policies: dict[str, Any], batches: Sequence[dict[str, Tensor]], *,
+                  repeats: int = 3, warmup: int = 1) -> dict[str, Timing]:
+    """:func:`time_model` for several policies (each against its own interleaved full-model runs)."""
+    return {name: time_model(model, pol, batches, repeats=repeats, warmup=warmup)
+            for name, pol in policies.items()}
