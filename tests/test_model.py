@@ -158,3 +158,19 @@ def test_regression_exits(tiny_bert, tmp_path):
     pred = model.predict(data[0]["input_ids"], data[0]["attention_mask"],
                          {"type": "patience", "patience": 1, "regression_tol": 0.05})
     assert pred.logits.shape == (8, 1)
+
+
+def test_cached_backbone_training_equals_plain_frozen_training(tiny_bert, tmp_path):
+    import copy
+
+    results = []
+    for cache in (False, True):
+        torch.manual_seed(0)
+        model = EarlyExitModel.from_backbone(copy.deepcopy(tiny_bert), OfframpConfig(
+            num_labels=3, head={"dropout": 0.0}, halting={"type": "palbert", "dropout": 0.0},
+            objective={"type": "ponder"}))
+        train(model, _batches(3), None, TrainingArgs(output_dir=str(tmp_path / f"c{cache}"), epochs=2, lr=1e-2,
+                                                     progress=False, save_backbone=False, cache_backbone=cache))
+        results.append(model.head_state_dict())
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-5, rtol=1e-4)

@@ -16,8 +16,12 @@ from offramp.policies import ExitSignals
 @pytest.fixture(scope="module")
 def ponder_model(tiny_bert):
     torch.manual_seed(2)
-    cfg = OfframpConfig(num_labels=3, halting={"type": "palbert"}, objective={"type": "ponder"})
-    return EarlyExitModel.from_backbone(tiny_bert, cfg).eval()
+    cfg = OfframpConfig(num_labels=3, halting={"type": "palbert"}, objective={"type": "ponder"},
+                        gate={"type": "uncertainty"})
+    model = EarlyExitModel.from_backbone(tiny_bert, cfg).eval()
+    with torch.no_grad():  # spread the gates so that rows exit at different exits
+        model.gates.weight.normal_(0, 3, generator=torch.Generator().manual_seed(0))
+    return model
 
 
 def _policies(trace: ExitTrace) -> list[dict]:
@@ -25,10 +29,16 @@ def _policies(trace: ExitTrace) -> list[dict]:
     mp = float(conf[:-1].amax(-1).flatten().sort().values[conf[:-1, :, 0].numel() // 2] + 1e-4)
     logp = trace.logits.log_softmax(-1)
     ent = float((-(logp.exp() * logp).sum(-1))[:-1].flatten().median() + 1e-4)
+    def mid(values: torch.Tensor) -> float:  # a threshold between two rows' values
+        v = values.flatten().sort().values
+        return float((v[v.numel() // 2 - 1] + v[v.numel() // 2]) / 2)
+
+    gate = mid(trace.gate[:, 0])
+    sat = mid(torch.nn.functional.cosine_similarity(trace.hidden[1], trace.hidden[0], dim=-1))
     return [{"type": "never"}, {"type": "static", "layer": 2}, {"type": "max_prob", "threshold": mp},
             {"type": "entropy", "threshold": ent}, {"type": "margin", "threshold": 0.05},
             {"type": "patience", "patience": 1}, {"type": "q_exit", "q": 0.5}, {"type": "q_exit", "q": 0.9},
-            {"type": "ponder_sample", "seed": 3}, {"type": "oracle"}, {"type": "saturation", "threshold": 0.995}]
+            {"type": "ponder_sample", "seed": 3}, {"type": "gate", "threshold": gate}, {"type": "oracle"}, {"type": "saturation", "threshold": sat}]
 
 
 def test_trace_replay_equals_online_predict(ponder_model, tmp_path):
@@ -44,6 +54,8 @@ def test_trace_replay_equals_online_predict(ponder_model, tmp_path):
         assert index.tolist() == online.exit_index.tolist(), spec
         torch.testing.assert_close(logits, online.logits, atol=1e-5, rtol=0)
         covered.add(spec["type"])
+        if spec["type"] not in ("never", "static") and spec != {"type": "q_exit", "q": 0.9}:
+            assert len(set(index.tolist())) >= 2, f"{spec}: rows should exit at different exits"
     assert covered == set(POLICIES), f"policies not covered: {set(POLICIES) - covered}"
 
 

@@ -102,11 +102,21 @@ class OfframpConfig:
             if self.halting["position"] not in ("none", "random", "sinusoidal"):
                 raise ValueError(
                     f"halting.position must be none, random or sinusoidal, got {self.halting['position']!r}")
+        if self.gate is not None:
+            from offramp.heads.gate import check_gate_config
+
+            self.gate = check_gate_config(self.gate)
         obj = dict(self.objective or {"type": "joint"})
         kind = obj.pop("type", "joint")
         if kind in OBJECTIVE_DEFAULTS:
             obj = _merge(f"objective ({kind})", obj, OBJECTIVE_DEFAULTS[kind])
-        elif kind != "jei":
+        elif kind == "jei":
+            from offramp.objectives.jei import check_jei_options
+
+            obj = check_jei_options(obj)
+            if self.gate is None:
+                raise ValueError("objective 'jei' needs exit gates: set gate={'type': 'uncertainty'}")
+        else:
             raise ValueError(f"objective.type must be one of joint, ponder, jei; got {kind!r}")
         if kind == "joint" and obj["weights"] not in ("uniform", "pabee"):
             raise ValueError(f"objective.weights must be 'uniform' or 'pabee', got {obj['weights']!r}")

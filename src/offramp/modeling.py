@@ -146,9 +146,18 @@ class EarlyExitModel(nn.Module):
             p.requires_grad_(not frozen)
 
     # -- all exits ------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
-                output_pooled: bool = False) -> EarlyExitOutput:
+                output_pooled: bool = False, pooled: Tensor | None = None) -> EarlyExitOutput:
+        """All exits for a batch. ``pooled`` (E, b, d) from ``pooled_states`` skips the backbone."""
+        if pooled is None:
+            if input_ids is None:
+                raise ValueError("give input_ids (or pooled states from pooled_states())")
+            pooled = self._run_pooled(input_ids, attention_mask, token_type_ids)
+        return self.forward_pooled(pooled, labels, output_pooled=output_pooled)
+
+    def _run_pooled(self, input_ids: Tensor, attention_mask: Tensor | None,
+                    token_type_ids: Tensor | None) -> Tensor:  # (E, b, d)
         attention_mask = check_ids(input_ids, attention_mask)
         a = self.adapter
         hidden = a.embed(input_ids, token_type_ids)  # (b, t, d)
@@ -158,22 +167,37 @@ class EarlyExitModel(nn.Module):
             hidden = a.run_layer(i, hidden, ctx)
             if i + 1 in self._exit_at:
                 pooled.append(self.classifiers.pool(hidden, attention_mask))
-        pooled_t = torch.stack(pooled)  # (E, b, d)
-        out = EarlyExitOutput(exit_logits=self.classifiers.all_exits(pooled_t))
+        return torch.stack(pooled)
+
+    def forward_pooled(self, pooled: Tensor, labels: Tensor | None = None,
+                       output_pooled: bool = False) -> EarlyExitOutput:
+        """Everything after the backbone, from pooled states (E, b, d): heads, halting, gates, loss.
+
+        With a frozen backbone the pooled states never change, so training can compute them once
+        (``TrainingArgs(cache_backbone=True)``) and run only this part each epoch; the pooler
+        and the pooling are part of the frozen computation.
+        """
+        out = EarlyExitOutput(exit_logits=self.classifiers.all_exits(pooled))
         if self.halting is not None:
-            out.halting_logits = self.halting(pooled_t)
+            out.halting_logits = self.halting(pooled)
             obj = self.config.objective
             out.halting_probs = exit_log_distribution(
                 out.halting_logits, obj.get("truncation", "force_last"), obj.get("epsilon", 0.05)).exp()
         if self.gates is not None:
             out.gate_logits = self.gates(out.exit_logits)
         if output_pooled:
-            out.pooled = pooled_t
+            out.pooled = pooled
         if labels is not None:
             from offramp.objectives import compute_loss
 
             out.loss = compute_loss(self, out, self.check_labels(labels))
         return out
+
+    @torch.no_grad()
+    def pooled_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      token_type_ids: Tensor | None = None) -> Tensor:  # (E, b, d)
+        """The pooled hidden state at every exit (no grad): what ``forward(pooled=...)`` takes."""
+        return self._run_pooled(input_ids, attention_mask, token_type_ids)
 
     def check_labels(self, labels: Tensor) -> Tensor:
         if self.config.is_regression:

@@ -6,6 +6,7 @@ from typing import Any
 
 from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
 from offramp.policies.entropy import EntropyPolicy
+from offramp.policies.gate import GatePolicy
 from offramp.policies.margin import MarginPolicy
 from offramp.policies.max_prob import MaxProbPolicy
 from offramp.policies.never import NeverPolicy
@@ -26,6 +27,7 @@ POLICIES: dict[str, type[ExitPolicy]] = {
     "patience": PatiencePolicy,
     "ponder_sample": PonderSamplePolicy,
     "q_exit": QExitPolicy,
+    "gate": GatePolicy,
     "oracle": OraclePolicy,
 }
 

@@ -47,6 +47,8 @@ class TrainingArgs:
         save_backbone: store the backbone in the checkpoint (False: by reference; frozen only).
         resume: continue from ``output_dir/checkpoint`` if it exists.
         progress: show a progress bar.
+        cache_backbone: with a frozen backbone, run it once over the training batches and train
+            the exits on the stored pooled states every epoch (same result, far faster).
     """
 
     output_dir: str
@@ -61,6 +63,7 @@ class TrainingArgs:
     save_backbone: bool = True
     resume: bool = False
     progress: bool = True
+    cache_backbone: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -148,6 +151,10 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
         start_epoch, history = state["epoch"] + 1, state["history"]
     elif args.resume:
         raise ValueError(f"--resume: no checkpoint at {ckpt} to continue from; start without --resume")
+    if args.cache_backbone:
+        if not args.frozen_backbone:
+            raise ValueError("cache_backbone needs a frozen backbone (frozen_backbone=True)")
+        train_batches = _cache_pooled(model, train_batches, args.progress)
     optimizer = torch.optim.AdamW(_param_groups(model, args))
     if not len(train_batches):
         raise ValueError("the training split is empty: no batches to train on")
@@ -160,6 +167,8 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     pmodel, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     for epoch in range(start_epoch, args.epochs):
         pmodel.train()
+        if args.frozen_backbone:  # a frozen backbone is a fixed feature extractor: no dropout in it
+            model.backbone.eval()
         total, count = 0.0, 0
         order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(args.seed + epoch))
         mine = [train_batches[i] for i in order.tolist()][accelerator.process_index::accelerator.num_processes]
@@ -167,7 +176,7 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
                    disable=not (args.progress and accelerator.is_local_main_process))
         for batch in bar:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss = pmodel(**batch).loss
+            loss = pmodel(**_as_inputs(batch)).loss
             accelerator.backward(loss)
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(pmodel.parameters(), args.max_grad_norm)
@@ -189,6 +198,23 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
             on_epoch_end(epoch, metrics)
     model.eval()
     return {"history": history, "checkpoint": str(ckpt)}
+
+
+def _cache_pooled(model: "EarlyExitModel", batches: Sequence[dict], progress: bool) -> list[dict]:
+    """Replace each batch's token inputs by the frozen backbone's pooled states (E, b, d)."""
+    model.eval()
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    cached = []
+    for batch in tqdm(batches, desc="caching backbone states", disable=not progress):
+        pooled = model.pooled_states(**{k: v.to(model.device) for k, v in batch.items() if k in keys})
+        cached.append({"pooled": pooled.transpose(0, 1), **{k: v for k, v in batch.items() if k not in keys}})
+    return cached  # pooled stored (b, E, d) so that batch-dim splitting works; see _as_inputs
+
+
+def _as_inputs(batch: dict) -> dict:
+    if "pooled" in batch:
+        return {**batch, "pooled": batch["pooled"].transpose(0, 1)}
+    return batch
 
 
 def _checkpoint(model: "EarlyExitModel", optimizer, scheduler, epoch: int, history: list, args: TrainingArgs,
