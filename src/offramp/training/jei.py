@@ -1,0 +1,259 @@
+"""The JEI-DNN training schedule: warm-up with per-exit freezing, then alternating phases.
+
+1. Warm-up: CE at every exit; after each epoch, an exit whose validation accuracy has not improved
+   for ``patience`` epochs is frozen; the warm-up ends when every exit is frozen (or after
+   ``warmup_epochs``).
+2. Alternation, every ``phase_batches`` batches, starting with the gates: gate phase (IMs frozen,
+   class-weighted BCE towards the cumulative targets, positive weights measured on the validation
+   split at the start of each phase) and IM phase (gates frozen, the reweighted IM loss).
+
+With a frozen backbone the pooled states of every exit are computed once and cached, so the
+phases train only the heads and gates (exact: the backbone and its pooler do not change).
+
+```python
+cfg = OfframpConfig(num_labels=3, **jei_config(cost_weight=0.2))
+model = EarlyExitModel.from_backbone(path, cfg)
+history = train_jei(model, train_batches, val_batches, JEIArgs(output_dir="runs/jei"))
+model.predict(ids, mask, "gate")
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from offramp.objectives.jei import (ce_per_exit, check_jei_options, exit_costs, exit_probabilities, gate_loss,
+                                    gate_pos_weights, gate_targets, im_loss)
+from offramp.utils import atomic_write_json
+
+if TYPE_CHECKING:
+    from offramp.modeling import EarlyExitModel
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+
+
+def jei_config(cost_weight: float = 0.1, **options: Any) -> dict[str, Any]:
+    """The ``OfframpConfig`` fields of a JEI-DNN model: ``OfframpConfig(..., **jei_config(0.2))``."""
+    objective = {"type": "jei", **check_jei_options({"cost_weight": cost_weight, **options})}
+    return {"gate": {"type": "uncertainty"}, "objective": objective, "policy": {"type": "gate", "threshold": 0.5}}
+
+
+@dataclass
+class JEIArgs:
+    """Hyperparameters of ``train_jei`` (None: take the value from ``model.config.objective``).
+
+    Args:
+        output_dir: where ``checkpoint/`` and ``metrics.json`` go.
+        cost_weight: lambda, the CE / cost trade-off.
+        epochs: passes over the training batches in the alternating stage.
+        warmup_epochs: most warm-up epochs.
+        patience: warm-up freezing patience (epochs without validation-accuracy gain).
+        phase_batches: batches per phase before switching.
+        lr: learning rate of the IMs (and backbone when trained); gate_lr: of the gates.
+        frozen_backbone: train heads and gates only (pooled states cached).
+        save_backbone: store the backbone in the checkpoint (else by reference to its path).
+        seed: seed of the batch order and initialisation.
+        progress: print a line per epoch.
+    """
+
+    output_dir: str
+    cost_weight: float | None = None
+    epochs: int = 5
+    warmup_epochs: int | None = None
+    patience: int | None = None
+    phase_batches: int | None = None
+    lr: float = 1e-3
+    gate_lr: float = 1e-2
+    frozen_backbone: bool = True
+    save_backbone: bool = True
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.gate_lr <= 0:
+            raise ValueError("lr and gate_lr must be > 0")
+
+
+class _Batches:
+    """Exit logits for each batch: from cached pooled states (frozen backbone) or a forward pass."""
+
+    def __init__(self, model: "EarlyExitModel", batches: list[dict], cache: bool) -> None:
+        self.model, self.batches, self.pooled = model, batches, None
+        if cache:
+            model.eval()
+            with torch.no_grad():
+                self.pooled = [model(**_inputs(b), output_pooled=True).pooled for b in batches]  # (E, b, d) each
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def logits(self, i: int) -> Tensor:  # (E, b, c)
+        if self.pooled is not None:
+            return self.model.classifiers.all_exits(self.pooled[i])
+        return self.model(**_inputs(self.batches[i])).exit_logits
+
+    def labels(self, i: int) -> Tensor:  # (b,)
+        return self.batches[i]["labels"]
+
+    @torch.no_grad()
+    def all_logits(self) -> tuple[Tensor, Tensor]:
+        """(E, n, c) eval-mode logits and (n,) labels of every batch."""
+        was = self.model.training
+        self.model.eval()
+        out = torch.cat([self.logits(i) for i in range(len(self))], dim=1), torch.cat(
+            [self.labels(i) for i in range(len(self))])
+        self.model.train(was)
+        return out
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in INPUT_KEYS}
+
+
+def _warmup(model, train: _Batches, val: _Batches, opts: dict, args: JEIArgs, log: list) -> None:
+    """CE at every exit; freeze each exit when its validation accuracy stops improving."""
+    linears = model.classifiers.linears
+    best = [-1.0] * model.num_exits
+    stale = [0] * model.num_exits
+    frozen = [False] * model.num_exits
+    gate_params = list(model.gates.parameters())
+    params = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in gate_params)]
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    g = torch.Generator().manual_seed(args.seed)
+    for epoch in range(int(opts["warmup_epochs"])):
+        model.train()
+        for i in torch.randperm(len(train), generator=g).tolist():
+            loss = ce_per_exit(train.logits(i), train.labels(i)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        logits, labels = val.all_logits()
+        acc = (logits.argmax(-1) == labels[None]).float().mean(1).tolist()  # (E,)
+        for e, a in enumerate(acc):
+            if frozen[e]:
+                continue
+            stale[e] = 0 if a > best[e] else stale[e] + 1
+            best[e] = max(best[e], a)
+            if stale[e] >= int(opts["patience"]):
+                frozen[e] = True
+                if not model.classifiers.shared:
+                    linears[e].requires_grad_(False)
+        log.append({"stage": "warmup", "epoch": epoch + 1, "val_accuracy_per_exit": acc, "frozen": list(frozen)})
+        if args.progress:
+            print(f"warm-up {epoch + 1}: val acc {[round(a, 3) for a in acc]} frozen {frozen}", flush=True)
+        if all(frozen):
+            break
+    model.classifiers.requires_grad_(True)  # the IM phases train them again
+
+
+def _val_pos_weights(model, val: _Batches, costs: Tensor, opts: dict) -> Tensor:
+    logits, labels = val.all_logits()
+    targets, _ = gate_targets(ce_per_exit(logits, labels), costs, float(opts["cost_weight"]))
+    return gate_pos_weights(targets, float(opts["pos_weight_clip"]))
+
+
+@torch.no_grad()
+def evaluate_gates(model: "EarlyExitModel", logits: Tensor, labels: Tensor, costs: Tensor,
+                   threshold: float = 0.5) -> dict[str, Any]:
+    """Accuracy, mean exit layer and mean cost of the gate rule over (E, n, c) logits."""
+    from offramp.evaluation.collect import ExitTrace, replay
+    from offramp.policies.gate import GatePolicy
+
+    gates = torch.sigmoid(model.gates(logits)).float()  # (n, E)
+    trace = ExitTrace(logits=logits.float(), labels=labels, exit_layers=list(model.exit_layers),
+                      num_layers=model.num_layers, gate=gates)
+    index, chosen = replay(GatePolicy(threshold), trace)
+    layers = torch.tensor(model.exit_layers, dtype=torch.float32)
+    return {"accuracy": float((chosen.argmax(-1) == labels).float().mean()),
+            "mean_exit_layer": float(layers[index].mean()), "mean_cost": float(costs[index].mean()),
+            "exit_counts": torch.bincount(index, minlength=model.num_exits).tolist()}
+
+
+def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: list[dict],
+              args: JEIArgs) -> dict[str, Any]:
+    """Train a gated model with the JEI-DNN schedule; writes ``output_dir/checkpoint`` atomically.
+
+    Returns ``{"history": [...], "costs": [...], "checkpoint": path}``.
+    """
+    if model.gates is None:
+        raise ValueError("train_jei needs a model with exit gates: build it with OfframpConfig(**jei_config(...))")
+    if not train_batches or not val_batches:
+        raise ValueError("train_jei needs non-empty training and validation batches (the gates' "
+                         "positive weights and the warm-up freezing are measured on the validation split)")
+    obj = {k: v for k, v in (model.config.objective or {}).items() if k != "type"} \
+        if model.config.objective.get("type") == "jei" else {}
+    overrides = {k: getattr(args, k) for k in ("cost_weight", "warmup_epochs", "patience", "phase_batches")
+                 if getattr(args, k) is not None}
+    opts = check_jei_options({**obj, **overrides})
+    model.config.objective = {"type": "jei", **opts}
+    torch.manual_seed(args.seed)
+    model.freeze_backbone(args.frozen_backbone)
+    seq_len = sum(float(b["attention_mask"].sum()) for b in train_batches if "attention_mask" in b) / max(
+        1, sum(int(b["labels"].shape[0]) for b in train_batches))
+    costs = exit_costs(model, seq_len or None)
+    train = _Batches(model, train_batches, cache=args.frozen_backbone)
+    val = _Batches(model, val_batches, cache=args.frozen_backbone)
+    history: list[dict] = []
+    _warmup(model, train, val, opts, args, history)
+    _alternate(model, train, val, costs, opts, args, history)
+    return _finish(model, history, costs, args)
+
+
+def _alternate(model, train: _Batches, val: _Batches, costs: Tensor, opts: dict, args: JEIArgs,
+               history: list) -> None:
+    """Alternate gate and IM phases every ``phase_batches`` batches for ``args.epochs`` epochs."""
+    gate_params = list(model.gates.parameters())
+    im_params = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in gate_params)]
+    im_opt = torch.optim.AdamW(im_params, lr=args.lr)
+    gate_opt = torch.optim.AdamW(gate_params, lr=args.gate_lr)
+    lam, every = float(opts["cost_weight"]), int(opts["phase_batches"])
+    g = torch.Generator().manual_seed(args.seed + 1)
+    step, pos_weight = 0, None
+    for epoch in range(args.epochs):
+        model.train()
+        for i in torch.randperm(len(train), generator=g).tolist():
+            gate_phase = (step // every) % 2 == 0
+            if gate_phase and (pos_weight is None or step % every == 0):
+                pos_weight = _val_pos_weights(model, val, costs, opts)
+            labels = train.labels(i)
+            if gate_phase:
+                with torch.no_grad():
+                    model.eval()
+                    logits = train.logits(i)
+                    model.train()
+                targets, _ = gate_targets(ce_per_exit(logits, labels), costs, lam)
+                loss, opt = gate_loss(model.gates(logits), targets, pos_weight), gate_opt
+            else:
+                logits = train.logits(i)
+                with torch.no_grad():
+                    probs = exit_probabilities(torch.sigmoid(model.gates(logits)))
+                loss = im_loss(ce_per_exit(logits, labels), probs, reweight_detach=bool(opts["reweight_detach"]))
+                opt = im_opt
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+        logits, labels = val.all_logits()
+        metrics = {"stage": "alternate", "epoch": epoch + 1, **evaluate_gates(model, logits, labels, costs)}
+        history.append(metrics)
+        if args.progress:
+            print(f"epoch {epoch + 1}: val acc {metrics['accuracy']:.4f} cost {metrics['mean_cost']:.3f} "
+                  f"exits {metrics['exit_counts']}", flush=True)
+    model.eval()
+
+
+def _finish(model, history: list, costs: Tensor, args: JEIArgs) -> dict[str, Any]:
+    out = Path(args.output_dir)
+    model.config.policy = {"type": "gate", "threshold": 0.5}
+    model.config.extra = {**(model.config.extra or {}), "jei": {"costs": costs.tolist(), "args": asdict(args)}}
+    ckpt = out / "checkpoint"
+    model.save_pretrained(ckpt, save_backbone=args.save_backbone or not args.frozen_backbone)
+    atomic_write_json(out / "metrics.json", history)
+    return {"history": history, "costs": costs.tolist(), "checkpoint": str(ckpt)}

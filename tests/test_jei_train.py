@@ -1,0 +1,44 @@
+"""The JEI-DNN schedule on a tiny model: warm-up freezing, phases, lambda moves the exits."""
+
+import torch
+from conftest import make_batch
+
+from offramp import EarlyExitModel, OfframpConfig
+from offramp.policies.gate import GatePolicy
+from offramp.training.jei import JEIArgs, jei_config, train_jei
+
+
+def _data(n_batches, seed):
+    batches = []
+    for k in range(n_batches):
+        ids, mask = make_batch(16, 8, seed=seed + k)
+        ids[:, 0] = 3 + torch.arange(16) % 6  # the first token (of 6) sets the label
+        labels = (ids[:, 0] % 3).long()
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def _train(backbone, lam, tmp_path, **options):
+    torch.manual_seed(0)
+    model = EarlyExitModel.from_backbone(backbone, OfframpConfig(num_labels=3, **jei_config(lam, **options)))
+    args = JEIArgs(output_dir=str(tmp_path / f"lam{lam}{len(options)}"), epochs=6, warmup_epochs=4, patience=1,
+                   phase_batches=2, lr=1e-2, gate_lr=5e-2)
+    return model, train_jei(model, _data(6, 0), _data(3, 100), args)
+
+
+def test_schedule_and_lambda_trade_off(tiny_bert, tmp_path):
+    cheap, hist_cheap = _train(tiny_bert, 5.0, tmp_path)
+    # the same cost weight with costs made to fall with depth sends every row to the last exit
+    late, hist_late = _train(tiny_bert, 5.0, tmp_path, costs=[4.0, 3.0, 2.0, 1.0])
+    stages = [h["stage"] for h in hist_cheap["history"]]
+    assert stages[0] == "warmup" and stages[-1] == "alternate"
+    assert hist_cheap["costs"][-1] == 1.0 and hist_cheap["costs"][0] < hist_cheap["costs"][1]
+    assert any(any(h.get("frozen", [])) for h in hist_cheap["history"])  # warm-up froze exits
+    assert hist_cheap["history"][-1]["accuracy"] > 0.6  # the exits learned the task
+    assert hist_cheap["history"][-1]["exit_counts"] == [48, 0, 0, 0]  # cheap first exit: all go there
+    assert hist_late["history"][-1]["exit_counts"] == [0, 0, 0, 48]
+    ids, mask = make_batch(16, 8, seed=7)
+    loaded = EarlyExitModel.from_pretrained(hist_cheap["checkpoint"])
+    assert loaded.config.objective["cost_weight"] == 5.0
+    assert loaded.predict(ids, mask, GatePolicy()).exit_index.tolist() == \
+        cheap.predict(ids, mask, GatePolicy()).exit_index.tolist()
