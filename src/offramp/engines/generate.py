@@ -297,7 +297,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
              threshold: float | None = None, policy: ExitPolicy | None = None,
              cache_strategy: str | None = None, max_new_tokens: int = 32,
              sampling: SamplingOptions | None = None, tokenizer: Any = None,
-             output_logits: bool = False) -> GenerateOutput:
+             output_logits: bool = False, return_cache: bool = False) -> GenerateOutput:
     """Generate with token-level early exits.
 
     Args:
@@ -311,6 +311,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         sampling: greedy by default; temperature, top-p, repetition penalty, EOS, seed.
         tokenizer: decodes ``texts`` when given.
         output_logits: keep the (b, n, V) logits of every step.
+        return_cache: put the cache store in ``extra["cache"]`` (tests, analysis).
 
     Returns:
         A ``GenerateOutput`` with tokens, per-token exit layers, texts and a ``GenerateReport``.
@@ -360,4 +361,5 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
                             mean_exit_layer=float(counted.float().mean()) if counted.numel() else 0.0)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
     return GenerateOutput(sequences=seq[:, :p + n], new_tokens=new, exit_layers=exits[:, :n], report=report,
-                          texts=texts, step_logits=torch.stack(kept, 1) if kept else None)
+                          texts=texts, step_logits=torch.stack(kept, 1) if kept else None,
+                          extra={"cache": run.kv if adapter.kind == "attention" else run.ssm} if return_cache else {})

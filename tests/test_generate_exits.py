@@ -1,0 +1,187 @@
+"""Token exits in the engine: cache strategies, skipped layers never run, catch_up exactness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from decoder_models import ragged_prompts, tiny_decoder
+from offramp.decoder_model import DecoderExitModel
+from offramp.engines.generate import generate
+from offramp.engines.generate_sampling import SamplingOptions
+from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
+
+NO_EOS = SamplingOptions(eos_token_id=None, pad_token_id=0)
+
+
+@dataclass(frozen=True)
+class AlwaysAt(ExitPolicy):
+    """Every row exits at exit ``index``."""
+
+    index: int = 0
+
+    def decide(self, index: int, signals: ExitSignals, state: PolicyState):
+        return torch.full_like(signals.gate, index == self.index, dtype=torch.bool), state
+
+
+@dataclass(frozen=True)
+class SignOfHidden(ExitPolicy):
+    """Data-dependent per-row exits: a row-deterministic, pseudo-random function of its features."""
+
+    def decide(self, index: int, signals: ExitSignals, state: PolicyState):
+        return (signals.hidden[:, 0] * 1000).long() % 3 == 0, state
+
+
+@dataclass
+class EveryOtherStep(ExitPolicy):
+    """All rows exit at the first exit on even decoding steps, none on odd ones."""
+
+    calls: list = field(default_factory=list)
+
+    def decide(self, index: int, signals: ExitSignals, state: PolicyState):
+        if index == 0:
+            self.calls.append(1)
+        early = len(self.calls) % 2 == 1
+        return torch.full_like(signals.gate, early and index == 0, dtype=torch.bool), state
+
+
+def _exit_model(family: str, head: str = "ffn", layers: int = 4) -> DecoderExitModel:
+    backbone = tiny_decoder(family, layers=layers)
+    model = DecoderExitModel.from_backbone(backbone, exit_layers=[1, 2], head=head)
+    torch.manual_seed(5)
+    for p in list(model.heads.parameters()) + list(model.confidence.parameters()):
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    return model
+
+
+def _count_rows(layers: torch.nn.ModuleList) -> tuple[list[int], list]:
+    counts = [0] * len(layers)
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            h = args[0] if args else kwargs["hidden_states"]
+            counts[i] += h.shape[0] * h.shape[1]
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    return counts, handles
+
+
+@pytest.mark.parametrize("family,strategy", [("llama", "copy_kv"), ("llama", "propagate"), ("gpt2", "copy_kv"),
+                                             ("mamba", "freeze"), ("gemma3", "propagate")])
+def test_skipped_layers_never_run(family: str, strategy: str) -> None:
+    model = _exit_model(family)
+    ids, mask = ragged_prompts(3)
+    b, p = ids.shape
+    counts, handles = _count_rows(model.adapter.layers())
+    out = generate(model, ids, mask, policy=AlwaysAt(0), cache_strategy=strategy, max_new_tokens=5,
+                   sampling=NO_EOS)
+    for h in handles:
+        h.remove()
+    n = out.new_tokens.shape[1]
+    assert out.exit_layers[:, 1:].eq(1).all() and out.exit_layers[:, 0].eq(4).all()
+    assert counts[0] == b * p + b * (n - 1)  # prefill + one row-token per decoding step
+    assert counts[1:] == [b * p] * 3  # layers past the exit ran in the prefill only
+    assert out.report.layer_rows == int(out.exit_layers.sum()) == b * 4 + b * (n - 1)
+
+
+def test_mamba_update_runs_skipped_layers_as_counted_cache_work_and_freeze_keeps_states() -> None:
+    model = _exit_model("mamba")
+    ids, mask = ragged_prompts(2)
+    counts, handles = _count_rows(model.adapter.layers())
+    out = generate(model, ids, mask, policy=AlwaysAt(1), cache_strategy="update", max_new_tokens=4,
+                   sampling=NO_EOS, return_cache=True)
+    for h in handles:
+        h.remove()
+    b, p = ids.shape
+    assert counts[2:] == [b * p + b * 3] * 2 and out.report.fill_layer_rows == b * 3 * 2
+    frozen = generate(model, ids, mask, policy=AlwaysAt(1), cache_strategy="freeze", max_new_tokens=4,
+                      sampling=NO_EOS, return_cache=True)
+    prefill_only = generate(model, ids, mask, policy=AlwaysAt(1), cache_strategy="freeze", max_new_tokens=1,
+                            sampling=NO_EOS, return_cache=True)
+    for layer in (2, 3):
+        assert torch.equal(frozen.extra["cache"].ssm[layer], prefill_only.extra["cache"].ssm[layer])
+        assert not torch.equal(out.extra["cache"].ssm[layer], prefill_only.extra["cache"].ssm[layer])
+    assert not torch.equal(frozen.extra["cache"].ssm[0], prefill_only.extra["cache"].ssm[0])
+
+
+def test_copy_kv_fills_skipped_layers_with_the_last_computed_layer() -> None:
+    model = _exit_model("llama")
+    ids, mask = ragged_prompts(3)
+    out = generate(model, ids, mask, policy=SignOfHidden(), cache_strategy="copy_kv", max_new_tokens=6,
+                   sampling=NO_EOS, return_cache=True)
+    kv, p = out.extra["cache"], ids.shape[1]
+    assert kv.keys[0].shape == (3, 2, p + 6, 8) and all(k.shape == kv.keys[0].shape for k in kv.keys)
+    depth = out.exit_layers
+    assert len(set(depth[:, 1:].flatten().tolist())) > 1  # rows really exit at different layers
+    for r in range(3):
+        for i in range(1, 5):  # the token at column p+i was run at step i; its exit is depth[r, i+1]
+            k = int(depth[r, i + 1])
+            for layer in range(k, 4):
+                assert torch.equal(kv.keys[layer][r, :, p + i], kv.keys[k - 1][r, :, p + i])
+                assert torch.equal(kv.values[layer][r, :, p + i], kv.values[k - 1][r, :, p + i])
+    assert kv.keys[3][:, :, p + 5].abs().sum() == 0  # the last token was never run
+
+
+@pytest.mark.parametrize("strategy", ["copy_kv", "propagate", "catch_up"])
+def test_rows_exit_independently_of_their_batch(strategy: str) -> None:
+    model = _exit_model("llama")
+    ids, mask = ragged_prompts(3)
+    batched = generate(model, ids, mask, policy=SignOfHidden(), cache_strategy=strategy, max_new_tokens=6,
+                       sampling=NO_EOS)
+    for r in range(3):
+        row = ids[r:r + 1, int(mask[r].argmax()):]
+        alone = generate(model, row, policy=SignOfHidden(), cache_strategy=strategy, max_new_tokens=6,
+                         sampling=NO_EOS)
+        assert torch.equal(alone.new_tokens, batched.new_tokens[r:r + 1])
+        assert torch.equal(alone.exit_layers, batched.exit_layers[r:r + 1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_catch_up_reproduces_full_model_logits_for_deep_tokens(family: str) -> None:
+    model = _exit_model(family)
+    ids, mask = ragged_prompts(3)
+    out = generate(model, ids, mask, policy=EveryOtherStep(), cache_strategy="catch_up", max_new_tokens=8,
+                   sampling=NO_EOS, output_logits=True)
+    deep = out.exit_layers == 4
+    assert deep[:, 2:].any() and (~deep).any()
+    seq, p = out.sequences, ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones_like(out.new_tokens)], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    ref = model.backbone(input_ids=seq, attention_mask=full_mask, position_ids=pos).logits[:, p - 1:-1]  # (b, n, V)
+    torch.testing.assert_close(out.step_logits[deep], ref[deep], atol=1e-4, rtol=1e-4)
+    copy = generate(model, ids, mask, policy=EveryOtherStep(), cache_strategy="copy_kv", max_new_tokens=8,
+                    sampling=NO_EOS, output_logits=True)
+    assert not torch.allclose(copy.step_logits[deep], ref[deep], atol=1e-4)  # the approximation is not exact
+
+
+@pytest.mark.parametrize("head", ["tied", "ffn", "block", "mamba"])
+def test_never_exit_threshold_one_and_save_load(head: str, tmp_path) -> None:
+    model = _exit_model("llama", head=head)
+    ids, mask = ragged_prompts(2)
+    ref = model.backbone.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6, pad_token_id=0,
+                                  eos_token_id=3)
+    assert torch.equal(generate(model, ids, mask, threshold=None, max_new_tokens=6).sequences, ref)
+    a = generate(model, ids, mask, threshold=0.5, max_new_tokens=6, output_logits=True)
+    model.save_pretrained(tmp_path / "exits")
+    again = DecoderExitModel.from_pretrained(tmp_path / "exits", backbone=model.backbone)
+    assert again.config.to_dict() == model.config.to_dict()
+    b = generate(again, ids, mask, threshold=0.5, max_new_tokens=6, output_logits=True)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.step_logits, b.step_logits)
+
+
+def test_bad_exit_configs_raise() -> None:
+    backbone = tiny_decoder("llama")
+    with pytest.raises(ValueError, match="out of range"):
+        DecoderExitModel.from_backbone(backbone, exit_layers=[2, 4])
+    with pytest.raises(ValueError, match="increasing"):
+        DecoderExitModel.from_backbone(backbone, exit_layers=[3, 2])
+    with pytest.raises(ValueError, match="unknown exit head"):
+        DecoderExitModel.from_backbone(backbone, exit_layers=[2], head="lstm")
+    with pytest.raises(ValueError, match="DecoderExitModel"):
+        generate(backbone, torch.ones(1, 2, dtype=torch.long), threshold=0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        generate(DecoderExitModel.from_backbone(backbone, exit_layers=[2]), torch.ones(1, 2, dtype=torch.long),
+                 threshold=1.5)
