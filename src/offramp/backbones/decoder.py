@@ -87,7 +87,18 @@ class DecoderAdapter:
     def logits(self, hidden: Tensor) -> Tensor:  # (b, t, d) -> (b, t, V)
         """Final norm then LM head (the full-vocabulary projection)."""
         hidden = hidden.to(self.head_device)
-        return self.lm_head()(self.final_norm()(hidden))
+        return self.softcap(self.lm_head()(self.final_norm()(hidden)))
+
+    def logits_subset(self, hidden: Tensor, token_ids: Tensor) -> Tensor:  # (n, d), (k,) -> (n, k)
+        """Logits of the tokens ``token_ids`` only (training on a teacher's top-k support)."""
+        head = self.lm_head()
+        bias = None if getattr(head, "bias", None) is None else head.bias[token_ids]
+        x = self.final_norm()(hidden.to(self.head_device))
+        return self.softcap(nn.functional.linear(x, head.weight[token_ids], bias))
+
+    def softcap(self, logits: Tensor) -> Tensor:
+        """Final-logit soft-capping of the model, if it has one."""
+        return logits
 
     def rotary(self, hidden: Tensor, position_ids: Tensor) -> Any:
         """Position embeddings shared by all layers for ``position_ids`` (b, t); None if unused."""

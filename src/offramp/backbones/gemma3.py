@@ -35,12 +35,9 @@ class Gemma3Adapter(DecoderAdapter):
         emb = self._text_model().embed_tokens  # scales by sqrt(hidden) itself
         return emb(input_ids.to(emb.weight.device))
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        out = super().logits(hidden)
+    def softcap(self, logits: Tensor) -> Tensor:
         cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap is not None:
-            out = torch.tanh(out / cap) * cap
-        return out
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def rotary(self, hidden: Tensor, position_ids: Tensor) -> Any:
         rot = self._text_model().rotary_emb

@@ -1,0 +1,207 @@
+"""Training LM exits on a frozen backbone: self-distillation with top-k-relaxed exit targets.
+
+DYNAMAX / CALM recipe (shared/METHODS.md):
+
+1. Data: the model's own greedy continuations of prompts (``greedy_continuations``), so the exits
+   learn the distribution they will face when decoding; or any tokenised text.
+2. Heads: each exit head is distilled towards the final layer, KL(p_final || p_exit) at
+   temperature T, with per-exit weights that decay linearly with depth (w_e ∝ E - e).
+   The teacher's distribution is kept on its top-``kd_top_k`` tokens per position; the student's
+   softmax runs over the union of those tokens in a batch (the plausible alternatives), which
+   makes a 49k-token LM head affordable on a CPU.
+3. Confidence classifiers: target 1 where the exit's top token (full vocabulary) is among the final
+   layer's top-``top_k`` tokens (top-k relaxation; ``top_k=1`` asks for the same token), trained
+   with BCE on the heads' (detached) features after step 2.
+
+The backbone never changes: hidden states are computed once (``collect_states``) and reused.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ExitStates:
+    """Backbone outputs for one sequence, computed once.
+
+    Attributes:
+        hidden: (E, t, d) hidden state after each exit layer.
+        top_ids, top_logits: (t, K) the final layer's top-K tokens and logits per position.
+        train: (t,) bool, positions whose next token is trained on (the continuation).
+    """
+
+    hidden: Tensor
+    top_ids: Tensor
+    top_logits: Tensor
+    train: Tensor
+
+
+def exit_weights(num_exits: int) -> Tensor:
+    """Linearly decaying per-exit weights (first exit heaviest), summing to 1."""
+    w = torch.arange(num_exits, 0, -1, dtype=torch.float32)
+    return w / w.sum()
+
+
+@torch.no_grad()
+def greedy_continuations(backbone: nn.Module, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 48,
+                         batch_size: int = 8, chat: bool = False) -> list[tuple[Tensor, int]]:
+    """(token ids, index of the first generated token) for each prompt, greedy, no exits."""
+    from offramp.engines.generate import generate
+
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    tokenizer.padding_side = "left"
+    out: list[tuple[Tensor, int]] = []
+    for i in range(0, len(prompts), batch_size):
+        texts = prompts[i:i + batch_size]
+        if chat:
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                   add_generation_prompt=True) for t in texts]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        res = generate(backbone, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens)
+        p = enc["input_ids"].shape[1]
+        for r in range(len(texts)):
+            start = int(enc["attention_mask"][r].argmax())
+            new = res.new_tokens[r][res.exit_layers[r] > 0]
+            out.append((torch.cat([enc["input_ids"][r, start:], new]), p - start))
+    return out
+
+
+@torch.no_grad()
+def collect_states(model: nn.Module, sequences: list[tuple[Tensor, int]], *, kd_top_k: int = 32) -> list[ExitStates]:
+    """Run the frozen backbone once per sequence; keep exit hidden states and the teacher's top-K."""
+    states = []
+    for ids, first_new in sequences:
+        out = model.backbone(input_ids=ids[None].to(model.adapter.layer_device(0)), output_hidden_states=True,
+                             use_cache=False)
+        hidden = torch.stack([out.hidden_states[k][0] for k in model.exit_layers])  # (E, t, d)
+        top = out.logits[0].float().topk(kd_top_k, dim=-1)
+        train = torch.arange(ids.numel()) >= first_new - 1
+        train[-1] = False  # the last token predicts nothing we kept
+        states.append(ExitStates(hidden.cpu(), top.indices.cpu(), top.values.cpu(), train))
+    return states
+
+
+def distill_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean over rows of KL(softmax(teacher/T) || softmax(student/T)) * T^2; both (n, k)."""
+    t = teacher / temperature
+    s = student / temperature
+    p = t.softmax(-1)
+    return (p * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean() * temperature ** 2
+
+
+def _batch_support(batch: list[ExitStates]) -> tuple[Tensor, list[Tensor]]:
+    """The union of the teacher's top-K tokens over a batch, and each sequence's ids remapped into it."""
+    vocab = torch.unique(torch.cat([s.top_ids.flatten() for s in batch]))
+    return vocab, [torch.searchsorted(vocab, s.top_ids) for s in batch]
+
+
+def _teacher_on_support(state: ExitStates, local: Tensor, size: int) -> Tensor:
+    """(n, size) teacher logits on the batch support (tokens outside its own top-K get -inf)."""
+    rows = state.train.nonzero()[:, 0]
+    full = torch.full((rows.numel(), size), float("-inf"))
+    full.scatter_(1, local[rows], state.top_logits[rows])
+    return full
+
+
+def train_exit_heads(model: nn.Module, states: list[ExitStates], *, epochs: int = 3, lr: float = 1e-3,
+                     batch_size: int = 8, temperature: float = 1.0, seed: int = 0,
+                     log: Callable[[str], None] | None = print) -> list[float]:
+    """Distil every exit head towards the final layer; returns the loss per step."""
+    model.backbone.requires_grad_(False)  # the backbone (final norm + LM head included) stays frozen
+    params = [p for p in model.heads.parameters() if p.requires_grad]
+    if not params:
+        return []
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    weights = exit_weights(len(model.exit_layers))
+    rng = random.Random(seed)
+    history: list[float] = []
+    dev = model.adapter.head_device
+    for epoch in range(epochs):
+        order = list(range(len(states)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            batch = [states[j] for j in order[i:i + batch_size]]
+            vocab, local = _batch_support(batch)
+            vocab = vocab.to(dev)
+            teacher = torch.cat([_teacher_on_support(s, loc, vocab.numel()) for s, loc in zip(batch, local)])
+            teacher = teacher.masked_fill(torch.isinf(teacher), -1e4).to(dev)  # no mass off its top-K
+            loss = torch.zeros((), device=dev)
+            for e in range(len(model.exit_layers)):
+                feats = [model.features(e, s.hidden[e][None].to(dev))[0][s.train.to(dev)] for s in batch]
+                student = model.adapter.logits_subset(torch.cat(feats), vocab)  # (n, |support|)
+                loss = loss + weights[e] * distill_loss(student, teacher, temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append(loss.item())
+        if log:
+            log(f"heads epoch {epoch + 1}/{epochs}: distill loss {sum(history[-5:]) / len(history[-5:]):.4f}")
+    return history
+
+
+@torch.no_grad()
+def exit_targets(model: nn.Module, states: list[ExitStates], *, top_k: int = 1) -> tuple[Tensor, Tensor]:
+    """Features (n, E, d) of every trained position and targets (n, E): exit top-1 in final top-k."""
+    feats_all, targets_all = [], []
+    dev = model.adapter.head_device
+    for s in states:
+        rows = s.train.to(dev)
+        final_top = s.top_ids[s.train][:, :top_k].to(dev)  # (n, k)
+        feats, hits = [], []
+        for e in range(len(model.exit_layers)):
+            f = model.features(e, s.hidden[e][None].to(dev))[0][rows]  # (n, d)
+            top1 = model.exit_logits(f).argmax(-1)  # full vocabulary, once
+            hits.append((final_top == top1[:, None]).any(-1))
+            feats.append(f)
+        feats_all.append(torch.stack(feats, 1).cpu())
+        targets_all.append(torch.stack(hits, 1).float().cpu())
+    return torch.cat(feats_all), torch.cat(targets_all)
+
+
+def train_confidence(model: nn.Module, feats: Tensor, targets: Tensor, *, epochs: int = 30, lr: float = 3e-3,
+                     batch_size: int = 256, seed: int = 0, log: Callable[[str], None] | None = print) -> list[float]:
+    """BCE of each exit's confidence classifier on the top-k-relaxed targets."""
+    if feats.shape[0] == 0:
+        raise ValueError("no training positions: the sequences have no continuation tokens")
+    opt = torch.optim.AdamW(model.confidence.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    dev = model.adapter.head_device
+    history = []
+    for epoch in range(epochs):
+        perm = torch.randperm(feats.shape[0], generator=gen)
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            f, y = feats[idx].to(dev), targets[idx].to(dev)
+            logits = torch.stack([model.confidence_logit(e, f[:, e]) for e in range(f.shape[1])], 1)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append(loss.item())
+        if log and (epoch + 1) % max(1, epochs // 3) == 0:
+            log(f"confidence epoch {epoch + 1}/{epochs}: bce {history[-1]:.4f}, "
+                f"exit-ok rate {targets.mean(0).tolist()}")
+    return history
+
+
+def fit_exits(model: nn.Module, sequences: list[tuple[Tensor, int]], *, head_epochs: int = 3,
+              confidence_epochs: int = 30, top_k: int | None = None, kd_top_k: int = 32, lr: float = 1e-3,
+              log: Callable[[str], None] | None = print) -> dict:
+    """The whole recipe on a frozen backbone: collect states, distil heads, train confidences."""
+    model.backbone.requires_grad_(False)
+    top_k = top_k or model.config.top_k
+    states = collect_states(model, sequences, kd_top_k=kd_top_k)
+    head_hist = train_exit_heads(model, states, epochs=head_epochs, lr=lr, log=log)
+    feats, targets = exit_targets(model, states, top_k=top_k)
+    conf_hist = train_confidence(model, feats, targets, epochs=confidence_epochs, log=log)
+    model.config.top_k = top_k
+    return {"head_loss": head_hist, "confidence_loss": conf_hist, "exit_ok_rate": targets.mean(0).tolist(),
+            "positions": int(feats.shape[0]), "final_head_loss": head_hist[-1] if head_hist else math.nan}
