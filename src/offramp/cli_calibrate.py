@@ -1,0 +1,156 @@
+"""``offramp calibrate``: pick an exit threshold with a stated guarantee and store it in the checkpoint.
+
+```
+offramp calibrate runs/jei --trace runs/jei/trace-cal --policy entropy --risk disagree --delta 0.05 --epsilon 0.05
+offramp calibrate runs/jei --data tweets --split validation --policy gate --delta 0.1
+```
+
+Learn-then-Test (``--method ltt``, any threshold rule) or the CATs shared rule (``--method cats``,
+consistency with the full model at level epsilon). The chosen policy is written into the
+checkpoint's ``offramp_config.json`` (atomically, with the bound under ``extra.calibration``) so
+``predict`` uses it; nothing is written when no threshold can be certified. The calibration data
+must not have been used to train the model, its exits or its gates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offramp.calibration.risk import PVALUES, RISKS, CATsStopping, LearnThenTest
+
+
+def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``calibrate`` sub-command to an argparse ``subparsers`` object."""
+    p = subparsers.add_parser("calibrate", help="choose an exit threshold with a risk guarantee",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="checkpoint folder (or training output folder holding checkpoint/)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="an exit trace folder written by `offramp collect` on held-out data")
+    src.add_argument("--data", help="data to collect the calibration trace from (name or file)")
+    p.add_argument("--split", default="validation", help="split of --data (default: validation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --data splits (as at training)")
+    p.add_argument("--max-examples", type=int, default=None, help="cap the calibration points")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--policy", default=None, help="rule to calibrate (default: the checkpoint's policy)")
+    p.add_argument("--method", choices=("ltt", "cats"), default="ltt")
+    p.add_argument("--risk", choices=RISKS, default="disagree")
+    p.add_argument("--delta", type=float, default=0.05, help="risk level to control (ltt)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="failure probability (ltt) / inconsistency (cats)")
+    p.add_argument("--pvalue", choices=PVALUES, default="hoeffding")
+    p.add_argument("--grid", default=None,
+                   help="comma-separated thresholds, most conservative first (default: a fixed grid per rule)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="also fit per-exit conformal sets at this miscoverage and store their quantiles")
+    p.set_defaults(func=run_calibrate)
+    return p
+
+
+def _checkpoint_dir(path: str) -> Path:
+    from offramp.config import CONFIG_NAME
+
+    d = Path(path)
+    if not (d / CONFIG_NAME).is_file() and (d / "checkpoint" / CONFIG_NAME).is_file():
+        d = d / "checkpoint"
+    if not (d / CONFIG_NAME).is_file():
+        raise ValueError(f"{path} is not an offramp checkpoint ({CONFIG_NAME} missing): pass the folder "
+                         "written by `offramp train` or save_pretrained")
+    return d
+
+
+def _trace(args: argparse.Namespace, ckpt: Path):
+    from offramp.evaluation.collect import ExitTrace, collect
+
+    if args.trace:
+        return ExitTrace.load(args.trace)
+    from offramp.data import load_data, make_loader
+    from offramp.modeling import EarlyExitModel
+
+    model = EarlyExitModel.from_pretrained(ckpt)
+    data = load_data(args.data, seed=args.seed, label_names=model.config.label_names)
+    split = data.split(args.split).head(args.max_examples)
+    if model.tokenizer is None:
+        raise ValueError(f"{ckpt} has no tokenizer to encode --data with: collect a trace and pass --trace")
+    return collect(model, make_loader(split, model.tokenizer, batch_size=args.batch_size))
+
+
+def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", risk: str = "disagree",
+              delta: float = 0.05, epsilon: float = 0.05, pvalue: str = "hoeffding",
+              grid: list[float] | None = None, alpha: float | None = None) -> tuple[dict | None, str, dict]:
+    """Calibrate a rule on a trace: (policy dict or None, one-line bound, record for ``extra``)."""
+    from offramp.policies import make_policy
+
+    if method == "cats":
+        rule = CATsStopping(epsilon).fit(trace.logits.numpy())
+        chosen = rule.to_policy()
+        text = (f"CATs: exit when max_prob > {rule.threshold_:.6g}: P(prediction == full model) >= "
+                f"{1 - epsilon:g} (n={len(trace)})")
+        record = {"method": "cats", "epsilon": epsilon, "threshold": rule.threshold_, "n": len(trace)}
+    else:
+        spec = policy or config.policy.get("type")
+        base = dict(config.policy) if config.policy.get("type") == spec else {"type": spec}
+        pol = make_policy(base)
+        ltt = LearnThenTest(delta, epsilon, risk=risk, pvalue=pvalue).fit(pol, trace, grid)
+        text = f"{pol.type}: {ltt.summary()}"
+        chosen = ltt.policy_
+        step = ltt.steps_[ltt.index_] if ltt.index_ >= 0 else None
+        record = {"method": "ltt", "risk": risk, "delta": delta, "epsilon": epsilon, "pvalue": pvalue,
+                  "n": ltt.n_, "threshold": ltt.threshold_,
+                  "empirical_risk": None if step is None else step.risk,
+                  "mean_exit_layer": None if step is None else step.mean_exit_layer}
+    if chosen is None:
+        return None, text, record
+    record["policy"] = chosen.to_dict()
+    record["bound"] = text
+    if alpha is not None and trace.labels is not None:
+        record["conformal"] = _conformal(chosen, trace, alpha)
+    return chosen.to_dict(), text, record
+
+
+def _conformal(policy, trace, alpha: float) -> dict:
+    from offramp.calibration.conformal import PerExitConformal
+    from offramp.evaluation.collect import replay
+
+    index, _ = replay(policy, trace)
+    probs = trace.logits.double().softmax(-1).numpy()
+    cal = PerExitConformal(alpha).fit(probs, trace.labels.numpy(), index.numpy())
+    return {"alpha": alpha, "quantiles": [float(q) for q in cal.quantiles_],
+            "counts": cal.counts_.tolist(), "fallback": cal.fallback_.tolist()}
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """The ``calibrate`` handler: 0 when a threshold was written, 1 when none could be certified."""
+    from offramp.config import OfframpConfig
+
+    ckpt = _checkpoint_dir(args.model)
+    config = OfframpConfig.load(ckpt)
+    trace = _trace(args, ckpt)
+    grid = None if args.grid is None else [float(x) for x in args.grid.split(",") if x.strip()]
+    policy, text, record = calibrate(config, trace, policy=args.policy, method=args.method, risk=args.risk,
+                                     delta=args.delta, epsilon=args.epsilon, pvalue=args.pvalue, grid=grid,
+                                     alpha=args.alpha)
+    if policy is None:
+        print(f"{text}\nnothing written to {ckpt}", file=sys.stderr)
+        return 1
+    config.policy = policy
+    config.extra = {**(config.extra or {}), "calibration": _jsonable(record)}
+    config.save(ckpt)  # atomic: temp file + rename
+    print(text)
+    print(f"wrote policy {policy} to {ckpt / 'offramp_config.json'}")
+    return 0
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else str(float(obj))
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
