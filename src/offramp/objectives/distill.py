@@ -194,13 +194,23 @@ def train_confidence(model: nn.Module, feats: Tensor, targets: Tensor, *, epochs
 
 def fit_exits(model: nn.Module, sequences: list[tuple[Tensor, int]], *, head_epochs: int = 3,
               confidence_epochs: int = 30, top_k: int | None = None, kd_top_k: int = 32, lr: float = 1e-3,
-              log: Callable[[str], None] | None = print) -> dict:
-    """The whole recipe on a frozen backbone: collect states, distil heads, train confidences."""
+              max_confidence_positions: int = 2000, log: Callable[[str], None] | None = print) -> dict:
+    """The whole recipe on a frozen backbone: collect states, distil heads, train confidences.
+
+    The confidence targets need the full-vocabulary argmax of every exit, so they are computed on
+    the first sequences holding up to ``max_confidence_positions`` positions.
+    """
     model.backbone.requires_grad_(False)
     top_k = top_k or model.config.top_k
     states = collect_states(model, sequences, kd_top_k=kd_top_k)
     head_hist = train_exit_heads(model, states, epochs=head_epochs, lr=lr, log=log)
-    feats, targets = exit_targets(model, states, top_k=top_k)
+    keep, count = [], 0
+    for s in states:
+        if keep and count + int(s.train.sum()) > max_confidence_positions:
+            break
+        keep.append(s)
+        count += int(s.train.sum())
+    feats, targets = exit_targets(model, keep, top_k=top_k)
     conf_hist = train_confidence(model, feats, targets, epochs=confidence_epochs, log=log)
     model.config.top_k = top_k
     return {"head_loss": head_hist, "confidence_loss": conf_hist, "exit_ok_rate": targets.mean(0).tolist(),

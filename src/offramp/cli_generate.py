@@ -1,0 +1,141 @@
+"""``offramp generate``: text generation with token-level early exits (DYNAMAX / CALM).
+
+    offramp generate --model smollm2-offline --fit-exits exits/smollm2 --chat \\
+        --prompt "Write one sentence about the sea." --threshold 0.8 --show-exits
+    offramp generate --model smollm2-offline --exits exits/smollm2 --prompts-file prompts.txt --json out.json
+
+Without ``--exits`` / ``--fit-exits`` no token exits (output equals plain greedy ``generate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("copy_kv", "propagate", "catch_up", "freeze", "update")
+
+
+def add_generate_parser(subparsers: Any) -> None:
+    """Register the ``generate`` subcommand on an argparse subparsers object."""
+    p = subparsers.add_parser("generate", help="generate text with token-level early exits",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True,
+                   help="HF causal LM folder or Hub id, or an offline alias: smollm2-offline, mamba-bbc-offline")
+    p.add_argument("--exits", help="folder of trained exits (saved by DecoderExitModel.save_pretrained)")
+    p.add_argument("--fit-exits", metavar="OUT", help="train exits on the model's own greedy continuations of "
+                   "offline BBC News prompts, save them to OUT and use them")
+    p.add_argument("--head", choices=["tied", "ffn", "block", "mamba"], default="ffn", help="with --fit-exits")
+    p.add_argument("--exit-layers", help="with --fit-exits: layers run before each exit, e.g. 15,18,21 "
+                   "(default: 5 exits in the second half)")
+    p.add_argument("--train-prompts", type=int, default=64, help="with --fit-exits")
+    p.add_argument("--top-k", type=int, default=1, help="with --fit-exits: exit ok if its token is in the top-k")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--threshold", type=float, default=None, help="exit confidence threshold in [0, 1] "
+                   "(default: the one stored with the exits)")
+    p.add_argument("--cache-strategy", choices=STRATEGIES, default=None,
+                   help="what skipped layers store (default copy_kv; freeze for Mamba)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--show-exits", action="store_true", help="print every token with its exit layer")
+    p.add_argument("--json", help="write texts, tokens and exit layers to this file")
+    p.set_defaults(func=cmd_generate)
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("a prompt is empty: remove it or give it some text")
+    return prompts
+
+
+def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
+    from offramp.decoder_model import DecoderExitModel
+
+    if args.exits and args.fit_exits:
+        raise ValueError("give either --exits (load trained exits) or --fit-exits (train them), not both")
+    if args.exits:
+        return DecoderExitModel.from_pretrained(args.exits, backbone=backbone)
+    if not args.fit_exits:
+        return None
+    from offramp.engines.generate_assets import bbc_prompts
+    from offramp.objectives.distill import fit_exits, greedy_continuations
+
+    layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
+    model = DecoderExitModel.from_backbone(backbone, exit_layers=layers, head=args.head, top_k=args.top_k,
+                                           base_model_name_or_path=backbone.name_or_path or args.model)
+    seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train", instruct=args.chat),
+                                max_new_tokens=40, chat=args.chat)
+    fit_exits(model, seqs, log=lambda m: print(f"[fit-exits] {m}", flush=True))
+    model.save_pretrained(args.fit_exits)
+    print(f"[fit-exits] saved to {args.fit_exits}")
+    return model
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Handler of ``offramp generate``; ValueError on bad input (the main CLI prints it)."""
+    from offramp.engines.generate import generate
+    from offramp.engines.generate_assets import load_causal_lm
+    from offramp.engines.generate_sampling import SamplingOptions
+
+    prompts = _prompts(args)
+    backbone, tok = load_causal_lm(args.model)
+    exit_model = _exit_model(args, backbone, tok)
+    if args.threshold is not None and exit_model is None:
+        raise ValueError("--threshold needs exits: add --exits DIR or --fit-exits OUT")
+    threshold = args.threshold if args.threshold is not None else (
+        exit_model.config.threshold if exit_model is not None else None)
+    sampling = SamplingOptions.from_model(backbone, do_sample=args.sample, temperature=args.temperature,
+                                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                          seed=args.seed)
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts] if args.chat else prompts
+    model = exit_model if exit_model is not None else backbone
+    rows, start = [], time.perf_counter()
+    for i in range(0, len(texts), args.batch_size):
+        enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True)
+        out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                       threshold=threshold, cache_strategy=args.cache_strategy, sampling=sampling, tokenizer=tok)
+        for r in range(len(out.texts)):
+            keep = out.exit_layers[r] > 0
+            rows.append({"prompt": prompts[i + r], "text": out.texts[r], "tokens": out.new_tokens[r][keep].tolist(),
+                         "exit_layers": out.exit_layers[r][keep].tolist()})
+    wall = time.perf_counter() - start
+    _print(rows, tok, args.show_exits, model, wall)
+    if args.json:
+        from offramp.utils import atomic_write_json
+
+        atomic_write_json(args.json, {"model": args.model, "threshold": threshold,
+                                      "cache_strategy": args.cache_strategy, "wall_s": wall, "rows": rows})
+    return 0
+
+
+def _print(rows: list[dict], tok: Any, show_exits: bool, model: Any, wall: float) -> None:
+    from offramp.backbones.decoder import adapter_for
+
+    num_layers = adapter_for(getattr(model, "backbone", model)).num_layers
+    layers = [x for r in rows for x in r["exit_layers"]]
+    for r in rows:
+        print(f"### {r['prompt']}\n{r['text']}")
+        if show_exits:
+            print(" ".join(f"{tok.decode([t])!r}@{k}" for t, k in zip(r["tokens"], r["exit_layers"])))
+    mean = sum(layers) / max(1, len(layers))
+    print(f"--- {len(layers)} tokens in {wall:.1f}s ({len(layers) / wall:.1f} tokens/s); "
+          f"mean exit layer {mean:.1f} of {num_layers}")
+    print(json.dumps({"tokens": len(layers), "mean_exit_layer": round(mean, 2), "num_layers": num_layers}))

@@ -1,0 +1,63 @@
+"""``offramp generate`` on a tiny saved model: texts, exit layers, JSON, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from decoder_models import tiny_decoder
+from offramp.cli_generate import add_generate_parser
+from offramp.decoder_model import DecoderExitModel
+
+
+def _tiny_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, 97)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    model = tiny_decoder("llama")
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    return tmp_path / "lm", model
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_generate_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_generate_never_exit_then_with_exits(tmp_path, capsys) -> None:
+    folder, model = _tiny_folder(tmp_path)
+    out = tmp_path / "out.json"
+    assert _run(["generate", "--model", str(folder), "--prompt", "w5 w6 w7", "--prompt", "w9",
+                 "--max-new-tokens", "5", "--json", str(out), "--show-exits"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(set(r["exit_layers"]) == {4} for r in rows)
+    ref = model.generate(torch.tensor([[5, 6, 7]]), do_sample=False, max_new_tokens=5, pad_token_id=0,
+                         eos_token_id=3)[0, 3:]
+    assert rows[0]["tokens"] == ref.tolist()[:len(rows[0]["tokens"])]
+    exits = DecoderExitModel.from_backbone(model, exit_layers=[2, 3])
+    exits.save_pretrained(tmp_path / "exits")
+    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--threshold", "0",
+                 "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--json", str(out)]) == 0
+    layers = json.loads(out.read_text())["rows"][0]["exit_layers"]
+    assert layers[0] == 4 and set(layers[1:]) <= {2}
+    assert "mean exit layer" in capsys.readouterr().out
+
+
+def test_generate_bad_input(tmp_path) -> None:
+    folder, _ = _tiny_folder(tmp_path)
+    with pytest.raises(ValueError, match="needs exits"):
+        _run(["generate", "--model", str(folder), "--prompt", "w5", "--threshold", "0.5"])
+    with pytest.raises(ValueError, match="no prompt"):
+        _run(["generate", "--model", str(folder)])
+    with pytest.raises(ValueError, match="cannot load model"):
+        _run(["generate", "--model", str(tmp_path / "missing"), "--prompt", "w5"])
