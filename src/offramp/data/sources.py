@@ -103,7 +103,7 @@ def resolve_columns(header: list[str], columns: Columns, where: str) -> Columns:
     return Columns(_pick(header, None, TEXT_COLUMNS, "text", "--text-column", where), None, label)
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
@@ -132,7 +132,7 @@ def load_local(path: str | Path, columns: Columns = Columns()) -> tuple[list[Raw
         raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .jsonl")
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise ValueError(f"data file {path} is empty: it needs a header and at least one row")
     header = list(rows[0].keys())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from offramp.evaluation.flops import ExitFlops
 
 ORACLE, CONSISTENCY_ORACLE = "oracle", "consistency oracle"
 REGRESSION_TOL = 0.1
-NOT_SWEPT = ("oracle",)  # analysis policies: added as the oracle points instead
+NOT_SWEPT = ("oracle", "never")  # the oracle is added as the oracle points; never is the full model
 
 
 def _np(x: Any) -> np.ndarray:
@@ -266,6 +266,7 @@ def sweep_rule(trace: Any, rule: str, spec: str | Mapping[str, Any], *, metric: 
             raise ValueError(f"no default grid for the policy {kind!r}: pass one with --grid {rule}=v1,v2")
         settings = []
         for v in values:
+            v = v.item() if isinstance(v, np.generic) else v  # plain numbers in policy dicts and JSON
             try:
                 settings.append((base.with_threshold(v), v))
             except ValueError:
@@ -310,6 +311,8 @@ def sweep(trace: Any, rules: Sequence[str] | Mapping[str, str | Mapping[str, Any
     logits = _np(trace.logits)
     n, last = logits.shape[1], len(trace.exit_layers) - 1
     full_pt = _point("full", {}, None, None, np.full(n, last), logits[-1], trace, fn, flops)
+    if flops is not None:  # the plain model: every layer, one head, no exit heads on the way
+        full_pt = replace(full_pt, mean_flops=flops.full, speedup_flops=1.0)
     oracles = []
     for name, mode in ((ORACLE, "correct"), (CONSISTENCY_ORACLE, "consistent")):
         idx = oracle_exits(trace, mode)

@@ -1,0 +1,331 @@
+"""The ``offramp`` command line: train | collect | sweep | evaluate | predict | demo | bench.
+
+Each subcommand is a function ``cmd_<name>(args) -> int`` next to its parser. Modules written
+elsewhere add their own subcommands through ``add_<name>_parser(subparsers)`` hooks (generate,
+reason, calibrate) when they import. Bad input ends with ``offramp <cmd>: error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from offramp import cli_common as common
+
+HOOKS = (("offramp.cli_generate", "add_generate_parser"), ("offramp.cli_reason", "add_reason_parser"),
+         ("offramp.cli_calibrate", "add_calibrate_parser"))
+
+
+# ------------------------------------------------------------------------------------------- train
+def add_train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="add exits to a model and train them",
+                       description="Add exits to a Hugging Face encoder and train them (frozen backbone "
+                                   "by default). Writes OUT/checkpoint and OUT/metrics.json.")
+    p.add_argument("--model", help="HF model name or folder (not needed with --resume)")
+    common.add_data_args(p, required=False)
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--exits", default="all", help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
+    p.add_argument("--shared-head", action="store_true", help="one classifier for every exit (PALBERT)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls")
+    p.add_argument("--no-pooler", action="store_true", help="CLS pooling without the model's pooler")
+    p.add_argument("--halting", choices=["none", "pondernet", "palbert"], default="none",
+                   help="add a PonderNet / PALBERT halting layer (implies --objective ponder)")
+    p.add_argument("--halting-variant", choices=["concat", "diff", "rnn"], default="concat")
+    p.add_argument("--objective", choices=["joint", "ponder"], default=None)
+    p.add_argument("--weights", choices=["uniform", "pabee"], default="uniform",
+                   help="joint objective: per-exit loss weights (pabee: j / sum j)")
+    p.add_argument("--distill", type=float, default=0.0, help="joint objective: self-distillation weight")
+    p.add_argument("--beta", type=float, default=0.5, help="ponder objective: KL weight")
+    p.add_argument("--lambda-p", type=float, default=0.1, help="ponder objective: geometric prior")
+    p.add_argument("--full", action="store_true", help="fine-tune the backbone too (default: exits only)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr", type=float, default=None, help="backbone lr with --full (default 2e-5)")
+    p.add_argument("--policy", default=None, help="default exit policy stored in the checkpoint")
+    p.add_argument("--value", type=float, default=None, help="its parameter (threshold, patience, q, layer)")
+    p.add_argument("--regression", action="store_true", help="numeric labels, one output, MSE")
+    p.add_argument("--backbone-by-reference", action="store_true",
+                   help="frozen backbone: store only the exits; the backbone is loaded from --model again")
+    p.set_defaults(func=cmd_train)
+
+
+def _train_config(args: argparse.Namespace, data: Any) -> Any:
+    from offramp import OfframpConfig
+
+    halting = None if args.halting == "none" else {"type": args.halting, "variant": args.halting_variant}
+    kind = args.objective or ("ponder" if halting else "joint")
+    objective = ({"type": "joint", "weights": args.weights, "distill": args.distill} if kind == "joint"
+                 else {"type": "ponder", "beta": args.beta, "lambda_p": args.lambda_p})
+    policy = common.make_policy_arg(args.policy, args.value, {"type": "never"}).to_dict()
+    local = Path(args.model)
+    base = str(local.resolve()) if local.exists() else args.model
+    return OfframpConfig(base_model_name_or_path=base, num_labels=data.num_labels,
+                         exit_layers=common.parse_exits(args.exits),
+                         head={"shared": args.shared_head, "pooling": args.pooling,
+                               "use_pooler": not args.no_pooler},
+                         halting=halting, objective=objective, policy=policy, label_names=data.label_names,
+                         extra={"data": common.data_settings(args)})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from offramp import EarlyExitModel
+    from offramp.training import TrainingArgs, train
+
+    out = Path(args.out)
+    if args.resume:
+        model = EarlyExitModel.from_pretrained(common.checkpoint_dir(out))
+        settings = {**model.config.extra.get("data", {}), **common.data_settings(args, only_given=True)}
+        data = common.load_from_settings(settings, label_names=model.config.label_names,
+                                         regression=model.config.is_regression)
+    else:
+        if not args.model:
+            raise ValueError("--model is required (a HF model name or folder) unless --resume")
+        if args.data is None:
+            raise ValueError("--data is required: an offline name (tweets, bbc), a .csv/.jsonl file or a "
+                             "HF dataset name")
+        common.check_out(out, args.overwrite, "output folder")
+        data = common.load_from_settings(common.data_settings(args), regression=args.regression)
+        model = EarlyExitModel.from_backbone(args.model, _train_config(args, data))
+    tok = common.tokenizer_of(model)
+    settings = model.config.extra.get("data", common.data_settings(args))
+    train_batches = common.batches(data.train, tok, settings, shuffle=True)
+    eval_batches = common.batches(data.validation, tok, settings) if len(data.validation) else None
+    targs = TrainingArgs(output_dir=str(out), epochs=args.epochs, lr=args.lr, frozen_backbone=not args.full,
+                         backbone_lr=args.backbone_lr or (2e-5 if args.full else None), seed=settings["seed"],
+                         resume=args.resume, cache_backbone=not args.full,
+                         save_backbone=not args.backbone_by_reference)
+    common.log(f"training {model.num_exits} exits on {len(data.train)} examples "
+               f"({'full fine-tuning' if args.full else 'frozen backbone'}), {args.epochs} epochs")
+    result = train(model, train_batches, eval_batches if args.full else None, targs)
+    metrics = result["history"][-1] if result["history"] else {}
+    if not args.full and eval_batches:  # the cached-state run skips the per-epoch evaluation
+        from offramp.training import evaluate_exits
+
+        metrics = {**metrics, **evaluate_exits(model, eval_batches)}
+    print(json.dumps({"checkpoint": result["checkpoint"], **metrics}, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- collect
+def add_collect_parser(sub: Any) -> None:
+    p = sub.add_parser("collect", help="run every exit once over a split and store the trace",
+                       description="Run all exits over a data split and store the trace (per-exit logits, "
+                                   "halting / gate values, labels, per-exit FLOPs) in a folder.")
+    p.add_argument("--model", required=True, help="checkpoint folder written by `offramp train`")
+    common.add_data_args(p, required=False)
+    p.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    p.add_argument("--out", required=True, help="trace folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-hidden", action="store_true", help="also store pooled states (saturation rule)")
+    p.set_defaults(func=cmd_collect)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from offramp.evaluation.collect import collect
+    from offramp.evaluation.flops import model_exit_flops
+
+    out = Path(args.out)
+    common.check_out(out, args.overwrite, "trace folder")
+    model, data, settings = common.model_and_data(args)
+    split = data.split(args.split)
+    loader = common.batches(split, common.tokenizer_of(model), settings, lazy=True)
+    lengths = loader.dataset.lengths()
+    trace = collect(model, loader, keep_hidden=args.keep_hidden, progress=True)
+    flops = model_exit_flops(model, lengths)
+    trace.layer_flops = flops.per_exit.tolist()
+    trace.meta = {"model": str(args.model), "data": settings, "split": args.split, "n": len(split),
+                  "label_names": data.label_names, "mean_tokens": float(lengths.mean()),
+                  "flops": flops.to_dict()}
+    trace.save(out)  # written under a temporary name and renamed: never half-written
+    print(json.dumps({"trace": str(out), "n": len(split), "exits": trace.exit_layers,
+                      "accuracy_per_exit": common.per_exit_metric(trace)}, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- sweep
+def add_sweep_parser(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="every exit rule over a grid on a stored trace: Pareto report",
+                       description="Replay every exit rule over a grid of its parameter on a trace from "
+                                   "`offramp collect`; write report.md, report.json and PNG plots.")
+    p.add_argument("--trace", required=True, help="trace folder from `offramp collect`")
+    p.add_argument("--out", required=True, help="report folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--rules", default=None, help="comma-separated policies (default: every one the trace supports)")
+    p.add_argument("--grid", action="append", default=[], metavar="RULE=V1,V2,...",
+                   help="values to sweep for a rule instead of its default grid (repeatable)")
+    p.add_argument("--metric", default=None, help="accuracy (default) | macro_f1 | pearson | neg_mse")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="chosen setting: the cheapest within this much of the full model (default 0.01)")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from offramp.evaluation.collect import ExitTrace
+    from offramp.evaluation.report import write_report
+    from offramp.evaluation.sweep import sweep
+
+    out = Path(args.out)
+    common.check_out(out, args.overwrite, "report folder")
+    trace = ExitTrace.load(args.trace)
+    metric = args.metric or ("pearson" if trace.logits.shape[-1] == 1 else "accuracy")
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()] if args.rules else None
+    result = sweep(trace, rules, metric=metric, flops=common.trace_flops(trace),
+                   grids=common.parse_grids(args.grid))
+    chosen = {r: result.best_within(r, args.tolerance) for r in result.rules}
+    rel = common.reliability_curves(trace, chosen)
+    paths = write_report(out, result, chosen=chosen, reliability=rel, title="offramp sweep",
+                         notes=[f"trace: {args.trace} ({len(trace)} examples, split "
+                                f"{trace.meta.get('split', '?')})"])
+    print(paths["markdown"].read_text().split("Pareto frontier")[0].strip())
+    print(f"\nreport: {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def add_evaluate_parser(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="one rule at one setting, real early exit, measured time",
+                       description="Run real per-row early exit with one policy on a split: metric, mean "
+                                   "exit layer, exit histogram, FLOPs, and wall-clock vs the full model "
+                                   "measured in the same run.")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    common.add_data_args(p, required=False)
+    p.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    common.add_policy_args(p)
+    p.add_argument("--repeats", type=int, default=1, help="timed passes (median kept; default 1)")
+    p.add_argument("--no-timing", action="store_true", help="skip the wall-clock comparison")
+    p.add_argument("--json", default=None, help="also write the result to this file")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from offramp.evaluation.evaluate import evaluate_policy
+
+    model, data, settings = common.model_and_data(args)
+    policy = common.make_policy_arg(args.policy, args.value, model.config.policy)
+    split = data.split(args.split)
+    loader = common.batches(split, common.tokenizer_of(model), settings, lazy=True)
+    result = evaluate_policy(model, list(loader), policy, lengths=loader.dataset.lengths(),
+                             timing=not args.no_timing, repeats=args.repeats)
+    result = {"model": str(args.model), "split": args.split, **result}
+    text = json.dumps(result, indent=2)
+    if args.json:
+        from offramp.utils import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
+    print(text)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- predict
+def add_predict_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="texts in, label + confidence + exit layer out (JSON lines)",
+                       description="Classify texts given as arguments, in a file (--file: .txt one per "
+                                   "line, or .csv/.jsonl with a text column), or on stdin. Prints one JSON "
+                                   "object per text: label, confidence, exit_layer.")
+    p.add_argument("texts", nargs="*", help="texts to classify ('-' or none: read stdin)")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--file", default=None, help=".txt (one text per line) or .csv/.tsv/.jsonl")
+    p.add_argument("--text-column", default=None, help="text column of a .csv/.jsonl --file")
+    common.add_policy_args(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from offramp import EarlyExitModel
+
+    texts = common.read_texts(args.texts, args.file, args.text_column)
+    model = EarlyExitModel.from_pretrained(common.checkpoint_dir(args.model))
+    policy = common.make_policy_arg(args.policy, args.value, model.config.policy)
+    max_length = args.max_length or model.config.extra.get("data", {}).get("max_length", 128)
+    for row in common.predict_rows(model, texts, policy, batch_size=args.batch_size, max_length=max_length):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+# -------------------------------------------------------------------------------------- demo, bench
+def add_demo_parser(sub: Any) -> None:
+    from offramp.demo import add_demo_args
+
+    p = sub.add_parser("demo", help="the offline end-to-end comparison of exit rules (the README's command)",
+                       description="Train exits on a frozen MiniLM-L6 for the offline tweets set, compare "
+                                   "PABEE, PonderNet, PALBERT (Q-exit), entropy and max-prob, measure real "
+                                   "speed-ups, and write a report folder with summary.json.")
+    add_demo_args(p)
+    p.set_defaults(func=lambda a: __import__("offramp.demo", fromlist=["run_demo"]).run_demo(a))
+
+
+def add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="the classify speed benchmark (plain HF vs early exit, JSON)",
+                       description="The classify speed benchmark (benchmarks/classify_speed.py): overhead "
+                                   "of the early-exit engine and realised vs ideal speed-up at batch sizes "
+                                   "1 and 32, as JSON. Arguments after `bench` go to the benchmark "
+                                   "(`offramp bench --help` lists them).",
+                       add_help=False)
+    p.set_defaults(func=cmd_bench, bench_args=[])
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from offramp.evaluation.bench import main as bench_main
+
+    argv = list(args.bench_args)
+    bench_main(argv[1:] if argv[:1] == ["--"] else argv)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    """The ``offramp`` parser with every subcommand (and those registered by hooks)."""
+    from offramp import __version__
+
+    parser = argparse.ArgumentParser(prog="offramp", description="Early exits for Hugging Face models "
+                                     "that really skip the compute.")
+    parser.add_argument("--version", action="version", version=f"offramp {__version__}")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (add_train_parser, add_collect_parser, add_sweep_parser, add_evaluate_parser,
+                add_predict_parser, add_demo_parser, add_bench_parser):
+        add(sub)
+    for module, name in HOOKS:
+        try:
+            hook = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        hook(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``offramp`` command; returns the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.bench_args = extra  # everything after `bench` belongs to the benchmark
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"offramp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"offramp {args.command}: interrupted; files already written are complete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

