@@ -1,0 +1,150 @@
+"""Classification speed benchmark: per-row early exit against the plain HF forward, same run.
+
+Measures, at each batch size:
+- overhead: time of ``predict`` with the never-exit policy / time of the plain HF forward + head;
+- realised speed-up / ideal speed-up with rows assigned known mixed exit depths, where ideal =
+  layers / mean exit layer and realised = plain time / early-exit time.
+Timings interleave the variants and take medians, so drift of a noisy machine hits all alike.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from offramp.config import OfframpConfig
+from offramp.modeling import EarlyExitModel
+from offramp.policies import ExitPolicy, ExitSignals, PolicyState
+from offramp.utils import atomic_write_json
+
+
+@dataclass(frozen=True)
+class AssignedDepthPolicy(ExitPolicy):
+    """Benchmark-only: row r exits at the first exit at or after layer ``labels[r]``."""
+
+    type = "assigned_depth"
+    needs = ("labels",)
+
+    def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
+        return signals.layer >= signals.labels, state
+
+
+def _plain_forward(model: EarlyExitModel) -> Callable[[Tensor, Tensor], Tensor]:
+    backbone, cls = model.backbone, model.classifiers
+
+    @torch.no_grad()
+    def run(ids: Tensor, mask: Tensor) -> Tensor:
+        out = backbone(input_ids=ids, attention_mask=mask)
+        pooled = cls.pool(out.last_hidden_state, mask) if cls.pooling == "mean" or cls._pooler[0] is None \
+            else out.pooler_output
+        return cls(model.num_exits - 1, pooled)
+
+    return run
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _inputs(model: EarlyExitModel, n: int, seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.backbone.config.vocab_size
+    ids = torch.randint(1000 if vocab > 2000 else 3, vocab, (n, seq_len), generator=g)
+    return ids, torch.ones_like(ids)
+
+
+def measure(model: EarlyExitModel, batch_size: int, *, num_rows: int = 64, seq_len: int = 64,
+            repeats: int = 5, seed: int = 0) -> dict[str, float]:
+    """Overhead and realised/ideal speed-up at one batch size (rows processed in batches)."""
+    model.eval()
+    plain = _plain_forward(model)
+    ids, mask = _inputs(model, num_rows, seq_len, seed)
+    layers = torch.tensor(model.exit_layers)
+    depth = layers[torch.arange(num_rows) % len(layers)]  # known mixed depths, evenly spread
+    depth = depth[torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))]
+    assigned = AssignedDepthPolicy()
+    batches = [(ids[i:i + batch_size], mask[i:i + batch_size], depth[i:i + batch_size])
+               for i in range(0, num_rows, batch_size)]
+    variants = {
+        "plain": lambda: [plain(a, m) for a, m, _ in batches],
+        "never": lambda: [model.predict(a, m, "never") for a, m, _ in batches],
+        "mixed": lambda: [model.predict(a, m, assigned, labels=d) for a, m, d in batches],
+    }
+    taken = torch.cat([model.predict(a, m, assigned, labels=d).exit_layer for a, m, d in batches])
+    assert torch.equal(taken, depth), "assigned depths were not taken"
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(_time(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mean_exit = float(depth.float().mean())
+    ideal = model.num_layers / mean_exit
+    realised = med["plain"] / med["mixed"]
+    return {"overhead": med["never"] / med["plain"], "realised_speedup": realised, "ideal_speedup": ideal,
+            "realised_over_ideal": realised / ideal, "mean_exit_layer": mean_exit,
+            "plain_s": med["plain"], "never_s": med["never"], "mixed_s": med["mixed"]}
+
+
+def load_model(name: str) -> EarlyExitModel:
+    """"minilm" / "mpnet" (offline packages), an offramp checkpoint folder, or any HF encoder."""
+    from pathlib import Path
+
+    from offramp.assets import minilm_path, mpnet_path
+    from offramp.config import CONFIG_NAME
+
+    if (Path(name) / CONFIG_NAME).is_file() or (Path(name) / "checkpoint" / CONFIG_NAME).is_file():
+        return EarlyExitModel.from_pretrained(name).eval()
+    path = {"minilm": minilm_path, "mpnet": mpnet_path}.get(name, lambda: name)()
+    torch.manual_seed(0)
+    return EarlyExitModel.from_backbone(path, OfframpConfig(num_labels=3)).eval()
+
+
+def run(model: str = "minilm", *, batch_sizes: tuple[int, ...] = (1, 32), num_rows: int = 64, seq_len: int = 64,
+        repeats: int = 5, threads: int | None = None, json_path: str | None = None) -> dict[str, Any]:
+    """The benchmark's JSON: ``overhead_bs{N}``, ``realised_over_ideal_bs{N}``, ... per batch size."""
+    if threads:
+        torch.set_num_threads(threads)
+    m = load_model(model)
+    result: dict[str, Any] = {"model": model, "num_layers": m.num_layers, "seq_len": seq_len, "num_rows": num_rows,
+                              "threads": torch.get_num_threads()}
+    for bs in batch_sizes:
+        r = measure(m, bs, num_rows=num_rows, seq_len=seq_len, repeats=repeats)
+        result[f"overhead_bs{bs}"] = r["overhead"]
+        result[f"realised_over_ideal_bs{bs}"] = r["realised_over_ideal"]
+        result[f"realised_speedup_bs{bs}"] = r["realised_speedup"]
+        result["ideal_speedup"] = r["ideal_speedup"]
+        result["mean_exit_layer"] = r["mean_exit_layer"]
+        result[f"seconds_bs{bs}"] = {k: r[k] for k in ("plain_s", "never_s", "mixed_s")}
+    if json_path:
+        atomic_write_json(json_path, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Per-row early-exit classification speed vs the plain HF forward.")
+    p.add_argument("--model", default="minilm", help="minilm | mpnet | offramp checkpoint | HF encoder path")
+    p.add_argument("--mpnet", action="store_true", help="shorthand for --model mpnet (12 layers)")
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--rows", type=int, default=64, help="rows timed per variant")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", dest="json_path", default=None, help="write the JSON here too")
+    a = p.parse_args(argv)
+    out = run("mpnet" if a.mpnet else a.model, batch_sizes=tuple(int(x) for x in a.batch_sizes.split(",")),
+              num_rows=a.rows, seq_len=a.seq_len, repeats=a.repeats, threads=a.threads, json_path=a.json_path)
+    print(json.dumps(out, indent=2))
+    return out
