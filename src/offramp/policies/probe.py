@@ -1,0 +1,46 @@
+"""The LYNX exit rule as an exit policy: exit at a cue event whose conformal set is exactly {1}.
+
+The "exits" of a chain of thought are its cue events: ``index`` is the event number and
+``signals.hidden`` holds the (b, d) cue features (concatenated hidden states). The policy is
+stateless; the reasoning engine (``offramp.engines.reason.LynxRule``) and offline replays over
+stored events call the same ``decide``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
+
+
+@dataclass(frozen=True)
+class ProbeExitPolicy(ExitPolicy):
+    """Exit where a calibrated ``LynxProbe`` (loaded from ``path``, or given as ``probe``) accepts."""
+
+    type: ClassVar[str] = "probe"
+    needs: ClassVar[tuple[str, ...]] = ("hidden",)
+    path: str = ""
+    probe: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.probe is None:
+            if not self.path:
+                raise ValueError("probe policy needs a calibrated probe: pass path=<probe folder> or probe=")
+            from offramp.reasoning.probe import LynxProbe
+
+            object.__setattr__(self, "probe", LynxProbe.load(self.path))
+        if not hasattr(self.probe, "conformal_"):
+            raise ValueError("the probe is not calibrated: call LynxProbe.calibrate(features, labels, delta)")
+
+    def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
+        if signals.hidden is None:
+            raise ValueError("probe policy reads ExitSignals.hidden (the (b, d) cue features); it is None")
+        feats = signals.hidden.detach().float().cpu().numpy()  # (b, d)
+        return torch.from_numpy(self.probe.accepts(feats)).to(signals.hidden.device), state
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "path": self.path}

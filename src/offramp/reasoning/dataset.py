@@ -1,0 +1,143 @@
+"""Resumable on-disk dataset of cue events: hidden-state features and forced-exit labels.
+
+For each training problem the full chain is generated once; at every cue event the generation is
+forked, the answer forced and checked (label y = 1 if correct). One file per problem,
+``<out>/<uid>.npz``, holds the event features (n_events, d), labels (n_events,) and the trace as
+JSON; it is written to a temporary name and renamed, so an interrupted build keeps every problem
+already finished and a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from offramp.engines.reason import EventContext, ReasonConfig, reason
+from offramp.reasoning.tasks import Problem
+from offramp.utils import atomic_write_bytes, atomic_write_text
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class LabelRule:
+    """Force the answer at every cue, record whether it is right, never exit."""
+
+    problem: Problem
+    features: list[np.ndarray] = field(default_factory=list)
+
+    def __call__(self, ctx: EventContext) -> tuple[bool, dict[str, Any]]:
+        self.features.append(ctx.features.numpy().astype(np.float32))
+        ans = ctx.force()
+        return False, {"answer": ans.text, "correct": bool(self.problem.check(ans.text)),
+                       "mean_prob": round(ans.mean_prob, 6), "complete": ans.complete}
+
+
+@dataclass
+class EventDataset:
+    """Events of many problems: ``groups[i]`` is the problem index of event i in ``uids``."""
+
+    features: np.ndarray  # (n, d) float32
+    labels: np.ndarray  # (n,) int64
+    groups: np.ndarray  # (n,) int64
+    uids: list[str]
+    traces: list[dict[str, Any]]
+
+    def subset(self, problem_idx: Iterable[int]) -> "EventDataset":
+        keep = sorted(set(int(i) for i in problem_idx))
+        remap = {p: j for j, p in enumerate(keep)}
+        mask = np.isin(self.groups, keep)
+        groups = np.array([remap[g] for g in self.groups[mask]], dtype=np.int64)
+        return EventDataset(self.features[mask], self.labels[mask], groups,
+                            [self.uids[p] for p in keep], [self.traces[p] for p in keep])
+
+
+def _config_dict(config: ReasonConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["cues"]["words"] = list(d["cues"]["words"])
+    d["feature_layers"] = list(d["feature_layers"])
+    return d
+
+
+def _atomic_savez(path: Path, **arrays: Any) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _check_manifest(out: Path, config: ReasonConfig, model_name: str) -> None:
+    want = {"model": model_name, "config": _config_dict(config)}
+    path = out / MANIFEST
+    if path.exists():
+        have = json.loads(path.read_text())
+        if have != want:
+            raise ValueError(f"{out} was built with other settings ({have}); use a new directory "
+                             "or the same model and ReasonConfig to resume")
+        return
+    atomic_write_text(path, json.dumps(want, indent=1))
+
+
+def build_dataset(model, tokenizer, problems: list[Problem], out_dir: str | Path, *,
+                  config: ReasonConfig | None = None, model_name: str = "",
+                  on_problem: Callable[[Problem, dict[str, Any]], None] | None = None) -> list[str]:
+    """Label the cue events of ``problems`` into ``out_dir``; problems already there are skipped.
+
+    Args:
+        model, tokenizer: the HF causal LM and its tokenizer.
+        problems: problems with checkers (``Problem.check``).
+        out_dir: one ``<uid>.npz`` per problem plus ``manifest.json`` (settings must match to resume).
+        config: cue, forcing and feature settings (the same must be used online).
+        model_name: recorded in the manifest, checked on resume.
+        on_problem: called after each newly built problem with its trace (for progress logs).
+
+    Returns:
+        The uids of all problems now on disk, in the order of ``problems``.
+    """
+    config = config or ReasonConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out, config, model_name)
+    if len({p.uid for p in problems}) != len(problems):
+        raise ValueError("problem uids must be unique: they name the files of the dataset")
+    for p in problems:
+        path = out / f"{p.uid}.npz"
+        if path.exists():
+            continue
+        rule = LabelRule(p)
+        res = reason(model, tokenizer, p, rule=rule, config=config)
+        trace = res.to_dict()
+        trace.update(uid=p.uid, gold=p.answer, source=p.source)
+        feats = np.stack(rule.features) if rule.features else np.zeros((0, 0), np.float32)
+        labels = np.array([int(e["correct"]) for e in res.events], dtype=np.int64)
+        _atomic_savez(path, features=feats, labels=labels, trace=np.array(json.dumps(trace)))
+        if on_problem is not None:
+            on_problem(p, trace)
+    return [p.uid for p in problems if (out / f"{p.uid}.npz").exists()]
+
+
+def load_dataset(out_dir: str | Path, uids: list[str] | None = None) -> EventDataset:
+    """Load the events of ``uids`` (default: every problem in ``out_dir``, sorted by uid)."""
+    out = Path(out_dir)
+    if uids is None:
+        uids = sorted(p.stem for p in out.glob("*.npz"))
+    if not uids:
+        raise ValueError(f"no labelled problems in {out}: run build_dataset first")
+    feats, labels, groups, traces = [], [], [], []
+    for g, uid in enumerate(uids):
+        path = out / f"{uid}.npz"
+        if not path.exists():
+            raise ValueError(f"{path} is missing: build it with build_dataset or drop {uid!r}")
+        with np.load(path) as z:
+            if z["labels"].size:
+                feats.append(z["features"].astype(np.float32))
+                labels.append(z["labels"])
+                groups.append(np.full(z["labels"].size, g, dtype=np.int64))
+            traces.append(json.loads(str(z["trace"])))
+    if not feats:
+        raise ValueError(f"the problems in {out} have no cue events: change the CueConfig")
+    return EventDataset(np.concatenate(feats), np.concatenate(labels), np.concatenate(groups), uids, traces)

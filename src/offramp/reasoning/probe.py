@@ -1,0 +1,183 @@
+"""The LYNX probe: an MLP on cue-event hidden states, wrapped in class-conditional split conformal.
+
+``LynxProbe.fit`` standardises the features and trains an MLP (256, 64) with class-balanced
+weights w_c = n / (2 n_c). ``calibrate`` fits class-conditional split conformal sets at level
+delta on a disjoint calibration split (scores 1 - p_c, the exact finite-sample quantile, +inf
+when too few points; ``offramp.calibration.conformal``). The exit rule accepts an event when its
+prediction set is exactly {1}: then P(exit | the forced answer would be wrong) <= delta per event,
+for events exchangeable with the calibration events.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from offramp.calibration.conformal import ClassConditionalConformal
+from offramp.utils import atomic_dir
+
+PROBE_FILE = "probe.json"
+WEIGHTS_FILE = "probe.pt"
+
+
+def _check_xy(features: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"features must be a non-empty (n, d) array, got shape {x.shape}")
+    if labels is None:
+        return x, None
+    y = np.asarray(labels).astype(np.int64).ravel()
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"features have {x.shape[0]} rows but labels {y.shape[0]}: pass one label per event")
+    if y.size and (y.min() < 0 or y.max() > 1):
+        raise ValueError(f"labels must be 0 (forced answer wrong) or 1 (right), got range [{y.min()}, {y.max()}]")
+    return x, y
+
+
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Class weights w_c = n / (2 n_c) for binary labels; a ValueError if a class is missing."""
+    counts = np.bincount(labels, minlength=2)
+    if (counts == 0).any():
+        raise ValueError(f"the probe needs events of both classes, got counts {counts.tolist()}: "
+                         "label more problems")
+    return labels.size / (2.0 * counts)
+
+
+def first_exit(accepts: np.ndarray) -> int | None:
+    """Index of the first accepted event of one chain (the exit rule), or None."""
+    idx = np.flatnonzero(np.asarray(accepts, dtype=bool))
+    return int(idx[0]) if idx.size else None
+
+
+class LynxProbe:
+    """MLP probe + conformal exit rule, scikit-learn style (``fit``, then ``calibrate``).
+
+    Args:
+        hidden: widths of the hidden layers.
+        epochs: full-batch Adam steps.
+        lr: learning rate.
+        weight_decay: L2 penalty (AdamW).
+        seed: seed of the initialisation.
+    """
+
+    def __init__(self, hidden: tuple[int, ...] = (256, 64), epochs: int = 300, lr: float = 1e-3,
+                 weight_decay: float = 1e-2, seed: int = 0) -> None:
+        if not hidden or min(hidden) < 1:
+            raise ValueError(f"hidden widths must be positive, got {hidden}")
+        if epochs < 1 or lr <= 0:
+            raise ValueError(f"need epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+        self.hidden, self.epochs, self.lr = tuple(hidden), epochs, lr
+        self.weight_decay, self.seed = weight_decay, seed
+
+    def _build(self, d: int) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for w in self.hidden:
+            layers += [nn.Linear(d, w), nn.ReLU()]
+            d = w
+        layers.append(nn.Linear(d, 2))
+        return nn.Sequential(*layers)
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> "LynxProbe":
+        """Standardise, then train with class-balanced cross-entropy. Returns self."""
+        x, y = _check_xy(features, labels)
+        self.mean_ = x.mean(0)
+        self.std_ = x.std(0) + 1e-6
+        self.class_weights_ = balanced_weights(y)
+        g = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+            self.net_ = self._build(x.shape[1])
+        xt = torch.from_numpy((x - self.mean_) / self.std_)  # (n, d)
+        yt = torch.from_numpy(y)
+        loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(self.class_weights_, dtype=torch.float32))
+        opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        self.net_.train()
+        for _ in range(self.epochs):
+            opt.zero_grad()
+            loss = loss_fn(self.net_(xt), yt)
+            loss.backward()
+            opt.step()
+        self.net_.eval()
+        self.train_loss_ = float(loss.detach())
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """(n, 2) probabilities [P(forced answer wrong), P(right)]."""
+        if not hasattr(self, "net_"):
+            raise ValueError("LynxProbe is not fitted: call fit(features, labels) first")
+        x, _ = _check_xy(features)
+        if x.shape[1] != self.mean_.shape[0]:
+            raise ValueError(f"features have {x.shape[1]} columns, the probe was fitted on {self.mean_.shape[0]}: "
+                             "use the same feature layers")
+        with torch.no_grad():
+            logits = self.net_(torch.from_numpy((x - self.mean_) / self.std_))
+        return logits.softmax(-1).double().numpy()
+
+    def calibrate(self, features: np.ndarray, labels: np.ndarray, delta: float) -> "LynxProbe":
+        """A copy of this probe with class-conditional conformal sets at level ``delta``."""
+        x, y = _check_xy(features, labels)
+        out = copy.copy(self)
+        out.conformal_ = ClassConditionalConformal(alpha=delta).fit(self.predict_proba(x), y)
+        out.delta_ = float(delta)
+        return out
+
+    def prediction_sets(self, features: np.ndarray) -> np.ndarray:
+        """(n, 2) bool: membership of class 0 (wrong) and 1 (right) in each prediction set."""
+        if not hasattr(self, "conformal_"):
+            raise ValueError("LynxProbe is not calibrated: call calibrate(features, labels, delta) first")
+        return self.conformal_.predict_sets(self.predict_proba(features))
+
+    def accepts(self, features: np.ndarray) -> np.ndarray:
+        """(n,) bool: the exit rule, the prediction set is exactly {1}."""
+        sets = self.prediction_sets(features)
+        return sets[:, 1] & ~sets[:, 0]
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write ``probe.json`` (settings, standardisation, quantiles, ``extra``) and ``probe.pt`` atomically.
+
+        ``extra`` is any JSON-able dict kept with the probe (e.g. the ``ReasonConfig`` its features
+        came from); ``load`` restores it as ``extra_``.
+        """
+        if not hasattr(self, "net_"):
+            raise ValueError("LynxProbe is not fitted: nothing to save")
+        meta = {"hidden": list(self.hidden), "epochs": self.epochs, "lr": self.lr,
+                "weight_decay": self.weight_decay, "seed": self.seed, "mean": self.mean_.tolist(),
+                "std": self.std_.tolist(), "class_weights": self.class_weights_.tolist(),
+                "extra": extra if extra is not None else getattr(self, "extra_", {})}
+        if hasattr(self, "conformal_"):
+            q = self.conformal_.quantiles_
+            meta.update(delta=self.delta_, quantiles=[None if np.isinf(v) else float(v) for v in q],
+                        counts=self.conformal_.counts_.tolist())
+        buf = io.BytesIO()
+        torch.save(self.net_.state_dict(), buf)
+        with atomic_dir(path) as tmp:
+            (tmp / PROBE_FILE).write_text(json.dumps(meta))
+            (tmp / WEIGHTS_FILE).write_bytes(buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LynxProbe":
+        """Load a probe written by ``save`` (calibrated if it was)."""
+        path = Path(path)
+        if not (path / PROBE_FILE).is_file():
+            raise ValueError(f"{path} holds no LYNX probe ({PROBE_FILE} missing): train one with LynxProbe.save")
+        meta = json.loads((path / PROBE_FILE).read_text())
+        probe = cls(tuple(meta["hidden"]), meta["epochs"], meta["lr"], meta["weight_decay"], meta["seed"])
+        probe.mean_ = np.array(meta["mean"], dtype=np.float32)
+        probe.std_ = np.array(meta["std"], dtype=np.float32)
+        probe.class_weights_ = np.array(meta["class_weights"])
+        probe.net_ = probe._build(probe.mean_.shape[0])
+        probe.net_.load_state_dict(torch.load(path / WEIGHTS_FILE, weights_only=True))
+        probe.net_.eval()
+        probe.extra_ = meta.get("extra", {})
+        if "quantiles" in meta:
+            conf = ClassConditionalConformal(alpha=meta["delta"])
+            conf.quantiles_ = np.array([np.inf if v is None else v for v in meta["quantiles"]])
+            conf.counts_ = np.array(meta["counts"])
+            probe.conformal_, probe.delta_ = conf, meta["delta"]
+        return probe
