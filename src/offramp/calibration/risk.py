@@ -257,13 +257,13 @@ class CATsStopping:
         return passes.argmax(axis=0)
 
     def to_policy(self):
-        """The equivalent registered policy (``conf >= nextafter(Q)``), or a never-exit static policy."""
+        """The equivalent registered policy (``conf >= nextafter(Q)``), or the never-exit policy."""
         from offramp.policies import make_policy
 
         if not hasattr(self, "threshold_"):
             raise ValueError("CATsStopping is not fitted: call fit(exit_logits) first")
         if not math.isfinite(self.threshold_) or self.threshold_ >= 1.0:
-            return make_policy("static", layer=None)
+            return make_policy("never")
         value = max(0.0, float(np.nextafter(self.threshold_, np.inf)))
         return make_policy(self.confidence, threshold=value)
 

@@ -34,7 +34,7 @@ from offramp.utils import atomic_write_json
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel
 
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def jei_config(cost_weight: float = 0.1, **options: Any) -> dict[str, Any]:
@@ -86,10 +86,14 @@ class _Batches:
 
     def __init__(self, model: "EarlyExitModel", batches: list[dict], cache: bool) -> None:
         self.model, self.batches, self.pooled = model, batches, None
+        given = ["pooled" in b for b in batches]
+        if any(given) and not (cache and all(given)):
+            raise ValueError("batches with precomputed 'pooled' states need frozen_backbone=True and a "
+                             "'pooled' entry in every batch")
         if cache:
             model.eval()
-            with torch.no_grad():
-                self.pooled = [model(**_inputs(b), output_pooled=True).pooled for b in batches]  # (E, b, d) each
+            self.pooled = [b["pooled"] if "pooled" in b else model.pooled_states(**_inputs(b))
+                           for b in batches]  # (E, b, d) each
 
     def __len__(self) -> int:
         return len(self.batches)

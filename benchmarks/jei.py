@@ -1,0 +1,279 @@
+"""JEI-DNN vs PABEE / PALBERT / entropy on the offline tweets with a frozen MiniLM-L6; conformal
+sets, ECE, and risk-controlled thresholds checked by real early-exit inference on a fresh split.
+
+    nice python benchmarks/jei.py --out runs/jei_bench --json runs/jei_bench/results.json
+
+Stages cache to ``--out`` (pooled states, trained heads), so a rerun resumes. Splits: train (exits,
+gates), validation (warm-up freezing, gate weights, model choice), test cut in two halves:
+calibration (conformal, Learn-then-Test, CATs) and a fresh half for the checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offramp import EarlyExitModel, OfframpConfig
+from offramp.calibration import (CATsStopping, LearnThenTest, MarginalConformal, PerExitConformal, mean_set_size,
+                                 miscoverage, reliability)
+from offramp.calibration.risk import exit_losses
+from offramp.evaluation.collect import ExitTrace, replay
+from offramp.evaluation.flops import model_exit_flops
+from offramp.policies import make_policy
+from offramp.training.jei import JEIArgs, jei_config, train_jei
+
+LAMBDAS = [0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
+SWEEPS = {"entropy": ("joint", "threshold", np.linspace(0.0, math.log(3), 25)),
+          "max_prob": ("joint", "threshold", np.linspace(0.34, 1.0, 25)),
+          "patience": ("pabee", "patience", [1, 2, 3, 4, 5]),
+          "q_exit": ("palbert", "q", np.linspace(0.05, 0.95, 19))}
+
+
+def _encode(args, out: Path):
+    """Tokenise the splits and cache MiniLM's pooled states at every layer (frozen backbone)."""
+    from offramp.assets import minilm_path
+    from offramp.data import load_data
+    from offramp.data.batching import TokenizedSplit
+
+    path = out / "pooled.pt"
+    base = EarlyExitModel.from_backbone(minilm_path(), OfframpConfig(num_labels=3, head={"pooling": "mean"}))
+    if path.is_file():
+        return base, torch.load(path)
+    data = load_data("tweets", seed=args.seed, max_train=args.train, max_eval=2 * args.test)
+    test = data.test
+    half = len(test) // 2
+    splits = {"train": data.train, "validation": data.validation.head(args.val),
+              "calibration": test.head(half),
+              "fresh": type(test)(test.texts[half:], None if test.pairs is None else test.pairs[half:],
+                                  test.labels[half:])}
+    cache = {"label_names": data.label_names}
+    for name, split in splits.items():
+        tok = TokenizedSplit(split, base.tokenizer, max_length=64)
+        batches = []
+        t0 = time.time()
+        for i in range(0, len(tok), args.batch_size):
+            b = tok.collate([tok[j] for j in range(i, min(i + args.batch_size, len(tok)))])
+            b = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+            b["pooled"] = base.pooled_states(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+            batches.append(b)
+        cache[name] = batches
+        print(f"encoded {name}: {len(tok)} examples in {time.time() - t0:.0f}s", flush=True)
+    torch.save(cache, path)
+    return base, cache
+
+
+def _model(base, cfg: OfframpConfig) -> EarlyExitModel:
+    cfg.base_model_name_or_path = base.config.base_model_name_or_path
+    model = EarlyExitModel(base.backbone, cfg, base.tokenizer)
+    model.freeze_backbone(True)
+    return model
+
+
+def _train_plain(model, batches, epochs: int, lr: float, seed: int) -> EarlyExitModel:
+    """Train exits (and a halting layer) on cached pooled states with the config's objective."""
+    params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for i in torch.randperm(len(batches), generator=g).tolist():
+            loss = model(pooled=batches[i]["pooled"], labels=batches[i]["labels"]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _models(args, base, cache, out: Path) -> dict[str, EarlyExitModel]:
+    """The baseline exit sets and one JEI model per lambda (heads cached under out/heads)."""
+    specs = {"joint": dict(head={"pooling": "mean"}, objective={"type": "joint", "weights": "uniform"}),
+             "pabee": dict(head={"pooling": "mean"}, objective={"type": "joint", "weights": "pabee"}),
+             "palbert": dict(head={"pooling": "mean", "shared": True}, halting={"type": "palbert"},
+                             objective={"type": "ponder"})}
+    for lam in LAMBDAS:
+        specs[f"jei_{lam:g}"] = dict(head={"pooling": "mean"}, **jei_config(lam))
+    models = {}
+    for name, spec in specs.items():
+        torch.manual_seed(args.seed)
+        model = _model(base, OfframpConfig(num_labels=3, label_names=cache["label_names"], **spec))
+        heads = out / "heads" / f"{name}.pt"
+        if heads.is_file():
+            model.load_state_dict(torch.load(heads), strict=False)
+        else:
+            t0 = time.time()
+            if name.startswith("jei_"):
+                train_jei(model, cache["train"], cache["validation"],
+                          JEIArgs(output_dir=str(out / "jei" / name), epochs=args.jei_epochs, lr=args.lr,
+                                  save_backbone=False, seed=args.seed))
+            else:
+                _train_plain(model, cache["train"], args.epochs, args.lr, args.seed)
+            heads.parent.mkdir(parents=True, exist_ok=True)
+            tmp = heads.with_suffix(".tmp")
+            torch.save(model.head_state_dict(), tmp)
+            tmp.replace(heads)
+            print(f"trained {name} in {time.time() - t0:.0f}s", flush=True)
+        models[name] = model.eval()
+    return models
+
+
+@torch.no_grad()
+def _trace(model, batches) -> ExitTrace:
+    outs = [model(pooled=b["pooled"]) for b in batches]
+    gate = None if outs[0].gate_logits is None else torch.cat([torch.sigmoid(o.gate_logits) for o in outs])
+    halting = None if outs[0].halting_logits is None else torch.cat([torch.sigmoid(o.halting_logits) for o in outs])
+    return ExitTrace(logits=torch.cat([o.exit_logits for o in outs], dim=1).float(),
+                     labels=torch.cat([b["labels"] for b in batches]), exit_layers=list(model.exit_layers),
+                     num_layers=model.num_layers, halting=halting, gate=gate)
+
+
+def _point(policy, trace: ExitTrace, flops) -> dict:
+    index, logits = replay(policy, trace)
+    layers = torch.tensor(trace.exit_layers, dtype=torch.float32)
+    return {"policy": policy.to_dict(), "accuracy": float((logits.argmax(-1) == trace.labels).float().mean()),
+            "mean_exit_layer": float(layers[index].mean()),
+            "flops_ratio": float(flops.mean(index.numpy()) / flops.full)}
+
+
+def _pareto(points: list[dict]) -> list[dict]:
+    best, front = -1.0, []
+    for p in sorted(points, key=lambda p: (p["mean_exit_layer"], -p["accuracy"])):
+        if p["accuracy"] > best:
+            front.append(p)
+            best = p["accuracy"]
+    return front
+
+
+def _uncertainty(policy, cal: ExitTrace, test: ExitTrace) -> dict:
+    """Per-exit and marginal conformal at alpha 0.05 / 0.1, and ECE, on the fresh half."""
+    ci, _ = replay(policy, cal)
+    ti, tl = replay(policy, test)
+    cal_probs = cal.logits.double().softmax(-1).numpy()
+    taken_cal = cal_probs[ci.numpy(), np.arange(len(cal))]
+    probs = tl.double().softmax(-1).numpy()
+    y, yc = test.labels.numpy(), cal.labels.numpy()
+    out = {"ece": reliability(probs, y, 15).ece, "reliability": reliability(probs, y, 15).to_dict()}
+    for alpha in (0.05, 0.1):
+        per = PerExitConformal(alpha).fit(cal_probs, yc, ci.numpy())
+        sets = per.predict_sets(probs, ti.numpy())
+        marg = MarginalConformal(alpha).fit(taken_cal, yc).predict_sets(probs)
+        out[f"alpha_{alpha}"] = {"per_exit_miscoverage": miscoverage(sets, y), "per_exit_set_size": mean_set_size(sets),
+                                 "marginal_miscoverage": miscoverage(marg, y), "marginal_set_size": mean_set_size(marg),
+                                 "fallback_exits": per.fallback_.tolist()}
+    return out
+
+
+@torch.no_grad()
+def _real_risk(model, policy, fresh_batches, risk: str) -> dict:
+    """Risk of a calibrated policy under REAL early-exit inference (model.predict) on the fresh half."""
+    losses, layers, agree = [], [], []
+    for b in fresh_batches:
+        pred = model.predict(b["input_ids"], b["attention_mask"], policy)
+        full = model(pooled=b["pooled"]).exit_logits[-1]
+        z = torch.stack([pred.logits, full]).numpy()  # (2, b, c): "exit 0" = the taken exit
+        losses.append(exit_losses(z, b["labels"].numpy(), np.zeros(len(b["labels"]), dtype=int), risk))
+        layers.append(pred.exit_layer.float())
+    return {"risk": float(np.concatenate(losses).mean()), "mean_exit_layer": float(torch.cat(layers).mean())}
+
+
+def _calibrated(models, traces, args) -> list[dict]:
+    rows = []
+    rules = [("entropy", "joint"), ("max_prob", "joint"), ("patience", "pabee"), ("q_exit", "palbert"),
+             ("gate", args.gate_model)]
+    for risk, delta in (("disagree", args.delta), ("wrong_when_full_right", args.delta / 2)):
+        for rule, name in rules:
+            ltt = LearnThenTest(delta, args.epsilon, risk=risk).fit(make_policy(rule), traces[name]["calibration"])
+            row = {"rule": rule, "model": name, "risk": risk, "delta": delta, "epsilon": args.epsilon,
+                   "n_cal": ltt.n_, "bound": ltt.summary(), "threshold": ltt.threshold_}
+            if ltt.policy_ is not None:
+                row["real"] = _real_risk(models[name], ltt.policy_, traces[name]["fresh_batches"], risk)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "bound"}), flush=True)
+    cats = CATsStopping(args.epsilon).fit(traces["joint"]["calibration"].logits.numpy())
+    row = {"rule": "cats(max_prob)", "model": "joint", "risk": "disagree", "epsilon": args.epsilon,
+           "threshold": cats.threshold_}
+    if math.isfinite(cats.threshold_):
+        row["real"] = _real_risk(models["joint"], cats.to_policy(), traces["joint"]["fresh_batches"], "disagree")
+    rows.append(row)
+    return rows
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base, cache = _encode(args, out)
+    models = _models(args, base, cache, out)
+    seq = float(np.mean([float(b["attention_mask"].sum(1).float().mean()) for b in cache["fresh"]]))
+    traces = {name: {split: _trace(m, cache[split]) for split in ("validation", "calibration", "fresh")}
+              for name, m in models.items()}
+    for name in traces:
+        traces[name]["fresh_batches"] = cache["fresh"]
+    results: dict = {"n": {k: sum(len(b["labels"]) for b in cache[k]) for k in ("train", "validation",
+                                                                              "calibration", "fresh")},
+                     "num_layers": base.num_layers, "mean_tokens": seq, "curves": {}, "uncertainty": {}}
+    for rule, (name, field, values) in SWEEPS.items():
+        flops = model_exit_flops(models[name], seq)
+        pts = [_point(make_policy(rule, **{field: type(getattr(make_policy(rule), field))(v)}),
+                      traces[name]["fresh"], flops) for v in values]
+        results["curves"][rule] = {"points": pts, "pareto": _pareto(pts)}
+    jei_pts = []
+    for lam in LAMBDAS:
+        name = f"jei_{lam:g}"
+        p = _point(make_policy("gate"), traces[name]["fresh"], model_exit_flops(models[name], seq))
+        p["val_accuracy"] = _point(make_policy("gate"), traces[name]["validation"],
+                                   model_exit_flops(models[name], seq))["accuracy"]
+        jei_pts.append({"lambda": lam, **p})
+    results["curves"]["jei_gate"] = {"points": jei_pts, "pareto": _pareto(jei_pts)}
+    results["full_model_accuracy"] = {n: float((traces[n]["fresh"].logits[-1].argmax(-1)
+                                                == traces[n]["fresh"].labels).float().mean()) for n in traces}
+    ops = {"entropy": ("joint", {"type": "entropy", "threshold": 0.6}),
+           "max_prob": ("joint", {"type": "max_prob", "threshold": 0.8}),
+           "patience": ("pabee", {"type": "patience", "patience": 2}),
+           "q_exit": ("palbert", {"type": "q_exit", "q": 0.5}),
+           "gate": (args.gate_model, {"type": "gate", "threshold": 0.5}),
+           "never": ("joint", {"type": "never"})}
+    for rule, (name, spec) in ops.items():
+        results["uncertainty"][rule] = {"model": name, "policy": spec,
+                                        **_uncertainty(make_policy(spec), traces[name]["calibration"],
+                                                       traces[name]["fresh"])}
+    results["calibrated"] = _calibrated(models, traces, args)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/jei_bench")
+    p.add_argument("--json", default=None)
+    p.add_argument("--train", type=int, default=3000)
+    p.add_argument("--val", type=int, default=1000)
+    p.add_argument("--test", type=int, default=1500, help="size of each test half (calibration, fresh)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--jei-epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--delta", type=float, default=0.1)
+    p.add_argument("--epsilon", type=float, default=0.05)
+    p.add_argument("--gate-model", default="jei_0.1", help="the JEI model whose gate rule is calibrated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    results = run(args)
+    text = json.dumps(results, indent=1)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    print(json.dumps({k: v for k, v in results.items() if k != "uncertainty"}, indent=1)[:20000])
+    return results
+
+
+if __name__ == "__main__":
+    main()
