@@ -126,7 +126,7 @@ class _Run:
                               kind=self.mask_kind, dtype=self.adapter.dtype)
 
     def run_layer(self, layer: int, h: Tensor, rows: Tensor, full: bool, col: int, rot: Any,
-                  masks: dict) -> Tensor:
+                  masks: dict, posc: Tensor | None = None) -> Tensor:
         """Run ``layer`` for ``rows`` whose current token sits at column ``col``; h is (r, 1, d)."""
         self.layer_rows += rows.numel()
         ad = self.adapter
@@ -145,8 +145,9 @@ class _Run:
             if key not in masks:
                 masks[key] = self._mask(rows, layer, col, col + 1)
             view = self.kv.view(layer, None if full else rows, col, col + 1)
-            out = ad.run_layer(layer, h, cache=view, mask=masks[key],
-                               position_ids=self.pos.index_select(0, rows)[:, col:col + 1], rotary=rot)
+            if posc is None:
+                posc = self.pos.index_select(0, rows)[:, col:col + 1]
+            out = ad.run_layer(layer, h, cache=view, mask=masks[key], position_ids=posc, rotary=rot)
         if self.strategy == "catch_up":
             self.filled[layer].index_fill_(0, rows, col + 1)
         return out
@@ -249,7 +250,7 @@ class _Run:
         exit_at = torch.full((r0,), self.L, dtype=torch.long, device=alive.device)
         masks: dict = {}
         for layer in range(self.L):
-            h = self.run_layer(layer, h, rows, full, col, rot, masks)
+            h = self.run_layer(layer, h, rows, full, col, rot, masks, posc)
             e = self.exit_of_layer.get(layer + 1)
             if e is None:
                 continue
@@ -262,7 +263,7 @@ class _Run:
             exit_at[loc[sel]] = layer + 1
             self.fill(layer + 1, rows[sel], col, h.index_select(0, sel.to(h.device)))
             loc, rows, h = loc[keep], rows[keep], h.index_select(0, keep.to(h.device))
-            rot, full = _select(rot, keep), False
+            rot, full, posc = _select(rot, keep), False, posc.index_select(0, keep)
             masks = {k: (None if m is None else m.index_select(0, keep.to(m.device))) for k, m in masks.items()}
             if rows.numel() == 0:
                 break

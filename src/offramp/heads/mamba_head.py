@@ -39,7 +39,7 @@ class MambaExitHead(LMExitHead):
 
         cfg = MambaConfig(hidden_size=hidden_size, intermediate_size=expand * hidden_size, state_size=state_size,
                           conv_kernel=conv_kernel, time_step_rank=math.ceil(hidden_size / 16), num_hidden_layers=1,
-                          vocab_size=8, use_mambapy=False)
+                          vocab_size=8, use_mambapy=True)  # pscan if mambapy is installed
         self.norm = RMSNorm(hidden_size)
         self.mixer = MambaMixer(cfg, layer_idx=0)
         nn.init.zeros_(self.mixer.out_proj.weight)
