@@ -246,6 +246,84 @@ def run(args) -> dict:
     return results
 
 
+def run_digits(args) -> dict:
+    """A small ViT trained from scratch with JEI-DNN on scikit-learn digits (8x8): gates on images."""
+    from sklearn.datasets import load_digits
+    from transformers import ViTConfig, ViTModel
+
+    from offramp.backbones import ADAPTERS
+    from offramp.backbones.vit import ViTAdapter, flatten_images
+
+    ADAPTERS.setdefault("vit", ViTAdapter)
+    torch.set_num_threads(args.threads)
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]  # (n, 1, 8, 8)
+    y = torch.tensor(digits.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    cut = {"train": perm[:1200], "validation": perm[1200:1500], "test": perm[1500:]}
+    batches = {k: [{"input_ids": flatten_images(x[i]), "labels": y[i]} for i in idx.split(args.batch_size)]
+               for k, idx in cut.items()}
+    vit = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
+               num_attention_heads=4, intermediate_size=128)
+    out: dict = {"n": {k: len(v) for k, v in cut.items()}, "points": []}
+    for lam in (0.0, 0.1, 0.4, 1.0):
+        torch.manual_seed(args.seed)
+        model = EarlyExitModel.from_backbone(ViTModel(ViTConfig(**vit)), OfframpConfig(num_labels=10,
+                                                                                       **jei_config(lam)))
+        t0 = time.time()
+        res = train_jei(model, batches["train"], batches["validation"],
+                        JEIArgs(output_dir=str(Path(args.out) / f"digits_{lam:g}"), epochs=args.jei_epochs * 3,
+                                warmup_epochs=30, lr=1e-3, frozen_backbone=False, save_backbone=True,
+                                seq_len=17, seed=args.seed))
+        trace = _trace_inputs(model, batches["test"])
+        flops = model_exit_flops(model, 17)
+        point = {"lambda": lam, **_point(make_policy("gate"), trace, flops), "train_s": time.time() - t0,
+                 "warmup_epochs": sum(h["stage"] == "warmup" for h in res["history"]),
+                 "full_accuracy": float((trace.logits[-1].argmax(-1) == trace.labels).float().mean())}
+        point["entropy"] = [_point(make_policy("entropy", threshold=t), trace, flops) for t in (0.05, 0.2, 0.5)]
+        out["points"].append(point)
+        print(json.dumps({k: v for k, v in point.items() if k != "entropy"}), flush=True)
+    return out
+
+
+@torch.no_grad()
+def _trace_inputs(model, batches) -> ExitTrace:
+    outs = [model(b["input_ids"]) for b in batches]
+    return ExitTrace(logits=torch.cat([o.exit_logits for o in outs], dim=1).float(),
+                     labels=torch.cat([b["labels"] for b in batches]), exit_layers=list(model.exit_layers),
+                     num_layers=model.num_layers,
+                     gate=torch.cat([torch.sigmoid(o.gate_logits) for o in outs]))
+
+
+def plot(results: dict, out: Path) -> None:
+    """Pareto curves (accuracy vs mean exit layer) and reliability diagrams, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from offramp.calibration.ece import Reliability, plot_reliability
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for rule, curve in results["curves"].items():
+        pts = curve["points"] if rule == "jei_gate" else curve["pareto"]
+        ax.plot([p["mean_exit_layer"] for p in pts], [p["accuracy"] for p in pts],
+                marker="o" if rule == "jei_gate" else ".", label=rule)
+    ax.set_xlabel("mean exit layer")
+    ax.set_ylabel("accuracy (fresh test half)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png.tmp.png", dpi=120)
+    plt.close(fig)
+    (out / "pareto.png.tmp.png").replace(out / "pareto.png")
+    curves = {}
+    for rule, u in results["uncertainty"].items():
+        r = {k: np.array([np.nan if v is None else v for v in u["reliability"][k]], dtype=float)
+             for k in ("edges", "confidence", "accuracy", "count")}
+        curves[rule] = Reliability(r["edges"], r["confidence"], r["accuracy"], r["count"].astype(int), u["ece"])
+    plot_reliability(curves, out / "reliability.png")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/jei_bench")
@@ -262,8 +340,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gate-model", default="jei_0.1", help="the JEI model whose gate rule is calibrated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--task", choices=("tweets", "digits", "plot"), default="tweets",
+                   help="tweets: the text comparison; digits: JEI-DNN on a small ViT; plot: PNGs from --json")
     args = p.parse_args(argv)
-    results = run(args)
+    if args.task == "plot":
+        results = json.loads(Path(args.json).read_text())
+        plot(results, Path(args.out))
+        return results
+    results = run(args) if args.task == "tweets" else run_digits(args)
     text = json.dumps(results, indent=1)
     if args.json:
         path = Path(args.json)
@@ -271,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(path)
+    if args.task == "tweets":
+        plot(results, Path(args.out))
     print(json.dumps({k: v for k, v in results.items() if k != "uncertainty"}, indent=1)[:20000])
     return results
 

@@ -13,6 +13,15 @@ from offramp.training.jei import JEIArgs, jei_config, train_jei
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Many tiny tensor ops: a second intra-op thread only adds synchronisation on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _registered(monkeypatch):
     monkeypatch.setitem(ADAPTERS, "vit", ViTAdapter)
 
@@ -65,7 +74,7 @@ def test_jei_gates_train_on_images(tiny_vit, tmp_path):
         px[:8, :, :4] += 1.0  # class 1: bright top half
         batches.append({"input_ids": flatten_images(px), "labels": torch.tensor([1] * 8 + [0] * 8)})
     result = train_jei(model, batches[:4], batches[4:], JEIArgs(output_dir=str(tmp_path), epochs=4, warmup_epochs=15,
-                                                                 phase_batches=4, lr=3e-2))
+                                                                 phase_batches=4, lr=3e-2, seq_len=17))
     assert result["history"][-1]["accuracy"] > 0.8
     assert result["costs"][0] < result["costs"][1] < result["costs"][2] == 1.0  # ViT FLOPs per exit
     x = batches[4]["input_ids"]

@@ -59,6 +59,8 @@ class JEIArgs:
         save_backbone: store the backbone in the checkpoint (else by reference to its path).
         seed: seed of the batch order and initialisation.
         progress: print a line per epoch.
+        seq_len: tokens per example for the FLOPs-based exit costs (default: the mean of the
+            training batches' attention masks; give the patch count + 1 for images).
     """
 
     output_dir: str
@@ -73,6 +75,7 @@ class JEIArgs:
     save_backbone: bool = True
     seed: int = 0
     progress: bool = False
+    seq_len: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -199,8 +202,8 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
     model.config.objective = {"type": "jei", **opts}
     torch.manual_seed(args.seed)
     model.freeze_backbone(args.frozen_backbone)
-    seq_len = sum(float(b["attention_mask"].sum()) for b in train_batches if "attention_mask" in b) / max(
-        1, sum(int(b["labels"].shape[0]) for b in train_batches))
+    seq_len = args.seq_len or sum(float(b["attention_mask"].sum()) for b in train_batches
+                                  if "attention_mask" in b) / max(1, sum(int(b["labels"].shape[0]) for b in train_batches))
     costs = exit_costs(model, seq_len or None)
     train = _Batches(model, train_batches, cache=args.frozen_backbone)
     val = _Batches(model, val_batches, cache=args.frozen_backbone)
