@@ -1,0 +1,83 @@
+"""The event dataset builder: files per problem, labels from forced exits, resume after a crash."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_reason_tiny import tiny_lm, tiny_tokenizer
+
+from offramp.engines.reason import ReasonConfig
+from offramp.reasoning.dataset import build_dataset, load_dataset
+from offramp.reasoning.tasks import Problem
+
+CFG = ReasonConfig(max_new_tokens=24, feature_layers=(1, -1), max_answer_tokens=3)
+QUESTIONS = ["add two and three", "add three and two", "Solve it"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    tok = tiny_tokenizer()
+    return tiny_lm(len(tok), seed=0), tok
+
+
+def _problems(answer: str = "wait so") -> list[Problem]:
+    return [Problem(f"p{i}", q, answer, "test") for i, q in enumerate(QUESTIONS)]
+
+
+def test_build_load_and_resume_after_a_crash(lm, tmp_path):
+    model, tok = lm
+    probs = _problems()
+    built = []
+
+    def crash_after_two(p, trace):
+        built.append(p.uid)
+        if len(built) == 2:
+            raise KeyboardInterrupt  # the build dies after writing the second problem
+
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(model, tok, probs, tmp_path, config=CFG, model_name="tiny", on_problem=crash_after_two)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "p0.npz", "p1.npz"]
+    before = {p: (tmp_path / f"{p}.npz").read_bytes() for p in ("p0", "p1")}
+    built.clear()
+    uids = build_dataset(model, tok, probs, tmp_path, config=CFG, model_name="tiny",
+                         on_problem=lambda p, t: built.append(p.uid))
+    assert built == ["p2"] and uids == ["p0", "p1", "p2"]  # only the missing one ran
+    assert all((tmp_path / f"{p}.npz").read_bytes() == b for p, b in before.items())
+    assert not list(tmp_path.glob("*.tmp"))
+
+    data = load_dataset(tmp_path)
+    n = sum(len(t["events"]) for t in data.traces)
+    assert data.features.shape == (n, 2 * model.config.hidden_size) and n > 0
+    assert set(np.unique(data.labels)) <= {0, 1}
+    assert data.labels.tolist() == [int(e["correct"]) for t in data.traces for e in t["events"]]
+    assert np.bincount(data.groups, minlength=3).tolist() == [len(t["events"]) for t in data.traces]
+    sub = data.subset([1, 2])
+    assert sub.uids == ["p1", "p2"] and set(sub.groups.tolist()) <= {0, 1}
+
+
+def test_labels_come_from_the_checker(lm, tmp_path):
+    model, tok = lm
+    wrong = build_dataset(model, tok, [Problem("p0", QUESTIONS[0], "no such answer", "test")],
+                          tmp_path / "b", config=CFG)
+    b = load_dataset(tmp_path / "b", wrong)
+    answers = [e["answer"] for e in b.traces[0]["events"]]
+    gold = answers[0]  # a checker that accepts the first forced answer
+    right = build_dataset(model, tok, [Problem("p0", QUESTIONS[0], gold, "test")], tmp_path / "a", config=CFG)
+    a = load_dataset(tmp_path / "a", right)
+    assert a.labels.tolist() == [int(x.strip().lower() == gold.strip().lower()) for x in answers]
+    assert a.labels.sum() > 0 and b.labels.sum() == 0 and np.allclose(a.features, b.features)
+
+
+def test_resume_with_other_settings_is_refused(lm, tmp_path):
+    model, tok = lm
+    build_dataset(model, tok, _problems()[:1], tmp_path, config=CFG, model_name="tiny")
+    other = ReasonConfig(max_new_tokens=24, feature_layers=(-1,), max_answer_tokens=4)
+    with pytest.raises(ValueError, match="other settings"):
+        build_dataset(model, tok, _problems()[:2], tmp_path, config=other, model_name="tiny")
+    assert json.loads((tmp_path / "manifest.json").read_text())["config"]["feature_layers"] == [1, -1]
+    with pytest.raises(ValueError, match="unique"):
+        build_dataset(model, tok, _problems()[:1] * 2, tmp_path, config=CFG, model_name="tiny")
+    with pytest.raises(ValueError, match="no labelled problems"):
+        load_dataset(tmp_path / "empty")
