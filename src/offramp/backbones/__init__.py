@@ -9,6 +9,7 @@ from offramp.backbones.base import EncoderAdapter
 from offramp.backbones.bert import BertAdapter
 from offramp.backbones.distilbert import DistilBertAdapter
 from offramp.backbones.mpnet import MPNetAdapter
+from offramp.backbones.vit import ViTAdapter
 
 ADAPTERS: dict[str, type[EncoderAdapter]] = {
     "bert": BertAdapter,
@@ -18,6 +19,7 @@ ADAPTERS: dict[str, type[EncoderAdapter]] = {
     "mpnet": MPNetAdapter,
     "distilbert": DistilBertAdapter,
     "albert": AlbertAdapter,
+    "vit": ViTAdapter,  # images as flattened pixel values in place of input_ids (see backbones/vit.py)
 }
 
 
