@@ -52,3 +52,22 @@ def test_schedule_and_lambda_trade_off(tiny_bert, tmp_path):
     assert loaded.config.objective["cost_weight"] == 5.0
     assert loaded.predict(ids, mask, GatePolicy()).exit_index.tolist() == \
         cheap.predict(ids, mask, GatePolicy()).exit_index.tolist()
+
+
+def test_generic_loss_trains_heads_and_gates_separately(tiny_bert):
+    torch.manual_seed(0)
+    model = EarlyExitModel.from_backbone(tiny_bert, OfframpConfig(num_labels=3, **jei_config(0.2)))
+    model.freeze_backbone(True)
+    batch = _data(1, 0)[0]
+    out = model(**batch)  # objective "jei", phase "both": reweighted IM loss + gate BCE
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.gates.weight.grad is not None and model.gates.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.classifiers.parameters())
+    warm = model.forward_pooled(model.pooled_states(batch["input_ids"], batch["attention_mask"]))
+    from offramp.objectives.jei import jei_loss
+
+    loss = jei_loss(model, warm, batch["labels"], phase="warmup")
+    model.zero_grad()
+    loss.backward()
+    assert model.gates.weight.grad is None or model.gates.weight.grad.abs().sum() == 0
