@@ -68,3 +68,16 @@ def test_fit_exits_runs_end_to_end_with_a_mamba_head() -> None:
     report = fit_exits(model, seqs, head_epochs=2, confidence_epochs=3, log=None)
     assert report["positions"] == 4 * 6 and len(report["exit_ok_rate"]) == 2
     assert model.config.top_k == 2
+
+
+def test_exit_features_read_the_hidden_state_after_k_layers() -> None:
+    for family in ("llama", "gpt2", "gemma3", "mamba", "mamba2"):
+        backbone = tiny_decoder(family, layers=4)
+        model = DecoderExitModel.from_backbone(backbone, exit_layers=[2, 3], head="tied")
+        seen = {}
+        handles = [backbone_layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o))
+                   for i, backbone_layer in enumerate(model.adapter.layers())]
+        out = model(torch.tensor([[5, 6, 7, 8]]))
+        for h in handles:
+            h.remove()
+        assert torch.equal(out.exit_features[0], seen[1]) and torch.equal(out.exit_features[1], seen[2]), family

@@ -168,7 +168,7 @@ class DecoderExitModel(nn.Module):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                                 use_cache=False)
         mask = attention_mask if attention_mask is not None and bool((attention_mask == 0).any()) else None
-        feats = [self.features(e, out.hidden_states[k].detach(), mask=mask)
+        feats = [self.features(e, self.adapter.hidden_after(out.hidden_states, k).detach(), mask=mask)
                  for e, k in enumerate(self.exit_layers)]
         conf = torch.stack([self.confidence_logit(e, f) for e, f in enumerate(feats)], dim=-1)
         return DecoderExitOutput(exit_features=feats, confidence_logits=conf, final_logits=out.logits.detach())

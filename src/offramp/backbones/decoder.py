@@ -76,6 +76,10 @@ class DecoderAdapter:
     def dtype(self) -> torch.dtype:
         return self.lm_head().weight.dtype
 
+    def hidden_after(self, hidden_states: tuple[Tensor, ...], k: int) -> Tensor:
+        """The hidden state after ``k`` layers from HF's ``output_hidden_states`` tuple."""
+        return hidden_states[k]  # (embeddings, layer 1, ..., layer L)
+
     def max_positions(self) -> int | None:
         """The longest sequence the model accepts (None: unbounded)."""
         return getattr(self.config, "max_position_embeddings", None)

@@ -29,6 +29,9 @@ class MambaAdapter(DecoderAdapter):
     def max_positions(self) -> int | None:
         return None
 
+    def hidden_after(self, hidden_states: tuple[Tensor, ...], k: int) -> Tensor:
+        return hidden_states[k - 1]  # HF Mamba records (layer 1, ..., layer L, final norm): no embeddings
+
     def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         emb = self.model.backbone.embeddings
         return emb(input_ids.to(emb.weight.device))

@@ -81,7 +81,8 @@ def collect_states(model: nn.Module, sequences: list[tuple[Tensor, int]], *, kd_
     for ids, first_new in sequences:
         out = model.backbone(input_ids=ids[None].to(model.adapter.layer_device(0)), output_hidden_states=True,
                              use_cache=False)
-        hidden = torch.stack([out.hidden_states[k][0] for k in model.exit_layers])  # (E, t, d)
+        after = model.adapter.hidden_after
+        hidden = torch.stack([after(out.hidden_states, k)[0] for k in model.exit_layers])  # (E, t, d)
         top = out.logits[0].float().topk(kd_top_k, dim=-1)
         train = torch.arange(ids.numel()) >= first_new - 1
         train[-1] = False  # the last token predicts nothing we kept
