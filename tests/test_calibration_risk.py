@@ -50,6 +50,8 @@ def test_no_candidate_passes_with_too_few_points():
     assert "no threshold passes" in ltt.summary()
     assert ltt.min_samples() == math.ceil(math.log(20) / (2 * 0.02**2))
     assert LearnThenTest(0.02, 0.05, pvalue="binomial").fit_losses(np.zeros((5, 200))).index_ == 4
+    risky = LearnThenTest(0.1, 0.05).fit_losses(np.full((3, 500), 1.0))
+    assert risky.index_ == -1 and "most conservative candidate" in risky.summary()
 
 
 def test_exit_losses_both_risks():

@@ -96,6 +96,7 @@ def plot_reliability(curves: dict[str, Reliability], path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         plt.close(fig)

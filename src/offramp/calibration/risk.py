@@ -195,6 +195,12 @@ class LearnThenTest:
         """One line stating the guarantee (or why there is none)."""
         if not hasattr(self, "index_"):
             raise ValueError("LearnThenTest is not fitted: call fit(policy, trace) first")
+        if self.index_ < 0 and self.risks_[0] >= self.delta:
+            first = getattr(self, "candidates_", None)
+            where = f" (threshold={first[0]:g})" if first is not None else ""
+            return (f"no threshold passes: even the most conservative candidate{where} has empirical risk "
+                    f"{self.risks_[0]:.4f} >= delta={self.delta} on n={self.n_}; this rule cannot reach that "
+                    "risk here: use a larger delta or another rule")
         if self.index_ < 0:
             return (f"no threshold passes: with n={self.n_} calibration points the {self.pvalue} test "
                     f"cannot certify risk <= {self.delta} at epsilon={self.epsilon} (Hoeffding needs "
