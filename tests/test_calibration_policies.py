@@ -81,7 +81,7 @@ def _run(argv):
 
 def test_calibrate_command_writes_the_threshold(tiny_bert, tmp_path, capsys):
     ckpt, trace = _checkpoint(tiny_bert, tmp_path)
-    rc = _run([str(ckpt), "--trace", str(trace), "--policy", "max_prob", "--delta", "0.2", "--epsilon", "0.1",
+    rc = _run(["--model", str(ckpt), "--trace", str(trace), "--policy", "max_prob", "--delta", "0.2", "--epsilon", "0.1",
                "--pvalue", "binomial", "--alpha", "0.1"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -98,7 +98,7 @@ def test_calibrate_command_writes_the_threshold(tiny_bert, tmp_path, capsys):
 def test_uncertifiable_request_writes_nothing(tiny_bert, tmp_path, capsys):
     ckpt, trace = _checkpoint(tiny_bert, tmp_path)
     before = (ckpt / "offramp_config.json").read_bytes()
-    rc = _run([str(ckpt), "--trace", str(trace), "--policy", "entropy", "--delta", "0.01"])
+    rc = _run(["--model", str(ckpt), "--trace", str(trace), "--policy", "entropy", "--delta", "0.01"])
     assert rc == 1
     assert "no threshold passes" in capsys.readouterr().err
     assert (ckpt / "offramp_config.json").read_bytes() == before
@@ -106,9 +106,9 @@ def test_uncertifiable_request_writes_nothing(tiny_bert, tmp_path, capsys):
 
 def test_cats_method_and_bad_policy(tiny_bert, tmp_path, capsys):
     ckpt, trace = _checkpoint(tiny_bert, tmp_path)
-    assert _run([str(ckpt), "--trace", str(trace), "--method", "cats", "--epsilon", "0.2"]) == 0
+    assert _run(["--model", str(ckpt), "--trace", str(trace), "--method", "cats", "--epsilon", "0.2"]) == 0
     assert "CATs" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no threshold"):
-        _run([str(ckpt), "--trace", str(trace), "--policy", "never"])
+        _run(["--model", str(ckpt), "--trace", str(trace), "--policy", "never"])
     with pytest.raises(ValueError, match="not an offramp checkpoint"):
-        _run([str(tmp_path), "--trace", str(trace)])
+        _run(["--model", str(tmp_path), "--trace", str(trace)])

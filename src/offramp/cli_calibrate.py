@@ -1,8 +1,8 @@
 """``offramp calibrate``: pick an exit threshold with a stated guarantee and store it in the checkpoint.
 
 ```
-offramp calibrate runs/jei --trace runs/jei/trace-cal --policy entropy --risk disagree --delta 0.05 --epsilon 0.05
-offramp calibrate runs/jei --data tweets --split validation --policy gate --delta 0.1
+offramp calibrate --model runs/jei --trace runs/jei/trace-cal --policy entropy --risk disagree --delta 0.05 --epsilon 0.05
+offramp calibrate --model runs/jei --split validation --policy gate --delta 0.1
 ```
 
 Learn-then-Test (``--method ltt``, any threshold rule) or the CATs shared rule (``--method cats``,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,16 +25,17 @@ from offramp.calibration.risk import PVALUES, RISKS, CATsStopping, LearnThenTest
 
 def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``calibrate`` sub-command to an argparse ``subparsers`` object."""
+    from offramp import cli_common as common
+
     p = subparsers.add_parser("calibrate", help="choose an exit threshold with a risk guarantee",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="checkpoint folder (or training output folder holding checkpoint/)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trace", help="an exit trace folder written by `offramp collect` on held-out data")
-    src.add_argument("--data", help="data to collect the calibration trace from (name or file)")
-    p.add_argument("--split", default="validation", help="split of --data (default: validation)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --data splits (as at training)")
-    p.add_argument("--max-examples", type=int, default=None, help="cap the calibration points")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", required=True, help="checkpoint folder (or the --out folder of `offramp train`)")
+    p.add_argument("--trace", default=None,
+                   help="a trace folder from `offramp collect` on held-out data (else one is collected "
+                        "from --data / the checkpoint's data, split --split)")
+    common.add_data_args(p, required=False)
+    p.add_argument("--split", choices=["train", "validation", "test"], default="validation",
+                   help="split to calibrate on when no --trace is given (default: validation)")
     p.add_argument("--policy", default=None, help="rule to calibrate (default: the checkpoint's policy)")
     p.add_argument("--method", choices=("ltt", "cats"), default="ltt")
     p.add_argument("--risk", choices=RISKS, default="disagree")
@@ -50,32 +50,15 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _checkpoint_dir(path: str) -> Path:
-    from offramp.config import CONFIG_NAME
-
-    d = Path(path)
-    if not (d / CONFIG_NAME).is_file() and (d / "checkpoint" / CONFIG_NAME).is_file():
-        d = d / "checkpoint"
-    if not (d / CONFIG_NAME).is_file():
-        raise ValueError(f"{path} is not an offramp checkpoint ({CONFIG_NAME} missing): pass the folder "
-                         "written by `offramp train` or save_pretrained")
-    return d
-
-
-def _trace(args: argparse.Namespace, ckpt: Path):
+def _trace(args: argparse.Namespace):
+    from offramp import cli_common as common
     from offramp.evaluation.collect import ExitTrace, collect
 
     if args.trace:
         return ExitTrace.load(args.trace)
-    from offramp.data import load_data, make_loader
-    from offramp.modeling import EarlyExitModel
-
-    model = EarlyExitModel.from_pretrained(ckpt)
-    data = load_data(args.data, seed=args.seed, label_names=model.config.label_names)
-    split = data.split(args.split).head(args.max_examples)
-    if model.tokenizer is None:
-        raise ValueError(f"{ckpt} has no tokenizer to encode --data with: collect a trace and pass --trace")
-    return collect(model, make_loader(split, model.tokenizer, batch_size=args.batch_size))
+    model, data, settings = common.model_and_data(args)
+    loader = common.batches(data.split(args.split), common.tokenizer_of(model), settings, lazy=True)
+    return collect(model, loader)
 
 
 def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", risk: str = "disagree",
@@ -126,9 +109,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     """The ``calibrate`` handler: 0 when a threshold was written, 1 when none could be certified."""
     from offramp.config import OfframpConfig
 
-    ckpt = _checkpoint_dir(args.model)
+    from offramp import cli_common as common
+
+    ckpt = common.checkpoint_dir(args.model)
     config = OfframpConfig.load(ckpt)
-    trace = _trace(args, ckpt)
+    trace = _trace(args)
     grid = None if args.grid is None else [float(x) for x in args.grid.split(",") if x.strip()]
     policy, text, record = calibrate(config, trace, policy=args.policy, method=args.method, risk=args.risk,
                                      delta=args.delta, epsilon=args.epsilon, pvalue=args.pvalue, grid=grid,
