@@ -171,6 +171,32 @@ def phase_lynx(model, tok, args) -> None:
     run_methods(model, tok, test, methods, args)
 
 
+def event_level_check(args) -> dict:
+    """Per-event premature-exit rate on held-out labelled events (rotating fit / cal / test thirds)."""
+    import itertools
+
+    from offramp.reasoning.probe import LynxProbe
+
+    data = load_dataset(Path(args.work) / "events")
+    parts = [list(range(i, len(data.uids), 3)) for i in range(3)]
+    out = {}
+    for delta in args.deltas:
+        exits_wrong = wrong = exits_right = right = 0
+        for a, b, c in itertools.permutations(range(3)):
+            fit, cal, test = data.subset(parts[a]), data.subset(parts[b]), data.subset(parts[c])
+            if len(set(fit.labels.tolist())) < 2:
+                continue
+            probe = LynxProbe(seed=0).fit(fit.features, fit.labels).calibrate(cal.features, cal.labels, delta)
+            acc = probe.accepts(test.features)
+            exits_wrong += int(acc[test.labels == 0].sum())
+            wrong += int((test.labels == 0).sum())
+            exits_right += int(acc[test.labels == 1].sum())
+            right += int((test.labels == 1).sum())
+        out[str(delta)] = {"p_exit_given_wrong": exits_wrong / max(wrong, 1), "wrong_events": wrong,
+                           "p_exit_given_right": exits_right / max(right, 1), "right_events": right}
+    return out
+
+
 def phase_report(args) -> dict:
     _, test = problems(args)
     uids = {p.uid for p in test}
@@ -214,6 +240,7 @@ def phase_report(args) -> dict:
         "settings": {"max_new_tokens": args.max_new_tokens, "budget": args.budget,
                      "deer_lambda": args.deer_lambda, "layers": args.layers, "cues": "step boundaries"},
         "rows": table,
+        "event_level": event_level_check(args),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
