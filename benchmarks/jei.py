@@ -171,7 +171,7 @@ def _uncertainty(policy, cal: ExitTrace, test: ExitTrace) -> dict:
 @torch.no_grad()
 def _real_risk(model, policy, fresh_batches, risk: str) -> dict:
     """Risk of a calibrated policy under REAL early-exit inference (model.predict) on the fresh half."""
-    losses, layers, agree = [], [], []
+    losses, layers = [], []
     for b in fresh_batches:
         pred = model.predict(b["input_ids"], b["attention_mask"], policy)
         full = model(pooled=b["pooled"]).exit_logits[-1]
@@ -251,10 +251,8 @@ def run_digits(args) -> dict:
     from sklearn.datasets import load_digits
     from transformers import ViTConfig, ViTModel
 
-    from offramp.backbones import ADAPTERS
-    from offramp.backbones.vit import ViTAdapter, flatten_images
+    from offramp.backbones.vit import flatten_images
 
-    ADAPTERS.setdefault("vit", ViTAdapter)
     torch.set_num_threads(args.threads)
     digits = load_digits()
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]  # (n, 1, 8, 8)
