@@ -174,3 +174,20 @@ def test_cached_backbone_training_equals_plain_frozen_training(tiny_bert, tmp_pa
         results.append(model.head_state_dict())
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-5, rtol=1e-4)
+
+
+def test_atomic_writes_use_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from offramp.utils import atomic_dir, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
