@@ -16,9 +16,11 @@ takes), and the wall-clock of real early exit against the plain full model, in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +116,20 @@ def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached
         common.log(f"training the {name} exits ({model.num_exits} exits, {args.epochs} epochs on cached states)")
         targs = TrainingArgs(output_dir=str(out / "models" / name), epochs=args.epochs, lr=args.lr,
                              frozen_backbone=True, save_backbone=False, seed=args.seed, progress=True)
-        train(model, cached, None, targs)
+        with _one_thread():  # tiny matmuls: threads only add synchronisation (20x slower on a busy CPU)
+            train(model, cached, None, targs)
         models[name] = model.eval()
     return models
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def DATA_SETTINGS(args: argparse.Namespace) -> dict[str, Any]:  # noqa: N802 - a table-like helper
