@@ -246,3 +246,23 @@ def test_bad_policy_and_value(ws, capsys):
     assert rc == 2 and "integer" in err
     rc, _, err = run(capsys, "predict", "--model", ws["run"], "  ")
     assert rc == 2 and "empty" in err
+
+
+def test_train_full_finetuning_with_options(ws, capsys, tmp_path):
+    rc, out, _ = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "full",
+                     "--full", "--epochs", "1", "--exits", "2,4", "--pooling", "mean", "--weights", "pabee",
+                     "--shared-head", "--policy", "entropy", "--value", "0.5")
+    assert rc == 0 and len(json.loads(out)["accuracy_per_exit"]) == 2
+    cfg = json.loads((tmp_path / "full" / "checkpoint" / "offramp_config.json").read_text())
+    assert cfg["exit_layers"] == [2, 4] and cfg["head"]["pooling"] == "mean" and cfg["head"]["shared"]
+    assert cfg["objective"]["weights"] == "pabee" and cfg["policy"] == {"type": "entropy", "threshold": 0.5}
+    assert (tmp_path / "full" / "checkpoint" / "backbone").is_dir()  # fine-tuned weights are stored
+
+
+def test_pooling_follows_a_sentence_transformers_folder(tmp_path):
+    from offramp.cli_common import default_pooling
+
+    assert default_pooling(str(tmp_path)) == "cls"
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    assert default_pooling(str(tmp_path)) == "mean"

@@ -32,7 +32,8 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--exits", default="all", help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
     p.add_argument("--shared-head", action="store_true", help="one classifier for every exit (PALBERT)")
-    p.add_argument("--pooling", choices=["cls", "mean"], default="cls")
+    p.add_argument("--pooling", choices=["auto", "cls", "mean"], default="auto",
+                   help="auto (default): mean for sentence-transformers models trained with mean pooling, else cls")
     p.add_argument("--no-pooler", action="store_true", help="CLS pooling without the model's pooler")
     p.add_argument("--halting", choices=["none", "pondernet", "palbert"], default="none",
                    help="add a PonderNet / PALBERT halting layer (implies --objective ponder)")
@@ -67,7 +68,8 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
     base = str(local.resolve()) if local.exists() else args.model
     return OfframpConfig(base_model_name_or_path=base, num_labels=data.num_labels,
                          exit_layers=common.parse_exits(args.exits),
-                         head={"shared": args.shared_head, "pooling": args.pooling,
+                         head={"shared": args.shared_head,
+                               "pooling": common.default_pooling(args.model) if args.pooling == "auto" else args.pooling,
                                "use_pooler": not args.no_pooler},
                          halting=halting, objective=objective, policy=policy, label_names=data.label_names,
                          extra={"data": common.data_settings(args)})

@@ -129,6 +129,19 @@ def check_out(path: Path, overwrite: bool, what: str) -> None:
                          "or choose another --out")
 
 
+def default_pooling(model: str) -> str:
+    """"mean" for a sentence-transformers folder trained with mean pooling (its 1_Pooling config),
+    else "cls" (the first token through the model's pooler)."""
+    path = Path(model) / "1_Pooling" / "config.json"
+    if path.is_file():
+        try:
+            if json.loads(path.read_text()).get("pooling_mode_mean_tokens"):
+                return "mean"
+        except json.JSONDecodeError:
+            pass
+    return "cls"
+
+
 def parse_exits(text: str) -> list[int] | None:
     """'all' -> None; '2,4,6' -> [2, 4, 6]."""
     if text.strip().lower() == "all":

