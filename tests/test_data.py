@@ -142,3 +142,37 @@ def test_bbc_offline():
     data = load_data("bbc", max_train=40, max_eval=10)
     assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     assert len(set(data.train.labels)) > 1
+
+
+def _fake_hub(monkeypatch, splits: dict[str, int], names=("neg", "pos")):
+    """Stand-in for the Hub: ``datasets.load_dataset`` returns in-memory splits (test labels -1)."""
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"sentence": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=list(names))})
+
+    def load_dataset(name, config=None, split=None, cache_dir=None):
+        n = splits[split]
+        labels = [-1] * n if split == "test" else [i % len(names) for i in range(n)]
+        return datasets.Dataset.from_dict({"sentence": [f"{split} text {i}" for i in range(n)],
+                                           "label": labels}, features=feats)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, config=None: list(splits))
+
+
+def test_hub_dataset_splits_and_class_names(monkeypatch):
+    _fake_hub(monkeypatch, {"train": 50, "validation": 8, "test": 8})
+    data = load_data("glue", config="sst2", seed=1)
+    assert data.label_names == ["neg", "pos"]
+    assert len(data.validation) == 8 and all(t.startswith("validation") for t in data.validation.texts)
+    # the unlabelled test split (-1) is dropped and a test split is cut from train instead
+    assert len(data.test) == 5 and len(data.train) == 45 and all(t.startswith("train") for t in data.test.texts)
+    again = load_data("glue", config="sst2", seed=1)
+    assert again.test.texts == data.test.texts
+
+
+def test_hub_split_map_and_bad_split(monkeypatch):
+    _fake_hub(monkeypatch, {"train": 30, "validation_matched": 6})
+    data = load_data("mnli", hub_splits={"validation": "validation_matched"})
+    assert len(data.validation) == 6 and len(data.test) == 3
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        load_data("mnli", hub_splits={"validation": "dev"})

@@ -136,3 +136,16 @@ def test_bad_sweep_input(trace, model):
         sweep(trace, ["entropy"], metric="bleu")
     with pytest.raises(ValueError, match="unknown policy"):
         sweep(trace, ["nonsense"])
+
+
+def test_timing_interleaves_full_and_early(model):
+    from offramp.evaluation.timing import time_model, time_pair
+
+    t = time_model(model, {"type": "static", "layer": 1}, _batches(32), repeats=2)
+    assert t.rows == 32 and t.repeats == 2 and t.full_s > 0 and t.early_s > 0
+    assert t.speedup == pytest.approx(t.full_s / t.early_s)
+    calls = []
+    time_pair(lambda x: calls.append("full"), lambda x: calls.append("early"), _batches(32), warmup=0, repeats=1)
+    assert calls == ["full", "early", "full", "early"]
+    with pytest.raises(ValueError, match="empty"):
+        time_pair(lambda x: x, lambda x: x, [])
