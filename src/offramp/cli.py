@@ -82,7 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.resume:
         model = EarlyExitModel.from_pretrained(common.checkpoint_dir(out))
-        settings = {**model.config.extra.get("data", {}), **common.data_settings(args, only_given=True)}
+        settings = {**common.DATA_DEFAULTS, **model.config.extra.get("data", {}),
+                    **common.data_settings(args, only_given=True)}
         data = common.load_from_settings(settings, label_names=model.config.label_names,
                                          regression=model.config.is_regression)
     else:
@@ -92,10 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--data is required: an offline name (tweets, bbc), a .csv/.jsonl file or a "
                              "HF dataset name")
         common.check_out(out, args.overwrite, "output folder")
-        data = common.load_from_settings(common.data_settings(args), regression=args.regression)
+        settings = common.data_settings(args)
+        data = common.load_from_settings(settings, regression=args.regression)
         model = EarlyExitModel.from_backbone(args.model, _train_config(args, data))
     tok = common.tokenizer_of(model)
-    settings = model.config.extra.get("data", common.data_settings(args))
     train_batches = common.batches(data.train, tok, settings, shuffle=True)
     eval_batches = common.batches(data.validation, tok, settings) if len(data.validation) else None
     targs = TrainingArgs(output_dir=str(out), epochs=args.epochs, lr=args.lr, frozen_backbone=not args.full,
