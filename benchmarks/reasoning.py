@@ -167,7 +167,9 @@ def fit_probes(args) -> dict[float, object]:
 def phase_lynx(model, tok, args) -> None:
     _, test = problems(args)
     probes = fit_probes(args)
-    methods = [("lynx", d, (LynxRule(probes[d]), reason_config(args))) for d in args.deltas]
+    # the full chain again, interleaved with LYNX, so wall-clock ratios share the machine's load
+    methods = [("full", "lynx-phase", (NeverExit(), reason_config(args)))]
+    methods += [("lynx", d, (LynxRule(probes[d]), reason_config(args))) for d in args.deltas]
     run_methods(model, tok, test, methods, args)
 
 
@@ -197,48 +199,60 @@ def event_level_check(args) -> dict:
     return out
 
 
+def _summarise(rs: list[dict], full_correct: dict[str, bool]) -> dict:
+    return {
+        "accuracy": float(np.mean([r["correct"] for r in rs])),
+        "tokens": float(np.mean([r["tokens"] for r in rs])),
+        "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+        # the method stopped before the chain's end and its answer is wrong
+        "premature_exit_rate": float(np.mean([r["stop"] in ("cue", "budget") and not r["correct"] for r in rs])),
+        "exit_rate": float(np.mean([r["stop"] in ("cue", "budget") for r in rs])),
+        "wrong_where_full_right": float(np.mean([full_correct.get(r["uid"], False) and not r["correct"]
+                                                 for r in rs])),
+    }
+
+
 def phase_report(args) -> dict:
+    """Aggregate the problems on which every method finished; savings against the full chain timed
+    in the same phase (baselines: full, budget, DEER; lynx: full again, LYNX at each delta)."""
     _, test = problems(args)
     uids = {p.uid for p in test}
     rows = [json.loads(line) for line in (Path(args.work) / "results.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["uid"] in uids]
-    keys = [("full", None), ("budget", None), ("deer", None)] + [("lynx", d) for d in args.deltas]
-    complete = [u for u in sorted(uids) if all(any(r["uid"] == u and r["method"] == m and r["delta"] == d
-                                                   for r in rows) for m, d in keys)]
-    full_correct = {r["uid"]: r["correct"] for r in rows if r["method"] == "full"}
-    table = []
-    for m, d in keys:
+    keys = [("full", None, "baselines"), ("budget", None, "baselines"), ("deer", None, "baselines"),
+            ("full", "lynx-phase", "lynx")] + [("lynx", d, "lynx") for d in args.deltas]
+    have = {(r["uid"], r["method"], r["delta"]) for r in rows}
+    complete = sorted(u for u in uids if all((u, m, d) in have for m, d, _ in keys))
+    full_correct = {r["uid"]: r["correct"] for r in rows if r["method"] == "full" and r["delta"] is None}
+    table, full_of = [], {}
+    for m, d, group in keys:
         rs = [r for r in rows if r["method"] == m and r["delta"] == d and r["uid"] in complete]
         if not rs:
             continue
-        early = [r for r in rs if r["stop"] in ("cue", "budget")]
-        table.append({
-            "method": m, "delta": d,
-            "accuracy": float(np.mean([r["correct"] for r in rs])),
-            "tokens": float(np.mean([r["tokens"] for r in rs])),
-            "wall_s": float(np.mean([r["wall_s"] for r in rs])),
-            "premature_exit_rate": float(np.mean([r["stop"] in ("cue", "budget") and not r["correct"]
-                                                  for r in rs])),
-            "exit_rate": len(early) / len(rs),
-            "wrong_after_right_full": float(np.mean([full_correct.get(r["uid"], False) and not r["correct"]
-                                                     for r in rs])),
-        })
-    full = next((t for t in table if t["method"] == "full"), None)
-    for t in table:
-        if full:
-            t["tokens_saved"] = 1 - t["tokens"] / full["tokens"]
-            t["wall_saved"] = 1 - t["wall_s"] / full["wall_s"]
+        row = {"method": m, "delta": None if d == "lynx-phase" else d, "timing_group": group,
+               **_summarise(rs, full_correct)}
+        if m == "full":
+            full_of[group] = row
+        ref = full_of.get(group)
+        if ref:
+            row["tokens_saved"] = 1 - row["tokens"] / ref["tokens"]
+            row["wall_saved"] = 1 - row["wall_s"] / ref["wall_s"]
+        table.append(row)
+    reruns = {r["uid"]: r["answer"] for r in rows if r["method"] == "full" and r["delta"] == "lynx-phase"}
     summary_path = Path(args.work) / "probe_summary.json"
     report = {
         "model": args.model, "dtype": args.dtype, "threads": args.threads,
-        "problems": {"n": len(complete), "sets": {"gsm8k_test_first": args.n_gsm8k,
-                                                  "gsm_symbolic_seed": args.test_seed,
-                                                  "gsm_symbolic_n": args.n_symbolic}},
+        "problems": {"n": len(complete), "uids": complete,
+                     "sets": {"gsm8k_test_first": args.n_gsm8k, "gsm_symbolic_seed": args.test_seed,
+                              "gsm_symbolic_n": args.n_symbolic}},
         "train": {"set": "reasoning-gym gsm_symbolic", "seed": args.train_seed, "n": args.n_train,
                   "fit_fraction": args.fit_fraction,
                   **(json.loads(summary_path.read_text()) if summary_path.exists() else {})},
         "settings": {"max_new_tokens": args.max_new_tokens, "budget": args.budget,
-                     "deer_lambda": args.deer_lambda, "layers": args.layers, "cues": "step boundaries"},
+                     "deer_lambda": args.deer_lambda, "layers": args.layers, "cues": "step boundaries + cue words",
+                     "forcing": "boxed"},
+        "full_rerun_same_answers": all(reruns.get(u) == r["answer"] for u in complete for r in rows
+                                       if r["uid"] == u and r["method"] == "full" and r["delta"] is None),
         "rows": table,
         "event_level": event_level_check(args),
     }

@@ -8,7 +8,7 @@ import torch
 from test_reason_tiny import tiny_lm, tiny_tokenizer
 from transformers import DynamicCache
 
-from offramp.engines.reason import (DeerRule, LynxRule, NeverExit, ReasonConfig, _Chain, prompt_ids,
+from offramp.engines.reason import (DeerRule, LynxRule, ReasonConfig, prompt_ids,
                                     reason)
 from offramp.reasoning.forcing import ForcedAnswer, answer_end, fork_cache, force_answer, reencoded_answer
 from offramp.reasoning.probe import LynxProbe

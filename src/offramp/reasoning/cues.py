@@ -140,9 +140,7 @@ class CueDetector:
                 fork = token + 1
             last = self.events[-1].token if self.events else None
             if last is not None and token - last <= self.config.min_gap_tokens:
-                continue
-            if last is not None and token == last:
-                continue  # one event per token
+                continue  # at most one event per token (min_gap_tokens = 0), or sparser
             ev = CueEvent(len(self.events), token, fork, c.kind, c.cue, c.start)
             self.events.append(ev)
             new.append(ev)

@@ -116,8 +116,8 @@ class LynxProbe:
             raise ValueError(f"features have {x.shape[1]} columns, the probe was fitted on {self.mean_.shape[0]}: "
                              "use the same feature layers")
         with torch.no_grad():
-            logits = self.net_(torch.from_numpy((x - self.mean_) / self.std_))
-        return logits.softmax(-1).double().numpy()
+            logits = self.net_(torch.from_numpy((x - self.mean_) / self.std_))  # (n, 2)
+        return logits.double().softmax(-1).numpy()  # float64: no ties at exactly 0 or 1
 
     def calibrate(self, features: np.ndarray, labels: np.ndarray, delta: float) -> "LynxProbe":
         """A copy of this probe with class-conditional conformal sets at level ``delta``."""
