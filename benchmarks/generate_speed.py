@@ -167,12 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-mamba", action="store_true")
     p.add_argument("--skip-smollm", action="store_true")
     p.add_argument("--retrain", action="store_true")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of the models not measured in this run from an existing --json file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     thresholds = [float(t) for t in args.thresholds.split(",")]
     out = Path(args.json)
     results = {"rows": [], "settings": vars(args), "torch_threads": args.threads}
+    if args.append and out.exists():
+        measured = ({"SmolLM2-135M-Instruct"} if not args.skip_smollm else set()) | (
+            {"mamba-bbc"} if not args.skip_mamba else set())
+        results["rows"] = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in measured]
 
     def log(msg: str) -> None:
         print(msg, flush=True)

@@ -14,6 +14,10 @@ cache strategy:
 - ``freeze`` (Mamba): skipped layers keep their conv/SSM states;
 - ``update`` (Mamba): skipped layers run their state update on the exit hidden state.
 
+Stateful (Mamba-block) exit heads deeper than a token's exit follow the same rule: with
+``copy_kv`` / ``freeze`` they keep their state, with ``propagate`` / ``catch_up`` / ``update``
+they run their state update on the exit hidden state.
+
 With no exit model (or ``threshold=None``) no row ever exits and greedy decoding reproduces HF
 ``generate(do_sample=False)`` token for token, ragged left-padded batches included.
 """
@@ -190,6 +194,8 @@ class _Run:
                 ad.run_layer(layer, h, cache=view)
                 view.commit()
             self.fill_rows += n * (self.L - k)
+        if self.strategy in ("copy_kv", "freeze"):
+            return  # cheap fills: deeper stateful (Mamba) exit heads keep their state too
         for e, depth in enumerate(self.exit_model.exit_layers):
             if depth > k and self.exit_model.heads[e].stateful:
                 view = self.head_states.view(e, rows)
