@@ -185,3 +185,17 @@ def test_bad_exit_configs_raise() -> None:
     with pytest.raises(ValueError, match="threshold"):
         generate(DecoderExitModel.from_backbone(backbone, exit_layers=[2]), torch.ones(1, 2, dtype=torch.long),
                  threshold=1.5)
+
+
+def test_deeper_mamba_heads_follow_the_cache_strategy() -> None:
+    model = _exit_model("llama", head="mamba")
+    ids, mask = ragged_prompts(2)
+
+    def head_states(strategy: str, n: int):
+        return generate(model, ids, mask, policy=AlwaysAt(0), cache_strategy=strategy, max_new_tokens=n,
+                        sampling=NO_EOS, return_cache=True).extra["head_states"]
+
+    prefill, copy, propagate = head_states("copy_kv", 1), head_states("copy_kv", 4), head_states("propagate", 4)
+    assert torch.equal(copy.ssm[1], prefill.ssm[1])  # the deeper head kept its state
+    assert not torch.equal(propagate.ssm[1], prefill.ssm[1])  # ... or ran on the exit hidden state
+    assert not torch.equal(copy.ssm[0], prefill.ssm[0])  # the exit taken always updates its head

@@ -369,4 +369,5 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     texts = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
     return GenerateOutput(sequences=seq[:, :p + n], new_tokens=new, exit_layers=exits[:, :n], report=report,
                           texts=texts, step_logits=torch.stack(kept, 1) if kept else None,
-                          extra={"cache": run.kv if adapter.kind == "attention" else run.ssm} if return_cache else {})
+                          extra={"cache": run.kv if adapter.kind == "attention" else run.ssm,
+                                 "head_states": run.head_states} if return_cache else {})
