@@ -56,8 +56,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=12, help="epochs over the cached states (default 12)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--time-examples", type=int, default=256, help="test examples timed per rule (default 256)")
-    p.add_argument("--repeats", type=int, default=1, help="timed passes per rule (median kept)")
+    p.add_argument("--time-examples", type=int, default=160, help="test examples timed per rule (default 160)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per rule (median kept; default 3)")
     p.add_argument("--tolerance", type=float, default=0.01, help="accuracy within this of the full model")
     p.add_argument("--seed", type=int, default=0)
 
