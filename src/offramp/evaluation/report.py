@@ -106,7 +106,8 @@ def plot_pareto(result: SweepResult, path: str | Path, *, chosen: Mapping[str, S
         ax.set_xlabel("mean exit layer" if key == "mean_exit_layer" else "mean GFLOPs per example")
         ax.set_ylabel(result.metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    axes[0][-1].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"{result.metric} vs compute (dashed: full model; star: chosen setting)")
     _save_fig(fig, Path(path))
 
