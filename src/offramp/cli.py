@@ -95,6 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         common.check_out(out, args.overwrite, "output folder")
         settings = common.data_settings(args)
         data = common.load_from_settings(settings, regression=args.regression)
+        import torch
+
+        torch.manual_seed(settings["seed"])  # the exit heads' initialisation is part of the run's seed
         model = EarlyExitModel.from_backbone(args.model, _train_config(args, data))
     tok = common.tokenizer_of(model)
     train_batches = common.batches(data.train, tok, settings, shuffle=True)

@@ -113,6 +113,7 @@ def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached
         cfg = OfframpConfig(base_model_name_or_path=model_path, num_labels=data.num_labels,
                             label_names=data.label_names, extra={"data": _data_settings(args)},
                             **_with_pooling(spec, model_path))
+        torch.manual_seed(args.seed)  # the same exit heads every run
         model = EarlyExitModel.from_backbone(backbone, cfg, tokenizer=tok)
         common.log(f"training the {name} exits ({model.num_exits} exits, {args.epochs} epochs on cached states)")
         targs = TrainingArgs(output_dir=str(out / "models" / name), epochs=args.epochs, lr=args.lr,
