@@ -1,4 +1,8 @@
-"""Backbone adapters keyed by Hugging Face ``model_type``. Only adapters touch HF internals."""
+"""Backbone adapters keyed by Hugging Face ``model_type``. Only adapters touch HF internals.
+
+``ADAPTERS``: encoders (layer-by-layer classification with row compaction);
+``DECODER_ADAPTERS``: decoder-only LMs and Mamba (token-level exits in ``engines/generate.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from torch import nn
 from offramp.backbones.albert import AlbertAdapter
 from offramp.backbones.base import EncoderAdapter
 from offramp.backbones.bert import BertAdapter
+from offramp.backbones.decoder import DECODER_ADAPTERS
+from offramp.backbones.decoder import adapter_for as decoder_adapter_for
 from offramp.backbones.distilbert import DistilBertAdapter
 from offramp.backbones.mpnet import MPNetAdapter
 from offramp.backbones.vit import ViTAdapter
@@ -31,4 +37,4 @@ def adapter_for(model: nn.Module) -> EncoderAdapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "EncoderAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "DECODER_ADAPTERS", "EncoderAdapter", "adapter_for", "decoder_adapter_for"]
