@@ -123,7 +123,7 @@ class LynxRule:
         p1 = float(self.probe.predict_proba(feats.numpy())[0, 1])
         signals = ExitSignals(logits=torch.tensor([[1.0 - p1, p1]]), hidden=feats)
         accept, self.state = self.policy.decide(ctx.event.index, signals, self.state)
-        return bool(accept[0]), {"p1": round(p1, 4)}
+        return bool(accept[0]), {"p1": p1}
 
 
 @dataclass
