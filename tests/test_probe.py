@@ -26,7 +26,7 @@ def _events(rng: np.random.Generator, n: int, d: int = 8, shift: float = 1.5, p1
 @pytest.fixture(scope="module")
 def fitted():
     x, y = _events(np.random.default_rng(0), 400)
-    return LynxProbe(epochs=150, seed=0).fit(x, y)
+    return LynxProbe(hidden=(64, 16), epochs=100, seed=0).fit(x, y)
 
 
 def test_balanced_weights():

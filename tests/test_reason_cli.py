@@ -43,10 +43,10 @@ def test_build_fit_then_lynx(model_dir, tmp_path, capsys, monkeypatch):
     from offramp.reasoning.tasks import Problem
 
     probs = [Problem(f"t{i}", q, "5", "test") for i, q in enumerate(
-        ["add two and three", "add three and two", "Solve it", "so add two", "give the answer"])]
+        ["add two and three", "add three and two", "Solve it", "so add two"])]
     monkeypatch.setattr(tasks, "load_problems", lambda spec, n, seed=0: probs[:n])
-    common = ["--model", model_dir, "--max-new-tokens", "24", "--max-answer-tokens", "3", "--layers", "1,-1"]
-    assert _run(["reason", "build", *common, "--task", "toy", "--n", "5", "--out", str(tmp_path / "ev")]) == 0
+    common = ["--model", model_dir, "--max-new-tokens", "20", "--max-answer-tokens", "2", "--layers", "1,-1"]
+    assert _run(["reason", "build", *common, "--task", "toy", "--n", "4", "--out", str(tmp_path / "ev")]) == 0
     from offramp.reasoning.dataset import load_dataset
 
     data = load_dataset(tmp_path / "ev")
@@ -61,7 +61,7 @@ def test_build_fit_then_lynx(model_dir, tmp_path, capsys, monkeypatch):
     fit = json.loads(capsys.readouterr().out)
     assert fit["delta"] == 0.3 and sum(fit["cal_counts"]) == fit["events_cal"] > 0
     out = tmp_path / "runs.jsonl"
-    assert _run(["reason", "run", "--model", model_dir, "--max-new-tokens", "24", "--max-answer-tokens", "3",
+    assert _run(["reason", "run", "--model", model_dir, "--max-new-tokens", "20", "--max-answer-tokens", "2",
                  "--probe", str(tmp_path / "probe"), "--task", "toy", "--n", "2", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["uid"] for r in rows] == ["t0", "t1"] and all(r["method"] == "lynx" for r in rows)
