@@ -69,8 +69,10 @@ def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mas
             out_logits[rows] = logits
             break
         exits, state = policy.decide(k, signals, state)
-        out_logits[rows[exits]] = logits[exits]
-        out_index[rows[exits]] = k
+        leave = exits.nonzero().squeeze(1)
+        if leave.numel():
+            out_logits.index_copy_(0, rows[leave], logits[leave])
+            out_index[rows[leave]] = k
         keep = (~exits).nonzero().squeeze(1)
         n_keep = keep.numel()
         if n_keep == 0:
