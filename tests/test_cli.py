@@ -266,3 +266,18 @@ def test_pooling_follows_a_sentence_transformers_folder(tmp_path):
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
     assert default_pooling(str(tmp_path)) == "mean"
+
+
+def test_train_jei_objective_then_predict_with_gates(ws, capsys, tmp_path):
+    rc, out, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "jei",
+                       "--objective", "jei", "--cost-weight", "0.3", "--epochs", "1")
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "jei" / "checkpoint" / "offramp_config.json").read_text())
+    assert cfg["gate"]["type"] == "uncertainty" and cfg["objective"]["type"] == "jei"
+    assert cfg["objective"]["cost_weight"] == 0.3 and cfg["policy"]["type"] == "gate"
+    rc, out, _ = run(capsys, "predict", "--model", tmp_path / "jei", "good day", "bad day")
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert rc == 0 and len(rows) == 2 and all(1 <= r["exit_layer"] <= 4 for r in rows)
+    rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "j2",
+                     "--objective", "jei", "--halting", "palbert")
+    assert rc == 2 and "halting" in err

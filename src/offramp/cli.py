@@ -38,7 +38,9 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--halting", choices=["none", "pondernet", "palbert"], default="none",
                    help="add a PonderNet / PALBERT halting layer (implies --objective ponder)")
     p.add_argument("--halting-variant", choices=["concat", "diff", "rnn"], default="concat")
-    p.add_argument("--objective", choices=["joint", "ponder"], default=None)
+    p.add_argument("--objective", choices=["joint", "ponder", "jei"], default=None,
+                   help="joint (default), ponder (with --halting), jei (JEI-DNN gates, trained with its schedule)")
+    p.add_argument("--cost-weight", type=float, default=0.1, help="jei objective: lambda, the CE / cost trade-off")
     p.add_argument("--weights", choices=["uniform", "pabee"], default="uniform",
                    help="joint objective: per-exit loss weights (pabee: j / sum j)")
     p.add_argument("--distill", type=float, default=0.0, help="joint objective: self-distillation weight")
@@ -61,9 +63,19 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
 
     halting = None if args.halting == "none" else {"type": args.halting, "variant": args.halting_variant}
     kind = args.objective or ("ponder" if halting else "joint")
-    objective = ({"type": "joint", "weights": args.weights, "distill": args.distill} if kind == "joint"
-                 else {"type": "ponder", "beta": args.beta, "lambda_p": args.lambda_p})
-    policy = common.make_policy_arg(args.policy, args.value, {"type": "never"}).to_dict()
+    gate = None
+    if kind == "jei":
+        from offramp.training.jei import jei_config
+
+        if halting:
+            raise ValueError("--objective jei uses exit gates, not a halting layer: drop --halting")
+        jei = jei_config(cost_weight=args.cost_weight)
+        objective, gate, default_policy = jei["objective"], jei["gate"], jei["policy"]
+    else:
+        objective = ({"type": "joint", "weights": args.weights, "distill": args.distill} if kind == "joint"
+                     else {"type": "ponder", "beta": args.beta, "lambda_p": args.lambda_p})
+        default_policy = {"type": "never"}
+    policy = common.make_policy_arg(args.policy, args.value, default_policy).to_dict()
     local = Path(args.model)
     base = str(local.resolve()) if local.exists() else args.model
     return OfframpConfig(base_model_name_or_path=base, num_labels=data.num_labels,
@@ -71,7 +83,8 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
                          head={"shared": args.shared_head,
                                "pooling": common.default_pooling(args.model) if args.pooling == "auto" else args.pooling,
                                "use_pooler": not args.no_pooler},
-                         halting=halting, objective=objective, policy=policy, label_names=data.label_names,
+                         halting=halting, gate=gate, objective=objective, policy=policy,
+                         label_names=data.label_names,
                          extra={"data": common.data_settings(args)})
 
 
@@ -108,14 +121,30 @@ def cmd_train(args: argparse.Namespace) -> int:
                          save_backbone=not args.backbone_by_reference)
     common.log(f"training {model.num_exits} exits on {len(data.train)} examples "
                f"({'full fine-tuning' if args.full else 'frozen backbone'}), {args.epochs} epochs")
-    result = train(model, train_batches, eval_batches if args.full else None, targs)
+    if model.config.objective["type"] == "jei":
+        result = _train_jei(model, train_batches, eval_batches, targs, args)
+    else:
+        result = train(model, train_batches, eval_batches, targs)
     metrics = result["history"][-1] if result["history"] else {}
-    if not args.full and eval_batches:  # the cached-state run skips the per-epoch evaluation
-        from offramp.training import evaluate_exits
-
-        metrics = {**metrics, **evaluate_exits(model, eval_batches)}
     print(json.dumps({"checkpoint": result["checkpoint"], **metrics}, indent=2))
     return 0
+
+
+def _train_jei(model: Any, train_batches: list, eval_batches: list | None, targs: Any,
+               args: argparse.Namespace) -> dict:
+    """JEI-DNN's own schedule (warm-up with per-exit freezing, alternating gate / IM phases)."""
+    from offramp.training.jei import JEIArgs, train_jei
+
+    if args.resume:
+        raise ValueError("--resume is not supported with --objective jei: train_jei checkpoints at the end; "
+                         "start again without --resume")
+    if not eval_batches:
+        raise ValueError("--objective jei needs a validation split (gate weights and warm-up freezing are "
+                         "measured on it): use --validation-fraction > 0")
+    jargs = JEIArgs(output_dir=targs.output_dir, cost_weight=args.cost_weight, epochs=targs.epochs, lr=targs.lr,
+                    frozen_backbone=targs.frozen_backbone, save_backbone=targs.save_backbone, seed=targs.seed,
+                    progress=True)
+    return train_jei(model, train_batches, eval_batches, jargs)
 
 
 # ----------------------------------------------------------------------------------------- collect

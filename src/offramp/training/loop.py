@@ -104,7 +104,8 @@ def evaluate_exits(model: "EarlyExitModel", batches: Sequence[dict], accelerator
     correct = err = None
     n = 0
     for batch in batches:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = {k: v for k, v in _as_inputs(batch).items() if k in ("input_ids", "attention_mask",
+                                                                         "token_type_ids", "pooled")}
         logits = model(**inputs).exit_logits  # (E, b, c)
         labels = batch["labels"]
         if accelerator is not None:
@@ -155,6 +156,8 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
         if not args.frozen_backbone:
             raise ValueError("cache_backbone needs a frozen backbone (frozen_backbone=True)")
         train_batches = _cache_pooled(model, train_batches, args.progress)
+        if eval_batches:
+            eval_batches = _cache_pooled(model, eval_batches, False)
     optimizer = torch.optim.AdamW(_param_groups(model, args))
     if not len(train_batches):
         raise ValueError("the training split is empty: no batches to train on")
