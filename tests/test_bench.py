@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.evaluation.bench import measure

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from offramp.evaluation.report import (atomic_write, markdown_table, reliability_bins, softmax_confidence,
+from offramp.evaluation.report import (markdown_table, reliability_bins, softmax_confidence,
                                        write_report)
 from offramp.evaluation.sweep import sweep
 
@@ -76,9 +76,10 @@ def test_markdown_table_format():
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    target = tmp_path / "r.json"
-    atomic_write(target, "old")
+    from offramp.utils import atomic_write_bytes
 
+    target = tmp_path / "r.json"
+    atomic_write_bytes(target, b"old")
     with pytest.raises(TypeError):
-        atomic_write(target, 3.0)  # type: ignore[arg-type]
+        atomic_write_bytes(target, 3.0)  # type: ignore[arg-type]
     assert target.read_text() == "old" and not list(tmp_path.glob(".*.tmp"))

@@ -153,7 +153,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from transformers import AutoModel, AutoTokenizer
 
     from offramp.data import load_data
-    from offramp.evaluation.report import atomic_write
     from offramp.evaluation.sweep import sweep
 
     t0 = time.time()
@@ -207,7 +206,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = _summary(test, chosen, timings, full_s)
     measured = {r: {"speedup": t.speedup, "wall_s": t.early_s, "full_s": t.full_s} for r, t in timings.items()}
     measured["full"] = {"speedup": 1.0, "wall_s": full_s}
-    _write(out, test, chosen, measured, summary, args, data, time.time() - t0, atomic_write)
+    _write(out, test, chosen, measured, summary, args, data, time.time() - t0)
     return 0
 
 
@@ -243,7 +242,9 @@ def _summary(test: Any, chosen: dict, timings: dict, full_s: float) -> dict[str,
 
 
 def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, args: argparse.Namespace,
-           data: Any, elapsed: float, atomic_write: Any) -> None:
+           data: Any, elapsed: float) -> None:
+    from offramp.utils import atomic_write_text
+
     from offramp.evaluation.report import markdown_table, write_report
 
     on_pabee = {r: p for r, p in chosen.items() if RULES[r][0] == "pabee"}
@@ -256,7 +257,7 @@ def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, ar
              f"{args.time_examples} test examples; run time {elapsed:.0f} s"]
     write_report(out, test, chosen=chosen, measured=measured, reliability=rel, title="offramp demo", notes=notes,
                  extra={"summary": summary})
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     rows = [{"rule": "full model", "accuracy": summary["full"]["accuracy"], "mean exit layer": test.num_layers,
              "measured speed-up": 1.0, "setting": "–"}]
     rows += [{"rule": r, "accuracy": v["accuracy"], "mean exit layer": v["mean_exit_layer"],

@@ -71,8 +71,9 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 
 def plot_reliability(curves: dict[str, Reliability], path: str | Path) -> Path:
     """Draw reliability diagrams (one line per rule) to a PNG, written to a temp name then renamed."""
-    import os
-    import tempfile
+    import io
+
+    from offramp.utils import atomic_write_bytes
 
     import matplotlib
 
@@ -91,15 +92,10 @@ def plot_reliability(curves: dict[str, Reliability], path: str | Path) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, buf.getvalue())
     return path

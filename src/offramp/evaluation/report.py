@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,30 +22,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from offramp.evaluation.sweep import SweepPoint, SweepResult, pareto  # noqa: E402
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from offramp.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
 def _save_fig(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> dict:
@@ -226,6 +208,6 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
                "chosen": {r: (p.to_dict() if p else None) for r, p in chosen.items()},
                "measured": dict(measured or {}), "reliability": dict(reliability or {}),
                **dict(extra or {})}
-    atomic_write(paths["json"], json.dumps(payload, indent=2, default=float))
-    atomic_write(paths["markdown"], "\n".join(md))
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=float))
+    atomic_write_text(paths["markdown"], "\n".join(md))
     return paths
