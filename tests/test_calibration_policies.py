@@ -16,15 +16,6 @@ from offramp.evaluation.collect import ExitTrace, collect, replay
 from offramp.policies import make_policy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny tensor ops: a second intra-op thread only adds synchronisation on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _trace(rng, n, num_exits=4, c=3):
     """Synthetic exchangeable trace: exits drift towards the final prediction as depth grows."""
     final = rng.normal(size=(n, c)) * 2.5

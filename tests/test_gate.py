@@ -13,15 +13,6 @@ from offramp.policies.base import ExitSignals
 from offramp.policies.gate import GatePolicy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny tensor ops: a second intra-op thread only adds synchronisation on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_features_equal_brute_force():
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
     u = uncertainty_features(logits)

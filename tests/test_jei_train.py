@@ -1,21 +1,11 @@
 """The JEI-DNN schedule on a tiny model: warm-up freezing, phases, lambda moves the exits."""
 
-import pytest
 import torch
 from conftest import make_batch
 
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.policies.gate import GatePolicy
 from offramp.training.jei import JEIArgs, jei_config, train_jei
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny tensor ops: a second intra-op thread only adds synchronisation on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _data(n_batches, seed):

@@ -12,15 +12,6 @@ from offramp.policies.gate import GatePolicy
 from offramp.training.jei import JEIArgs, jei_config, train_jei
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny tensor ops: a second intra-op thread only adds synchronisation on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_vit_is_registered():
     assert ADAPTERS["vit"] is ViTAdapter
 
