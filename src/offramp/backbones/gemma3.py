@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from offramp.backbones.decoder import DecoderAdapter, text_config
-from offramp.backbones.llama import apply_rotary
+from offramp.backbones.decoder import text_config
+from offramp.backbones.llama import LlamaAdapter
 
 
-class Gemma3Adapter(DecoderAdapter):
-    """Adapter for ``Gemma3ForCausalLM`` (text-only Gemma 3)."""
+class Gemma3Adapter(LlamaAdapter):
+    """Adapter for ``Gemma3ForCausalLM`` (text-only Gemma 3): Llama's layer calls, its own layout."""
 
     model_types = ("gemma3_text", "gemma3")
 
@@ -48,23 +48,5 @@ class Gemma3Adapter(DecoderAdapter):
             return self.config.sliding_window
         return None
 
-    def run_layer(self, index: int, hidden: Tensor, *, cache: Any, mask: Tensor | None = None,
-                  position_ids: Tensor | None = None, rotary: Any = None) -> Tensor:
-        layer = self.layers()[index]
-        device = self.layer_device(index)
-        cos, sin = rotary[self.config.layer_types[index]]
-        return layer(hidden.to(device), attention_mask=None if mask is None else mask.to(device),
-                     position_ids=position_ids, cache=cache,
-                     position_embeddings=(cos.to(device), sin.to(device)))
-
-    def project_kv(self, index: int, hidden: Tensor, rotary: Any) -> tuple[Tensor, Tensor]:
-        layer = self.layers()[index]
-        attn = layer.self_attn
-        device = self.layer_device(index)
-        x = layer.input_layernorm(hidden.to(device))
-        b, t, _ = x.shape
-        heads, head_dim = self.kv_shape()
-        k = attn.k_norm(attn.k_proj(x).view(b, t, heads, head_dim).transpose(1, 2))
-        v = attn.v_proj(x).view(b, t, heads, head_dim).transpose(1, 2)
-        cos, sin = rotary[self.config.layer_types[index]]
-        return apply_rotary(k, cos.to(device), sin.to(device)), v
+    def layer_rotary(self, index: int, rotary: Any) -> tuple[Tensor, Tensor]:
+        return rotary[self.config.layer_types[index]]  # sliding and full layers: their own bases

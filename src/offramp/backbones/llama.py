@@ -38,6 +38,10 @@ class LlamaAdapter(DecoderAdapter):
     def rotary(self, hidden: Tensor, position_ids: Tensor) -> Any:
         return self.model.model.rotary_emb(hidden, position_ids=position_ids)
 
+    def layer_rotary(self, index: int, rotary: Any) -> tuple[Tensor, Tensor]:
+        """The (cos, sin) of layer ``index`` from what ``rotary`` returned (one pair for all layers)."""
+        return rotary
+
     def sliding_window(self, index: int) -> int | None:
         layer_types = getattr(self.config, "layer_types", None)
         if layer_types and layer_types[index] == "sliding_attention":
@@ -50,7 +54,7 @@ class LlamaAdapter(DecoderAdapter):
                   position_ids: Tensor | None = None, rotary: Any = None) -> Tensor:
         layer = self.layers()[index]
         device = self.layer_device(index)
-        cos, sin = rotary
+        cos, sin = self.layer_rotary(index, rotary)
         return layer(hidden.to(device), attention_mask=None if mask is None else mask.to(device),
                      position_ids=position_ids, cache=cache, use_cache=True,
                      position_embeddings=(cos.to(device), sin.to(device)))
@@ -67,5 +71,5 @@ class LlamaAdapter(DecoderAdapter):
             k = attn.k_norm(k)
         k = k.transpose(1, 2)  # (b, h, t, hd)
         v = attn.v_proj(x).view(b, t, heads, head_dim).transpose(1, 2)
-        cos, sin = rotary
+        cos, sin = self.layer_rotary(index, rotary)
         return apply_rotary(k, cos.to(device), sin.to(device)), v
