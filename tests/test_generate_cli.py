@@ -61,3 +61,15 @@ def test_generate_bad_input(tmp_path) -> None:
         _run(["generate", "--model", str(folder)])
     with pytest.raises(ValueError, match="cannot load model"):
         _run(["generate", "--model", str(tmp_path / "missing"), "--prompt", "w5"])
+
+
+def test_offline_smollm2_without_gguf_names_the_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    import offramp.engines.generate_assets as assets
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(assets, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ValueError, match=r"offramp\[gguf\]"):
+        assets.smollm2_dir()

