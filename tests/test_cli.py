@@ -275,6 +275,10 @@ def test_train_jei_objective_then_predict_with_gates(ws, capsys, tmp_path):
     cfg = json.loads((tmp_path / "jei" / "checkpoint" / "offramp_config.json").read_text())
     assert cfg["gate"]["type"] == "uncertainty" and cfg["objective"]["type"] == "jei"
     assert cfg["objective"]["cost_weight"] == 0.3 and cfg["policy"]["type"] == "gate"
+    rc, out, err = run(capsys, "train", "--out", tmp_path / "jei", "--resume", "--epochs", "2")
+    assert rc == 0, err
+    assert [h["epoch"] for h in json.loads((tmp_path / "jei" / "metrics.json").read_text())
+            if h.get("stage") == "alternate"] == [1, 2]
     rc, out, _ = run(capsys, "predict", "--model", tmp_path / "jei", "good day", "bad day")
     rows = [json.loads(line) for line in out.strip().splitlines()]
     assert rc == 0 and len(rows) == 2 and all(1 <= r["exit_layer"] <= 4 for r in rows)

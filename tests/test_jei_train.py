@@ -61,3 +61,23 @@ def test_generic_loss_trains_heads_and_gates_separately(tiny_bert):
     model.zero_grad()
     loss.backward()
     assert model.gates.weight.grad is None or model.gates.weight.grad.abs().sum() == 0
+
+
+def test_interrupted_schedule_resumes_to_the_same_result(tiny_bert, tmp_path):
+    import pytest
+
+    def run(out, epochs, resume=False):
+        torch.manual_seed(0)
+        model = EarlyExitModel.from_backbone(tiny_bert, OfframpConfig(num_labels=3, **jei_config(0.5)))
+        args = JEIArgs(output_dir=str(out), epochs=epochs, warmup_epochs=2, patience=1, phase_batches=2, lr=1e-2,
+                       gate_lr=5e-2, save_backbone=False, resume=resume)
+        return model, train_jei(model, _data(4, 0), _data(2, 100), args)
+
+    whole, hist_whole = run(tmp_path / "whole", 3)
+    run(tmp_path / "cut", 1)  # stopped after one epoch of the alternating stage
+    again, hist_again = run(tmp_path / "cut", 3, resume=True)
+    assert hist_again["history"] == hist_whole["history"]
+    for k, v in whole.head_state_dict().items():
+        torch.testing.assert_close(again.head_state_dict()[k], v, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="no JEI checkpoint"):
+        run(tmp_path / "none", 2, resume=True)

@@ -135,15 +135,12 @@ def _train_jei(model: Any, train_batches: list, eval_batches: list | None, targs
     """JEI-DNN's own schedule (warm-up with per-exit freezing, alternating gate / IM phases)."""
     from offramp.training.jei import JEIArgs, train_jei
 
-    if args.resume:
-        raise ValueError("--resume is not supported with --objective jei: train_jei checkpoints at the end; "
-                         "start again without --resume")
     if not eval_batches:
         raise ValueError("--objective jei needs a validation split (gate weights and warm-up freezing are "
                          "measured on it): use --validation-fraction > 0")
     jargs = JEIArgs(output_dir=targs.output_dir, cost_weight=args.cost_weight, epochs=targs.epochs, lr=targs.lr,
                     frozen_backbone=targs.frozen_backbone, save_backbone=targs.save_backbone, seed=targs.seed,
-                    progress=True)
+                    progress=True, resume=targs.resume)
     return train_jei(model, train_batches, eval_batches, jargs)
 
 

@@ -257,13 +257,19 @@ class EarlyExitModel(nn.Module):
         if (directory / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         model = cls(backbone, config, tokenizer)
-        state = load_file(str(directory / HEADS_NAME))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        model.load_heads(directory)
+        return model.eval()
+
+    def load_heads(self, directory: str | os.PathLike) -> None:
+        """Load the exit heads (classifiers, halting layer, gates) saved in ``directory`` into this model."""
+        path = Path(directory) / HEADS_NAME
+        if not path.is_file():
+            raise ValueError(f"{directory} has no {HEADS_NAME}: it is not an offramp checkpoint")
+        missing, unexpected = self.load_state_dict(load_file(str(path)), strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
             raise ValueError(f"{directory}: heads do not match the config (missing {missing}, "
                              f"unexpected {unexpected}); the checkpoint is damaged or from another version")
-        return model.eval()
 
     # -- text convenience -----------------------------------------------------------------------
     def encode(self, texts: list[str], max_length: int = 128) -> dict[str, Tensor]:

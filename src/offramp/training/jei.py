@@ -61,6 +61,8 @@ class JEIArgs:
         progress: print a line per epoch.
         seq_len: tokens per example for the FLOPs-based exit costs (default: the mean of the
             training batches' attention masks; give the patch count + 1 for images).
+        resume: continue from ``output_dir/checkpoint`` (written atomically after the warm-up and
+            after every epoch of the alternating stage).
     """
 
     output_dir: str
@@ -76,6 +78,7 @@ class JEIArgs:
     seed: int = 0
     progress: bool = False
     seq_len: float | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -207,14 +210,17 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
     costs = exit_costs(model, seq_len or None)
     train = _Batches(model, train_batches, cache=args.frozen_backbone)
     val = _Batches(model, val_batches, cache=args.frozen_backbone)
-    history: list[dict] = []
-    _warmup(model, train, val, opts, args, history)
-    _alternate(model, train, val, costs, opts, args, history)
+    state = _load_state(model, args) if args.resume else None
+    history: list[dict] = state["history"] if state else []
+    if state is None:
+        _warmup(model, train, val, opts, args, history)
+        _save(model, costs, args, {"epoch": 0, "history": history, "rng": torch.get_rng_state()})
+    _alternate(model, train, val, costs, opts, args, history, state)
     return _finish(model, history, costs, args)
 
 
 def _alternate(model, train: _Batches, val: _Batches, costs: Tensor, opts: dict, args: JEIArgs,
-               history: list) -> None:
+               history: list, state: dict | None = None) -> None:
     """Alternate gate and IM phases every ``phase_batches`` batches for ``args.epochs`` epochs."""
     gate_params = list(model.gates.parameters())
     im_params = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in gate_params)]
@@ -222,8 +228,15 @@ def _alternate(model, train: _Batches, val: _Batches, costs: Tensor, opts: dict,
     gate_opt = torch.optim.AdamW(gate_params, lr=args.gate_lr)
     lam, every = float(opts["cost_weight"]), int(opts["phase_batches"])
     g = torch.Generator().manual_seed(args.seed + 1)
-    step, pos_weight = 0, None
-    for epoch in range(args.epochs):
+    step, pos_weight, start = 0, None, 0
+    if state is not None:
+        torch.set_rng_state(state["rng"])
+    if state is not None and state["epoch"] > 0:
+        im_opt.load_state_dict(state["im_opt"])
+        gate_opt.load_state_dict(state["gate_opt"])
+        g.set_state(state["generator"])
+        step, pos_weight, start = state["step"], state["pos_weight"], state["epoch"]
+    for epoch in range(start, args.epochs):
         model.train()
         for i in torch.randperm(len(train), generator=g).tolist():
             gate_phase = (step // every) % 2 == 0
@@ -253,14 +266,46 @@ def _alternate(model, train: _Batches, val: _Batches, costs: Tensor, opts: dict,
         if args.progress:
             print(f"epoch {epoch + 1}: val acc {metrics['accuracy']:.4f} cost {metrics['mean_cost']:.3f} "
                   f"exits {metrics['exit_counts']}", flush=True)
+        _save(model, costs, args, {"epoch": epoch + 1, "history": history, "step": step, "pos_weight": pos_weight,
+                                   "im_opt": im_opt.state_dict(), "gate_opt": gate_opt.state_dict(),
+                                   "generator": g.get_state(), "rng": torch.get_rng_state()})
     model.eval()
 
 
-def _finish(model, history: list, costs: Tensor, args: JEIArgs) -> dict[str, Any]:
-    out = Path(args.output_dir)
+STATE_NAME = "jei_state.pt"
+
+
+def _save(model, costs: Tensor, args: JEIArgs, state: dict) -> None:
+    """Model + schedule state into ``output_dir/checkpoint`` in one atomic directory swap."""
+    import os
+
+    from offramp.utils import atomic_dir
+
     model.config.policy = {"type": "gate", "threshold": 0.5}
     model.config.extra = {**(model.config.extra or {}), "jei": {"costs": costs.tolist(), "args": asdict(args)}}
-    ckpt = out / "checkpoint"
-    model.save_pretrained(ckpt, save_backbone=args.save_backbone or not args.frozen_backbone)
-    atomic_write_json(out / "metrics.json", history)
+    with atomic_dir(Path(args.output_dir) / "checkpoint") as tmp:
+        model.save_pretrained(tmp / "model", save_backbone=args.save_backbone or not args.frozen_backbone)
+        for f in (tmp / "model").iterdir():
+            os.replace(f, tmp / f.name)
+        (tmp / "model").rmdir()
+        torch.save(state, tmp / STATE_NAME)
+    atomic_write_json(Path(args.output_dir) / "metrics.json", state["history"])
+
+
+def _load_state(model, args: JEIArgs) -> dict:
+    ckpt = Path(args.output_dir) / "checkpoint"
+    if not (ckpt / STATE_NAME).is_file():
+        raise ValueError(f"resume: no JEI checkpoint at {ckpt} to continue from; start without resume")
+    model.load_heads(ckpt)
+    if (ckpt / "backbone").is_dir() and not args.frozen_backbone:
+        from transformers import AutoModel
+
+        model.backbone.load_state_dict(AutoModel.from_pretrained(str(ckpt / "backbone")).state_dict())
+    return torch.load(ckpt / STATE_NAME, weights_only=False)
+
+
+def _finish(model, history: list, costs: Tensor, args: JEIArgs) -> dict[str, Any]:
+    ckpt = Path(args.output_dir) / "checkpoint"
+    if not (ckpt / STATE_NAME).is_file():  # epochs already done: still write the final model
+        _save(model, costs, args, {"epoch": args.epochs, "history": history})
     return {"history": history, "costs": costs.tolist(), "checkpoint": str(ckpt)}

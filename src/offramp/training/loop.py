@@ -146,8 +146,9 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     start_epoch, history = 0, []
     state = None
     if args.resume and (ckpt / STATE_NAME).is_file():
-        resumed = EarlyExitModel.from_pretrained(ckpt)
-        model.load_state_dict(resumed.state_dict())
+        model.load_heads(ckpt)
+        if not args.frozen_backbone:  # fine-tuned weights live in the checkpoint's backbone/
+            model.backbone.load_state_dict(EarlyExitModel.from_pretrained(ckpt).backbone.state_dict())
         state = torch.load(ckpt / STATE_NAME, weights_only=False)
         start_epoch, history = state["epoch"] + 1, state["history"]
     elif args.resume:
