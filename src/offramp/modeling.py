@@ -233,12 +233,19 @@ class EarlyExitModel(nn.Module):
         loaded from ``config.base_model_name_or_path`` again (use it for a frozen backbone).
         """
         with atomic_dir(directory) as tmp:
-            self.config.save(tmp)
-            save_file(self.head_state_dict(), str(tmp / HEADS_NAME))
-            if save_backbone:
-                self.backbone.save_pretrained(tmp / BACKBONE_DIR)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
+            self.write_files(tmp, save_backbone)
+
+    def write_files(self, folder: Path, save_backbone: bool = True) -> None:
+        """The files of ``save_pretrained``, written into an existing (temporary) folder as they are.
+
+        For writers that add files of their own (training state) before one atomic swap.
+        """
+        self.config.save(folder)
+        save_file(self.head_state_dict(), str(folder / HEADS_NAME))
+        if save_backbone:
+            self.backbone.save_pretrained(folder / BACKBONE_DIR)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **load_kwargs: Any) -> "EarlyExitModel":

@@ -277,17 +277,12 @@ STATE_NAME = "jei_state.pt"
 
 def _save(model, costs: Tensor, args: JEIArgs, state: dict) -> None:
     """Model + schedule state into ``output_dir/checkpoint`` in one atomic directory swap."""
-    import os
-
     from offramp.utils import atomic_dir
 
     model.config.policy = {"type": "gate", "threshold": 0.5}
     model.config.extra = {**(model.config.extra or {}), "jei": {"costs": costs.tolist(), "args": asdict(args)}}
     with atomic_dir(Path(args.output_dir) / "checkpoint") as tmp:
-        model.save_pretrained(tmp / "model", save_backbone=args.save_backbone or not args.frozen_backbone)
-        for f in (tmp / "model").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "model").rmdir()
+        model.write_files(tmp, save_backbone=args.save_backbone or not args.frozen_backbone)
         torch.save(state, tmp / STATE_NAME)
     atomic_write_json(Path(args.output_dir) / "metrics.json", state["history"])
 

@@ -9,7 +9,6 @@ continues from it.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -227,11 +226,7 @@ def _checkpoint(model: "EarlyExitModel", optimizer, scheduler, epoch: int, histo
     from offramp.utils import atomic_dir
 
     with atomic_dir(ckpt) as tmp:
-        # save_pretrained itself is atomic; write into a sub-folder name then move its files up
-        model.save_pretrained(tmp / "model", save_backbone=args.save_backbone or not args.frozen_backbone)
-        for f in (tmp / "model").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "model").rmdir()
+        model.write_files(tmp, save_backbone=args.save_backbone or not args.frozen_backbone)
         torch.save({"epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                     "args": asdict(args)}, tmp / STATE_NAME)
