@@ -79,11 +79,25 @@ def load_model(name: str, dtype: str):
     return model, tok
 
 
-def problems(args) -> tuple[list[Problem], list[Problem]]:
+def problems(args, shard: bool = False) -> tuple[list[Problem], list[Problem]]:
+    """Training and evaluation problems; with ``shard``, only this process's share (--shard K/N)."""
     train = reasoning_gym_problems("gsm_symbolic", args.n_train, seed=args.train_seed)
     test = gsm8k_problems(args.n_gsm8k, offset=0) + reasoning_gym_problems(
         "gsm_symbolic", args.n_symbolic, seed=args.test_seed)
+    if shard:
+        k, n = args.shard
+        train, test = train[k::n], test[k::n]
     return train, test
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
 
 
 def reason_config(args, max_new_tokens: int | None = None) -> ReasonConfig:
@@ -128,7 +142,7 @@ def run_methods(model, tok, test: list[Problem], methods: list[tuple[str, object
 
 
 def phase_build(model, tok, args) -> None:
-    train, _ = problems(args)
+    train, _ = problems(args, shard=True)
     build_dataset(model, tok, train, Path(args.work) / "events", config=reason_config(args),
                   model_name=args.model,
                   on_problem=lambda p, t: log(f"built {p.uid}: {len(t['events'])} events, "
@@ -136,7 +150,7 @@ def phase_build(model, tok, args) -> None:
 
 
 def phase_baselines(model, tok, args) -> None:
-    _, test = problems(args)
+    _, test = problems(args, shard=True)
     methods = [("full", None, (NeverExit(), reason_config(args))),
                ("budget", None, (NeverExit(), reason_config(args, args.budget))),
                ("deer", None, (DeerRule(args.deer_lambda), reason_config(args)))]
@@ -146,7 +160,8 @@ def phase_baselines(model, tok, args) -> None:
 def fit_probes(args) -> dict[float, object]:
     from offramp.reasoning.probe import LynxProbe
 
-    data = load_dataset(Path(args.work) / "events")
+    train, _ = problems(args)
+    data = load_dataset(Path(args.work) / "events", uids=[p.uid for p in train])  # in problem order
     n = len(data.uids)
     n_fit = int(round(n * args.fit_fraction))
     fit, cal = data.subset(range(n_fit)), data.subset(range(n_fit, n))
@@ -164,9 +179,19 @@ def fit_probes(args) -> dict[float, object]:
     return out
 
 
+def load_probes(args) -> dict[float, object]:
+    """The probes written by the fit phase (fitted now if any is missing)."""
+    from offramp.reasoning.probe import LynxProbe
+
+    paths = {d: Path(args.work) / f"probe-delta{d}" for d in args.deltas}
+    if not all(p.exists() for p in paths.values()):
+        return fit_probes(args)
+    return {d: LynxProbe.load(p) for d, p in paths.items()}
+
+
 def phase_lynx(model, tok, args) -> None:
-    _, test = problems(args)
-    probes = fit_probes(args)
+    _, test = problems(args, shard=True)
+    probes = load_probes(args)
     # the full chain again, interleaved with LYNX, so wall-clock ratios share the machine's load
     methods = [("full", "lynx-phase", (NeverExit(), reason_config(args)))]
     methods += [("lynx", d, (LynxRule(probes[d]), reason_config(args))) for d in args.deltas]
@@ -267,7 +292,7 @@ def phase_report(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["build", "baselines", "lynx", "report", "all"], default="all")
+    ap.add_argument("--phase", choices=["build", "baselines", "fit", "lynx", "report", "all"], default="all")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=1)
@@ -284,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.1, 0.3])
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, -1])
     ap.add_argument("--fit-fraction", type=float, default=0.6)
+    ap.add_argument("--shard", type=parse_shard, default=(0, 1),
+                    help="K/N: build / baselines / lynx only every N-th problem from the K-th, so N "
+                         "processes can share the work (all write to the same --work)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -291,14 +319,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "report":
         phase_report(args)
         return
+    if args.phase == "fit":
+        fit_probes(args)
+        return
     model, tok = load_model(args.model, args.dtype)
-    phases = ["build", "baselines", "lynx", "report"] if args.phase == "all" else [args.phase]
+    phases = ["build", "baselines", "fit", "lynx", "report"] if args.phase == "all" else [args.phase]
     for ph in phases:
         log(f"phase {ph}")
         if ph == "report":
             phase_report(args)
         else:
-            {"build": phase_build, "baselines": phase_baselines, "lynx": phase_lynx}[ph](model, tok, args)
+            {"build": phase_build, "baselines": phase_baselines, "fit": lambda m, t, a: fit_probes(a),
+             "lynx": phase_lynx}[ph](model, tok, args)
 
 
 if __name__ == "__main__":
