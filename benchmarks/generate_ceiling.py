@@ -8,7 +8,9 @@ token equals the full model's. From that:
 
 - ``per_exit_agreement``: top-1 agreement of each exit with the final layer, for the tied head (the
   final norm and LM head applied to the raw hidden state, at every layer from L/2) and for the
-  trained FFN and Mamba-block heads of ``generate_speed.py`` (cached under ~/.cache/offramp/exits);
+  trained FFN and Mamba-block heads of ``generate_speed.py`` (cached under ~/.cache/offramp/exits),
+  and FFN heads distilled on far more text (``ffn_text``: ``--text-articles`` BBC training
+  articles, teacher-forced, first 256 tokens each, ``--text-epochs`` epochs; trained once, cached);
 - ``oracle``: an exit rule that knows the final token exits each token at the first exit that agrees
   (100% agreement), or additionally sends the hardest 10% of tokens out at the first exit (90%);
   its mean exit layer and the tokens/s ratio it would reach if exit decisions and exit heads cost
@@ -30,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from offramp.decoder_model import DecoderExitModel  # noqa: E402
-from offramp.engines.generate_assets import CACHE, bbc_prompts, load_causal_lm  # noqa: E402
-from offramp.objectives.distill import greedy_continuations  # noqa: E402
+from offramp.engines.generate_assets import CACHE, bbc_articles, bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.objectives.distill import (collect_states, greedy_continuations, text_sequences,  # noqa: E402
+                                        train_exit_heads)
 from offramp.utils import atomic_write_json  # noqa: E402
 
 
@@ -46,6 +49,20 @@ def agreement_matrix(model: DecoderExitModel, seqs) -> torch.Tensor:
         hits = [model.exit_logits(f)[0].argmax(-1)[keep] == final[keep] for f in out.exit_features]
         rows.append(torch.stack(hits, dim=-1))
     return torch.cat(rows)
+
+
+def text_heads(backbone, tok, articles: int, epochs: int) -> DecoderExitModel:
+    """FFN exit heads distilled on BBC training articles (the first 100 articles are held out)."""
+    path = CACHE / "exits" / f"smollm2-ffn-text{articles}x{epochs}"
+    if path.exists():
+        return DecoderExitModel.from_pretrained(path, backbone=backbone)
+    model = DecoderExitModel.from_backbone(backbone, head="ffn")
+    t0 = time.time()
+    states = collect_states(model, text_sequences(tok, bbc_articles()[100:100 + articles], max_tokens=256))
+    train_exit_heads(model, states, epochs=epochs, log=lambda m: print(m, flush=True))
+    print(f"text heads: {sum(int(s.train.sum()) for s in states)} positions, {time.time() - t0:.0f}s", flush=True)
+    model.save_pretrained(path)  # heads only: its confidence classifiers are untrained
+    return model
 
 
 def oracle(hits: torch.Tensor, exit_layers: list[int], num_layers: int, target: float) -> float:
@@ -99,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--text-articles", type=int, default=250, help="BBC articles for the ffn_text heads (0: skip)")
+    p.add_argument("--text-epochs", type=int, default=4)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     backbone, tok = load_causal_lm("smollm2-offline")
@@ -112,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             models[head] = DecoderExitModel.from_pretrained(path, backbone=backbone)
         else:
             print(f"no trained {head} exits at {path}: run benchmarks/generate_speed.py first", flush=True)
+    if args.text_articles:
+        models["ffn_text"] = text_heads(backbone, tok, args.text_articles, args.text_epochs)
     costs = step_costs(backbone)
     res = {"model": "SmolLM2-135M-Instruct", "num_layers": n, "settings": vars(args),
            "step_costs_s": costs, "lm_head_in_layers": costs["lm_head"] / costs["layer"], "heads": {}}

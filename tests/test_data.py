@@ -176,3 +176,21 @@ def test_hub_split_map_and_bad_split(monkeypatch):
     assert len(data.validation) == 6 and len(data.test) == 3
     with pytest.raises(ValueError, match="no split 'dev'"):
         load_data("mnli", hub_splits={"validation": "dev"})
+
+
+def test_load_texts_reads_txt_jsonl_csv_and_offline(tmp_path) -> None:
+    from offramp.data import load_texts
+
+    (tmp_path / "a.txt").write_text("first doc\nline two\n\n\n second doc \n\n")
+    assert load_texts(str(tmp_path / "a.txt")) == ["first doc\nline two", "second doc"]
+    (tmp_path / "b.jsonl").write_text('{"body": "x y"}\n{"body": ""}\n{"body": "z"}\n')
+    assert load_texts(str(tmp_path / "b.jsonl")) == ["x y", "z"]
+    (tmp_path / "c.csv").write_text("id,words\n1,hello there\n2,bye\n")
+    assert load_texts(str(tmp_path / "c.csv"), text_column="words", limit=1) == ["hello there"]
+    with pytest.raises(ValueError, match="--text-column"):
+        load_texts(str(tmp_path / "c.csv"))
+    with pytest.raises(ValueError, match="no non-empty text"):
+        (tmp_path / "d.txt").write_text("\n\n  \n")
+        load_texts(str(tmp_path / "d.txt"))
+    bbc = load_texts("bbc", limit=3)
+    assert len(bbc) == 3 and all(len(t.split()) > 50 for t in bbc)

@@ -81,3 +81,24 @@ def test_exit_features_read_the_hidden_state_after_k_layers() -> None:
         for h in handles:
             h.remove()
         assert torch.equal(out.exit_features[0], seen[1]) and torch.equal(out.exit_features[1], seen[2]), family
+
+
+def test_text_sequences_distil_every_position_after_the_first() -> None:
+    from offramp.objectives.distill import text_sequences
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1] + [4 + int(w) for w in text.split()]}
+
+    seqs = text_sequences(Tok(), ["1 2 3 4 5 6", "7", "8 9"], max_tokens=4)
+    assert [s[0].tolist() for s in seqs] == [[1, 5, 6, 7], [1, 11], [1, 12, 13]]
+    assert all(first == 1 for _, first in seqs)
+    model = DecoderExitModel.from_backbone(tiny_decoder("llama", layers=4), exit_layers=[2, 3], head="tied")
+    states = collect_states(model, seqs, kd_top_k=8)
+    assert [int(s.train.sum()) for s in states] == [3, 1, 2]  # every next-token prediction inside the text
+    import pytest
+
+    with pytest.raises(ValueError, match="empty"):
+        text_sequences(Tok(), [])
+    with pytest.raises(ValueError, match="max_tokens"):
+        text_sequences(Tok(), ["1 2"], max_tokens=1)

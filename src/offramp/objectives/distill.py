@@ -74,6 +74,26 @@ def greedy_continuations(backbone: nn.Module, tokenizer: Any, prompts: list[str]
     return out
 
 
+def text_sequences(tokenizer: Any, texts: list[str], *, max_tokens: int = 256) -> list[tuple[Tensor, int]]:
+    """(token ids, 1) per text, cut to ``max_tokens``: teacher-forced text for :func:`fit_exits`.
+
+    Every position after the first is distilled (the final layer is the teacher on the text itself),
+    the cheap alternative to :func:`greedy_continuations` (one forward per text, no decoding).
+    """
+    if not texts:
+        raise ValueError("texts is empty: give at least one text")
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2 (one position to predict), got {max_tokens}")
+    out = []
+    for text in texts:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens], dtype=torch.long)
+        if ids.numel() >= 2:
+            out.append((ids, 1))
+    if not out:
+        raise ValueError("every text is shorter than 2 tokens: nothing to distil")
+    return out
+
+
 @torch.no_grad()
 def collect_states(model: nn.Module, sequences: list[tuple[Tensor, int]], *, kd_top_k: int = 32) -> list[ExitStates]:
     """Run the frozen backbone once per sequence; keep exit hidden states and the teacher's top-K."""
