@@ -29,6 +29,7 @@ import torch
 from offramp.engines.reason import DeerRule, LynxRule, NeverExit, ReasonConfig, reason
 from offramp.reasoning.cues import CueConfig
 from offramp.reasoning.dataset import build_dataset, load_dataset
+from offramp.reasoning.probe import first_exit
 from offramp.reasoning.tasks import Problem, gsm8k_problems, reasoning_gym_problems
 
 CACHE = Path(os.path.expanduser("~/.cache/offramp"))
@@ -157,44 +158,50 @@ def phase_baselines(model, tok, args) -> None:
     run_methods(model, tok, test, methods, args)
 
 
-def fit_probes(args) -> dict[float, object]:
+PER = {"lynx": "event", "lynx_chain": "chain"}  # method -> what delta bounds (LynxProbe.calibrate)
+
+
+def probe_path(args, method: str, delta: float) -> Path:
+    return Path(args.work) / (f"probe-delta{delta}" if method == "lynx" else f"probe-chain-delta{delta}")
+
+
+def fit_probes(args) -> dict[tuple[str, float], object]:
+    """Probes per (method, delta): loaded when already on disk (runs that used them stay valid),
+    else fitted on the first --fit-fraction of the training problems and calibrated on the rest."""
     from offramp.reasoning.probe import LynxProbe
 
+    out = {(m, d): LynxProbe.load(probe_path(args, m, d)) for m in PER for d in args.deltas
+           if probe_path(args, m, d).exists()}
+    if len(out) == len(PER) * len(args.deltas):
+        return out
     train, _ = problems(args)
     data = load_dataset(Path(args.work) / "events", uids=[p.uid for p in train])  # in problem order
     n = len(data.uids)
     n_fit = int(round(n * args.fit_fraction))
     fit, cal = data.subset(range(n_fit)), data.subset(range(n_fit, n))
     base = LynxProbe(seed=0).fit(fit.features, fit.labels)
-    out = {}
-    for delta in args.deltas:
-        probe = base.calibrate(cal.features, cal.labels, delta=delta)
-        probe.save(Path(args.work) / f"probe-delta{delta}")
-        out[delta] = probe
+    for method, per in PER.items():
+        for delta in args.deltas:
+            if (method, delta) in out:
+                continue
+            probe = base.calibrate(cal.features, cal.labels, delta=delta, per=per, groups=cal.groups)
+            probe.save(probe_path(args, method, delta))
+            out[method, delta] = probe
     summary = {"events_fit": int(fit.labels.size), "positives_fit": int(fit.labels.sum()),
                "events_cal": int(cal.labels.size), "positives_cal": int(cal.labels.sum()),
-               "problems_fit": n_fit, "problems_cal": n - n_fit}
+               "problems_fit": n_fit, "problems_cal": n - n_fit,
+               "chain_thresholds": {str(d): str(out["lynx_chain", d].chain_threshold_) for d in args.deltas}}
     (Path(args.work) / "probe_summary.json").write_text(json.dumps(summary, indent=1))
     log(f"probe: {summary}")
     return out
 
 
-def load_probes(args) -> dict[float, object]:
-    """The probes written by the fit phase (fitted now if any is missing)."""
-    from offramp.reasoning.probe import LynxProbe
-
-    paths = {d: Path(args.work) / f"probe-delta{d}" for d in args.deltas}
-    if not all(p.exists() for p in paths.values()):
-        return fit_probes(args)
-    return {d: LynxProbe.load(p) for d, p in paths.items()}
-
-
 def phase_lynx(model, tok, args) -> None:
     _, test = problems(args, shard=True)
-    probes = load_probes(args)
+    probes = fit_probes(args)
     # the full chain again, interleaved with LYNX, so wall-clock ratios share the machine's load
     methods = [("full", "lynx-phase", (NeverExit(), reason_config(args)))]
-    methods += [("lynx", d, (LynxRule(probes[d]), reason_config(args))) for d in args.deltas]
+    methods += [(m, d, (LynxRule(probes[m, d]), reason_config(args))) for m in PER for d in args.deltas]
     run_methods(model, tok, test, methods, args)
 
 
@@ -209,18 +216,30 @@ def event_level_check(args) -> dict:
     out = {}
     for delta in args.deltas:
         exits_wrong = wrong = exits_right = right = 0
+        chains, premature = {"event": 0, "chain": 0}, {"event": 0, "chain": 0}
         for a, b, c in itertools.permutations(range(3)):
             fit, cal, test = data.subset(parts[a]), data.subset(parts[b]), data.subset(parts[c])
             if len(set(fit.labels.tolist())) < 2:
                 continue
-            probe = LynxProbe(seed=0).fit(fit.features, fit.labels).calibrate(cal.features, cal.labels, delta)
+            base = LynxProbe(seed=0).fit(fit.features, fit.labels)
+            probe = base.calibrate(cal.features, cal.labels, delta)
             acc = probe.accepts(test.features)
+            for per in PER.values():  # share of held-out chains whose first exit is at a wrong event
+                rule = probe if per == "event" else base.calibrate(cal.features, cal.labels, delta, per="chain",
+                                                                   groups=cal.groups)
+                a = rule.accepts(test.features)
+                for c in np.unique(test.groups):
+                    i = first_exit(a[test.groups == c])
+                    chains[per] += 1
+                    premature[per] += int(i is not None and test.labels[test.groups == c][i] == 0)
             exits_wrong += int(acc[test.labels == 0].sum())
             wrong += int((test.labels == 0).sum())
             exits_right += int(acc[test.labels == 1].sum())
             right += int((test.labels == 1).sum())
         out[str(delta)] = {"p_exit_given_wrong": exits_wrong / max(wrong, 1), "wrong_events": wrong,
-                           "p_exit_given_right": exits_right / max(right, 1), "right_events": right}
+                           "p_exit_given_right": exits_right / max(right, 1), "right_events": right,
+                           "premature_chain_rate": {per: premature[per] / max(chains[per], 1) for per in chains},
+                           "held_out_chains": chains["event"]}
     return out
 
 
@@ -245,7 +264,7 @@ def phase_report(args) -> dict:
     rows = [json.loads(line) for line in (Path(args.work) / "results.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["uid"] in uids]
     keys = [("full", None, "baselines"), ("budget", None, "baselines"), ("deer", None, "baselines"),
-            ("full", "lynx-phase", "lynx")] + [("lynx", d, "lynx") for d in args.deltas]
+            ("full", "lynx-phase", "lynx")] + [(m, d, "lynx") for m in PER for d in args.deltas]
     have = {(r["uid"], r["method"], r["delta"]) for r in rows}
     complete = sorted(u for u in uids if all((u, m, d) in have for m, d, _ in keys))
     full_correct = {r["uid"]: r["correct"] for r in rows if r["method"] == "full" and r["delta"] is None}
@@ -255,6 +274,7 @@ def phase_report(args) -> dict:
         if not rs:
             continue
         row = {"method": m, "delta": None if d == "lynx-phase" else d, "timing_group": group,
+               **({"per": PER[m]} if m in PER else {}),
                **_summarise(rs, full_correct)}
         if m == "full":
             full_of[group] = row

@@ -151,3 +151,68 @@ def test_premature_exit_rate_stays_below_delta(fitted, delta):
     assert float(np.mean(misses)) >= delta - 1 / (n0_min + 1) - 3 * float(np.std(misses)) / math.sqrt(repeats)
     assert rate <= float(np.mean(misses)) + 1e-12
     assert exits_right > 0
+
+
+def _chains(rng: np.random.Generator, n_chains: int, length: int = 12):
+    """Exchangeable synthetic chains: the forced answer turns right at a random event and stays right."""
+    xs, ys, gs = [], [], []
+    for c in range(n_chains):
+        turn = int(rng.integers(2, length + 4))  # >= length: never right in this chain
+        y = (np.arange(length) >= turn).astype(int)
+        x, _ = _events(rng, length)
+        x[:, 0] = rng.normal(size=length) + 1.5 * (2 * y - 1)
+        xs.append(x)
+        ys.append(y)
+        gs.append(np.full(length, c))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
+
+
+def test_chain_threshold_is_the_conformal_quantile_of_each_chains_worst_wrong_event(fitted):
+    x, y, g = _chains(np.random.default_rng(7), 30)
+    probe = fitted.calibrate(x, y, delta=0.2, per="chain", groups=g)
+    p1 = fitted.predict_proba(x)[:, 1]
+    worst = sorted(max([p for p, yy, gg in zip(p1, y, g) if gg == c and yy == 0], default=-math.inf)
+                   for c in range(30))
+    k = math.ceil(31 * 0.8)  # 25th smallest of 30
+    assert probe.chain_threshold_ == worst[k - 1] and probe.chain_count_ == 30
+    assert np.array_equal(probe.accepts(x), p1 > worst[k - 1])
+    few = fitted.calibrate(x[g < 3], y[g < 3], delta=0.2, per="chain", groups=g[g < 3])
+    assert few.chain_threshold_ == math.inf and not few.accepts(x).any()  # k = 4 > 3 chains: never exit
+    with pytest.raises(ValueError, match="needs groups"):
+        fitted.calibrate(x, y, delta=0.2, per="chain")
+    with pytest.raises(ValueError, match="'event' or 'chain'"):
+        fitted.calibrate(x, y, delta=0.2, per="trace")
+
+
+def test_chain_probe_save_load_keeps_the_rule(fitted, tmp_path):
+    x, y, g = _chains(np.random.default_rng(8), 40)
+    for n in (40, 3):  # a finite threshold, and +inf (too few chains)
+        probe = fitted.calibrate(x[g < n], y[g < n], delta=0.3, per="chain", groups=g[g < n])
+        probe.save(tmp_path / f"p{n}")
+        again = LynxProbe.load(tmp_path / f"p{n}")
+        assert again.per_ == "chain" and again.chain_threshold_ == probe.chain_threshold_
+        assert np.array_equal(again.accepts(x), probe.accepts(x))
+
+
+@pytest.mark.parametrize("delta", [0.1, 0.3])
+def test_per_chain_premature_exit_rate_stays_below_delta(fitted, delta):
+    """Per chain: P(first accepted event has a wrong forced answer) <= delta over seeded draws, and
+    the rule still exits right on many chains (it is not trivially conservative)."""
+    repeats, n_cal, n_test = 200, 40, 40
+    rng = np.random.default_rng(2000)
+    chain_rates, right_exits = [], []
+    for _ in range(repeats):
+        x, y, g = _chains(rng, n_cal + n_test)
+        cal, test = g < n_cal, g >= n_cal
+        probe = fitted.calibrate(x[cal], y[cal], delta=delta, per="chain", groups=g[cal])
+        acc, bad, good = probe.accepts(x[test]), 0, 0
+        for c in range(n_cal, n_cal + n_test):
+            sel = g[test] == c
+            i = first_exit(acc[sel])
+            bad += int(i is not None and y[test][sel][i] == 0)
+            good += int(i is not None and y[test][sel][i] == 1)
+        chain_rates.append(bad / n_test)
+        right_exits.append(good / n_test)
+    rate = float(np.mean(chain_rates))
+    assert rate <= delta + 3 * float(np.std(chain_rates)) / math.sqrt(repeats)
+    assert float(np.mean(right_exits)) > 0.2

@@ -59,7 +59,15 @@ def test_build_fit_then_lynx(model_dir, tmp_path, capsys, monkeypatch):
     assert _run(["reason", "fit", str(tmp_path / "ev"), "--delta", "0.3", "--epochs", "20",
                  "--out", str(tmp_path / "probe")]) == 0
     fit = json.loads(capsys.readouterr().out)
-    assert fit["delta"] == 0.3 and sum(fit["cal_counts"]) == fit["events_cal"] > 0
+    assert fit["delta"] == 0.3 and sum(fit["cal_counts"]) == fit["events_cal"] > 0 and fit["per"] == "event"
+    assert _run(["reason", "fit", str(tmp_path / "ev"), "--delta", "0.3", "--epochs", "20", "--per", "chain",
+                 "--out", str(tmp_path / "probe-chain")]) == 0
+    fit_chain = json.loads(capsys.readouterr().out)
+    from offramp.reasoning.probe import LynxProbe
+
+    chain_probe = LynxProbe.load(tmp_path / "probe-chain")
+    assert fit_chain["per"] == "chain" and fit_chain["chains_cal"] == 2 == chain_probe.chain_count_
+    assert chain_probe.chain_threshold_ == float("inf")  # 2 calibration chains cannot certify delta 0.3
     out = tmp_path / "runs.jsonl"
     assert _run(["reason", "run", "--model", model_dir, "--max-new-tokens", "20", "--max-answer-tokens", "2",
                  "--probe", str(tmp_path / "probe"), "--task", "toy", "--n", "2", "--out", str(out)]) == 0

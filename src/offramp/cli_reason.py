@@ -51,7 +51,10 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_reason_build)
     fit = sub.add_parser("fit", help="train the probe and calibrate its conformal exit rule")
     fit.add_argument("data", help="dataset folder written by `offramp reason build`")
-    fit.add_argument("--delta", type=float, required=True, help="premature-exit risk per event, in (0, 1)")
+    fit.add_argument("--delta", type=float, required=True, help="premature-exit risk, in (0, 1)")
+    fit.add_argument("--per", choices=["event", "chain"], default="event",
+                     help="what delta bounds: each cue event (LYNX's conformal sets) or each chain "
+                          "(exit where P(right) > Q, Q calibrated on each chain's worst wrong event)")
     fit.add_argument("--fit-fraction", type=float, default=0.6,
                      help="share of problems that train the probe; the rest calibrate it (default 0.6)")
     fit.add_argument("--epochs", type=int, default=300)
@@ -160,11 +163,13 @@ def cmd_reason_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(data.uids)} problems cannot be split {args.fit_fraction:.2f} / rest: label more")
     fit, cal = data.subset(range(n_fit)), data.subset(range(n_fit, len(data.uids)))
     probe = LynxProbe(epochs=args.epochs, seed=args.seed).fit(fit.features, fit.labels)
-    probe = probe.calibrate(cal.features, cal.labels, delta=args.delta)
+    probe = probe.calibrate(cal.features, cal.labels, delta=args.delta, per=args.per, groups=cal.groups)
     manifest = json.loads((Path(args.data) / MANIFEST).read_text())
     probe.save(args.out, extra={"reason_config": manifest["config"], "model": manifest["model"]})
     q = probe.conformal_.quantiles_
     print(json.dumps({"out": args.out, "delta": args.delta, "events_fit": int(fit.labels.size),
                       "events_cal": int(cal.labels.size), "cal_counts": probe.conformal_.counts_.tolist(),
-                      "quantiles": [None if v == float("inf") else float(v) for v in q]}))
+                      "quantiles": [None if v == float("inf") else float(v) for v in q], "per": args.per,
+                      **({"chain_threshold": str(probe.chain_threshold_), "chains_cal": probe.chain_count_}
+                         if args.per == "chain" else {})}))
     return 0

@@ -6,6 +6,13 @@ delta on a disjoint calibration split (scores 1 - p_c, the exact finite-sample q
 when too few points; ``offramp.calibration.conformal``). The exit rule accepts an event when its
 prediction set is exactly {1}: then P(exit | the forced answer would be wrong) <= delta per event,
 for events exchangeable with the calibration events.
+
+A chain passes many cue events, so a per-event guarantee allows far more than delta premature
+exits per chain. ``calibrate(..., per="chain", groups=...)`` gives the guarantee per chain
+instead: each calibration chain scores the highest P(right) among its events whose forced answer
+is wrong (-inf if none); Q is the conformal quantile of those scores; the rule exits at the first
+event with P(right) > Q. Then P(the chain exits at an event whose forced answer is wrong) <= delta,
+for chains exchangeable with the calibration chains (the CATs construction applied to chains).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from offramp.calibration.conformal import ClassConditionalConformal
+from offramp.calibration.conformal import ClassConditionalConformal, conformal_quantile
 from offramp.utils import atomic_dir
 
 PROBE_FILE = "probe.json"
@@ -119,12 +126,30 @@ class LynxProbe:
             logits = self.net_(torch.from_numpy((x - self.mean_) / self.std_))  # (n, 2)
         return logits.double().softmax(-1).numpy()  # float64: no ties at exactly 0 or 1
 
-    def calibrate(self, features: np.ndarray, labels: np.ndarray, delta: float) -> "LynxProbe":
-        """A copy of this probe with class-conditional conformal sets at level ``delta``."""
+    def calibrate(self, features: np.ndarray, labels: np.ndarray, delta: float, *, per: str = "event",
+                  groups: np.ndarray | None = None) -> "LynxProbe":
+        """A copy of this probe calibrated at level ``delta``.
+
+        ``per="event"`` (LYNX): class-conditional conformal sets; exit where the set is exactly {1}.
+        ``per="chain"``: ``groups`` (n,) names the chain of each event; exit where P(right) > Q,
+        with P(premature exit) <= delta per chain (see the module docstring).
+        """
         x, y = _check_xy(features, labels)
+        if per not in ("event", "chain"):
+            raise ValueError(f"per must be 'event' or 'chain', got {per!r}")
         out = copy.copy(self)
         out.conformal_ = ClassConditionalConformal(alpha=delta).fit(self.predict_proba(x), y)
-        out.delta_ = float(delta)
+        out.delta_, out.per_ = float(delta), per
+        if per == "chain":
+            if groups is None or np.asarray(groups).shape != y.shape:
+                raise ValueError("per='chain' needs groups: the chain (problem) index of each event, "
+                                 "e.g. EventDataset.groups")
+            g = np.asarray(groups)
+            p1 = self.predict_proba(x)[:, 1]
+            chains = np.unique(g)
+            worst = [p1[(g == c) & (y == 0)].max(initial=-np.inf) for c in chains]
+            out.chain_threshold_ = conformal_quantile(np.array(worst), delta)
+            out.chain_count_ = int(chains.size)
         return out
 
     def prediction_sets(self, features: np.ndarray) -> np.ndarray:
@@ -134,7 +159,9 @@ class LynxProbe:
         return self.conformal_.predict_sets(self.predict_proba(features))
 
     def accepts(self, features: np.ndarray) -> np.ndarray:
-        """(n,) bool: the exit rule, the prediction set is exactly {1}."""
+        """(n,) bool: the exit rule (per event: the set is exactly {1}; per chain: P(right) > Q)."""
+        if getattr(self, "per_", "event") == "chain":
+            return self.predict_proba(features)[:, 1] > self.chain_threshold_
         sets = self.prediction_sets(features)
         return sets[:, 1] & ~sets[:, 0]
 
@@ -153,7 +180,10 @@ class LynxProbe:
         if hasattr(self, "conformal_"):
             q = self.conformal_.quantiles_
             meta.update(delta=self.delta_, quantiles=[None if np.isinf(v) else float(v) for v in q],
-                        counts=self.conformal_.counts_.tolist())
+                        counts=self.conformal_.counts_.tolist(), per=getattr(self, "per_", "event"))
+            if meta["per"] == "chain":  # JSON has no infinities: +inf never exits, -inf always does
+                meta.update(chain_threshold=str(self.chain_threshold_) if np.isinf(self.chain_threshold_)
+                            else float(self.chain_threshold_), chain_count=self.chain_count_)
         buf = io.BytesIO()
         torch.save(self.net_.state_dict(), buf)
         with atomic_dir(path) as tmp:
@@ -180,4 +210,8 @@ class LynxProbe:
             conf.quantiles_ = np.array([np.inf if v is None else v for v in meta["quantiles"]])
             conf.counts_ = np.array(meta["counts"])
             probe.conformal_, probe.delta_ = conf, meta["delta"]
+            probe.per_ = meta.get("per", "event")
+            if probe.per_ == "chain":
+                probe.chain_threshold_ = float(meta["chain_threshold"])
+                probe.chain_count_ = meta["chain_count"]
         return probe
