@@ -4,12 +4,13 @@ Phases (each resumable: every trace, label and per-problem result is cached unde
 
   build      label the cue events of reasoning-gym training problems (forced exits) -> npz files
   baselines  full chain, fixed budget and DEER on the evaluation problems -> results.jsonl
-  lynx       train the probe, calibrate it (split conformal) at each delta, run LYNX online
+  fit        train the probe, calibrate it per cue event (LYNX) and per chain at each delta
+  lynx       run both LYNX rules online, with the full chain timed again beside them
   report     aggregate into the JSON written to --out
 
-Example (the run committed as benchmarks/results/reasoning.json):
-
-  nice python benchmarks/reasoning.py --phase all --threads 1
+Example: ``nice python benchmarks/reasoning.py --phase all --threads 1``; with ``--shard K/N``
+N processes share build, baselines and lynx (run fit once in between). benchmarks/README.md
+gives the commands of the committed run.
 
 The model is built once from offline GGUF packages into ~/.cache/offramp (see --model).
 """
@@ -318,10 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(CACHE / "reasoning-bench"))
     ap.add_argument("--out", default="benchmarks/results/reasoning.json")
-    ap.add_argument("--n-train", type=int, default=20)
+    ap.add_argument("--n-train", type=int, default=60)
     ap.add_argument("--train-seed", type=int, default=1000)
-    ap.add_argument("--n-gsm8k", type=int, default=5)
-    ap.add_argument("--n-symbolic", type=int, default=5)
+    ap.add_argument("--n-gsm8k", type=int, default=15)
+    ap.add_argument("--n-symbolic", type=int, default=15)
     ap.add_argument("--test-seed", type=int, default=2000)
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--budget", type=int, default=128)

@@ -125,16 +125,22 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f, delimiter=LOCAL_SUFFIXES[suffix]))
 
 
-def load_local(path: str | Path, columns: Columns = Columns()) -> tuple[list[RawExample], None]:
-    """Examples from a local CSV / TSV / JSONL file with a header (or named JSON fields)."""
-    path = Path(path)
+def read_table(path: Path, kinds: str = ".csv, .tsv or .jsonl") -> list[dict[str, Any]]:
+    """The rows of a local CSV / TSV / JSONL file, with a clear error if it is missing or empty."""
     if path.suffix.lower() not in LOCAL_SUFFIXES:
-        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .jsonl")
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use {kinds}")
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
     rows = read_rows(path)
     if not rows:
         raise ValueError(f"data file {path} is empty: it needs a header and at least one row")
+    return rows
+
+
+def load_local(path: str | Path, columns: Columns = Columns()) -> tuple[list[RawExample], None]:
+    """Examples from a local CSV / TSV / JSONL file with a header (or named JSON fields)."""
+    path = Path(path)
+    rows = read_table(path)
     header = list(rows[0].keys())
     cols = resolve_columns(header, columns, f"data file {path}")
     out = []
@@ -216,13 +222,7 @@ def load_texts(spec: str, *, text_column: str | None = None, split: str = "train
         else:
             texts = [ex.text for ex in OFFLINE[spec]()[0]]
     elif is_local(spec):
-        if path.suffix.lower() not in LOCAL_SUFFIXES:
-            raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .txt, .csv, .tsv or .jsonl")
-        if not path.is_file():
-            raise ValueError(f"data file {path} does not exist")
-        rows = read_rows(path)
-        if not rows:
-            raise ValueError(f"data file {path} is empty")
+        rows = read_table(path, ".txt, .csv, .tsv or .jsonl")
         col = _pick(list(rows[0].keys()), text_column, TEXT_COLUMNS, "text", "--text-column", f"data file {path}")
         texts = ["" if r.get(col) is None else str(r[col]) for r in rows]
     else:
