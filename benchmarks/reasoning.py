@@ -244,14 +244,19 @@ def event_level_check(args) -> dict:
     return out
 
 
+def _stopped_early(row: dict) -> bool:
+    return row["stop"] == "cue" or (row["method"] == "budget" and row["stop"] == "budget")
+
+
 def _summarise(rs: list[dict], full_correct: dict[str, bool]) -> dict:
     return {
         "accuracy": float(np.mean([r["correct"] for r in rs])),
         "tokens": float(np.mean([r["tokens"] for r in rs])),
         "wall_s": float(np.mean([r["wall_s"] for r in rs])),
-        # the method stopped before the chain's end and its answer is wrong
-        "premature_exit_rate": float(np.mean([r["stop"] in ("cue", "budget") and not r["correct"] for r in rs])),
-        "exit_rate": float(np.mean([r["stop"] in ("cue", "budget") for r in rs])),
+        # the method stopped before the chain's end and its answer is wrong (reaching --max-new-tokens
+        # is the end of every chain; only the budget method's own budget stops it early)
+        "premature_exit_rate": float(np.mean([_stopped_early(r) and not r["correct"] for r in rs])),
+        "exit_rate": float(np.mean([_stopped_early(r) for r in rs])),
         "wrong_where_full_right": float(np.mean([full_correct.get(r["uid"], False) and not r["correct"]
                                                  for r in rs])),
     }
