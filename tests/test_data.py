@@ -189,8 +189,8 @@ def test_load_texts_reads_txt_jsonl_csv_and_offline(tmp_path) -> None:
     assert load_texts(str(tmp_path / "c.csv"), text_column="words", limit=1) == ["hello there"]
     with pytest.raises(ValueError, match="--text-column"):
         load_texts(str(tmp_path / "c.csv"))
+    (tmp_path / "d.txt").write_text("\n\n  \n")
     with pytest.raises(ValueError, match="no non-empty text"):
-        (tmp_path / "d.txt").write_text("\n\n  \n")
         load_texts(str(tmp_path / "d.txt"))
     bbc = load_texts("bbc", limit=3)
     assert len(bbc) == 3 and all(len(t.split()) > 50 for t in bbc)

