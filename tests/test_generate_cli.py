@@ -84,8 +84,9 @@ def test_fit_exits_on_a_text_file_trains_saves_and_uses_them(tmp_path, capsys) -
     assert _run(["generate", "--model", str(folder), "--fit-exits", str(out), "--fit-text", str(text),
                  "--exit-layers", "2,3", "--fit-epochs", "2", "--fit-max-tokens", "12", "--threshold", "0",
                  "--prompt", "w5 w6 w7", "--max-new-tokens", "4", "--json", str(tmp_path / "o.json")]) == 0
-    printed = capsys.readouterr().out
-    assert "heads epoch 2/2" in printed and f"saved to {out}" in printed
+    printed = capsys.readouterr()
+    assert "heads epoch 2/2" in printed.err and f"saved to {out}" in printed.err  # progress on stderr
+    assert "heads epoch" not in printed.out  # stdout carries results only
     loaded = DecoderExitModel.from_pretrained(out, backbone=model)
     assert loaded.exit_layers == [2, 3]
     trained = torch.cat([p.flatten() for p in loaded.heads.parameters()])

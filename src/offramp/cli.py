@@ -30,32 +30,84 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="write into an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--exits", default="all", help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
-    p.add_argument("--shared-head", action="store_true", help="one classifier for every exit (PALBERT)")
-    p.add_argument("--pooling", choices=["auto", "cls", "mean"], default="auto",
+    # Every option below is stored with the run (extra.train): --resume reuses it, and a flag given
+    # with --resume that contradicts it is an error. Defaults: TRAIN_DEFAULTS.
+    p.add_argument("--exits", default=None, help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
+    p.add_argument("--shared-head", action="store_true", default=None, help="one classifier for every exit (PALBERT)")
+    p.add_argument("--pooling", choices=["auto", "cls", "mean"], default=None,
                    help="auto (default): mean for sentence-transformers models trained with mean pooling, else cls")
-    p.add_argument("--no-pooler", action="store_true", help="CLS pooling without the model's pooler")
-    p.add_argument("--halting", choices=["none", "pondernet", "palbert"], default="none",
+    p.add_argument("--no-pooler", action="store_true", default=None, help="CLS pooling without the model's pooler")
+    p.add_argument("--halting", choices=["none", "pondernet", "palbert"], default=None,
                    help="add a PonderNet / PALBERT halting layer (implies --objective ponder)")
-    p.add_argument("--halting-variant", choices=["concat", "diff", "rnn"], default="concat")
+    p.add_argument("--halting-variant", choices=["concat", "diff", "rnn"], default=None, help="default concat")
     p.add_argument("--objective", choices=["joint", "ponder", "jei"], default=None,
                    help="joint (default), ponder (with --halting), jei (JEI-DNN gates, trained with its schedule)")
-    p.add_argument("--cost-weight", type=float, default=0.1, help="jei objective: lambda, the CE / cost trade-off")
-    p.add_argument("--weights", choices=["uniform", "pabee"], default="uniform",
-                   help="joint objective: per-exit loss weights (pabee: j / sum j)")
-    p.add_argument("--distill", type=float, default=0.0, help="joint objective: self-distillation weight")
-    p.add_argument("--beta", type=float, default=0.5, help="ponder objective: KL weight")
-    p.add_argument("--lambda-p", type=float, default=0.1, help="ponder objective: geometric prior")
-    p.add_argument("--full", action="store_true", help="fine-tune the backbone too (default: exits only)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--cost-weight", type=float, default=None,
+                   help="jei objective: lambda, the CE / cost trade-off (default 0.1)")
+    p.add_argument("--weights", choices=["uniform", "pabee"], default=None,
+                   help="joint objective: per-exit loss weights (pabee: j / sum j; default uniform)")
+    p.add_argument("--distill", type=float, default=None, help="joint objective: self-distillation weight (default 0)")
+    p.add_argument("--beta", type=float, default=None, help="ponder objective: KL weight (default 0.5)")
+    p.add_argument("--lambda-p", type=float, default=None, help="ponder objective: geometric prior (default 0.1)")
+    p.add_argument("--full", action="store_true", default=None, help="fine-tune the backbone too (default: exits only)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="total epochs (default 3; with --resume the run's own, or more to extend it)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3")
     p.add_argument("--backbone-lr", type=float, default=None, help="backbone lr with --full (default 2e-5)")
     p.add_argument("--policy", default=None, help="default exit policy stored in the checkpoint")
     p.add_argument("--value", type=float, default=None, help="its parameter (threshold, patience, q, layer)")
-    p.add_argument("--regression", action="store_true", help="numeric labels, one output, MSE")
-    p.add_argument("--backbone-by-reference", action="store_true",
+    p.add_argument("--regression", action="store_true", default=None, help="numeric labels, one output, MSE")
+    p.add_argument("--backbone-by-reference", action="store_true", default=None,
                    help="frozen backbone: store only the exits; the backbone is loaded from --model again")
     p.set_defaults(func=cmd_train)
+
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "exits": "all", "shared_head": False, "pooling": "auto", "no_pooler": False, "halting": "none",
+    "halting_variant": "concat", "objective": None, "cost_weight": 0.1, "weights": "uniform", "distill": 0.0,
+    "beta": 0.5, "lambda_p": 0.1, "full": False, "epochs": 3, "lr": 1e-3, "backbone_lr": None,
+    "regression": False, "backbone_by_reference": False}
+RESUME_MAY_CHANGE = ("epochs",)  # a resumed run may be extended; everything else is the run's own
+
+
+def _train_options(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's training options: the given flags over the defaults, or on resume the stored ones,
+    with an error for every given flag that contradicts them."""
+    given = {k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k, None) is not None}
+    for key in ("lr", "backbone_lr"):
+        if key in given and not given[key] > 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {given[key]}")
+    if "epochs" in given and given["epochs"] < 1:
+        raise ValueError(f"--epochs must be >= 1, got {given['epochs']}")
+    if stored is None:
+        return {**TRAIN_DEFAULTS, **given}
+    for key, value in given.items():
+        if key not in RESUME_MAY_CHANGE and key in stored and stored[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"--resume: this run was trained with {flag} {stored[key]!r}, not {value!r}; drop "
+                             f"{flag} to continue it as it was trained, or start a new run in another --out")
+    return {**TRAIN_DEFAULTS, **stored, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+
+
+def _stored_train_options(model: Any, ckpt: Path) -> dict[str, Any]:
+    """The options a run in ``ckpt`` was trained with (``extra.train``; for checkpoints written before
+    it was stored, what the training state and the config still tell)."""
+    from offramp.training.loop import STATE_NAME
+    from offramp.utils import load_torch_state
+
+    if isinstance(model.config.extra.get("train"), dict):
+        return dict(model.config.extra["train"])
+    known: dict[str, Any] = {}
+    if (ckpt / STATE_NAME).is_file():
+        targs = load_torch_state(ckpt / STATE_NAME, "training state", "start a new run without --resume").get("args", {})
+        known = {"full": not targs.get("frozen_backbone", True), "lr": targs.get("lr", 1e-3),
+                 "backbone_lr": targs.get("backbone_lr"), "epochs": targs.get("epochs", 3),
+                 "backbone_by_reference": not targs.get("save_backbone", True)}
+    jei = model.config.extra.get("jei", {}).get("args")
+    if jei:
+        known.update(full=not jei.get("frozen_backbone", True), lr=jei.get("lr", 1e-3), epochs=jei.get("epochs", 3),
+                     cost_weight=jei.get("cost_weight", 0.1), objective="jei")
+    return known
 
 
 def _train_config(args: argparse.Namespace, data: Any) -> Any:
@@ -76,9 +128,7 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
                      else {"type": "ponder", "beta": args.beta, "lambda_p": args.lambda_p})
         default_policy = {"type": "never"}
     policy = common.make_policy_arg(args.policy, args.value, default_policy).to_dict()
-    local = Path(args.model)
-    base = str(local.resolve()) if local.exists() else args.model
-    return OfframpConfig(base_model_name_or_path=base, num_labels=data.num_labels,
+    return OfframpConfig(base_model_name_or_path=_model_ref(args.model), num_labels=data.num_labels,
                          exit_layers=common.parse_exits(args.exits),
                          head={"shared": args.shared_head,
                                "pooling": common.default_pooling(args.model) if args.pooling == "auto" else args.pooling,
@@ -88,15 +138,35 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
                          extra={"data": common.data_settings(args)})
 
 
+def _model_ref(model: str) -> str:
+    """How a checkpoint names its base model: a local folder as an absolute path, else the Hub id."""
+    local = Path(model)
+    return str(local.resolve()) if local.exists() else model
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from offramp import EarlyExitModel
     from offramp.training import TrainingArgs, train
 
     out = Path(args.out)
+    given_data = common.data_settings(args, only_given=True)
     if args.resume:
-        model = EarlyExitModel.from_pretrained(common.checkpoint_dir(out))
-        settings = {**common.DATA_DEFAULTS, **model.config.extra.get("data", {}),
-                    **common.data_settings(args, only_given=True)}
+        ckpt = common.checkpoint_dir(out)
+        common.check_out(ckpt, True, "checkpoint folder")
+        model = EarlyExitModel.from_pretrained(ckpt)
+        opts = _train_options(args, _stored_train_options(model, ckpt))
+        if args.model and _model_ref(args.model) != model.config.base_model_name_or_path:
+            raise ValueError(f"--resume: this run was trained from {model.config.base_model_name_or_path!r}, not "
+                             f"{args.model!r}; drop --model to continue it")
+        stored_data = model.config.extra.get("data", {})
+        changed = [k for k, v in given_data.items() if k in stored_data and stored_data[k] != v]
+        if changed:
+            k = changed[0]
+            raise ValueError(f"--resume: this run was trained with --{k.replace('_', '-')} {stored_data[k]!r}, not "
+                             f"{given_data[k]!r}; drop it to continue on the run's own data")
+        settings = {**common.DATA_DEFAULTS, **stored_data, **given_data}
+        if args.policy is not None or args.value is not None:
+            model.config.policy = common.make_policy_arg(args.policy, args.value, model.config.policy).to_dict()
         data = common.load_from_settings(settings, label_names=model.config.label_names,
                                          regression=model.config.is_regression)
     else:
@@ -106,21 +176,28 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--data is required: an offline name (tweets, bbc), a .csv/.jsonl file or a "
                              "HF dataset name")
         common.check_out(out, args.overwrite, "output folder")
-        settings = common.data_settings(args)
-        data = common.load_from_settings(settings, regression=args.regression)
+        opts = _train_options(args, None)
+        vars(args).update(opts)  # _train_config reads the resolved options
+        settings = {**common.DATA_DEFAULTS, **given_data}
+        data = common.load_from_settings(settings, regression=opts["regression"])
         import torch
 
         torch.manual_seed(settings["seed"])  # the exit heads' initialisation is part of the run's seed
         model = EarlyExitModel.from_backbone(args.model, _train_config(args, data))
+    settings["max_length"] = common.fit_max_length(model, settings["max_length"], given="max_length" in given_data)
+    vars(args).update(opts)
+    model.config.extra["train"] = dict(opts)  # what --resume continues with
     tok = common.tokenizer_of(model)
     train_batches = common.batches(data.train, tok, settings, shuffle=True)
     eval_batches = common.batches(data.validation, tok, settings) if len(data.validation) else None
-    targs = TrainingArgs(output_dir=str(out), epochs=args.epochs, lr=args.lr, frozen_backbone=not args.full,
-                         backbone_lr=args.backbone_lr or (2e-5 if args.full else None), seed=settings["seed"],
-                         resume=args.resume, cache_backbone=not args.full,
-                         save_backbone=not args.backbone_by_reference)
+    full = opts["full"]
+    targs = TrainingArgs(output_dir=str(out), epochs=opts["epochs"], lr=opts["lr"], frozen_backbone=not full,
+                         backbone_lr=opts["backbone_lr"] or (2e-5 if full else None), seed=settings["seed"],
+                         resume=args.resume, cache_backbone=not full,
+                         save_backbone=not opts["backbone_by_reference"])
     common.log(f"training {model.num_exits} exits on {len(data.train)} examples "
-               f"({'full fine-tuning' if args.full else 'frozen backbone'}), {args.epochs} epochs")
+               f"({'full fine-tuning' if full else 'frozen backbone'}), {opts['epochs']} epochs"
+               + (" (resumed)" if args.resume else ""))
     if model.config.objective["type"] == "jei":
         result = _train_jei(model, train_batches, eval_batches, targs, args)
     else:
@@ -238,12 +315,16 @@ def add_evaluate_parser(sub: Any) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from offramp.evaluation.evaluate import evaluate_policy
 
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.json:
+        common.check_out(Path(args.json), True, "--json file")
     model, data, settings = common.model_and_data(args)
     policy = common.make_policy_arg(args.policy, args.value, model.config.policy)
     split = data.split(args.split)
     loader = common.batches(split, common.tokenizer_of(model), settings, lazy=True)
     result = evaluate_policy(model, list(loader), policy, lengths=loader.dataset.lengths(),
-                             timing=not args.no_timing, repeats=args.repeats)
+                             timing=not args.no_timing, repeats=args.repeats, progress=True)
     result = {"model": str(args.model), "split": args.split, **result}
     text = json.dumps(result, indent=2)
     if args.json:
@@ -273,10 +354,15 @@ def add_predict_parser(sub: Any) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from offramp import EarlyExitModel
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
     texts = common.read_texts(args.texts, args.file, args.text_column)
     model = EarlyExitModel.from_pretrained(common.checkpoint_dir(args.model))
     policy = common.make_policy_arg(args.policy, args.value, model.config.policy)
-    max_length = args.max_length or model.config.extra.get("data", {}).get("max_length", 128)
+    max_length = common.fit_max_length(model, args.max_length or model.config.extra.get("data", {}).get(
+        "max_length", 128), given=args.max_length is not None)
     for row in common.predict_rows(model, texts, policy, batch_size=args.batch_size, max_length=max_length):
         print(json.dumps(row, ensure_ascii=False))
     return 0

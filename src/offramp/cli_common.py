@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,11 @@ _T0 = time.time()
 
 
 def log(msg: str) -> None:
-    """A progress line on stderr with the seconds since start."""
+    """A progress line on stderr with the seconds since start (none after ``--quiet``)."""
+    from offramp.utils import is_quiet
+
+    if is_quiet():
+        return
     print(f"[{time.time() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
@@ -51,7 +56,38 @@ def data_settings(args: argparse.Namespace, *, only_given: bool = False) -> dict
     given = {k: getattr(args, k) for k in DATA_DEFAULTS if getattr(args, k, None) is not None}
     if isinstance(given.get("hub_splits"), str):
         given["hub_splits"] = parse_pairs(given["hub_splits"], "--hub-splits")
+    for key, low in (("max_train", 1), ("max_eval", 1), ("batch_size", 1), ("max_length", 2)):
+        if key in given and given[key] < low:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {given[key]}")
+    for key in ("validation_fraction", "test_fraction"):
+        if key in given and not 0.0 <= given[key] < 1.0:  # NaN fails this too
+            raise ValueError(f"--{key.replace('_', '-')} must be in [0, 1), got {given[key]}")
     return given if only_given else {**DATA_DEFAULTS, **given}
+
+
+def max_positions(model: Any) -> int | None:
+    """How many tokens the model's position embeddings (and its tokenizer) allow, or None if unbounded."""
+    cfg = model.backbone.config
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit and cfg.model_type in ("roberta", "xlm-roberta", "camembert", "mpnet"):
+        limit -= (cfg.pad_token_id or 0) + 1  # positions start after the padding index
+    tok = getattr(model, "tokenizer", None)
+    tok_max = getattr(tok, "model_max_length", None) if tok is not None else None
+    if tok_max and tok_max < 1_000_000:
+        limit = min(limit, tok_max) if limit else tok_max
+    return limit
+
+
+def fit_max_length(model: Any, max_length: int, *, given: bool) -> int:
+    """``max_length`` within what the model can embed: a given --max-length beyond it is refused (it
+    would fail inside the forward); a default one is lowered to the model's limit."""
+    limit = max_positions(model)
+    if limit is None or max_length <= limit:
+        return max_length
+    if given:
+        raise ValueError(f"--max-length {max_length} is beyond this model's {limit} positions; "
+                         f"use --max-length {limit} or less")
+    return limit
 
 
 def parse_pairs(text: str, flag: str) -> dict[str, str]:
@@ -108,8 +144,10 @@ def model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """The checkpoint of ``args.model`` and its data (stored settings, overridden by given ones)."""
     from offramp import EarlyExitModel
 
+    given = data_settings(args, only_given=True)
     model = EarlyExitModel.from_pretrained(checkpoint_dir(args.model))
-    settings = {**DATA_DEFAULTS, **model.config.extra.get("data", {}), **data_settings(args, only_given=True)}
+    settings = {**DATA_DEFAULTS, **model.config.extra.get("data", {}), **given}
+    settings["max_length"] = fit_max_length(model, settings["max_length"], given="max_length" in given)
     data = load_from_settings(settings, label_names=model.config.label_names,
                               regression=model.config.is_regression)
     return model, data, settings
@@ -123,10 +161,26 @@ def tokenizer_of(model: Any) -> Any:
 
 
 def check_out(path: Path, overwrite: bool, what: str) -> None:
-    """Refuse an existing, non-empty output path unless ``overwrite``."""
+    """Refuse, before any work, an output path that cannot be written: an existing non-empty one
+    (unless ``overwrite``), one below a regular file, or one in a folder this process cannot write."""
+    import tempfile
+
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{what} {path}: {parent} is a file, not a folder; choose another --out")
     if path.exists() and (path.is_file() or any(path.iterdir())) and not overwrite:
         raise ValueError(f"{what} {path} already exists; pass --overwrite to replace what it holds, "
                          "or choose another --out")
+    base = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    base = base if base.is_dir() else base.parent
+    try:  # the one test that works for every reason a write can fail (permissions, read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".offramp-write-check.", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be written: {base} is not writable ({e.strerror}); "
+                         "choose another --out") from None
 
 
 def default_pooling(model: str) -> str:
@@ -199,6 +253,11 @@ def parse_grids(items: Sequence[str]) -> dict[str, list[float]]:
             nums = [float(v) for v in values.split(",") if v.strip()]
         except ValueError:
             raise ValueError(f"--grid {rule}: values must be numbers, got {values!r}") from None
+        bad = [v for v in nums if not np.isfinite(v)]
+        if bad:
+            raise ValueError(f"--grid {rule}: {bad[0]} is not a finite number; give values such as {rule}=0.5,0.7")
+        if not nums:
+            raise ValueError(f"--grid {rule}: no values; give them as {rule}=V1,V2,...")
         out[rule.strip()] = [int(v) if v.is_integer() and "." not in values else v for v in nums]
     return out
 
@@ -243,7 +302,7 @@ def reliability_curves(trace: Any, chosen: dict[str, Any]) -> dict[str, dict] | 
 # ---------------------------------------------------------------------------------------- predict
 def read_texts(texts: Sequence[str], file: str | None, text_column: str | None) -> list[str]:
     """Texts from arguments, a file (.txt lines, or a .csv/.tsv/.jsonl column), or stdin."""
-    from offramp.data.sources import LOCAL_SUFFIXES, table_texts
+    from offramp.data.sources import LOCAL_SUFFIXES, decode_text, read_user_text, table_texts
 
     if file:
         path = Path(file)
@@ -252,11 +311,12 @@ def read_texts(texts: Sequence[str], file: str | None, text_column: str | None) 
         if path.suffix.lower() in LOCAL_SUFFIXES:
             out = table_texts(path, text_column)
         else:
-            out = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            out = [line for line in read_user_text(path).splitlines() if line.strip()]
     elif texts and texts != ["-"]:
         out = list(texts)
     elif not sys.stdin.isatty():
-        out = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+        out = [line for line in decode_text(data, "standard input").splitlines() if line.strip()]
     else:
         raise ValueError("no texts: give them as arguments, with --file, or on stdin")
     if not out:
@@ -269,13 +329,22 @@ def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: i
     """One dict per text: label (name), confidence, exit_layer (value instead of label for regression)."""
     import torch
 
-    from offramp.data import encode_texts
+    from offramp.data import TokenizedSplit
+    from offramp.data.splits import TextSplit
+    from offramp.utils import progress
 
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    for n, text in enumerate(texts, 1):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"text {n} is empty: every input needs at least one non-space character")
     names = model.config.label_names
     tok = tokenizer_of(model)
-    for start in range(0, len(texts), batch_size):
+    data = TokenizedSplit(TextSplit(list(texts), None, [0] * len(texts)), tok, max_length=max_length)
+    starts = range(0, len(texts), batch_size)
+    for start in progress(starts, desc="predict", unit="batch", enabled=len(starts) > 1):
         chunk = list(texts[start:start + batch_size])
-        enc = encode_texts(chunk, tok, max_length=max_length)
+        enc = data.collate([data[i] for i in range(start, start + len(chunk))])
         pred = model.predict(enc["input_ids"], enc["attention_mask"], policy,
                              token_type_ids=enc.get("token_type_ids"))
         for text, logits, layer in zip(chunk, pred.logits, pred.exit_layer.tolist()):
@@ -286,3 +355,4 @@ def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: i
             k = int(probs.argmax())
             yield {"text": text, "label": names[k] if names else k, "confidence": round(float(probs[k]), 4),
                    "exit_layer": int(layer)}
+

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from offramp import cli_common as common
+
 STRATEGIES = ("copy_kv", "propagate", "catch_up", "freeze", "update")
 
 
@@ -65,12 +67,32 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ValueError(f"--prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from offramp.data.sources import read_user_text
+
+        prompts += [line.strip() for line in read_user_text(path).splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
     if any(not p.strip() for p in prompts):
         raise ValueError("a prompt is empty: remove it or give it some text")
     return prompts
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse settings that would fail late or silently change nothing, before the model loads."""
+    import math
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threshold is not None and not (0.0 <= args.threshold <= 1.0):  # NaN fails this too
+        raise ValueError(f"--threshold must be a number in [0, 1], got {args.threshold}")
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        v = getattr(args, name)
+        if math.isnan(v) or v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v}")
+    if args.top_p > 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
@@ -101,10 +123,10 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
     else:
         seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train",
                                                                instruct=args.chat),
-                                    max_new_tokens=40, chat=args.chat)
-    fit_exits(model, seqs, head_epochs=args.fit_epochs, log=lambda m: print(f"[fit-exits] {m}", flush=True))
+                                    max_new_tokens=40, chat=args.chat, progress=True)
+    fit_exits(model, seqs, head_epochs=args.fit_epochs, log=lambda m: common.log(f"fit-exits: {m}"), progress=True)
     model.save_pretrained(args.fit_exits)
-    print(f"[fit-exits] saved to {args.fit_exits}")
+    common.log(f"fit-exits: saved to {args.fit_exits}")
     return model
 
 
@@ -113,8 +135,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from offramp.engines.generate import generate
     from offramp.engines.generate_assets import load_causal_lm
     from offramp.engines.generate_sampling import SamplingOptions
+    from offramp.utils import progress
 
+    _check_numbers(args)
     prompts = _prompts(args)
+    if args.json:
+        common.check_out(Path(args.json), True, "--json file")
+    if args.fit_exits:
+        common.check_out(Path(args.fit_exits), True, "--fit-exits folder")
     backbone, tok = load_causal_lm(args.model)
     exit_model = _exit_model(args, backbone, tok)
     if args.threshold is not None and exit_model is None:
@@ -128,7 +156,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
              for p in prompts] if args.chat else prompts
     model = exit_model if exit_model is not None else backbone
     rows, start = [], time.perf_counter()
-    for i in range(0, len(texts), args.batch_size):
+    batches = range(0, len(texts), args.batch_size)
+    for i in progress(batches, desc="generate", unit="batch", enabled=len(batches) > 1):
         enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True)
         out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
                        threshold=threshold, cache_strategy=args.cache_strategy, sampling=sampling, tokenizer=tok)

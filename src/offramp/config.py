@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from offramp.utils import atomic_write_json
+from offramp.utils import atomic_write_json, read_json
 
 CONFIG_NAME = "offramp_config.json"
 FORMAT_VERSION = 1
@@ -77,6 +77,25 @@ class OfframpConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.base_model_name_or_path, os.PathLike):
+            self.base_model_name_or_path = os.fspath(self.base_model_name_or_path)
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"base_model_name_or_path must be a Hub id or a folder path, got "
+                             f"{self.base_model_name_or_path!r}")
+        if self.extra is None:
+            self.extra = {}
+        for name in ("head", "extra", "objective", "policy"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict (a JSON object), got {getattr(self, name)!r}")
+        for name in ("halting", "gate"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict (a JSON object) or None, got {getattr(self, name)!r}")
+        if self.exit_layers is not None and not isinstance(self.exit_layers, (list, tuple)):
+            raise ValueError(f"exit_layers must be a list of 1-based layer numbers or None, got {self.exit_layers!r}")
+        if self.label_names is not None:
+            if not isinstance(self.label_names, (list, tuple)) or not all(isinstance(n, str) for n in self.label_names):
+                raise ValueError(f"label_names must be a list of strings or None, got {self.label_names!r}")
+            self.label_names = list(self.label_names)
         if not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"num_labels must be an integer >= 1 (1 = regression), got {self.num_labels!r}")
         if self.exit_layers is not None:
@@ -135,6 +154,12 @@ class OfframpConfig:
             raise ValueError(f"policy must be a dict with a 'type', got {self.policy!r}")
         if self.label_names is not None and self.num_labels > 1 and len(self.label_names) != self.num_labels:
             raise ValueError(f"label_names has {len(self.label_names)} names but num_labels is {self.num_labels}")
+        for f in fields(self):
+            try:
+                json.dumps(getattr(self, f.name))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{f.name} must hold only JSON values (str, numbers, lists, dicts; a path as "
+                                 f"str(path)): {e}") from None
 
     @property
     def is_regression(self) -> bool:
@@ -145,6 +170,8 @@ class OfframpConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "OfframpConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"an offramp config is a JSON object, got a {type(data).__name__}")
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
         data.pop("offramp_version", None)
@@ -168,8 +195,8 @@ class OfframpConfig:
         if not path.is_file():
             raise ValueError(f"{directory} is not an offramp checkpoint: {CONFIG_NAME} is missing "
                              "(save one with EarlyExitModel.save_pretrained or `offramp train`)")
+        data = read_json(path, "offramp config", "the checkpoint is damaged: train or save it again")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from e
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}; the checkpoint is damaged or was edited by hand") from None

@@ -197,20 +197,34 @@ class DecoderExitModel(nn.Module):
     def from_pretrained(cls, path: str | Path, backbone: nn.Module | None = None,
                         **backbone_kwargs: Any) -> "DecoderExitModel":
         """Load exits saved by ``save_pretrained``; the backbone is ``backbone`` or loaded by reference."""
-        from safetensors.torch import load_file
+        from offramp.utils import load_safetensors, read_json, readable_dir
 
-        path = Path(path)
+        path = readable_dir(path)
         if not (path / CONFIG_NAME).is_file():
             raise ValueError(f"{path} has no {CONFIG_NAME}: not a saved DecoderExitModel")
-        cfg = DecoderExitConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        fix = "fit the exits again (offramp generate --fit-exits)"
+        try:
+            cfg = DecoderExitConfig.from_dict(read_json(path / CONFIG_NAME, "decoder exits config", fix))
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"{path / CONFIG_NAME}: not a valid decoder exits config ({e}); {fix}") from None
         if backbone is None:
             if not cfg.base_model_name_or_path:
                 raise ValueError("the checkpoint names no base model: pass backbone=")
             from transformers import AutoModelForCausalLM
 
+            from offramp.modeling import load_hf_model
+
             backbone_kwargs.setdefault("dtype", torch.float32)
-            backbone = AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path, **backbone_kwargs).eval()
+            backbone = load_hf_model(AutoModelForCausalLM, cfg.base_model_name_or_path, "backbone",
+                                     **backbone_kwargs).eval()
         model = cls(backbone, cfg)
-        state = load_file(str(path / WEIGHTS_NAME), device=str(model.adapter.head_device))
-        model.load_state_dict(state)
+        state = load_safetensors(path / WEIGHTS_NAME, "exit heads", fix, device=str(model.adapter.head_device))
+        own = model.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} (needs {tuple(own[k].shape)})" for k, v in state.items()
+                 if k in own and own[k].shape != v.shape]
+        missing = sorted(set(own) - set(state))
+        if wrong or missing:
+            raise ValueError(f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME} and this backbone "
+                             f"({'; '.join(wrong[:3]) or 'missing ' + ', '.join(missing[:3])}); {fix}")
+        model.load_state_dict(state, strict=False)
         return model

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import ModelOutput
@@ -19,7 +20,7 @@ from offramp.config import CONFIG_NAME, OfframpConfig
 from offramp.heads.classifier import ExitClassifiers
 from offramp.heads.halting import HaltingLayer, exit_log_distribution
 from offramp.policies import ExitPolicy, make_policy
-from offramp.utils import atomic_dir
+from offramp.utils import atomic_dir, load_safetensors, readable_dir
 
 HEADS_NAME = "offramp_heads.safetensors"
 BACKBONE_DIR = "backbone"
@@ -69,11 +70,35 @@ def _load_backbone(spec: str | os.PathLike | nn.Module, **kwargs: Any) -> nn.Mod
     if isinstance(spec, nn.Module):
         base = getattr(spec, "base_model", spec)
         return base
+    return load_hf_model(AutoModel, spec, "backbone", **kwargs)
+
+
+def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs: Any) -> nn.Module:
+    """``auto_class.from_pretrained(spec)`` with every way a folder can be bad turned into a ValueError
+    naming it (a missing folder, damaged weights, a config that is not JSON, a pickle that would
+    need to run code). ``trust_remote_code`` is never set: no code from the folder runs."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if kwargs.get("trust_remote_code"):
+        raise ValueError("trust_remote_code is not supported: offramp never runs code from a model folder")
+    local = Path(str(spec)).exists()
     try:
-        return AutoModel.from_pretrained(str(spec), **kwargs)
+        return auto_class.from_pretrained(str(spec), **kwargs)
     except OSError as e:
-        raise ValueError(f"cannot load the backbone {spec!r}: {e}. Give a local HF model folder or a Hub id "
-                         "(Hub ids need internet access)") from e
+        raise ValueError(f"cannot load the {what} {spec!r}: {e}. Give a local HF model folder or a Hub id "
+                         "(Hub ids need internet access)") from None
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refused to load the {what} {spec!r}: its weights file is a pickle that would have "
+                         f"to run code to load ({str(e).splitlines()[0] if str(e) else 'unsafe pickle'}); "
+                         "convert it to safetensors with a tool you trust") from None
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, RuntimeError, KeyError, ValueError,
+            EOFError) as e:
+        if not local and not isinstance(e, ValueError):
+            raise
+        raise ValueError(f"cannot load the {what} {spec!r}: its files are damaged or not a HF model "
+                         f"({type(e).__name__}: {e}); save the model again or point to another folder") from None
 
 
 class EarlyExitModel(nn.Module):
@@ -250,9 +275,9 @@ class EarlyExitModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **load_kwargs: Any) -> "EarlyExitModel":
         """Load what ``save_pretrained`` wrote (a folder; or a training output folder)."""
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file() and (directory / "checkpoint" / CONFIG_NAME).is_file():
-            directory = directory / "checkpoint"
+        directory = readable_dir(directory)
+        if not (directory / CONFIG_NAME).is_file() and (readable_dir(directory / "checkpoint") / CONFIG_NAME).is_file():
+            directory = readable_dir(directory / "checkpoint")
         config = OfframpConfig.load(directory)
         source = directory / BACKBONE_DIR
         if not source.is_dir():
@@ -262,7 +287,11 @@ class EarlyExitModel(nn.Module):
         backbone = _load_backbone(source, **load_kwargs)
         tokenizer = None
         if (directory / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{directory}: its tokenizer files cannot be read ({type(e).__name__}: {e}); "
+                                 "save the checkpoint again") from None
         model = cls(backbone, config, tokenizer)
         model.load_heads(directory)
         return model.eval()
@@ -272,7 +301,15 @@ class EarlyExitModel(nn.Module):
         path = Path(directory) / HEADS_NAME
         if not path.is_file():
             raise ValueError(f"{directory} has no {HEADS_NAME}: it is not an offramp checkpoint")
-        missing, unexpected = self.load_state_dict(load_file(str(path)), strict=False)
+        state = load_safetensors(path, "exit heads", "train or save the checkpoint again")
+        own = self.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} (the config needs {tuple(own[k].shape)})" for k, v in state.items()
+                 if k in own and own[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"{path}: head shapes do not match {CONFIG_NAME}: {'; '.join(wrong[:3])}"
+                             f"{' ...' if len(wrong) > 3 else ''}. The heads and the config come from different "
+                             "checkpoints: train or save it again")
+        missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
             raise ValueError(f"{directory}: heads do not match the config (missing {missing}, "

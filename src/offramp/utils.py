@@ -1,14 +1,20 @@
-"""Small shared helpers: atomic file and directory writes."""
+"""Small shared helpers: atomic file and directory writes, and loaders that never run code."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
+import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -24,7 +30,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -46,29 +53,215 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or
+    the file system has no such call (the caller then falls back to two renames)."""
+    fn = getattr(_libc(), "renameat2", None) if sys.platform.startswith("linux") else None
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _old_copy(path: Path) -> Path:
+    return path.parent / f".{path.name}.old"
+
+
+def readable_dir(path: str | os.PathLike) -> Path:
+    """The folder a reader should open for ``path``: ``path`` itself, or the previous copy that a
+    save killed between its two renames left in ``.NAME.old`` (only where the OS cannot swap two
+    folders in one step). Reads nothing and changes nothing."""
+    path = Path(path)
+    if not path.exists() and _old_copy(path).is_dir():
+        return _old_copy(path)
+    return path
+
+
+def clean_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed saves of ``path`` left beside it; returns what was removed.
+
+    Temporary folders ``.NAME.<pid>.*.tmp`` of processes that no longer run are deleted; a
+    ``.NAME.old`` is put back at ``path`` when ``path`` is missing (the swap was cut between its
+    two renames), else deleted.
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        parts = p.name[len(path.name) + 2:].split(".")
+        if parts and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            _remove(p)
+            removed.append(p)
+    old = _old_copy(path)
+    if old.exists():
+        if path.exists():
+            _remove(old)
+            removed.append(old)
+        else:
+            os.replace(old, path)
+    return removed
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory under a temporary name, then swap it into ``path`` in one rename.
+    """Build a directory under a temporary name, then swap it into ``path`` in one step.
 
     Usage: ``with atomic_dir(out) as tmp: write files into tmp``. If the block raises, ``path``
     keeps its previous content and the temporary folder is removed. An existing ``path`` is
-    moved aside first and deleted only after the new one is in place.
+    exchanged with the new folder in one ``renameat2(RENAME_EXCHANGE)`` where the OS has it, so a
+    kill at any moment leaves either the old or the new folder at ``path``. Elsewhere the old one
+    is moved to ``.NAME.old`` first; a kill between the two renames leaves it there, where
+    :func:`readable_dir` finds it and the next save puts it back. What killed saves left beside
+    ``path`` is removed by the next save (:func:`clean_stale`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
+    if not path.exists():
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous folder
+    else:
+        old = _old_copy(path)
         os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
+        os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the files of ``folder`` to disk before it is renamed into place."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def read_json(path: str | os.PathLike, what: str, fix: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a ValueError naming the file, ``what`` it should be and ``fix``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: {what} not found; {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the {what} is damaged; {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object: it is not a valid "
+                         f"{what}; {fix}")
+    return data
+
+
+def load_safetensors(path: str | os.PathLike, what: str, fix: str, device: str = "cpu") -> dict[str, Any]:
+    """The tensors of a safetensors file; a damaged or foreign file is a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: no {what}; {fix}")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): the {what} is damaged or "
+                         f"truncated; {fix}") from None
+
+
+def load_torch_state(path: str | os.PathLike, what: str, fix: str) -> Any:
+    """A ``torch.save`` file of tensors and plain values, loaded with ``weights_only=True``.
+
+    A file that needs any other Python object (a crafted pickle could run code while it loads) is
+    refused with a ValueError, and nothing in it runs.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: no {what}; {fix}")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused to load the {what}: it is not plain tensors and values "
+                         f"({first}), and loading it could run code. Use only files that offramp wrote; "
+                         f"{fix}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable {what} ({e}); {fix}") from None
+
+
+# ----------------------------------------------------------------------------------------- progress
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence (or restore) every progress bar and progress line offramp writes to stderr."""
+    global _quiet
+    _quiet = bool(quiet)
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+def progress(iterable: Any, *, desc: str, enabled: bool = True, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr over ``iterable`` (none when ``enabled`` is False or after ``set_quiet``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, disable=_quiet or not enabled, file=sys.stderr, **kwargs)

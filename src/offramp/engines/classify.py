@@ -34,6 +34,7 @@ def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mas
         raise ValueError(f"policy {policy.type!r} needs a halting layer; this model has none")
     if "gate" in policy.needs and model.gates is None:
         raise ValueError(f"policy {policy.type!r} needs exit gates; this model has none")
+    policy.check_exits(model.exit_layers)
     a, cls = model.adapter, model.classifiers
     b, device = input_ids.shape[0], input_ids.device
     num_exits, last = model.num_exits, model.num_exits - 1

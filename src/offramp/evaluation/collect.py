@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from offramp.policies import ExitPolicy, ExitSignals, make_policy
-from offramp.utils import atomic_dir
+from offramp.utils import atomic_dir, load_safetensors, read_json, readable_dir
 
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel
@@ -77,30 +77,46 @@ class ExitTrace:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ExitTrace":
-        directory = Path(directory)
+        directory = readable_dir(directory)
         meta_path, tensor_path = directory / TRACE_META, directory / TRACE_TENSORS
         if not meta_path.is_file() or not tensor_path.is_file():
             raise ValueError(f"{directory} is not a complete exit trace ({TRACE_META} and {TRACE_TENSORS} "
                              "are written together at the end of `offramp collect`); collect it again")
-        meta = json.loads(meta_path.read_text())
+        fix = "collect it again (offramp collect)"
+        meta = read_json(meta_path, "trace metadata", fix)
         if not meta.get("complete"):
             raise ValueError(f"{directory} is an incomplete trace; collect it again")
-        t = load_file(str(tensor_path))
-        return cls(logits=t["logits"], labels=t.get("labels"), exit_layers=meta["exit_layers"],
-                   num_layers=meta["num_layers"], halting=t.get("halting"), gate=t.get("gate"),
-                   hidden=t.get("hidden"), layer_flops=meta.get("layer_flops"), meta=meta.get("meta", {}))
+        t = load_safetensors(tensor_path, "trace", fix)
+        if "logits" not in t or t["logits"].dim() != 3:
+            raise ValueError(f"{tensor_path} has no (exits, n, classes) 'logits' tensor (it holds "
+                             f"{sorted(t)}); {fix}")
+        logits = t["logits"]
+        try:
+            exit_layers, num_layers = [int(x) for x in meta["exit_layers"]], int(meta["num_layers"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{meta_path}: exit_layers / num_layers missing or not numbers ({e}); {fix}") from None
+        if len(exit_layers) != logits.shape[0]:
+            raise ValueError(f"{directory}: {len(exit_layers)} exit layers in {TRACE_META} but logits for "
+                             f"{logits.shape[0]} exits in {TRACE_TENSORS}; {fix}")
+        n = logits.shape[1]
+        for name, dim in (("labels", 0), ("halting", 0), ("gate", 0), ("hidden", 1)):
+            if name in t and t[name].shape[dim] != n:
+                raise ValueError(f"{tensor_path}: '{name}' covers {t[name].shape[dim]} examples, logits {n}; {fix}")
+        return cls(logits=logits, labels=t.get("labels"), exit_layers=exit_layers,
+                   num_layers=num_layers, halting=t.get("halting"), gate=t.get("gate"),
+                   hidden=t.get("hidden"), layer_flops=meta.get("layer_flops"), meta=meta.get("meta") or {})
 
 
 @torch.no_grad()
 def collect(model: "EarlyExitModel", batches: Iterable[dict[str, Tensor]], *, keep_hidden: bool = False,
             progress: bool = False) -> ExitTrace:
     """Run every exit over ``batches`` (dicts with input_ids, attention_mask[, token_type_ids, labels])."""
-    from tqdm.auto import tqdm
+    from offramp.utils import progress as bar
 
     model.eval()
     logits, labels, halting, gate, hidden = [], [], [], [], []
     device = model.device
-    for batch in tqdm(batches, desc="collect", disable=not progress):
+    for batch in bar(batches, desc="collect", enabled=progress):
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         out = model(**inputs, output_pooled=keep_hidden)
         logits.append(out.exit_logits.float().cpu())
@@ -141,6 +157,7 @@ def replay(policy: ExitPolicy | str | dict, trace: ExitTrace, labels: Tensor | N
         if need in policy.needs and getattr(trace, need) is None:
             raise ValueError(f"policy {policy.type!r} needs {need} and this trace has none; collect it from a "
                              f"model that has it" + (" with keep_hidden=True" if need == "hidden" else ""))
+    policy.check_exits(trace.exit_layers)
     rows = torch.arange(n)
     out_index = torch.full((n,), e - 1, dtype=torch.long)
     state = policy.start(n, e)

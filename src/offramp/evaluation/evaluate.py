@@ -14,11 +14,14 @@ from offramp.evaluation.timing import time_model
 
 
 @torch.no_grad()
-def run_policy(model: Any, batches: Sequence[dict], policy: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def run_policy(model: Any, batches: Sequence[dict], policy: Any, *,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``model.predict`` over ``batches``: (logits (n, c), exit_index (n,), labels (n,))."""
+    from offramp.utils import progress as bar
+
     model.eval()
     logits, index, labels = [], [], []
-    for b in batches:
+    for b in bar(batches, desc="early exit", unit="batch", enabled=progress):
         pred = model.predict(b["input_ids"].to(model.device), b["attention_mask"].to(model.device), policy,
                              token_type_ids=b["token_type_ids"].to(model.device) if "token_type_ids" in b else None,
                              labels=b["labels"].to(model.device) if "labels" in policy.needs else None)
@@ -29,7 +32,8 @@ def run_policy(model: Any, batches: Sequence[dict], policy: Any) -> tuple[np.nda
 
 
 def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths: np.ndarray | None = None,
-                    metric: str | None = None, timing: bool = True, repeats: int = 1) -> dict[str, Any]:
+                    metric: str | None = None, timing: bool = True, repeats: int = 1,
+                    progress: bool = False) -> dict[str, Any]:
     """Metric, mean exit layer, exit histogram, FLOPs and (optionally) wall-clock vs the full model.
 
     Args:
@@ -40,11 +44,12 @@ def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths
         metric: default accuracy (classification) / pearson (regression).
         timing: also time the full HF forward against ``predict``, interleaved, in this run.
         repeats: timed passes (the median is kept).
+        progress: progress bars on stderr.
     """
     if not batches:
         raise ValueError("the split is empty: nothing to evaluate")
     metric = metric or ("pearson" if model.config.is_regression else "accuracy")
-    logits, index, labels = run_policy(model, batches, policy)
+    logits, index, labels = run_policy(model, batches, policy, progress=progress)
     layers = np.asarray(model.exit_layers)
     if lengths is None:
         lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).numpy()
@@ -58,5 +63,5 @@ def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths
         "speedup_layers": float(model.num_layers / layers[index].mean()),
         "flops": {"mean": mean_flops, "full": flops.full, "speedup": flops.full / mean_flops}}
     if timing:
-        out["timing"] = time_model(model, policy, batches, repeats=repeats).to_dict()
+        out["timing"] = time_model(model, policy, batches, repeats=repeats, progress=progress).to_dict()
     return out

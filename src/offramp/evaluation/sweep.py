@@ -269,8 +269,10 @@ def sweep_rule(trace: Any, rule: str, spec: str | Mapping[str, Any], *, metric: 
             v = v.item() if isinstance(v, np.generic) else v  # plain numbers in policy dicts and JSON
             try:
                 settings.append((base.with_threshold(v), v))
-            except ValueError:
-                continue  # a grid value outside this policy's range (e.g. max_prob below 1/c)
+            except ValueError as e:
+                if grid is not None:  # the user's own value: say so rather than drop it
+                    raise ValueError(f"grid value {v!r} for rule {rule!r}: {e}") from None
+                continue  # a default grid value outside this policy's range (e.g. max_prob below 1/c)
     points = []
     for pol, v in settings:
         exit_index, chosen = replay(pol, trace)

@@ -67,7 +67,8 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tensor]], *,
-              device: torch.device | str = "cpu", repeats: int = 3, warmup: int = 1) -> Timing:
+              device: torch.device | str = "cpu", repeats: int = 3, warmup: int = 1,
+              progress: bool = False) -> Timing:
     """Time two callables over the same batches, interleaved; the median pass of each."""
     if not batches:
         raise ValueError("no batches to time: the split is empty")
@@ -78,7 +79,11 @@ def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tenso
     for inputs in prepared[:warmup]:
         full(inputs)
         early(inputs)
+    from offramp.utils import progress as bar
+
     full_times, early_times = [], []
+    shown = bar(None, desc="timing full model vs early exit", unit="batch", total=repeats * len(prepared),
+                enabled=progress)
     for _ in range(repeats):
         tf = te = 0.0
         for inputs in prepared:
@@ -91,19 +96,21 @@ def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tenso
             _sync(device)
             t2 = time.perf_counter()
             tf, te = tf + (t1 - t0), te + (t2 - t1)
+            shown.update(1)
         full_times.append(tf)
         early_times.append(te)
+    shown.close()
     f, e = statistics.median(full_times), statistics.median(early_times)
     rows = sum(int(b["input_ids"].shape[0]) for b in prepared)
     return Timing(f, e, f / e if e > 0 else float("inf"), repeats, rows)
 
 
 def time_model(model: Any, policy: Any, batches: Sequence[dict[str, Tensor]], *, repeats: int = 3,
-               warmup: int = 1) -> Timing:
+               warmup: int = 1, progress: bool = False) -> Timing:
     """Full HF forward vs ``model.predict(policy)`` over ``batches``, measured in the same run."""
     model.eval()
     return time_pair(full_forward(model), early_predict(model, policy), batches, device=model.device,
-                     repeats=repeats, warmup=warmup)
+                     repeats=repeats, warmup=warmup, progress=progress)
 
 
 def time_policies(model: Any, policies: dict[str, Any], batches: Sequence[dict[str, Tensor]], *,

@@ -51,15 +51,16 @@ def exit_weights(num_exits: int) -> Tensor:
 
 @torch.no_grad()
 def greedy_continuations(backbone: nn.Module, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 48,
-                         batch_size: int = 8, chat: bool = False) -> list[tuple[Tensor, int]]:
+                         batch_size: int = 8, chat: bool = False, progress: bool = False) -> list[tuple[Tensor, int]]:
     """(token ids, index of the first generated token) for each prompt, greedy, no exits."""
     from offramp.engines.generate import generate
+    from offramp.utils import progress as bar
 
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
     tokenizer.padding_side = "left"
     out: list[tuple[Tensor, int]] = []
-    for i in range(0, len(prompts), batch_size):
+    for i in bar(range(0, len(prompts), batch_size), desc="greedy continuations", unit="batch", enabled=progress):
         texts = prompts[i:i + batch_size]
         if chat:
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
@@ -95,10 +96,13 @@ def text_sequences(tokenizer: Any, texts: list[str], *, max_tokens: int = 256) -
 
 
 @torch.no_grad()
-def collect_states(model: nn.Module, sequences: list[tuple[Tensor, int]], *, kd_top_k: int = 32) -> list[ExitStates]:
+def collect_states(model: nn.Module, sequences: list[tuple[Tensor, int]], *, kd_top_k: int = 32,
+                   progress: bool = False) -> list[ExitStates]:
     """Run the frozen backbone once per sequence; keep exit hidden states and the teacher's top-K."""
+    from offramp.utils import progress as bar
+
     states = []
-    for ids, first_new in sequences:
+    for ids, first_new in bar(sequences, desc="exit states", unit="sequence", enabled=progress):
         out = model.backbone(input_ids=ids[None].to(model.adapter.layer_device(0)), output_hidden_states=True,
                              use_cache=False)
         after = model.adapter.hidden_after
@@ -239,7 +243,8 @@ def train_confidence(model: nn.Module, feats: Tensor, targets: Tensor, *, epochs
 
 def fit_exits(model: nn.Module, sequences: list[tuple[Tensor, int]], *, head_epochs: int = 3,
               confidence_epochs: int = 30, top_k: int | None = None, kd_top_k: int = 32, lr: float = 1e-3,
-              max_confidence_positions: int = 2000, log: Callable[[str], None] | None = print) -> dict:
+              max_confidence_positions: int = 2000, log: Callable[[str], None] | None = print,
+              progress: bool = False) -> dict:
     """The whole recipe on a frozen backbone: collect states, distil heads, train confidences.
 
     The confidence targets need the full-vocabulary argmax of every exit, so they are computed on
@@ -247,7 +252,7 @@ def fit_exits(model: nn.Module, sequences: list[tuple[Tensor, int]], *, head_epo
     """
     model.backbone.requires_grad_(False)
     top_k = top_k or model.config.top_k
-    states = collect_states(model, sequences, kd_top_k=kd_top_k)
+    states = collect_states(model, sequences, kd_top_k=kd_top_k, progress=progress)
     head_hist = train_exit_heads(model, states, epochs=head_epochs, lr=lr, log=log)
     keep, count = [], 0
     for s in states:

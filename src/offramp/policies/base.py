@@ -10,6 +10,7 @@ exactly the exits that inference takes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
@@ -81,6 +82,10 @@ class ExitPolicy:
         """
         raise NotImplementedError
 
+    def check_exits(self, exit_layers: list[int]) -> None:
+        """Raise a ValueError before any work if this policy cannot act on a model with exits after
+        ``exit_layers`` (1-based); the engines and ``replay`` call it once per batch."""
+
     def with_threshold(self, value: float) -> "ExitPolicy":
         """A copy of this policy with its threshold field set to ``value``."""
         if self.threshold_field is None:
@@ -95,7 +100,12 @@ class ExitPolicy:
 
 def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
                 high_open: bool = False) -> None:
-    """Raise a ValueError naming ``name`` if ``value`` is outside [low, high] (or open ends)."""
+    """Raise a ValueError naming ``name`` if ``value`` is not a number in [low, high] (or open ends).
+
+    NaN is refused: every comparison with it is false, so a NaN threshold would silently never exit.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:

@@ -26,7 +26,7 @@ class PatiencePolicy(ExitPolicy):
     def __post_init__(self) -> None:
         if not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
-        if self.regression_tol <= 0:
+        if not isinstance(self.regression_tol, (int, float)) or not self.regression_tol > 0:
             raise ValueError(f"regression_tol must be > 0, got {self.regression_tol}")
 
     def start(self, batch_size: int, num_exits: int, device: torch.device | str = "cpu") -> PolicyState:

@@ -20,6 +20,12 @@ class StaticPolicy(ExitPolicy):
         if not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"static policy: layer must be an integer >= 1, got {self.layer!r}")
 
+    def check_exits(self, exit_layers: list[int]) -> None:
+        if self.layer > exit_layers[-1]:
+            raise ValueError(f"static policy: layer {self.layer} is past the last exit (layer {exit_layers[-1]}; "
+                             f"exits at {list(exit_layers)}): no row would exit there. Use a layer in "
+                             f"1..{exit_layers[-1]}")
+
     def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
         b = signals.logits.shape[0]
         return torch.full((b,), signals.layer >= self.layer, dtype=torch.bool, device=signals.logits.device), state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -132,12 +133,16 @@ def load_dataset(out_dir: str | Path, uids: list[str] | None = None) -> EventDat
         path = out / f"{uid}.npz"
         if not path.exists():
             raise ValueError(f"{path} is missing: build it with build_dataset or drop {uid!r}")
-        with np.load(path) as z:
-            if z["labels"].size:
-                feats.append(z["features"].astype(np.float32))
-                labels.append(z["labels"])
-                groups.append(np.full(z["labels"].size, g, dtype=np.int64))
-            traces.append(json.loads(str(z["trace"])))
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if z["labels"].size:
+                    feats.append(z["features"].astype(np.float32))
+                    labels.append(z["labels"])
+                    groups.append(np.full(z["labels"].size, g, dtype=np.int64))
+                traces.append(json.loads(str(z["trace"])))
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a readable event file ({type(e).__name__}: {e}; pickled objects are "
+                             f"refused): delete it and run the build again to relabel {uid!r}") from None
     if not feats:
         raise ValueError(f"the problems in {out} have no cue events: change the CueConfig")
     return EventDataset(np.concatenate(feats), np.concatenate(labels), np.concatenate(groups), uids, traces)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from offramp.calibration.conformal import ClassConditionalConformal, conformal_quantile
-from offramp.utils import atomic_dir
+from offramp.utils import atomic_dir, load_torch_state, read_json, readable_dir
 
 PROBE_FILE = "probe.json"
 WEIGHTS_FILE = "probe.pt"
@@ -193,16 +193,24 @@ class LynxProbe:
     @classmethod
     def load(cls, path: str | Path) -> "LynxProbe":
         """Load a probe written by ``save`` (calibrated if it was)."""
-        path = Path(path)
+        path = readable_dir(path)
         if not (path / PROBE_FILE).is_file():
             raise ValueError(f"{path} holds no LYNX probe ({PROBE_FILE} missing): train one with LynxProbe.save")
-        meta = json.loads((path / PROBE_FILE).read_text())
+        fix = "fit the probe again (offramp reason fit)"
+        meta = read_json(path / PROBE_FILE, "LYNX probe", fix)
+        try:
+            return cls._from_meta(path, meta, fix)
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{path} is not a valid LYNX probe ({type(e).__name__}: {e}); {fix}") from None
+
+    @classmethod
+    def _from_meta(cls, path: Path, meta: dict, fix: str) -> "LynxProbe":
         probe = cls(tuple(meta["hidden"]), meta["epochs"], meta["lr"], meta["weight_decay"], meta["seed"])
         probe.mean_ = np.array(meta["mean"], dtype=np.float32)
         probe.std_ = np.array(meta["std"], dtype=np.float32)
         probe.class_weights_ = np.array(meta["class_weights"])
         probe.net_ = probe._build(probe.mean_.shape[0])
-        probe.net_.load_state_dict(torch.load(path / WEIGHTS_FILE, weights_only=True))
+        probe.net_.load_state_dict(load_torch_state(path / WEIGHTS_FILE, "LYNX probe weights", fix))
         probe.net_.eval()
         probe.extra_ = meta.get("extra", {})
         if "quantiles" in meta:

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
-
-from offramp.utils import atomic_write_json
+from offramp.utils import atomic_write_json, load_torch_state, progress
 
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel
@@ -148,7 +146,8 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
         model.load_heads(ckpt)
         if not args.frozen_backbone:  # fine-tuned weights live in the checkpoint's backbone/
             model.backbone.load_state_dict(EarlyExitModel.from_pretrained(ckpt).backbone.state_dict())
-        state = torch.load(ckpt / STATE_NAME, weights_only=False)
+        state = load_torch_state(ckpt / STATE_NAME, "training state",
+                                 "start the run again without --resume, into a new --out")
         start_epoch, history = state["epoch"] + 1, state["history"]
     elif args.resume:
         raise ValueError(f"--resume: no checkpoint at {ckpt} to continue from; start without --resume")
@@ -175,8 +174,8 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
         total, count = 0.0, 0
         order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(args.seed + epoch))
         mine = [train_batches[i] for i in order.tolist()][accelerator.process_index::accelerator.num_processes]
-        bar = tqdm(mine, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=not (args.progress and accelerator.is_local_main_process))
+        bar = progress(mine, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       enabled=args.progress and accelerator.is_local_main_process)
         for batch in bar:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             loss = pmodel(**_as_inputs(batch)).loss
@@ -203,12 +202,12 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     return {"history": history, "checkpoint": str(ckpt)}
 
 
-def _cache_pooled(model: "EarlyExitModel", batches: Sequence[dict], progress: bool) -> list[dict]:
+def _cache_pooled(model: "EarlyExitModel", batches: Sequence[dict], show: bool) -> list[dict]:
     """Replace each batch's token inputs by the frozen backbone's pooled states (E, b, d)."""
     model.eval()
     keys = ("input_ids", "attention_mask", "token_type_ids")
     cached = []
-    for batch in tqdm(batches, desc="caching backbone states", disable=not progress):
+    for batch in progress(batches, desc="caching backbone states", enabled=show):
         pooled = model.pooled_states(**{k: v.to(model.device) for k, v in batch.items() if k in keys})
         cached.append({"pooled": pooled.transpose(0, 1), **{k: v for k, v in batch.items() if k not in keys}})
     return cached  # pooled stored (b, E, d) so that batch-dim splitting works; see _as_inputs
