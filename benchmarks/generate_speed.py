@@ -32,7 +32,7 @@ from offramp.decoder_model import DecoderExitModel  # noqa: E402
 from offramp.engines.generate import generate  # noqa: E402
 from offramp.engines.generate_assets import CACHE, bbc_prompts, load_causal_lm  # noqa: E402
 from offramp.objectives.distill import fit_exits, greedy_continuations  # noqa: E402
-from offramp.utils import atomic_write_json  # noqa: E402
+from offramp.utils import atomic_write_json, load_torch_state  # noqa: E402
 
 
 def encode(tok, prompts: list[str], chat: bool) -> dict:
@@ -50,7 +50,7 @@ def trained_exits(name: str, backbone, tok, head: str, *, chat: bool, train_prom
         return DecoderExitModel.from_pretrained(path, backbone=backbone)
     data_path = CACHE / "exits" / f"{name}-data.pt"
     if data_path.exists() and not retrain:
-        seqs = torch.load(data_path)
+        seqs = load_torch_state(data_path, "cached continuations", "delete it to regenerate")
     else:
         t0 = time.time()
         seqs = greedy_continuations(backbone, tok, bbc_prompts(train_prompts, split="train", instruct=chat),

@@ -27,6 +27,7 @@ from offramp.evaluation.collect import ExitTrace, replay
 from offramp.evaluation.flops import model_exit_flops
 from offramp.policies import make_policy
 from offramp.training.jei import JEIArgs, jei_config, train_jei
+from offramp.utils import load_torch_state
 
 LAMBDAS = [0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
 SWEEPS = {"entropy": ("joint", "threshold", np.linspace(0.0, math.log(3), 25)),
@@ -44,7 +45,7 @@ def _encode(args, out: Path):
     path = out / "pooled.pt"
     base = EarlyExitModel.from_backbone(minilm_path(), OfframpConfig(num_labels=3, head={"pooling": "mean"}))
     if path.is_file():
-        return base, torch.load(path)
+        return base, load_torch_state(path, "cached pooled states", "delete it to recompute")
     data = load_data("tweets", seed=args.seed, max_train=args.train, max_eval=2 * args.test)
     test = data.test
     half = len(test) // 2
@@ -104,7 +105,7 @@ def _models(args, base, cache, out: Path) -> dict[str, EarlyExitModel]:
         model = _model(base, OfframpConfig(num_labels=3, label_names=cache["label_names"], **spec))
         heads = out / "heads" / f"{name}.pt"
         if heads.is_file():
-            model.load_state_dict(torch.load(heads), strict=False)
+            model.load_state_dict(load_torch_state(heads, "cached heads", "delete it to retrain"), strict=False)
         else:
             t0 = time.time()
             if name.startswith("jei_"):

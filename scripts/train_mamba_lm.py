@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from transformers import MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
 
+    from offramp.utils import load_torch_state
+
     out = Path(args.out)
     texts = corpus_texts()
     rng = random.Random(0)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     data = torch.tensor(ids, dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     if (out / "optimizer.pt").exists():
-        opt.load_state_dict(torch.load(out / "optimizer.pt"))
+        opt.load_state_dict(load_torch_state(out / "optimizer.pt", "optimizer state", "delete it to restart"))
     gen = torch.Generator().manual_seed(state["step"])
     use_pscan = importlib.util.find_spec("mambapy") is not None  # parallel scan: ~2x faster on CPU
     model.config.use_mambapy = use_pscan

@@ -8,9 +8,11 @@ reason, calibrate) when they import. Bad input ends with ``offramp <cmd>: error:
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -288,10 +290,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    grids=common.parse_grids(args.grid))
     chosen = {r: result.best_within(r, args.tolerance) for r in result.rules}
     rel = common.reliability_curves(trace, chosen)
-    paths = write_report(out, result, chosen=chosen, reliability=rel, title="offramp sweep",
-                         notes=[f"trace: {args.trace} ({len(trace)} examples, split "
-                                f"{trace.meta.get('split', '?')})"])
-    print(paths["markdown"].read_text().split("Pareto frontier")[0].strip())
+    from offramp.utils import atomic_dir
+
+    with atomic_dir(out) as tmp:  # one folder swap: never a new report.json beside an old report.md
+        paths = write_report(tmp, result, chosen=chosen, reliability=rel, title="offramp sweep",
+                             notes=[f"trace: {args.trace} ({len(trace)} examples, split "
+                                    f"{trace.meta.get('split', '?')})"])
+        summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
+    print(summary)
     print(f"\nreport: {out}")
     return 0
 
@@ -407,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "that really skip the compute.")
     parser.add_argument("--version", action="version", version=f"offramp {__version__}")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_common_flags(parser, "_main")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (add_train_parser, add_collect_parser, add_sweep_parser, add_evaluate_parser,
                 add_predict_parser, add_demo_parser, add_bench_parser):
@@ -417,7 +424,31 @@ def build_parser() -> argparse.ArgumentParser:
         except (ImportError, AttributeError):
             continue
         hook(sub)
+    _add_to_subcommands(sub)
     return parser
+
+
+def _add_common_flags(p: argparse.ArgumentParser, suffix: str = "") -> None:
+    """--quiet, --debug and --encoding-errors; on the main parser (``offramp --quiet train``) and on
+    every subcommand (``offramp train --quiet``), under different names so neither hides the other."""
+    p.add_argument("--quiet", dest=f"quiet{suffix}", action="store_true", default=False,
+                   help="no progress bars or progress lines on stderr")
+    p.add_argument("--debug", dest=f"debug{suffix}", action="store_true", default=False,
+                   help="show the full traceback of an error")
+    p.add_argument("--encoding-errors", dest=f"encoding_errors{suffix}", choices=["strict", "replace"],
+                   default=None, help="text input that is not UTF-8: strict (default: an error naming the file "
+                                      "and line) or replace (such bytes become U+FFFD)")
+
+
+def _add_to_subcommands(sub: Any) -> None:
+    for name, p in sub.choices.items():
+        if name == "bench":  # its arguments go to the benchmark as they are
+            continue
+        _add_common_flags(p)
+        for action in p._actions:  # nested subcommands (reason run | build | fit)
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    _add_common_flags(child)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,18 +462,54 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.threads:
+    quiet = args.quiet_main or getattr(args, "quiet", False)
+    debug = args.debug_main or getattr(args, "debug", False)
+    errors = getattr(args, "encoding_errors", None) or args.encoding_errors_main or "strict"
+    name = " ".join(filter(None, [args.command, getattr(args, "reason_command", None)]))
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
+    from offramp.data.sources import encoding_errors
+    from offramp.utils import is_quiet, set_quiet
+
+    was_quiet, shown = is_quiet(), warnings.showwarning
+    set_quiet(quiet)
+    warnings.showwarning = _show_warning(name)
     try:
-        return int(args.func(args) or 0)
-    except ValueError as e:
-        print(f"offramp {args.command}: error: {e}", file=sys.stderr)
+        with encoding_errors(errors):
+            return int(args.func(args) or 0)
+    except ValueError as e:  # offramp's own errors: bad input, damaged or foreign files
+        if debug:
+            raise
+        print(f"offramp {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused: name the file
+        if debug or e.errno not in USER_OS_ERRORS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"offramp {name}: error: cannot write or read{where}: {e.strerror}; check the path and its "
+              "permissions and free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"offramp {args.command}: interrupted; files already written are complete", file=sys.stderr)
+        print(f"offramp {name}: interrupted; files already written are complete", file=sys.stderr)
         return 130
+    finally:
+        set_quiet(was_quiet)
+        warnings.showwarning = shown
+
+
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR,
+                  errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.EDQUOT}
+
+
+def _show_warning(command: str):
+    """Warnings as one line, ``offramp CMD: warning: ...``, on stderr."""
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        print(f"offramp {command}: warning: {message}", file=file or sys.stderr, flush=True)
+    return show
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from offramp import cli_common as common
+
 DEFAULT_WORDS = "hmm,wait,alternatively"
 
 
@@ -76,6 +78,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None, help="hidden_states indices of the features (default -1)")
 
 
+def _check_model_args(args: argparse.Namespace) -> None:
+    for name in ("max_new_tokens", "max_answer_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "lam", 0.5) is not None and not 0.0 <= getattr(args, "lam", 0.5) <= 1.0:
+        raise ValueError(f"--lambda must be in [0, 1], got {args.lam}")
+
+
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     from offramp.engines.reason import ReasonConfig
     from offramp.reasoning.cues import CueConfig
@@ -97,11 +107,14 @@ def _load(args: argparse.Namespace):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from offramp.modeling import load_hf_model
+
     try:
         tok = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
-    except OSError as e:
-        raise ValueError(f"cannot load model {args.model!r}: {e}") from e
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load model {args.model!r} (its tokenizer: {e}); give a local HF model folder "
+                         "or a Hub id (Hub ids need internet access)") from None
+    model = load_hf_model(AutoModelForCausalLM, args.model, "model", dtype=getattr(torch, args.dtype)).eval()
     return model, tok
 
 
@@ -115,6 +128,13 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
     from offramp.engines.reason import DeerRule, LynxRule, NeverExit, reason
     from offramp.reasoning.probe import LynxProbe
 
+    _check_model_args(args)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.budget < 1:
+        raise ValueError(f"--budget must be >= 1, got {args.budget}")
+    if args.out:
+        common.check_out(Path(args.out), True, "--out file")
     method = args.method or ("lynx" if args.probe else "full")
     probe = LynxProbe.load(args.probe) if args.probe else None
     if method == "lynx" and probe is None:
@@ -142,6 +162,10 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
 def cmd_reason_build(args: argparse.Namespace) -> int:
     from offramp.reasoning.dataset import build_dataset
 
+    _check_model_args(args)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    common.check_out(Path(args.out), True, "dataset folder")
     config = _config(args)
     model, tok = _load(args)
     uids = build_dataset(model, tok, _problems(args), args.out, config=config, model_name=args.model,
@@ -154,9 +178,15 @@ def cmd_reason_build(args: argparse.Namespace) -> int:
 def cmd_reason_fit(args: argparse.Namespace) -> int:
     from offramp.reasoning.dataset import MANIFEST, load_dataset
     from offramp.reasoning.probe import LynxProbe
+    from offramp.utils import read_json
 
     if not 0.0 < args.fit_fraction < 1.0:
         raise ValueError(f"--fit-fraction must be in (0, 1), got {args.fit_fraction}")
+    if not 0.0 < args.delta < 1.0:  # NaN fails this too
+        raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    common.check_out(Path(args.out), True, "probe folder")
     data = load_dataset(args.data)
     n_fit = int(round(len(data.uids) * args.fit_fraction))
     if n_fit < 1 or n_fit >= len(data.uids):
@@ -164,7 +194,8 @@ def cmd_reason_fit(args: argparse.Namespace) -> int:
     fit, cal = data.subset(range(n_fit)), data.subset(range(n_fit, len(data.uids)))
     probe = LynxProbe(epochs=args.epochs, seed=args.seed).fit(fit.features, fit.labels)
     probe = probe.calibrate(cal.features, cal.labels, delta=args.delta, per=args.per, groups=cal.groups)
-    manifest = json.loads((Path(args.data) / MANIFEST).read_text())
+    manifest = read_json(Path(args.data) / MANIFEST, "event dataset manifest",
+                         "build the dataset again (offramp reason build)")
     probe.save(args.out, extra={"reason_config": manifest["config"], "model": manifest["model"]})
     q = probe.conformal_.quantiles_
     print(json.dumps({"out": args.out, "delta": args.delta, "events_fit": int(fit.labels.size),

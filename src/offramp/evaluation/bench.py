@@ -10,6 +10,7 @@ Timings interleave the variants and take medians, so drift of a noisy machine hi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import statistics
 import time
 from collections.abc import Callable
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "both are recorded under detail_bs*")
     p.add_argument("--json", dest="json_path", default=None, help="write the JSON here too")
     a = p.parse_args(argv)
+    if a.json_path:
+        from offramp.cli_common import check_out
+
+        check_out(Path(a.json_path), True, "--json file")
     out = run("mpnet" if a.mpnet else a.model, batch_sizes=tuple(int(x) for x in a.batch_sizes.split(",")),
               num_rows=a.rows, seq_len=a.seq_len, repeats=a.repeats, threads=a.threads, clock=a.clock,
               json_path=a.json_path)

@@ -20,7 +20,7 @@ import numpy as np
 
 from offramp.engines.reason import EventContext, ReasonConfig, reason
 from offramp.reasoning.tasks import Problem
-from offramp.utils import atomic_write_bytes, atomic_write_text
+from offramp.utils import atomic_write_bytes, atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
 
@@ -75,7 +75,7 @@ def _check_manifest(out: Path, config: ReasonConfig, model_name: str) -> None:
     want = {"model": model_name, "config": _config_dict(config)}
     path = out / MANIFEST
     if path.exists():
-        have = json.loads(path.read_text())
+        have = read_json(path, "event dataset manifest", "use a new --out folder")
         if have != want:
             raise ValueError(f"{out} was built with other settings ({have}); use a new directory "
                              "or the same model and ReasonConfig to resume")
