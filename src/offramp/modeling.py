@@ -20,7 +20,7 @@ from offramp.config import CONFIG_NAME, OfframpConfig
 from offramp.heads.classifier import ExitClassifiers
 from offramp.heads.halting import HaltingLayer, exit_log_distribution
 from offramp.policies import ExitPolicy, make_policy
-from offramp.utils import atomic_dir, load_safetensors, readable_dir
+from offramp.utils import atomic_dir, load_safetensors, readable_dir, unsafe_global
 
 HEADS_NAME = "offramp_heads.safetensors"
 BACKBONE_DIR = "backbone"
@@ -87,17 +87,17 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
     try:
         return auto_class.from_pretrained(str(spec), **kwargs)
     except OSError as e:
-        raise ValueError(f"cannot load the {what} {spec!r}: {e}. Give a local HF model folder or a Hub id "
+        raise ValueError(f"cannot load the {what} {str(spec)!r}: {e}. Give a local HF model folder or a Hub id "
                          "(Hub ids need internet access)") from None
     except pickle.UnpicklingError as e:
-        raise ValueError(f"refused to load the {what} {spec!r}: its weights file is a pickle that would have "
-                         f"to run code to load ({str(e).splitlines()[0] if str(e) else 'unsafe pickle'}); "
-                         "convert it to safetensors with a tool you trust") from None
+        raise ValueError(f"refused to load the {what} {str(spec)!r}: its weights file is a pickle that holds "
+                         f"more than tensors ({unsafe_global(e)}), and loading it could run code. Use a folder "
+                         "with model.safetensors, or convert the weights with a tool you trust") from None
     except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, RuntimeError, KeyError, ValueError,
             EOFError) as e:
         if not local and not isinstance(e, ValueError):
             raise
-        raise ValueError(f"cannot load the {what} {spec!r}: its files are damaged or not a HF model "
+        raise ValueError(f"cannot load the {what} {str(spec)!r}: its files are damaged or not a HF model "
                          f"({type(e).__name__}: {e}); save the model again or point to another folder") from None
 
 

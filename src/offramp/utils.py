@@ -192,6 +192,15 @@ def _fsync_dir(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ loading
+def unsafe_global(error: BaseException) -> str:
+    """The Python object a refused pickle asked for, from torch's weights-only error text."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    return f"it asks for {found.group(1)}" if found else "an object that is not a tensor"
+
+
 def read_json(path: str | os.PathLike, what: str, fix: str) -> dict[str, Any]:
     """A JSON object from ``path``; a ValueError naming the file, ``what`` it should be and ``fix``."""
     path = Path(path)
@@ -238,10 +247,9 @@ def load_torch_state(path: str | os.PathLike, what: str, fix: str) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: refused to load the {what}: it is not plain tensors and values "
-                         f"({first}), and loading it could run code. Use only files that offramp wrote; "
-                         f"{fix}") from None
+        raise ValueError(f"{path}: refused to load the {what}: it holds more than tensors and plain values "
+                         f"({unsafe_global(e)}), and loading it could run code. Use only files that offramp "
+                         f"wrote; {fix}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable {what} ({e}); {fix}") from None
 
@@ -254,6 +262,10 @@ def set_quiet(quiet: bool) -> None:
     """Silence (or restore) every progress bar and progress line offramp writes to stderr."""
     global _quiet
     _quiet = bool(quiet)
+    if "transformers" in sys.modules or quiet:  # the bars of the libraries offramp calls
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.disable_progress_bar if quiet else hf_logging.enable_progress_bar)()
 
 
 def is_quiet() -> bool:
