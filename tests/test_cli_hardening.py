@@ -12,7 +12,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 from offramp import OfframpConfig
 from offramp.cli import main
@@ -142,6 +141,11 @@ def test_nan_and_out_of_range_settings(ws, capsys):
     fails(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", ws["root"] / "neg",
           "--max-train", "-1", match="--max-train must be >= 1")
     assert not (ws["root"] / "neg").exists()
+    fails(capsys, "calibrate", "--model", ws["run"], "--trace", ws["trace"], "--delta", "nan",
+          match="--delta must be in (0, 1), got nan")
+    fails(capsys, "reason", "fit", ws["root"], "--delta", "1.5", "--out", ws["root"] / "p", match="--delta must be in (0, 1)")
+    fails(capsys, "reason", "run", "--model", "no-such-model", "--question", "x", "--n", "0", match="--n must be >= 1")
+    fails(capsys, "evaluate", "--model", ws["run"], "--repeats", "0", match="--repeats must be >= 1")
 
 
 def test_generate_settings_refused_before_the_model_loads(capsys):
@@ -214,4 +218,3 @@ def test_library_error_types_are_value_errors(ws, tmp_path):
     (ckpt / "offramp_heads.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         EarlyExitModel.from_pretrained(ckpt)
-    assert torch.get_num_threads() >= 1

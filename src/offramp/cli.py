@@ -79,8 +79,7 @@ def _train_options(args: argparse.Namespace, stored: dict[str, Any] | None) -> d
     for key in ("lr", "backbone_lr"):
         if key in given and not given[key] > 0:
             raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {given[key]}")
-    if "epochs" in given and given["epochs"] < 1:
-        raise ValueError(f"--epochs must be >= 1, got {given['epochs']}")
+    common.require_min(given, epochs=1)
     if stored is None:
         return {**TRAIN_DEFAULTS, **given}
     for key, value in given.items():
@@ -157,6 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         common.check_out(ckpt, True, "checkpoint folder")
         model = EarlyExitModel.from_pretrained(ckpt)
         opts = _train_options(args, _stored_train_options(model, ckpt))
+        vars(args).update(opts)  # the JEI schedule reads the resolved options
         if args.model and _model_ref(args.model) != model.config.base_model_name_or_path:
             raise ValueError(f"--resume: this run was trained from {model.config.base_model_name_or_path!r}, not "
                              f"{args.model!r}; drop --model to continue it")
@@ -187,7 +187,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.manual_seed(settings["seed"])  # the exit heads' initialisation is part of the run's seed
         model = EarlyExitModel.from_backbone(args.model, _train_config(args, data))
     settings["max_length"] = common.fit_max_length(model, settings["max_length"], given="max_length" in given_data)
-    vars(args).update(opts)
     model.config.extra["train"] = dict(opts)  # what --resume continues with
     tok = common.tokenizer_of(model)
     train_batches = common.batches(data.train, tok, settings, shuffle=True)
@@ -321,8 +320,7 @@ def add_evaluate_parser(sub: Any) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from offramp.evaluation.evaluate import evaluate_policy
 
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    common.require_min(args, repeats=1)
     if args.json:
         common.check_out(Path(args.json), True, "--json file")
     model, data, settings = common.model_and_data(args)
@@ -360,10 +358,7 @@ def add_predict_parser(sub: Any) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from offramp import EarlyExitModel
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_length is not None and args.max_length < 2:
-        raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
+    common.require_min(args, batch_size=1, max_length=2)
     texts = common.read_texts(args.texts, args.file, args.text_column)
     model = EarlyExitModel.from_pretrained(common.checkpoint_dir(args.model))
     policy = common.make_policy_arg(args.policy, args.value, model.config.policy)

@@ -114,11 +114,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ckpt = common.checkpoint_dir(args.model)
     config = OfframpConfig.load(ckpt)
     common.check_out(ckpt, True, "checkpoint folder")  # the chosen rule is written into it
-    for name in ("delta", "epsilon"):
-        if not 0.0 < getattr(args, name) < 1.0:  # NaN fails this too
-            raise ValueError(f"--{name} must be in (0, 1), got {getattr(args, name)}")
-    if args.alpha is not None and not 0.0 < args.alpha < 1.0:
-        raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
+    common.require_unit(args, "delta", "epsilon", "alpha")
     rule = args.policy or config.policy["type"]
     grid = None if args.grid is None else common.parse_grids([f"{rule}={args.grid}"])[rule]
     trace = _trace(args)

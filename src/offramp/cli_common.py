@@ -22,11 +22,29 @@ _T0 = time.time()
 
 def log(msg: str) -> None:
     """A progress line on stderr with the seconds since start (none after ``--quiet``)."""
-    from offramp.utils import is_quiet
+    from offramp.utils import note
 
-    if is_quiet():
-        return
-    print(f"[{time.time() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    note(f"[{time.time() - _T0:6.1f}s] {msg}")
+
+
+def require_min(args: argparse.Namespace | dict[str, Any], **lows: float) -> None:
+    """Refuse each named option below its minimum (``require_min(args, n=1)``: --n must be >= 1).
+
+    Options that are None (not given) are skipped; NaN is refused too."""
+    values = args if isinstance(args, dict) else vars(args)
+    for name, low in lows.items():
+        v = values.get(name)
+        if v is not None and not v >= low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+
+
+def require_unit(args: argparse.Namespace | dict[str, Any], *names: str, closed_low: bool = False) -> None:
+    """Refuse each named option outside (0, 1) (``closed_low``: [0, 1)); None is skipped, NaN refused."""
+    values = args if isinstance(args, dict) else vars(args)
+    for name in names:
+        v = values.get(name)
+        if v is not None and not ((0.0 <= v if closed_low else 0.0 < v) and v < 1.0):
+            raise ValueError(f"--{name.replace('_', '-')} must be in {'[' if closed_low else '('}0, 1), got {v}")
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -56,12 +74,8 @@ def data_settings(args: argparse.Namespace, *, only_given: bool = False) -> dict
     given = {k: getattr(args, k) for k in DATA_DEFAULTS if getattr(args, k, None) is not None}
     if isinstance(given.get("hub_splits"), str):
         given["hub_splits"] = parse_pairs(given["hub_splits"], "--hub-splits")
-    for key, low in (("max_train", 1), ("max_eval", 1), ("batch_size", 1), ("max_length", 2)):
-        if key in given and given[key] < low:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {given[key]}")
-    for key in ("validation_fraction", "test_fraction"):
-        if key in given and not 0.0 <= given[key] < 1.0:  # NaN fails this too
-            raise ValueError(f"--{key.replace('_', '-')} must be in [0, 1), got {given[key]}")
+    require_min(given, max_train=1, max_eval=1, batch_size=1, max_length=2)
+    require_unit(given, "validation_fraction", "test_fraction", closed_low=True)
     return given if only_given else {**DATA_DEFAULTS, **given}
 
 
@@ -330,14 +344,11 @@ def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: i
     import torch
 
     from offramp.data import TokenizedSplit
+    from offramp.data.batching import check_texts
     from offramp.data.splits import TextSplit
     from offramp.utils import progress
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    for n, text in enumerate(texts, 1):
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"text {n} is empty: every input needs at least one non-space character")
+    check_texts(texts)
     names = model.config.label_names
     tok = tokenizer_of(model)
     data = TokenizedSplit(TextSplit(list(texts), None, [0] * len(texts)), tok, max_length=max_length)
@@ -355,4 +366,3 @@ def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: i
             k = int(probs.argmax())
             yield {"text": text, "label": names[k] if names else k, "confidence": round(float(probs[k]), 4),
                    "exit_layer": int(layer)}
-

@@ -81,10 +81,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     """Refuse settings that would fail late or silently change nothing, before the model loads."""
     import math
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    common.require_min(args, batch_size=1, max_new_tokens=1, fit_epochs=1)
     if args.threshold is not None and not (0.0 <= args.threshold <= 1.0):  # NaN fails this too
         raise ValueError(f"--threshold must be a number in [0, 1], got {args.threshold}")
     for name in ("temperature", "top_p", "repetition_penalty"):
@@ -109,8 +106,6 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
     from offramp.engines.generate_assets import bbc_prompts
     from offramp.objectives.distill import fit_exits, greedy_continuations, text_sequences
 
-    if args.fit_epochs < 1:
-        raise ValueError(f"--fit-epochs must be >= 1, got {args.fit_epochs}")
     layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
     model = DecoderExitModel.from_backbone(backbone, exit_layers=layers, head=args.head, top_k=args.top_k,
                                            base_model_name_or_path=backbone.name_or_path or args.model)

@@ -78,14 +78,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None, help="hidden_states indices of the features (default -1)")
 
 
-def _check_model_args(args: argparse.Namespace) -> None:
-    for name in ("max_new_tokens", "max_answer_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if getattr(args, "lam", 0.5) is not None and not 0.0 <= getattr(args, "lam", 0.5) <= 1.0:
-        raise ValueError(f"--lambda must be in [0, 1], got {args.lam}")
-
-
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     from offramp.engines.reason import ReasonConfig
     from offramp.reasoning.cues import CueConfig
@@ -128,11 +120,9 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
     from offramp.engines.reason import DeerRule, LynxRule, NeverExit, reason
     from offramp.reasoning.probe import LynxProbe
 
-    _check_model_args(args)
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
-    if args.budget < 1:
-        raise ValueError(f"--budget must be >= 1, got {args.budget}")
+    common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1, budget=1)
+    if not 0.0 <= args.lam <= 1.0:  # NaN fails this too
+        raise ValueError(f"--lambda must be in [0, 1], got {args.lam}")
     if args.out:
         common.check_out(Path(args.out), True, "--out file")
     method = args.method or ("lynx" if args.probe else "full")
@@ -162,9 +152,7 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
 def cmd_reason_build(args: argparse.Namespace) -> int:
     from offramp.reasoning.dataset import build_dataset
 
-    _check_model_args(args)
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+    common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1)
     common.check_out(Path(args.out), True, "dataset folder")
     config = _config(args)
     model, tok = _load(args)
@@ -180,12 +168,8 @@ def cmd_reason_fit(args: argparse.Namespace) -> int:
     from offramp.reasoning.probe import LynxProbe
     from offramp.utils import read_json
 
-    if not 0.0 < args.fit_fraction < 1.0:
-        raise ValueError(f"--fit-fraction must be in (0, 1), got {args.fit_fraction}")
-    if not 0.0 < args.delta < 1.0:  # NaN fails this too
-        raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    common.require_unit(args, "fit_fraction", "delta")
+    common.require_min(args, epochs=1)
     common.check_out(Path(args.out), True, "probe folder")
     data = load_dataset(args.data)
     n_fit = int(round(len(data.uids) * args.fit_fraction))

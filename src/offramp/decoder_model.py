@@ -219,10 +219,10 @@ class DecoderExitModel(nn.Module):
                                      **backbone_kwargs).eval()
         model = cls(backbone, cfg)
         state = load_safetensors(path / WEIGHTS_NAME, "exit heads", fix, device=str(model.adapter.head_device))
-        own = model.state_dict()
-        wrong = [f"{k} {tuple(v.shape)} (needs {tuple(own[k].shape)})" for k, v in state.items()
-                 if k in own and own[k].shape != v.shape]
-        missing = sorted(set(own) - set(state))
+        from offramp.modeling import shape_mismatches
+
+        wrong = shape_mismatches(model, state)
+        missing = sorted(set(model.state_dict()) - set(state))
         if wrong or missing:
             raise ValueError(f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME} and this backbone "
                              f"({'; '.join(wrong[:3]) or 'missing ' + ', '.join(missing[:3])}); {fix}")

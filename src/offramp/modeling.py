@@ -101,6 +101,14 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
                          f"({type(e).__name__}: {e}); save the model again or point to another folder") from None
 
 
+def shape_mismatches(module: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """``name (saved shape) (needs shape)`` for each tensor of ``state`` whose shape differs from
+    ``module``'s (load_state_dict would raise a RuntimeError on them)."""
+    own = module.state_dict()
+    return [f"{k} {tuple(v.shape)} (needs {tuple(own[k].shape)})" for k, v in state.items()
+            if k in own and own[k].shape != v.shape]
+
+
 class EarlyExitModel(nn.Module):
     """A HF encoder backbone with exits. Build with ``from_backbone`` or ``from_pretrained``.
 
@@ -302,9 +310,7 @@ class EarlyExitModel(nn.Module):
         if not path.is_file():
             raise ValueError(f"{directory} has no {HEADS_NAME}: it is not an offramp checkpoint")
         state = load_safetensors(path, "exit heads", "train or save the checkpoint again")
-        own = self.state_dict()
-        wrong = [f"{k} {tuple(v.shape)} (the config needs {tuple(own[k].shape)})" for k, v in state.items()
-                 if k in own and own[k].shape != v.shape]
+        wrong = shape_mismatches(self, state)
         if wrong:
             raise ValueError(f"{path}: head shapes do not match {CONFIG_NAME}: {'; '.join(wrong[:3])}"
                              f"{' ...' if len(wrong) > 3 else ''}. The heads and the config come from different "

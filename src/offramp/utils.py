@@ -272,6 +272,12 @@ def is_quiet() -> bool:
     return _quiet
 
 
+def note(msg: str) -> None:
+    """A progress line on stderr (stdout carries results); none after ``set_quiet(True)``."""
+    if not _quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
 def progress(iterable: Any, *, desc: str, enabled: bool = True, **kwargs: Any) -> Any:
     """A tqdm bar on stderr over ``iterable`` (none when ``enabled`` is False or after ``set_quiet``)."""
     from tqdm.auto import tqdm

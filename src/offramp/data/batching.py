@@ -109,14 +109,19 @@ def make_loader(split: TextSplit | TokenizedSplit, tokenizer: Any = None, *, bat
                       collate_fn=data.collate)
 
 
-def encode_texts(texts: Sequence[str], tokenizer: Any, *, max_length: int = 128,
-                 pairs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """One padded batch for ``texts`` (no labels), for prediction; empty texts are an error."""
+def check_texts(texts: Sequence[str]) -> None:
+    """Refuse an empty list and any text without a non-space character (naming its 1-based number)."""
     if len(texts) == 0:
         raise ValueError("no texts given: pass at least one text to predict")
     for n, text in enumerate(texts, 1):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"text {n} is empty: every input needs at least one non-space character")
+
+
+def encode_texts(texts: Sequence[str], tokenizer: Any, *, max_length: int = 128,
+                 pairs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """One padded batch for ``texts`` (no labels), for prediction; empty texts are an error."""
+    check_texts(texts)
     split = TextSplit(list(texts), None if pairs is None else list(pairs), [0] * len(texts))
     data = TokenizedSplit(split, tokenizer, max_length=max_length)
     batch = data.collate([data[i] for i in range(len(data))])

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from offramp.objectives.jei import (ce_per_exit, check_jei_options, exit_costs, exit_probabilities, gate_loss,
                                     gate_pos_weights, gate_targets, im_loss)
-from offramp.utils import atomic_write_json, load_torch_state
+from offramp.utils import atomic_write_json, load_torch_state, note
 
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel
@@ -157,7 +157,7 @@ def _warmup(model, train: _Batches, val: _Batches, opts: dict, args: JEIArgs, lo
                     linears[e].requires_grad_(False)
         log.append({"stage": "warmup", "epoch": epoch + 1, "val_accuracy_per_exit": acc, "frozen": list(frozen)})
         if args.progress:
-            _note(f"warm-up {epoch + 1}: val acc {[round(a, 3) for a in acc]} frozen {frozen}")
+            note(f"warm-up {epoch + 1}: val acc {[round(a, 3) for a in acc]} frozen {frozen}")
         if all(frozen):
             break
     model.classifiers.requires_grad_(True)  # the IM phases train them again
@@ -264,7 +264,7 @@ def _alternate(model, train: _Batches, val: _Batches, costs: Tensor, opts: dict,
         metrics = {"stage": "alternate", "epoch": epoch + 1, **evaluate_gates(model, logits, labels, costs)}
         history.append(metrics)
         if args.progress:
-            _note(f"epoch {epoch + 1}: val acc {metrics['accuracy']:.4f} cost {metrics['mean_cost']:.3f} "
+            note(f"epoch {epoch + 1}: val acc {metrics['accuracy']:.4f} cost {metrics['mean_cost']:.3f} "
                   f"exits {metrics['exit_counts']}")
         _save(model, costs, args, {"epoch": epoch + 1, "history": history, "step": step, "pos_weight": pos_weight,
                                    "im_opt": im_opt.state_dict(), "gate_opt": gate_opt.state_dict(),
@@ -274,15 +274,6 @@ def _alternate(model, train: _Batches, val: _Batches, costs: Tensor, opts: dict,
 
 STATE_NAME = "jei_state.pt"
 
-
-def _note(msg: str) -> None:
-    """A progress line on stderr (stdout carries results)."""
-    import sys
-
-    from offramp.utils import is_quiet
-
-    if not is_quiet():
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _save(model, costs: Tensor, args: JEIArgs, state: dict) -> None:
