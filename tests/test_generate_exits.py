@@ -23,7 +23,7 @@ class AlwaysAt(ExitPolicy):
     index: int = 0
 
     def decide(self, index: int, signals: ExitSignals, state: PolicyState):
-        return torch.full_like(signals.gate, index == self.index, dtype=torch.bool), state
+        return torch.full((signals.batch_size,), index == self.index, dtype=torch.bool), state
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class EveryOtherStep(ExitPolicy):
         if index == 0:
             self.calls.append(1)
         early = len(self.calls) % 2 == 1
-        return torch.full_like(signals.gate, early and index == 0, dtype=torch.bool), state
+        return torch.full((signals.batch_size,), early and index == 0, dtype=torch.bool), state
 
 
 def _exit_model(family: str, head: str = "ffn", layers: int = 4) -> DecoderExitModel:

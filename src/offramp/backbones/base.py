@@ -58,10 +58,6 @@ class EncoderAdapter:
             mask = mask.expand(hidden.shape[0], *mask.shape[1:])
         return {"mask": mask}
 
-    @staticmethod
-    def select(ctx: LayerContext, rows: Tensor) -> LayerContext:
-        return {k: (v.index_select(0, rows) if v is not None else None) for k, v in ctx.items()}
-
     def run_layer(self, i: int, hidden: Tensor, ctx: LayerContext) -> Tensor:  # (b, t, d) -> (b, t, d)
         out = self.layer_module(i)(hidden, ctx["mask"])
         return out[0] if isinstance(out, tuple) else out

@@ -15,10 +15,21 @@ import torch
 from torch import Tensor
 
 from offramp.backbones.base import check_ids
-from offramp.policies import ExitPolicy, ExitSignals
+from offramp.engines.rows import RunningRows
+from offramp.policies import ExitPolicy, ExitSignals, require_signals
 
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel, Prediction
+
+
+SIGNALS = ("logits", "labels", "hidden", "halting", "gate")  # what the classify engine can supply
+
+
+def model_signals(model: "EarlyExitModel") -> set[str]:
+    """The ``ExitSignals`` ``model`` gives its policy: logits, labels (oracle), hidden, and halting /
+    gate when it has a halting layer / gates."""
+    return {"logits", "labels", "hidden"} | ({"halting"} if model.halting is not None else set()) \
+        | ({"gate"} if model.gates is not None else set())
 
 
 def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mask: Tensor | None,
@@ -30,63 +41,52 @@ def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mas
     attention_mask = check_ids(input_ids, attention_mask)
     if "labels" in policy.needs and labels is None:
         raise ValueError(f"policy {policy.type!r} needs labels: pass labels=...")
-    if "halting" in policy.needs and model.halting is None:
-        raise ValueError(f"policy {policy.type!r} needs a halting layer; this model has none")
-    if "gate" in policy.needs and model.gates is None:
-        raise ValueError(f"policy {policy.type!r} needs exit gates; this model has none")
+    require_signals(policy, model_signals(model), "this classifier",
+                    "train a model with a halting layer (PonderNet, PALBERT) for halting, with gates (JEI-DNN) "
+                    "for gate, or choose another policy")
     policy.check_exits(model.exit_layers)
     a, cls = model.adapter, model.classifiers
     b, device = input_ids.shape[0], input_ids.device
     num_exits, last = model.num_exits, model.num_exits - 1
     hidden = a.embed(input_ids, token_type_ids)  # (b, t, d)
-    ctx = a.context(hidden, attention_mask)
-    mask = attention_mask
-    rows = torch.arange(b, device=device)  # original row of each running row
-    state = policy.start(b, num_exits, device)
-    halt_prev = gate_state = None
-    if labels is not None:
-        labels = labels.to(device)
+    running = RunningRows(b, device)
+    # every per-row tensor of the running batch (the gates' state is None or tensors); RunningRows.leave
+    # cuts them all to the rows that stay
+    carried = {"hidden": hidden, "mask": attention_mask, "ctx": a.context(hidden, attention_mask),
+               "state": policy.start(b, num_exits, device), "labels": None if labels is None else labels.to(device),
+               "halt_prev": None, "gate_state": None}
     out_logits = out_index = None
     for i in range(model.exit_layers[-1]):
-        hidden = a.run_layer(i, hidden, ctx)
+        carried["hidden"] = hidden = a.run_layer(i, carried["hidden"], carried["ctx"])
         k = model._exit_at.get(i + 1)
         if k is None:
             continue
-        pooled = cls.pool(hidden, mask)  # (r, d)
+        pooled = cls.pool(hidden, carried["mask"])  # (r, d)
         logits = cls(k, pooled)  # (r, c)
         if out_logits is None:
             out_logits = logits.new_empty(b, logits.shape[-1])
             out_index = torch.full((b,), last, dtype=torch.long, device=device)
         signals = ExitSignals(logits=logits, layer=i + 1, hidden=pooled if "hidden" in policy.needs else None,
-                              labels=labels)
+                              labels=carried["labels"])
         if model.halting is not None:
-            if halt_prev is None:
-                halt_prev = model.halting.start(pooled)
-            z, halt_prev = model.halting.step(k, pooled, halt_prev)
+            if carried["halt_prev"] is None:
+                carried["halt_prev"] = model.halting.start(pooled)
+            z, carried["halt_prev"] = model.halting.step(k, pooled, carried["halt_prev"])
             signals.halting = torch.sigmoid(z)
         if model.gates is not None:
-            signals.gate, gate_state = model.gates.step(k, logits, gate_state)
+            signals.gate, carried["gate_state"] = model.gates.step(k, logits, carried["gate_state"])
         if k == last:
-            out_logits[rows] = logits
+            out_logits[running.index] = logits
             break
-        exits, state = policy.decide(k, signals, state)
-        leave = exits.nonzero().squeeze(1)
-        if leave.numel():
-            out_logits.index_copy_(0, rows[leave], logits[leave])
-            out_index[rows[leave]] = k
-        keep = (~exits).nonzero().squeeze(1)
-        n_keep = keep.numel()
-        if n_keep == 0:
+        exits, carried["state"] = policy.decide(k, signals, carried["state"])
+
+        def write(local: Tensor, original: Tensor, logits: Tensor = logits, k: int = k) -> None:
+            out_logits.index_copy_(0, original, logits[local])
+            out_index[original] = k
+
+        carried = running.leave(exits, write, carried)
+        if not len(running):
             break
-        if n_keep < rows.numel():
-            rows, hidden, mask = rows[keep], hidden[keep], mask[keep]
-            ctx = a.select(ctx, keep)
-            state = state.select(keep)
-            if labels is not None:
-                labels = labels[keep]
-            if halt_prev is not None:
-                halt_prev = halt_prev[keep]
-            if gate_state is not None:
-                gate_state = model.gates.select(gate_state, keep)
     layers = torch.tensor(model.exit_layers, device=device)
     return Prediction(logits=out_logits, exit_index=out_index, exit_layer=layers[out_index])
+

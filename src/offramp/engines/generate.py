@@ -18,7 +18,10 @@ Stateful (Mamba-block) exit heads deeper than a token's exit follow the same rul
 ``copy_kv`` / ``freeze`` they keep their state, with ``propagate`` / ``catch_up`` / ``update``
 they run their state update on the exit hidden state.
 
-With no exit model (or ``threshold=None``) no row ever exits and greedy decoding reproduces HF
+The exit decision is any registered ``ExitPolicy`` (``offramp.policies``): its state starts once
+per decoding step and follows the rows across that token's exits, as in the classify engine.
+
+With no exit model (or ``threshold=None``, or the ``never`` policy) no row ever exits and greedy decoding reproduces HF
 ``generate(do_sample=False)`` token for token, ragged left-padded batches included.
 """
 
@@ -33,9 +36,13 @@ from torch import Tensor, nn
 
 from offramp.backbones.decoder import DecoderAdapter, adapter_for
 from offramp.engines.generate_cache import KVStore, SSMStore, attention_mask
-from offramp.engines.generate_policy import TokenConfidencePolicy
+from offramp.engines.rows import RunningRows
 from offramp.engines.generate_sampling import SamplingOptions, next_tokens
-from offramp.policies.base import ExitPolicy, ExitSignals
+from offramp.policies import ExitPolicy, ExitSignals, make_policy, require_signals
+from offramp.policies.token_confidence import TokenConfidencePolicy
+
+# what token exits give a policy: the exit's LM distribution, its confidence, its features (hidden)
+SIGNALS = ("logits", "confidence", "hidden")
 
 ATTENTION_STRATEGIES = ("copy_kv", "propagate", "catch_up")
 SSM_STRATEGIES = ("freeze", "update")
@@ -45,7 +52,9 @@ SSM_STRATEGIES = ("freeze", "update")
 class GenerateReport:
     """What one ``generate`` call did. ``layer_rows`` counts (token, layer) pairs run on the
     token's own path; ``fill_layer_rows`` the layer runs a cache strategy made for skipped layers
-    (``propagate``: K/V projections, ``update``: state updates, ``catch_up``: pending tokens)."""
+    (``propagate``: K/V projections, ``update``: state updates, ``catch_up``: pending tokens);
+    ``extra_head_rows`` the full-vocabulary LM-head projections run at exits a token did not take
+    (the cost of policies that read the exit distribution; 0 for token_confidence and static)."""
 
     new_tokens: int
     layer_rows: int
@@ -53,6 +62,7 @@ class GenerateReport:
     mean_exit_layer: float
     num_layers: int
     wall_s: float
+    extra_head_rows: int = 0
 
 
 @dataclass
@@ -77,22 +87,11 @@ class GenerateOutput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _select(obj: Any, idx: Tensor) -> Any:
-    """Rows ``idx`` of a tensor, or of every tensor in a tuple/dict (rotary tables)."""
-    if obj is None:
-        return None
-    if isinstance(obj, Tensor):
-        return obj.index_select(0, idx.to(obj.device))
-    if isinstance(obj, dict):
-        return {k: _select(v, idx) for k, v in obj.items()}
-    return type(obj)(_select(v, idx) for v in obj)
-
-
 class _Run:
     """State of one generation call (cache, positions, per-row bookkeeping)."""
 
     def __init__(self, adapter: DecoderAdapter, exit_model: Any, policy: ExitPolicy | None, strategy: str,
-                 ids: Tensor, attn: Tensor, max_new: int) -> None:
+                 ids: Tensor, attn: Tensor, max_new: int, record: bool = False) -> None:
         self.adapter, self.exit_model, self.policy, self.strategy = adapter, exit_model, policy, strategy
         self.L = adapter.num_layers
         b, p = ids.shape
@@ -105,9 +104,15 @@ class _Run:
         pos = pos.masked_fill(attn == 0, 0)
         gen = pos[:, -1:] + torch.arange(1, max_new + 1, device=dev)[None]
         self.pos = torch.cat([pos, gen], dim=1)  # (b, T)
-        self.exit_of_layer = {} if policy is None else {k: i for i, k in enumerate(exit_model.exit_layers)}
+        exits_run = policy is not None and policy.type != "never"
+        self.exit_of_layer = {k: i for i, k in enumerate(exit_model.exit_layers)} if exits_run else {}
+        self.num_exits = len(exit_model.exit_layers) if exit_model is not None else 0
+        self.records: list[dict[str, Any]] | None = [] if record and exits_run else None
+        self.want_logits = policy is not None and ("logits" in policy.needs or record)
+        self.want_confidence = policy is not None and ("confidence" in policy.needs or record)
         self.layer_rows = 0
         self.fill_rows = 0
+        self.head_rows = 0
         if adapter.kind == "attention":
             heads, hd = adapter.kv_shape()
             devices = [adapter.layer_device(i) for i in range(self.L)]
@@ -203,18 +208,22 @@ class _Run:
                 view.commit()
 
     # ---- exits -----------------------------------------------------------------------------
-    def exit_check(self, e: int, h: Tensor, rows: Tensor, full: bool) -> tuple[Tensor, Tensor]:
-        """Features of exit ``e`` for ``rows`` and, per row, whether it exits there."""
+    def exit_signals(self, e: int, layer: int, h: Tensor, rows: Tensor, full: bool) -> tuple[Tensor, ExitSignals]:
+        """Features of exit ``e`` (after ``layer`` layers) for ``rows`` and the signals its policy reads:
+        the exit head's LM logits (only for policies that read the distribution: an extra
+        full-vocabulary projection per running row) and the confidence classifier's probability."""
         stateful = self.exit_model.heads[e].stateful
         view = self.head_states.view(e, None if full else rows) if stateful else None
         feats = self.exit_model.features(e, h, cache=view)  # (r, 1, d)
         if view is not None:
             view.commit()
-        logit = self.exit_model.confidence_logit(e, feats)[:, -1]  # (r,)
-        signals = ExitSignals(logits=logit[:, None], gate=torch.sigmoid(logit), hidden=feats[:, -1])
-        state = self.policy.start(rows.numel(), len(self.exit_model.exit_layers), device=logit.device)
-        exit_now, _ = self.policy.decide(e, signals, state)
-        return feats, exit_now
+        signals = ExitSignals(layer=layer, hidden=feats[:, -1])  # the features: free, and what saturation reads
+        if self.want_logits:
+            signals.logits = self.adapter.logits(feats)[:, -1]  # (r, V)
+            self.head_rows += rows.numel()
+        if self.want_confidence:
+            signals.confidence = torch.sigmoid(self.exit_model.confidence_logit(e, feats)[:, -1])  # (r,)
+        return feats, signals
 
     # ---- prefill and one decoding step -------------------------------------------------------
     def prefill(self, ids: Tensor, attn: Tensor) -> Tensor:
@@ -243,38 +252,55 @@ class _Run:
         return ad.logits(h[:, -1:])[:, -1]
 
     def step(self, tokens: Tensor, alive: Tensor, col: int) -> tuple[Tensor, Tensor]:
-        """Decode the token at column ``col`` of rows ``alive``: (r, V) logits and (r,) exit layers."""
+        """Decode the token at column ``col`` of rows ``alive``: (r, V) logits and (r,) exit layers.
+
+        The policy's state starts once for the step and follows the rows across this token's exits;
+        rows that exit leave the running batch (``RunningRows``), their logits from their exit."""
         ad = self.adapter
         r0 = alive.numel()
         full = r0 == self.B
-        loc = torch.arange(r0, device=alive.device)
-        rows = alive
-        posc = self.pos.index_select(0, rows)[:, col:col + 1]
+        posc = self.pos.index_select(0, alive)[:, col:col + 1]
         h = ad.embed(tokens[:, None], posc)  # (r, 1, d)
-        rot = ad.rotary(h, posc)
         logits = torch.empty(r0, ad.vocab_size, dtype=ad.dtype, device=ad.head_device)
         exit_at = torch.full((r0,), self.L, dtype=torch.long, device=alive.device)
-        masks: dict = {}
+        running = RunningRows(r0, alive.device)
+        carried: dict[str, Any] = {"rows": alive, "h": h, "rot": ad.rotary(h, posc), "posc": posc, "masks": {}}
+        if self.exit_of_layer:
+            carried["state"] = self.policy.start(r0, self.num_exits, device=alive.device)
+        if self.records is not None:
+            step_record: dict[str, Any] = {"rows": alive.clone(), "exits": {}}
+            self.records.append(step_record)
         for layer in range(self.L):
-            h = self.run_layer(layer, h, rows, full, col, rot, masks, posc)
+            rows = carried["rows"]
+            carried["h"] = h = self.run_layer(layer, carried["h"], rows, full, col, carried["rot"], carried["masks"],
+                                              carried["posc"])
             e = self.exit_of_layer.get(layer + 1)
             if e is None:
                 continue
-            feats, exit_now = self.exit_check(e, h, rows, full)
-            if not bool(exit_now.any()):
-                continue
-            sel = exit_now.nonzero()[:, 0]
-            keep = (~exit_now).nonzero()[:, 0]
-            logits[loc[sel]] = ad.logits(feats.index_select(0, sel))[:, -1]
-            exit_at[loc[sel]] = layer + 1
-            self.fill(layer + 1, rows[sel], col, h.index_select(0, sel.to(h.device)))
-            loc, rows, h = loc[keep], rows[keep], h.index_select(0, keep.to(h.device))
-            rot, full, posc = _select(rot, keep), False, posc.index_select(0, keep)
-            masks = {k: (None if m is None else m.index_select(0, keep.to(m.device))) for k, m in masks.items()}
-            if rows.numel() == 0:
+            feats, signals = self.exit_signals(e, layer + 1, h, rows, full)
+            if self.records is not None:
+                step_record["exits"][e] = (running.index.clone(), {
+                    **{k: signals.stat(k) for k in ("max_prob", "entropy", "margin", "top1")},
+                    "confidence": signals.confidence})
+            exits, carried["state"] = self.policy.decide(e, signals, carried["state"])
+
+            def write(local: Tensor, original: Tensor, feats: Tensor = feats, signals: ExitSignals = signals,
+                      h: Tensor = h, rows: Tensor = rows, depth: int = layer + 1) -> None:
+                if signals.logits is not None:
+                    self.head_rows -= local.numel()  # the projection these rows need anyway
+                    logits[original] = signals.logits.index_select(0, local.to(signals.logits.device))
+                else:
+                    logits[original] = ad.logits(feats.index_select(0, local.to(feats.device)))[:, -1]
+                exit_at[original] = depth
+                self.fill(depth, rows.index_select(0, local), col, h.index_select(0, local.to(h.device)))
+
+            before = len(running)
+            carried = running.leave(exits, write, carried)
+            full = full and len(running) == before
+            if not len(running):
                 break
-        if rows.numel():
-            logits[loc] = ad.logits(h)[:, -1]
+        if len(running):
+            logits[running.index] = ad.logits(carried["h"])[:, -1]
         return logits, exit_at
 
 
@@ -301,17 +327,23 @@ def _check_inputs(adapter: DecoderAdapter, ids: Tensor, attn: Tensor, max_new: i
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-             threshold: float | None = None, policy: ExitPolicy | None = None,
+             threshold: float | None = None, policy: str | dict | ExitPolicy | None = None,
              cache_strategy: str | None = None, max_new_tokens: int = 32,
              sampling: SamplingOptions | None = None, tokenizer: Any = None,
-             output_logits: bool = False, return_cache: bool = False) -> GenerateOutput:
+             output_logits: bool = False, return_cache: bool = False,
+             record_signals: bool = False) -> GenerateOutput:
     """Generate with token-level early exits.
 
     Args:
         model: a ``DecoderExitModel`` (backbone + exit heads) or a plain HF causal LM (never exits).
         input_ids: (b, t) left-padded prompts; attention_mask (b, t), 1 on real tokens.
-        threshold: exit confidence threshold in [0, 1]; None (and no ``policy``) never exits.
-        policy: an ``ExitPolicy`` reading ``ExitSignals.gate`` (overrides ``threshold``).
+        threshold: shorthand for ``policy=TokenConfidencePolicy(threshold)``; None (and no
+            ``policy``) never exits.
+        policy: any registered exit policy (a name, a dict or an ``ExitPolicy``) that reads what token
+            exits supply: the exit head's LM distribution (max_prob, entropy, margin, patience: one
+            extra full-vocabulary projection per running row and exit, counted in
+            ``report.extra_head_rows``), its confidence classifier (token_confidence), or nothing
+            (static, never). Overrides ``threshold``.
         cache_strategy: copy_kv | propagate | catch_up (transformers), freeze | update (Mamba);
             default: copy_kv / freeze.
         max_new_tokens: tokens to generate per row (fewer if every row hits EOS).
@@ -319,6 +351,10 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         tokenizer: decodes ``texts`` when given.
         output_logits: keep the (b, n, V) logits of every step.
         return_cache: put the cache store in ``extra["cache"]`` (tests, analysis).
+        record_signals: put a ``TokenTrace`` of the signals the policy saw at every exit each decoded
+            token reached in ``extra["trace"]`` (computes the distribution and the confidence at
+            every exit: analysis only); ``offramp.evaluation.token_trace.replay_tokens`` on it gives
+            these exits back.
 
     Returns:
         A ``GenerateOutput`` with tokens, per-token exit layers, texts and a ``GenerateReport``.
@@ -329,8 +365,14 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     sampling = sampling or SamplingOptions.from_model(backbone)
     if policy is None and threshold is not None:
         policy = TokenConfidencePolicy(threshold=threshold)
-    if policy is not None and exit_model is None:
-        raise ValueError("exits need a DecoderExitModel (backbone + trained exit heads), not a plain backbone")
+    if policy is not None:
+        policy = make_policy(policy)
+        if exit_model is None and policy.type != "never":
+            raise ValueError("exits need a DecoderExitModel (backbone + trained exit heads), not a plain backbone")
+        if exit_model is not None:
+            require_signals(policy, set(SIGNALS), "token-exit generation",
+                            "use one of max_prob, entropy, margin, patience, saturation, static, token_confidence")
+            policy.check_exits(exit_model.exit_layers)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     strategy = cache_strategy or ("copy_kv" if adapter.kind == "attention" else "freeze")
@@ -338,7 +380,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     dev = adapter.layer_device(0)
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     start = time.perf_counter()
-    run = _Run(adapter, exit_model, policy, strategy, ids, attn, max_new_tokens)
+    run = _Run(adapter, exit_model, policy, strategy, ids, attn, max_new_tokens, record=record_signals)
     b, p = ids.shape
     seq = torch.cat([ids, torch.full((b, max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)], 1)
     exits = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
@@ -365,9 +407,22 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     counted = exits[:, :n][exits[:, :n] > 0]
     report = GenerateReport(new_tokens=int(counted.numel()), layer_rows=run.layer_rows,
                             fill_layer_rows=run.fill_rows, num_layers=run.L, wall_s=wall,
+                            extra_head_rows=run.head_rows,
                             mean_exit_layer=float(counted.float().mean()) if counted.numel() else 0.0)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
+    extra: dict[str, Any] = {}
+    if return_cache:
+        extra.update(cache=run.kv if adapter.kind == "attention" else run.ssm, head_states=run.head_states)
+    if run.records is not None:
+        from offramp.evaluation.token_trace import engine_trace
+
+        extra["trace"] = engine_trace(run.records, exit_model.exit_layers, run.L, adapter.vocab_size)
     return GenerateOutput(sequences=seq[:, :p + n], new_tokens=new, exit_layers=exits[:, :n], report=report,
-                          texts=texts, step_logits=torch.stack(kept, 1) if kept else None,
-                          extra={"cache": run.kv if adapter.kind == "attention" else run.ssm,
-                                 "head_states": run.head_states} if return_cache else {})
+                          texts=texts, step_logits=torch.stack(kept, 1) if kept else None, extra=extra)
+
+
+def decoded_exit_layers(out: GenerateOutput) -> Tensor:
+    """(n,) exit layer of every token decoded layer by layer (all but each row's first, which the
+    prompt's forward pass gives), sequence-major: the order of a token trace's rows."""
+    layers = out.exit_layers[:, 1:]
+    return torch.cat([row[row > 0] for row in layers])

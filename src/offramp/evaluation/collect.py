@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from offramp.policies import ExitPolicy, ExitSignals, make_policy
+from offramp.engines.rows import RunningRows
+from offramp.policies import ExitPolicy, ExitSignals, make_policy, require_signals
 from offramp.utils import atomic_dir, load_safetensors, read_json, readable_dir
 
 if TYPE_CHECKING:
@@ -137,6 +138,11 @@ def collect(model: "EarlyExitModel", batches: Iterable[dict[str, Tensor]], *, ke
         hidden=torch.cat(hidden, dim=1) if hidden else None)
 
 
+def trace_signals(trace: ExitTrace) -> set[str]:
+    """The ``ExitSignals`` a classification trace supplies to a policy."""
+    return {"logits", "labels"} | {n for n in ("halting", "gate", "hidden") if getattr(trace, n) is not None}
+
+
 def replay(policy: ExitPolicy | str | dict, trace: ExitTrace, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Run ``policy`` over a stored trace: (exit_index (n,), logits (n, c)) per row.
 
@@ -153,27 +159,23 @@ def replay(policy: ExitPolicy | str | dict, trace: ExitTrace, labels: Tensor | N
             labels = trace.labels
         if labels is None:
             raise ValueError(f"policy {policy.type!r} needs labels and the trace has none")
-    for need in ("halting", "gate", "hidden"):
-        if need in policy.needs and getattr(trace, need) is None:
-            raise ValueError(f"policy {policy.type!r} needs {need} and this trace has none; collect it from a "
-                             f"model that has it" + (" with keep_hidden=True" if need == "hidden" else ""))
+    require_signals(policy, trace_signals(trace), "this trace",
+                    "collect it from a model that has them (hidden states with keep_hidden=True)")
     policy.check_exits(trace.exit_layers)
-    rows = torch.arange(n)
+    running = RunningRows(n)
     out_index = torch.full((n,), e - 1, dtype=torch.long)
-    state = policy.start(n, e)
+    carried = {"state": policy.start(n, e)}
     for k in range(e - 1):
+        rows = running.index
         sig = ExitSignals(logits=trace.logits[k, rows], layer=trace.exit_layers[k],
                           halting=trace.halting[rows, k] if trace.halting is not None else None,
                           gate=trace.gate[rows, k] if trace.gate is not None else None,
                           hidden=trace.hidden[k, rows] if (trace.hidden is not None and "hidden" in policy.needs)
                           else None,
                           labels=labels[rows] if labels is not None else None)
-        exits, state = policy.decide(k, sig, state)
-        out_index[rows[exits]] = k
-        keep = (~exits).nonzero().squeeze(1)
-        if keep.numel() == 0:
+        exits, carried["state"] = policy.decide(k, sig, carried["state"])
+        carried = running.leave(exits, lambda local, original, k=k: out_index.index_fill_(0, original, k), carried)
+        if not len(running):
             break
-        if keep.numel() < rows.numel():
-            rows, state = rows[keep], state.select(keep)
     logits = trace.logits[out_index, torch.arange(n)]
     return out_index, logits

@@ -68,12 +68,9 @@ class Shapes:
         return cls(mt, hidden, layers, heads, kv, inter, emb)
 
 
-def layer_flops(shapes: Shapes, seq_len: float | np.ndarray, *, elementwise: bool = True) -> float:
-    """FLOPs of one layer for one example of ``seq_len`` tokens (mean over an array of lengths).
-
-    ``elementwise=False`` counts the matrix products only (what ``torch.utils.flop_counter`` sees).
-    """
-    t = np.asarray(seq_len, dtype=np.float64)
+def _layer_parts(shapes: Shapes, elementwise: bool = True) -> tuple[float, float]:
+    """(per-token cost, per pair of tokens cost) of one layer: a layer over t tokens costs
+    linear * t + quadratic * t^2; one decoded token attending to c tokens, linear + quadratic * c."""
     s = shapes
     ew = 1.0 if elementwise else 0.0
     if s.model_type.startswith("mamba"):
@@ -81,7 +78,7 @@ def layer_flops(shapes: Shapes, seq_len: float | np.ndarray, *, elementwise: boo
         matmul = (2 * s.hidden * 2 * e + 2 * e * (s.dt_rank + 2 * n) + 2 * s.dt_rank * e
                   + 2 * e * s.hidden)
         other = 2 * e * s.conv + 8 * e * n + 3 * e + RMS_FLOPS * s.hidden + s.hidden
-        return float(np.mean((matmul + ew * other) * t))
+        return float(matmul + ew * other), 0.0
     h, d = s.hidden, s.hidden // s.heads
     kv = s.kv_heads * d
     gated = s.model_type in GATED_MLP
@@ -91,9 +88,25 @@ def layer_flops(shapes: Shapes, seq_len: float | np.ndarray, *, elementwise: boo
     act = s.intermediate * (2 if gated else 1)
     norm = (RMS_FLOPS if gated else LN_FLOPS) * h * 2 + 2 * h  # two norms, two residual adds
     softmax = 4 * s.heads  # scale, exp, sum, divide per score
-    linear = proj + mlp + ew * (act + norm)
-    quadratic = scores + ew * softmax
+    return float(proj + mlp + ew * (act + norm)), float(scores + ew * softmax)
+
+
+def layer_flops(shapes: Shapes, seq_len: float | np.ndarray, *, elementwise: bool = True) -> float:
+    """FLOPs of one layer for one example of ``seq_len`` tokens (mean over an array of lengths).
+
+    ``elementwise=False`` counts the matrix products only (what ``torch.utils.flop_counter`` sees).
+    """
+    t = np.asarray(seq_len, dtype=np.float64)
+    linear, quadratic = _layer_parts(shapes, elementwise)
     return float(np.mean(linear * t + quadratic * t * t))
+
+
+def decode_layer_flops(shapes: Shapes, context: float | np.ndarray, *, elementwise: bool = True) -> float:
+    """FLOPs of one layer for ONE decoded token attending to ``context`` tokens (a KV cache step;
+    Mamba's step is independent of the context)."""
+    c = np.asarray(context, dtype=np.float64)
+    linear, quadratic = _layer_parts(shapes, elementwise)
+    return float(np.mean(linear + quadratic * c))
 
 
 def embedding_flops(shapes: Shapes, seq_len: float | np.ndarray) -> float:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from offramp.evaluation.flops import ExitFlops
+
+if TYPE_CHECKING:
+    from offramp.policies import ExitSpace
 
 ORACLE, CONSISTENCY_ORACLE = "oracle", "consistency oracle"
 REGRESSION_TOL = 0.1
@@ -75,31 +78,13 @@ def _classes(trace: Any) -> int:
     return int(trace.logits.shape[-1])
 
 
-def _threshold_grid(trace: Any) -> list[float]:
-    return [round(x, 4) for x in np.linspace(0.0, 1.0, 21)] + [0.975, 0.99, 0.995, 0.999]
+def exit_space(trace: Any) -> "ExitSpace":
+    """The exits and output size of a trace: what a policy's default grid may depend on."""
+    from offramp.policies import ExitSpace
 
-
-def _max_prob_grid(trace: Any) -> list[float]:
-    c = max(2, _classes(trace))
-    base = [1 / c + (1 - 1 / c) * x for x in np.linspace(0.0, 1.0, 21)]
-    return sorted({round(v, 4) for v in base} | {0.975, 0.99, 0.995, 0.999})
-
-
-def _entropy_grid(trace: Any) -> list[float]:
-    top = math.log(max(2, _classes(trace)))
-    return sorted({round(top * x, 4) for x in np.linspace(0.0, 1.0, 21)} | {0.001, 0.005, 0.01, 0.02})
-
-
-GRIDS: dict[str, Callable[[Any], list[float]]] = {
-    "static": lambda tr: [int(x) for x in tr.exit_layers],
-    "max_prob": _max_prob_grid,
-    "entropy": _entropy_grid,
-    "margin": _threshold_grid,
-    "saturation": lambda tr: sorted({round(x, 4) for x in np.linspace(0.8, 1.0, 21)} | {0.995, 0.999}),
-    "patience": lambda tr: list(range(1, int(_np(tr.logits).shape[0]))),
-    "q_exit": lambda tr: [round(x, 4) for x in np.linspace(0.05, 0.95, 19)],
-    "gate": lambda tr: [round(x, 4) for x in np.linspace(0.05, 0.95, 19)],
-}
+    if hasattr(trace, "space"):
+        return trace.space()
+    return ExitSpace(tuple(int(x) for x in trace.exit_layers), _classes(trace), int(trace.num_layers))
 
 
 # ------------------------------------------------------------------------------------------ points
@@ -226,17 +211,20 @@ def pareto(points: Iterable[SweepPoint], by: str = "mean_exit_layer") -> list[Sw
 
 
 # ------------------------------------------------------------------------------------------ sweep
-def _has(trace: Any, need: str) -> bool:
-    return need == "labels" or getattr(trace, need, None) is not None
+def _signals(trace: Any) -> set[str]:
+    if hasattr(trace, "signals"):
+        return trace.signals()
+    from offramp.evaluation.collect import trace_signals
+
+    return trace_signals(trace)
 
 
 def available_rules(trace: Any) -> list[str]:
     """Registered policies that can run on ``trace`` (its signals cover what they need)."""
     from offramp.policies import POLICIES
 
-    return [name for name, cls in POLICIES.items() if name not in NOT_SWEPT
-            and all(_has(trace, n) for n in getattr(cls, "needs", ()))
-            and (getattr(cls, "threshold_field", None) is None or name in GRIDS)]
+    have = _signals(trace)
+    return [name for name, cls in POLICIES.items() if name not in NOT_SWEPT and set(cls.needs) <= have]
 
 
 def _as_spec(spec: str | Mapping[str, Any]) -> dict:
@@ -245,14 +233,15 @@ def _as_spec(spec: str | Mapping[str, Any]) -> dict:
 
 def sweep_rule(trace: Any, rule: str, spec: str | Mapping[str, Any], *, metric: str = "accuracy",
                flops: ExitFlops | None = None, grid: Sequence[float] | None = None) -> list[SweepPoint]:
-    """Points of one rule: its policy at every value of ``grid`` (default: the policy's GRIDS entry)."""
+    """Points of one rule: its policy at every value of ``grid`` (default: the policy's own
+    ``sweep_grid``)."""
     from offramp.evaluation.collect import replay
     from offramp.policies import make_policy
 
     spec = _as_spec(spec)
     kind = spec.pop("type")
     base = make_policy(kind, **spec)
-    missing = [n for n in getattr(base, "needs", ()) if not _has(trace, n)]
+    missing = [n for n in base.needs if n not in _signals(trace)]
     if missing:
         raise ValueError(f"rule {rule!r} ({kind}) needs {missing} signals, which the trace does not "
                          "have: collect it from a model with a halting layer / gate")
@@ -261,9 +250,7 @@ def sweep_rule(trace: Any, rule: str, spec: str | Mapping[str, Any], *, metric: 
     if field_name is None:
         settings = [(base, None)]
     else:
-        values = list(grid) if grid is not None else GRIDS[kind](trace) if kind in GRIDS else None
-        if values is None:
-            raise ValueError(f"no default grid for the policy {kind!r}: pass one with --grid {rule}=v1,v2")
+        values = list(grid) if grid is not None else base.sweep_grid(exit_space(trace))
         settings = []
         for v in values:
             v = v.item() if isinstance(v, np.generic) else v  # plain numbers in policy dicts and JSON

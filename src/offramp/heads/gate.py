@@ -81,10 +81,6 @@ class ExitGates(nn.Module):
         """The engine's per-exit call: (g (b,), state). Gates are stateless."""
         return torch.sigmoid(self.logit(index, logits)), None
 
-    @staticmethod
-    def select(state: Any, rows: Tensor) -> Any:
-        return state
-
 
 def build_gates(cfg: dict[str, Any], num_exits: int) -> ExitGates:
     """The gates described by ``OfframpConfig.gate``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
+from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, require_signals
 from offramp.policies.entropy import EntropyPolicy
 from offramp.policies.gate import GatePolicy
 from offramp.policies.margin import MarginPolicy
@@ -16,6 +16,7 @@ from offramp.policies.ponder_sample import PonderSamplePolicy
 from offramp.policies.q_exit import QExitPolicy
 from offramp.policies.saturation import SaturationPolicy
 from offramp.policies.static import StaticPolicy
+from offramp.policies.token_confidence import TokenConfidencePolicy
 
 POLICIES: dict[str, type[ExitPolicy]] = {
     "never": NeverPolicy,
@@ -28,6 +29,7 @@ POLICIES: dict[str, type[ExitPolicy]] = {
     "ponder_sample": PonderSamplePolicy,
     "q_exit": QExitPolicy,
     "gate": GatePolicy,
+    "token_confidence": TokenConfidencePolicy,
     "oracle": OraclePolicy,
 }
 
@@ -49,4 +51,4 @@ def make_policy(spec: str | dict[str, Any] | ExitPolicy | None, **params: Any) -
         raise ValueError(f"bad parameters for policy {spec!r}: {e}") from e
 
 
-__all__ = ["POLICIES", "ExitPolicy", "ExitSignals", "PolicyState", "make_policy"]
+__all__ = ["POLICIES", "ExitPolicy", "ExitSignals", "ExitSpace", "PolicyState", "make_policy", "require_signals"]

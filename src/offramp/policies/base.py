@@ -14,8 +14,31 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
+
+
+DISTRIBUTION_STATS = ("max_prob", "entropy", "margin", "top1")
+
+
+def distribution_stat(logits: Tensor, name: str) -> Tensor:
+    """One summary of the exit distribution softmax(logits) (b, c): max_prob, entropy (nats), margin
+    (top-1 minus top-2 probability) or top1 (argmax). Engines, traces and policies all call this, so
+    a value stored in a trace is bit-identical to the one the engine computes from the same logits."""
+    if name == "max_prob":
+        return logits.softmax(-1).amax(-1)
+    if name == "entropy":
+        logp = logits.log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1)
+    if name == "margin":
+        if logits.shape[-1] < 2:
+            raise ValueError("the margin needs at least 2 classes; use patience for regression")
+        top2 = logits.softmax(-1).topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if name == "top1":
+        return logits.argmax(-1)
+    raise ValueError(f"unknown distribution statistic {name!r}; known: {DISTRIBUTION_STATS}")
 
 
 @dataclass
@@ -23,20 +46,81 @@ class ExitSignals:
     """What exit ``index`` produced for the rows still running (all tensors share dim 0 = rows).
 
     Attributes:
-        logits: (b, c) exit logits (c = 1 for regression).
+        logits: (b, c) exit logits (c = 1 for regression; c = vocabulary for token exits). None when
+            a trace stores only ``stats`` (token traces keep summaries, not the vocabulary).
+        layer: the 1-based backbone layer this exit sits after.
         halting: (b,) halting probability lambda of a PonderNet/PALBERT halting layer, if any.
         gate: (b,) exit-gate value of a JEI-DNN gate, if any.
         hidden: (b, h) pooled hidden state after the layer, if the policy asks for it.
         labels: (b,) true labels: only the oracle policy reads them (analysis only).
-        layer: the 1-based backbone layer this exit sits after.
+        confidence: (b,) the exit's own learned estimate that its answer is acceptable (a token
+            exit's confidence classifier, a reasoning probe's P(right)), if the model has one.
+        stats: precomputed ``distribution_stat`` values by name ((b,) each), used when ``logits``
+            is None; values computed from ``logits`` are cached here too.
     """
 
-    logits: Tensor
+    logits: Tensor | None = None
     layer: int = 0
     halting: Tensor | None = None
     gate: Tensor | None = None
     hidden: Tensor | None = None
     labels: Tensor | None = None
+    confidence: Tensor | None = None
+    stats: dict[str, Tensor] | None = None
+
+    def stat(self, name: str) -> Tensor:
+        """``distribution_stat(logits, name)`` (b,), from the stored stats or computed once."""
+        if self.stats is not None and name in self.stats:
+            return self.stats[name]
+        if self.logits is None:
+            raise ValueError(f"this exit has neither logits nor a stored {name!r}: the trace or engine does "
+                             "not supply the exit distribution this policy reads")
+        value = distribution_stat(self.logits, name)
+        if self.stats is None:
+            self.stats = {}
+        self.stats[name] = value
+        return value
+
+    def _any(self) -> Tensor:
+        for t in (self.logits, self.confidence, self.halting, self.gate, self.hidden):
+            if t is not None:
+                return t
+        if self.stats:
+            return next(iter(self.stats.values()))
+        raise ValueError("ExitSignals holds no tensor: give logits or another signal")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self._any().shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self._any().device
+
+
+@dataclass(frozen=True)
+class ExitSpace:
+    """What a policy's default sweep grid and calibration candidates may depend on: the exits and
+    the output size, never the data (so fixed-sequence testing stays valid).
+
+    Attributes:
+        exit_layers: 1-based layer of each exit.
+        num_classes: classes of a classifier, the vocabulary of token exits (1 = regression).
+        num_layers: layers of the backbone.
+    """
+
+    exit_layers: tuple[int, ...]
+    num_classes: int
+    num_layers: int
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_layers)
+
+
+def probability_grid() -> list[float]:
+    """A grid over [0, 1], finer near 1 (the usual confidence thresholds of a sweep)."""
+    return [round(float(x), 4) for x in np.linspace(0.0, 1.0, 21)] + [0.975, 0.99, 0.995, 0.999]
 
 
 @dataclass
@@ -60,8 +144,9 @@ class ExitPolicy:
 
     Attributes:
         type: the registry name ("entropy", "patience", ...), the same as the file name.
-        needs: which optional ``ExitSignals`` fields the policy reads ("halting", "gate", "hidden",
-            "labels"); the engine and the trace collector provide them.
+        needs: which ``ExitSignals`` the policy reads: "logits" (the exit distribution, or its stored
+            stats), "confidence", "halting", "gate", "hidden", "labels"; an engine or trace that cannot
+            supply one refuses the policy before any work (``require_signals``).
         threshold_field: the name of the field a sweep or a calibrator moves (None if none).
         higher_is_safer: whether a larger value of that field makes exits later (more conservative).
     """
@@ -86,6 +171,22 @@ class ExitPolicy:
         """Raise a ValueError before any work if this policy cannot act on a model with exits after
         ``exit_layers`` (1-based); the engines and ``replay`` call it once per batch."""
 
+    def sweep_grid(self, space: ExitSpace) -> list[float]:
+        """The values of ``threshold_field`` a sweep tries by default. Policies with a threshold
+        override it; a registered policy without one is refused by a test, not dropped by sweeps."""
+        raise ValueError(f"policy {self.type!r} has no default sweep grid: pass one with --grid {self.type}=v1,v2")
+
+    def candidates(self, space: ExitSpace, num: int = 201) -> np.ndarray:
+        """Calibration thresholds, data-independent, ordered from the most conservative (latest
+        exits) to the most aggressive, as Learn-then-Test's fixed-sequence testing walks them."""
+        raise ValueError(f"no default calibration candidates for policy {self.type!r}: pass candidates=[...] "
+                         "ordered from the most conservative to the most aggressive")
+
+    def _ordered(self, grid: np.ndarray) -> np.ndarray:
+        """``grid`` (ascending) ordered most conservative first."""
+        grid = np.asarray(grid, dtype=np.float64)
+        return grid[::-1].copy() if self.higher_is_safer else grid
+
     def with_threshold(self, value: float) -> "ExitPolicy":
         """A copy of this policy with its threshold field set to ``value``."""
         if self.threshold_field is None:
@@ -96,6 +197,16 @@ class ExitPolicy:
         out = {"type": self.type}
         out.update({f.name: getattr(self, f.name) for f in fields(self)})  # type: ignore[arg-type]
         return out
+
+
+def require_signals(policy: ExitPolicy, available: tuple[str, ...] | set[str], where: str,
+                    fix: str = "choose a policy that reads only those") -> None:
+    """Raise a ValueError before any work if ``policy`` reads a signal that ``where`` (an engine or a
+    trace) cannot supply; ``available`` lists the ones it can."""
+    missing = [n for n in policy.needs if n not in available]
+    if missing:
+        raise ValueError(f"policy {policy.type!r} needs {', '.join(missing)}, which {where} does not supply "
+                         f"(it supplies: {', '.join(sorted(available)) or 'nothing'}); {fix}")
 
 
 def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState, check_range
+import numpy as np
+
+from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range
 
 
 @dataclass(frozen=True)
@@ -38,3 +40,9 @@ class GatePolicy(ExitPolicy):
         a = torch.where(survival > 0, (p_exit / survival.clamp_min(1e-300)).clamp(0.0, 1.0), torch.ones_like(g))
         new = PolicyState(state.num_exits, {"sum_g": sum_g + g, "survival": survival * (1.0 - a)})
         return a >= self.threshold, new
+
+    def sweep_grid(self, space: ExitSpace) -> list[float]:
+        return [round(float(x), 4) for x in np.linspace(0.05, 0.95, 19)]
+
+    def candidates(self, space: ExitSpace, num: int = 201) -> np.ndarray:
+        return self._ordered(np.linspace(0.0, 1.0, num))

@@ -4,7 +4,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState, check_range
+import numpy as np
+
+from offramp.policies.base import (ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range,
+                                   probability_grid)
 
 
 @dataclass(frozen=True)
@@ -12,6 +15,7 @@ class MarginPolicy(ExitPolicy):
     """Exit once the gap between the two top probabilities reaches ``threshold`` (CALM softmax response)."""
 
     type = "margin"
+    needs = ("logits",)
     threshold_field = "threshold"
     threshold: float = 0.5
 
@@ -19,8 +23,10 @@ class MarginPolicy(ExitPolicy):
         check_range("margin threshold", self.threshold, 0.0, 1.0)
 
     def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
-        probs = signals.logits.softmax(-1)
-        if probs.shape[-1] < 2:
-            raise ValueError("the margin policy needs at least 2 classes; use patience for regression")
-        top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1] >= self.threshold, state
+        return signals.stat("margin") >= self.threshold, state
+
+    def sweep_grid(self, space: ExitSpace) -> list[float]:
+        return probability_grid()
+
+    def candidates(self, space: ExitSpace, num: int = 201) -> np.ndarray:
+        return self._ordered(np.linspace(0.0, 1.0, num))

@@ -15,4 +15,4 @@ class NeverPolicy(ExitPolicy):
     type = "never"
 
     def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
-        return torch.zeros(signals.logits.shape[0], dtype=torch.bool, device=signals.logits.device), state
+        return torch.zeros(signals.batch_size, dtype=torch.bool, device=signals.device), state

@@ -18,7 +18,7 @@ class OraclePolicy(ExitPolicy):
     """
 
     type = "oracle"
-    needs = ("labels",)
+    needs = ("logits", "labels")
     mode: str = "correct"
 
     def __post_init__(self) -> None:
@@ -28,6 +28,6 @@ class OraclePolicy(ExitPolicy):
     def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
         if signals.labels is None:
             raise ValueError("the oracle policy needs labels (signals.labels): pass labels to predict/replay")
-        if signals.logits.shape[-1] == 1:
+        if signals.logits is not None and signals.logits.shape[-1] == 1:
             raise ValueError("the oracle policy is defined for classification only")
-        return signals.logits.argmax(-1) == signals.labels, state
+        return signals.stat("top1") == signals.labels, state

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
+import numpy as np
+
+from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class PatiencePolicy(ExitPolicy):
     """
 
     type = "patience"
+    needs = ("logits",)
     threshold_field = "patience"
     patience: int = 2
     regression_tol: float = 0.1
@@ -35,11 +38,18 @@ class PatiencePolicy(ExitPolicy):
     def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
         logits = signals.logits
         count = state.extra["count"]
-        if logits.shape[-1] == 1:
+        first = "prev" not in state.extra
+        if logits is not None and logits.shape[-1] == 1:
             pred = logits[:, 0].float()
-            same = (pred - state.extra["prev"]).abs() < self.regression_tol if index > 0 else None
+            same = None if first else (pred - state.extra["prev"]).abs() < self.regression_tol
         else:
-            pred = logits.argmax(-1)
-            same = pred == state.extra["prev"] if index > 0 else None
+            pred = signals.stat("top1")
+            same = None if first else pred == state.extra["prev"]
         count = torch.zeros_like(count) if same is None else torch.where(same, count + 1, torch.zeros_like(count))
         return count >= self.patience, PolicyState(state.num_exits, {"count": count, "prev": pred})
+
+    def sweep_grid(self, space: ExitSpace) -> list[float]:
+        return list(range(1, space.num_exits))
+
+    def candidates(self, space: ExitSpace, num: int = 201) -> np.ndarray:
+        return self._ordered(np.arange(1, max(space.num_exits, 2), dtype=np.float64))

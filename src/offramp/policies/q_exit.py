@@ -5,7 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState, check_range
+import numpy as np
+
+from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range
 
 
 @dataclass(frozen=True)
@@ -36,3 +38,9 @@ class QExitPolicy(ExitPolicy):
         cdf = state.extra["cdf"] + lam * log_surv.exp()
         log_surv = log_surv + torch.log1p(-lam.clamp(max=1 - 1e-12))
         return cdf > self.q, PolicyState(state.num_exits, {"log_survival": log_surv, "cdf": cdf})
+
+    def sweep_grid(self, space: ExitSpace) -> list[float]:
+        return [round(float(x), 4) for x in np.linspace(0.05, 0.95, 19)]
+
+    def candidates(self, space: ExitSpace, num: int = 201) -> np.ndarray:
+        return self._ordered(np.linspace(0.0, 1.0, num + 2)[1:-1])  # the open interval (0, 1)

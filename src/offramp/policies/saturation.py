@@ -5,7 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState, check_range
+import numpy as np
+
+from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range
 
 
 @dataclass(frozen=True)
@@ -30,3 +32,9 @@ class SaturationPolicy(ExitPolicy):
         else:
             out = torch.nn.functional.cosine_similarity(h, prev, dim=-1) >= self.threshold
         return out, PolicyState(state.num_exits, {"prev": h})
+
+    def sweep_grid(self, space: ExitSpace) -> list[float]:
+        return sorted({round(float(x), 4) for x in np.linspace(0.8, 1.0, 21)} | {0.995, 0.999})
+
+    def candidates(self, space: ExitSpace, num: int = 201) -> np.ndarray:
+        return self._ordered(np.linspace(-1.0, 1.0, num))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
+from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState
 
 
 @dataclass(frozen=True)
@@ -27,5 +27,10 @@ class StaticPolicy(ExitPolicy):
                              f"1..{exit_layers[-1]}")
 
     def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
-        b = signals.logits.shape[0]
-        return torch.full((b,), signals.layer >= self.layer, dtype=torch.bool, device=signals.logits.device), state
+        if signals.layer < 1:
+            raise ValueError("the static policy reads ExitSignals.layer (the 1-based layer of the exit); it is unset")
+        return torch.full((signals.batch_size,), signals.layer >= self.layer, dtype=torch.bool,
+                          device=signals.device), state
+
+    def sweep_grid(self, space: ExitSpace) -> list[float]:
+        return [int(x) for x in space.exit_layers]
