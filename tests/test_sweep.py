@@ -10,7 +10,8 @@ from transformers import BertConfig, BertModel
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.evaluation.collect import collect, replay
 from offramp.evaluation.flops import model_exit_flops
-from offramp.evaluation.sweep import (GRIDS, SweepPoint, available_rules, oracle_exits, pareto, sweep,
+from offramp.policies import make_policy
+from offramp.evaluation.sweep import (SweepPoint, exit_space, available_rules, oracle_exits, pareto, sweep,
                                       sweep_rule)
 
 
@@ -125,7 +126,35 @@ def test_named_rules_merge_and_rules_available(trace):
     assert merged.rules == ["PALBERT", "PABEE", "entropy"] and len(merged.oracles) == 4
     assert "q_exit" in available_rules(trace) and "oracle" not in available_rules(trace)
     assert "saturation" not in available_rules(trace)  # no pooled states in this trace
-    assert GRIDS["patience"](trace) == [1, 2, 3]
+    assert make_policy("patience").sweep_grid(exit_space(trace)) == [1, 2, 3]
+
+
+def test_every_registered_policy_with_a_threshold_has_a_grid_and_candidates(trace):
+    """Adding a policy is one file and one registry line: its grid and calibration candidates come
+    with it, so no sweep or calibrator silently leaves it out."""
+    from offramp.policies import POLICIES
+
+    space = exit_space(trace)
+    for name, cls in POLICIES.items():
+        if cls.threshold_field is None:
+            continue
+        policy = cls() if name != "static" else cls(layer=1)
+        grid = policy.sweep_grid(space)
+        assert len(grid) >= 2, name
+        kept = [v for v in grid if _accepts(policy, v)]
+        assert len(kept) >= 2, f"{name}: its own grid is mostly outside its range"
+        cands = policy.candidates(space) if name != "static" else None
+        if cands is not None:
+            assert len(cands) >= 2 and all(_accepts(policy, v if name != "patience" else int(v)) for v in cands), name
+    assert set(available_rules(trace)) >= {"static", "max_prob", "entropy", "margin", "patience", "q_exit"}
+
+
+def _accepts(policy, value) -> bool:
+    try:
+        policy.with_threshold(value)
+        return True
+    except ValueError:
+        return False
 
 
 def test_bad_sweep_input(trace, model):

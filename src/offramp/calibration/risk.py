@@ -12,6 +12,14 @@ Risks (per-point losses in {0, 1}):
 - ``disagree``: the early prediction differs from the full (last-exit) prediction.
 - ``wrong_when_full_right``: the early prediction is wrong AND the full prediction is right; its
   mean bounds the accuracy lost to early exit (acc_full - acc_early <= R).
+
+On a token trace (generation) the points are the generated sequences (prompts are exchangeable;
+tokens of one sequence are not), with losses in [0, 1] (Hoeffding):
+
+- ``token``: the share of a sequence's tokens whose exit disagrees with the full model;
+- ``sequence`` (CALM's textual consistency): 1 if that share exceeds ``tolerance``. With
+  ``tolerance=0`` and greedy decoding with the exact ``catch_up`` cache this is exactly "the text
+  differs from the full model's"; with the approximate caches it is the teacher-forced share.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import numpy as np
 from offramp.calibration.conformal import conformal_quantile
 
 RISKS = ("disagree", "wrong_when_full_right")
+TOKEN_RISKS = ("token", "sequence")  # on a token trace, per generated sequence
 PVALUES = ("hoeffding", "binomial")
 CONFIDENCES = ("max_prob", "margin")
 
@@ -80,24 +89,12 @@ def exit_losses(exit_logits: np.ndarray, labels: np.ndarray | None, exit_index: 
 
 
 def default_candidates(policy, num_exits: int, num_classes: int, *, num: int = 201) -> np.ndarray:
-    """A data-independent grid of thresholds for ``policy``, most conservative first.
+    """The policy's own data-independent calibration grid (``ExitPolicy.candidates``), most
+    conservative first; fixed before seeing the calibration data, so fixed-sequence testing stays
+    valid. ``num_exits`` exits, ``num_classes`` outputs (the vocabulary for token exits)."""
+    from offramp.policies import ExitSpace
 
-    Fixed before seeing the calibration data, so fixed-sequence testing stays valid. Pass your own
-    grid to ``LearnThenTest.fit`` for a policy type not listed here.
-    """
-    kind = policy.type
-    if kind in ("max_prob", "margin", "gate"):
-        grid = np.linspace(0.0, 1.0, num)
-    elif kind == "q_exit":
-        grid = np.linspace(0.0, 1.0, num + 2)[1:-1]  # the open interval (0, 1)
-    elif kind == "entropy":
-        grid = np.linspace(0.0, math.log(num_classes), num)
-    elif kind == "patience":
-        grid = np.arange(1, max(num_exits, 2), dtype=np.float64)
-    else:
-        raise ValueError(f"no default threshold grid for policy {kind!r}: pass candidates=[...] "
-                         "ordered from the most conservative to the most aggressive")
-    return grid[::-1].copy() if policy.higher_is_safer else grid
+    return policy.candidates(ExitSpace(tuple(range(1, num_exits + 1)), num_classes, num_exits), num)
 
 
 @dataclass(frozen=True)
@@ -125,16 +122,22 @@ class LearnThenTest:
     """
 
     def __init__(self, delta: float, epsilon: float = 0.05, *, risk: str = "disagree",
-                 pvalue: str = "hoeffding") -> None:
+                 pvalue: str = "hoeffding", tolerance: float = 0.0) -> None:
         if not 0.0 < delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if not 0.0 < epsilon < 1.0:
             raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
-        if risk not in RISKS:
-            raise ValueError(f"unknown risk {risk!r}: choose one of {', '.join(RISKS)}")
+        if risk not in RISKS + TOKEN_RISKS:
+            raise ValueError(f"unknown risk {risk!r}: choose one of {', '.join(RISKS + TOKEN_RISKS)}")
         if pvalue not in PVALUES:
             raise ValueError(f"unknown pvalue {pvalue!r}: choose one of {', '.join(PVALUES)}")
+        if risk == "token" and pvalue == "binomial":
+            raise ValueError("the token risk is a share in [0, 1], not a 0/1 loss: the binomial p-value does not "
+                             "apply; use pvalue hoeffding, or risk sequence")
+        if not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
         self.delta, self.epsilon, self.risk, self.pvalue = delta, epsilon, risk, pvalue
+        self.tolerance = tolerance
 
     def fit_losses(self, losses: np.ndarray) -> "LearnThenTest":
         """Select from precomputed losses (m, n): row j = the n calibration losses of candidate j."""
@@ -158,25 +161,35 @@ class LearnThenTest:
                 ``default_candidates`` when None.
         """
         from offramp.evaluation.collect import replay
+        from offramp.evaluation.sweep import exit_space
+        from offramp.evaluation.token_trace import TokenTrace
 
         if policy.threshold_field is None:
             raise ValueError(f"policy {policy.type!r} has no threshold to calibrate: pick a threshold "
-                             "policy (max_prob, entropy, margin, patience, q_exit, gate)")
-        logits = _numpy(trace.logits)  # (E, n, c)
-        labels = None if trace.labels is None else _numpy(trace.labels)
+                             "policy (max_prob, entropy, margin, patience, q_exit, gate, token_confidence)")
+        tokens = isinstance(trace, TokenTrace)
+        if tokens != (self.risk in TOKEN_RISKS):
+            raise ValueError(f"risk {self.risk!r} is for {'classification' if self.risk in RISKS else 'token'} "
+                             f"traces and this is a {'token' if tokens else 'classification'} trace: use risk "
+                             f"{' or '.join(TOKEN_RISKS if tokens else RISKS)}")
         if candidates is None:
-            candidates = default_candidates(policy, logits.shape[0], logits.shape[2])
+            candidates = policy.candidates(exit_space(trace))
         candidates = np.asarray(candidates, dtype=np.float64)
         if candidates.ndim != 1 or candidates.size == 0:
             raise ValueError("candidates must be a non-empty 1-D list of thresholds")
-        layers = np.asarray(trace.exit_layers, dtype=np.float64)
+        layers = np.asarray(list(trace.exit_layers) + ([trace.num_layers] if tokens else []), dtype=np.float64)
+        if not tokens:
+            logits = _numpy(trace.logits)  # (E, n, c)
+            labels = None if trace.labels is None else _numpy(trace.labels)
         losses, mean_layers, policies = [], [], []
         for value in candidates:
             value = int(value) if isinstance(getattr(policy, policy.threshold_field), int) else float(value)
             candidate = policy.with_threshold(value)
-            exit_index, _ = replay(candidate, trace)
-            exit_index = _numpy(exit_index).astype(np.int64)
-            losses.append(exit_losses(logits, labels, exit_index, self.risk))
+            if tokens:
+                exit_index = self._token_losses(candidate, trace, losses)
+            else:
+                exit_index = _numpy(replay(candidate, trace)[0]).astype(np.int64)
+                losses.append(exit_losses(logits, labels, exit_index, self.risk))
             mean_layers.append(float(layers[exit_index].mean()))
             policies.append(candidate)
         self.fit_losses(np.stack(losses))
@@ -186,6 +199,15 @@ class LearnThenTest:
         self.policy_ = policies[self.index_] if self.index_ >= 0 else None
         self.threshold_ = float(candidates[self.index_]) if self.index_ >= 0 else None
         return self
+
+    def _token_losses(self, policy, trace, losses: list) -> np.ndarray:
+        """Append the per-sequence losses of ``policy`` on a token trace; return its exit indices."""
+        from offramp.evaluation.token_trace import replay_tokens, sequence_disagreement
+
+        exit_index = replay_tokens(policy, trace)
+        share = sequence_disagreement(trace, exit_index)
+        losses.append(share if self.risk == "token" else (share > self.tolerance).astype(np.float64))
+        return exit_index.numpy()
 
     def min_samples(self) -> int:
         """Calibration points Hoeffding needs to pass even a zero-risk candidate."""
@@ -208,22 +230,22 @@ class LearnThenTest:
                     "or pvalue='binomial'")
         value = getattr(self, "threshold_", None)
         step = f"threshold={value:g}" if value is not None else f"candidate {self.index_}"
-        return (f"{step}: P({self.risk} risk <= {self.delta}) >= {1 - self.epsilon:g} "
+        what = f"{self.risk} risk" + (f" (tolerance {self.tolerance:g})" if self.risk == "sequence" else "")
+        return (f"{step}: P({what} <= {self.delta}) >= {1 - self.epsilon:g} "
                 f"(empirical risk {self.risks_[self.index_]:.4f} on n={self.n_}, "
                 f"p={self.pvalues_[self.index_]:.3g})")
 
 
 def confidence(exit_logits: np.ndarray, kind: str = "max_prob") -> np.ndarray:
     """(E, n) confidence of every exit: max softmax probability or top-2 margin."""
+    import torch
+
+    from offramp.policies.base import distribution_stat
+
     if kind not in CONFIDENCES:
         raise ValueError(f"unknown confidence {kind!r}: choose one of {', '.join(CONFIDENCES)}")
-    z = np.asarray(exit_logits, dtype=np.float64)
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    if kind == "max_prob":
-        return p.max(-1)
-    top2 = np.sort(p, axis=-1)[..., -2:]
-    return top2[..., 1] - top2[..., 0]
+    z = torch.as_tensor(np.asarray(exit_logits, dtype=np.float64))
+    return np.stack([distribution_stat(zi, kind).numpy() for zi in z])  # the policies' own formula
 
 
 class CATsStopping:
