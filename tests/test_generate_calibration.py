@@ -41,7 +41,7 @@ def test_generation_threshold_violation_frequency_is_at_most_epsilon(risk, toler
     violations = certified = 0
     for _ in range(reps):
         ltt = LearnThenTest(delta, epsilon, risk=risk, tolerance=tolerance, pvalue=pvalue).fit(
-            policy, _trace(rng, 200), grid)
+            policy, _trace(rng, 300), grid)
         if ltt.index_ >= 0:
             certified += ltt.index_ > 0
             violations += true_risk[ltt.index_] > delta

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from decoder_models import ragged_prompts, tiny_decoder
-from offramp.backbones.decoder import DECODER_ADAPTERS, adapter_for
+from offramp.backbones import ADAPTERS, adapter_for
 from offramp.engines.generate import generate
 from offramp.engines.generate_sampling import SamplingOptions
 
@@ -67,7 +67,9 @@ def test_sampling_is_seeded_and_stops_at_eos() -> None:
 
 def test_registry_keys() -> None:
     for name in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "mamba", "mamba2"):
-        assert name in DECODER_ADAPTERS
+        assert ADAPTERS[name].role == "decoder"
+    for name in ("bert", "roberta", "mpnet", "distilbert", "albert", "vit"):
+        assert ADAPTERS[name].role == "encoder"
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
@@ -82,5 +84,5 @@ def test_bad_inputs_raise_clear_errors() -> None:
         generate(model, torch.ones(1, 3, dtype=torch.long), cache_strategy="freeze")
     bert_like = torch.nn.Linear(2, 2)
     bert_like.config = type("C", (), {"model_type": "bert"})()
-    with pytest.raises(ValueError, match="no decoder adapter"):
-        adapter_for(bert_like)
+    with pytest.raises(ValueError, match="unsupported decoder model_type 'bert'.*is a encoder"):
+        adapter_for(bert_like, role="decoder")

@@ -171,9 +171,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _print(rows: list[dict], tok: Any, show_exits: bool, model: Any, wall: float) -> None:
-    from offramp.backbones.decoder import adapter_for
+    from offramp.backbones import adapter_for
 
-    num_layers = adapter_for(getattr(model, "backbone", model)).num_layers
+    num_layers = adapter_for(getattr(model, "backbone", model), role="decoder").num_layers
     layers = [x for r in rows for x in r["exit_layers"]]
     for r in rows:
         print(f"### {r['prompt']}\n{r['text']}")

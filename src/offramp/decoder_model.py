@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from offramp.backbones.decoder import DecoderAdapter, adapter_for
+from offramp.backbones import DecoderAdapter, adapter_for
 from offramp.heads.lm import ConfidenceHead, LMExitHead, build_lm_head
 
 CONFIG_NAME = "offramp_config.json"
@@ -117,7 +117,7 @@ class DecoderExitModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, config: DecoderExitConfig) -> None:
         super().__init__()
-        self.adapter: DecoderAdapter = adapter_for(backbone)
+        self.adapter: DecoderAdapter = adapter_for(backbone, role="decoder")
         if config.num_layers != self.adapter.num_layers or config.model_type != backbone.config.model_type:
             raise ValueError(f"exit config is for a {config.num_layers}-layer {config.model_type!r} model, the "
                              f"backbone is a {self.adapter.num_layers}-layer {backbone.config.model_type!r}")
@@ -142,7 +142,7 @@ class DecoderExitModel(nn.Module):
     def from_backbone(cls, backbone: nn.Module, exit_layers: list[int] | None = None, head: str | dict = "ffn",
                       **kwargs: Any) -> "DecoderExitModel":
         """New, untrained exits on ``backbone`` (default: 5 exits in its second half)."""
-        adapter = adapter_for(backbone)
+        adapter = adapter_for(backbone, role="decoder")
         layers = exit_layers if exit_layers is not None else default_exit_layers(adapter.num_layers)
         head = {"type": head} if isinstance(head, str) else dict(head)
         kwargs.setdefault("base_model_name_or_path", getattr(backbone, "name_or_path", None) or None)

@@ -120,7 +120,7 @@ class EarlyExitModel(nn.Module):
     def __init__(self, backbone: nn.Module, config: OfframpConfig, tokenizer: Any = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.adapter = adapter_for(backbone)
+        self.adapter = adapter_for(backbone, role="encoder")
         self.tokenizer = tokenizer
         config.backbone_model_type = backbone.config.model_type
         n = self.adapter.num_layers

@@ -21,10 +21,15 @@ class EncoderAdapter:
     """Layer-by-layer access to a HF encoder. Subclasses implement the model-specific parts.
 
     Attributes:
-        model_types: the HF ``model_type`` values this adapter serves.
+        role: "encoder" (classification with row compaction, ``offramp.engines.classify``).
+        model_types: the HF ``model_type`` values this adapter serves (``offramp.backbones.ADAPTERS``).
+        kind, gated_mlp: the block's shape for FLOPs counting.
     """
 
+    role: ClassVar[str] = "encoder"
+    kind: ClassVar[str] = "attention"
     model_types: ClassVar[tuple[str, ...]] = ()
+    gated_mlp: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -23,20 +23,20 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-# model_type values of HF configs -> adapter class; filled at the end of this module.
-DECODER_ADAPTERS: dict[str, type["DecoderAdapter"]] = {}
-
-
 class DecoderAdapter:
     """Layer-by-layer access to a HF causal LM.
 
     Attributes:
+        role: "decoder" (token exits, ``offramp.engines.generate``).
         kind: "attention" (KV cache) or "ssm" (conv + recurrent state).
-        model_types: the HF ``model_type`` values this adapter serves.
+        model_types: the HF ``model_type`` values this adapter serves (``offramp.backbones.ADAPTERS``).
+        gated_mlp: whether the MLP is gated (three projections), for FLOPs counting.
     """
 
+    role: ClassVar[str] = "decoder"
     kind: ClassVar[str] = "attention"
     model_types: ClassVar[tuple[str, ...]] = ()
+    gated_mlp: ClassVar[bool] = False  # a SwiGLU/GeGLU MLP (three projections): what FLOPs counting needs
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -139,31 +139,3 @@ def text_config(config: Any) -> Any:
     """The text config of a (possibly multimodal) HF config."""
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config
-
-
-def adapter_for(model: nn.Module) -> DecoderAdapter:
-    """The decoder adapter for a HF causal LM, chosen by ``model.config.model_type``.
-
-    Raises:
-        ValueError: if the model type has no decoder adapter.
-    """
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in DECODER_ADAPTERS:
-        supported = ", ".join(sorted(DECODER_ADAPTERS))
-        raise ValueError(f"model_type {model_type!r} has no decoder adapter; supported: {supported}. "
-                         "Add an adapter in offramp/backbones/ and a line in DECODER_ADAPTERS.")
-    return DECODER_ADAPTERS[model_type](model)
-
-
-def _register() -> None:
-    from offramp.backbones.gemma3 import Gemma3Adapter
-    from offramp.backbones.gpt2 import GPT2Adapter
-    from offramp.backbones.llama import LlamaAdapter
-    from offramp.backbones.mamba import Mamba2Adapter, MambaAdapter
-
-    for cls in (LlamaAdapter, GPT2Adapter, Gemma3Adapter, MambaAdapter, Mamba2Adapter):
-        for name in cls.model_types:
-            DECODER_ADAPTERS[name] = cls
-
-
-_register()

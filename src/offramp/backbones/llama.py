@@ -24,6 +24,7 @@ class LlamaAdapter(DecoderAdapter):
     """Adapter for ``LlamaForCausalLM`` and the models that share its layout."""
 
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+    gated_mlp = True
 
     def layers(self) -> nn.ModuleList:
         return self.model.model.layers

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from offramp.backbones.decoder import DecoderAdapter, adapter_for
+from offramp.backbones import DecoderAdapter, adapter_for
 from offramp.engines.generate_cache import KVStore, SSMStore, attention_mask
 from offramp.engines.rows import RunningRows
 from offramp.engines.generate_sampling import SamplingOptions, next_tokens
@@ -361,7 +361,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     """
     exit_model = model if hasattr(model, "exit_layers") else None
     backbone = exit_model.backbone if exit_model is not None else model
-    adapter = exit_model.adapter if exit_model is not None else adapter_for(backbone)
+    adapter = exit_model.adapter if exit_model is not None else adapter_for(backbone, role="decoder")
     sampling = sampling or SamplingOptions.from_model(backbone)
     if policy is None and threshold is not None:
         policy = TokenConfidencePolicy(threshold=threshold)

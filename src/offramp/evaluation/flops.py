@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 
-GATED_MLP = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "smollm3", "olmo",
-             "olmo2", "granite"}
 LN_FLOPS, RMS_FLOPS = 5, 4
 
 
@@ -48,24 +46,30 @@ class Shapes:
     state: int = 0
     conv: int = 0
     dt_rank: int = 0
+    ssm: bool = False  # a Mamba block (the adapter's kind)
+    gated: bool = False  # a gated MLP (the adapter's gated_mlp)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Shapes":
         """Shapes of ``cfg`` (a transformers PretrainedConfig or anything with the same fields)."""
+        from offramp.backbones import ADAPTERS
+
         mt = str(getattr(cfg, "model_type", "") or "")
+        adapter = ADAPTERS.get(mt)  # the shape knowledge lives in the adapters
+        ssm, gated = (adapter.kind == "ssm", adapter.gated_mlp) if adapter is not None else (False, False)
         hidden = int(_get(cfg, "hidden_size", "d_model", "n_embd", "dim"))
         layers = int(_get(cfg, "num_hidden_layers", "n_layer", "n_layers", "num_layers"))
-        if mt.startswith("mamba"):
+        if ssm:
             inter = int(_get(cfg, "intermediate_size", default=2 * hidden))
             rank = getattr(cfg, "time_step_rank", None)
             rank = int(np.ceil(hidden / 16)) if rank in (None, "auto") else int(rank)
             return cls(mt, hidden, layers, 1, 1, inter, hidden, int(_get(cfg, "state_size", default=16)),
-                       int(_get(cfg, "conv_kernel", default=4)), rank)
+                       int(_get(cfg, "conv_kernel", default=4)), rank, ssm=True)
         heads = int(_get(cfg, "num_attention_heads", "n_head", "n_heads"))
         kv = int(_get(cfg, "num_key_value_heads", default=heads))
         inter = int(_get(cfg, "intermediate_size", "n_inner", "hidden_dim", default=4 * hidden))
         emb = int(_get(cfg, "embedding_size", default=hidden))
-        return cls(mt, hidden, layers, heads, kv, inter, emb)
+        return cls(mt, hidden, layers, heads, kv, inter, emb, gated=gated)
 
 
 def _layer_parts(shapes: Shapes, elementwise: bool = True) -> tuple[float, float]:
@@ -73,7 +77,7 @@ def _layer_parts(shapes: Shapes, elementwise: bool = True) -> tuple[float, float
     linear * t + quadratic * t^2; one decoded token attending to c tokens, linear + quadratic * c."""
     s = shapes
     ew = 1.0 if elementwise else 0.0
-    if s.model_type.startswith("mamba"):
+    if s.ssm:
         e, n = s.intermediate, s.state
         matmul = (2 * s.hidden * 2 * e + 2 * e * (s.dt_rank + 2 * n) + 2 * s.dt_rank * e
                   + 2 * e * s.hidden)
@@ -81,7 +85,7 @@ def _layer_parts(shapes: Shapes, elementwise: bool = True) -> tuple[float, float
         return float(matmul + ew * other), 0.0
     h, d = s.hidden, s.hidden // s.heads
     kv = s.kv_heads * d
-    gated = s.model_type in GATED_MLP
+    gated = s.gated
     proj = 2 * h * h * 2 + 2 * h * kv * 2  # Q, O and K, V projections, per token
     mlp = 2 * h * s.intermediate * (3 if gated else 2)
     scores = 2 * 2 * h  # QK^T and PV: 2·d per head per pair of tokens, both
@@ -113,7 +117,7 @@ def embedding_flops(shapes: Shapes, seq_len: float | np.ndarray) -> float:
     """FLOPs of the embedding block (position / type adds, norm, ALBERT's projection)."""
     t = np.asarray(seq_len, dtype=np.float64)
     s = shapes
-    if s.model_type.startswith("mamba") or s.model_type in GATED_MLP:
+    if s.ssm or s.gated:
         return 0.0  # a lookup only
     per_token = 2 * s.embedding + LN_FLOPS * s.embedding
     if s.embedding != s.hidden:
