@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from decoder_models import tiny_decoder
-from offramp.decoder_model import DecoderExitModel, default_exit_layers
+from offramp.modeling import DecoderExitModel, default_exit_layers
 from offramp.objectives.distill import (collect_states, distill_loss, exit_targets, exit_weights, fit_exits,
                                         train_exit_heads)
 

@@ -10,7 +10,7 @@ import torch
 
 from decoder_models import tiny_decoder
 from offramp.cli_generate import add_generate_parser
-from offramp.decoder_model import DecoderExitModel
+from offramp.modeling import DecoderExitModel
 
 
 def _tiny_folder(tmp_path):

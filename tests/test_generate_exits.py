@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from decoder_models import ragged_prompts, tiny_decoder
-from offramp.decoder_model import DecoderExitModel
+from offramp.modeling import DecoderExitModel
 from offramp.engines.generate import generate
 from offramp.engines.generate_sampling import SamplingOptions
 from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState

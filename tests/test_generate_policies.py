@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from decoder_models import ragged_prompts, tiny_decoder
-from offramp.decoder_model import DecoderExitModel
+from offramp.modeling import DecoderExitModel
 from offramp.engines.generate import SIGNALS, decoded_exit_layers, generate
 from offramp.engines.generate_sampling import SamplingOptions
 from offramp.evaluation.token_trace import TokenTrace, collect_tokens, replay_tokens, sweep_tokens

@@ -140,7 +140,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_bert, tmp_path, monkeyp
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("offramp.modeling.save_file", boom)
+    monkeypatch.setattr("offramp.modeling.base.save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path / "m", save_backbone=False)
     assert (tmp_path / "m" / CONFIG_NAME).read_text() == good

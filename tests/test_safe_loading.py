@@ -125,11 +125,11 @@ def test_probe(tmp_path):
 
 def test_decoder_exits(tmp_path):
     from decoder_models import tiny_decoder
-    from offramp.decoder_model import WEIGHTS_NAME, DecoderExitModel
+    from offramp.modeling import HEADS_NAME, DecoderExitModel
 
     lm = tiny_decoder("llama")
     DecoderExitModel.from_backbone(lm, exit_layers=[2, 3], head="ffn").save_pretrained(tmp_path / "exits")
-    plant_pickle(tmp_path / "exits" / WEIGHTS_NAME)
+    plant_pickle(tmp_path / "exits" / HEADS_NAME)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         DecoderExitModel.from_pretrained(tmp_path / "exits", backbone=lm)
 

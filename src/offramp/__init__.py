@@ -3,8 +3,9 @@
 __version__ = "0.1.0"
 
 from offramp.config import OfframpConfig  # noqa: E402
-from offramp.modeling import EarlyExitModel, EarlyExitOutput, Prediction  # noqa: E402
+from offramp.modeling import (DecoderExitModel, EarlyExitModel, EarlyExitOutput, Prediction,  # noqa: E402
+                              load)
 from offramp.policies import POLICIES, ExitPolicy, make_policy  # noqa: E402
 
-__all__ = ["EarlyExitModel", "EarlyExitOutput", "ExitPolicy", "OfframpConfig", "POLICIES", "Prediction",
-           "make_policy", "__version__"]
+__all__ = ["DecoderExitModel", "EarlyExitModel", "EarlyExitOutput", "ExitPolicy", "OfframpConfig", "POLICIES",
+           "Prediction", "load", "make_policy", "__version__"]

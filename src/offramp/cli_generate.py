@@ -93,7 +93,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
-    from offramp.decoder_model import DecoderExitModel
+    from offramp.modeling import DecoderExitModel
 
     if args.fit_text and not args.fit_exits:
         raise ValueError("--fit-text is training data for --fit-exits OUT: add --fit-exits")

@@ -1,7 +1,16 @@
-"""OfframpConfig: what exits a model has, what sits on them, and how they are trained and used.
+"""The configs of offramp's checkpoints: one file format, one version scheme, a ``kind`` per model.
 
-The config stores names and plain values only (never classes), round-trips through JSON, and
-validates itself in ``__post_init__`` with a ValueError naming the field.
+Every checkpoint folder holds ``offramp_config.json`` = ``{"kind": ..., "format_version": 2, ...}``:
+
+- ``classifier``: ``OfframpConfig``, an encoder with exit classifiers (``EarlyExitModel``);
+- ``token_exits``: ``DecoderExitConfig``, exit heads + confidence classifiers on a decoder LM
+  (``DecoderExitModel``).
+
+``read_config`` reads any of them, upgrades the files of the previous release (classifier
+``format_version`` 1; decoder ``format: decoder-exits/1``) and says what a folder of another kind
+is and which command takes it. Configs store names and plain values only (never classes),
+round-trip through JSON, and validate themselves in ``__post_init__`` with a ValueError naming the
+field.
 """
 
 from __future__ import annotations
@@ -16,7 +25,81 @@ from typing import Any
 from offramp.utils import atomic_write_json, read_json
 
 CONFIG_NAME = "offramp_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+KINDS = {"classifier": "a classifier with exits (EarlyExitModel)",
+         "token_exits": "token exits for a decoder LM (DecoderExitModel)"}
+KIND_USE = {"classifier": "offramp predict / evaluate / collect --model PATH, or EarlyExitModel.from_pretrained",
+            "token_exits": "offramp generate / collect --exits PATH, or DecoderExitModel.from_pretrained"}
+OTHER_FOLDERS = {  # folders offramp writes that are not models: file that marks them -> what they are
+    "trace.json": "an exit trace (offramp sweep / calibrate --trace PATH)",
+    "probe.json": "a LYNX probe (offramp reason run --probe PATH)",
+    "manifest.json": "a reasoning event dataset (offramp reason fit --events PATH)",
+    "report.json": "a sweep report (open its report.md)"}
+
+
+def upgrade_config(data: dict[str, Any], where: str = "the config") -> tuple[str, dict[str, Any]]:
+    """(kind, fields) of a config dict of any format offramp wrote; a ValueError for others."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: an offramp config is a JSON object, got a {type(data).__name__}")
+    data = dict(data)
+    data.pop("offramp_version", None)
+    if "kind" in data:
+        kind, version = data.pop("kind"), data.pop("format_version", None)
+        if kind not in KINDS:
+            raise ValueError(f"{where}: unknown checkpoint kind {kind!r}; this offramp reads {sorted(KINDS)}")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{where}: config format {version!r}; this offramp reads format {FORMAT_VERSION}: "
+                             "install the offramp version that wrote it")
+        return kind, data
+    if data.get("format") == "decoder-exits/1":  # token exits of the previous release
+        data.pop("format")
+        threshold = data.pop("threshold", 0.9)
+        data.setdefault("policy", {"type": "token_confidence", "threshold": threshold})
+        return "token_exits", data
+    version = data.pop("format_version", None)
+    if version == 1:  # a classifier of the previous release: same fields
+        return "classifier", data
+    raise ValueError(f"{where}: not an offramp config (no kind, format {version!r}); save the model again with "
+                     "save_pretrained")
+
+
+def read_config(directory: str | os.PathLike, expect: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(kind, fields) of the checkpoint in ``directory``; ``expect`` refuses another kind with a
+    message naming what the folder holds and which command takes it."""
+    folder = Path(directory)
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        other = next((what for name, what in OTHER_FOLDERS.items() if (folder / name).is_file()), None)
+        if other:
+            raise ValueError(f"{directory} is {other}, not a model checkpoint")
+        raise ValueError(f"{directory} is not an offramp checkpoint: {CONFIG_NAME} is missing "
+                         "(save one with save_pretrained, `offramp train` or `offramp generate --fit-exits`)")
+    data = read_json(path, "offramp config", "the checkpoint is damaged: train or save it again")
+    kind, data = upgrade_config(data, str(path))
+    if expect is not None and kind != expect:
+        raise ValueError(f"{directory} holds {KINDS[kind]}, not {KINDS[expect]}: use it with {KIND_USE[kind]}")
+    return kind, data
+
+
+def config_fields(data: Any, kind: str) -> dict[str, Any]:
+    """The fields of a config dict for ``kind``: as written (with its kind / format marks, upgraded)
+    or already upgraded by ``read_config``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"an offramp config is a JSON object, got a {type(data).__name__}")
+    if "kind" in data or "format_version" in data or "format" in data:
+        found, data = upgrade_config(data)
+        if found != kind:
+            raise ValueError(f"this config is for {KINDS[found]}, not {KINDS[kind]}")
+    data = dict(data)
+    data.pop("offramp_version", None)
+    return data
+
+
+def config_dict(kind: str, fields_: dict[str, Any]) -> dict[str, Any]:
+    """The JSON object written for a config of ``kind``."""
+    from offramp import __version__
+
+    return {"kind": kind, "format_version": FORMAT_VERSION, "offramp_version": __version__, **fields_}
 
 HEAD_DEFAULTS = {"type": "linear", "shared": False, "pooling": "cls", "use_pooler": True, "dropout": 0.1}
 HALTING_DEFAULTS = {
@@ -165,19 +248,14 @@ class OfframpConfig:
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
+    kind = "classifier"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        return config_dict(self.kind, asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "OfframpConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"an offramp config is a JSON object, got a {type(data).__name__}")
-        data = dict(data)
-        version = data.pop("format_version", FORMAT_VERSION)
-        data.pop("offramp_version", None)
-        if version != FORMAT_VERSION:
-            raise ValueError(f"this checkpoint has config format {version}; this offramp reads format "
-                             f"{FORMAT_VERSION}: install the offramp version that wrote it")
+        data = config_fields(data, cls.kind)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -185,18 +263,88 @@ class OfframpConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, directory: str | os.PathLike) -> None:
-        from offramp import __version__
-
-        atomic_write_json(Path(directory) / CONFIG_NAME, {"offramp_version": __version__, **self.to_dict()})
+        atomic_write_json(Path(directory) / CONFIG_NAME, self.to_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "OfframpConfig":
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise ValueError(f"{directory} is not an offramp checkpoint: {CONFIG_NAME} is missing "
-                             "(save one with EarlyExitModel.save_pretrained or `offramp train`)")
-        data = read_json(path, "offramp config", "the checkpoint is damaged: train or save it again")
+        _, data = read_config(directory, expect=cls.kind)
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: {e}; the checkpoint is damaged or was edited by hand") from None
+            raise ValueError(f"{Path(directory) / CONFIG_NAME}: {e}; the checkpoint is damaged or was edited by "
+                             "hand") from None
+
+
+@dataclass
+class DecoderExitConfig:
+    """What a ``DecoderExitModel`` adds to its decoder backbone (kind ``token_exits``).
+
+    Args:
+        exit_layers: layers run before each exit, increasing, each in [1, num_layers - 1].
+        num_layers, model_type: of the backbone, checked on load.
+        head: exit head type ("tied", "ffn", "block", "mamba") and its keyword arguments.
+        confidence_hidden: width of the confidence classifier.
+        top_k: an exit counts as correct when its top token is in the final layer's top-k.
+        policy: the default exit policy of generation, {"type": name, **parameters}; ``offramp
+            calibrate`` writes a certified one here (its bound goes to ``extra["calibration"]``).
+        cache_strategy: default cache strategy (copy_kv | propagate | catch_up | freeze | update).
+        base_model_name_or_path: where ``from_pretrained`` loads the backbone from.
+        extra: free-form metadata (training data, calibration results, ...).
+    """
+
+    exit_layers: list[int]
+    num_layers: int
+    model_type: str
+    head: dict = field(default_factory=lambda: {"type": "ffn"})
+    confidence_hidden: int = 64
+    top_k: int = 1
+    policy: dict[str, Any] = field(default_factory=lambda: {"type": "token_confidence", "threshold": 0.9})
+    cache_strategy: str | None = None
+    base_model_name_or_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    kind = "token_exits"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base_model_name_or_path, os.PathLike):
+            self.base_model_name_or_path = os.fspath(self.base_model_name_or_path)
+        if not isinstance(self.exit_layers, (list, tuple)) or not all(isinstance(k, int) for k in self.exit_layers):
+            raise ValueError(f"exit_layers must be a list of layer numbers, got {self.exit_layers!r}")
+        layers = list(self.exit_layers)
+        if not layers:
+            raise ValueError("exit_layers is empty: give at least one layer in [1, num_layers - 1]")
+        bad = [k for k in layers if not 1 <= k < self.num_layers]
+        if bad:
+            raise ValueError(f"exit_layers {bad} out of range: each must be in [1, {self.num_layers - 1}] "
+                             f"for a {self.num_layers}-layer model")
+        if layers != sorted(set(layers)):
+            raise ValueError(f"exit_layers must be strictly increasing, got {layers}")
+        self.exit_layers = layers
+        if not isinstance(self.head, dict) or "type" not in self.head:
+            raise ValueError("head must name its type, e.g. {'type': 'ffn'}")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.extra is None:
+            self.extra = {}
+        if not isinstance(self.policy, dict) or "type" not in self.policy:
+            raise ValueError(f"policy must be a dict with a 'type', got {self.policy!r}")
+        from offramp.policies import make_policy
+
+        make_policy(self.policy)  # a bad stored policy is an error on load, not at the first token
+        for f in fields(self):
+            try:
+                json.dumps(getattr(self, f.name))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{f.name} must hold only JSON values: {e}") from None
+
+    def to_dict(self) -> dict:
+        return config_dict(self.kind, asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecoderExitConfig":
+        data = config_fields(data, cls.kind)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"ignoring unknown offramp config keys: {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})

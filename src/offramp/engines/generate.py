@@ -28,7 +28,6 @@ With no exit model (or ``threshold=None``, or the ``never`` policy) no row ever 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from offramp.backbones import DecoderAdapter, adapter_for
 from offramp.engines.generate_cache import KVStore, SSMStore, attention_mask
 from offramp.engines.rows import RunningRows
 from offramp.engines.generate_sampling import SamplingOptions, next_tokens
+from offramp.modeling.outputs import GenerateOutput, GenerateReport
 from offramp.policies import ExitPolicy, ExitSignals, make_policy, require_signals
 from offramp.policies.token_confidence import TokenConfidencePolicy
 
@@ -46,45 +46,6 @@ SIGNALS = ("logits", "confidence", "hidden")
 
 ATTENTION_STRATEGIES = ("copy_kv", "propagate", "catch_up")
 SSM_STRATEGIES = ("freeze", "update")
-
-
-@dataclass(frozen=True)
-class GenerateReport:
-    """What one ``generate`` call did. ``layer_rows`` counts (token, layer) pairs run on the
-    token's own path; ``fill_layer_rows`` the layer runs a cache strategy made for skipped layers
-    (``propagate``: K/V projections, ``update``: state updates, ``catch_up``: pending tokens);
-    ``extra_head_rows`` the full-vocabulary LM-head projections run at exits a token did not take
-    (the cost of policies that read the exit distribution; 0 for token_confidence and static)."""
-
-    new_tokens: int
-    layer_rows: int
-    fill_layer_rows: int
-    mean_exit_layer: float
-    num_layers: int
-    wall_s: float
-    extra_head_rows: int = 0
-
-
-@dataclass
-class GenerateOutput:
-    """Tokens, exit layers and texts of one call.
-
-    Attributes:
-        sequences: (b, prompt + n) left-padded prompt then new tokens (pad after EOS), as HF.
-        new_tokens: (b, n) the generated tokens.
-        exit_layers: (b, n) layers run for each generated token (num_layers = no exit; 0 = none,
-            after EOS).
-        texts: decoded new tokens per row if a tokenizer was given.
-        step_logits: (b, n, V) logits used for each token, if asked for.
-    """
-
-    sequences: Tensor
-    new_tokens: Tensor
-    exit_layers: Tensor
-    report: GenerateReport
-    texts: list[str] | None = None
-    step_logits: Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Run:

@@ -2,68 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
-from transformers.utils import ModelOutput
 
 from offramp.backbones import adapter_for
 from offramp.backbones.base import check_ids
 from offramp.config import CONFIG_NAME, OfframpConfig
 from offramp.heads.classifier import ExitClassifiers
 from offramp.heads.halting import HaltingLayer, exit_log_distribution
+from offramp.modeling.base import ExitModelBase, load_hf_model
+from offramp.modeling.outputs import EarlyExitOutput, Prediction
 from offramp.policies import ExitPolicy, make_policy
-from offramp.utils import atomic_dir, load_safetensors, readable_dir, unsafe_global
+from offramp.utils import readable_dir
 
-HEADS_NAME = "offramp_heads.safetensors"
 BACKBONE_DIR = "backbone"
-
-
-@dataclass
-class EarlyExitOutput(ModelOutput):
-    """Every exit's output for a batch (training and analysis).
-
-    Attributes:
-        loss: the objective's loss when labels were given.
-        exit_logits: (E, b, c) logits of every exit.
-        halting_logits: (b, E) halting logits (lambda = sigmoid) when a halting layer is present.
-        halting_probs: (b, E) the exit distribution p when a halting layer is present.
-        gate_logits: (b, E) JEI-DNN gate logits when gates are present.
-        pooled: (E, b, d) pooled hidden states when ``output_pooled=True``.
-    """
-
-    loss: torch.FloatTensor | None = None
-    exit_logits: torch.FloatTensor | None = None
-    halting_logits: torch.FloatTensor | None = None
-    halting_probs: torch.FloatTensor | None = None
-    gate_logits: torch.FloatTensor | None = None
-    pooled: torch.FloatTensor | None = None
-
-
-@dataclass
-class Prediction:
-    """The result of real early-exit inference, per row.
-
-    Attributes:
-        logits: (b, c) logits of the exit each row took.
-        exit_index: (b,) 0-based index of that exit.
-        exit_layer: (b,) 1-based backbone layer of that exit (how deep the row ran).
-    """
-
-    logits: Tensor
-    exit_index: Tensor
-    exit_layer: Tensor
-
-    @property
-    def labels(self) -> Tensor:  # (b,)
-        return self.logits.argmax(-1)
 
 
 def _load_backbone(spec: str | os.PathLike | nn.Module, **kwargs: Any) -> nn.Module:
@@ -73,49 +30,17 @@ def _load_backbone(spec: str | os.PathLike | nn.Module, **kwargs: Any) -> nn.Mod
     return load_hf_model(AutoModel, spec, "backbone", **kwargs)
 
 
-def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs: Any) -> nn.Module:
-    """``auto_class.from_pretrained(spec)`` with every way a folder can be bad turned into a ValueError
-    naming it (a missing folder, damaged weights, a config that is not JSON, a pickle that would
-    need to run code). ``trust_remote_code`` is never set: no code from the folder runs."""
-    import pickle
-
-    from safetensors import SafetensorError
-
-    if kwargs.get("trust_remote_code"):
-        raise ValueError("trust_remote_code is not supported: offramp never runs code from a model folder")
-    local = Path(str(spec)).exists()
-    try:
-        return auto_class.from_pretrained(str(spec), **kwargs)
-    except OSError as e:
-        raise ValueError(f"cannot load the {what} {str(spec)!r}: {e}. Give a local HF model folder or a Hub id "
-                         "(Hub ids need internet access)") from None
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"refused to load the {what} {str(spec)!r}: its weights file is a pickle that holds "
-                         f"more than tensors ({unsafe_global(e)}), and loading it could run code. Use a folder "
-                         "with model.safetensors, or convert the weights with a tool you trust") from None
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, RuntimeError, KeyError, ValueError,
-            EOFError) as e:
-        if not local and not isinstance(e, ValueError):
-            raise
-        raise ValueError(f"cannot load the {what} {str(spec)!r}: its files are damaged or not a HF model "
-                         f"({type(e).__name__}: {e}); save the model again or point to another folder") from None
-
-
-def shape_mismatches(module: nn.Module, state: dict[str, Tensor]) -> list[str]:
-    """``name (saved shape) (needs shape)`` for each tensor of ``state`` whose shape differs from
-    ``module``'s (load_state_dict would raise a RuntimeError on them)."""
-    own = module.state_dict()
-    return [f"{k} {tuple(v.shape)} (needs {tuple(own[k].shape)})" for k, v in state.items()
-            if k in own and own[k].shape != v.shape]
-
-
-class EarlyExitModel(nn.Module):
-    """A HF encoder backbone with exits. Build with ``from_backbone`` or ``from_pretrained``.
+class EarlyExitModel(ExitModelBase):
+    """A HF encoder backbone with exits (checkpoint kind ``classifier``). Build with
+    ``from_backbone`` or ``from_pretrained``.
 
     ``forward`` runs every layer and returns all exits (for training and traces); ``predict``
     runs each row only as deep as the exit policy says, dropping rows from the running batch as
     they exit.
     """
+
+    kind: ClassVar[str] = "classifier"
+    config_class: ClassVar[type] = OfframpConfig
 
     def __init__(self, backbone: nn.Module, config: OfframpConfig, tokenizer: Any = None) -> None:
         super().__init__()
@@ -128,7 +53,7 @@ class EarlyExitModel(nn.Module):
         if layers[-1] > n:
             raise ValueError(f"exit_layers {layers} go past the backbone's {n} layers; use numbers in 1..{n}")
         self.config = config
-        self.exit_layers: list[int] = layers
+        self._exit_layers = layers
         self._exit_at = {layer: i for i, layer in enumerate(layers)}
         h = self.adapter.hidden_size
         head = config.head
@@ -160,14 +85,6 @@ class EarlyExitModel(nn.Module):
             except (OSError, ValueError):
                 tokenizer = None
         return cls(model, config, tokenizer)
-
-    @property
-    def num_layers(self) -> int:
-        return self.adapter.num_layers
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.exit_layers)
 
     @property
     def device(self) -> torch.device:
@@ -254,39 +171,29 @@ class EarlyExitModel(nn.Module):
                                   labels=labels)
 
     # -- save / load ----------------------------------------------------------------------------
-    def head_state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                if not k.startswith("backbone.")}
-
     def save_pretrained(self, directory: str | os.PathLike, save_backbone: bool = True) -> None:
         """Write offramp_config.json + offramp_heads.safetensors (+ backbone/ and the tokenizer).
 
-        The folder is built under a temporary name and renamed into place, so an interrupted
-        save leaves the previous checkpoint intact. With ``save_backbone=False`` the backbone is
-        loaded from ``config.base_model_name_or_path`` again (use it for a frozen backbone).
+        The folder is built under a temporary name and swapped into place, so an interrupted save
+        leaves the previous checkpoint intact. With ``save_backbone=False`` the backbone is loaded
+        from ``config.base_model_name_or_path`` again (use it for a frozen backbone).
         """
-        with atomic_dir(directory) as tmp:
-            self.write_files(tmp, save_backbone)
+        super().save_pretrained(directory, save_backbone=save_backbone)
 
-    def write_files(self, folder: Path, save_backbone: bool = True) -> None:
-        """The files of ``save_pretrained``, written into an existing (temporary) folder as they are.
-
-        For writers that add files of their own (training state) before one atomic swap.
-        """
-        self.config.save(folder)
-        save_file(self.head_state_dict(), str(folder / HEADS_NAME))
+    def _write_extra(self, folder: Path, save_backbone: bool = True) -> None:
         if save_backbone:
             self.backbone.save_pretrained(folder / BACKBONE_DIR)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **load_kwargs: Any) -> "EarlyExitModel":
-        """Load what ``save_pretrained`` wrote (a folder; or a training output folder)."""
-        directory = readable_dir(directory)
-        if not (directory / CONFIG_NAME).is_file() and (readable_dir(directory / "checkpoint") / CONFIG_NAME).is_file():
-            directory = readable_dir(directory / "checkpoint")
-        config = OfframpConfig.load(directory)
+    def _resolve(cls, folder: Path) -> Path:
+        if not (folder / CONFIG_NAME).is_file() and (readable_dir(folder / "checkpoint") / CONFIG_NAME).is_file():
+            return readable_dir(folder / "checkpoint")  # a training output folder
+        return folder
+
+    @classmethod
+    def _from_folder(cls, directory: Path, config: OfframpConfig, **load_kwargs: Any) -> "EarlyExitModel":
         source = directory / BACKBONE_DIR
         if not source.is_dir():
             if not config.base_model_name_or_path:
@@ -300,26 +207,7 @@ class EarlyExitModel(nn.Module):
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{directory}: its tokenizer files cannot be read ({type(e).__name__}: {e}); "
                                  "save the checkpoint again") from None
-        model = cls(backbone, config, tokenizer)
-        model.load_heads(directory)
-        return model.eval()
-
-    def load_heads(self, directory: str | os.PathLike) -> None:
-        """Load the exit heads (classifiers, halting layer, gates) saved in ``directory`` into this model."""
-        path = Path(directory) / HEADS_NAME
-        if not path.is_file():
-            raise ValueError(f"{directory} has no {HEADS_NAME}: it is not an offramp checkpoint")
-        state = load_safetensors(path, "exit heads", "train or save the checkpoint again")
-        wrong = shape_mismatches(self, state)
-        if wrong:
-            raise ValueError(f"{path}: head shapes do not match {CONFIG_NAME}: {'; '.join(wrong[:3])}"
-                             f"{' ...' if len(wrong) > 3 else ''}. The heads and the config come from different "
-                             "checkpoints: train or save it again")
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("backbone.")]
-        if missing or unexpected:
-            raise ValueError(f"{directory}: heads do not match the config (missing {missing}, "
-                             f"unexpected {unexpected}); the checkpoint is damaged or from another version")
+        return cls(backbone, config, tokenizer)
 
     # -- text convenience -----------------------------------------------------------------------
     def encode(self, texts: list[str], max_length: int = 128) -> dict[str, Tensor]:

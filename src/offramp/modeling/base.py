@@ -1,0 +1,176 @@
+"""The base of every exit model: exit layers, adapter, atomic save, load with version and kind checks.
+
+``ExitModelBase`` is shared by the encoder classifier (``EarlyExitModel``, kind ``classifier``) and
+the decoder's token exits (``DecoderExitModel``, kind ``token_exits``). A checkpoint folder is
+``offramp_config.json`` (``offramp.config``: one format with a ``kind``) + ``offramp_heads.safetensors``
+(the heads' state dict) + what the kind adds (an encoder's ``backbone/`` and tokenizer). The folder
+is written under a temporary name and swapped in (``offramp.utils.atomic_dir``); ``load`` opens any
+kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from offramp.config import CONFIG_NAME, KIND_USE, KINDS, read_config
+from offramp.utils import atomic_dir, atomic_write_json, load_safetensors, readable_dir, unsafe_global
+
+HEADS_NAME = "offramp_heads.safetensors"
+
+
+def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs: Any) -> nn.Module:
+    """``auto_class.from_pretrained(spec)`` with every way a folder can be bad turned into a ValueError
+    naming it (a missing folder, damaged weights, a config that is not JSON, a pickle that would
+    need to run code). ``trust_remote_code`` is never set: no code from the folder runs."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if kwargs.get("trust_remote_code"):
+        raise ValueError("trust_remote_code is not supported: offramp never runs code from a model folder")
+    local = Path(str(spec)).exists()
+    if local and (Path(str(spec)) / CONFIG_NAME).is_file():
+        kind, _ = read_config(spec)
+        raise ValueError(f"{spec} holds {KINDS[kind]}, not a Hugging Face {what}: use it with {KIND_USE[kind]}")
+    try:
+        return auto_class.from_pretrained(str(spec), **kwargs)
+    except OSError as e:
+        raise ValueError(f"cannot load the {what} {str(spec)!r}: {e}. Give a local HF model folder or a Hub id "
+                         "(Hub ids need internet access)") from None
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refused to load the {what} {str(spec)!r}: its weights file is a pickle that holds "
+                         f"more than tensors ({unsafe_global(e)}), and loading it could run code. Use a folder "
+                         "with model.safetensors, or convert the weights with a tool you trust") from None
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, RuntimeError, KeyError, ValueError,
+            EOFError) as e:
+        if not local and not isinstance(e, ValueError):
+            raise
+        raise ValueError(f"cannot load the {what} {str(spec)!r}: its files are damaged or not a HF model "
+                         f"({type(e).__name__}: {e}); save the model again or point to another folder") from None
+
+
+def shape_mismatches(module: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """``name (saved shape) (needs shape)`` for each tensor of ``state`` whose shape differs from
+    ``module``'s (load_state_dict would raise a RuntimeError on them)."""
+    own = module.state_dict()
+    return [f"{k} {tuple(v.shape)} (needs {tuple(own[k].shape)})" for k, v in state.items()
+            if k in own and own[k].shape != v.shape]
+
+
+class ExitModelBase(nn.Module):
+    """Exits on a HF backbone. Subclasses set ``kind``, ``config_class`` and ``_exit_layers``, and
+    implement ``_from_folder`` (build the model of a saved config) and optionally ``_write_extra``.
+
+    Attributes:
+        kind: the checkpoint kind (``offramp.config.KINDS``).
+        legacy_heads: head file names of earlier releases, read when ``offramp_heads.safetensors``
+            is absent.
+        fix: what to do about a damaged checkpoint (said in errors).
+    """
+
+    kind: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    legacy_heads: ClassVar[tuple[str, ...]] = ()
+    fix: ClassVar[str] = "train or save the checkpoint again"
+
+    _exit_layers: list[int]
+    adapter: Any
+    config: Any
+
+    @property
+    def exit_layers(self) -> list[int]:
+        """The 1-based layer each exit reads, ascending."""
+        return list(self._exit_layers)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self._exit_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    # -- save -----------------------------------------------------------------------------------
+    def head_state_dict(self) -> dict[str, Tensor]:
+        """The exits' own tensors (heads, halting layer, gates, confidence classifiers): no backbone."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                if not k.startswith("backbone.")}
+
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the checkpoint folder atomically: an interrupted save leaves the previous one intact."""
+        with atomic_dir(directory) as tmp:
+            self.write_files(tmp, **kwargs)
+
+    def write_files(self, folder: Path, **kwargs: Any) -> None:
+        """The files of ``save_pretrained``, written into an existing (temporary) folder; for writers
+        that add files of their own (training state) before one atomic swap."""
+        atomic_write_json(Path(folder) / CONFIG_NAME, self.config.to_dict())
+        save_file(self.head_state_dict(), str(Path(folder) / HEADS_NAME), metadata={"kind": self.kind})
+        self._write_extra(Path(folder), **kwargs)
+
+    def _write_extra(self, folder: Path, **kwargs: Any) -> None:
+        """What this kind saves besides the config and the heads."""
+
+    # -- load -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "ExitModelBase":
+        """Load what ``save_pretrained`` wrote; a folder of another kind gets an error naming it."""
+        folder = cls._resolve(readable_dir(directory))
+        _, data = read_config(folder, expect=cls.kind)
+        try:
+            config = cls.config_class.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{folder / CONFIG_NAME}: {e}; the checkpoint is damaged or was edited by hand; "
+                             f"{cls.fix}") from None
+        model = cls._from_folder(folder, config, **kwargs)
+        model.load_heads(folder)
+        return model.eval()
+
+    @classmethod
+    def _resolve(cls, folder: Path) -> Path:
+        """The checkpoint folder to read, given the folder a user named."""
+        return folder
+
+    @classmethod
+    def _from_folder(cls, folder: Path, config: Any, **kwargs: Any) -> "ExitModelBase":
+        raise NotImplementedError
+
+    def load_heads(self, directory: str | os.PathLike) -> None:
+        """Load the exits' tensors saved in ``directory`` into this model (shapes and names checked)."""
+        directory = Path(directory)
+        path = next((directory / n for n in (HEADS_NAME, *self.legacy_heads) if (directory / n).is_file()), None)
+        if path is None:
+            raise ValueError(f"{directory} has no {HEADS_NAME}: it is not a complete offramp checkpoint; {self.fix}")
+        device = next(iter(self.state_dict().values())).device if self.state_dict() else "cpu"
+        state = load_safetensors(path, "exit heads", self.fix, device=str(device))
+        wrong = shape_mismatches(self, state)
+        if wrong:
+            raise ValueError(f"{path}: head shapes do not match {CONFIG_NAME}: {'; '.join(wrong[:3])}"
+                             f"{' ...' if len(wrong) > 3 else ''}. The heads and the config come from different "
+                             f"checkpoints (or another backbone); {self.fix}")
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"{directory}: heads do not match the config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}); the checkpoint is damaged or from another version; "
+                             f"{self.fix}")
+
+
+def load(directory: str | os.PathLike, **kwargs: Any) -> ExitModelBase:
+    """Open any offramp model checkpoint by its kind: an ``EarlyExitModel`` (classifier) or a
+    ``DecoderExitModel`` (token exits). Keyword arguments go to that class's ``from_pretrained``."""
+    from offramp.modeling.decoder import DecoderExitModel
+    from offramp.modeling.encoder import EarlyExitModel
+
+    folder = readable_dir(directory)
+    if not (folder / CONFIG_NAME).is_file() and (readable_dir(folder / "checkpoint") / CONFIG_NAME).is_file():
+        folder = readable_dir(folder / "checkpoint")  # a training output folder
+    kind, _ = read_config(folder)
+    classes = {EarlyExitModel.kind: EarlyExitModel, DecoderExitModel.kind: DecoderExitModel}
+    return classes[kind].from_pretrained(folder, **kwargs)
