@@ -50,13 +50,23 @@ def test_generate_never_exit_then_with_exits(tmp_path, capsys) -> None:
                  "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--json", str(out)]) == 0
     layers = json.loads(out.read_text())["rows"][0]["exit_layers"]
     assert layers[0] == 4 and set(layers[1:]) <= {2}
+    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy", "static",
+                 "--value", "3", "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["policy"] == {"type": "static", "layer": 3} and set(written["rows"][0]["exit_layers"][1:]) == {3}
     assert "mean exit layer" in capsys.readouterr().out
 
 
 def test_generate_bad_input(tmp_path) -> None:
     folder, _ = _tiny_folder(tmp_path)
-    with pytest.raises(ValueError, match="needs exits"):
+    with pytest.raises(ValueError, match="need exits"):
         _run(["generate", "--model", str(folder), "--prompt", "w5", "--threshold", "0.5"])
+    with pytest.raises(ValueError, match="not both"):
+        _run(["generate", "--model", str(folder), "--exits", "x", "--prompt", "w5", "--threshold", "0.5",
+              "--policy", "max_prob"])
+    with pytest.raises(ValueError, match="needs halting, which token-exit generation does not supply"):
+        _run(["generate", "--model", str(tmp_path / "not-loaded"), "--exits", "x", "--prompt", "w5",
+              "--policy", "q_exit"])
     with pytest.raises(ValueError, match="no prompt"):
         _run(["generate", "--model", str(folder)])
     with pytest.raises(ValueError, match="cannot load model"):
@@ -103,3 +113,39 @@ def test_fit_text_bad_input(tmp_path) -> None:
         _run(["generate", "--model", str(folder), "--fit-exits", str(tmp_path / "e"),
               "--fit-text", str(tmp_path / "missing.txt"), "--prompt", "w5"])
     assert not (tmp_path / "e").exists()
+
+
+def test_collect_sweep_calibrate_and_generate_on_token_exits(tmp_path, capsys) -> None:
+    """The classifier's path, for tokens: collect a token trace, sweep it, certify a threshold into the
+    exits' config, and generate with it by default."""
+    from offramp.cli import main
+
+    folder, model = _tiny_folder(tmp_path)
+    exits = DecoderExitModel.from_backbone(model, exit_layers=[1, 2, 3], base_model_name_or_path=str(folder))
+    with torch.no_grad():
+        for p in exits.confidence.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    exits.save_pretrained(tmp_path / "exits")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(f"w{4 + (i * 5 + j) % 90}" for j in range(4)) for i in range(40)))
+    trace = tmp_path / "trace"
+    assert main(["collect", "--model", str(tmp_path / "exits"), "--prompts-file", str(prompts),
+                 "--max-new-tokens", "6", "--out", str(trace)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sequences"] == 40 and 100 < summary["tokens"] <= 40 * 5 and len(summary["agreement_per_exit"]) == 3
+    assert main(["sweep", "--trace", str(trace), "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["sweep"]["metric"] == "agreement"
+    assert {"token_confidence", "max_prob", "patience"} <= {p["rule"] for p in report["sweep"]["points"]}
+    assert main(["calibrate", "--model", str(tmp_path / "exits"), "--trace", str(trace), "--policy",
+                 "token_confidence", "--delta", "0.5", "--epsilon", "0.2", "--pvalue", "binomial"]) == 0
+    assert "sequence risk" in capsys.readouterr().out
+    stored = DecoderExitModel.from_pretrained(tmp_path / "exits", backbone=model).config
+    assert stored.policy["type"] == "token_confidence" and stored.policy["threshold"] < 1.0
+    assert stored.extra["calibration"]["risk"] == "sequence" and stored.extra["calibration"]["n"] == 40
+    out = tmp_path / "g.json"
+    assert main(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--prompt", "w5 w6 w7",
+                 "--max-new-tokens", "5", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["policy"] == stored.policy
+    assert main(["calibrate", "--model", str(tmp_path / "exits"), "--trace", str(trace), "--risk", "disagree"]) == 2
+    assert "is for classifiers" in capsys.readouterr().err

@@ -227,12 +227,17 @@ def add_collect_parser(sub: Any) -> None:
     p = sub.add_parser("collect", help="run every exit once over a split and store the trace",
                        description="Run all exits over a data split and store the trace (per-exit logits, "
                                    "halting / gate values, labels, per-exit FLOPs) in a folder.")
-    p.add_argument("--model", required=True, help="checkpoint folder written by `offramp train`")
+    p.add_argument("--model", required=True, help="checkpoint folder: a classifier (`offramp train`) or token "
+                   "exits (`offramp generate --fit-exits`: then a token trace of the prompts below)")
     common.add_data_args(p, required=False)
     p.add_argument("--split", choices=["train", "validation", "test"], default="test")
     p.add_argument("--out", required=True, help="trace folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--keep-hidden", action="store_true", help="also store pooled states (saturation rule)")
+    p.add_argument("--keep-hidden", action="store_true", help="also store pooled states / exit features "
+                   "(saturation rule)")
+    from offramp.cli_generate import add_token_collect_args
+
+    add_token_collect_args(p)
     p.set_defaults(func=cmd_collect)
 
 
@@ -242,6 +247,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     common.check_out(out, args.overwrite, "trace folder")
+    if common.checkpoint_kind(args.model) == "token_exits":
+        from offramp.cli_generate import cmd_collect_tokens
+
+        return cmd_collect_tokens(args, out)
     model, data, settings = common.model_and_data(args)
     split = data.split(args.split)
     loader = common.batches(split, common.tokenizer_of(model), settings, lazy=True)
@@ -276,13 +285,15 @@ def add_sweep_parser(sub: Any) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from offramp.evaluation.collect import ExitTrace
     from offramp.evaluation.report import write_report
     from offramp.evaluation.sweep import sweep
+    from offramp.evaluation.token_trace import TokenTrace, load_trace
 
     out = Path(args.out)
     common.check_out(out, args.overwrite, "report folder")
-    trace = ExitTrace.load(args.trace)
+    trace = load_trace(args.trace)
+    if isinstance(trace, TokenTrace):
+        return _sweep_tokens(args, trace, out)
     metric = args.metric or ("pearson" if trace.logits.shape[-1] == 1 else "accuracy")
     rules = [r.strip() for r in args.rules.split(",") if r.strip()] if args.rules else None
     result = sweep(trace, rules, metric=metric, flops=common.trace_flops(trace),
@@ -295,6 +306,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         paths = write_report(tmp, result, chosen=chosen, reliability=rel, title="offramp sweep",
                              notes=[f"trace: {args.trace} ({len(trace)} examples, split "
                                     f"{trace.meta.get('split', '?')})"])
+        summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
+    print(summary)
+    print(f"\nreport: {out}")
+    return 0
+
+
+def _sweep_tokens(args: argparse.Namespace, trace: Any, out: Path) -> int:
+    """``offramp sweep`` on a token trace: agreement with the full model vs layers and FLOPs."""
+    from offramp.evaluation.report import write_report
+    from offramp.evaluation.token_trace import sweep_tokens
+    from offramp.utils import atomic_dir
+
+    if args.metric not in (None, "agreement"):
+        raise ValueError(f"a token trace is swept on agreement with the full model, not {args.metric!r}: drop --metric")
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()] if args.rules else None
+    result = sweep_tokens(trace, rules, grids=common.parse_grids(args.grid))
+    chosen = {r: result.best_within(r, args.tolerance) for r in result.rules}
+    with atomic_dir(out) as tmp:
+        paths = write_report(tmp, result, chosen=chosen, title="offramp sweep (token exits)",
+                             notes=[f"trace: {args.trace} ({trace.num_sequences} sequences, {len(trace)} decoded "
+                                    "tokens; agreement = the exit's token equals the full model's, teacher-forced; "
+                                    "the last exit count is the full model)"])
         summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
     print(summary)
     print(f"\nreport: {out}")

@@ -3,7 +3,14 @@
 ```
 offramp calibrate --model runs/jei --trace runs/jei/trace-cal --policy entropy --risk disagree --delta 0.05 --epsilon 0.05
 offramp calibrate --model runs/jei --split validation --policy gate --delta 0.1
+offramp calibrate --model exits/smollm2 --trace exits/trace-cal --policy token_confidence --risk sequence \
+    --delta 0.2 --epsilon 0.1
 ```
+
+On token exits (``offramp generate --fit-exits``) the trace is a token trace (``offramp collect
+--model EXITS``) and the risks are per generated sequence: ``sequence`` (the share of tokens that
+differ from the full model's exceeds ``--tolerance``; with 0 and the exact ``catch_up`` cache: the
+text differs) or ``token`` (that share itself).
 
 Learn-then-Test (``--method ltt``, any threshold rule) or the CATs shared rule (``--method cats``,
 consistency with the full model at level epsilon). The chosen policy is written into the
@@ -20,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from offramp.calibration.risk import PVALUES, RISKS, CATsStopping, LearnThenTest
+from offramp.calibration.risk import PVALUES, RISKS, TOKEN_RISKS, CATsStopping, LearnThenTest
 
 
 def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -38,7 +45,12 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="split to calibrate on when no --trace is given (default: validation)")
     p.add_argument("--policy", default=None, help="rule to calibrate (default: the checkpoint's policy)")
     p.add_argument("--method", choices=("ltt", "cats"), default="ltt")
-    p.add_argument("--risk", choices=RISKS, default="disagree")
+    p.add_argument("--risk", choices=RISKS + TOKEN_RISKS, default=None,
+                   help="disagree (default) | wrong_when_full_right for classifiers; sequence (default) | token "
+                        "for token exits")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="risk sequence: the share of differing tokens a sequence may have and still count as "
+                        "consistent (default 0: any difference counts)")
     p.add_argument("--delta", type=float, default=0.05, help="risk level to control (ltt)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability (ltt) / inconsistency (cats)")
     p.add_argument("--pvalue", choices=PVALUES, default="hoeffding")
@@ -52,10 +64,11 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _trace(args: argparse.Namespace):
     from offramp import cli_common as common
-    from offramp.evaluation.collect import ExitTrace, collect
+    from offramp.evaluation.collect import collect
+    from offramp.evaluation.token_trace import load_trace
 
     if args.trace:
-        return ExitTrace.load(args.trace)
+        return load_trace(args.trace)
     model, data, settings = common.model_and_data(args)
     loader = common.batches(data.split(args.split), common.tokenizer_of(model), settings, lazy=True)
     return collect(model, loader)
@@ -63,11 +76,14 @@ def _trace(args: argparse.Namespace):
 
 def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", risk: str = "disagree",
               delta: float = 0.05, epsilon: float = 0.05, pvalue: str = "hoeffding",
-              grid: list[float] | None = None, alpha: float | None = None) -> tuple[dict | None, str, dict]:
+              grid: list[float] | None = None, alpha: float | None = None,
+              tolerance: float = 0.0) -> tuple[dict | None, str, dict]:
     """Calibrate a rule on a trace: (policy dict or None, one-line bound, record for ``extra``)."""
     from offramp.policies import make_policy
 
     if method == "cats":
+        if not hasattr(trace, "logits"):
+            raise ValueError("the CATs rule needs per-exit class logits: it applies to classifiers; use --method ltt")
         rule = CATsStopping(epsilon).fit(trace.logits.numpy())
         chosen = rule.to_policy()
         text = (f"CATs: exit when max_prob > {rule.threshold_:.6g}: P(prediction == full model) >= "
@@ -77,11 +93,12 @@ def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", 
         spec = policy or config.policy.get("type")
         base = dict(config.policy) if config.policy.get("type") == spec else {"type": spec}
         pol = make_policy(base)
-        ltt = LearnThenTest(delta, epsilon, risk=risk, pvalue=pvalue).fit(pol, trace, grid)
+        ltt = LearnThenTest(delta, epsilon, risk=risk, pvalue=pvalue, tolerance=tolerance).fit(pol, trace, grid)
         text = f"{pol.type}: {ltt.summary()}"
         chosen = ltt.policy_
         step = ltt.steps_[ltt.index_] if ltt.index_ >= 0 else None
         record = {"method": "ltt", "risk": risk, "delta": delta, "epsilon": epsilon, "pvalue": pvalue,
+                  **({"tolerance": tolerance} if risk == "sequence" else {}),
                   "n": ltt.n_, "threshold": ltt.threshold_,
                   "empirical_risk": None if step is None else step.risk,
                   "mean_exit_layer": None if step is None else step.mean_exit_layer}
@@ -89,7 +106,7 @@ def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", 
         return None, text, record
     record["policy"] = chosen.to_dict()
     record["bound"] = text
-    if alpha is not None and trace.labels is not None:
+    if alpha is not None and getattr(trace, "labels", None) is not None:
         record["conformal"] = _conformal(chosen, trace, alpha)
     return chosen.to_dict(), text, record
 
@@ -107,26 +124,38 @@ def _conformal(policy, trace, alpha: float) -> dict:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """The ``calibrate`` handler: 0 when a threshold was written, 1 when none could be certified."""
-    from offramp.config import OfframpConfig
+    from offramp.config import CONFIG_NAME, DecoderExitConfig, OfframpConfig, read_config
+    from offramp.utils import atomic_write_json
 
     from offramp import cli_common as common
 
     ckpt = common.checkpoint_dir(args.model)
-    config = OfframpConfig.load(ckpt)
+    kind, data = read_config(ckpt)
+    config = (OfframpConfig if kind == "classifier" else DecoderExitConfig).from_dict(data)
     common.check_out(ckpt, True, "checkpoint folder")  # the chosen rule is written into it
     common.require_unit(args, "delta", "epsilon", "alpha")
+    if not 0.0 <= args.tolerance < 1.0:
+        raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    allowed = RISKS if kind == "classifier" else TOKEN_RISKS
+    risk = args.risk or allowed[0]
+    if risk not in allowed:
+        raise ValueError(f"--risk {risk} is for {'token exits' if kind == 'classifier' else 'classifiers'}; "
+                         f"this checkpoint is {kind}: use --risk {' or '.join(allowed)}")
+    if kind == "token_exits" and not args.trace:
+        raise ValueError("token exits calibrate on a token trace: collect one on held-out prompts with "
+                         f"`offramp collect --model {args.model} --out TRACE`, then pass --trace TRACE")
     rule = args.policy or config.policy["type"]
     grid = None if args.grid is None else common.parse_grids([f"{rule}={args.grid}"])[rule]
     trace = _trace(args)
-    policy, text, record = calibrate(config, trace, policy=args.policy, method=args.method, risk=args.risk,
+    policy, text, record = calibrate(config, trace, policy=args.policy, method=args.method, risk=risk,
                                      delta=args.delta, epsilon=args.epsilon, pvalue=args.pvalue, grid=grid,
-                                     alpha=args.alpha)
+                                     alpha=args.alpha, tolerance=args.tolerance)
     if policy is None:
         print(f"{text}\nnothing written to {ckpt}", file=sys.stderr)
         return 1
     config.policy = policy
     config.extra = {**(config.extra or {}), "calibration": _jsonable(record)}
-    config.save(ckpt)  # atomic: temp file + rename
+    atomic_write_json(ckpt / CONFIG_NAME, config.to_dict())  # atomic: temp file + rename
     print(text)
     print(f"wrote policy {policy} to {ckpt / 'offramp_config.json'}")
     return 0

@@ -154,6 +154,18 @@ def checkpoint_dir(path: str | Path) -> Path:
                      f"{p / 'checkpoint'}); give the --out folder of `offramp train` or a save_pretrained folder")
 
 
+def checkpoint_kind(path: str | Path) -> str:
+    """The kind of the checkpoint at ``path`` ("classifier", "token_exits"); a ValueError naming what
+    the folder is otherwise."""
+    from offramp.config import read_config
+    from offramp.utils import readable_dir
+
+    p = Path(path)
+    folder = p if (readable_dir(p) / "offramp_config.json").is_file() or not (p / "checkpoint").is_dir() \
+        else p / "checkpoint"
+    return read_config(readable_dir(folder))[0]
+
+
 def model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """The checkpoint of ``args.model`` and its data (stored settings, overridden by given ones)."""
     from offramp import EarlyExitModel
@@ -221,10 +233,11 @@ def parse_exits(text: str) -> list[int] | None:
 
 
 # --------------------------------------------------------------------------------------- policies
-def add_policy_args(p: argparse.ArgumentParser) -> None:
+def add_policy_args(p: argparse.ArgumentParser, *, generation: bool = False) -> None:
+    names = ("token_confidence, max_prob, entropy, margin, patience, saturation, static, never" if generation
+             else "entropy, max_prob, margin, patience, q_exit, ponder_sample, gate, static, never, ...")
     p.add_argument("--policy", default=None,
-                   help="policy name (entropy, max_prob, margin, patience, q_exit, ponder_sample, static, "
-                        "never, ...) or a JSON object; default: the checkpoint's policy")
+                   help=f"policy name ({names}) or a JSON object; default: the checkpoint's policy")
     p.add_argument("--value", type=float, default=None,
                    help="the policy's parameter, as in the sweep: threshold, patience, q or layer")
 

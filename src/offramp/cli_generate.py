@@ -1,7 +1,7 @@
 """``offramp generate``: text generation with token-level early exits (DYNAMAX / CALM).
 
     offramp generate --model smollm2-offline --fit-exits exits/smollm2 --chat \\
-        --prompt "Write one sentence about the sea." --threshold 0.8 --show-exits
+        --prompt "Write one sentence about the sea." --policy token_confidence --value 0.8 --show-exits
     offramp generate --model smollm2-offline --exits exits/smollm2 --prompts-file prompts.txt --json out.json
 
 Without ``--exits`` / ``--fit-exits`` no token exits (output equals plain greedy ``generate``).
@@ -45,8 +45,9 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
-    p.add_argument("--threshold", type=float, default=None, help="exit confidence threshold in [0, 1] "
-                   "(default: the one stored with the exits)")
+    common.add_policy_args(p, generation=True)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="shorthand for --policy token_confidence --value T (kept for scripts of the previous release)")
     p.add_argument("--cache-strategy", choices=STRATEGIES, default=None,
                    help="what skipped layers store (default copy_kv; freeze for Mamba)")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -84,12 +85,33 @@ def _check_numbers(args: argparse.Namespace) -> None:
     common.require_min(args, batch_size=1, max_new_tokens=1, fit_epochs=1)
     if args.threshold is not None and not (0.0 <= args.threshold <= 1.0):  # NaN fails this too
         raise ValueError(f"--threshold must be a number in [0, 1], got {args.threshold}")
+    if args.value is not None and math.isnan(args.value):
+        raise ValueError("--value must be a number, got nan")
     for name in ("temperature", "top_p", "repetition_penalty"):
         v = getattr(args, name)
         if math.isnan(v) or v <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v}")
     if args.top_p > 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def _check_policy(args: argparse.Namespace) -> None:
+    """Resolve --threshold into --policy and refuse a rule generation cannot run, before loading."""
+    from offramp.engines.generate import SIGNALS
+    from offramp.policies import require_signals
+
+    if args.threshold is not None:
+        if args.policy is not None or args.value is not None:
+            raise ValueError("give either --threshold T or --policy NAME --value V, not both")
+        args.policy, args.value = "token_confidence", args.threshold
+    if args.policy is None and args.value is None:
+        return
+    if not (args.exits or args.fit_exits):
+        raise ValueError("--policy / --value / --threshold need exits: add --exits DIR or --fit-exits OUT")
+    if args.policy is not None:
+        policy = common.make_policy_arg(args.policy, args.value, {})
+        require_signals(policy, set(SIGNALS), "token-exit generation",
+                        "use one of max_prob, entropy, margin, patience, saturation, static, token_confidence")
 
 
 def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
@@ -133,6 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from offramp.utils import progress
 
     _check_numbers(args)
+    _check_policy(args)
     prompts = _prompts(args)
     if args.json:
         common.check_out(Path(args.json), True, "--json file")
@@ -140,10 +163,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         common.check_out(Path(args.fit_exits), True, "--fit-exits folder")
     backbone, tok = load_causal_lm(args.model)
     exit_model = _exit_model(args, backbone, tok)
-    if args.threshold is not None and exit_model is None:
-        raise ValueError("--threshold needs exits: add --exits DIR or --fit-exits OUT")
-    threshold = args.threshold if args.threshold is not None else (
-        exit_model.config.threshold if exit_model is not None else None)
+    policy = None
+    if exit_model is not None:
+        policy = common.make_policy_arg(args.policy, args.value, exit_model.config.policy)
     sampling = SamplingOptions.from_model(backbone, do_sample=args.sample, temperature=args.temperature,
                                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                           seed=args.seed)
@@ -155,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i in progress(batches, desc="generate", unit="batch", enabled=len(batches) > 1):
         enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True)
         out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
-                       threshold=threshold, cache_strategy=args.cache_strategy, sampling=sampling, tokenizer=tok)
+                       policy=policy, cache_strategy=args.cache_strategy, sampling=sampling, tokenizer=tok)
         for r in range(len(out.texts)):
             keep = out.exit_layers[r] > 0
             rows.append({"prompt": prompts[i + r], "text": out.texts[r], "tokens": out.new_tokens[r][keep].tolist(),
@@ -165,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         from offramp.utils import atomic_write_json
 
-        atomic_write_json(args.json, {"model": args.model, "threshold": threshold,
+        atomic_write_json(args.json, {"model": args.model, "policy": None if policy is None else policy.to_dict(),
                                       "cache_strategy": args.cache_strategy, "wall_s": wall, "rows": rows})
     return 0
 
@@ -183,3 +205,61 @@ def _print(rows: list[dict], tok: Any, show_exits: bool, model: Any, wall: float
     print(f"--- {len(layers)} tokens in {wall:.1f}s ({len(layers) / wall:.1f} tokens/s); "
           f"mean exit layer {mean:.1f} of {num_layers}")
     print(json.dumps({"tokens": len(layers), "mean_exit_layer": round(mean, 2), "num_layers": num_layers}))
+
+
+# ------------------------------------------------------------------------------ token traces (collect)
+def add_token_collect_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``offramp collect`` on a token-exits folder (the prompts to continue)."""
+    g = p.add_argument_group("token exits (--model is a folder of token exits)")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="a text file with one prompt per line")
+    g.add_argument("--prompts", type=int, default=None,
+                   help="this many offline BBC News prompts (held-out articles) when no prompt is given (default 32)")
+    g.add_argument("--skip", type=int, default=0, help="with --prompts: skip the first K held-out articles "
+                   "(keep calibration and evaluation prompts disjoint)")
+    g.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="length of the full model's continuations")
+    g.add_argument("--backbone", default=None, help="the LM to load instead of the one the exits name "
+                   "(a folder, Hub id or offline alias such as smollm2-offline)")
+
+
+def load_exits_and_lm(folder: str, backbone: str | None = None) -> tuple[Any, Any]:
+    """(DecoderExitModel, tokenizer) of a token-exits folder, the LM loaded by reference or ``backbone``."""
+    from offramp.config import read_config
+    from offramp.engines.generate_assets import load_causal_lm
+    from offramp.modeling import DecoderExitModel
+    from offramp.utils import readable_dir
+
+    _, data = read_config(readable_dir(folder), expect="token_exits")
+    name = backbone or data.get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{folder} names no base model: pass --backbone NAME")
+    lm, tok = load_causal_lm(name)
+    return DecoderExitModel.from_pretrained(folder, backbone=lm), tok
+
+
+def cmd_collect_tokens(args: argparse.Namespace, out: Path) -> int:
+    """``offramp collect`` on token exits: the full model's greedy continuations, teacher-forced once."""
+    from offramp.engines.generate_assets import bbc_prompts
+    from offramp.evaluation.token_trace import collect_tokens
+    from offramp.objectives.distill import greedy_continuations
+
+    common.require_min(args, max_new_tokens=2, skip=0)
+    if args.prompts is not None:
+        common.require_min(args, prompts=1)
+    given = bool(args.prompt or args.prompts_file)
+    if given and args.prompts is not None:
+        raise ValueError("give either your prompts (--prompt / --prompts-file) or --prompts N offline ones, not both")
+    prompts = _prompts(args) if given else bbc_prompts(args.prompts or 32, split="test", skip=args.skip,
+                                                        instruct=args.chat)
+    model, tok = load_exits_and_lm(args.model, args.backbone)
+    seqs = greedy_continuations(model.backbone, tok, prompts, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                                progress=True)
+    trace = collect_tokens(model, seqs, keep_hidden=args.keep_hidden, progress=True,
+                           meta={"model": str(args.model), "prompts": len(prompts), "chat": args.chat,
+                                 "skip": None if given else args.skip, "max_new_tokens": args.max_new_tokens})
+    trace.save(out)
+    agree = trace.agree().double().mean(1).tolist()
+    print(json.dumps({"trace": str(out), "sequences": trace.num_sequences, "tokens": len(trace),
+                      "exits": trace.exit_layers, "agreement_per_exit": [round(a, 4) for a in agree]}, indent=2))
+    return 0

@@ -32,7 +32,7 @@ import numpy as np
 from offramp.calibration.conformal import conformal_quantile
 
 RISKS = ("disagree", "wrong_when_full_right")
-TOKEN_RISKS = ("token", "sequence")  # on a token trace, per generated sequence
+TOKEN_RISKS = ("sequence", "token")  # on a token trace, per generated sequence
 PVALUES = ("hoeffding", "binomial")
 CONFIDENCES = ("max_prob", "margin")
 

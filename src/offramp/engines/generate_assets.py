@@ -99,18 +99,19 @@ def bbc_articles() -> list[str]:
     return texts
 
 
-def bbc_prompts(n: int, *, split: str = "test", words: int = 40, instruct: bool = True) -> list[str]:
-    """``n`` prompts from BBC News: held-out articles (split "test") or the rest ("train").
+def bbc_prompts(n: int, *, split: str = "test", words: int = 40, instruct: bool = True, skip: int = 0) -> list[str]:
+    """``n`` prompts from BBC News: held-out articles (split "test") or the rest ("train"), after
+    the first ``skip`` of that split (disjoint sets for calibration and evaluation).
 
     With ``instruct`` the prompt asks to summarise the opening; otherwise it is the opening itself
     (for plain LMs to continue).
     """
     texts = bbc_articles()
     pool = texts[:100] if split == "test" else texts[100:]
-    if n > len(pool):
-        raise ValueError(f"asked for {n} {split} prompts, only {len(pool)} exist")
+    if skip < 0 or n + skip > len(pool):
+        raise ValueError(f"asked for {n} {split} prompts after skipping {skip}, only {len(pool)} exist")
     out = []
-    for text in pool[:n]:
+    for text in pool[skip:skip + n]:
         body = " ".join(text.split()[:words])
         out.append(f"Summarise this news story in two sentences.\n\n{body}" if instruct else body)
     return out

@@ -320,8 +320,9 @@ def sweep_tokens(trace: TokenTrace, rules: Any = None, *, grids: dict | None = N
     agree = trace.agree()
     first = torch.where(agree.any(0), agree.double().argmax(0), torch.full_like(trace.sequence, e))
     oracle = _point("consistency oracle", {"type": "oracle", "mode": "consistent"}, None, None, trace, first, False)
-    return SweepResult("agreement", trace.num_layers, list(trace.exit_layers), {r: full for r in named}, points,
-                       [oracle], full.mean_flops)
+    layers = list(trace.exit_layers) + [trace.num_layers]  # the last "exit" is the full model
+    return SweepResult("agreement", trace.num_layers, layers, {r: full for r in named}, points, [oracle],
+                       full.mean_flops)
 
 
 # --------------------------------------------------------------------------------- engine recording
