@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offramp.engines.reason import DeerRule, LynxRule, NeverExit, ReasonConfig, reason
+from offramp.engines.reason import ReasonConfig, reason
+from offramp.policies import DeerPolicy, ProbeExitPolicy, make_policy
 from offramp.reasoning.cues import CueConfig
-from offramp.reasoning.dataset import build_dataset, load_dataset
-from offramp.reasoning.probe import first_exit
+from offramp.reasoning.dataset import build_dataset, load_dataset, replay_events
 from offramp.reasoning.tasks import Problem, gsm8k_problems, reasoning_gym_problems
 
 CACHE = Path(os.path.expanduser("~/.cache/offramp"))
@@ -130,10 +130,10 @@ def run_methods(model, tok, test: list[Problem], methods: list[tuple[str, object
     path = Path(args.work) / "results.jsonl"
     done = done_keys(path)
     for p in test:
-        for method, delta, (rule, cfg) in methods:
+        for method, delta, (policy, cfg) in methods:
             if (p.uid, method, str(delta)) in done:
                 continue
-            res = reason(model, tok, p, rule=rule, config=cfg)
+            res = reason(model, tok, p, policy=policy, config=cfg)
             row = {"uid": p.uid, "source": p.source, "method": method, "delta": delta,
                    "correct": bool(res.correct), "answer": res.answer, "gold": p.answer,
                    "tokens": res.tokens, "chain_tokens": res.chain_tokens, "wall_s": res.wall_s,
@@ -153,9 +153,9 @@ def phase_build(model, tok, args) -> None:
 
 def phase_baselines(model, tok, args) -> None:
     _, test = problems(args, shard=True)
-    methods = [("full", None, (NeverExit(), reason_config(args))),
-               ("budget", None, (NeverExit(), reason_config(args, args.budget))),
-               ("deer", None, (DeerRule(args.deer_lambda), reason_config(args)))]
+    methods = [("full", None, (make_policy("never"), reason_config(args))),
+               ("budget", None, (make_policy("never"), reason_config(args, args.budget))),
+               ("deer", None, (DeerPolicy(args.deer_lambda), reason_config(args)))]
     run_methods(model, tok, test, methods, args)
 
 
@@ -201,9 +201,19 @@ def phase_lynx(model, tok, args) -> None:
     _, test = problems(args, shard=True)
     probes = fit_probes(args)
     # the full chain again, interleaved with LYNX, so wall-clock ratios share the machine's load
-    methods = [("full", "lynx-phase", (NeverExit(), reason_config(args)))]
-    methods += [(m, d, (LynxRule(probes[m, d]), reason_config(args))) for m in PER for d in args.deltas]
+    methods = [("full", "lynx-phase", (make_policy("never"), reason_config(args)))]
+    methods += [(m, d, (ProbeExitPolicy(probe=probes[m, d]), reason_config(args))) for m in PER for d in args.deltas]
     run_methods(model, tok, test, methods, args)
+
+
+def event_accepts(policy, features: np.ndarray) -> np.ndarray:
+    """(n,) whether ``policy`` (its own decide) would stop at each stored event, each taken alone."""
+    import torch
+
+    from offramp.policies import ExitSignals
+
+    signals = ExitSignals(hidden=torch.as_tensor(features))
+    return policy.decide(0, signals, policy.start(len(features), 0))[0].numpy()
 
 
 def event_level_check(args) -> dict:
@@ -224,15 +234,14 @@ def event_level_check(args) -> dict:
                 continue
             base = LynxProbe(seed=0).fit(fit.features, fit.labels)
             probe = base.calibrate(cal.features, cal.labels, delta)
-            acc = probe.accepts(test.features)
+            acc = event_accepts(ProbeExitPolicy(probe=probe), test.features)
             for per in PER.values():  # share of held-out chains whose first exit is at a wrong event
                 rule = probe if per == "event" else base.calibrate(cal.features, cal.labels, delta, per="chain",
                                                                    groups=cal.groups)
-                a = rule.accepts(test.features)
-                for c in np.unique(test.groups):
-                    i = first_exit(a[test.groups == c])
+                stops = replay_events(ProbeExitPolicy(probe=rule), test)  # the online rule, over stored events
+                for c, i in enumerate(stops):
                     chains[per] += 1
-                    premature[per] += int(i is not None and test.labels[test.groups == c][i] == 0)
+                    premature[per] += int(i >= 0 and test.labels[test.groups == c][i] == 0)
             exits_wrong += int(acc[test.labels == 0].sum())
             wrong += int((test.labels == 0).sum())
             exits_right += int(acc[test.labels == 1].sum())

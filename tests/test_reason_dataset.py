@@ -81,3 +81,33 @@ def test_resume_with_other_settings_is_refused(lm, tmp_path):
         build_dataset(model, tok, _problems()[:1] * 2, tmp_path, config=CFG, model_name="tiny")
     with pytest.raises(ValueError, match="no labelled problems"):
         load_dataset(tmp_path / "empty")
+
+
+def test_replay_over_stored_events_equals_the_online_engine(lm, tmp_path):
+    """Every reasoning rule is an exit policy over cue events: the same decide runs online and over
+    the stored event trace, and stops each chain at the same event."""
+    from offramp.engines.reason import reason
+    from offramp.reasoning.dataset import replay_events
+    from offramp.reasoning.probe import LynxProbe
+
+    model, tok = lm
+    probs = _problems()
+    build_dataset(model, tok, probs, tmp_path, config=CFG, model_name="tiny")
+    data = load_dataset(tmp_path)
+    probs_p = [e["mean_prob"] for t in data.traces for e in t["events"] if e["complete"]]
+    forks = sorted(e["fork"] for t in data.traces for e in t["events"])
+    y = np.arange(len(data.labels)) % 2  # any labels: the probe is only a function of the features here
+    probe = LynxProbe(epochs=30).fit(data.features, y).calibrate(data.features, y, delta=0.5)
+    specs = [{"type": "never"}, {"type": "static", "layer": forks[len(forks) // 2]},
+             {"type": "deer", "threshold": float(np.median(probs_p)) if probs_p else 0.5},
+             {"type": "probe", "probe": probe}]
+    stopped = set()
+    for spec in specs:
+        offline = replay_events(spec, data)
+        for i, p in enumerate(probs):
+            online = reason(model, tok, p, policy=dict(spec), config=CFG)
+            assert (online.exit_event if online.exit_event is not None else -1) == offline[i], (spec["type"], p.uid)
+            stopped.add((spec["type"], online.exit_event is not None))
+    assert ("static", True) in stopped and ("never", False) in stopped
+    with pytest.raises(ValueError, match="needs logits"):
+        replay_events({"type": "entropy"}, data)

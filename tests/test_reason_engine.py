@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
 from test_reason_tiny import tiny_lm, tiny_tokenizer
 from transformers import DynamicCache
 
-from offramp.engines.reason import (DeerRule, LynxRule, ReasonConfig, prompt_ids,
-                                    reason)
+from offramp.engines.reason import ReasonConfig, prompt_ids, reason
+from offramp.policies import DeerPolicy, ExitPolicy, ProbeExitPolicy
 from offramp.reasoning.forcing import ForcedAnswer, answer_end, fork_cache, force_answer, reencoded_answer
 from offramp.reasoning.probe import LynxProbe
 from offramp.reasoning.tasks import Problem
@@ -69,29 +71,38 @@ def test_fork_cache_rejects_bad_length(lm):
         fork_cache(cache, 4)
 
 
-class AcceptAt:
-    """Accept the event with index k (records the forced answer it saw)."""
+@dataclass(frozen=True)
+class AcceptAt(ExitPolicy):
+    """Accept the cue event with index k."""
+
+    k: int = 0
+
+    def decide(self, index, signals, state):
+        return torch.tensor([index == self.k]), state
+
+
+class Seen:
+    """An ``on_event`` hook that forces the answer at event k and keeps it."""
 
     def __init__(self, k: int):
-        self.k, self.seen = k, None
+        self.k, self.answer = k, None
 
     def __call__(self, ctx):
         if ctx.event.index == self.k:
-            self.seen = ctx.force()
-            return True, {}
-        return False, {}
+            self.answer = ctx.force()
+        return {}
 
 
 def test_exit_stops_at_the_accepted_cue(lm, full):
     model, tok = lm
-    rule = AcceptAt(1)
-    res = reason(model, tok, QUESTION, rule=rule, config=CFG)
+    rule = Seen(1)
+    res = reason(model, tok, QUESTION, policy=AcceptAt(1), config=CFG, on_event=rule)
     ev = full.events[1]
     assert res.stop == "cue" and res.exit_event == 1
     assert [e["exit"] for e in res.events] == [False, True]
     assert res.chain_ids == full.chain_ids[: ev["fork"]]
     assert ev["token"] < res.chain_tokens <= ev["token"] + 2  # detection lags at most one token
-    assert res.answer == rule.seen.text and res.answer_tokens == len(rule.seen.token_ids)
+    assert res.answer == rule.answer.text and res.answer_tokens == len(rule.answer.token_ids)
     assert res.tokens < full.tokens
 
 
@@ -106,28 +117,29 @@ def test_budget_forces_an_answer(lm):
 def test_deer_threshold_extremes():
     tok = tiny_tokenizer()
     model = tiny_lm(len(tok), seed=5)  # a seed whose first trial answer closes its brace
-    never = reason(model, tok, QUESTION, rule=DeerRule(1.0), config=CFG)
+    never = reason(model, tok, QUESTION, policy=DeerPolicy(1.0), config=CFG)
     assert never.stop == "budget" and len(never.events) >= 2
     assert never.trial_tokens > 0 and never.tokens == never.chain_tokens + never.answer_tokens + never.trial_tokens
     first = [e for e in never.events if e["complete"]][0]
-    res = reason(model, tok, QUESTION, rule=DeerRule(first["mean_prob"]), config=CFG)
+    res = reason(model, tok, QUESTION, policy={"type": "deer", "threshold": first["mean_prob"]}, config=CFG)
     assert res.stop == "cue" and res.exit_event == first["index"] and res.answer == first["trial"]
     with pytest.raises(ValueError, match="DEER threshold"):
-        DeerRule(1.5)
+        DeerPolicy(1.5)
 
 
 def test_deer_rule_needs_a_complete_confident_answer():
-    class Ctx:
-        def __init__(self, ans):
-            self.ans = ans
+    from offramp.engines.reason import event_signals
 
-        def force(self):
-            return self.ans
+    policy = DeerPolicy(0.9)
 
-    rule = DeerRule(0.9)
-    assert rule(Ctx(ForcedAnswer("5", (7,), 0.95, True)))[0]
-    assert not rule(Ctx(ForcedAnswer("5", (7,), 0.85, True)))[0]
-    assert not rule(Ctx(ForcedAnswer("5", (7,), 0.99, False)))[0]  # the brace never closed
+    def exits(ans: ForcedAnswer) -> bool:
+        signals = event_signals(policy, 3, torch.zeros(4), lambda: ans, {})
+        return bool(policy.decide(0, signals, policy.start(1, 0))[0][0])
+
+    assert exits(ForcedAnswer("5", (7,), 0.95, True))
+    assert not exits(ForcedAnswer("5", (7,), 0.85, True))
+    assert not exits(ForcedAnswer("5", (7,), 0.99, False))  # the brace never closed
+    assert not exits(ForcedAnswer("", (), 0.99, True))  # nothing inside the braces
 
 
 def _always_accepting_probe(d: int) -> LynxProbe:
@@ -142,16 +154,19 @@ def _always_accepting_probe(d: int) -> LynxProbe:
 def test_lynx_rule_exits_at_first_event_when_probe_accepts(lm, full):
     model, tok = lm
     probe = _always_accepting_probe(2 * model.config.hidden_size)
-    res = reason(model, tok, QUESTION, rule=LynxRule(probe), config=CFG)
+    res = reason(model, tok, QUESTION, policy=ProbeExitPolicy(probe=probe), config=CFG)
     assert res.stop == "cue" and res.exit_event == 0 and len(res.events) == 1
     assert 0.0 <= res.events[0]["p1"] <= 1.0
     probe.conformal_.quantiles_ = np.array([np.inf, np.inf])  # both classes always: never exit
-    res = reason(model, tok, QUESTION, rule=LynxRule(probe), config=CFG)
+    res = reason(model, tok, QUESTION, policy=ProbeExitPolicy(probe=probe), config=CFG)
     assert res.stop == "budget" and len(res.events) == len(full.events)
 
 
 def test_bad_input(lm):
     model, tok = lm
+    for spec, what in (({"type": "max_prob"}, "logits"), ({"type": "q_exit"}, "halting")):
+        with pytest.raises(ValueError, match=f"needs {what}, which a chain of thought's cue events"):
+            reason(model, tok, QUESTION, policy=spec, config=CFG)
     with pytest.raises(ValueError, match="question is empty"):
         reason(model, tok, "  ", config=CFG)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -37,9 +37,9 @@ def test_forced_exits_from_cache_equal_reencoded_prefix(smollm):
 
     def record(ctx):
         seen.append((ctx.event, ctx.force()))
-        return False, {}
+        return {}
 
-    res = reason(model, tok, q, rule=record, config=cfg)
+    res = reason(model, tok, q, on_event=record, config=cfg)
     assert res.chain_tokens > 0 and len(res.events) == len(seen) >= 1
     prompt = prompt_ids(tok, q, cfg.prompt_suffix)
     forcing = tok.encode("\nThe final answer is \\boxed{", add_special_tokens=False)

@@ -4,12 +4,15 @@
 offramp reason build --model M --task gsm_symbolic --n 40 --seed 0 --out runs/events
 offramp reason fit runs/events --delta 0.1 --out runs/probe
 offramp reason run --model M --probe runs/probe --question "Two apples and three more?"
-offramp reason run --model M --method deer --task gsm8k --n 20 --out runs/deer.jsonl
+offramp reason run --model M --policy deer --value 0.95 --task gsm8k --n 20 --out runs/deer.jsonl
 ```
 
-``run`` methods: ``lynx`` (needs ``--probe``; its cue, forcing and feature settings are reused),
-``deer`` (trial answers at cues, exit when their mean token probability >= ``--lambda``),
-``budget`` (stop after ``--budget`` tokens and force the answer) and ``full`` (the whole chain).
+``run`` policies (exit rules over cue events, ``--policy NAME --value V`` as on every command):
+``probe`` (LYNX; needs ``--probe``, whose cue, forcing and feature settings are reused), ``deer``
+(trial answers at cues, exit when their mean token probability >= V), ``static`` (stop at the
+first cue after V tokens) and ``never`` (the whole chain); ``--budget N`` caps the chain at N
+tokens and forces the answer. ``--method lynx|deer|budget|full`` and ``--lambda`` are the previous
+release's spellings of the same.
 """
 
 from __future__ import annotations
@@ -37,11 +40,17 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     src.add_argument("--task", help="gsm8k or a reasoning-gym generator name (with --n, --seed)")
     run.add_argument("--n", type=int, default=10, help="problems of --task (default 10)")
     run.add_argument("--seed", type=int, default=0, help="reasoning-gym seed / GSM8K offset (default 0)")
-    run.add_argument("--method", choices=("lynx", "deer", "budget", "full"), default=None,
-                     help="default: lynx with --probe, else full")
+    run.add_argument("--policy", default=None, help="exit rule over cue events: probe (alias lynx), deer, static, "
+                     "never (default: probe with --probe, else never)")
+    run.add_argument("--value", type=float, default=None,
+                     help="its parameter: deer's threshold (default 0.95), static's token count")
     run.add_argument("--probe", help="a calibrated probe folder written by `offramp reason fit`")
-    run.add_argument("--lambda", dest="lam", type=float, default=0.95, help="DEER threshold (default 0.95)")
-    run.add_argument("--budget", type=int, default=256, help="token budget of --method budget")
+    run.add_argument("--budget", type=int, default=None, help="cap the chain at this many tokens, then force the "
+                     "answer")
+    run.add_argument("--method", choices=("lynx", "deer", "budget", "full"), default=None,
+                     help="the previous release's spelling: lynx = --policy probe, deer = --policy deer, "
+                          "budget = --budget (default 256), full = --policy never")
+    run.add_argument("--lambda", dest="lam", type=float, default=None, help="with --method deer: = --value")
     run.add_argument("--out", help="append one JSON line per problem here (default: print)")
     run.set_defaults(func=cmd_reason_run)
     build = sub.add_parser("build", help="label cue events of training problems by forced exits")
@@ -116,30 +125,62 @@ def _problems(args: argparse.Namespace):
     return load_problems(args.task, args.n, seed=args.seed)
 
 
-def cmd_reason_run(args: argparse.Namespace) -> int:
-    from offramp.engines.reason import DeerRule, LynxRule, NeverExit, reason
-    from offramp.reasoning.probe import LynxProbe
+def _run_policy(args: argparse.Namespace) -> tuple[str, dict]:
+    """(name for the output rows, policy spec) from --policy/--value or the old --method/--lambda."""
+    if args.method is not None and args.policy is not None:
+        raise ValueError("give either --policy (with --value) or the older --method, not both")
+    if args.lam is not None and args.method != "deer":
+        raise ValueError("--lambda goes with --method deer; write --policy deer --value L")
+    if args.method is not None:
+        if args.method == "budget" and args.budget is None:
+            args.budget = 256
+        name = {"lynx": "probe", "deer": "deer", "budget": "never", "full": "never"}[args.method]
+        value = args.lam if args.method == "deer" else None
+        label = args.method
+    else:
+        name = args.policy or ("probe" if args.probe else "never")
+        name = "probe" if name == "lynx" else name
+        value = args.value
+        label = {"probe": "lynx", "never": "budget" if args.budget else "full"}.get(name, name)
+    if name == "probe":
+        if not args.probe:
+            raise ValueError("the probe (LYNX) policy needs --probe <folder from `offramp reason fit`>")
+        if value is not None:
+            raise ValueError("the probe policy has no --value: its threshold is the probe's calibration")
+        return label, {"type": "probe", "path": args.probe}
+    if args.probe:
+        raise ValueError(f"--probe is read by the probe policy only, not by {name!r}: drop it or use --policy probe")
+    from offramp.engines.reason import SIGNALS
+    from offramp.policies import require_signals
 
-    common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1, budget=1)
-    if not 0.0 <= args.lam <= 1.0:  # NaN fails this too
+    policy = common.make_policy_arg(name, value, {"type": name})
+    require_signals(policy, set(SIGNALS), "a chain of thought's cue events", "use never, static, deer or probe")
+    return label, policy.to_dict()
+
+
+def cmd_reason_run(args: argparse.Namespace) -> int:
+    from offramp.engines.reason import reason
+    from offramp.policies import make_policy
+
+    common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1)
+    if args.budget is not None:
+        common.require_min(args, budget=1)
+    if args.lam is not None and not 0.0 <= args.lam <= 1.0:  # NaN fails this too
         raise ValueError(f"--lambda must be in [0, 1], got {args.lam}")
     if args.out:
         common.check_out(Path(args.out), True, "--out file")
-    method = args.method or ("lynx" if args.probe else "full")
-    probe = LynxProbe.load(args.probe) if args.probe else None
-    if method == "lynx" and probe is None:
-        raise ValueError("--method lynx needs --probe <folder from `offramp reason fit`>")
+    method, spec = _run_policy(args)
+    policy = make_policy(spec)
+    probe = getattr(policy, "probe", None)
     config = _config(args, getattr(probe, "extra_", {}).get("reason_config") if probe else None)
-    if method == "budget":
+    if args.budget is not None:
         config = type(config)(**{**config.__dict__, "max_new_tokens": args.budget})
-    rule = {"lynx": lambda: LynxRule(probe), "deer": lambda: DeerRule(args.lam),
-            "budget": NeverExit, "full": NeverExit}[method]()
     model, tok = _load(args)
     items = [args.question] if args.question else _problems(args)
     for item in items:
-        res = reason(model, tok, item, rule=rule, config=config)
-        row = {"method": method, **({"uid": item.uid, "gold": item.answer} if hasattr(item, "uid") else {}),
-               **res.to_dict()}
+        res = reason(model, tok, item, policy=policy, config=config)
+        row = {"method": method, "policy": spec, **({"uid": item.uid, "gold": item.answer} if hasattr(item, "uid")
+                                                     else {}), **res.to_dict()}
         line = json.dumps(row)
         if args.out:
             with open(args.out, "a") as f:

@@ -6,22 +6,30 @@ the cache is forked at the event's prefix, the answer-forcing text is appended a
 generated greedily. Generation really stops there, so the savings are measured as generated
 tokens and wall-clock, not replayed afterwards.
 
-Exit rules (callables ``rule(ctx) -> (exit, info)``):
+The exit decision is an ``ExitPolicy`` over cue events (``offramp.policies``), the protocol of the
+classify and generate engines: the state starts once per chain and follows it across its events;
+``index`` is the event number, ``layer`` the tokens generated before the event's fork point,
+``hidden`` the cue features and ``trial`` a forced trial answer's mean token probability (computed
+only for policies that read it). The rules:
 
-* ``NeverExit``: the full chain (and, with a smaller ``max_new_tokens``, a fixed token budget).
-* ``DeerRule``: DEER; a trial answer at each cue, exit when its mean token probability >= lambda.
-* ``LynxRule``: LYNX; the calibrated probe on hidden states, exit when the set is exactly {1}.
+* ``never``: the full chain (and, with a smaller ``max_new_tokens``, a fixed token budget);
+* ``static`` (layer=N): stop at the first cue after N tokens (a budget aligned to a step boundary);
+* ``deer``: DEER; a trial answer at each cue, exit when its mean token probability >= threshold;
+* ``probe``: LYNX; the calibrated probe on the cue features, exit when its set is exactly {1}.
+
+``replay_events`` (``offramp.reasoning.dataset``) runs the same ``decide`` over stored events.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from offramp.policies import ExitPolicy, ExitSignals, make_policy, require_signals
 from offramp.reasoning.cues import CueConfig, CueDetector, CueEvent
 from offramp.reasoning.forcing import (ForcedAnswer, force_answer, forcing_text, fork_cache,
                                        hidden_features, is_boxed)
@@ -74,56 +82,23 @@ class EventContext:
         return self.forced
 
 
-class ExitRule(Protocol):
-    def __call__(self, ctx: EventContext) -> tuple[bool, dict[str, Any]]: ...
+SIGNALS = ("hidden", "trial")  # what the reasoning engine gives a policy at a cue event (and layer)
 
 
-class NeverExit:
-    """Never exit at a cue: the full chain (or a fixed budget via ``max_new_tokens``)."""
-
-    def __call__(self, ctx: EventContext) -> tuple[bool, dict[str, Any]]:
-        return False, {}
+def trial_value(answer: ForcedAnswer) -> float:
+    """``ExitSignals.trial`` of a forced answer: its mean token probability, -1 if empty or unclosed."""
+    return float(answer.mean_prob) if (answer.complete and answer.text) else -1.0
 
 
-@dataclass(frozen=True)
-class DeerRule:
-    """DEER: force a trial answer at each cue; exit when its mean token probability >= threshold."""
-
-    threshold: float = 0.95
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"DEER threshold must be in [0, 1], got {self.threshold}")
-
-    def __call__(self, ctx: EventContext) -> tuple[bool, dict[str, Any]]:
-        ans = ctx.force()
-        ok = ans.complete and bool(ans.text) and ans.mean_prob >= self.threshold
-        return ok, {"trial": ans.text, "mean_prob": ans.mean_prob, "complete": ans.complete}
-
-
-@dataclass
-class LynxRule:
-    """LYNX: exit at the first cue whose conformal prediction set is exactly {1}.
-
-    Calls ``ProbeExitPolicy.decide`` (the same code an offline replay over stored events runs).
-    """
-
-    probe: Any  # offramp.reasoning.probe.LynxProbe, calibrated
-
-    def __post_init__(self) -> None:
-        from offramp.policies.probe import ProbeExitPolicy
-
-        self.policy = ProbeExitPolicy(probe=self.probe)
-        self.state = self.policy.start(1, 0)
-
-    def __call__(self, ctx: EventContext) -> tuple[bool, dict[str, Any]]:
-        from offramp.policies.base import ExitSignals
-
-        feats = ctx.features[None, :]  # (1, d)
-        p1 = float(self.probe.predict_proba(feats.numpy())[0, 1])
-        signals = ExitSignals(logits=torch.tensor([[1.0 - p1, p1]]), hidden=feats)
-        accept, self.state = self.policy.decide(ctx.event.index, signals, self.state)
-        return bool(accept[0]), {"p1": p1}
+def event_signals(policy: ExitPolicy, fork: int, features: Tensor, force: Callable[[], ForcedAnswer] | None,
+                  info: dict[str, Any]) -> ExitSignals:
+    """The signals of one cue event for ``policy`` (a trial answer forced only if the policy reads it)."""
+    signals = ExitSignals(layer=int(fork), hidden=features.reshape(1, -1))
+    if "trial" in policy.needs and force is not None:
+        ans = force()
+        signals.trial = torch.tensor([trial_value(ans)], dtype=torch.float64)
+        info.update(trial=ans.text, mean_prob=ans.mean_prob, complete=ans.complete)
+    return signals
 
 
 @dataclass
@@ -199,16 +174,20 @@ class _Chain:
 
 
 @torch.no_grad()
-def reason(model, tokenizer, problem: Problem | str, *, rule: ExitRule | None = None,
-           config: ReasonConfig | None = None) -> ReasonResult:
-    """Generate a chain of thought for ``problem`` and stop where ``rule`` accepts a cue.
+def reason(model, tokenizer, problem: Problem | str, *, policy: str | dict | ExitPolicy | None = None,
+           config: ReasonConfig | None = None,
+           on_event: Callable[[EventContext], dict[str, Any]] | None = None) -> ReasonResult:
+    """Generate a chain of thought for ``problem`` and stop at the first cue event ``policy`` accepts.
 
     Args:
         model: an HF causal LM (batch size 1, greedy decoding).
         tokenizer: its tokenizer.
         problem: a ``Problem`` (the answer is then checked) or the question text.
-        rule: the exit rule; ``NeverExit()`` (the full chain) by default.
+        policy: an exit policy over cue events (never, static, deer, probe); ``never`` (the full
+            chain) by default. A policy that reads what cue events do not carry is refused first.
         config: generation, cue and forcing settings.
+        on_event: called at every cue event before the decision (labelling, logging); the dict it
+            returns goes into that event's log entry.
 
     Returns:
         The answer, its correctness (if a ``Problem``), tokens used, wall-clock and event log.
@@ -216,7 +195,10 @@ def reason(model, tokenizer, problem: Problem | str, *, rule: ExitRule | None = 
     from transformers import DynamicCache
 
     config = config or ReasonConfig()
-    rule = rule or NeverExit()
+    policy = make_policy(policy)
+    require_signals(policy, set(SIGNALS), "a chain of thought's cue events",
+                    "use never, static (a token count), deer or probe")
+    state = policy.start(1, 0)
     question = problem.question if isinstance(problem, Problem) else problem
     t0 = time.perf_counter()
     ids = prompt_ids(tokenizer, question, config.prompt_suffix)
@@ -240,7 +222,11 @@ def reason(model, tokenizer, problem: Problem | str, *, rule: ExitRule | None = 
         ch.ends.append(max(len(text), ch.ends[-1] if ch.ends else 0))
         for ev in det.update(text, ch.ends):
             ctx = EventContext(ev, ch.feats[ev.token], lambda f=ev.fork: ch.force_at(f))
-            leave, info = rule(ctx)
+            info = dict(on_event(ctx)) if on_event is not None else {}
+            signals = event_signals(policy, ev.fork, ctx.features, ctx.force, info)
+            accept, state = policy.decide(ev.index, signals, state)
+            info.update(policy.explain(ev.index, signals))
+            leave = bool(accept[0])
             log.append({"index": ev.index, "token": ev.token, "fork": ev.fork, "kind": ev.kind,
                         "cue": ev.cue, "exit": bool(leave), **info})
             if leave:

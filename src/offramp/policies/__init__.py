@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, require_signals
+from offramp.policies.deer import DeerPolicy
 from offramp.policies.entropy import EntropyPolicy
 from offramp.policies.gate import GatePolicy
 from offramp.policies.margin import MarginPolicy
@@ -13,6 +14,7 @@ from offramp.policies.never import NeverPolicy
 from offramp.policies.oracle import OraclePolicy
 from offramp.policies.patience import PatiencePolicy
 from offramp.policies.ponder_sample import PonderSamplePolicy
+from offramp.policies.probe import ProbeExitPolicy
 from offramp.policies.q_exit import QExitPolicy
 from offramp.policies.saturation import SaturationPolicy
 from offramp.policies.static import StaticPolicy
@@ -30,12 +32,19 @@ POLICIES: dict[str, type[ExitPolicy]] = {
     "q_exit": QExitPolicy,
     "gate": GatePolicy,
     "token_confidence": TokenConfidencePolicy,
+    "deer": DeerPolicy,
     "oracle": OraclePolicy,
 }
 
 
+ARTEFACT_POLICIES: dict[str, type[ExitPolicy]] = {"probe": ProbeExitPolicy}  # built from a fitted file (path=)
+
+
 def make_policy(spec: str | dict[str, Any] | ExitPolicy | None, **params: Any) -> ExitPolicy:
-    """Build a policy from a name + parameters, a {"type": name, ...} dict, or pass one through."""
+    """Build a policy from a name + parameters, a {"type": name, ...} dict, or pass one through.
+
+    ``POLICIES`` holds the rules that have defaults; ``probe`` (LYNX, alias ``lynx``) needs a
+    fitted probe: ``make_policy("probe", path=...)``."""
     if isinstance(spec, ExitPolicy):
         return spec
     if spec is None:
@@ -43,12 +52,15 @@ def make_policy(spec: str | dict[str, Any] | ExitPolicy | None, **params: Any) -
     if isinstance(spec, dict):
         params = {**{k: v for k, v in spec.items() if k != "type"}, **params}
         spec = spec.get("type")
+    spec = "probe" if spec == "lynx" else spec
+    if spec in ARTEFACT_POLICIES:
+        return ARTEFACT_POLICIES[spec](**params)
     if spec not in POLICIES:
-        raise ValueError(f"unknown policy {spec!r}; known policies: {sorted(POLICIES)}")
+        raise ValueError(f"unknown policy {spec!r}; known policies: {sorted(POLICIES) + sorted(ARTEFACT_POLICIES)}")
     try:
         return POLICIES[spec](**params)
     except TypeError as e:
         raise ValueError(f"bad parameters for policy {spec!r}: {e}") from e
 
 
-__all__ = ["POLICIES", "ExitPolicy", "ExitSignals", "ExitSpace", "PolicyState", "make_policy", "require_signals"]
+__all__ = ["ARTEFACT_POLICIES", "POLICIES", "DeerPolicy", "ExitPolicy", "ProbeExitPolicy", "TokenConfidencePolicy", "ExitSignals", "ExitSpace", "PolicyState", "make_policy", "require_signals"]

@@ -57,6 +57,11 @@ class ExitSignals:
             exit's confidence classifier, a reasoning probe's P(right)), if the model has one.
         stats: precomputed ``distribution_stat`` values by name ((b,) each), used when ``logits``
             is None; values computed from ``logits`` are cached here too.
+        trial: (b,) at a cue event of a chain of thought: the mean token probability of a trial
+            answer forced there (-1 when it is empty or did not close); DEER reads it.
+
+    In a chain of thought the "exits" are its cue events: ``index`` is the event number, ``layer``
+    the tokens generated before the event's fork point and ``hidden`` the (b, d) cue features.
     """
 
     logits: Tensor | None = None
@@ -67,6 +72,7 @@ class ExitSignals:
     labels: Tensor | None = None
     confidence: Tensor | None = None
     stats: dict[str, Tensor] | None = None
+    trial: Tensor | None = None
 
     def stat(self, name: str) -> Tensor:
         """``distribution_stat(logits, name)`` (b,), from the stored stats or computed once."""
@@ -82,7 +88,7 @@ class ExitSignals:
         return value
 
     def _any(self) -> Tensor:
-        for t in (self.logits, self.confidence, self.halting, self.gate, self.hidden):
+        for t in (self.logits, self.confidence, self.halting, self.gate, self.hidden, self.trial):
             if t is not None:
                 return t
         if self.stats:
@@ -166,6 +172,10 @@ class ExitPolicy:
         The engines always take the last exit for rows still running; ``decide`` need not.
         """
         raise NotImplementedError
+
+    def explain(self, index: int, signals: ExitSignals) -> dict:
+        """What this policy saw at an exit, for logs (the reasoning engine's event log); {} by default."""
+        return {}
 
     def check_exits(self, exit_layers: list[int]) -> None:
         """Raise a ValueError before any work if this policy cannot act on a model with exits after

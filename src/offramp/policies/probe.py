@@ -2,8 +2,9 @@
 
 The "exits" of a chain of thought are its cue events: ``index`` is the event number and
 ``signals.hidden`` holds the (b, d) cue features (concatenated hidden states). The policy is
-stateless; the reasoning engine (``offramp.engines.reason.LynxRule``) and offline replays over
-stored events call the same ``decide``.
+stateless; the reasoning engine (``offramp.engines.reason.reason``) and the offline replay over
+stored events (``offramp.reasoning.dataset.replay_events``) call the same ``decide``. It is built
+from a fitted probe, so it is not in ``POLICIES``: ``make_policy("probe", path=...)``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class ProbeExitPolicy(ExitPolicy):
             raise ValueError("probe policy reads ExitSignals.hidden (the (b, d) cue features); it is None")
         feats = signals.hidden.detach().float().cpu().numpy()  # (b, d)
         return torch.from_numpy(self.probe.accepts(feats)).to(signals.hidden.device), state
+
+    def explain(self, index: int, signals: ExitSignals) -> dict:
+        feats = signals.hidden.detach().float().cpu().numpy()
+        return {"p1": float(self.probe.predict_proba(feats)[0, 1])}  # the probe's P(right) at this event
 
     def to_dict(self) -> dict:
         return {"type": self.type, "path": self.path}

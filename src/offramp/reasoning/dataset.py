@@ -26,17 +26,18 @@ MANIFEST = "manifest.json"
 
 
 @dataclass
-class LabelRule:
-    """Force the answer at every cue, record whether it is right, never exit."""
+class Labeller:
+    """At every cue event: keep the features, force the answer, record whether it is right (the
+    chain is never stopped). ``mean_prob`` is kept exactly: DEER's replay reads it."""
 
     problem: Problem
     features: list[np.ndarray] = field(default_factory=list)
 
-    def __call__(self, ctx: EventContext) -> tuple[bool, dict[str, Any]]:
+    def __call__(self, ctx: EventContext) -> dict[str, Any]:
         self.features.append(ctx.features.numpy().astype(np.float32))
         ans = ctx.force()
-        return False, {"answer": ans.text, "correct": bool(self.problem.check(ans.text)),
-                       "mean_prob": round(ans.mean_prob, 6), "complete": ans.complete}
+        return {"answer": ans.text, "correct": bool(self.problem.check(ans.text)),
+                "mean_prob": float(ans.mean_prob), "complete": ans.complete}
 
 
 @dataclass
@@ -109,8 +110,8 @@ def build_dataset(model, tokenizer, problems: list[Problem], out_dir: str | Path
         path = out / f"{p.uid}.npz"
         if path.exists():
             continue
-        rule = LabelRule(p)
-        res = reason(model, tokenizer, p, rule=rule, config=config)
+        rule = Labeller(p)
+        res = reason(model, tokenizer, p, on_event=rule, config=config)
         trace = res.to_dict()
         trace.update(uid=p.uid, gold=p.answer, source=p.source)
         feats = np.stack(rule.features) if rule.features else np.zeros((0, 0), np.float32)
@@ -146,3 +147,29 @@ def load_dataset(out_dir: str | Path, uids: list[str] | None = None) -> EventDat
     if not feats:
         raise ValueError(f"the problems in {out} have no cue events: change the CueConfig")
     return EventDataset(np.concatenate(feats), np.concatenate(labels), np.concatenate(groups), uids, traces)
+
+
+def replay_events(policy: Any, data: EventDataset) -> np.ndarray:
+    """(problems,) the event index where ``policy`` stops each chain (-1: it never does), calling the
+    same ``decide`` the online engine calls, in the same order: chain by chain (the engine runs one
+    chain at a time), the state started once per chain, events in order until the first exit."""
+    import torch
+
+    from offramp.engines.reason import SIGNALS, event_signals
+    from offramp.policies import make_policy, require_signals
+    from offramp.reasoning.forcing import ForcedAnswer
+
+    policy = make_policy(policy)
+    require_signals(policy, set(SIGNALS), "stored cue events")
+    out = np.full(len(data.uids), -1, dtype=np.int64)
+    for g, trace in enumerate(data.traces):
+        feats = data.features[data.groups == g]
+        state = policy.start(1, 0)
+        for k, ev in enumerate(trace["events"]):
+            stored = ForcedAnswer(ev.get("answer") or "", (), float(ev["mean_prob"]), bool(ev["complete"]))
+            signals = event_signals(policy, ev["fork"], torch.as_tensor(feats[k]), lambda a=stored: a, {})
+            accept, state = policy.decide(ev["index"], signals, state)
+            if bool(accept[0]):
+                out[g] = k
+                break
+    return out
