@@ -11,7 +11,7 @@ from conftest import make_batch
 
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.calibration import LearnThenTest, default_candidates
-from offramp.cli_calibrate import add_calibrate_parser
+from offramp.cli.calibrate import add_calibrate_parser
 from offramp.evaluation.collect import ExitTrace, collect, replay
 from offramp.policies import make_policy
 

@@ -166,9 +166,9 @@ def test_bench_runs_the_speed_benchmark(ws, capsys):
 
 def test_registered_subcommand_hooks(monkeypatch):
     called = []
-    fake = types.ModuleType("offramp.cli_calibrate")
+    fake = types.ModuleType("offramp.cli.calibrate")
     fake.add_calibrate_parser = lambda sub: called.append(sub.add_parser("calibrate"))
-    monkeypatch.setitem(sys.modules, "offramp.cli_calibrate", fake)
+    monkeypatch.setitem(sys.modules, "offramp.cli.calibrate", fake)
     build_parser()
     assert len(called) == 1
 
@@ -260,7 +260,7 @@ def test_train_full_finetuning_with_options(ws, capsys, tmp_path):
 
 
 def test_pooling_follows_a_sentence_transformers_folder(tmp_path):
-    from offramp.cli_common import default_pooling
+    from offramp.cli.common import default_pooling
 
     assert default_pooling(str(tmp_path)) == "cls"
     (tmp_path / "1_Pooling").mkdir()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoder_models import tiny_decoder
-from offramp.cli_generate import add_generate_parser
+from offramp.cli.generate import add_generate_parser
 from offramp.modeling import DecoderExitModel
 
 

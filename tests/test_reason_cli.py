@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_reason_tiny import tiny_lm, tiny_tokenizer
 
-from offramp.cli_reason import add_reason_parser
+from offramp.cli.reason import add_reason_parser
 
 
 def _run(argv: list[str]) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from offramp import cli_common as common
+from offramp.cli import common
 
 RULES: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (exit set, policy)
     "PABEE": ("pabee", {"type": "patience"}),

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", dest="json_path", default=None, help="write the JSON here too")
     a = p.parse_args(argv)
     if a.json_path:
-        from offramp.cli_common import check_out
+        from offramp.cli.common import check_out
 
         check_out(Path(a.json_path), True, "--json file")
     out = run("mpnet" if a.mpnet else a.model, batch_sizes=tuple(int(x) for x in a.batch_sizes.split(",")),

@@ -32,7 +32,7 @@ from offramp.calibration.risk import PVALUES, RISKS, TOKEN_RISKS, CATsStopping, 
 
 def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``calibrate`` sub-command to an argparse ``subparsers`` object."""
-    from offramp import cli_common as common
+    from offramp.cli import common
 
     p = subparsers.add_parser("calibrate", help="choose an exit threshold with a risk guarantee",
                               description=__doc__.split("\n\n")[0])
@@ -63,7 +63,7 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _trace(args: argparse.Namespace):
-    from offramp import cli_common as common
+    from offramp.cli import common
     from offramp.evaluation.collect import collect
     from offramp.evaluation.token_trace import load_trace
 
@@ -127,7 +127,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from offramp.config import CONFIG_NAME, DecoderExitConfig, OfframpConfig, read_config
     from offramp.utils import atomic_write_json
 
-    from offramp import cli_common as common
+    from offramp.cli import common
 
     ckpt = common.checkpoint_dir(args.model)
     kind, data = read_config(ckpt)

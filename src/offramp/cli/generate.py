@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from offramp import cli_common as common
+from offramp.cli import common
 
 STRATEGIES = ("copy_kv", "propagate", "catch_up", "freeze", "update")
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from offramp import cli_common as common
+from offramp.cli import common
 
 DEFAULT_WORDS = "hmm,wait,alternatively"
 

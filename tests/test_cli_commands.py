@@ -1,0 +1,19 @@
+"""The command table: every command of COMMANDS is registered, and a broken command module is an error."""
+
+from __future__ import annotations
+
+import pytest
+
+from offramp import cli
+
+
+def test_every_listed_command_is_on_the_parser():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert list(sub.choices) == [name for name, _, _ in cli.COMMANDS]
+
+
+def test_an_import_error_in_a_command_is_an_error_not_a_missing_command(monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + (("broken", "offramp.cli.no_such_module", "add"),))
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        cli.build_parser()
