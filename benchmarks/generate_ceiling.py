@@ -31,10 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from offramp.modeling import DecoderExitModel  # noqa: E402
 from offramp.engines.generate_assets import CACHE, bbc_articles, bbc_prompts, load_causal_lm  # noqa: E402
-from offramp.objectives.distill import (collect_states, greedy_continuations, text_sequences,  # noqa: E402
-                                        train_exit_heads)
+from offramp.modeling import DecoderExitModel  # noqa: E402
+from offramp.objectives.distill import collect_states, greedy_continuations, text_sequences, train_exit_heads  # noqa: E402
 from offramp.utils import atomic_write_json  # noqa: E402
 
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
-import offramp
 from conftest import make_batch
 from decoder_models import ragged_prompts, tiny_decoder
+
+import offramp
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.config import CONFIG_NAME
 from offramp.engines.generate_sampling import SamplingOptions

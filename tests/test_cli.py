@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_assets import write_csv, write_model
 
 from offramp.cli import build_parser, main
-from tiny_assets import write_csv, write_model
 
 SUBCOMMANDS = ["train", "collect", "sweep", "evaluate", "predict", "demo", "bench"]
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import torch
-
 from decoder_models import tiny_decoder
+
 from offramp.modeling import DecoderExitModel, default_exit_layers
-from offramp.objectives.distill import (collect_states, distill_loss, exit_targets, exit_weights, fit_exits,
-                                        train_exit_heads)
+from offramp.objectives.distill import (
+    collect_states,
+    distill_loss,
+    exit_targets,
+    exit_weights,
+    fit_exits,
+    train_exit_heads,
+)
 
 
 class _Tok:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from decoder_models import tiny_decoder
+
 from offramp.cli.generate import add_generate_parser
 from offramp.modeling import DecoderExitModel
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from decoder_models import ragged_prompts, tiny_decoder
+
 from offramp.backbones import ADAPTERS, adapter_for
 from offramp.engines.generate import generate
 from offramp.engines.generate_sampling import SamplingOptions

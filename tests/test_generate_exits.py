@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-
 from decoder_models import ragged_prompts, tiny_decoder
-from offramp.modeling import DecoderExitModel
+
 from offramp.engines.generate import generate
 from offramp.engines.generate_sampling import SamplingOptions
+from offramp.modeling import DecoderExitModel
 from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
 
 NO_EOS = SamplingOptions(eos_token_id=None, pad_token_id=0)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from decoder_models import ragged_prompts, tiny_decoder
-from offramp.modeling import DecoderExitModel
+
 from offramp.engines.generate import SIGNALS, decoded_exit_layers, generate
 from offramp.engines.generate_sampling import SamplingOptions
 from offramp.evaluation.token_trace import TokenTrace, collect_tokens, replay_tokens, sweep_tokens
+from offramp.modeling import DecoderExitModel
 from offramp.policies import POLICIES
 
 NO_EOS = SamplingOptions(eos_token_id=None, pad_token_id=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offramp.policies.token_confidence import TokenConfidencePolicy
 from offramp.policies.base import ExitSignals
+from offramp.policies.token_confidence import TokenConfidencePolicy
 
 
 def test_threshold_decides_per_row_and_min_exit_holds_back() -> None:

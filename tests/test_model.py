@@ -76,8 +76,10 @@ def test_bad_input(tiny_bert):
 
 
 def test_empty_text_is_refused(tiny_bert):
+    import os
+    import tempfile
+
     from transformers import BertTokenizerFast
-    import tempfile, os
 
     with tempfile.TemporaryDirectory() as d:
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import make_batch
 
-from offramp.engines.classify import SIGNALS
 from offramp import POLICIES, EarlyExitModel, OfframpConfig, make_policy
+from offramp.engines.classify import SIGNALS
 from offramp.evaluation.collect import ExitTrace, collect, replay
 from offramp.heads.halting import exit_log_distribution, geometric_prior, ponder_kl
 from offramp.policies import ExitSignals

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from offramp.engines.reason import ReasonConfig, prompt_ids, reason
 from offramp.policies import DeerPolicy, ExitPolicy, ProbeExitPolicy
-from offramp.reasoning.forcing import ForcedAnswer, answer_end, fork_cache, force_answer, reencoded_answer
+from offramp.reasoning.forcing import ForcedAnswer, answer_end, force_answer, fork_cache, reencoded_answer
 from offramp.reasoning.probe import LynxProbe
 from offramp.reasoning.tasks import Problem
 

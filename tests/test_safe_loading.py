@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_assets import write_csv, write_model
 
 from offramp.cli import main
-from tiny_assets import write_csv, write_model
 
 MARKER = Path("/tmp") / f"offramp-payload-ran-{__import__('os').getpid()}"
 
@@ -125,6 +125,7 @@ def test_probe(tmp_path):
 
 def test_decoder_exits(tmp_path):
     from decoder_models import tiny_decoder
+
     from offramp.modeling import HEADS_NAME, DecoderExitModel
 
     lm = tiny_decoder("llama")

@@ -10,9 +10,8 @@ from transformers import BertConfig, BertModel
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.evaluation.collect import collect, replay
 from offramp.evaluation.flops import model_exit_flops
+from offramp.evaluation.sweep import SweepPoint, available_rules, exit_space, oracle_exits, pareto, sweep, sweep_rule
 from offramp.policies import make_policy
-from offramp.evaluation.sweep import (SweepPoint, exit_space, available_rules, oracle_exits, pareto, sweep,
-                                      sweep_rule)
 
 
 def _batches(n: int = 48, t: int = 10, seed: int = 0, classes: int = 3) -> list[dict]:

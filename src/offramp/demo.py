@@ -243,9 +243,8 @@ def _summary(test: Any, chosen: dict, timings: dict, full_s: float) -> dict[str,
 
 def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, args: argparse.Namespace,
            data: Any, elapsed: float) -> None:
-    from offramp.utils import atomic_write_text
-
     from offramp.evaluation.report import markdown_table, write_report
+    from offramp.utils import atomic_write_text
 
     on_pabee = {r: p for r, p in chosen.items() if RULES[r][0] == "pabee"}
     rel = common.reliability_curves(_load_trace(out, "pabee"), on_pabee) or {}

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+
 class DecoderAdapter:
     """Layer-by-layer access to a HF causal LM.
 

@@ -124,10 +124,9 @@ def _conformal(policy, trace, alpha: float) -> dict:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """The ``calibrate`` handler: 0 when a threshold was written, 1 when none could be certified."""
+    from offramp.cli import common
     from offramp.config import CONFIG_NAME, DecoderExitConfig, OfframpConfig, read_config
     from offramp.utils import atomic_write_json
-
-    from offramp.cli import common
 
     ckpt = common.checkpoint_dir(args.model)
     kind, data = read_config(ckpt)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from offramp.cli import common
-
 
 
 # ------------------------------------------------------------------------------------------- train

@@ -31,8 +31,7 @@ from torch import Tensor
 
 from offramp.policies import ExitPolicy, ExitSignals, make_policy, require_signals
 from offramp.reasoning.cues import CueConfig, CueDetector, CueEvent
-from offramp.reasoning.forcing import (ForcedAnswer, force_answer, forcing_text, fork_cache,
-                                       hidden_features, is_boxed)
+from offramp.reasoning.forcing import ForcedAnswer, force_answer, forcing_text, fork_cache, hidden_features, is_boxed
 from offramp.reasoning.tasks import PROMPT_SUFFIX, Problem, extract_answer
 
 

@@ -10,11 +10,11 @@ Timings interleave the variants and take medians, so drift of a noisy machine hi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch

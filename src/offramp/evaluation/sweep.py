@@ -9,7 +9,6 @@ and finds the Pareto frontier of the metric against mean exit layer and against 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any

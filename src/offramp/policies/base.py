@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
 DISTRIBUTION_STATS = ("max_prob", "entropy", "margin", "top1")
 
 

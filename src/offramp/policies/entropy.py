@@ -3,9 +3,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from torch import Tensor
-
 import numpy as np
+from torch import Tensor
 
 from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range
 

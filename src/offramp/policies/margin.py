@@ -2,12 +2,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from torch import Tensor
 
-import numpy as np
-
-from offramp.policies.base import (ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range,
-                                   probability_grid)
+from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range, probability_grid
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
-
-import numpy as np
 
 from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range
 

@@ -14,8 +14,7 @@ from typing import ClassVar
 import numpy as np
 from torch import Tensor
 
-from offramp.policies.base import (ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range,
-                                   probability_grid)
+from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, check_range, probability_grid
 
 
 @dataclass(frozen=True)
