@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from offramp.engines.generate import generate  # noqa: E402
-from offramp.engines.generate_assets import CACHE, bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.data.assets import CACHE, bbc_prompts, load_causal_lm  # noqa: E402
 from offramp.modeling import DecoderExitModel  # noqa: E402
-from offramp.objectives.distill import fit_exits, greedy_continuations  # noqa: E402
+from offramp.training.distill import fit_exits, greedy_continuations  # noqa: E402
 from offramp.utils import atomic_write_json, load_torch_state  # noqa: E402
 
 

@@ -38,7 +38,7 @@ SWEEPS = {"entropy": ("joint", "threshold", np.linspace(0.0, math.log(3), 25)),
 
 def _encode(args, out: Path):
     """Tokenise the splits and cache MiniLM's pooled states at every layer (frozen backbone)."""
-    from offramp.assets import minilm_path
+    from offramp.data.assets import minilm_path
     from offramp.data import load_data
     from offramp.data.batching import TokenizedSplit
 

@@ -12,7 +12,7 @@ from decoder_models import ragged_prompts, tiny_decoder
 import offramp
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.config import CONFIG_NAME
-from offramp.engines.generate_sampling import SamplingOptions
+from offramp.engines.generate.sampling import SamplingOptions
 from offramp.modeling import HEADS_NAME, DecoderExitModel
 from offramp.modeling.decoder import LEGACY_WEIGHTS
 

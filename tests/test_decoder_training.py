@@ -6,7 +6,7 @@ import torch
 from decoder_models import tiny_decoder
 
 from offramp.modeling import DecoderExitModel, default_exit_layers
-from offramp.objectives.distill import (
+from offramp.training.distill import (
     collect_states,
     distill_loss,
     exit_targets,
@@ -49,7 +49,7 @@ def test_default_exit_layers_sit_in_the_second_half() -> None:
 
 
 def test_heads_learn_and_targets_follow_top_k() -> None:
-    from offramp.objectives.distill import greedy_continuations
+    from offramp.training.distill import greedy_continuations
 
     backbone = tiny_decoder("llama", layers=4)
     model = DecoderExitModel.from_backbone(backbone, exit_layers=[2, 3], head="ffn")
@@ -90,7 +90,7 @@ def test_exit_features_read_the_hidden_state_after_k_layers() -> None:
 
 
 def test_text_sequences_distil_every_position_after_the_first() -> None:
-    from offramp.objectives.distill import text_sequences
+    from offramp.training.distill import text_sequences
 
     class Tok:
         def __call__(self, text, add_special_tokens=True):

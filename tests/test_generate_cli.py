@@ -76,7 +76,7 @@ def test_generate_bad_input(tmp_path) -> None:
 def test_offline_smollm2_without_gguf_names_the_install(monkeypatch, tmp_path):
     import importlib.util
 
-    import offramp.engines.generate_assets as assets
+    import offramp.data.assets as assets
 
     real = importlib.util.find_spec
     monkeypatch.setattr(assets, "CACHE", tmp_path / "cache")

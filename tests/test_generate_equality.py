@@ -8,7 +8,7 @@ from decoder_models import ragged_prompts, tiny_decoder
 
 from offramp.backbones import ADAPTERS, adapter_for
 from offramp.engines.generate import generate
-from offramp.engines.generate_sampling import SamplingOptions
+from offramp.engines.generate.sampling import SamplingOptions
 
 FAMILIES = ["llama", "qwen3", "mistral", "gemma3", "gpt2", "mamba", "mamba2"]
 

@@ -9,7 +9,7 @@ import torch
 from decoder_models import ragged_prompts, tiny_decoder
 
 from offramp.engines.generate import generate
-from offramp.engines.generate_sampling import SamplingOptions
+from offramp.engines.generate.sampling import SamplingOptions
 from offramp.modeling import DecoderExitModel
 from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
 

@@ -7,7 +7,7 @@ import torch
 from decoder_models import ragged_prompts, tiny_decoder
 
 from offramp.engines.generate import SIGNALS, decoded_exit_layers, generate
-from offramp.engines.generate_sampling import SamplingOptions
+from offramp.engines.generate.sampling import SamplingOptions
 from offramp.evaluation.token_trace import TokenTrace, collect_tokens, replay_tokens, sweep_tokens
 from offramp.modeling import DecoderExitModel
 from offramp.policies import POLICIES

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("name", ["minilm", "mpnet"])
 def test_real_encoder_never_exit_equals_plain_forward(name):
-    from offramp import assets
+    from offramp.data import assets
 
     path = assets.minilm_path() if name == "minilm" else assets.mpnet_path()
     torch.manual_seed(0)

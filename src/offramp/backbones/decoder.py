@@ -10,7 +10,7 @@ Cache protocol: layer modules receive a *view* that implements the methods HF la
 ``transformers.Cache`` (``update`` for attention; ``get_conv_state`` / ``update_conv_state`` /
 ``get_recurrent_state`` / ``update_recurrent_state`` for Mamba). HF's own caches grow or update all
 rows of the batch together; per-row exits need per-row, per-position writes, so the engine keeps
-the storage (``offramp.engines.generate_cache``) and hands the layer a view on the rows it runs.
+the storage (``offramp.engines.generate.cache``) and hands the layer a view on the rows it runs.
 
 Exit layers are counted as "layers run": exit ``k`` reads the hidden state after layers
 ``0 .. k-1``; ``k = num_layers`` is the full model.

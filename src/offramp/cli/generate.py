@@ -125,8 +125,8 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
         return DecoderExitModel.from_pretrained(args.exits, backbone=backbone)
     if not args.fit_exits:
         return None
-    from offramp.engines.generate_assets import bbc_prompts
-    from offramp.objectives.distill import fit_exits, greedy_continuations, text_sequences
+    from offramp.data.assets import bbc_prompts
+    from offramp.training.distill import fit_exits, greedy_continuations, text_sequences
 
     layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
     model = DecoderExitModel.from_backbone(backbone, exit_layers=layers, head=args.head, top_k=args.top_k,
@@ -150,8 +150,8 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``offramp generate``; ValueError on bad input (the main CLI prints it)."""
     from offramp.engines.generate import generate
-    from offramp.engines.generate_assets import load_causal_lm
-    from offramp.engines.generate_sampling import SamplingOptions
+    from offramp.data.assets import load_causal_lm
+    from offramp.engines.generate.sampling import SamplingOptions
     from offramp.utils import progress
 
     _check_numbers(args)
@@ -226,7 +226,7 @@ def add_token_collect_args(p: argparse.ArgumentParser) -> None:
 def load_exits_and_lm(folder: str, backbone: str | None = None) -> tuple[Any, Any]:
     """(DecoderExitModel, tokenizer) of a token-exits folder, the LM loaded by reference or ``backbone``."""
     from offramp.config import read_config
-    from offramp.engines.generate_assets import load_causal_lm
+    from offramp.data.assets import load_causal_lm
     from offramp.modeling import DecoderExitModel
     from offramp.utils import readable_dir
 
@@ -240,9 +240,9 @@ def load_exits_and_lm(folder: str, backbone: str | None = None) -> tuple[Any, An
 
 def cmd_collect_tokens(args: argparse.Namespace, out: Path) -> int:
     """``offramp collect`` on token exits: the full model's greedy continuations, teacher-forced once."""
-    from offramp.engines.generate_assets import bbc_prompts
+    from offramp.data.assets import bbc_prompts
     from offramp.evaluation.token_trace import collect_tokens
-    from offramp.objectives.distill import greedy_continuations
+    from offramp.training.distill import greedy_continuations
 
     common.require_min(args, max_new_tokens=2, skip=0)
     if args.prompts is not None:

@@ -114,7 +114,7 @@ def load_model(name: str) -> EarlyExitModel:
     """"minilm" / "mpnet" (offline packages), an offramp checkpoint folder, or any HF encoder."""
     from pathlib import Path
 
-    from offramp.assets import minilm_path, mpnet_path
+    from offramp.data.assets import minilm_path, mpnet_path
     from offramp.config import CONFIG_NAME
 
     if (Path(name) / CONFIG_NAME).is_file() or (Path(name) / "checkpoint" / CONFIG_NAME).is_file():

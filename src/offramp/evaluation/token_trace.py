@@ -153,7 +153,7 @@ def collect_tokens(model: Any, sequences: list[tuple[Tensor, int]], *, keep_hidd
 
     Args:
         sequences: (token ids, index of the first new token) per prompt, e.g. from
-            ``offramp.objectives.distill.greedy_continuations`` (the full model's own continuations).
+            ``offramp.training.distill.greedy_continuations`` (the full model's own continuations).
         keep_hidden: also keep the (E, n, d) exit features (what saturation reads).
     """
     from offramp.utils import progress as bar

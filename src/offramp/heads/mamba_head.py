@@ -3,7 +3,7 @@
 Features are ``h + Mixer(norm(h))``. The mixer is HF's ``MambaMixer`` (selective SSM with a causal
 conv), so the head carries its own recurrent state across the tokens of a sequence: in training it
 scans the whole sequence (cache=None); in decoding the engine gives it a per-row state view
-(``offramp.engines.generate_cache.SSMStore``), updated for every token that reaches its layer and,
+(``offramp.engines.generate.cache.SSMStore``), updated for every token that reaches its layer and,
 for tokens that exit earlier, with their exit hidden state. The output projection is
 zero-initialised so the head starts as the tied head. It serves Mamba and transformer backbones.
 """

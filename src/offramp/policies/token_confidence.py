@@ -2,7 +2,7 @@
 
 A token exit carries a small confidence classifier that reads the exit head's features and gives,
 per row, the probability that the exit's top token is acceptable (trained with top-k-relaxed
-targets, ``offramp.objectives.distill``). Engines pass it as ``ExitSignals.confidence``; the policy
+targets, ``offramp.training.distill``). Engines pass it as ``ExitSignals.confidence``; the policy
 exits where it reaches ``threshold``. It costs no full-vocabulary projection at exits not taken.
 """
 

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from offramp.backbones import DecoderAdapter, adapter_for
-from offramp.engines.generate_cache import KVStore, SSMStore, attention_mask
-from offramp.engines.generate_sampling import SamplingOptions, next_tokens
+from offramp.engines.generate.cache import KVStore, SSMStore, attention_mask
+from offramp.engines.generate.sampling import SamplingOptions, next_tokens
 from offramp.engines.rows import RunningRows
 from offramp.modeling.outputs import GenerateOutput, GenerateReport
 from offramp.policies import ExitPolicy, ExitSignals, make_policy, require_signals
