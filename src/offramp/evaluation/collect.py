@@ -29,6 +29,14 @@ TRACE_TENSORS = "trace.safetensors"
 TRACE_META = "trace.json"
 
 
+def write_trace(directory: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """A trace folder (``trace.safetensors`` + ``trace.json`` marked complete), swapped in atomically:
+    a partial write is never visible as a trace."""
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, str(tmp / TRACE_TENSORS))
+        (tmp / TRACE_META).write_text(json.dumps({**meta, "complete": True}, indent=2))
+
+
 @dataclass
 class ExitTrace:
     """All exits' outputs over n inputs.
@@ -69,11 +77,8 @@ class ExitTrace:
             t = getattr(self, name)
             if t is not None:
                 tensors[name] = t.contiguous()
-        meta = {"exit_layers": self.exit_layers, "num_layers": self.num_layers, "layer_flops": self.layer_flops,
-                "meta": self.meta, "complete": True}
-        with atomic_dir(directory) as tmp:
-            save_file(tensors, str(tmp / TRACE_TENSORS))
-            (tmp / TRACE_META).write_text(json.dumps(meta, indent=2))
+        write_trace(directory, tensors, {"exit_layers": self.exit_layers, "num_layers": self.num_layers,
+                                         "layer_flops": self.layer_flops, "meta": self.meta})
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ExitTrace":
@@ -84,6 +89,9 @@ class ExitTrace:
                              "are written together at the end of `offramp collect`); collect it again")
         fix = "collect it again (offramp collect)"
         meta = read_json(meta_path, "trace metadata", fix)
+        if meta.get("kind") == "tokens":
+            raise ValueError(f"{directory} is a token trace (generation), not a classification trace: load it with "
+                             "offramp.evaluation.token_trace.TokenTrace.load (offramp sweep / calibrate take both)")
         if not meta.get("complete"):
             raise ValueError(f"{directory} is an incomplete trace; collect it again")
         t = load_safetensors(tensor_path, "trace", fix)

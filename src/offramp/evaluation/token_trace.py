@@ -17,23 +17,20 @@ full model against mean exit layer and FLOPs, with the oracle (first exit that a
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from offramp.engines.rows import RunningRows
+from offramp.evaluation.collect import TRACE_META, TRACE_TENSORS, write_trace
 from offramp.policies import ExitPolicy, ExitSignals, ExitSpace, make_policy, require_signals
 from offramp.policies.base import DISTRIBUTION_STATS, distribution_stat
-from offramp.utils import atomic_dir, load_safetensors, read_json, readable_dir
+from offramp.utils import load_safetensors, read_json, readable_dir
 
-TRACE_TENSORS = "trace.safetensors"
-TRACE_META = "trace.json"
 KIND = "tokens"
 FULL = -1  # marks a row that reached no exit (never happens in a complete trace)
 
@@ -94,11 +91,9 @@ class TokenTrace:
                        sequence=self.sequence.contiguous())
         if self.hidden is not None:
             tensors["hidden"] = self.hidden.contiguous()
-        meta = {"kind": KIND, "exit_layers": self.exit_layers, "num_layers": self.num_layers,
-                "vocab_size": self.vocab_size, "step_flops": self.step_flops, "meta": self.meta, "complete": True}
-        with atomic_dir(directory) as tmp:
-            save_file(tensors, str(tmp / TRACE_TENSORS))
-            (tmp / TRACE_META).write_text(json.dumps(meta, indent=2))
+        write_trace(directory, tensors, {"kind": KIND, "exit_layers": self.exit_layers, "num_layers": self.num_layers,
+                                         "vocab_size": self.vocab_size, "step_flops": self.step_flops,
+                                         "meta": self.meta})
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "TokenTrace":
