@@ -55,33 +55,44 @@ def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mas
     carried = {"hidden": hidden, "mask": attention_mask, "ctx": a.context(hidden, attention_mask),
                "state": policy.start(b, num_exits, device), "labels": None if labels is None else labels.to(device),
                "halt_prev": None, "gate_state": None}
-    out_logits = out_index = None
+    reads = set(policy.needs)
+    # what the policy reads decides what runs at an exit it may leave at: the pooled state (logits,
+    # hidden, halting, gate), the head (logits; gates read the logits), the halting layer, the gates.
+    # Rows that leave at an exit whose head did not run get it then, for those rows only.
+    want_pooled, want_logits = bool(reads & {"logits", "hidden", "halting", "gate"}), bool(reads & {"logits", "gate"})
+    decides = policy.type != "never"  # the never policy exits nowhere: only the last exit runs
+    out_logits = torch.empty(b, model.config.num_labels, device=device, dtype=next(cls.parameters()).dtype)
+    out_index = torch.full((b,), last, dtype=torch.long, device=device)
     for i in range(model.exit_layers[-1]):
         carried["hidden"] = hidden = a.run_layer(i, carried["hidden"], carried["ctx"])
         k = model._exit_at.get(i + 1)
-        if k is None:
+        if k is None or (k != last and not decides):
             continue
-        pooled = cls.pool(hidden, carried["mask"])  # (r, d)
-        logits = cls(k, pooled)  # (r, c)
-        if out_logits is None:
-            out_logits = logits.new_empty(b, logits.shape[-1])
-            out_index = torch.full((b,), last, dtype=torch.long, device=device)
-        signals = ExitSignals(logits=logits, layer=i + 1, hidden=pooled if "hidden" in policy.needs else None,
+        if k == last:
+            out_logits[running.index] = cls(k, cls.pool(hidden, carried["mask"]))
+            break
+        pooled = cls.pool(hidden, carried["mask"]) if want_pooled else None  # (r, d)
+        logits = cls(k, pooled) if want_logits else None  # (r, c)
+        signals = ExitSignals(logits=logits, layer=i + 1, hidden=pooled if "hidden" in reads else None,
                               labels=carried["labels"])
-        if model.halting is not None:
+        if "halting" in reads:
             if carried["halt_prev"] is None:
                 carried["halt_prev"] = model.halting.start(pooled)
             z, carried["halt_prev"] = model.halting.step(k, pooled, carried["halt_prev"])
             signals.halting = torch.sigmoid(z)
-        if model.gates is not None:
+        if "gate" in reads:
             signals.gate, carried["gate_state"] = model.gates.step(k, logits, carried["gate_state"])
-        if k == last:
-            out_logits[running.index] = logits
-            break
+        if signals.logits is None and signals.hidden is None and signals.halting is None:
+            signals.hidden = hidden[:, 0]  # rows are counted from some tensor: (r, d), not read
         exits, carried["state"] = policy.decide(k, signals, carried["state"])
 
-        def write(local: Tensor, original: Tensor, logits: Tensor = logits, k: int = k) -> None:
-            out_logits.index_copy_(0, original, logits[local])
+        def write(local: Tensor, original: Tensor, logits: Tensor | None = logits, k: int = k,
+                  hidden: Tensor = hidden, mask: Tensor = carried["mask"]) -> None:
+            if logits is None:
+                rows_out = cls(k, cls.pool(hidden.index_select(0, local), mask.index_select(0, local)))
+            else:
+                rows_out = logits[local]
+            out_logits.index_copy_(0, original, rows_out)
             out_index[original] = k
 
         carried = running.leave(exits, write, carried)
