@@ -65,3 +65,69 @@ def _classification(rng):
 
     return ExitTrace(logits=torch.randn(3, 20, 4), labels=torch.randint(0, 4, (20,)), exit_layers=[1, 2, 3],
                      num_layers=3)
+
+
+def test_sequential_walk_equals_fitting_every_candidate():
+    rng = np.random.default_rng(3)
+    losses = (rng.uniform(size=(12, 80)) < np.linspace(0.0, 0.6, 12)[:, None]).astype(float)
+    full = LearnThenTest(0.2, 0.1, risk="sequence", pvalue="binomial").fit_losses(losses)
+    policy = make_policy("token_confidence")
+    grid = np.linspace(1.0, 0.45, 12)
+    walked = []
+
+    def losses_of(p):
+        j = int(np.argmin(np.abs(grid - p.threshold)))
+        walked.append(j)
+        return losses[j], 0.0
+
+    seq = LearnThenTest(0.2, 0.1, risk="sequence", pvalue="binomial").fit_sequential(policy, losses_of, grid)
+    assert seq.index_ == full.index_ >= 1
+    assert walked == list(range(seq.index_ + 2))  # it stops right after the first failure
+    assert seq.policy_.threshold == pytest.approx(grid[seq.index_])
+
+
+def _tiny_exits():
+    from decoder_models import tiny_decoder
+    from offramp.modeling import DecoderExitModel
+
+    lm = tiny_decoder("llama", layers=4)
+    model = DecoderExitModel.from_backbone(lm, exit_layers=[1, 2, 3])
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.confidence.parameters():
+            p.normal_(0, 0.3, generator=g)
+    return model.eval()
+
+
+def _prompt_batches(n: int = 24, batch: int = 6):
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for i in range(0, n, batch):
+        ids = torch.randint(4, 97, (batch, 5), generator=g)
+        out.append((ids, torch.ones_like(ids)))
+    return out
+
+
+def test_trace_and_real_generation_give_the_same_sequence_risk_with_the_exact_cache():
+    """The claim the token trace rests on: with catch_up and greedy decoding, "the text differs from the
+    full model's" on real generation is exactly "some replayed exit disagrees" on the trace."""
+    from offramp.calibration.generation import calibrate_generation, generate_rows
+    from offramp.evaluation.token_trace import collect_tokens
+
+    model = _tiny_exits()
+    batches = _prompt_batches()
+    full, _ = generate_rows(model, batches, None, cache_strategy="catch_up", max_new_tokens=6)
+    seqs = []
+    for (ids, _), start in zip(batches, range(0, 24, 6)):
+        for r in range(ids.shape[0]):
+            seqs.append((torch.cat([ids[r], torch.tensor(full[start + r])]), ids.shape[1]))
+    trace = collect_tokens(model, seqs)
+    grid = [1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0]
+    policy = make_policy("token_confidence")
+    on_trace = LearnThenTest(0.9, 0.5, risk="sequence").fit(policy, trace, grid)
+    on_text = calibrate_generation(model, batches, policy, delta=0.9, epsilon=0.5, risk="sequence",
+                                   cache_strategy="catch_up", max_new_tokens=6, candidates=grid)
+    walked = len(on_text.risks_)
+    np.testing.assert_allclose(on_text.risks_, on_trace.risks_[:walked])
+    assert len(set(np.round(on_trace.risks_, 6))) >= 3  # the candidates really differ
+    assert on_text.source_["cache_strategy"] == "catch_up"

@@ -149,3 +149,12 @@ def test_collect_sweep_calibrate_and_generate_on_token_exits(tmp_path, capsys) -
     assert json.loads(out.read_text())["policy"] == stored.policy
     assert main(["calibrate", "--model", str(tmp_path / "exits"), "--trace", str(trace), "--risk", "disagree"]) == 2
     assert "is for classifiers" in capsys.readouterr().err
+    # on real generations of the prompts (no trace), for the cache strategy it will be used with
+    assert main(["calibrate", "--model", str(tmp_path / "exits"), "--prompts-file", str(prompts), "--max-new-tokens",
+                 "6", "--policy", "token_confidence", "--risk", "sequence", "--tolerance", "0.2", "--delta", "0.5",
+                 "--epsilon", "0.2", "--pvalue", "binomial", "--cache-strategy", "copy_kv"]) == 0
+    printed = capsys.readouterr()
+    assert "real greedy generations, cache copy_kv" in printed.out and "calibrate: " in printed.err
+    stored = DecoderExitModel.from_pretrained(tmp_path / "exits", backbone=model).config
+    assert stored.cache_strategy == "copy_kv" and stored.extra["calibration"]["source"] == "generation"
+    assert stored.extra["calibration"]["prompts"] == 40

@@ -209,6 +209,45 @@ class LearnThenTest:
         losses.append(share if self.risk == "token" else (share > self.tolerance).astype(np.float64))
         return exit_index.numpy()
 
+    def fit_sequential(self, policy, losses_of, candidates: np.ndarray | list[float]) -> "LearnThenTest":
+        """Learn-then-Test where each candidate's losses cost a pass (real generation): fixed-sequence
+        testing walks ``candidates`` (most conservative first) and stops at the first one whose
+        p-value fails, so later candidates are never computed; the result equals ``fit_losses`` on
+        all of them (a failed test ends the walk either way).
+
+        Args:
+            policy: an ExitPolicy with a ``threshold_field``.
+            losses_of: candidate policy -> ((n,) losses in [0, 1], mean exit layer).
+            candidates: thresholds, most conservative first.
+        """
+        if policy.threshold_field is None:
+            raise ValueError(f"policy {policy.type!r} has no threshold to calibrate")
+        if self.pvalue == "binomial" and self.risk == "token":
+            raise ValueError("the token risk is a share, not a 0/1 loss: use pvalue hoeffding")
+        pfun = hoeffding_pvalue if self.pvalue == "hoeffding" else binomial_pvalue
+        candidates = np.asarray(candidates, dtype=np.float64)
+        steps, policies, risks, pvalues = [], [], [], []
+        for value in candidates:
+            value = int(value) if isinstance(getattr(policy, policy.threshold_field), int) else float(value)
+            candidate = policy.with_threshold(value)
+            losses, mean_layer = losses_of(candidate)
+            losses = np.asarray(losses, dtype=np.float64)
+            self.n_ = losses.size
+            risk = float(losses.mean())
+            pv = float(pfun(risk, self.n_, self.delta))
+            steps.append(LTTStep(float(value), risk, pv, float(mean_layer)))
+            policies.append(candidate)
+            risks.append(risk)
+            pvalues.append(pv)
+            if not pv < self.epsilon:
+                break
+        self.risks_, self.pvalues_ = np.asarray(risks), np.asarray(pvalues)
+        self.index_ = fixed_sequence_test(self.pvalues_, self.epsilon)
+        self.candidates_, self.steps_ = candidates[:len(steps)], steps
+        self.policy_ = policies[self.index_] if self.index_ >= 0 else None
+        self.threshold_ = float(self.candidates_[self.index_]) if self.index_ >= 0 else None
+        return self
+
     def min_samples(self) -> int:
         """Calibration points Hoeffding needs to pass even a zero-risk candidate."""
         return math.ceil(math.log(1.0 / self.epsilon) / (2.0 * self.delta**2))

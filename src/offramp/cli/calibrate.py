@@ -7,10 +7,13 @@ offramp calibrate --model exits/smollm2 --trace exits/trace-cal --policy token_c
     --delta 0.2 --epsilon 0.1
 ```
 
-On token exits (``offramp generate --fit-exits``) the trace is a token trace (``offramp collect
---model EXITS``) and the risks are per generated sequence: ``sequence`` (the share of tokens that
-differ from the full model's exceeds ``--tolerance``; with 0 and the exact ``catch_up`` cache: the
-text differs) or ``token`` (that share itself).
+On token exits (``offramp generate --fit-exits``) the risks are per generated sequence: ``sequence``
+(the share of positions where the text differs from the full model's exceeds ``--tolerance``) or
+``token`` (that share itself). Without ``--trace`` the losses come from real greedy generations of
+the calibration prompts (``--prompts N`` held-out offline ones, or ``--prompt`` /
+``--prompts-file``) with each candidate threshold and ``--cache-strategy``, as CALM calibrates;
+with a token trace (``offramp collect --model EXITS``) they are replayed, which is exact for
+``--risk sequence --tolerance 0`` with the ``catch_up`` cache and teacher-forced otherwise.
 
 Learn-then-Test (``--method ltt``, any threshold rule) or the CATs shared rule (``--method cats``,
 consistency with the full model at level epsilon). The chosen policy is written into the
@@ -58,6 +61,12 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated thresholds, most conservative first (default: a fixed grid per rule)")
     p.add_argument("--alpha", type=float, default=None,
                    help="also fit per-exit conformal sets at this miscoverage and store their quantiles")
+    from offramp.cli.generate import STRATEGIES, add_token_collect_args
+
+    add_token_collect_args(p)
+    p.add_argument("--cache-strategy", choices=STRATEGIES, default=None,
+                   help="token exits: the cache strategy the threshold is certified for (default: the exits' own)")
+
     p.set_defaults(func=run_calibrate)
     return p
 
@@ -95,6 +104,10 @@ def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", 
         pol = make_policy(base)
         ltt = LearnThenTest(delta, epsilon, risk=risk, pvalue=pvalue, tolerance=tolerance).fit(pol, trace, grid)
         text = f"{pol.type}: {ltt.summary()}"
+        if risk in TOKEN_RISKS:
+            text += (" (token trace: exact for the generated text with greedy decoding and the catch_up cache)"
+                     if risk == "sequence" and tolerance == 0 else
+                     " (token trace, teacher-forced: calibrate without --trace to measure real generations)")
         chosen = ltt.policy_
         step = ltt.steps_[ltt.index_] if ltt.index_ >= 0 else None
         record = {"method": "ltt", "risk": risk, "delta": delta, "epsilon": epsilon, "pvalue": pvalue,
@@ -141,8 +154,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--risk {risk} is for {'token exits' if kind == 'classifier' else 'classifiers'}; "
                          f"this checkpoint is {kind}: use --risk {' or '.join(allowed)}")
     if kind == "token_exits" and not args.trace:
-        raise ValueError("token exits calibrate on a token trace: collect one on held-out prompts with "
-                         f"`offramp collect --model {args.model} --out TRACE`, then pass --trace TRACE")
+        return _calibrate_generation(args, ckpt, config, risk)
     rule = args.policy or config.policy["type"]
     grid = None if args.grid is None else common.parse_grids([f"{rule}={args.grid}"])[rule]
     trace = _trace(args)
@@ -157,6 +169,48 @@ def run_calibrate(args: argparse.Namespace) -> int:
     atomic_write_json(ckpt / CONFIG_NAME, config.to_dict())  # atomic: temp file + rename
     print(text)
     print(f"wrote policy {policy} to {ckpt / 'offramp_config.json'}")
+    return 0
+
+
+def _calibrate_generation(args: argparse.Namespace, ckpt, config, risk: str) -> int:
+    """``calibrate`` on token exits from real generations of the calibration prompts."""
+    from offramp.calibration.generation import calibrate_generation
+    from offramp.cli import common
+    from offramp.cli.generate import load_exits_and_lm, prompt_batches, token_prompts
+    from offramp.config import CONFIG_NAME
+    from offramp.engines.generate import SIGNALS
+    from offramp.policies import require_signals
+    from offramp.utils import atomic_write_json
+
+    if args.method != "ltt":
+        raise ValueError("token exits are calibrated with Learn-then-Test (--method ltt)")
+    batch_size = args.batch_size or 8  # --batch-size: prompts generated together
+    common.require_min({"batch_size": batch_size}, batch_size=1)
+    policy = common.make_policy_arg(args.policy, None, config.policy if args.policy is None else {})
+    require_signals(policy, set(SIGNALS), "token-exit generation")
+    grid = None if args.grid is None else common.parse_grids([f"{policy.type}={args.grid}"])[policy.type]
+    prompts = token_prompts(args)
+    model, tok = load_exits_and_lm(str(ckpt), args.backbone)
+    strategy = args.cache_strategy or config.cache_strategy
+    ltt = calibrate_generation(model, prompt_batches(tok, prompts, args.chat, batch_size), policy,
+                               delta=args.delta, epsilon=args.epsilon, risk=risk, tolerance=args.tolerance,
+                               pvalue=args.pvalue, cache_strategy=strategy, max_new_tokens=args.max_new_tokens,
+                               candidates=grid, log=lambda m: common.log(f"calibrate: {m}"))
+    text = f"{policy.type}: {ltt.summary()} (real greedy generations, cache {ltt.source_['cache_strategy']})"
+    if ltt.policy_ is None:
+        print(f"{text}\nnothing written to {ckpt}", file=sys.stderr)
+        return 1
+    step = ltt.steps_[ltt.index_]
+    config.policy = ltt.policy_.to_dict()
+    config.cache_strategy = ltt.source_["cache_strategy"]
+    config.extra = {**(config.extra or {}), "calibration": _jsonable({
+        "method": "ltt", "risk": risk, "tolerance": args.tolerance, "delta": args.delta, "epsilon": args.epsilon,
+        "pvalue": args.pvalue, "n": ltt.n_, "threshold": ltt.threshold_, "empirical_risk": step.risk,
+        "mean_exit_layer": step.mean_exit_layer, "policy": config.policy, "bound": text, **ltt.source_,
+        "prompts": len(prompts)})}
+    atomic_write_json(ckpt / CONFIG_NAME, config.to_dict())
+    print(text)
+    print(f"wrote policy {config.policy} (cache {config.cache_strategy}) to {ckpt / CONFIG_NAME}")
     return 0
 
 

@@ -238,11 +238,9 @@ def load_exits_and_lm(folder: str, backbone: str | None = None) -> tuple[Any, An
     return DecoderExitModel.from_pretrained(folder, backbone=lm), tok
 
 
-def cmd_collect_tokens(args: argparse.Namespace, out: Path) -> int:
-    """``offramp collect`` on token exits: the full model's greedy continuations, teacher-forced once."""
+def token_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of ``add_token_collect_args``: the user's, or ``--prompts N`` offline held-out ones."""
     from offramp.data.assets import bbc_prompts
-    from offramp.evaluation.token_trace import collect_tokens
-    from offramp.training.distill import greedy_continuations
 
     common.require_min(args, max_new_tokens=2, skip=0)
     if args.prompts is not None:
@@ -250,8 +248,29 @@ def cmd_collect_tokens(args: argparse.Namespace, out: Path) -> int:
     given = bool(args.prompt or args.prompts_file)
     if given and args.prompts is not None:
         raise ValueError("give either your prompts (--prompt / --prompts-file) or --prompts N offline ones, not both")
-    prompts = _prompts(args) if given else bbc_prompts(args.prompts or 32, split="test", skip=args.skip,
-                                                        instruct=args.chat)
+    return _prompts(args) if given else bbc_prompts(args.prompts or 32, split="test", skip=args.skip,
+                                                     instruct=args.chat)
+
+
+def prompt_batches(tok: Any, prompts: list[str], chat: bool, batch_size: int) -> list[tuple[Any, Any]]:
+    """Left-padded (input_ids, attention_mask) batches of ``prompts`` (chat-templated with ``chat``)."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts] if chat else prompts
+    tok.padding_side = "left"
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True)
+        out.append((enc["input_ids"], enc["attention_mask"]))
+    return out
+
+
+def cmd_collect_tokens(args: argparse.Namespace, out: Path) -> int:
+    """``offramp collect`` on token exits: the full model's greedy continuations, teacher-forced once."""
+    from offramp.evaluation.token_trace import collect_tokens
+    from offramp.training.distill import greedy_continuations
+
+    prompts = token_prompts(args)
+    given = bool(args.prompt or args.prompts_file)
     model, tok = load_exits_and_lm(args.model, args.backbone)
     seqs = greedy_continuations(model.backbone, tok, prompts, max_new_tokens=args.max_new_tokens, chat=args.chat,
                                 progress=True)
