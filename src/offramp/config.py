@@ -28,8 +28,10 @@ CONFIG_NAME = "offramp_config.json"
 FORMAT_VERSION = 2
 KINDS = {"classifier": "a classifier with exits (EarlyExitModel)",
          "token_exits": "token exits for a decoder LM (DecoderExitModel)"}
-KIND_USE = {"classifier": "offramp predict / evaluate / collect --model PATH, or EarlyExitModel.from_pretrained",
-            "token_exits": "offramp generate / collect --exits PATH, or DecoderExitModel.from_pretrained"}
+KIND_USE = {"classifier": "offramp predict / evaluate / collect / calibrate --model PATH, or "
+                          "EarlyExitModel.from_pretrained",
+            "token_exits": "offramp generate --exits PATH, offramp collect / calibrate --model PATH, or "
+                           "DecoderExitModel.from_pretrained"}
 OTHER_FOLDERS = {  # folders offramp writes that are not models: file that marks them -> what they are
     "trace.json": "an exit trace (offramp sweep / calibrate --trace PATH)",
     "probe.json": "a LYNX probe (offramp reason run --probe PATH)",
