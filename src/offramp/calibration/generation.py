@@ -68,7 +68,9 @@ def calibrate_generation(model: Any, batches: Sequence[tuple[Tensor, Tensor]], p
         policy: the generation policy to calibrate (its threshold field is moved).
         risk: ``sequence`` (share > ``tolerance``) or ``token`` (the share).
         cache_strategy: the strategy the threshold will be used with (the guarantee is for it).
-        candidates: thresholds, most conservative first (default: the policy's own, 21 of them).
+        candidates: thresholds, most conservative first (default: the policy's own, 101 of them: the
+            walk generates only up to the first that fails, so a fine grid costs passes only where
+            thresholds pass).
         log: called with one line per candidate walked (progress).
 
     Returns:
@@ -84,7 +86,7 @@ def calibrate_generation(model: Any, batches: Sequence[tuple[Tensor, Tensor]], p
     ltt = LearnThenTest(delta, epsilon, risk=risk, pvalue=pvalue, tolerance=tolerance)
     full, _ = generate_rows(model, batches, None, cache_strategy=cache_strategy, max_new_tokens=max_new_tokens)
     space = ExitSpace(tuple(model.exit_layers), model.adapter.vocab_size, model.num_layers)
-    grid = policy.candidates(space, 21) if candidates is None else np.asarray(candidates, dtype=np.float64)
+    grid = policy.candidates(space, 101) if candidates is None else np.asarray(candidates, dtype=np.float64)
 
     def losses_of(candidate: Any) -> tuple[np.ndarray, float]:
         rows, layer = generate_rows(model, batches, candidate, cache_strategy=cache_strategy,
