@@ -92,6 +92,7 @@ def test_sweep_report_files(ws, swept, capsys, tmp_path):
     md_rules = [line.split("|")[1].strip() for line in (rep / "report.md").read_text().splitlines()
                 if line.startswith("| ")]
     assert {"full", "entropy", "q_exit", "oracle", "consistency oracle"} <= set(md_rules)
+    assert f"offramp evaluate --model {ws['run']} --policy entropy --value" in out  # how to use a chosen setting
     rc, _, _ = run(capsys, "sweep", "--trace", ws["trace"], "--out", tmp_path / "r2", "--rules", "entropy",
                    "--grid", "entropy=0.5,1.0")
     pts = json.loads((tmp_path / "r2" / "report.json").read_text())["sweep"]["points"]

@@ -58,6 +58,12 @@ def test_write_report_files(tmp_path, result):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_rule_without_a_setting_within_tolerance_is_listed(tmp_path, result):
+    rule = result.rules[0]
+    paths = write_report(tmp_path, result, chosen={rule: None})
+    assert f"| {rule} | no setting within tolerance |" in paths["markdown"].read_text()
+
+
 def test_reliability_bins_and_ece():
     conf = np.array([0.95, 0.95, 0.55, 0.55])
     ok = np.array([1, 1, 1, 0])

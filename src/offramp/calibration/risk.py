@@ -266,7 +266,7 @@ class LearnThenTest:
             return (f"no threshold passes: with n={self.n_} calibration points the {self.pvalue} test "
                     f"cannot certify risk <= {self.delta} at epsilon={self.epsilon} (Hoeffding needs "
                     f">= {self.min_samples()} points at zero risk); use more data, a larger delta, "
-                    "or pvalue='binomial'")
+                    "or the exact binomial test (--pvalue binomial; pvalue='binomial' in Python)")
         value = getattr(self, "threshold_", None)
         step = f"threshold={value:g}" if value is not None else f"candidate {self.index_}"
         what = f"{self.risk} risk" + (f" (tolerance {self.tolerance:g})" if self.risk == "sequence" else "")

@@ -301,8 +301,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                     f"{trace.meta.get('split', '?')})"])
         summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
     print(summary)
+    _print_commands(chosen, trace.meta.get("model"), "classifier")
     print(f"\nreport: {out}")
     return 0
+
+
+def _print_commands(chosen: dict, model: str | None, kind: str) -> None:
+    """The command that uses each chosen setting (the sweep's point is exactly what it gives)."""
+    import shlex
+
+    lines = []
+    for rule, point in chosen.items():
+        if point is None or not point.policy:
+            continue
+        spec = dict(point.policy)
+        name = spec.get("type")
+        value = [] if point.param is None else ["--value", str(point.value)]
+        policy = [name] if point.param is not None or len(spec) == 1 else [json.dumps(spec)]
+        target = ["--model", model or "CHECKPOINT"] if kind == "classifier" else ["--exits", model or "EXITS"]
+        cmd = (["offramp", "evaluate", *target, "--policy", *policy, *value] if kind == "classifier" else
+               ["offramp", "generate", "--model", "LM", *target, "--policy", *policy, *value, "--prompt", "..."])
+        lines.append(f"  {rule}: {' '.join(shlex.quote(c) for c in cmd)}")
+    if lines:
+        print("\nTo run a chosen setting (predict takes the same --policy / --value):" if kind == "classifier"
+              else "\nTo generate with a chosen setting:")
+        print("\n".join(lines))
 
 
 def _sweep_tokens(args: argparse.Namespace, trace: Any, out: Path) -> int:
@@ -323,6 +346,7 @@ def _sweep_tokens(args: argparse.Namespace, trace: Any, out: Path) -> int:
                                     "the last exit count is the full model)"])
         summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
     print(summary)
+    _print_commands(chosen, trace.meta.get("model"), "token_exits")
     print(f"\nreport: {out}")
     return 0
 

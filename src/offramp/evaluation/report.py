@@ -185,7 +185,11 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
     cols = ["rule", "setting", m, "mean exit layer", "layer speed-up", "FLOPs speed-up",
             "measured speed-up"]
     rows = [point_row(next(iter(result.full.values())), m, (measured or {}).get("full"))] if result.full else []
-    rows += [point_row(p, m, (measured or {}).get(r)) for r, p in chosen.items() if p is not None]
+    for r, p in chosen.items():  # every rule gets a row, also one with no setting within the tolerance
+        rows.append(point_row(p, m, (measured or {}).get(r)) if p is not None else
+                    {"rule": r, "policy": "–", "setting": "no setting within tolerance", m: None,
+                     "mean exit layer": None, "layer speed-up": None, "FLOPs speed-up": None,
+                     "measured speed-up": None})
     rows += [point_row(o, m) for o in result.oracles]
     front = [point_row(p, m) for p in result.frontier()]
     md = [f"# {title}", "", *[f"{n}  " for n in notes], "",
