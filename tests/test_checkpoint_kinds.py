@@ -97,3 +97,21 @@ def test_a_folder_of_the_wrong_kind_names_what_it_is_and_the_command(tiny_bert, 
     (clf / CONFIG_NAME).write_text(json.dumps(data))
     with pytest.raises(ValueError, match="format 9.*install the offramp version"):
         offramp.load(clf)
+
+
+def test_offline_aliases_load_and_checkpoints_keep_the_alias(tiny_bert, tmp_path, monkeypatch):
+    """A checkpoint names an offline backbone by its alias, resolved at load: moving the environment
+    that holds the model does not break it."""
+    import offramp.data.assets as assets
+
+    tiny_bert.save_pretrained(tmp_path / "where-the-package-is")
+    monkeypatch.setattr(assets, "minilm_path", lambda: str(tmp_path / "where-the-package-is"))
+    model = EarlyExitModel.from_backbone("minilm", OfframpConfig(num_labels=3)).eval()
+    assert model.config.base_model_name_or_path == "minilm"
+    model.save_pretrained(tmp_path / "clf", save_backbone=False)
+    assert json.loads((tmp_path / "clf" / CONFIG_NAME).read_text())["base_model_name_or_path"] == "minilm"
+    (tmp_path / "where-the-package-is").rename(tmp_path / "moved")  # the environment moved
+    monkeypatch.setattr(assets, "minilm_path", lambda: str(tmp_path / "moved"))
+    again = offramp.load(tmp_path / "clf")
+    ids, mask = make_batch(5)
+    torch.testing.assert_close(again.predict(ids, mask).logits, model.predict(ids, mask).logits)

@@ -73,6 +73,15 @@ def _default_model() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
+def _reference(model_path: str) -> str:
+    """How the demo's checkpoints name their backbone: the offline MiniLM by its alias ``minilm``
+    (resolved at load, so moving the environment does not break them), any other model as given."""
+    try:
+        return "minilm" if Path(model_path).resolve() == Path(_default_model()).resolve() else model_path
+    except ValueError:
+        return model_path
+
+
 @torch.no_grad()
 def _pooled(model: Any, batches: list[dict], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(E, n, d) pooled states of the frozen backbone and (n,) labels."""
@@ -110,7 +119,7 @@ def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached
 
     models = {}
     for name, spec in EXIT_SETS.items():
-        cfg = OfframpConfig(base_model_name_or_path=model_path, num_labels=data.num_labels,
+        cfg = OfframpConfig(base_model_name_or_path=_reference(model_path), num_labels=data.num_labels,
                             label_names=data.label_names, extra={"data": _data_settings(args)},
                             **_with_pooling(spec, model_path))
         torch.manual_seed(args.seed)  # the same exit heads every run

@@ -20,7 +20,8 @@ def add_train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="add exits to a model and train them",
                        description="Add exits to a Hugging Face encoder and train them (frozen backbone "
                                    "by default). Writes OUT/checkpoint and OUT/metrics.json.")
-    p.add_argument("--model", help="HF model name or folder (not needed with --resume)")
+    p.add_argument("--model", help="HF model name or folder, or an offline alias: minilm (all-MiniLM-L6-v2), mpnet "
+                   "(all-mpnet-base-v2) (not needed with --resume)")
     common.add_data_args(p, required=False)
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="write into an existing output folder")
@@ -125,7 +126,8 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
     return OfframpConfig(base_model_name_or_path=_model_ref(args.model), num_labels=data.num_labels,
                          exit_layers=common.parse_exits(args.exits),
                          head={"shared": args.shared_head,
-                               "pooling": common.default_pooling(args.model) if args.pooling == "auto" else args.pooling,
+                               "pooling": common.default_pooling(_resolved(args.model)) if args.pooling == "auto"
+                               else args.pooling,
                                "use_pooler": not args.no_pooler},
                          halting=halting, gate=gate, objective=objective, policy=policy,
                          label_names=data.label_names,
@@ -133,9 +135,16 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
 
 
 def _model_ref(model: str) -> str:
-    """How a checkpoint names its base model: a local folder as an absolute path, else the Hub id."""
+    """How a checkpoint names its base model: a local folder as an absolute path, else the Hub id or
+    the offline alias (resolved again at load, so moving the environment does not break it)."""
     local = Path(model)
     return str(local.resolve()) if local.exists() else model
+
+
+def _resolved(model: str) -> str:
+    from offramp.data.assets import resolve_model_path
+
+    return resolve_model_path(model)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

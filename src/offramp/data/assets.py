@@ -95,6 +95,7 @@ def _model_root(folder: Path) -> Path:
 
 # ---------------------------------------------------------------------------- decoders and prompts
 ALIASES = ("smollm2-offline", "mamba-bbc-offline")
+ENCODER_ALIASES = ("minilm", "mpnet")  # all-MiniLM-L6-v2, all-mpnet-base-v2 from their PyPI packages
 
 
 def _package_dir(name: str, pip_name: str) -> Path:
@@ -142,7 +143,16 @@ def mamba_bbc_dir() -> Path:
 
 
 def resolve_model_path(name: str) -> str:
-    """A model folder or Hub id for ``name`` (the offline aliases are expanded)."""
+    """A model folder or Hub id for ``name``: the offline aliases (``minilm``, ``mpnet``,
+    ``smollm2-offline``, ``mamba-bbc-offline``) are expanded, unless a folder of that name exists.
+    Checkpoints store the alias, so they keep working when the environment that holds the model
+    moves."""
+    if Path(name).exists():
+        return name
+    if name == "minilm":
+        return minilm_path()
+    if name == "mpnet":
+        return mpnet_path()
     if name == "smollm2-offline":
         return str(smollm2_dir())
     if name == "mamba-bbc-offline":

@@ -25,8 +25,8 @@ HEADS_NAME = "offramp_heads.safetensors"
 
 
 def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs: Any) -> nn.Module:
-    """``auto_class.from_pretrained(spec)`` with every way a folder can be bad turned into a ValueError
-    naming it (a missing folder, damaged weights, a config that is not JSON, a pickle that would
+    """``auto_class.from_pretrained(spec)`` (``spec``: a folder, a Hub id or an offline alias) with
+    every way a folder can be bad turned into a ValueError naming it (a missing folder, damaged weights, a config that is not JSON, a pickle that would
     need to run code). ``trust_remote_code`` is never set: no code from the folder runs."""
     import pickle
 
@@ -34,6 +34,9 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
 
     if kwargs.get("trust_remote_code"):
         raise ValueError("trust_remote_code is not supported: offramp never runs code from a model folder")
+    from offramp.data.assets import resolve_model_path
+
+    spec = resolve_model_path(str(spec))  # offline aliases (minilm, mpnet, smollm2-offline, ...)
     local = Path(str(spec)).exists()
     if local and (Path(str(spec)) / CONFIG_NAME).is_file():
         kind, _ = read_config(spec)

@@ -81,7 +81,9 @@ class EarlyExitModel(ExitModelBase):
                                               else getattr(model.config, "_name_or_path", None) or None)
         if tokenizer is None and not isinstance(backbone, nn.Module):
             try:
-                tokenizer = AutoTokenizer.from_pretrained(str(backbone))
+                from offramp.data.assets import resolve_model_path
+
+                tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(backbone)))
             except (OSError, ValueError):
                 tokenizer = None
         return cls(model, config, tokenizer)
