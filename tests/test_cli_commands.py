@@ -17,3 +17,14 @@ def test_an_import_error_in_a_command_is_an_error_not_a_missing_command(monkeypa
     monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + (("broken", "offramp.cli.no_such_module", "add"),))
     with pytest.raises(ModuleNotFoundError, match="no_such_module"):
         cli.build_parser()
+
+
+def test_the_parser_loads_without_torch_or_transformers():
+    """`offramp --help` stays fast: building the parser imports neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, offramp.cli; offramp.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

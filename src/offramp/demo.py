@@ -44,24 +44,6 @@ EXIT_SETS: dict[str, dict[str, Any]] = {
 }
 
 
-def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF encoder name or folder (default: the offline MiniLM-L6)")
-    p.add_argument("--data", default="tweets", help="tweets (default), bbc, a .csv/.jsonl file or a HF dataset")
-    p.add_argument("--data-config", default=None, help="HF dataset configuration")
-    p.add_argument("--out", default=None, help="report folder (default: a fresh offramp-demo-<time> folder)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--max-train", type=int, default=2000, help="training examples (default 2000)")
-    p.add_argument("--max-eval", type=int, default=500, help="validation and test examples (default 500)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
-    p.add_argument("--epochs", type=int, default=12, help="epochs over the cached states (default 12)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--time-examples", type=int, default=160, help="test examples timed per rule (default 160)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per rule (median kept; default 3)")
-    p.add_argument("--tolerance", type=float, default=0.01, help="accuracy within this of the full model")
-    p.add_argument("--seed", type=int, default=0)
-
-
 def _default_model() -> str:
     import importlib.util
 
