@@ -130,7 +130,7 @@ def test_token_trace_round_trip_and_sweep(tmp_path) -> None:
         assert torch.equal(back.stats[k], v)
     assert torch.equal(back.confidence, trace.confidence) and back.step_flops == trace.step_flops
     result = sweep_tokens(back)
-    assert set(result.rules) == set(GENERATION_POLICIES) - {"static"} | {"static"}
+    assert set(result.rules) == set(GENERATION_POLICIES)  # saturation needs exit features, not collected
     oracle = result.oracles[0]
     assert oracle.metric == 1.0 and oracle.mean_exit_layer <= 4
     full = result.full["max_prob"]

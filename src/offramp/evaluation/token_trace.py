@@ -346,4 +346,4 @@ def engine_trace(records: list[dict[str, Any]], exit_layers: list[int], num_laye
     return TokenTrace(stats={k: v[:, order] for k, v in stats.items()}, confidence=conf[:, order],
                       final_top1=torch.full((n,), FULL, dtype=torch.long), sequence=seq[order],
                       exit_layers=list(exit_layers), num_layers=num_layers, vocab_size=vocab_size,
-                      meta={"source": "engine", "order": order.tolist()})
+                      meta={"source": "engine"})
