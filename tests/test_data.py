@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 
@@ -194,3 +195,45 @@ def test_load_texts_reads_txt_jsonl_csv_and_offline(tmp_path) -> None:
         load_texts(str(tmp_path / "d.txt"))
     bbc = load_texts("bbc", limit=3)
     assert len(bbc) == 3 and all(len(t.split()) > 50 for t in bbc)
+
+
+def test_split_files_are_used_as_given(tmp_path):
+    train = write_csv(tmp_path / "train.csv", n=30, seed=1)
+    dev = write_csv(tmp_path / "dev.csv", n=9, seed=2)
+    test = write_csv(tmp_path / "test.csv", n=12, seed=3)
+    a = load_data(f"train={train},validation={dev},test={test}", seed=5)
+    assert (len(a.train), len(a.validation), len(a.test)) == (30, 9, 12)
+    with dev.open(newline="") as f:
+        assert a.validation.texts == [r["text"] for r in csv.DictReader(f)]  # in the file's order, uncut
+    b = load_data({"train": str(train), "validation": str(dev), "test": str(test)}, seed=0)
+    c = load_data(str(tmp_path), seed=0)  # a folder of train.csv / dev.csv / test.csv
+    assert a.test.texts == b.test.texts == c.test.texts and a.train.texts == c.train.texts
+
+
+def test_split_files_without_test_cut_it_from_train(tmp_path):
+    train = write_csv(tmp_path / "train.csv", n=40, seed=1)
+    dev = write_csv(tmp_path / "dev.csv", n=9, seed=2)
+    d = load_data(f"train={train},validation={dev}", test_fraction=0.25)
+    assert (len(d.train), len(d.validation), len(d.test)) == (30, 9, 10)
+    assert sorted(d.train.texts + d.test.texts) == sorted(load_data(str(train), validation_fraction=0,
+                                                                    test_fraction=0).train.texts)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("validation={d}/dev.csv", "need a train file"),
+    ("train={d}/train.csv,dev={d}/dev.csv", "unknown split 'dev'"),
+    ("train={d}/nope.csv", "train file .* does not exist"),
+    ("train={d}/train.txt", "not .csv, .tsv or .jsonl"),
+    ("train={d}/train.csv,train={d}/dev.csv", "given twice"),
+])
+def test_bad_split_files_are_named(tmp_path, spec, message):
+    write_csv(tmp_path / "train.csv", n=20)
+    write_csv(tmp_path / "dev.csv", n=6)
+    with pytest.raises(ValueError, match=message):
+        load_data(spec.format(d=tmp_path))
+
+
+def test_folder_without_train_file(tmp_path):
+    write_csv(tmp_path / "dev.csv", n=6)
+    with pytest.raises(ValueError, match="without a train.csv"):
+        load_data(str(tmp_path))

@@ -52,8 +52,10 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     """--data and its options; unset ones default to what the checkpoint was trained with."""
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required,
-                   help="offline name (tweets, bbc), a .csv/.tsv/.jsonl file, or a HF dataset name "
-                        "(default: the data the checkpoint was trained on)")
+                   help="offline name (tweets, bbc), a .csv/.tsv/.jsonl file (cut 80/10/10), split files "
+                        "used as given (train=FILE,validation=FILE,test=FILE, or a folder of train.csv, "
+                        "dev.csv, test.csv), or a HF dataset name (its own splits) (default: the data the "
+                        "checkpoint was trained on)")
     g.add_argument("--data-config", dest="config", default=None, help="HF dataset configuration (e.g. sst2)")
     g.add_argument("--hub-splits", default=None, metavar="OURS=THEIRS,...",
                    help="map train/validation/test to HF split names, e.g. validation=validation_matched")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from offramp.data.sources import (OFFLINE, Columns, RawExample, hub_split_names, is_local, load_hub,
-                                  load_local)
+from offramp.data.sources import (LOCAL_SUFFIXES, OFFLINE, Columns, RawExample, hub_split_names, is_local,
+                                  load_hub, load_local)
 from offramp.data.splits import (SPLITS, ClassificationData, TextSplit, check_texts,
                                  infer_label_names, map_labels, regression_labels, split_indices,
                                  to_split)
@@ -72,7 +73,75 @@ def _hub_parts(name: str, *, config: str | None, columns: Columns, hub_splits: d
     return parts, names
 
 
-def load_data(spec: str, *, config: str | None = None, columns: Columns = Columns(), seed: int = 0,
+DIR_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
+
+
+def data_files(spec: str | dict[str, str]) -> dict[str, str] | None:
+    """The split files ``spec`` names, or None when it names one pool (an offline name, one file,
+    a Hub dataset).
+
+    Three spellings, as in the datasets ``data_files`` convention: a dict ``{"train": PATH,
+    "validation": PATH, "test": PATH}``, the string ``train=PATH,validation=PATH,test=PATH``, or a
+    folder holding ``train.*`` and optionally ``validation.*`` (``valid``, ``dev``, ``val``) and
+    ``test.*`` with a .csv / .tsv / .jsonl suffix. ``train`` is required."""
+    if isinstance(spec, dict):
+        files = {str(k): str(v) for k, v in spec.items()}
+    elif "=" in spec and not Path(spec).exists():
+        files = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            if "=" not in item:
+                raise ValueError(f"--data {spec!r}: expected SPLIT=FILE items separated by commas "
+                                 f"(e.g. train=train.csv,validation=dev.csv), got {item!r}")
+            k, v = (t.strip() for t in item.split("=", 1))
+            if k in files:
+                raise ValueError(f"--data {spec!r}: the split {k!r} is given twice")
+            files[k] = v
+    elif Path(spec).is_dir():
+        root = Path(spec)
+        files = {}
+        for split, stems in DIR_NAMES.items():
+            found = [p for stem in stems for p in sorted(root.glob(f"{stem}.*"))
+                     if p.suffix.lower() in LOCAL_SUFFIXES]
+            if len(found) > 1:
+                raise ValueError(f"--data {root}: more than one {split} file ({', '.join(p.name for p in found)}); "
+                                 f"keep one, or name them with --data train=FILE,validation=FILE,test=FILE")
+            if found:
+                files[split] = str(found[0])
+        if "train" not in files:
+            raise ValueError(f"--data {root} is a folder without a train.csv / train.tsv / train.jsonl; "
+                             "add one, or name the files with --data train=FILE,validation=FILE,test=FILE")
+    else:
+        return None
+    unknown = sorted(set(files) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"--data: unknown split {unknown[0]!r}; the splits are {list(SPLITS)}")
+    if "train" not in files:
+        raise ValueError("--data: the split files need a train file (train=FILE); validation and test "
+                         "are cut from it when they are not given")
+    for split, path in files.items():
+        if Path(path).suffix.lower() not in LOCAL_SUFFIXES:
+            raise ValueError(f"--data: the {split} file {path} is not .csv, .tsv or .jsonl")
+        if not Path(path).is_file():
+            raise ValueError(f"--data: the {split} file {path} does not exist")
+    return files
+
+
+def _file_parts(files: dict[str, str], *, columns: Columns, seed: int, validation_fraction: float,
+                test_fraction: float) -> tuple[dict[str, list[RawExample]], None]:
+    """Each given split file used as it is; a split without a file is cut from train."""
+    parts = {s: load_local(path, columns)[0] for s, path in files.items()}
+    missing = [s for s in ("validation", "test") if s not in parts]
+    if missing:
+        cut = _cut(parts["train"], seed=seed,
+                   validation_fraction=validation_fraction if "validation" in missing else 0.0,
+                   test_fraction=test_fraction if "test" in missing else 0.0)
+        parts["train"] = cut["train"]
+        for s in missing:
+            parts[s] = cut[s]
+    return parts, None
+
+
+def load_data(spec: str | dict[str, str], *, config: str | None = None, columns: Columns = Columns(), seed: int = 0,
               validation_fraction: float = 0.1, test_fraction: float = 0.1,
               label_names: Sequence[str] | None = None, regression: bool = False,
               max_train: int | None = None, max_eval: int | None = None,
@@ -80,8 +149,12 @@ def load_data(spec: str, *, config: str | None = None, columns: Columns = Column
     """Load a text classification data set and split it deterministically.
 
     Args:
-        spec: an offline name (``tweets``, ``bbc``), a local ``.csv`` / ``.tsv`` / ``.jsonl`` file,
-            or a Hugging Face dataset name (e.g. ``glue`` with ``config="sst2"``).
+        spec: an offline name (``tweets``, ``bbc``), a local ``.csv`` / ``.tsv`` / ``.jsonl`` file
+            (one pool, cut three ways), split files used as given (``{"train": PATH, "validation":
+            PATH, "test": PATH}``, ``"train=PATH,validation=PATH"`` or a folder of ``train.csv``,
+            ``validation.csv`` / ``dev.csv``, ``test.csv``; a split without a file is cut from
+            train), or a Hugging Face dataset name (e.g. ``glue`` with ``config="sst2"``; its own
+            splits are used as given).
         config: the Hub dataset's configuration.
         columns: text / pair / label column names; unset ones are detected from the header.
         seed: seed of the permutation that cuts the splits (same seed, same splits).
@@ -96,11 +169,19 @@ def load_data(spec: str, *, config: str | None = None, columns: Columns = Column
     Returns:
         ClassificationData with train, validation and test splits and the label names.
     """
-    if not isinstance(spec, str) or not spec.strip():
+    if isinstance(spec, dict) and spec:
+        files = data_files(spec)
+        spec = ",".join(f"{k}={v}" for k, v in spec.items())
+    elif not isinstance(spec, str) or not spec.strip():
         raise ValueError("--data is empty: give an offline name (tweets, bbc), a .csv/.tsv/.jsonl "
-                         "file, or a Hugging Face dataset name")
+                         "file, split files (train=FILE,validation=FILE,test=FILE), or a Hugging Face "
+                         "dataset name")
+    else:
+        files = None if spec in OFFLINE else data_files(spec)
     fractions = dict(seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction)
-    if spec in OFFLINE:
+    if files is not None:
+        parts, names = _file_parts(files, columns=columns, **fractions)
+    elif spec in OFFLINE:
         pool, names = OFFLINE[spec]()
         pool = [ex for ex in pool if ex.text.strip()]  # the shipped CSV has a few blank tweets
         parts = _cut(pool, **fractions)
