@@ -55,3 +55,21 @@ def make_batch(b: int = 16, t: int = 12, seed: int = 0) -> tuple[torch.Tensor, t
     lengths = torch.randint(2, t + 1, (b,), generator=g)
     mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
     return ids * mask + (1 - mask) * 1, mask
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_cache(tmp_path_factory):
+    """The backbone-state cache of the whole run lives in a temporary folder, never in the user's
+    cache (the real default stays reachable as ``default_root.__wrapped__``)."""
+    import offramp.modeling.state_cache as sc
+
+    root = tmp_path_factory.mktemp("states")
+    original = sc.default_root
+
+    def private() -> object:
+        return root
+
+    private.__wrapped__ = original
+    sc.default_root = private
+    yield root
+    sc.default_root = original

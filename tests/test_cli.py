@@ -286,3 +286,16 @@ def test_train_jei_objective_then_predict_with_gates(ws, capsys, tmp_path):
     rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "j2",
                      "--objective", "jei", "--halting", "palbert")
     assert rc == 2 and "halting" in err
+
+
+def test_frozen_commands_share_the_backbone_states(ws, capsys, tmp_path):
+    """train stored the validation split's states; collect on that split reuses them, and a second
+    train on the same model and data runs no backbone pass."""
+    rc, _, err = run(capsys, "collect", "--model", ws["run"], "--split", "validation", "--out", tmp_path / "t")
+    assert rc == 0 and "reusing the cached backbone states" in err
+    rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "r2",
+                     "--epochs", "1", "--batch-size", "16", "--halting", "palbert")
+    assert rc == 0 and err.count("reusing the cached backbone states") == 2  # train and validation splits
+    rc, _, err = run(capsys, "collect", "--model", ws["run"], "--split", "validation", "--out", tmp_path / "t2",
+                     "--state-cache", "off")
+    assert rc == 0 and "reusing" not in err

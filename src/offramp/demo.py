@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from offramp.cli import common
 
@@ -65,11 +64,11 @@ def _reference(model_path: str) -> str:
 
 
 @torch.no_grad()
-def _pooled(model: Any, batches: list[dict], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E, n, d) pooled states of the frozen backbone and (n,) labels."""
-    model.eval()
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    states = [model.pooled_states(**{k: b[k] for k in keys if k in b}) for b in tqdm(batches, desc=desc)]
+def _pooled(model: Any, batches: list[dict], desc: str, cache: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, n, d) pooled states of the frozen backbone and (n,) labels (kept in the state cache)."""
+    from offramp.modeling.state_cache import pooled_batches
+
+    states = pooled_batches(model, batches, desc=desc, cache=cache)
     return torch.cat(states, dim=1), torch.cat([b["labels"] for b in batches])
 
 
@@ -164,7 +163,7 @@ def run_demo(args: argparse.Namespace) -> int:
     loaders = {s: common.batches(data.split(s), tok, settings, lazy=True) for s in ("train", "validation", "test")}
     batches = {s: list(loader) for s, loader in loaders.items()}
     probe = _probe_model(backbone, tok, model_path, data)
-    states = {s: _pooled(probe, batches[s], f"backbone states ({s})") for s in batches}
+    states = {s: _pooled(probe, batches[s], f"backbone states ({s})", common.state_cache(args)) for s in batches}
     cached = _cached_batches(*states["train"], args.batch_size, args.seed)
     models = _train_exit_sets(backbone, tok, model_path, data, cached, out, args)
 

@@ -26,6 +26,7 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="write into an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    common.add_state_cache_arg(p)
     # Every option below is stored with the run (extra.train): --resume reuses it, and a flag given
     # with --resume that contradicts it is an error. Defaults: TRAIN_DEFAULTS.
     p.add_argument("--exits", default=None, help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
@@ -196,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     full = opts["full"]
     targs = TrainingArgs(output_dir=str(out), epochs=opts["epochs"], lr=opts["lr"], frozen_backbone=not full,
                          backbone_lr=opts["backbone_lr"] or (2e-5 if full else None), seed=settings["seed"],
-                         resume=args.resume, cache_backbone=not full,
+                         resume=args.resume, cache_backbone=not full, state_cache=common.state_cache(args),
                          save_backbone=not opts["backbone_by_reference"])
     common.log(f"training {model.num_exits} exits on {len(data.train)} examples "
                f"({'full fine-tuning' if full else 'frozen backbone'}), {opts['epochs']} epochs"
@@ -220,7 +221,7 @@ def _train_jei(model: Any, train_batches: list, eval_batches: list | None, targs
                          "measured on it): use --validation-fraction > 0")
     jargs = JEIArgs(output_dir=targs.output_dir, cost_weight=args.cost_weight, epochs=targs.epochs, lr=targs.lr,
                     frozen_backbone=targs.frozen_backbone, save_backbone=targs.save_backbone, seed=targs.seed,
-                    progress=True, resume=targs.resume)
+                    progress=True, resume=targs.resume, state_cache=targs.state_cache)
     return train_jei(model, train_batches, eval_batches, jargs)
 
 
@@ -239,6 +240,7 @@ def add_collect_parser(sub: Any) -> None:
                    "(saturation rule)")
     from offramp.cli.generate import add_token_collect_args
 
+    common.add_state_cache_arg(p)
     add_token_collect_args(p)
     p.set_defaults(func=cmd_collect)
 
@@ -257,7 +259,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     split = data.split(args.split)
     loader = common.batches(split, common.tokenizer_of(model), settings, lazy=True)
     lengths = loader.dataset.lengths()
-    trace = collect(model, loader, keep_hidden=args.keep_hidden, progress=True)
+    trace = collect(model, loader, keep_hidden=args.keep_hidden, progress=True,
+                    state_cache=common.state_cache(args))
     flops = model_exit_flops(model, lengths)
     trace.layer_flops = flops.per_exit.tolist()
     trace.meta = {"model": str(args.model), "data": settings, "split": args.split, "n": len(split),
@@ -441,7 +444,8 @@ def add_demo_parser(sub: Any) -> None:
 
 def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF encoder name or folder (default: the offline MiniLM-L6)")
-    p.add_argument("--data", default="tweets", help="tweets (default), bbc, a .csv/.jsonl file or a HF dataset")
+    p.add_argument("--data", default="tweets", help="tweets (default), bbc, a .csv/.jsonl file, split files "
+                   "(train=FILE,validation=FILE,test=FILE) or a HF dataset")
     p.add_argument("--data-config", default=None, help="HF dataset configuration")
     p.add_argument("--out", default=None, help="report folder (default: a fresh offramp-demo-<time> folder)")
     p.add_argument("--overwrite", action="store_true")
@@ -455,6 +459,7 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed passes per rule (median kept; default 3)")
     p.add_argument("--tolerance", type=float, default=0.01, help="accuracy within this of the full model")
     p.add_argument("--seed", type=int, default=0)
+    common.add_state_cache_arg(p)
 
 
 def add_bench_parser(sub: Any) -> None:

@@ -71,6 +71,22 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="default 32")
 
 
+def add_state_cache_arg(p: argparse.ArgumentParser) -> None:
+    """--state-cache: where a frozen backbone's pooled states are kept between commands."""
+    p.add_argument("--state-cache", default=None, metavar="DIR|off",
+                   help="keep the frozen backbone's pooled states, keyed by its weights and the exact "
+                        "inputs, so that train, collect and the demo run it once per model and data "
+                        "(default: $OFFRAMP_CACHE/states, i.e. ~/.cache/offramp/states; off: do not keep)")
+
+
+def state_cache(args: argparse.Namespace) -> bool | str:
+    """The ``state_cache`` argument of the library calls from --state-cache."""
+    value = getattr(args, "state_cache", None)
+    if value is None:
+        return True
+    return False if value.strip().lower() in ("off", "no", "none", "false", "0") else value
+
+
 def data_settings(args: argparse.Namespace, *, only_given: bool = False) -> dict[str, Any]:
     """The data options of ``args`` (with defaults filled unless ``only_given``)."""
     given = {k: getattr(args, k) for k in DATA_DEFAULTS if getattr(args, k, None) is not None}

@@ -117,16 +117,30 @@ class ExitTrace:
 
 @torch.no_grad()
 def collect(model: "EarlyExitModel", batches: Iterable[dict[str, Tensor]], *, keep_hidden: bool = False,
-            progress: bool = False) -> ExitTrace:
-    """Run every exit over ``batches`` (dicts with input_ids, attention_mask[, token_type_ids, labels])."""
+            progress: bool = False, state_cache: bool | str = False) -> ExitTrace:
+    """Run every exit over ``batches`` (dicts with input_ids, attention_mask[, token_type_ids, labels]).
+
+    ``state_cache`` (True or a folder) reads the backbone's pooled states from the cache of
+    ``offramp.modeling.state_cache`` when this backbone has run over these inputs before (a frozen
+    ``offramp train`` stores them), and stores them otherwise; the heads always run."""
     from offramp.utils import progress as bar
 
     model.eval()
     logits, labels, halting, gate, hidden = [], [], [], [], []
     device = model.device
-    for batch in bar(batches, desc="collect", enabled=progress):
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        out = model(**inputs, output_pooled=keep_hidden)
+    pooled = None
+    if state_cache:
+        from offramp.modeling.state_cache import pooled_batches
+
+        batches = list(batches)
+        pooled = pooled_batches(model, batches, desc="collect", show=progress, cache=state_cache)
+    for i, batch in enumerate(batches if pooled is not None else bar(batches, desc="collect", enabled=progress)):
+        if pooled is not None:
+            out = model.forward_pooled(pooled[i].to(device), output_pooled=keep_hidden)
+        else:
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")
+                      if k in batch}
+            out = model(**inputs, output_pooled=keep_hidden)
         logits.append(out.exit_logits.float().cpu())
         if "labels" in batch:
             labels.append(batch["labels"].cpu())

@@ -63,6 +63,7 @@ class JEIArgs:
             training batches' attention masks; give the patch count + 1 for images).
         resume: continue from ``output_dir/checkpoint`` (written atomically after the warm-up and
             after every epoch of the alternating stage).
+        state_cache: keep the frozen backbone's pooled states across runs (see ``TrainingArgs``).
     """
 
     output_dir: str
@@ -79,6 +80,7 @@ class JEIArgs:
     progress: bool = False
     seq_len: float | None = None
     resume: bool = False
+    state_cache: bool | str = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -90,16 +92,20 @@ class JEIArgs:
 class _Batches:
     """Exit logits for each batch: from cached pooled states (frozen backbone) or a forward pass."""
 
-    def __init__(self, model: "EarlyExitModel", batches: list[dict], cache: bool) -> None:
+    def __init__(self, model: "EarlyExitModel", batches: list[dict], cache: bool,
+                 state_cache: bool | str = False) -> None:
         self.model, self.batches, self.pooled = model, batches, None
         given = ["pooled" in b for b in batches]
         if any(given) and not (cache and all(given)):
             raise ValueError("batches with precomputed 'pooled' states need frozen_backbone=True and a "
                              "'pooled' entry in every batch")
-        if cache:
-            model.eval()
-            self.pooled = [b["pooled"] if "pooled" in b else model.pooled_states(**_inputs(b))
-                           for b in batches]  # (E, b, d) each
+        if cache and all(given):
+            self.pooled = [b["pooled"] for b in batches]  # (E, b, d) each
+        elif cache:
+            from offramp.modeling.state_cache import pooled_batches
+
+            self.pooled = [p.to(model.device) for p in pooled_batches(model, batches, desc="backbone states",
+                                                                      show=False, cache=state_cache)]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -208,8 +214,8 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
     seq_len = args.seq_len or sum(float(b["attention_mask"].sum()) for b in train_batches
                                   if "attention_mask" in b) / max(1, sum(int(b["labels"].shape[0]) for b in train_batches))
     costs = exit_costs(model, seq_len or None)
-    train = _Batches(model, train_batches, cache=args.frozen_backbone)
-    val = _Batches(model, val_batches, cache=args.frozen_backbone)
+    train = _Batches(model, train_batches, cache=args.frozen_backbone, state_cache=args.state_cache)
+    val = _Batches(model, val_batches, cache=args.frozen_backbone, state_cache=args.state_cache)
     state = _load_state(model, args) if args.resume else None
     history: list[dict] = state["history"] if state else []
     if state is None:

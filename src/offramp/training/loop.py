@@ -46,6 +46,9 @@ class TrainingArgs:
         progress: show a progress bar.
         cache_backbone: with a frozen backbone, run it once over the training batches and train
             the exits on the stored pooled states every epoch (same result, far faster).
+        state_cache: where those pooled states are also kept across runs, keyed by the backbone's
+            weights and the exact inputs (``offramp.modeling.state_cache``): False (not kept), True
+            (``~/.cache/offramp/states``) or a folder.
     """
 
     output_dir: str
@@ -61,6 +64,7 @@ class TrainingArgs:
     resume: bool = False
     progress: bool = True
     cache_backbone: bool = False
+    state_cache: bool | str = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -154,9 +158,9 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     if args.cache_backbone:
         if not args.frozen_backbone:
             raise ValueError("cache_backbone needs a frozen backbone (frozen_backbone=True)")
-        train_batches = _cache_pooled(model, train_batches, args.progress)
+        train_batches = _cache_pooled(model, train_batches, args.progress, args.state_cache)
         if eval_batches:
-            eval_batches = _cache_pooled(model, eval_batches, False)
+            eval_batches = _cache_pooled(model, eval_batches, False, args.state_cache)
     optimizer = torch.optim.AdamW(_param_groups(model, args))
     if not len(train_batches):
         raise ValueError("the training split is empty: no batches to train on")
@@ -202,15 +206,14 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     return {"history": history, "checkpoint": str(ckpt)}
 
 
-def _cache_pooled(model: "EarlyExitModel", batches: Sequence[dict], show: bool) -> list[dict]:
+def _cache_pooled(model: "EarlyExitModel", batches: Sequence[dict], show: bool,
+                  state_cache: bool | str = False) -> list[dict]:
     """Replace each batch's token inputs by the frozen backbone's pooled states (E, b, d)."""
-    model.eval()
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    cached = []
-    for batch in progress(batches, desc="caching backbone states", enabled=show):
-        pooled = model.pooled_states(**{k: v.to(model.device) for k, v in batch.items() if k in keys})
-        cached.append({"pooled": pooled.transpose(0, 1), **{k: v for k, v in batch.items() if k not in keys}})
-    return cached  # pooled stored (b, E, d) so that batch-dim splitting works; see _as_inputs
+    from offramp.modeling.state_cache import INPUT_KEYS, pooled_batches
+
+    pooled = pooled_batches(model, batches, desc="caching backbone states", show=show, cache=state_cache)
+    return [{"pooled": p.to(model.device).transpose(0, 1), **{k: v for k, v in b.items() if k not in INPUT_KEYS}}
+            for p, b in zip(pooled, batches)]  # pooled stored (b, E, d) so that batch-dim splitting works
 
 
 def _as_inputs(batch: dict) -> dict:
