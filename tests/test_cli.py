@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_predict_from_args_file_and_stdin(ws, capsys, tmp_path, monkeypatch):
 
 def test_demo_writes_summary_with_the_exact_schema(ws, capsys, tmp_path):
     rc, out, _ = run(capsys, "demo", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "demo",
-                     "--epochs", "1", "--time-examples", "8", "--batch-size", "8")
+                     "--epochs", "1", "--time-examples", "8", "--batch-size", "8", "--tolerance", "0.99")
     assert rc == 0 and "| PALBERT |" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary) == {"full", "rules"} and set(summary["full"]) == {"accuracy", "wall_s"}
@@ -154,6 +155,10 @@ def test_demo_writes_summary_with_the_exact_schema(ws, capsys, tmp_path):
     assert summary["rules"]["PALBERT"]["setting"]["type"] == "q_exit"
     for name in ("report.md", "pareto.png", "exit_histogram.png", "reliability.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
+    # each exit set's checkpoint stores its cheapest rule within the tolerance on validation
+    for name, rules in (("pabee", {"patience", "entropy", "max_prob"}), ("palbert", {"q_exit"})):
+        cfg = json.loads((tmp_path / "demo" / "models" / name / "checkpoint" / "offramp_config.json").read_text())
+        assert cfg["policy"]["type"] in rules and cfg["policy"] == cfg["extra"]["selected"]["policy"]
     rc, _, err = run(capsys, "demo", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "demo")
     assert rc == 2 and "--overwrite" in err
 
@@ -299,3 +304,28 @@ def test_frozen_commands_share_the_backbone_states(ws, capsys, tmp_path):
     rc, _, err = run(capsys, "collect", "--model", ws["run"], "--split", "validation", "--out", tmp_path / "t2",
                      "--state-cache", "off")
     assert rc == 0 and "reusing" not in err
+
+
+def test_train_select_policy_stores_the_chosen_rule(ws, capsys, tmp_path):
+    run_dir = tmp_path / "sel"
+    rc, out, _ = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", run_dir, "--epochs", "2",
+                     "--lr", "1e-2", "--batch-size", "16", "--select-policy", "entropy,max_prob,static",
+                     "--select-tolerance", "0.5")
+    assert rc == 0
+    chosen = json.loads(out)["selected"]
+    cfg = json.loads((run_dir / "checkpoint" / "offramp_config.json").read_text())
+    assert cfg["policy"] == chosen["policy"] and chosen["rule"] in ("entropy", "max_prob", "static")
+    assert chosen["value"] >= chosen["full_model"] - 0.5 and cfg["extra"]["selected"]["split"] == "validation"
+    # what was stored is what predict uses, and it is exactly the sweep's point on the validation split
+    rc, out, _ = run(capsys, "evaluate", "--model", run_dir, "--split", "validation", "--no-timing")
+    res = json.loads(out)
+    assert rc == 0 and res["policy"] == chosen["policy"]
+    assert res["mean_exit_layer"] == pytest.approx(chosen["mean_exit_layer"])
+
+
+@pytest.mark.parametrize("rules, message", [("nope", "unknown rule 'nope'"), ("gate", "needs \\['gate'\\]"),
+                                            (",", "is empty")])
+def test_train_select_policy_is_checked_before_training(ws, capsys, tmp_path, rules, message):
+    rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "x",
+                     "--select-policy", rules)
+    assert rc == 2 and re.search(message, err) and not (tmp_path / "x" / "checkpoint").exists()

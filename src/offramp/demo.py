@@ -138,6 +138,27 @@ def _choose(val_result: Any, rules: list[str], tolerance: float) -> dict[str, An
     return chosen
 
 
+def _store_winners(out: Path, models: dict[str, Any], val_result: Any, tolerance: float, n: int) -> None:
+    """Write into each exit set's checkpoint the cheapest of its rules within ``tolerance`` on
+    validation, so that ``predict`` / ``evaluate`` on it use the demo's choice."""
+    from offramp.config import CONFIG_NAME
+    from offramp.utils import atomic_write_json
+
+    for name, model in models.items():
+        rules = [r for r, (k, _) in RULES.items() if k == name]
+        within = [p for p in (val_result.best_within(r, tolerance) for r in rules) if p is not None]
+        if not within:
+            continue
+        best = min(within, key=lambda p: (p.mean_flops if p.mean_flops is not None else p.mean_exit_layer,
+                                          -p.metric))
+        model.config.policy = dict(best.policy)
+        model.config.extra["selected"] = {
+            "rule": best.rule, "policy": best.policy, "split": "validation", "n": n, "metric": val_result.metric,
+            "value": best.metric, "full_model": val_result.full[best.rule].metric, "tolerance": tolerance,
+            "mean_exit_layer": best.mean_exit_layer, "speedup_flops": best.speedup_flops, "rules": rules}
+        atomic_write_json(out / "models" / name / "checkpoint" / CONFIG_NAME, model.config.to_dict())
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Train, sweep, choose on validation, measure on test; write the report and summary.json."""
     from transformers import AutoModel, AutoTokenizer
@@ -181,6 +202,7 @@ def run_demo(args: argparse.Namespace) -> int:
             merged = res if merged is None else merged.merge(res)
         results[split] = merged
     chosen_val = _choose(results["validation"], list(RULES), args.tolerance)
+    _store_winners(out, models, results["validation"], args.tolerance, len(data.validation))
     test = results["test"]
     chosen = {r: next(p for p in test.of(r) if p.policy == chosen_val[r].policy) for r in RULES}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,12 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     common.add_state_cache_arg(p)
+    p.add_argument("--select-policy", default=None, metavar="RULES",
+                   help="after training, sweep these rules (comma-separated, or 'all') on the validation split "
+                        "and store the cheapest setting within --select-tolerance of the full model as the "
+                        "checkpoint's policy (predict and evaluate then use it)")
+    p.add_argument("--select-tolerance", type=float, default=0.01,
+                   help="metric points the selected setting may lose against the last exit (default 0.01)")
     # Every option below is stored with the run (extra.train): --resume reuses it, and a flag given
     # with --resume that contradicts it is an error. Defaults: TRAIN_DEFAULTS.
     p.add_argument("--exits", default=None, help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
@@ -191,6 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = EarlyExitModel.from_backbone(args.model, _train_config(args, data))
     settings["max_length"] = common.fit_max_length(model, settings["max_length"], given="max_length" in given_data)
     model.config.extra["train"] = dict(opts)  # what --resume continues with
+    select = _selection_rules(args, model, data)  # refused before any training
     tok = common.tokenizer_of(model)
     train_batches = common.batches(data.train, tok, settings, shuffle=True)
     eval_batches = common.batches(data.validation, tok, settings) if len(data.validation) else None
@@ -207,8 +215,74 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         result = train(model, train_batches, eval_batches, targs)
     metrics = result["history"][-1] if result["history"] else {}
+    if select is not None:
+        metrics["selected"] = _select_and_store(model, data, settings, select, args, Path(result["checkpoint"]),
+                                                frozen=not full)
     print(json.dumps({"checkpoint": result["checkpoint"], **metrics}, indent=2))
     return 0
+
+
+def _selection_rules(args: argparse.Namespace, model: Any, data: Any) -> list[str] | None:
+    """The rules of --select-policy, checked against what this model's exits supply."""
+    from offramp.evaluation.sweep import NOT_SWEPT
+    from offramp.policies import POLICIES
+
+    if args.select_policy is None:
+        return None
+    if not 0.0 <= args.select_tolerance < 1.0:
+        raise ValueError(f"--select-tolerance must be in [0, 1), got {args.select_tolerance}")
+    if not len(data.validation):
+        raise ValueError("--select-policy chooses on the validation split, which is empty: use "
+                         "--validation-fraction > 0 or give a validation file")
+    have = {"logits", "labels", "hidden"} | ({"halting"} if model.halting is not None else set()) | (
+        {"gate"} if model.gates is not None else set())
+    usable = [n for n, cls in POLICIES.items() if n not in NOT_SWEPT and set(cls.needs) <= have]
+    if args.select_policy.strip() == "all":
+        return usable
+    rules = [r.strip() for r in args.select_policy.split(",") if r.strip()]
+    for r in rules:
+        if r not in POLICIES:
+            raise ValueError(f"--select-policy: unknown rule {r!r}; choose from {usable} or 'all'")
+        if r not in usable:
+            need = sorted(set(POLICIES[r].needs) - have) or ["a parameter to sweep"]
+            raise ValueError(f"--select-policy: the rule {r!r} needs {need}, which these exits do not have; "
+                             f"choose from {usable}")
+    if not rules:
+        raise ValueError("--select-policy is empty: name rules (e.g. entropy,max_prob,patience) or 'all'")
+    return rules
+
+
+def _select_and_store(model: Any, data: Any, settings: dict, rules: list[str], args: argparse.Namespace,
+                      ckpt: Path, *, frozen: bool) -> dict[str, Any] | None:
+    """Sweep ``rules`` on the validation split and write the cheapest setting within the tolerance
+    into the checkpoint's config (atomically); None (and a warning) when none is within it."""
+    from offramp.config import CONFIG_NAME
+    from offramp.evaluation.collect import collect
+    from offramp.evaluation.flops import model_exit_flops
+    from offramp.evaluation.sweep import select_policy
+    from offramp.utils import atomic_write_json
+
+    loader = common.batches(data.validation, common.tokenizer_of(model), settings, lazy=True)
+    trace = collect(model, loader, keep_hidden=True, state_cache=common.state_cache(args) if frozen else False)
+    flops = model_exit_flops(model, loader.dataset.lengths())
+    metric = "pearson" if model.config.is_regression else "accuracy"
+    point, result = select_policy(trace, rules, tolerance=args.select_tolerance, metric=metric, flops=flops)
+    full = result.full[result.rules[0]].metric if result.rules else None
+    if point is None:
+        warnings.warn(f"--select-policy: no setting of {', '.join(rules)} is within {args.select_tolerance:g} of the "
+                    f"last exit's validation {metric} ({full:.4g}); the checkpoint keeps the policy "
+                    f"{model.config.policy.get('type')!r}", stacklevel=1)
+        return None
+    chosen = {"rule": point.rule, "policy": point.policy, "split": "validation", "n": len(data.validation),
+              "metric": metric, "value": point.metric, "full_model": full, "tolerance": args.select_tolerance,
+              "mean_exit_layer": point.mean_exit_layer, "speedup_flops": point.speedup_flops,
+              "rules": list(rules)}
+    model.config.policy = dict(point.policy)
+    model.config.extra["selected"] = chosen
+    atomic_write_json(ckpt / CONFIG_NAME, model.config.to_dict())
+    common.log(f"selected {point.policy} on validation: {metric} {point.metric:.4g} (last exit {full:.4g}), "
+               f"mean exit layer {point.mean_exit_layer:.2f} of {model.num_layers}; stored in {ckpt / CONFIG_NAME}")
+    return chosen
 
 
 def _train_jei(model: Any, train_batches: list, eval_batches: list | None, targs: Any,

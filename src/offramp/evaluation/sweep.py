@@ -310,3 +310,18 @@ def sweep(trace: Any, rules: Sequence[str] | Mapping[str, str | Mapping[str, Any
     return SweepResult(metric, int(trace.num_layers), [int(x) for x in trace.exit_layers],
                        {r: full_pt for r in named}, points, oracles,
                        None if flops is None else flops.full)
+
+
+def select_policy(trace: Any, rules: Sequence[str] | None = None, *, tolerance: float = 0.01,
+                  metric: str = "accuracy", flops: ExitFlops | None = None) -> tuple[SweepPoint | None, SweepResult]:
+    """The cheapest setting of any of ``rules`` within ``tolerance`` of the full model on ``trace``
+    (a validation trace: choose there, measure elsewhere), and the sweep it came from.
+
+    Cheapest is by mean FLOPs when ``flops`` is given, else by mean exit layer; ties go to the
+    higher metric. None when no setting of any rule is within the tolerance."""
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+    result = sweep(trace, rules, metric=metric, flops=flops)
+    best = [p for p in (result.best_within(r, tolerance) for r in result.rules) if p is not None]
+    by = "mean_flops" if flops is not None else "mean_exit_layer"
+    return (min(best, key=lambda p: (getattr(p, by), -p.metric)) if best else None), result
