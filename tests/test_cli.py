@@ -329,3 +329,26 @@ def test_train_select_policy_is_checked_before_training(ws, capsys, tmp_path, ru
     rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "x",
                      "--select-policy", rules)
     assert rc == 2 and re.search(message, err) and not (tmp_path / "x" / "checkpoint").exists()
+
+
+def test_jei_warmup_epochs_option_and_a_first_exit_warning(ws, capsys, tmp_path):
+    data = write_csv(tmp_path / "d.csv", n=250)  # 25 validation rows: enough to judge the exits
+    rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", data, "--out", tmp_path / "j",
+                     "--objective", "jei", "--warmup-epochs", "1", "--epochs", "1", "--cost-weight", "50")
+    assert rc == 0, err
+    history = json.loads((tmp_path / "j" / "metrics.json").read_text())
+    assert [h["epoch"] for h in history if h.get("stage") == "warmup"] == [1]
+    cfg = json.loads((tmp_path / "j" / "checkpoint" / "offramp_config.json").read_text())
+    assert cfg["objective"]["warmup_epochs"] == 1
+    # at this cost weight the gates send everything out at once, and training says so
+    assert "leave at the first exit (layer 1)" in err and "--cost-weight" in err
+    rc, _, err = run(capsys, "evaluate", "--model", tmp_path / "j", "--no-timing")
+    assert rc == 0 and "leave at the first exit" in err
+    rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "k",
+                     "--warmup-epochs", "2")
+    assert rc == 2 and "--warmup-epochs is an option of the JEI-DNN schedule" in err
+
+
+def test_no_first_exit_warning_when_rows_go_deeper(ws, capsys):
+    rc, _, err = run(capsys, "evaluate", "--model", ws["run"], "--policy", "never", "--no-timing")
+    assert rc == 0 and "first exit" not in err

@@ -48,6 +48,12 @@ def add_train_parser(sub: Any) -> None:
                    help="joint (default), ponder (with --halting), jei (JEI-DNN gates, trained with its schedule)")
     p.add_argument("--cost-weight", type=float, default=None,
                    help="jei objective: lambda, the CE / cost trade-off (default 0.1)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="jei objective: most epochs of the warm-up that trains every exit classifier before the "
+                        "gates (default 10; 0 skips it); an exit stops early after --warmup-patience epochs "
+                        "without a validation gain")
+    p.add_argument("--warmup-patience", type=int, default=None,
+                   help="jei objective: warm-up epochs without validation gain before an exit is frozen (default 3)")
     p.add_argument("--weights", choices=["uniform", "pabee"], default=None,
                    help="joint objective: per-exit loss weights (pabee: j / sum j; default uniform)")
     p.add_argument("--distill", type=float, default=None, help="joint objective: self-distillation weight (default 0)")
@@ -68,7 +74,8 @@ def add_train_parser(sub: Any) -> None:
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "exits": "all", "shared_head": False, "pooling": "auto", "no_pooler": False, "halting": "none",
-    "halting_variant": "concat", "objective": None, "cost_weight": 0.1, "weights": "uniform", "distill": 0.0,
+    "halting_variant": "concat", "objective": None, "cost_weight": 0.1, "warmup_epochs": None,
+    "warmup_patience": None, "weights": "uniform", "distill": 0.0,
     "beta": 0.5, "lambda_p": 0.1, "full": False, "epochs": 3, "lr": 1e-3, "backbone_lr": None,
     "regression": False, "backbone_by_reference": False}
 RESUME_MAY_CHANGE = ("epochs",)  # a resumed run may be extended; everything else is the run's own
@@ -81,7 +88,13 @@ def _train_options(args: argparse.Namespace, stored: dict[str, Any] | None) -> d
     for key in ("lr", "backbone_lr"):
         if key in given and not given[key] > 0:
             raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {given[key]}")
-    common.require_min(given, epochs=1)
+    common.require_min(given, epochs=1, warmup_epochs=0, warmup_patience=1)
+    objective = given.get("objective", (stored or {}).get("objective"))
+    jei_only = [k for k in ("cost_weight", "warmup_epochs", "warmup_patience") if k in given]
+    if jei_only and objective != "jei":
+        flag = "--" + jei_only[0].replace("_", "-")
+        raise ValueError(f"{flag} is an option of the JEI-DNN schedule and would do nothing here: add "
+                         "--objective jei, or drop it")
     if stored is None:
         return {**TRAIN_DEFAULTS, **given}
     for key, value in given.items():
@@ -294,6 +307,7 @@ def _train_jei(model: Any, train_batches: list, eval_batches: list | None, targs
         raise ValueError("--objective jei needs a validation split (gate weights and warm-up freezing are "
                          "measured on it): use --validation-fraction > 0")
     jargs = JEIArgs(output_dir=targs.output_dir, cost_weight=args.cost_weight, epochs=targs.epochs, lr=targs.lr,
+                    warmup_epochs=args.warmup_epochs, patience=args.warmup_patience,
                     frozen_backbone=targs.frozen_backbone, save_backbone=targs.save_backbone, seed=targs.seed,
                     progress=True, resume=targs.resume, state_cache=targs.state_cache)
     return train_jei(model, train_batches, eval_batches, jargs)

@@ -384,11 +384,13 @@ def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: i
     tok = tokenizer_of(model)
     data = TokenizedSplit(TextSplit(list(texts), None, [0] * len(texts)), tok, max_length=max_length)
     starts = range(0, len(texts), batch_size)
+    exit_index = []
     for start in progress(starts, desc="predict", unit="batch", enabled=len(starts) > 1):
         chunk = list(texts[start:start + batch_size])
         enc = data.collate([data[i] for i in range(start, start + len(chunk))])
         pred = model.predict(enc["input_ids"], enc["attention_mask"], policy,
                              token_type_ids=enc.get("token_type_ids"))
+        exit_index += pred.exit_index.tolist()
         for text, logits, layer in zip(chunk, pred.logits, pred.exit_layer.tolist()):
             if model.config.is_regression:
                 yield {"text": text, "value": float(logits[0]), "exit_layer": int(layer)}
@@ -397,3 +399,7 @@ def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: i
             k = int(probs.argmax())
             yield {"text": text, "label": names[k] if names else k, "confidence": round(float(probs[k]), 4),
                    "exit_layer": int(layer)}
+    from offramp.evaluation.evaluate import warn_first_exit
+
+    warn_first_exit(exit_index, list(model.exit_layers), f"policy {policy.to_dict()}",
+                    "if that loses too much accuracy, use a stricter --value (or another --policy)")

@@ -13,6 +13,27 @@ from offramp.evaluation.sweep import metric_fn
 from offramp.evaluation.timing import time_model
 
 
+FIRST_EXIT_SHARE = 0.95  # at or above this share of rows leaving at the first exit, say so
+FIRST_EXIT_MIN_ROWS = 20
+
+
+def warn_first_exit(exit_index: Sequence[int] | np.ndarray, exit_layers: Sequence[int], what: str,
+                    fix: str) -> bool:
+    """Warn when (almost) every row leaves at the first exit: the later exits then do nothing and
+    the setting is likely too aggressive. True when it warned."""
+    import warnings
+
+    index = np.asarray(exit_index)
+    if len(exit_layers) < 2 or len(index) < FIRST_EXIT_MIN_ROWS:
+        return False
+    share = float((index == 0).mean())
+    if share < FIRST_EXIT_SHARE:
+        return False
+    warnings.warn(f"{what}: {share:.0%} of {len(index)} rows leave at the first exit (layer {exit_layers[0]}), "
+                  f"so the exits after it are almost never used; {fix}", stacklevel=2)
+    return True
+
+
 @torch.no_grad()
 def run_policy(model: Any, batches: Sequence[dict], policy: Any, *,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -62,6 +83,8 @@ def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths
         "exit_histogram": {int(layer): int((index == k).sum()) for k, layer in enumerate(layers)},
         "speedup_layers": float(model.num_layers / layers[index].mean()),
         "flops": {"mean": mean_flops, "full": flops.full, "speedup": flops.full / mean_flops}}
+    warn_first_exit(index, layers.tolist(), f"policy {policy.to_dict()}",
+                    "if that loses too much accuracy, use a stricter --value (or another --policy)")
     if timing:
         out["timing"] = time_model(model, policy, batches, repeats=repeats, progress=progress).to_dict()
     return out

@@ -47,6 +47,8 @@ def check_jei_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"objective.cost_weight (lambda) must be >= 0, got {out['cost_weight']}")
     if out["pos_weight_clip"] <= 0:
         raise ValueError(f"objective.pos_weight_clip must be > 0, got {out['pos_weight_clip']}")
+    if int(out["warmup_epochs"]) < 0:
+        raise ValueError(f"objective.warmup_epochs must be >= 0, got {out['warmup_epochs']}")
     if int(out["patience"]) < 1 or int(out["phase_batches"]) < 1:
         raise ValueError("objective.patience and objective.phase_batches must be >= 1")
     if out["phase"] not in PHASES:

@@ -222,6 +222,14 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
         _warmup(model, train, val, opts, args, history)
         _save(model, costs, args, {"epoch": 0, "history": history, "rng": torch.get_rng_state()})
     _alternate(model, train, val, costs, opts, args, history, state)
+    last = next((h for h in reversed(history) if h.get("stage") == "alternate"), None)
+    if last is not None:
+        from offramp.evaluation.evaluate import warn_first_exit
+
+        counts = last["exit_counts"]
+        warn_first_exit([k for k, c in enumerate(counts) for _ in range(c)], list(model.exit_layers),
+                        f"the gates at cost weight {opts['cost_weight']:g} (validation split)",
+                        "a lower cost weight (--cost-weight) makes later exits worth their cost")
     return _finish(model, history, costs, args)
 
 
