@@ -28,3 +28,17 @@ def test_the_parser_loads_without_torch_or_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [["bench", "--help"], ["train", "--help"], ["reason", "run", "--help"]])
+def test_help_of_a_command_loads_without_torch(argv):
+    """Each --help answers before torch loads, under the command's own program name, in plain text."""
+    import subprocess
+    import sys
+
+    code = ("import sys, offramp.cli\n"
+            "try:\n    offramp.cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("LOADED []")
+    assert out.startswith(f"usage: offramp {' '.join(argv[:-1])} ") and "``" not in out

@@ -38,7 +38,7 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     from offramp.cli import common
 
     p = subparsers.add_parser("calibrate", help="choose an exit threshold with a risk guarantee",
-                              description=__doc__.split("\n\n")[0])
+                              description=common.help_text(__doc__))
     p.add_argument("--model", required=True, help="checkpoint folder (or the --out folder of `offramp train`)")
     p.add_argument("--trace", default=None,
                    help="a trace folder from `offramp collect` on held-out data (else one is collected "

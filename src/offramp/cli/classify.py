@@ -561,8 +561,12 @@ def add_bench_parser(sub: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from offramp.evaluation.bench import main as bench_main
+    from offramp.evaluation.bench_args import build_parser
 
     argv = list(args.bench_args)
-    bench_main(argv[1:] if argv[:1] == ["--"] else argv)
+    argv = argv[1:] if argv[:1] == ["--"] else argv
+    build_parser("offramp bench").parse_args(argv)  # --help and bad options answer before torch loads
+    from offramp.evaluation.bench import main as bench_main
+
+    bench_main(argv, prog="offramp bench")
     return 0

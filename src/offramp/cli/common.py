@@ -71,6 +71,17 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="default 32")
 
 
+def help_text(doc: str) -> str:
+    """The first paragraph of a module docstring as plain help text: no reStructuredText markup and
+    no leading "offramp CMD:" (argparse prints the command name already)."""
+    import re
+
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    text = re.sub(r"^offramp [\w-]+: *", "", text)
+    return text[:1].upper() + text[1:]
+
+
 def add_state_cache_arg(p: argparse.ArgumentParser) -> None:
     """--state-cache: where a frozen backbone's pooled states are kept between commands."""
     p.add_argument("--state-cache", default=None, metavar="DIR|off",

@@ -23,7 +23,7 @@ STRATEGIES = ("copy_kv", "propagate", "catch_up", "freeze", "update")
 def add_generate_parser(subparsers: Any) -> None:
     """Register the ``generate`` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser("generate", help="generate text with token-level early exits",
-                              description=__doc__.split("\n\n")[0])
+                              description=common.help_text(__doc__))
     p.add_argument("--model", required=True,
                    help="HF causal LM folder or Hub id, or an offline alias: smollm2-offline, mamba-bbc-offline")
     p.add_argument("--exits", help="folder of trained exits (saved by DecoderExitModel.save_pretrained)")

@@ -31,7 +31,7 @@ DEFAULT_WORDS = "hmm,wait,alternatively"
 def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``reason`` (with ``run``, ``build``, ``fit``) to an argparse ``subparsers`` object."""
     p = subparsers.add_parser("reason", help="stop a chain of thought early with a calibrated probe (LYNX)",
-                              description=__doc__.split("\n\n")[0])
+                              description=common.help_text(__doc__))
     sub = p.add_subparsers(dest="reason_command", metavar="{run,build,fit}")
     run = sub.add_parser("run", help="answer questions, stopping the chain at an accepted cue")
     _model_args(run)

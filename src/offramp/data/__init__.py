@@ -9,11 +9,31 @@ loader = make_loader(data.train, tokenizer, batch_size=32, shuffle=True)
 ```
 """
 
-from offramp.data.batching import TokenizedSplit, encode_texts, make_loader
-from offramp.data.loading import load_data
-from offramp.data.sources import OFFLINE, Columns, RawExample, load_local, load_texts
-from offramp.data.splits import SPLITS, ClassificationData, TextSplit, infer_label_names, map_labels
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {  # name -> module; loaded on first use, so that reading files needs no torch
+    **dict.fromkeys(("TokenizedSplit", "encode_texts", "make_loader"), "offramp.data.batching"),
+    "load_data": "offramp.data.loading",
+    **dict.fromkeys(("OFFLINE", "Columns", "RawExample", "load_local", "load_texts"), "offramp.data.sources"),
+    **dict.fromkeys(("SPLITS", "ClassificationData", "TextSplit", "infer_label_names", "map_labels"),
+                    "offramp.data.splits"),
+}
 
 __all__ = ["OFFLINE", "SPLITS", "ClassificationData", "Columns", "RawExample", "TextSplit",
            "TokenizedSplit", "encode_texts", "infer_label_names", "load_data", "load_local", "load_texts",
            "make_loader", "map_labels"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'offramp.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

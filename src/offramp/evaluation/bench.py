@@ -170,23 +170,10 @@ def run(model: str = "minilm", *, batch_sizes: tuple[int, ...] = (1, 32), num_ro
     return result
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import argparse
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    from offramp.evaluation.bench_args import build_parser
 
-    p = argparse.ArgumentParser(description="Per-row early-exit classification speed vs the plain HF forward.")
-    p.add_argument("--model", default="minilm", help="minilm | mpnet | offramp checkpoint | HF encoder path")
-    p.add_argument("--mpnet", action="store_true", help="shorthand for --model mpnet (12 layers)")
-    p.add_argument("--batch-sizes", default="1,32")
-    p.add_argument("--rows", type=int, default=64, help="rows timed per variant")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall-clock (default) or this process's CPU time (robust on a shared machine); "
-                        "both are recorded under detail_bs*")
-    p.add_argument("--json", dest="json_path", default=None, help="write the JSON here too")
-    p.add_argument("--default-allocator", action="store_true",
-                   help="keep glibc's moving malloc thresholds (by default they are fixed: see steady_allocator)")
+    p = build_parser(prog)
     a = p.parse_args(argv)
     if a.json_path:
         from offramp.cli.common import check_out
