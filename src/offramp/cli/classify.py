@@ -397,7 +397,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     with atomic_dir(out) as tmp:  # one folder swap: never a new report.json beside an old report.md
         paths = write_report(tmp, result, chosen=chosen, reliability=rel, title="offramp sweep",
-                             notes=[f"trace: {args.trace} ({len(trace)} examples, split "
+                             tolerance=args.tolerance, notes=[f"trace: {args.trace} ({len(trace)} examples, split "
                                     f"{trace.meta.get('split', '?')})"])
         summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
     print(summary)
@@ -441,7 +441,7 @@ def _sweep_tokens(args: argparse.Namespace, trace: Any, out: Path) -> int:
     chosen = {r: result.best_within(r, args.tolerance) for r in result.rules}
     with atomic_dir(out) as tmp:
         paths = write_report(tmp, result, chosen=chosen, title="offramp sweep (token exits)",
-                             notes=[f"trace: {args.trace} ({trace.num_sequences} sequences, {len(trace)} decoded "
+                             tolerance=args.tolerance, notes=[f"trace: {args.trace} ({trace.num_sequences} sequences, {len(trace)} decoded "
                                     "tokens; agreement = the exit's token equals the full model's, teacher-forced; "
                                     "the last exit count is the full model)"])
         summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
@@ -463,6 +463,8 @@ def add_evaluate_parser(sub: Any) -> None:
     common.add_policy_args(p)
     p.add_argument("--repeats", type=int, default=1, help="timed passes (median kept; default 1)")
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock comparison")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time by wall-clock (default) or by this process's CPU time (steadier on a shared machine)")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.set_defaults(func=cmd_evaluate)
 
@@ -478,7 +480,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     split = data.split(args.split)
     loader = common.batches(split, common.tokenizer_of(model), settings, lazy=True)
     result = evaluate_policy(model, list(loader), policy, lengths=loader.dataset.lengths(),
-                             timing=not args.no_timing, repeats=args.repeats, progress=True)
+                             timing=not args.no_timing, repeats=args.repeats, progress=True, clock=args.clock)
     result = {"model": str(args.model), "split": args.split, **result}
     text = json.dumps(result, indent=2)
     if args.json:
@@ -545,6 +547,9 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--time-examples", type=int, default=160, help="test examples timed per rule (default 160)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per rule (median kept; default 3)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time by wall-clock (default) or by this process's CPU time: steadier when other "
+                        "processes load the machine, which moves wall-clock speed-ups")
     p.add_argument("--tolerance", type=float, default=0.01, help="accuracy within this of the full model")
     p.add_argument("--seed", type=int, default=0)
     common.add_state_cache_arg(p)

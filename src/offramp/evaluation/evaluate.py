@@ -54,7 +54,7 @@ def run_policy(model: Any, batches: Sequence[dict], policy: Any, *,
 
 def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths: np.ndarray | None = None,
                     metric: str | None = None, timing: bool = True, repeats: int = 1,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, clock: str = "wall") -> dict[str, Any]:
     """Metric, mean exit layer, exit histogram, FLOPs and (optionally) wall-clock vs the full model.
 
     Args:
@@ -66,6 +66,7 @@ def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths
         timing: also time the full HF forward against ``predict``, interleaved, in this run.
         repeats: timed passes (the median is kept).
         progress: progress bars on stderr.
+        clock: "wall" or "cpu" (this process's CPU time; steadier on a shared machine).
     """
     if not batches:
         raise ValueError("the split is empty: nothing to evaluate")
@@ -86,5 +87,6 @@ def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths
     warn_first_exit(index, layers.tolist(), f"policy {policy.to_dict()}",
                     "if that loses too much accuracy, use a stricter --value (or another --policy)")
     if timing:
-        out["timing"] = time_model(model, policy, batches, repeats=repeats, progress=progress).to_dict()
+        out["timing"] = time_model(model, policy, batches, repeats=repeats, progress=progress,
+                                   clock=clock).to_dict()
     return out

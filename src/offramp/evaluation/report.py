@@ -61,36 +61,69 @@ def softmax_confidence(logits: np.ndarray) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------------------- plots
+def _full_groups(result: SweepResult) -> list[tuple[SweepPoint, list[str]]]:
+    """Each distinct full model of the sweep with the rules that ran on it."""
+    groups: dict[int, tuple[SweepPoint, list[str]]] = {}
+    for rule, point in result.full.items():
+        groups.setdefault(id(point), (point, []))[1].append(rule)
+    return list(groups.values())
+
+
+def _metric_range(result: SweepResult) -> tuple[float, float]:
+    """The y range of the rules and the full models (the oracles may lie far above it)."""
+    values = [p.metric for p in result.points] + [p.metric for p in result.full.values()]
+    lo, hi = min(values), max(values)
+    pad = max(0.02 * (hi - lo), 1e-3) if hi > lo else 0.01
+    return lo - pad, hi + 4 * pad
+
+
 def plot_pareto(result: SweepResult, path: str | Path, *, chosen: Mapping[str, SweepPoint] | None = None) -> None:
-    """Metric vs mean exit layer (and vs FLOPs when counted): every rule, frontiers, oracles, full."""
+    """Metric vs mean exit layer (and vs FLOPs when counted): every rule, frontiers, oracles, full.
+
+    The y axis spans the rules and the full models; an oracle above it is drawn on the top edge
+    with its value written beside it, so that it does not squeeze the curves. A rule with a single
+    setting (no parameter, e.g. PonderNet's sampling) is one labelled square, not a curve."""
     by = ["mean_exit_layer"] + (["mean_flops"] if result.full_flops is not None else [])
     fig, axes = plt.subplots(1, len(by), figsize=(6.5 * len(by), 4.8), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lo, hi = _metric_range(result)
+    fulls = _full_groups(result)
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
     for ax, key in zip(axes[0], by):
         scale = 1e9 if key == "mean_flops" else 1.0
         for i, rule in enumerate(result.rules):
             pts, col = result.of(rule), colors[i % len(colors)]
-            ax.scatter([getattr(p, key) / scale for p in pts], [p.metric for p in pts], s=12,
-                       alpha=0.35, color=col)
-            front = pareto(pts, by=key)
-            ax.plot([getattr(p, key) / scale for p in front], [p.metric for p in front], "-o",
-                    ms=3, color=col, label=rule)
+            xs = [getattr(p, key) / scale for p in pts]
+            if len(pts) == 1:
+                ax.scatter(xs, [pts[0].metric], s=45, marker="s", color=col, label=f"{rule} (one setting)",
+                           zorder=4)
+            else:
+                ax.scatter(xs, [p.metric for p in pts], s=12, alpha=0.35, color=col)
+                front = pareto(pts, by=key)
+                ax.plot([getattr(p, key) / scale for p in front], [p.metric for p in front], "-o",
+                        ms=3, color=col, label=rule)
             if chosen and rule in chosen and chosen[rule] is not None:
                 c = chosen[rule]
-                ax.scatter([getattr(c, key) / scale], [c.metric], s=90, marker="*", color=col,
+                ax.scatter([getattr(c, key) / scale], [c.metric], s=110, marker="*", color=col,
                            edgecolor="black", zorder=5)
         for o, marker in zip(result.oracles, ["X", "P", "D", "v", "^", "s"]):
-            ax.scatter([getattr(o, key) / scale], [o.metric], s=70, marker=marker, color="black",
-                       label=o.rule, zorder=6)
-        fulls = {id(p): p for p in result.full.values()}.values()
-        for f in fulls:
-            ax.axhline(f.metric, color="gray", ls="--", lw=0.8)
+            x = getattr(o, key) / scale
+            if o.metric > hi:  # off the scale: on the top edge, its value beside it
+                ax.scatter([x], [hi], s=70, marker=marker, color="black", zorder=6, clip_on=False,
+                           label=f"{o.rule} ({result.metric} {o.metric:.3g}, above the axis)")
+                ax.annotate(f"{o.metric:.3g} ↑", (x, hi), xytext=(6, -10), textcoords="offset points", fontsize=8)
+            else:
+                ax.scatter([x], [o.metric], s=70, marker=marker, color="black", label=o.rule, zorder=6)
+        for k, (f, rules) in enumerate(fulls):
+            label = "full model" if len(fulls) == 1 else f"full model ({', '.join(rules)})"
+            ax.axhline(f.metric, color="gray", ls=styles[k % len(styles)], lw=1.0, label=label)
+        ax.set_ylim(lo, hi)
         ax.set_xlabel("mean exit layer" if key == "mean_exit_layer" else "mean GFLOPs per example")
         ax.set_ylabel(result.metric)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     axes[0][-1].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"{result.metric} vs compute (dashed: full model; star: chosen setting)")
+    fig.suptitle(f"{result.metric} vs compute (grey lines: full model; star: chosen setting)")
     _save_fig(fig, Path(path))
 
 
@@ -118,19 +151,29 @@ def plot_exit_histograms(points: Mapping[str, SweepPoint], exit_layers: Sequence
 
 
 def plot_reliability(curves: Mapping[str, dict], path: str | Path) -> None:
-    """Reliability diagram: accuracy vs confidence per bin for each curve (from reliability_bins)."""
-    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    """Reliability diagram: accuracy vs confidence per bin for each curve (from reliability_bins),
+    and below it how many examples fall in each bin (a bin of 3 examples says little)."""
+    fig, (ax, cax) = plt.subplots(2, 1, figsize=(5.6, 6.6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.2], "hspace": 0.08})
     ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=0.8, label="perfect calibration")
-    for name, rel in curves.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(curves)
+    for i, name in enumerate(names):
+        rel, col = curves[name], colors[i % len(colors)]
         pts = [(b["confidence"], b["accuracy"]) for b in rel["bins"] if b["count"]]
-        ax.plot([c for c, _ in pts], [a for _, a in pts], "-o", ms=3,
+        ax.plot([c for c, _ in pts], [a for _, a in pts], "-o", ms=3, color=col,
                 label=f"{name} (ECE {rel['ece']:.3f})")
-    ax.set_xlabel("confidence (max softmax probability)")
+        width = (rel["bins"][0]["high"] - rel["bins"][0]["low"]) / (len(names) + 1)
+        cax.bar([b["low"] + (i + 0.5) * width for b in rel["bins"]], [b["count"] for b in rel["bins"]],
+                width=width, color=col, align="edge")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
+    cax.set_xlabel("confidence (max softmax probability)")
+    cax.set_ylabel("examples per bin")
+    cax.grid(alpha=0.3, axis="y")
     _save_fig(fig, Path(path))
 
 
@@ -163,7 +206,8 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
                  chosen: Mapping[str, SweepPoint | None] | None = None,
                  measured: Mapping[str, Mapping[str, Any]] | None = None,
                  reliability: Mapping[str, dict] | None = None, title: str = "offramp report",
-                 notes: Sequence[str] = (), extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                 notes: Sequence[str] = (), extra: Mapping[str, Any] | None = None,
+                 tolerance: float = 0.01) -> dict[str, Path]:
     """Write report.md, report.json and the PNG plots of a sweep into ``out_dir``.
 
     Args:
@@ -173,6 +217,8 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
         measured: rule -> measured timing (``{"speedup": ..., "wall_s": ...}``), shown in the table.
         reliability: curve name -> :func:`reliability_bins` output, for reliability.png.
         title: the Markdown title; notes: lines printed under it; extra: more keys for report.json.
+        tolerance: how far below its full model a chosen setting may be (the default chooser's,
+            and what the report says).
 
     Returns:
         name -> path of each file written.
@@ -180,10 +226,11 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if chosen is None:
-        chosen = {r: result.best_within(r) for r in result.rules}
+        chosen = {r: result.best_within(r, tolerance) for r in result.rules}
     m = result.metric
-    cols = ["rule", "setting", m, "mean exit layer", "layer speed-up", "FLOPs speed-up",
-            "measured speed-up"]
+    cols = ["rule", "setting", m, "mean exit layer", "layer speed-up", "FLOPs speed-up"]
+    if measured:  # only where real early exit was timed (a sweep replays, it measures nothing)
+        cols.append("measured speed-up")
     rows = [point_row(next(iter(result.full.values())), m, (measured or {}).get("full"))] if result.full else []
     for r, p in chosen.items():  # every rule gets a row, also one with no setting within the tolerance
         rows.append(point_row(p, m, (measured or {}).get(r)) if p is not None else
@@ -193,7 +240,7 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
     rows += [point_row(o, m) for o in result.oracles]
     front = [point_row(p, m) for p in result.frontier()]
     md = [f"# {title}", "", *[f"{n}  " for n in notes], "",
-          f"Chosen setting per rule (the cheapest within 1 point of its full model), "
+          f"Chosen setting per rule (the cheapest within {tolerance:g} of its full model's {m}), "
           f"{len(result.points)} settings swept:", "", markdown_table(rows, cols), "",
           "Pareto frontier over all rules (metric vs mean exit layer):", "",
           markdown_table(front, ["rule", "setting", m, "mean exit layer", "FLOPs speed-up"]), "",

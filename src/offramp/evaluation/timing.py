@@ -3,7 +3,9 @@
 The full model is the plain Hugging Face backbone forward (every layer, no exit heads: the fastest
 way to run the model without exits, so the speed-up is not flattered). Runs are interleaved batch
 by batch (full, early exit, full, early exit, ...) so that both see the same machine load, and
-the median over ``repeats`` passes is kept.
+the median over ``repeats`` passes is kept. ``clock="cpu"`` measures this process's CPU time
+instead of wall-clock: steadier on a shared machine, where other processes' load would otherwise
+move the ratio (it counts every thread's CPU time, so it compares the work, not the latency).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Timing:
         early_s: median seconds of early-exit ``predict`` over the same batches.
         speedup: full_s / early_s.
         repeats: passes measured; rows: examples per pass.
+        clock: "wall" (wall-clock) or "cpu" (this process's CPU time).
     """
 
     full_s: float
@@ -36,6 +40,7 @@ class Timing:
     speedup: float
     repeats: int
     rows: int
+    clock: str = "wall"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,8 +73,11 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tensor]], *,
               device: torch.device | str = "cpu", repeats: int = 3, warmup: int = 1,
-              progress: bool = False) -> Timing:
+              progress: bool = False, clock: str = "wall") -> Timing:
     """Time two callables over the same batches, interleaved; the median pass of each."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
     if not batches:
         raise ValueError("no batches to time: the split is empty")
     if repeats < 1:
@@ -88,13 +96,13 @@ def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tenso
         tf = te = 0.0
         for inputs in prepared:
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             full(inputs)
             _sync(device)
-            t1 = time.perf_counter()
+            t1 = now()
             early(inputs)
             _sync(device)
-            t2 = time.perf_counter()
+            t2 = now()
             tf, te = tf + (t1 - t0), te + (t2 - t1)
             shown.update(1)
         full_times.append(tf)
@@ -102,15 +110,15 @@ def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tenso
     shown.close()
     f, e = statistics.median(full_times), statistics.median(early_times)
     rows = sum(int(b["input_ids"].shape[0]) for b in prepared)
-    return Timing(f, e, f / e if e > 0 else float("inf"), repeats, rows)
+    return Timing(f, e, f / e if e > 0 else float("inf"), repeats, rows, clock)
 
 
 def time_model(model: Any, policy: Any, batches: Sequence[dict[str, Tensor]], *, repeats: int = 3,
-               warmup: int = 1, progress: bool = False) -> Timing:
+               warmup: int = 1, progress: bool = False, clock: str = "wall") -> Timing:
     """Full HF forward vs ``model.predict(policy)`` over ``batches``, measured in the same run."""
     model.eval()
     return time_pair(full_forward(model), early_predict(model, policy), batches, device=model.device,
-                     repeats=repeats, warmup=warmup, progress=progress)
+                     repeats=repeats, warmup=warmup, progress=progress, clock=clock)
 
 
 def time_policies(model: Any, policies: dict[str, Any], batches: Sequence[dict[str, Tensor]], *,
