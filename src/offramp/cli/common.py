@@ -383,15 +383,12 @@ def read_texts(texts: Sequence[str], file: str | None, text_column: str | None) 
 def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: int = 32,
                  max_length: int = 128) -> Iterator[dict[str, Any]]:
     """One dict per text: label (name), confidence, exit_layer (value instead of label for regression)."""
-    import torch
-
     from offramp.data import TokenizedSplit
     from offramp.data.batching import check_texts
     from offramp.data.splits import TextSplit
     from offramp.utils import progress
 
     check_texts(texts)
-    names = model.config.label_names
     tok = tokenizer_of(model)
     data = TokenizedSplit(TextSplit(list(texts), None, [0] * len(texts)), tok, max_length=max_length)
     starts = range(0, len(texts), batch_size)
@@ -402,14 +399,7 @@ def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: i
         pred = model.predict(enc["input_ids"], enc["attention_mask"], policy,
                              token_type_ids=enc.get("token_type_ids"))
         exit_index += pred.exit_index.tolist()
-        for text, logits, layer in zip(chunk, pred.logits, pred.exit_layer.tolist()):
-            if model.config.is_regression:
-                yield {"text": text, "value": float(logits[0]), "exit_layer": int(layer)}
-                continue
-            probs = torch.softmax(logits.float(), -1)
-            k = int(probs.argmax())
-            yield {"text": text, "label": names[k] if names else k, "confidence": round(float(probs[k]), 4),
-                   "exit_layer": int(layer)}
+        yield from model.prediction_rows(chunk, pred)
     from offramp.evaluation.evaluate import warn_first_exit
 
     warn_first_exit(exit_index, list(model.exit_layers), f"policy {policy.to_dict()}",

@@ -81,7 +81,7 @@ def plot_pareto(result: SweepResult, path: str | Path, *, chosen: Mapping[str, S
     """Metric vs mean exit layer (and vs FLOPs when counted): every rule, frontiers, oracles, full.
 
     The y axis spans the rules and the full models; an oracle above it is drawn on the top edge
-    with its value written beside it, so that it does not squeeze the curves. A rule with a single
+    with its value in the legend, so that it does not squeeze the curves. A rule with a single
     setting (no parameter, e.g. PonderNet's sampling) is one labelled square, not a curve."""
     by = ["mean_exit_layer"] + (["mean_flops"] if result.full_flops is not None else [])
     fig, axes = plt.subplots(1, len(by), figsize=(6.5 * len(by), 4.8), squeeze=False)
@@ -108,10 +108,9 @@ def plot_pareto(result: SweepResult, path: str | Path, *, chosen: Mapping[str, S
                            edgecolor="black", zorder=5)
         for o, marker in zip(result.oracles, ["X", "P", "D", "v", "^", "s"]):
             x = getattr(o, key) / scale
-            if o.metric > hi:  # off the scale: on the top edge, its value beside it
+            if o.metric > hi:  # off the scale: on the top edge, its value in the legend
                 ax.scatter([x], [hi], s=70, marker=marker, color="black", zorder=6, clip_on=False,
-                           label=f"{o.rule} ({result.metric} {o.metric:.3g}, above the axis)")
-                ax.annotate(f"{o.metric:.3g} ↑", (x, hi), xytext=(6, -10), textcoords="offset points", fontsize=8)
+                           label=f"{o.rule}: {result.metric} {o.metric:.3g}, drawn on the top edge")
             else:
                 ax.scatter([x], [o.metric], s=70, marker=marker, color="black", label=o.rule, zorder=6)
         for k, (f, rules) in enumerate(fulls):

@@ -223,3 +223,26 @@ class EarlyExitModel(ExitModelBase):
             raise ValueError(f"empty text at position(s) {empty}: every input needs some text")
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def classify(self, texts: list[str], policy: str | dict | ExitPolicy | None = None, *,
+                 max_length: int = 128) -> list[dict[str, Any]]:
+        """Texts in, one dict per text out: ``label`` (the class name when the config has
+        ``label_names``, else the class id), ``confidence`` (its softmax probability) and
+        ``exit_layer`` (how deep the text ran), by real per-row early exit under ``policy`` (default:
+        the config's). For regression, ``value`` instead of label and confidence."""
+        pred = self.predict(**self.encode(list(texts), max_length=max_length), policy=policy)
+        return self.prediction_rows(texts, pred)
+
+    def prediction_rows(self, texts: list[str], pred: Prediction) -> list[dict[str, Any]]:
+        """The rows of :meth:`classify` for ``texts`` and their :class:`Prediction`."""
+        names = self.config.label_names
+        rows = []
+        for text, logits, layer in zip(texts, pred.logits.float(), pred.exit_layer.tolist()):
+            if self.config.is_regression:
+                rows.append({"text": text, "value": float(logits[0]), "exit_layer": int(layer)})
+                continue
+            probs = torch.softmax(logits, -1)
+            k = int(probs.argmax())
+            rows.append({"text": text, "label": names[k] if names else k,
+                         "confidence": round(float(probs[k]), 4), "exit_layer": int(layer)})
+        return rows
