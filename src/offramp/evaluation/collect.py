@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,22 @@ class ExitTrace:
 
     def __len__(self) -> int:
         return self.logits.shape[1]
+
+    def subset(self, rows: slice | Sequence[int] | Tensor) -> "ExitTrace":
+        """The trace of some of its examples (e.g. ``trace.subset(slice(0, 250))`` to calibrate on
+        one part and measure on the rest); exits, FLOPs and metadata are kept."""
+        if isinstance(rows, slice):
+            rows = range(len(self))[rows]
+        index = torch.as_tensor(list(rows) if not isinstance(rows, Tensor) else rows, dtype=torch.long)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
+            raise ValueError(f"rows out of range for a trace of {len(self)} examples")
+
+        def pick(t: Tensor | None, dim: int) -> Tensor | None:
+            return None if t is None else t.index_select(dim, index)
+
+        return ExitTrace(logits=pick(self.logits, 1), labels=pick(self.labels, 0), exit_layers=list(self.exit_layers),
+                         num_layers=self.num_layers, halting=pick(self.halting, 0), gate=pick(self.gate, 0),
+                         hidden=pick(self.hidden, 1), layer_flops=self.layer_flops, meta=dict(self.meta))
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the trace folder atomically (a partial write is never visible as a trace)."""
