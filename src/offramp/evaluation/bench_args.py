@@ -8,7 +8,8 @@ import argparse
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The benchmark's argument parser (``prog``: the program name in usage lines)."""
-    p = argparse.ArgumentParser(prog=prog, description="Per-row early-exit classification speed vs the plain HF forward.")
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Per-row early-exit classification speed vs the plain HF forward.")
     p.add_argument("--model", default="minilm", help="minilm | mpnet | offramp checkpoint | HF encoder path")
     p.add_argument("--mpnet", action="store_true", help="shorthand for --model mpnet (12 layers)")
     p.add_argument("--batch-sizes", default="1,32")
