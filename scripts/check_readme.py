@@ -8,8 +8,9 @@ that names the problem, not a traceback. The test command of the Quick start is 
 itself (.ci/run), so it is not run a second time here.
 
 Each ```python block is run as a script; a block whose preceding paragraph says "Continuing the
-Python example above" runs in the same interpreter as the block before it. A python block whose
-first line is ``# needs internet`` is compiled, not run.
+Python example above" continues the python block before it (bash blocks may stand between): the
+chain runs as one script, when the next chain starts or at the end. A python block whose first
+line says it needs internet is compiled, not run.
 
 Prints one JSON object per command on stdout as it finishes, and a summary line; progress on
 stderr. Exit status 1 when any command failed.
@@ -183,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
                 flush()
             chain.append(b)
             continue
-        flush()
         for cmd in commands(b):
             if CI_COMMAND in cmd:
                 results.append({"command": cmd, "kind": "the CI test command (.ci/run runs it)", "ok": True})

@@ -51,3 +51,19 @@ def test_reasoning_gym_is_seeded_and_scored():
     assert arith[0].check(arith[0].answer)
     with pytest.raises(ValueError, match="n must be"):
         reasoning_gym_problems("gsm_symbolic", 0, seed=1)
+
+
+def test_problems_from_a_local_file(tmp_path):
+    from offramp.reasoning.tasks import load_problems
+
+    path = tmp_path / "mine.csv"
+    path.write_text('question,answer\n"Tom has 3 apples and buys 4 more. How many?",7\n"Capital of France?",Paris\n')
+    probs = load_problems(str(path), 5)
+    assert [p.uid for p in probs] == ["mine-0", "mine-1"]
+    assert probs[0].check("7") and probs[0].check("7.0") and not probs[0].check("8")
+    assert probs[1].check("paris") and not probs[1].check("Lyon")
+    assert [p.uid for p in load_problems(str(path), 1, seed=1)] == ["mine-1"]  # the seed is the first row
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no question column", "label": 1}\n')
+    with pytest.raises(ValueError, match="needs a question column"):
+        load_problems(str(bad), 1)

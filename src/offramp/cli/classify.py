@@ -410,6 +410,15 @@ def _print_commands(chosen: dict, model: str | None, kind: str) -> None:
     """The command that uses each chosen setting (the sweep's point is exactly what it gives)."""
     import shlex
 
+    lm = "LM"
+    if kind == "token_exits" and model:  # the exits name their base model
+        try:
+            from offramp.config import read_config
+
+            lm = read_config(model, expect="token_exits")[1].get("base_model_name_or_path") or lm
+        except (ValueError, OSError):
+            pass
+
     lines = []
     for rule, point in chosen.items():
         if point is None or not point.policy:
@@ -420,7 +429,7 @@ def _print_commands(chosen: dict, model: str | None, kind: str) -> None:
         policy = [name] if point.param is not None or len(spec) == 1 else [json.dumps(spec)]
         target = ["--model", model or "CHECKPOINT"] if kind == "classifier" else ["--exits", model or "EXITS"]
         cmd = (["offramp", "evaluate", *target, "--policy", *policy, *value] if kind == "classifier" else
-               ["offramp", "generate", "--model", "LM", *target, "--policy", *policy, *value, "--prompt", "..."])
+               ["offramp", "generate", "--model", lm, *target, "--policy", *policy, *value, "--prompt", "..."])
         lines.append(f"  {rule}: {' '.join(shlex.quote(c) for c in cmd)}")
     if lines:
         print("\nTo run a chosen setting (predict takes the same --policy / --value):" if kind == "classifier"

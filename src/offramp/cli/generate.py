@@ -130,7 +130,7 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
 
     layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
     model = DecoderExitModel.from_backbone(backbone, exit_layers=layers, head=args.head, top_k=args.top_k,
-                                           base_model_name_or_path=backbone.name_or_path or args.model)
+                                           base_model_name_or_path=_model_ref(args.model, backbone))
     if args.fit_text:
         from offramp.data import load_texts
 
@@ -282,3 +282,16 @@ def cmd_collect_tokens(args: argparse.Namespace, out: Path) -> int:
     print(json.dumps({"trace": str(out), "sequences": trace.num_sequences, "tokens": len(trace),
                       "exits": trace.exit_layers, "agreement_per_exit": [round(a, 4) for a in agree]}, indent=2))
     return 0
+
+
+def _model_ref(name: str, backbone: Any) -> str:
+    """How token exits name their base model: an offline alias as the alias (resolved at load, so
+    moving the cache or the environment does not break them), a local folder as an absolute path,
+    a Hub id as given."""
+    from offramp.data.assets import ALIASES
+
+    if name in ALIASES and not Path(name).exists():
+        return name
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    return getattr(backbone, "name_or_path", None) or name

@@ -37,7 +37,8 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     _model_args(run)
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("--question", help="one question")
-    src.add_argument("--task", help="gsm8k or a reasoning-gym generator name (with --n, --seed)")
+    src.add_argument("--task", help="gsm8k, a reasoning-gym generator name, or a .jsonl / .csv file of questions "
+                     "and answers (with --n, --seed; --seed is the first row of a file or of gsm8k)")
     run.add_argument("--n", type=int, default=10, help="problems of --task (default 10)")
     run.add_argument("--seed", type=int, default=0, help="reasoning-gym seed / GSM8K offset (default 0)")
     run.add_argument("--policy", default=None, help="exit rule over cue events: probe (alias lynx), deer, static, "
@@ -55,7 +56,8 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_reason_run)
     build = sub.add_parser("build", help="label cue events of training problems by forced exits")
     _model_args(build)
-    build.add_argument("--task", required=True, help="gsm8k or a reasoning-gym generator name")
+    build.add_argument("--task", required=True, help="gsm8k, a reasoning-gym generator name, or a .jsonl / .csv "
+                       "file with question and answer columns")
     build.add_argument("--n", type=int, required=True)
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")

@@ -128,12 +128,14 @@ def load_dataset(out_dir: str | Path, uids: list[str] | None = None) -> EventDat
     if uids is None:
         uids = sorted(p.stem for p in out.glob("*.npz"))
     if not uids:
-        raise ValueError(f"no labelled problems in {out}: run build_dataset first")
+        raise ValueError(f"no labelled problems in {out}: build them with `offramp reason build --out {out}` "
+                         "(or build_dataset) first")
     feats, labels, groups, traces = [], [], [], []
     for g, uid in enumerate(uids):
         path = out / f"{uid}.npz"
         if not path.exists():
-            raise ValueError(f"{path} is missing: build it with build_dataset or drop {uid!r}")
+            raise ValueError(f"{path} is missing: build it with `offramp reason build` (or build_dataset) "
+                             f"or drop {uid!r}")
         try:
             with np.load(path, allow_pickle=False) as z:
                 if z["labels"].size:

@@ -195,7 +195,8 @@ class LynxProbe:
         """Load a probe written by ``save`` (calibrated if it was)."""
         path = readable_dir(path)
         if not (path / PROBE_FILE).is_file():
-            raise ValueError(f"{path} holds no LYNX probe ({PROBE_FILE} missing): train one with LynxProbe.save")
+            raise ValueError(f"{path} holds no LYNX probe ({PROBE_FILE} missing): train one with "
+                             f"`offramp reason fit EVENTS --out {path}` (or LynxProbe.save)")
         fix = "fit the probe again (offramp reason fit)"
         meta = read_json(path / PROBE_FILE, "LYNX probe", fix)
         try:

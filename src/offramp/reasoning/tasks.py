@@ -138,8 +138,41 @@ def gsm8k_problems(n: int, offset: int = 0, path: str | Path | None = None) -> l
     return out
 
 
+QUESTION_COLUMNS = ("question", "problem", "prompt")
+ANSWER_COLUMNS = ("answer", "solution", "target")
+
+
+def file_problems(path: str | Path, n: int | None = None, offset: int = 0) -> list[Problem]:
+    """Problems from a local .jsonl / .csv file with a question column (question, problem or
+    prompt) and an answer column (answer, solution or target), from row ``offset`` on. Numeric
+    answers are compared as numbers, others as text (case-insensitive)."""
+    from offramp.data.sources import read_table
+
+    path = Path(path)
+    rows = read_table(path, ".jsonl or .csv")
+    header = [str(k) for k in rows[0]]
+    lower = {h.lower(): h for h in header}
+    q = next((lower[c] for c in QUESTION_COLUMNS if c in lower), None)
+    a = next((lower[c] for c in ANSWER_COLUMNS if c in lower), None)
+    if q is None or a is None:
+        raise ValueError(f"{path}: needs a question column ({', '.join(QUESTION_COLUMNS)}) and an answer column "
+                         f"({', '.join(ANSWER_COLUMNS)}); its columns are {header}")
+    out = []
+    for i, r in enumerate(rows[offset:offset + n if n else None], offset):
+        question, answer = str(r.get(q) or "").strip(), str(r.get(a) if r.get(a) is not None else "").strip()
+        if not question or not answer:
+            raise ValueError(f"{path}: row {i + 1} has an empty question or answer")
+        out.append(Problem(f"{path.stem}-{i}", question, answer, f"file:{path.name}", dict(r)))
+    if not out:
+        raise ValueError(f"{path}: no problems from row {offset + 1} on")
+    return out
+
+
 def load_problems(spec: str, n: int, seed: int = 0) -> list[Problem]:
-    """Problems by name: "gsm8k" (``seed`` is the offset) or a reasoning-gym generator name."""
+    """Problems by name: "gsm8k" (``seed`` is the offset), a local .jsonl / .csv file of questions
+    and answers (``seed`` is the offset), or a reasoning-gym generator name."""
     if spec == "gsm8k":
         return gsm8k_problems(n, offset=seed)
+    if Path(spec).suffix.lower() in (".jsonl", ".csv"):
+        return file_problems(spec, n, offset=seed)
     return reasoning_gym_problems(spec, n, seed)
