@@ -212,6 +212,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings["max_length"] = common.fit_max_length(model, settings["max_length"], given="max_length" in given_data)
     model.config.extra["train"] = dict(opts)  # what --resume continues with
     select = _selection_rules(args, model, data)  # refused before any training
+    if opts["full"] and args.state_cache is not None:
+        raise ValueError("--state-cache keeps a frozen backbone's states; with --full the backbone is trained "
+                         "and its states change every step: drop one of them")
     tok = common.tokenizer_of(model)
     train_batches = common.batches(data.train, tok, settings, shuffle=True)
     eval_batches = common.batches(data.validation, tok, settings) if len(data.validation) else None
@@ -341,6 +344,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
     common.check_out(out, args.overwrite, "trace folder")
     if common.checkpoint_kind(args.model) == "token_exits":
         from offramp.cli.generate import cmd_collect_tokens
+
+        if args.state_cache is not None:
+            raise ValueError("--state-cache keeps a frozen encoder's pooled states for classifier checkpoints; "
+                             "a token trace decodes with the full model: drop it")
 
         return cmd_collect_tokens(args, out)
     model, data, settings = common.model_and_data(args)
