@@ -480,7 +480,8 @@ def add_evaluate_parser(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed passes (median kept; default 1)")
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock comparison")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="time by wall-clock (default) or by this process's CPU time (steadier on a shared machine)")
+                   help="time by wall-clock (default) or by this process's CPU time (steady on a shared "
+                        "machine with offramp --threads 1)")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.set_defaults(func=cmd_evaluate)
 
@@ -565,8 +566,9 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-examples", type=int, default=160, help="test examples timed per rule (default 160)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per rule (median kept; default 3)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="time by wall-clock (default) or by this process's CPU time: steadier when other "
-                        "processes load the machine, which moves wall-clock speed-ups")
+                   help="time by wall-clock (default) or by this process's CPU time; with offramp --threads 1 "
+                        "the ratio holds when other processes load the machine (with more threads, waiting "
+                        "threads burn CPU time too)")
     p.add_argument("--tolerance", type=float, default=0.01, help="accuracy within this of the full model")
     p.add_argument("--seed", type=int, default=0)
     common.add_state_cache_arg(p)

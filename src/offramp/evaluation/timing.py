@@ -4,8 +4,9 @@ The full model is the plain Hugging Face backbone forward (every layer, no exit 
 way to run the model without exits, so the speed-up is not flattered). Runs are interleaved batch
 by batch (full, early exit, full, early exit, ...) so that both see the same machine load, and
 the median over ``repeats`` passes is kept. ``clock="cpu"`` measures this process's CPU time
-instead of wall-clock: steadier on a shared machine, where other processes' load would otherwise
-move the ratio (it counts every thread's CPU time, so it compares the work, not the latency).
+instead of wall-clock. It counts every thread's CPU time, so it compares the work, not the
+latency. On one thread, other processes' load then barely moves the ratio. On several threads,
+waiting threads burn CPU time under load too, and it moves about as much as wall-clock.
 """
 
 from __future__ import annotations
