@@ -152,16 +152,12 @@ def _store_winners(out: Path, models: dict[str, Any], val_result: Any, tolerance
 
     for name, model in models.items():
         rules = [r for r, (k, _) in RULES.items() if k == name]
-        within = [p for p in (val_result.best_within(r, tolerance) for r in rules) if p is not None]
-        if not within:
+        best = val_result.cheapest_within(rules, tolerance)
+        if best is None:
             continue
-        best = min(within, key=lambda p: (p.mean_flops if p.mean_flops is not None else p.mean_exit_layer,
-                                          -p.metric))
         model.config.policy = dict(best.policy)
-        model.config.extra["selected"] = {
-            "rule": best.rule, "policy": best.policy, "split": "validation", "n": n, "metric": val_result.metric,
-            "value": best.metric, "full_model": val_result.full[best.rule].metric, "tolerance": tolerance,
-            "mean_exit_layer": best.mean_exit_layer, "speedup_flops": best.speedup_flops, "rules": rules}
+        model.config.extra["selected"] = val_result.selection(best, tolerance=tolerance, split="validation", n=n,
+                                                              rules=rules)
         atomic_write_json(out / "models" / name / "checkpoint" / CONFIG_NAME, model.config.to_dict())
 
 

@@ -289,10 +289,8 @@ def _select_and_store(model: Any, data: Any, settings: dict, rules: list[str], a
                     f"last exit's validation {metric} ({full:.4g}); the checkpoint keeps the policy "
                     f"{model.config.policy.get('type')!r}", stacklevel=1)
         return None
-    chosen = {"rule": point.rule, "policy": point.policy, "split": "validation", "n": len(data.validation),
-              "metric": metric, "value": point.metric, "full_model": full, "tolerance": args.select_tolerance,
-              "mean_exit_layer": point.mean_exit_layer, "speedup_flops": point.speedup_flops,
-              "rules": list(rules)}
+    chosen = result.selection(point, tolerance=args.select_tolerance, split="validation", n=len(data.validation),
+                              rules=rules)
     model.config.policy = dict(point.policy)
     model.config.extra["selected"] = chosen
     atomic_write_json(ckpt / CONFIG_NAME, model.config.to_dict())

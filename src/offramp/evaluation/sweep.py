@@ -177,6 +177,21 @@ class SweepResult:
         ok = [p for p in self.of(rule) if p.metric >= ref - tolerance - 1e-12]
         return min(ok, key=lambda p: (p.mean_exit_layer, -p.metric)) if ok else None
 
+    def cheapest_within(self, rules: Sequence[str] | None = None, tolerance: float = 0.01) -> SweepPoint | None:
+        """The cheapest point of any of ``rules`` (default: all) within ``tolerance`` of its full
+        model: by mean FLOPs when counted, else by mean exit layer; ties go to the higher metric."""
+        best = [p for p in (self.best_within(r, tolerance) for r in (rules or self.rules)) if p is not None]
+        by = "mean_flops" if self.full_flops is not None else "mean_exit_layer"
+        return min(best, key=lambda p: (getattr(p, by), -p.metric)) if best else None
+
+    def selection(self, point: SweepPoint, *, tolerance: float, split: str, n: int,
+                  rules: Sequence[str]) -> dict[str, Any]:
+        """What a checkpoint stores (``extra.selected``) about a setting chosen from this sweep."""
+        return {"rule": point.rule, "policy": point.policy, "split": split, "n": n, "metric": self.metric,
+                "value": point.metric, "full_model": self.full[point.rule].metric, "tolerance": tolerance,
+                "mean_exit_layer": point.mean_exit_layer, "speedup_flops": point.speedup_flops,
+                "rules": list(rules)}
+
     def to_dict(self) -> dict:
         return {"metric": self.metric, "num_layers": self.num_layers, "exit_layers": self.exit_layers,
                 "full_flops": self.full_flops,
@@ -322,6 +337,4 @@ def select_policy(trace: Any, rules: Sequence[str] | None = None, *, tolerance: 
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
     result = sweep(trace, rules, metric=metric, flops=flops)
-    best = [p for p in (result.best_within(r, tolerance) for r in result.rules) if p is not None]
-    by = "mean_flops" if flops is not None else "mean_exit_layer"
-    return (min(best, key=lambda p: (getattr(p, by), -p.metric)) if best else None), result
+    return result.cheapest_within(tolerance=tolerance), result

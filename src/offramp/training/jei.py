@@ -226,8 +226,8 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
     if last is not None:
         from offramp.evaluation.evaluate import warn_first_exit
 
-        counts = last["exit_counts"]
-        warn_first_exit([k for k, c in enumerate(counts) for _ in range(c)], list(model.exit_layers),
+        counts = torch.tensor(last["exit_counts"])
+        warn_first_exit(torch.repeat_interleave(torch.arange(len(counts)), counts).numpy(), list(model.exit_layers),
                         f"the gates at cost weight {opts['cost_weight']:g} (validation split)",
                         "a lower cost weight (--cost-weight) makes later exits worth their cost")
     return _finish(model, history, costs, args)
