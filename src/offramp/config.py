@@ -116,10 +116,11 @@ HALTING_DEFAULTS = {
 OBJECTIVE_DEFAULTS = {
     "joint": {"weights": "uniform", "distill": 0.0, "temperature": 1.0},
     "ponder": {"beta": 0.5, "lambda_p": 0.1, "kl_direction": "prior_to_model", "truncation": "force_last",
-               "epsilon": 0.05},
+               "epsilon": 0.05, "kl_target": "batch"},
 }
 KL_DIRECTIONS = ("prior_to_model", "model_to_prior")  # KL(p_G || p) as shipped code; KL(p || p_G) as in the paper
 TRUNCATIONS = ("force_last", "epsilon")
+KL_TARGETS = ("batch", "row")  # the batch's mean exit distribution (default) or each row's (the papers')
 
 
 def _merge(name: str, given: dict | None, defaults: dict) -> dict:
@@ -229,6 +230,8 @@ class OfframpConfig:
                 raise ValueError(f"objective.kl_direction must be one of {KL_DIRECTIONS}, got {obj['kl_direction']!r}")
             if obj["truncation"] not in TRUNCATIONS:
                 raise ValueError(f"objective.truncation must be one of {TRUNCATIONS}, got {obj['truncation']!r}")
+            if obj["kl_target"] not in KL_TARGETS:
+                raise ValueError(f"objective.kl_target must be one of {KL_TARGETS}, got {obj['kl_target']!r}")
             if not 0 < obj["lambda_p"] < 1:
                 raise ValueError(f"objective.lambda_p must be in (0, 1), got {obj['lambda_p']}")
             if self.halting is None:

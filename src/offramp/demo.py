@@ -69,22 +69,28 @@ def _reference(model_path: str, given: str | None = None) -> str:
 
 
 @torch.no_grad()
-def _pooled(model: Any, batches: list[dict], desc: str, cache: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E, n, d) pooled states of the frozen backbone and (n,) labels (kept in the state cache)."""
+def _pooled(model: Any, batches: list[dict], desc: str,
+            cache: bool | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E, n, d) pooled states of the frozen backbone (kept in the state cache), (n,) labels and
+    (n,) row keys."""
+    from offramp.engines.rows import row_keys
     from offramp.modeling.state_cache import pooled_batches
 
     states = pooled_batches(model, batches, desc=desc, cache=cache)
-    return torch.cat(states, dim=1), torch.cat([b["labels"] for b in batches])
+    return (torch.cat(states, dim=1), torch.cat([b["labels"] for b in batches]),
+            torch.cat([row_keys(b["input_ids"], b["attention_mask"]) for b in batches]))
 
 
-def _cached_batches(pooled: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> list[dict]:
+def _cached_batches(pooled: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, batch_size: int,
+                    seed: int) -> list[dict]:
     order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))
     return [{"pooled": pooled[:, idx].transpose(0, 1), "labels": labels[idx]}  # pooled (b, E, d)
             for idx in order.split(batch_size)]
 
 
 @torch.no_grad()
-def _trace(model: Any, pooled: torch.Tensor, labels: torch.Tensor, lengths: np.ndarray, meta: dict) -> Any:
+def _trace(model: Any, pooled: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, lengths: np.ndarray,
+           meta: dict) -> Any:
     """The ExitTrace ``collect`` would store, computed from the cached pooled states."""
     from offramp.evaluation.collect import ExitTrace
     from offramp.evaluation.flops import model_exit_flops
@@ -95,7 +101,7 @@ def _trace(model: Any, pooled: torch.Tensor, labels: torch.Tensor, lengths: np.n
     flops = model_exit_flops(model, lengths)
     return ExitTrace(logits=out.exit_logits.float(), labels=labels, exit_layers=list(model.exit_layers),
                      num_layers=model.num_layers, halting=halting, layer_flops=flops.per_exit.tolist(),
-                     meta={**meta, "flops": flops.to_dict(), "mean_tokens": float(np.mean(lengths))})
+                     meta={**meta, "flops": flops.to_dict(), "mean_tokens": float(np.mean(lengths))}, row_key=keys)
 
 
 def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached: list[dict], out: Path,

@@ -250,7 +250,7 @@ def _selection_rules(args: argparse.Namespace, model: Any, data: Any) -> list[st
     if not len(data.validation):
         raise ValueError("--select-policy chooses on the validation split, which is empty: use "
                          "--validation-fraction > 0 or give a validation file")
-    have = {"logits", "labels", "hidden"} | ({"halting"} if model.halting is not None else set()) | (
+    have = {"logits", "labels", "hidden", "row_key"} | ({"halting"} if model.halting is not None else set()) | (
         {"gate"} if model.gates is not None else set())
     usable = [n for n, cls in POLICIES.items() if n not in NOT_SWEPT and set(cls.needs) <= have]
     if args.select_policy.strip() == "all":
@@ -359,6 +359,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
     trace.meta = {"model": str(args.model), "data": settings, "split": args.split, "n": len(split),
                   "label_names": data.label_names, "mean_tokens": float(lengths.mean()),
                   "flops": flops.to_dict()}
+    if trace.halting is not None:
+        from offramp.evaluation.halting import warn_degenerate_halting
+
+        lambda_p = model.config.objective.get("lambda_p", 0.1)
+        report = warn_degenerate_halting(trace.halting, lambda_p, f"collect ({args.split} split)")
+        trace.meta["halting"] = {"lambda_p": lambda_p, **report.to_dict()}
     trace.save(out)  # written under a temporary name and renamed: never half-written
     print(json.dumps({"trace": str(out), "n": len(split), "exits": trace.exit_layers,
                       "accuracy_per_exit": common.per_exit_metric(trace)}, indent=2))
@@ -394,6 +400,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return _sweep_tokens(args, trace, out)
     metric = args.metric or ("pearson" if trace.logits.shape[-1] == 1 else "accuracy")
     rules = [r.strip() for r in args.rules.split(",") if r.strip()] if args.rules else None
+    if trace.halting is not None and (rules is None or {"q_exit", "ponder_sample"} & set(rules)):
+        from offramp.evaluation.halting import warn_degenerate_halting
+
+        warn_degenerate_halting(trace.halting, (trace.meta.get("halting") or {}).get("lambda_p", 0.1),
+                                f"sweep ({args.trace})")
     result = sweep(trace, rules, metric=metric, flops=common.trace_flops(trace),
                    grids=common.parse_grids(args.grid))
     chosen = {r: result.best_within(r, args.tolerance) for r in result.rules}

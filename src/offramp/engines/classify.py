@@ -15,20 +15,20 @@ import torch
 from torch import Tensor
 
 from offramp.backbones.base import check_ids
-from offramp.engines.rows import RunningRows
+from offramp.engines.rows import RunningRows, row_keys
 from offramp.policies import ExitPolicy, ExitSignals, require_signals
 
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel, Prediction
 
 
-SIGNALS = ("logits", "labels", "hidden", "halting", "gate")  # what the classify engine can supply
+SIGNALS = ("logits", "labels", "hidden", "halting", "gate", "row_key")  # what the classify engine can supply
 
 
 def model_signals(model: "EarlyExitModel") -> set[str]:
     """The ``ExitSignals`` ``model`` gives its policy: logits, labels (oracle), hidden, and halting /
     gate when it has a halting layer / gates."""
-    return {"logits", "labels", "hidden"} | ({"halting"} if model.halting is not None else set()) \
+    return {"logits", "labels", "hidden", "row_key"} | ({"halting"} if model.halting is not None else set()) \
         | ({"gate"} if model.gates is not None else set())
 
 
@@ -54,7 +54,8 @@ def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mas
     # cuts them all to the rows that stay
     carried = {"hidden": hidden, "mask": attention_mask, "ctx": a.context(hidden, attention_mask),
                "state": policy.start(b, num_exits, device), "labels": None if labels is None else labels.to(device),
-               "halt_prev": None, "gate_state": None}
+               "halt_prev": None, "gate_state": None,
+               "row_key": row_keys(input_ids, attention_mask) if "row_key" in policy.needs else None}
     reads = set(policy.needs)
     # what the policy reads decides what runs at an exit it may leave at: the pooled state (logits,
     # hidden, halting, gate), the head (logits; gates read the logits), the halting layer, the gates.
@@ -74,7 +75,7 @@ def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mas
         pooled = cls.pool(hidden, carried["mask"]) if want_pooled else None  # (r, d)
         logits = cls(k, pooled) if want_logits else None  # (r, c)
         signals = ExitSignals(logits=logits, layer=i + 1, hidden=pooled if "hidden" in reads else None,
-                              labels=carried["labels"])
+                              labels=carried["labels"], row_key=carried["row_key"])
         if "halting" in reads:
             if carried["halt_prev"] is None:
                 carried["halt_prev"] = model.halting.start(pooled)

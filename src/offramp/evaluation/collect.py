@@ -49,6 +49,8 @@ class ExitTrace:
         halting: (n, E) halting probabilities lambda, if the model has a halting layer.
         gate: (n, E) gate values, if the model has gates.
         hidden: (E, n, d) pooled hidden states, if collected (for saturation).
+        row_key: (n,) int64 hash of each row's token ids (``offramp.engines.rows.row_keys``), which
+            ``ponder_sample`` keys its random draws on.
         layer_flops: FLOPs of running up to each exit (E,), if known.
         meta: free-form metadata (model, data, split, ...).
     """
@@ -62,6 +64,7 @@ class ExitTrace:
     hidden: Tensor | None = None
     layer_flops: list[float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    row_key: Tensor | None = None
 
     @property
     def num_exits(self) -> int:
@@ -84,12 +87,13 @@ class ExitTrace:
 
         return ExitTrace(logits=pick(self.logits, 1), labels=pick(self.labels, 0), exit_layers=list(self.exit_layers),
                          num_layers=self.num_layers, halting=pick(self.halting, 0), gate=pick(self.gate, 0),
-                         hidden=pick(self.hidden, 1), layer_flops=self.layer_flops, meta=dict(self.meta))
+                         hidden=pick(self.hidden, 1), layer_flops=self.layer_flops, meta=dict(self.meta),
+                         row_key=pick(self.row_key, 0))
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the trace folder atomically (a partial write is never visible as a trace)."""
         tensors = {"logits": self.logits.contiguous()}
-        for name in ("labels", "halting", "gate", "hidden"):
+        for name in ("labels", "halting", "gate", "hidden", "row_key"):
             t = getattr(self, name)
             if t is not None:
                 tensors[name] = t.contiguous()
@@ -123,12 +127,13 @@ class ExitTrace:
             raise ValueError(f"{directory}: {len(exit_layers)} exit layers in {TRACE_META} but logits for "
                              f"{logits.shape[0]} exits in {TRACE_TENSORS}; {fix}")
         n = logits.shape[1]
-        for name, dim in (("labels", 0), ("halting", 0), ("gate", 0), ("hidden", 1)):
+        for name, dim in (("labels", 0), ("halting", 0), ("gate", 0), ("hidden", 1), ("row_key", 0)):
             if name in t and t[name].shape[dim] != n:
                 raise ValueError(f"{tensor_path}: '{name}' covers {t[name].shape[dim]} examples, logits {n}; {fix}")
         return cls(logits=logits, labels=t.get("labels"), exit_layers=exit_layers,
                    num_layers=num_layers, halting=t.get("halting"), gate=t.get("gate"),
-                   hidden=t.get("hidden"), layer_flops=meta.get("layer_flops"), meta=meta.get("meta") or {})
+                   hidden=t.get("hidden"), layer_flops=meta.get("layer_flops"), meta=meta.get("meta") or {},
+                   row_key=t.get("row_key"))
 
 
 @torch.no_grad()
@@ -142,7 +147,9 @@ def collect(model: "EarlyExitModel", batches: Iterable[dict[str, Tensor]], *, ke
     from offramp.utils import progress as bar
 
     model.eval()
-    logits, labels, halting, gate, hidden = [], [], [], [], []
+    from offramp.engines.rows import row_keys
+
+    logits, labels, halting, gate, hidden, keys = [], [], [], [], [], []
     device = model.device
     pooled = None
     if state_cache:
@@ -158,6 +165,8 @@ def collect(model: "EarlyExitModel", batches: Iterable[dict[str, Tensor]], *, ke
                       if k in batch}
             out = model(**inputs, output_pooled=keep_hidden)
         logits.append(out.exit_logits.float().cpu())
+        if "input_ids" in batch:
+            keys.append(row_keys(batch["input_ids"], batch.get("attention_mask")).cpu())
         if "labels" in batch:
             labels.append(batch["labels"].cpu())
         if out.halting_logits is not None:
@@ -172,12 +181,13 @@ def collect(model: "EarlyExitModel", batches: Iterable[dict[str, Tensor]], *, ke
         logits=torch.cat(logits, dim=1), labels=torch.cat(labels) if labels else None,
         exit_layers=list(model.exit_layers), num_layers=model.num_layers,
         halting=torch.cat(halting) if halting else None, gate=torch.cat(gate) if gate else None,
-        hidden=torch.cat(hidden, dim=1) if hidden else None)
+        hidden=torch.cat(hidden, dim=1) if hidden else None,
+        row_key=torch.cat(keys) if len(keys) == len(logits) else None)
 
 
 def trace_signals(trace: ExitTrace) -> set[str]:
     """The ``ExitSignals`` a classification trace supplies to a policy."""
-    return {"logits", "labels"} | {n for n in ("halting", "gate", "hidden") if getattr(trace, n) is not None}
+    return {"logits", "labels"} | {n for n in ("halting", "gate", "hidden", "row_key") if getattr(trace, n, None) is not None}
 
 
 def replay(policy: ExitPolicy | str | dict, trace: ExitTrace, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -209,7 +219,8 @@ def replay(policy: ExitPolicy | str | dict, trace: ExitTrace, labels: Tensor | N
                           gate=trace.gate[rows, k] if trace.gate is not None else None,
                           hidden=trace.hidden[k, rows] if (trace.hidden is not None and "hidden" in policy.needs)
                           else None,
-                          labels=labels[rows] if labels is not None else None)
+                          labels=labels[rows] if labels is not None else None,
+                          row_key=trace.row_key[rows] if getattr(trace, "row_key", None) is not None else None)
         exits, carried["state"] = policy.decide(k, sig, carried["state"])
         carried = running.leave(exits, lambda local, original, k=k: out_index.index_fill_(0, original, k), carried)
         if not len(running):

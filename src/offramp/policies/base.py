@@ -58,6 +58,8 @@ class ExitSignals:
             is None; values computed from ``logits`` are cached here too.
         trial: (b,) at a cue event of a chain of thought: the mean token probability of a trial
             answer forced there (-1 when it is empty or did not close); DEER reads it.
+        row_key: (b,) int64 stable identity of each row (a hash of its token ids,
+            ``offramp.engines.rows.row_keys``): a policy that draws random numbers keys them on it.
 
     In a chain of thought the "exits" are its cue events: ``index`` is the event number, ``layer``
     the tokens generated before the event's fork point and ``hidden`` the (b, d) cue features.
@@ -72,6 +74,7 @@ class ExitSignals:
     confidence: Tensor | None = None
     stats: dict[str, Tensor] | None = None
     trial: Tensor | None = None
+    row_key: Tensor | None = None
 
     def stat(self, name: str) -> Tensor:
         """``distribution_stat(logits, name)`` (b,), from the stored stats or computed once."""

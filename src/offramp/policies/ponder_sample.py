@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from offramp.engines.rows import keyed_uniform
 from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
 
 
@@ -12,20 +12,20 @@ from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
 class PonderSamplePolicy(ExitPolicy):
     """PonderNet's stochastic rule: at each exit draw Bernoulli(lambda_i) and exit on 1.
 
-    The uniforms of all exits are drawn per row when the batch starts, from a generator seeded
-    with ``seed``, so replaying a trace in the same row order takes the same exits.
+    The uniform of row r at exit i is a hash of (r's row key, ``seed``, i): the row key is a hash of
+    its token ids (``offramp.engines.rows.row_keys``), so a row takes the same exits whatever batch
+    it is in and wherever in it, online and replayed from a trace.
     """
 
     type = "ponder_sample"
-    needs = ("halting",)
+    needs = ("halting", "row_key")
     seed: int = 0
-
-    def start(self, batch_size: int, num_exits: int, device: torch.device | str = "cpu") -> PolicyState:
-        g = torch.Generator().manual_seed(self.seed)
-        u = torch.rand(batch_size, num_exits, generator=g, dtype=torch.float64).to(device)
-        return PolicyState(num_exits, {"uniform": u})
 
     def decide(self, index: int, signals: ExitSignals, state: PolicyState) -> tuple[Tensor, PolicyState]:
         if signals.halting is None:
             raise ValueError("the ponder_sample policy needs a halting layer: build the model with halting={...}")
-        return state.extra["uniform"][:, index] < signals.halting.double(), state
+        if signals.row_key is None:
+            raise ValueError("the ponder_sample policy needs row keys (hashes of the rows' token ids): "
+                             "collect the trace again with this version of offramp")
+        u = keyed_uniform(signals.row_key, self.seed, index)
+        return u < signals.halting.to(u.device).double(), state

@@ -100,14 +100,20 @@ def _param_groups(model: "EarlyExitModel", args: TrainingArgs) -> list[dict[str,
 @torch.no_grad()
 def evaluate_exits(model: "EarlyExitModel", batches: Sequence[dict], accelerator: Accelerator | None = None
                    ) -> dict[str, Any]:
-    """Per-exit accuracy (classification) or MSE (regression) over ``batches``."""
+    """Per-exit accuracy (classification) or MSE (regression) over ``batches``; with a halting layer
+    also ``halting``, the spread of lambda across inputs (``offramp.evaluation.halting``)."""
     model.eval()
     correct = err = None
     n = 0
+    lambdas = []
     for batch in batches:
         inputs = {k: v for k, v in _as_inputs(batch).items() if k in ("input_ids", "attention_mask",
                                                                          "token_type_ids", "pooled")}
-        logits = model(**inputs).exit_logits  # (E, b, c)
+        out = model(**inputs)
+        logits = out.exit_logits  # (E, b, c)
+        if out.halting_logits is not None:
+            lam = torch.sigmoid(out.halting_logits.float())
+            lambdas.append(accelerator.gather_for_metrics(lam) if accelerator is not None else lam)
         labels = batch["labels"]
         if accelerator is not None:
             logits, labels = accelerator.gather_for_metrics((logits.transpose(0, 1), labels))
@@ -121,11 +127,17 @@ def evaluate_exits(model: "EarlyExitModel", batches: Sequence[dict], accelerator
         n += labels.shape[0]
     if n == 0:
         raise ValueError("the validation split is empty")
+    halting = {}
+    if lambdas:
+        from offramp.evaluation.halting import halting_report
+
+        report = halting_report(torch.cat(lambdas).cpu(), model.config.objective.get("lambda_p", 0.1))
+        halting = {"halting": report.to_dict()}
     if model.config.is_regression:
         per_exit = (err / n).tolist()
-        return {"mse_per_exit": per_exit, "mse_last": per_exit[-1], "n": n}
+        return {"mse_per_exit": per_exit, "mse_last": per_exit[-1], "n": n, **halting}
     per_exit = (correct.float() / n).tolist()
-    return {"accuracy_per_exit": per_exit, "accuracy_last": per_exit[-1], "n": n}
+    return {"accuracy_per_exit": per_exit, "accuracy_last": per_exit[-1], "n": n, **halting}
 
 
 def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: Sequence[dict] | None,
@@ -203,6 +215,14 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
     model.eval()
+    last = history[-1].get("halting") if history else None
+    if last and last["degenerate"] and accelerator.is_main_process:
+        import warnings
+
+        from offramp.evaluation.halting import HALTING_FIX
+
+        warnings.warn(f"train: the halting layer is degenerate on the validation split: {last['reason']}, so "
+                      f"q_exit leaves (almost) every input at the same layer; {HALTING_FIX}", stacklevel=2)
     return {"history": history, "checkpoint": str(ckpt)}
 
 
