@@ -1,7 +1,10 @@
 """Learned halting (PonderNet, PALBERT) against PABEE and confidence thresholds on the same exits.
 
-    python benchmarks/halting.py --data tweets --out runs/halting_tweets --json benchmarks/results/halting_tweets_frozen.json
-    python benchmarks/halting.py --data bbc --full --epochs 2 --max-train 4000 --out runs/halting_bbc_full ...
+    python benchmarks/halting.py --data tweets --out runs/halting_tweets \
+        --json benchmarks/results/halting_tweets_frozen.json
+    python benchmarks/halting.py --data tweets --full --epochs 2 --max-train 3000 --max-eval 1000 \
+        --models joint,pabee,pondernet,palbert_concat,palbert_row --out runs/halting_tweets_full \
+        --json benchmarks/results/halting_tweets_full.json
 
 Every model is trained on the train split (frozen MiniLM-L6 by default, ``--full`` fine-tunes it),
 each rule is swept on the test split, and the JSON reports per model and rule:
@@ -41,9 +44,16 @@ MODELS = {
     "palbert_concat": ({"type": "palbert", "variant": "concat"}, PONDER, ["q_exit"]),
     "palbert_diff": ({"type": "palbert", "variant": "diff"}, PONDER, ["q_exit"]),
     "palbert_rnn": ({"type": "palbert", "variant": "rnn"}, PONDER, ["q_exit"]),
+    "palbert_shared": ({"type": "palbert", "variant": "concat"}, PONDER, ["q_exit"], {"shared": True}),
     # the papers' per-row KL, and ablations of the fixed recipe
     "pondernet_row": ({"type": "pondernet"}, {**PONDER, "kl_target": "row"}, ["ponder_sample", "q_exit"]),
     "palbert_row": ({"type": "palbert"}, {**PONDER, "kl_target": "row"}, ["q_exit"]),
+    "palbert_shared_row": ({"type": "palbert"}, {**PONDER, "kl_target": "row"}, ["q_exit"], {"shared": True}),
+    # the reference's PALBERT command: 3 Lambda layers on concat, epsilon truncation, one shared classifier
+    "palbert_reference_row": ({"type": "palbert", "num_layers": 3, "position": "random"},
+                              {**PONDER, "kl_target": "row", "truncation": "epsilon"}, ["q_exit"], {"shared": True}),
+    "palbert_reference_batch": ({"type": "palbert", "num_layers": 3, "position": "random"},
+                                {**PONDER, "truncation": "epsilon"}, ["q_exit"], {"shared": True}),
     "palbert_beta0.05": ({"type": "palbert"}, {**PONDER, "beta": 0.05}, ["q_exit"]),
     "palbert_beta5": ({"type": "palbert"}, {**PONDER, "beta": 5.0}, ["q_exit"]),
     "palbert_kl_model_to_prior": ({"type": "palbert"}, {**PONDER, "kl_direction": "model_to_prior"}, ["q_exit"]),
@@ -114,12 +124,13 @@ def main() -> None:
                "n_train": len(data.train), "n_validation": len(data.validation), "n_test": len(data.test),
                "layer_grid": LAYER_GRID, "models": {}}
     for name in names:
-        halting, objective, rules = MODELS[name]
+        halting, objective, rules, *head = MODELS[name]
         t0 = time.time()
         torch.manual_seed(args.seed)
         pooling = common.default_pooling(resolve_model_path(args.model))
-        cfg = OfframpConfig(num_labels=data.num_labels, label_names=data.label_names, head={"pooling": pooling},
-                            halting=halting or None, objective=objective)
+        cfg = OfframpConfig(num_labels=data.num_labels, label_names=data.label_names,
+                            head={"pooling": pooling, **(head[0] if head else {})}, halting=halting or None,
+                            objective=objective)
         model = EarlyExitModel.from_backbone(args.model, cfg)
         tok = common.tokenizer_of(model)
         ckpt = out / name / "checkpoint"
@@ -136,6 +147,7 @@ def main() -> None:
         swept = sweep(test, rules)
         n = len(test)
         row = {"train_s": round(time.time() - t0, 1), "halting": halting or None, "objective": objective,
+               "head": head[0] if head else {},
                "accuracy_per_exit": [round(float((test.logits[i].argmax(-1) == test.labels).float().mean()), 4)
                                      for i in range(test.num_exits)],
                "full": round(swept.full[rules[0]].metric, 4), "rules": {}}

@@ -3,6 +3,7 @@ degenerate-halting warning, and PonderNet sampling keyed on the row (not on its 
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -179,3 +180,50 @@ def test_ponder_sample_sweep_equals_evaluate(halting_model):
     no_keys.row_key = None
     with pytest.raises(ValueError, match="row_key"):
         replay(spec, no_keys)
+
+
+def test_cli_kl_target_is_stored_and_the_trace_records_the_halting(tmp_path, capsys):
+    from test_cli import cli
+    from tiny_assets import write_csv, write_model
+
+    model, csv = write_model(tmp_path / "tiny"), write_csv(tmp_path / "d.csv", n=120)
+    assert cli("train", "--model", model, "--data", csv, "--out", tmp_path / "run", "--halting", "pondernet",
+               "--kl-target", "row", "--epochs", "1", "--batch-size", "16") == 0
+    cfg = EarlyExitModel.from_pretrained(tmp_path / "run" / "checkpoint").config
+    assert cfg.objective["kl_target"] == "row"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "lambda_spread" in metrics[-1]["halting"]
+    assert cli("collect", "--model", tmp_path / "run", "--out", tmp_path / "trace") == 0
+    from offramp.evaluation.collect import ExitTrace
+
+    trace = ExitTrace.load(tmp_path / "trace")
+    assert trace.row_key is not None and trace.meta["halting"]["lambda_p"] == 0.1
+    assert cli("sweep", "--trace", tmp_path / "trace", "--out", tmp_path / "rep", "--rules",
+               "ponder_sample,q_exit") == 0
+    assert "ponder_sample" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_row_target_equals_the_per_row_loss_written_as_a_loop():
+    """kl_target="row" with epsilon truncation is PALBERT's training loss: a loop over the exits
+    (pdf_i = lambda_i * survival, replaced by eps / E once the CDF passed 1 - eps), the task loss
+    sum_i mean_b(pdf_i CE_i) and KL(p_G || pdf) summed over exits, averaged over rows."""
+    g = torch.Generator().manual_seed(0)
+    b, e, c, eps, lam_p, beta = 16, 12, 3, 0.05, 0.1, 0.5
+    z = torch.randn(b, e, generator=g) * 2 - 1
+    logits = torch.randn(e, b, c, generator=g)
+    y = torch.randint(0, c, (b,), generator=g)
+    cdf, survive, pdfs = torch.zeros(b), torch.ones(b), []
+    for i in range(e):
+        lam = torch.sigmoid(z[:, i])
+        pdf = torch.where(cdf > 1 - eps, torch.full((b,), eps / e), lam * survive)
+        survive = survive * (1 - lam)
+        cdf = cdf + pdf
+        pdfs.append(pdf)
+    pdf = torch.stack(pdfs, 1)
+    prior = torch.tensor([lam_p * (1 - lam_p) ** k for k in range(e - 1)])
+    prior = torch.cat([prior, 1 - prior.sum(0, keepdim=True)])
+    task = sum((pdf[:, i] * torch.nn.functional.cross_entropy(logits[i], y, reduction="none")).mean()
+               for i in range(e))
+    kl = (prior[None] * (prior[None].log() - pdf.log())).sum(1).mean()
+    ours = ponder_loss(logits, z, y, beta=beta, lambda_p=lam_p, truncation="epsilon", epsilon=eps, kl_target="row")
+    torch.testing.assert_close(ours, task + beta * kl, atol=1e-5, rtol=1e-5)

@@ -59,6 +59,10 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--distill", type=float, default=None, help="joint objective: self-distillation weight (default 0)")
     p.add_argument("--beta", type=float, default=None, help="ponder objective: KL weight (default 0.5)")
     p.add_argument("--lambda-p", type=float, default=None, help="ponder objective: geometric prior (default 0.1)")
+    p.add_argument("--kl-target", choices=["batch", "row"], default=None,
+                   help="ponder objective: pull the batch's mean exit distribution to the prior (batch, default: "
+                        "the halting then differs by input) or every row's (row: PonderNet's and PALBERT's "
+                        "papers; the halting tends to copy the prior for every input)")
     p.add_argument("--full", action="store_true", default=None, help="fine-tune the backbone too (default: exits only)")
     p.add_argument("--epochs", type=int, default=None,
                    help="total epochs (default 3; with --resume the run's own, or more to extend it)")
@@ -76,7 +80,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "exits": "all", "shared_head": False, "pooling": "auto", "no_pooler": False, "halting": "none",
     "halting_variant": "concat", "objective": None, "cost_weight": 0.1, "warmup_epochs": None,
     "warmup_patience": None, "weights": "uniform", "distill": 0.0,
-    "beta": 0.5, "lambda_p": 0.1, "full": False, "epochs": 3, "lr": 1e-3, "backbone_lr": None,
+    "beta": 0.5, "lambda_p": 0.1, "kl_target": "batch", "full": False, "epochs": 3, "lr": 1e-3, "backbone_lr": None,
     "regression": False, "backbone_by_reference": False}
 RESUME_MAY_CHANGE = ("epochs",)  # a resumed run may be extended; everything else is the run's own
 
@@ -141,7 +145,8 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
         objective, gate, default_policy = jei["objective"], jei["gate"], jei["policy"]
     else:
         objective = ({"type": "joint", "weights": args.weights, "distill": args.distill} if kind == "joint"
-                     else {"type": "ponder", "beta": args.beta, "lambda_p": args.lambda_p})
+                     else {"type": "ponder", "beta": args.beta, "lambda_p": args.lambda_p,
+                           "kl_target": args.kl_target})
         default_policy = {"type": "never"}
     policy = common.make_policy_arg(args.policy, args.value, default_policy).to_dict()
     return OfframpConfig(base_model_name_or_path=_model_ref(args.model), num_labels=data.num_labels,
