@@ -81,8 +81,7 @@ def _pooled(model: Any, batches: list[dict], desc: str,
             torch.cat([row_keys(b["input_ids"], b["attention_mask"]) for b in batches]))
 
 
-def _cached_batches(pooled: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, batch_size: int,
-                    seed: int) -> list[dict]:
+def _cached_batches(pooled: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> list[dict]:
     order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))
     return [{"pooled": pooled[:, idx].transpose(0, 1), "labels": labels[idx]}  # pooled (b, E, d)
             for idx in order.split(batch_size)]
@@ -195,7 +194,7 @@ def run_demo(args: argparse.Namespace) -> int:
     batches = {s: list(loader) for s, loader in loaders.items()}
     probe = _probe_model(backbone, tok, model_path, data)
     states = {s: _pooled(probe, batches[s], f"backbone states ({s})", common.state_cache(args)) for s in batches}
-    cached = _cached_batches(*states["train"], args.batch_size, args.seed)
+    cached = _cached_batches(*states["train"][:2], args.batch_size, args.seed)
     models = _train_exit_sets(backbone, tok, model_path, data, cached, out, args)
 
     common.log("sweeping every rule on the validation and test traces")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from offramp.heads.halting import geometric_prior
+from offramp.heads.halting import exit_log_distribution, geometric_prior, ponder_kl
 
 SPREAD_MIN = 0.03  # lambda std across inputs below this at every exit: the same decision for all
 ROW_KL_MIN = 0.02  # nats: every row's exit distribution this close to the prior
@@ -45,17 +45,10 @@ class HaltingReport:
         return asdict(self)
 
 
-def _exit_distribution(lam: Tensor) -> Tensor:  # (n, E) lambda -> (n, E) p with lambda_E = 1
-    lam = lam.double().clamp(0.0, 1.0)
-    survive = torch.cumprod(torch.cat([torch.ones_like(lam[:, :1]), 1 - lam[:, :-1]], dim=1), dim=1)
-    p = lam * survive
-    p[:, -1] = survive[:, -1]
-    return p
-
-
-def _kl(p: Tensor, q: Tensor) -> Tensor:  # KL(p || q) over the last dim
-    p, q = p.clamp_min(1e-12), q.clamp_min(1e-12)
-    return (p * (p.log() - q.log())).sum(-1)
+def degenerate_message(what: str, reason: str) -> str:
+    """The warning for a degenerate halting layer, naming the fix."""
+    return (f"{what}: the halting layer is degenerate: {reason}, so q_exit leaves (almost) every input at the "
+            f"same layer and ponder_sample exits at random whatever the input; {HALTING_FIX}")
 
 
 def halting_report(halting: Tensor, lambda_p: float = 0.1) -> HaltingReport:
@@ -66,10 +59,11 @@ def halting_report(halting: Tensor, lambda_p: float = 0.1) -> HaltingReport:
     n, e = lam.shape
     std = lam.std(0, unbiased=False) if n > 1 else torch.zeros(e, dtype=torch.float64)
     spread = float(std[:-1].max()) if e > 1 else 0.0
-    p = _exit_distribution(lam)
+    logp = exit_log_distribution(torch.logit(lam, eps=1e-12), "force_last")  # the training's own formula
+    p = logp.exp()
     prior = geometric_prior(e, lambda_p).double()
-    row_kl = float(_kl(p, prior[None]).mean())
-    mean_kl = float(_kl(p.mean(0), prior))
+    row_kl = float(ponder_kl(logp, prior, "model_to_prior").mean())  # KL(p_row || p_G)
+    mean_kl = float(ponder_kl(p.mean(0, keepdim=True).clamp_min(1e-12).log(), prior, "model_to_prior").mean())
     reasons = []
     if e > 1 and spread < SPREAD_MIN:
         reasons.append(f"lambda hardly varies across inputs (std at most {spread:.3f} over the exits before the "
@@ -91,7 +85,5 @@ def warn_degenerate_halting(halting: Tensor | None, lambda_p: float, what: str) 
         return None
     report = halting_report(halting, lambda_p)
     if report.degenerate:
-        warnings.warn(f"{what}: the halting layer is degenerate: {report.reason}, so q_exit leaves (almost) every "
-                      f"input at the same layer and ponder_sample exits at random whatever the input; "
-                      f"{HALTING_FIX}", stacklevel=2)
+        warnings.warn(degenerate_message(what, report.reason), stacklevel=2)
     return report

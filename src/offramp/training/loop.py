@@ -219,10 +219,9 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     if last and last["degenerate"] and accelerator.is_main_process:
         import warnings
 
-        from offramp.evaluation.halting import HALTING_FIX
+        from offramp.evaluation.halting import degenerate_message
 
-        warnings.warn(f"train: the halting layer is degenerate on the validation split: {last['reason']}, so "
-                      f"q_exit leaves (almost) every input at the same layer; {HALTING_FIX}", stacklevel=2)
+        warnings.warn(degenerate_message("train (validation split)", last["reason"]), stacklevel=2)
     return {"history": history, "checkpoint": str(ckpt)}
 
 
