@@ -123,6 +123,13 @@ def main() -> None:
     results = {"data": args.data, "model": args.model, "full": args.full, "epochs": args.epochs, "lr": args.lr,
                "n_train": len(data.train), "n_validation": len(data.validation), "n_test": len(data.test),
                "layer_grid": LAYER_GRID, "models": {}}
+    if args.json and Path(args.json).is_file():  # add to the rows of an earlier run with the same settings
+        earlier = json.loads(Path(args.json).read_text())
+        if all(earlier.get(k) == v for k, v in results.items() if k != "models"):
+            results["models"] = earlier.get("models", {})
+            _err(f"adding to the {len(results['models'])} models already in {args.json}")
+        else:
+            ap.error(f"{args.json} holds a run with other settings; give another --json")
     for name in names:
         halting, objective, rules, *head = MODELS[name]
         t0 = time.time()

@@ -97,8 +97,9 @@ def _models(args, base, cache, out: Path) -> dict[str, EarlyExitModel]:
              "pabee": dict(head={"pooling": "mean"}, objective={"type": "joint", "weights": "pabee"}),
              "palbert": dict(head={"pooling": "mean", "shared": True}, halting={"type": "palbert"},
                              objective={"type": "ponder"})}
-    for lam in LAMBDAS:
-        specs[f"jei_{lam:g}"] = dict(head={"pooling": "mean"}, **jei_config(lam))
+    for mode in args.pos_weight:
+        for lam in LAMBDAS:
+            specs[f"jei_{mode}_{lam:g}"] = dict(head={"pooling": "mean"}, **jei_config(lam, pos_weight=mode))
     models = {}
     for name, spec in specs.items():
         torch.manual_seed(args.seed)
@@ -223,14 +224,15 @@ def run(args) -> dict:
         pts = [_point(make_policy(rule, **{field: type(getattr(make_policy(rule), field))(v)}),
                       traces[name]["fresh"], flops) for v in values]
         results["curves"][rule] = {"points": pts, "pareto": _pareto(pts)}
-    jei_pts = []
-    for lam in LAMBDAS:
-        name = f"jei_{lam:g}"
-        p = _point(make_policy("gate"), traces[name]["fresh"], model_exit_flops(models[name], seq))
-        p["val_accuracy"] = _point(make_policy("gate"), traces[name]["validation"],
-                                   model_exit_flops(models[name], seq))["accuracy"]
-        jei_pts.append({"lambda": lam, **p})
-    results["curves"]["jei_gate"] = {"points": jei_pts, "pareto": _pareto(jei_pts)}
+    for mode in args.pos_weight:
+        jei_pts = []
+        for lam in LAMBDAS:
+            name = f"jei_{mode}_{lam:g}"
+            p = _point(make_policy("gate"), traces[name]["fresh"], model_exit_flops(models[name], seq))
+            p["val_accuracy"] = _point(make_policy("gate"), traces[name]["validation"],
+                                       model_exit_flops(models[name], seq))["accuracy"]
+            jei_pts.append({"lambda": lam, "pos_weight": mode, **p})
+        results["curves"][f"jei_gate_{mode}"] = {"points": jei_pts, "pareto": _pareto(jei_pts)}
     results["full_model_accuracy"] = {n: float((traces[n]["fresh"].logits[-1].argmax(-1)
                                                 == traces[n]["fresh"].labels).float().mean()) for n in traces}
     ops = {"entropy": ("joint", {"type": "entropy", "threshold": 0.6}),
@@ -285,6 +287,130 @@ def run_digits(args) -> dict:
     return out
 
 
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # Debian: apt-get install dataset-fashion-mnist
+
+
+def _fashion(folder: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST images (n, 1, 28, 28) in [0, 1] and labels (n,) from the idx files."""
+    import gzip
+
+    prefix = {"train": "train", "test": "t10k"}[split]
+    paths = [Path(folder) / f"{prefix}-{kind}-idx{dims}-ubyte.gz" for kind, dims in (("images", 3), ("labels", 1))]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"Fashion-MNIST not found ({', '.join(missing)}): install Debian's dataset-fashion-mnist "
+                         "(apt-get install dataset-fashion-mnist) or pass --fashion-dir")
+    images = np.frombuffer(gzip.decompress(paths[0].read_bytes()), dtype=np.uint8, offset=16)
+    labels = np.frombuffer(gzip.decompress(paths[1].read_bytes()), dtype=np.uint8, offset=8)
+    x = torch.tensor(images.reshape(-1, 1, 28, 28) / 255.0, dtype=torch.float32)
+    return x, torch.tensor(labels.astype(np.int64))
+
+
+def _pretrained_vit(args, x: torch.Tensor, y: torch.Tensor, out: Path):
+    """A small ViT trained from scratch for its last layer only (a plain classifier, no exits)."""
+    from transformers import ViTConfig, ViTModel
+
+    from offramp.backbones.vit import flatten_images
+
+    torch.manual_seed(args.seed)
+    vit = ViTModel(ViTConfig(image_size=28, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=6,
+                             num_attention_heads=4, intermediate_size=128), add_pooling_layer=False)
+    base = EarlyExitModel.from_backbone(vit, OfframpConfig(num_labels=10, exit_layers=[6]))
+    path = out / "vit_pretrained.pt"
+    if path.is_file():
+        base.load_state_dict(load_torch_state(path, "cached ViT", "delete it to retrain"))
+        return base.eval()
+    opt = torch.optim.AdamW(base.parameters(), lr=2e-3, weight_decay=0.05)
+    steps = args.vit_epochs * math.ceil(len(y) / 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    for epoch in range(args.vit_epochs):
+        base.train()
+        for idx in torch.randperm(len(y), generator=g).split(128):
+            loss = base(flatten_images(x[idx]), labels=y[idx]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        print(f"ViT epoch {epoch + 1}/{args.vit_epochs}: loss {loss.detach().item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(base.state_dict(), tmp)
+    tmp.replace(path)
+    return base.eval()
+
+
+def run_fashion(args) -> dict:
+    """JEI-DNN where early exits are weak: exits added to a ViT trained on Fashion-MNIST for its last
+    layer only (frozen), as in JEI-DNN's vision setting; gates against entropy / max_prob."""
+    from offramp.backbones.vit import flatten_images
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = _fashion(args.fashion_dir, "train")
+    xt, yt = _fashion(args.fashion_dir, "test")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    tr, va = perm[:args.train], perm[args.train:args.train + args.val]
+    pre = _pretrained_vit(args, x[tr], y[tr], out)
+    half = len(yt) // 2
+    parts = {"train": (x[tr], y[tr]), "validation": (x[va], y[va]), "calibration": (xt[:half], yt[:half]),
+             "fresh": (xt[half:], yt[half:])}
+    exits = EarlyExitModel.from_backbone(pre.backbone, OfframpConfig(num_labels=10))
+    cache = {}
+    with torch.no_grad():
+        for name, (xi, yi) in parts.items():
+            cache[name] = [{"pooled": exits.pooled_states(flatten_images(xi[i:i + 256])), "labels": yi[i:i + 256]}
+                           for i in range(0, len(yi), 256)]
+    specs = {"joint": dict(objective={"type": "joint", "weights": "uniform"})}
+    for mode in args.pos_weight:
+        for lam in FASHION_LAMBDAS:
+            specs[f"jei_{mode}_{lam:g}"] = jei_config(lam, pos_weight=mode)
+    models, results = {}, {"n": {k: len(v[1]) for k, v in parts.items()}, "curves": {}, "uncertainty": {}}
+    for name, spec in specs.items():
+        torch.manual_seed(args.seed)
+        model = EarlyExitModel(pre.backbone, OfframpConfig(num_labels=10, **spec))
+        model.freeze_backbone(True)
+        t0 = time.time()
+        if name.startswith("jei_"):
+            train_jei(model, cache["train"], cache["validation"],
+                      JEIArgs(output_dir=str(out / "jei" / name), epochs=args.jei_epochs, lr=args.lr, seq_len=50,
+                              seed=args.seed))
+        else:
+            _train_plain(model, cache["train"], args.epochs, args.lr, args.seed)
+        print(f"trained {name} in {time.time() - t0:.0f}s", flush=True)
+        models[name] = model.eval()
+    flops = model_exit_flops(models["joint"], 50)
+    traces = {n: {s: _trace(m, cache[s]) for s in ("calibration", "fresh")} for n, m in models.items()}
+    results["per_exit_accuracy"] = {n: [float((t["fresh"].logits[e].argmax(-1) == t["fresh"].labels).float().mean())
+                                        for e in range(t["fresh"].logits.shape[0])] for n, t in traces.items()}
+    for rule, values in (("entropy", np.linspace(0.0, math.log(10), 31)), ("max_prob", np.linspace(0.1, 1.0, 31))):
+        for name in ("joint", f"jei_{args.pos_weight[0]}_{FASHION_LAMBDAS[2]:g}"):
+            pts = [_point(make_policy(rule, threshold=float(v)), traces[name]["fresh"], flops) for v in values]
+            results["curves"][f"{rule} ({name})"] = {"points": pts, "pareto": _pareto(pts)}
+    for mode in args.pos_weight:
+        pts = [{"lambda": lam, **_point(make_policy("gate"), traces[f"jei_{mode}_{lam:g}"]["fresh"], flops)}
+               for lam in FASHION_LAMBDAS]
+        results["curves"][f"jei_gate_{mode}"] = {"points": pts, "pareto": _pareto(pts)}
+    # uncertainty at the exit taken, each gate model against entropy on the joint heads at the same depth
+    entropy = results["curves"]["entropy (joint)"]["points"]
+    for lam in FASHION_LAMBDAS:
+        name = f"jei_{args.pos_weight[0]}_{lam:g}"
+        gate = make_policy("gate")
+        depth = _point(gate, traces[name]["fresh"], flops)["mean_exit_layer"]
+        match = min(entropy, key=lambda p: abs(p["mean_exit_layer"] - depth))
+        results["uncertainty"][name] = {"gate": _uncertainty(gate, traces[name]["calibration"], traces[name]["fresh"]),
+                                        "entropy_joint": {"policy": match["policy"], "mean_exit_layer":
+                                                          match["mean_exit_layer"],
+                                                          **_uncertainty(make_policy(match["policy"]),
+                                                                         traces["joint"]["calibration"],
+                                                                         traces["joint"]["fresh"])}}
+    return results
+
+
+FASHION_LAMBDAS = [0.0, 0.05, 0.1, 0.2, 0.4, 0.8]
+
+
 @torch.no_grad()
 def _trace_inputs(model, batches) -> ExitTrace:
     outs = [model(b["input_ids"]) for b in batches]
@@ -305,9 +431,9 @@ def plot(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for rule, curve in results["curves"].items():
-        pts = curve["points"] if rule == "jei_gate" else curve["pareto"]
+        pts = curve["points"] if rule.startswith("jei_gate") else curve["pareto"]
         ax.plot([p["mean_exit_layer"] for p in pts], [p["accuracy"] for p in pts],
-                marker="o" if rule == "jei_gate" else ".", label=rule)
+                marker="o" if rule.startswith("jei_gate") else ".", label=rule)
     ax.set_xlabel("mean exit layer")
     ax.set_ylabel("accuracy (fresh test half)")
     ax.legend(fontsize=8)
@@ -336,17 +462,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--delta", type=float, default=0.1)
     p.add_argument("--epsilon", type=float, default=0.05)
-    p.add_argument("--gate-model", default="jei_0.1", help="the JEI model whose gate rule is calibrated")
+    p.add_argument("--pos-weight", default="none,balanced,exact",
+                   help="comma-separated gate positive weights to train JEI models with (objective.pos_weight)")
+    p.add_argument("--gate-model", default=None,
+                   help="the JEI model whose gate rule is calibrated (default jei_<first --pos-weight>_0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--task", choices=("tweets", "digits", "plot"), default="tweets",
-                   help="tweets: the text comparison; digits: JEI-DNN on a small ViT; plot: PNGs from --json")
+    p.add_argument("--task", choices=("tweets", "digits", "fashion", "plot"), default="tweets",
+                   help="tweets: the text comparison; digits: JEI-DNN on a small ViT; fashion: exits on a ViT "
+                        "trained on Fashion-MNIST for its last layer (weak early exits); plot: PNGs from --json")
+    p.add_argument("--fashion-dir", default=FASHION_DIR, help="folder of the Fashion-MNIST idx files")
+    p.add_argument("--vit-epochs", type=int, default=12, help="fashion: epochs of the ViT's own training")
     args = p.parse_args(argv)
+    args.pos_weight = [m for m in args.pos_weight.split(",") if m]
+    args.gate_model = args.gate_model or f"jei_{args.pos_weight[0]}_0.1"
     if args.task == "plot":
         results = json.loads(Path(args.json).read_text())
         plot(results, Path(args.out))
         return results
-    results = run(args) if args.task == "tweets" else run_digits(args)
+    results = {"tweets": run, "digits": run_digits, "fashion": run_fashion}[args.task](args)
     text = json.dumps(results, indent=1)
     if args.json:
         path = Path(args.json)

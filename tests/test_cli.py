@@ -347,6 +347,20 @@ def test_jei_warmup_epochs_option_and_a_first_exit_warning(ws, capsys, tmp_path)
     rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "k",
                      "--warmup-epochs", "2")
     assert rc == 2 and "--warmup-epochs is an option of the JEI-DNN schedule" in err
+    rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "k",
+                     "--gate-pos-weight", "balanced")
+    assert rc == 2 and "--gate-pos-weight is an option of the JEI-DNN schedule" in err
+
+
+@pytest.mark.parametrize("flag, value", [("--beta", "0.1"), ("--lambda-p", "0.2"), ("--kl-target", "row")])
+def test_ponder_options_without_a_halting_layer_are_refused(ws, capsys, tmp_path, flag, value):
+    rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "p",
+                     flag, value)
+    assert rc == 2 and f"{flag} is an option of the ponder objective" in err and "--halting palbert" in err
+    assert not (tmp_path / "p").exists()
+    rc, _, err = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "p",
+                     "--objective", "jei", flag, value)
+    assert rc == 2 and "ponder objective" in err
 
 
 def test_no_first_exit_warning_when_rows_go_deeper(ws, capsys):

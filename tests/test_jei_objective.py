@@ -51,7 +51,7 @@ def test_targets_change_with_lambda():
 
 def test_pos_weights_and_weighted_bce_equal_brute_force():
     targets, _ = gate_targets(CE, COSTS, 0.5)
-    w = gate_pos_weights(targets, clip=5.0)
+    w = gate_pos_weights(targets, clip=5.0, mode="balanced")
     for l in range(2):
         pos = sum(t[l] for t in targets.tolist())
         neg = len(targets) - pos
@@ -59,6 +59,12 @@ def test_pos_weights_and_weighted_bce_equal_brute_force():
         assert w[l].item() == pytest.approx(want)
     assert gate_pos_weights(torch.tensor([[1.0, 1.0]] + [[0.0, 0.0]] * 9)).tolist() == [5.0, 5.0]  # 9/1 clipped
     assert gate_pos_weights(torch.zeros(4, 2)).tolist() == [5.0, 5.0]  # no positive: the clip
+    assert gate_pos_weights(targets, mode="none").tolist() == [1.0, 1.0]
+    _, best = gate_targets(CE, COSTS, 0.5)
+    exact = gate_pos_weights(targets, clip=5.0, mode="exact")  # the paper's code: rows whose l* is this gate
+    for l in range(2):
+        count = max(sum(int(b == l) for b in best.tolist()), 0.1)
+        assert exact[l].item() == pytest.approx(min((len(best) - count) / count, 5.0))
     z = torch.logit(GATES[:, :2])
     loss = gate_loss(z, targets, w)
     total = 0.0
@@ -119,3 +125,6 @@ def test_options_are_validated():
         check_jei_options({"lambda": 0.3})
     with pytest.raises(ValueError, match="cost_weight"):
         check_jei_options({"cost_weight": -1})
+    assert check_jei_options({})["pos_weight"] == "none"
+    with pytest.raises(ValueError, match="pos_weight must be one of"):
+        check_jei_options({"pos_weight": "auto"})

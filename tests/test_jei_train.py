@@ -1,7 +1,10 @@
 """The JEI-DNN schedule on a tiny model: warm-up freezing, phases, lambda moves the exits."""
 
+import warnings
+
 import torch
 from conftest import make_batch
+from transformers import BertConfig, BertModel
 
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.policies.gate import GatePolicy
@@ -81,3 +84,48 @@ def test_interrupted_schedule_resumes_to_the_same_result(tiny_bert, tmp_path):
         torch.testing.assert_close(again.head_state_dict()[k], v, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="no JEI checkpoint"):
         run(tmp_path / "none", 2, resume=True)
+
+
+E, D = 4, 16
+
+
+def _depth_task(n: int, seed: int) -> list[dict]:
+    """Pooled states (E, b, D) in batches of 64: row r carries its class from exit k_r on (k_r uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    first = torch.randint(0, E, (n,), generator=g)
+    direction = torch.randn(D, generator=torch.Generator().manual_seed(123))
+    direction /= direction.norm()
+    x = torch.randn(E, n, D, generator=g) * 0.5
+    for i in range(E):
+        x[i] += ((i >= first).float() * 2.0 * (2 * y - 1).float())[:, None] * direction
+    return [{"pooled": x[:, j:j + 64], "labels": y[j:j + 64]} for j in range(0, n, 64)]
+
+
+def _mean_exit_layer(lam: float, tmp_path, pos_weight: str = "none") -> tuple[float, list[str]]:
+    torch.manual_seed(0)
+    backbone = BertModel(BertConfig(vocab_size=50, hidden_size=D, num_hidden_layers=E, num_attention_heads=4,
+                                    intermediate_size=32))
+    model = EarlyExitModel(backbone, OfframpConfig(num_labels=2, **jei_config(lam, costs=[1, 2, 3, 4],
+                                                                                pos_weight=pos_weight)))
+    args = JEIArgs(output_dir=str(tmp_path / f"{pos_weight}{lam}"), epochs=4, warmup_epochs=3, patience=1, phase_batches=4,
+                   lr=1e-2, gate_lr=5e-2, save_backbone=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = train_jei(model, _depth_task(1024, 0), _depth_task(256, 1), args)["history"]
+    return history[-1]["mean_exit_layer"], [str(w.message) for w in caught]
+
+
+def test_cost_weight_moves_the_exits_from_deep_to_shallow(tmp_path):
+    """On a task whose rows need 1 to 4 exits (a quarter each), the mean exit layer falls monotonically
+    over lambda 0 -> 2, from (almost) always the last exit to always the first, which is warned."""
+    grid = [0.0, 0.2, 0.5, 1.0, 2.0]
+    runs = [_mean_exit_layer(lam, tmp_path) for lam in grid]
+    layers = [layer for layer, _ in runs]
+    assert all(a > b for a, b in zip(layers, layers[1:])), layers
+    assert layers[0] >= 3.5 and layers[-1] <= 1.2, layers
+    assert any("leave at the first exit" in m for m in runs[-1][1])
+    assert not any("leave at the first exit" in m for m in runs[0][1])
+    # the balanced positive weights put each gate at its own base rate: lambda moves the exits far less
+    balanced = [_mean_exit_layer(lam, tmp_path, "balanced")[0] for lam in (0.0, 2.0)]
+    assert balanced[0] - balanced[1] < 0.6 * (layers[0] - layers[-1]), (balanced, layers)

@@ -48,6 +48,11 @@ def add_train_parser(sub: Any) -> None:
                    help="joint (default), ponder (with --halting), jei (JEI-DNN gates, trained with its schedule)")
     p.add_argument("--cost-weight", type=float, default=None,
                    help="jei objective: lambda, the CE / cost trade-off (default 0.1)")
+    p.add_argument("--gate-pos-weight", choices=["none", "balanced", "exact"], default=None,
+                   help="jei objective: the gates' positive-class weight. none (default): each gate estimates "
+                        "whether exiting here is optimal, so --cost-weight moves the exits from deep to shallow; "
+                        "balanced: #neg/#pos per gate (the paper's statement; it cancels most of the cost weight's "
+                        "effect); exact: the paper's code")
     p.add_argument("--warmup-epochs", type=int, default=None,
                    help="jei objective: most epochs of the warm-up that trains every exit classifier before the "
                         "gates (default 10; 0 skips it); an exit stops early after --warmup-patience epochs "
@@ -78,7 +83,8 @@ def add_train_parser(sub: Any) -> None:
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "exits": "all", "shared_head": False, "pooling": "auto", "no_pooler": False, "halting": "none",
-    "halting_variant": "concat", "objective": None, "cost_weight": 0.1, "warmup_epochs": None,
+    "halting_variant": "concat", "objective": None, "cost_weight": 0.1, "gate_pos_weight": "none",
+    "warmup_epochs": None,
     "warmup_patience": None, "weights": "uniform", "distill": 0.0,
     "beta": 0.5, "lambda_p": 0.1, "kl_target": "batch", "full": False, "epochs": 3, "lr": 1e-3, "backbone_lr": None,
     "regression": False, "backbone_by_reference": False}
@@ -94,11 +100,17 @@ def _train_options(args: argparse.Namespace, stored: dict[str, Any] | None) -> d
             raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {given[key]}")
     common.require_min(given, epochs=1, warmup_epochs=0, warmup_patience=1)
     objective = given.get("objective", (stored or {}).get("objective"))
-    jei_only = [k for k in ("cost_weight", "warmup_epochs", "warmup_patience") if k in given]
+    jei_only = [k for k in ("cost_weight", "gate_pos_weight", "warmup_epochs", "warmup_patience") if k in given]
     if jei_only and objective != "jei":
         flag = "--" + jei_only[0].replace("_", "-")
         raise ValueError(f"{flag} is an option of the JEI-DNN schedule and would do nothing here: add "
                          "--objective jei, or drop it")
+    halting = given.get("halting", (stored or {}).get("halting", "none"))
+    ponder_only = [k for k in ("beta", "lambda_p", "kl_target") if k in given]
+    if ponder_only and (halting in (None, "none") or objective not in (None, "ponder")):
+        flag = "--" + ponder_only[0].replace("_", "-")
+        raise ValueError(f"{flag} is an option of the ponder objective (a halting layer) and would do nothing "
+                         "here: add --halting palbert or --halting pondernet, or drop it")
     if stored is None:
         return {**TRAIN_DEFAULTS, **given}
     for key, value in given.items():
@@ -126,7 +138,8 @@ def _stored_train_options(model: Any, ckpt: Path) -> dict[str, Any]:
     jei = model.config.extra.get("jei", {}).get("args")
     if jei:
         known.update(full=not jei.get("frozen_backbone", True), lr=jei.get("lr", 1e-3), epochs=jei.get("epochs", 3),
-                     cost_weight=jei.get("cost_weight", 0.1), objective="jei")
+                     cost_weight=jei.get("cost_weight", 0.1), objective="jei",
+                     gate_pos_weight=jei.get("pos_weight") or "balanced")
     return known
 
 
@@ -141,7 +154,7 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
 
         if halting:
             raise ValueError("--objective jei uses exit gates, not a halting layer: drop --halting")
-        jei = jei_config(cost_weight=args.cost_weight)
+        jei = jei_config(cost_weight=args.cost_weight, pos_weight=args.gate_pos_weight)
         objective, gate, default_policy = jei["objective"], jei["gate"], jei["policy"]
     else:
         objective = ({"type": "joint", "weights": args.weights, "distill": args.distill} if kind == "joint"
@@ -312,7 +325,8 @@ def _train_jei(model: Any, train_batches: list, eval_batches: list | None, targs
     if not eval_batches:
         raise ValueError("--objective jei needs a validation split (gate weights and warm-up freezing are "
                          "measured on it): use --validation-fraction > 0")
-    jargs = JEIArgs(output_dir=targs.output_dir, cost_weight=args.cost_weight, epochs=targs.epochs, lr=targs.lr,
+    jargs = JEIArgs(output_dir=targs.output_dir, cost_weight=args.cost_weight, pos_weight=args.gate_pos_weight,
+                    epochs=targs.epochs, lr=targs.lr,
                     warmup_epochs=args.warmup_epochs, patience=args.warmup_patience,
                     frozen_backbone=targs.frozen_backbone, save_backbone=targs.save_backbone, seed=targs.seed,
                     progress=True, resume=targs.resume, state_cache=targs.state_cache)

@@ -4,8 +4,13 @@ Notation: E exits, CE_l the cross-entropy of exit l, c_l the cost of exit l (com
 over the full compute, c_E = 1), g_l the gate values (g_E = 1: the last exit always exits).
 
 - Gate phase (IMs frozen): l* = argmin_l CE_l + lambda c_l per sample; targets t_l = 1[l >= l*]
-  for the gates l < E; BCE with a positive weight #neg/#pos per gate (from the validation split,
-  clipped to 5).
+  for the gates l < E; BCE with a positive weight per gate (``pos_weight``, measured on the
+  validation split): ``"none"`` (1, the default), ``"balanced"`` (#neg/#pos of each gate's targets,
+  clipped to 5, as the paper states it) or ``"exact"`` (#(l* != l)/#(l* = l), clipped to 5, as the
+  paper's code computes it). A gate trained without weights estimates P(l* <= l | x) and exits
+  when it passes 1/2, so a larger lambda (more rows with an early l*) moves every gate towards
+  exiting. The balanced weights put each gate's decision at its own base rate instead, which
+  cancels most of that shift: with them, lambda barely moves the mean exit layer.
 - IM phase (gates frozen): P_l = max(0, min(g_l, 1 - sum_{k<l} g_k));
   L_IM = mean_b sum_l P_l CE_l * (sum_l CE_l / sum_l P_l CE_l). The ratio is a constant (detached):
   without the detach the expression simplifies to sum_l CE_l and the weights have no effect, which
@@ -25,7 +30,8 @@ if TYPE_CHECKING:
 
 JEI_DEFAULTS: dict[str, Any] = {
     "cost_weight": 0.1,        # lambda: the CE / cost trade-off (sweep it for the Pareto curve)
-    "pos_weight_clip": 5.0,    # clip of the gates' positive-class weight #neg/#pos
+    "pos_weight": "none",      # the gates' positive-class weight: "none" | "balanced" | "exact"
+    "pos_weight_clip": 5.0,    # clip of the balanced / exact positive-class weights
     "patience": 3,             # warm-up: freeze an exit when its val accuracy stops improving
     "phase_batches": 200,      # alternate IM and gate phases every this many batches
     "warmup_epochs": 10,       # at most this many warm-up epochs
@@ -34,6 +40,7 @@ JEI_DEFAULTS: dict[str, Any] = {
     "phase": "both",           # what jei_loss trains in a generic loop: "warmup" | "im" | "gate" | "both"
 }
 PHASES = ("warmup", "im", "gate", "both")
+POS_WEIGHTS = ("none", "balanced", "exact")
 
 
 def check_jei_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +58,8 @@ def check_jei_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"objective.warmup_epochs must be >= 0, got {out['warmup_epochs']}")
     if int(out["patience"]) < 1 or int(out["phase_batches"]) < 1:
         raise ValueError("objective.patience and objective.phase_batches must be >= 1")
+    if out["pos_weight"] not in POS_WEIGHTS:
+        raise ValueError(f"objective.pos_weight must be one of {POS_WEIGHTS}, got {out['pos_weight']!r}")
     if out["phase"] not in PHASES:
         raise ValueError(f"objective.phase must be one of {PHASES}, got {out['phase']!r}")
     return out
@@ -81,8 +90,20 @@ def gate_targets(ce: Tensor, costs: Tensor, cost_weight: float) -> tuple[Tensor,
     return (gates[None, :] >= best[:, None]).float(), best
 
 
-def gate_pos_weights(targets: Tensor, clip: float = 5.0) -> Tensor:  # (n, E-1) -> (E-1,)
-    """#neg / #pos per gate, clipped to ``clip`` (a gate with no positive gets ``clip``)."""
+def gate_pos_weights(targets: Tensor, clip: float = 5.0, mode: str = "balanced") -> Tensor:  # (n, E-1) -> (E-1,)
+    """The gates' positive-class weights from cumulative targets (see the module docstring).
+
+    ``"balanced"``: #neg / #pos per gate, clipped to ``clip`` (a gate with no positive gets ``clip``).
+    ``"exact"``: #(l* != l) / #(l* = l) with the count floored at 0.1, clipped to ``clip``.
+    ``"none"``: 1 for every gate.
+    """
+    if mode == "none":
+        return torch.ones(targets.shape[1], dtype=torch.float32, device=targets.device)
+    if mode == "exact":
+        exact = torch.diff(targets, dim=1, prepend=torch.zeros_like(targets[:, :1])).sum(0).clamp_min(0.1)
+        return ((targets.shape[0] - exact) / exact).clamp(max=clip)
+    if mode != "balanced":
+        raise ValueError(f"pos_weight mode must be one of {POS_WEIGHTS}, got {mode!r}")
     pos = targets.sum(0)
     neg = targets.shape[0] - pos
     return torch.where(pos > 0, neg / pos.clamp_min(1.0), torch.full_like(pos, clip)).clamp(max=clip)
@@ -153,7 +174,7 @@ def jei_loss(model: "EarlyExitModel", out: "EarlyExitOutput", labels: Tensor, **
     """The JEI loss of one batch for a generic training loop (``objective.phase`` picks the terms).
 
     ``warmup``: mean CE over exits; ``im``: the reweighted IM loss (gates detached); ``gate``: the
-    gate BCE (targets from the detached CEs; positive weights from this batch, clipped); ``both``:
+    gate BCE (targets from the detached CEs; positive weights from this batch); ``both``:
     IM + gate (each term reaches only its own modules). The phased schedule of JEI-DNN is
     ``offramp.training.jei.train_jei``.
     """
@@ -170,5 +191,6 @@ def jei_loss(model: "EarlyExitModel", out: "EarlyExitOutput", labels: Tensor, **
     if opts["phase"] in ("gate", "both") and model.num_exits > 1:
         costs = exit_costs(model)
         targets, _ = gate_targets(ce, costs, opts["cost_weight"])
-        loss = loss + gate_loss(out.gate_logits, targets, gate_pos_weights(targets, opts["pos_weight_clip"]))
+        loss = loss + gate_loss(out.gate_logits, targets,
+                                     gate_pos_weights(targets, opts["pos_weight_clip"], opts["pos_weight"]))
     return loss

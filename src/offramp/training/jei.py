@@ -4,8 +4,8 @@
    for ``patience`` epochs is frozen; the warm-up ends when every exit is frozen (or after
    ``warmup_epochs``).
 2. Alternation, every ``phase_batches`` batches, starting with the gates: gate phase (IMs frozen,
-   class-weighted BCE towards the cumulative targets, positive weights measured on the validation
-   split at the start of each phase) and IM phase (gates frozen, the reweighted IM loss).
+   BCE towards the cumulative targets; with ``pos_weight`` "balanced" or "exact" the positive
+   weights are measured on the validation split at the start of each phase) and IM phase (gates frozen, the reweighted IM loss).
 
 With a frozen backbone the pooled states of every exit are computed once and cached, so the
 phases train only the heads and gates (exact: the backbone and its pooler do not change).
@@ -50,6 +50,8 @@ class JEIArgs:
     Args:
         output_dir: where ``checkpoint/`` and ``metrics.json`` go.
         cost_weight: lambda, the CE / cost trade-off.
+        pos_weight: the gates' positive-class weight, "none" | "balanced" | "exact"
+            (``offramp.objectives.jei``).
         epochs: passes over the training batches in the alternating stage.
         warmup_epochs: most warm-up epochs.
         patience: warm-up freezing patience (epochs without validation-accuracy gain).
@@ -68,6 +70,7 @@ class JEIArgs:
 
     output_dir: str
     cost_weight: float | None = None
+    pos_weight: str | None = None
     epochs: int = 5
     warmup_epochs: int | None = None
     patience: int | None = None
@@ -172,7 +175,7 @@ def _warmup(model, train: _Batches, val: _Batches, opts: dict, args: JEIArgs, lo
 def _val_pos_weights(model, val: _Batches, costs: Tensor, opts: dict) -> Tensor:
     logits, labels = val.all_logits()
     targets, _ = gate_targets(ce_per_exit(logits, labels), costs, float(opts["cost_weight"]))
-    return gate_pos_weights(targets, float(opts["pos_weight_clip"]))
+    return gate_pos_weights(targets, float(opts["pos_weight_clip"]), str(opts["pos_weight"]))
 
 
 @torch.no_grad()
@@ -205,7 +208,8 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
                          "positive weights and the warm-up freezing are measured on the validation split)")
     obj = {k: v for k, v in (model.config.objective or {}).items() if k != "type"} \
         if model.config.objective.get("type") == "jei" else {}
-    overrides = {k: getattr(args, k) for k in ("cost_weight", "warmup_epochs", "patience", "phase_batches")
+    overrides = {k: getattr(args, k) for k in ("cost_weight", "pos_weight", "warmup_epochs", "patience",
+                                                "phase_batches")
                  if getattr(args, k) is not None}
     opts = check_jei_options({**obj, **overrides})
     model.config.objective = {"type": "jei", **opts}
