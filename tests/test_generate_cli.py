@@ -158,3 +158,26 @@ def test_collect_sweep_calibrate_and_generate_on_token_exits(tmp_path, capsys) -
     stored = DecoderExitModel.from_pretrained(tmp_path / "exits", backbone=model).config
     assert stored.cache_strategy == "copy_kv" and stored.extra["calibration"]["source"] == "generation"
     assert stored.extra["calibration"]["prompts"] == 40
+
+
+def test_generate_speculative_equals_greedy_and_refuses_what_it_cannot_do(tmp_path, capsys) -> None:
+    folder, model = _tiny_folder(tmp_path)
+    DecoderExitModel.from_backbone(model, exit_layers=[2, 3], head="tied").save_pretrained(tmp_path / "exits")
+    plain, spec = tmp_path / "plain.json", tmp_path / "spec.json"
+    prompts = ["--prompt", "w5 w6 w7", "--prompt", "w9 w40"]
+    assert _run(["generate", "--model", str(folder), *prompts, "--max-new-tokens", "9", "--json", str(plain)]) == 0
+    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--speculative",
+                 "--draft-exit", "3", "--draft-tokens", "2", *prompts, "--max-new-tokens", "9",
+                 "--json", str(spec)]) == 0
+    assert "drafted tokens accepted" in capsys.readouterr().err
+    assert [r["tokens"] for r in json.loads(spec.read_text())["rows"]] == \
+        [r["tokens"] for r in json.loads(plain.read_text())["rows"]]
+    base = ["generate", "--model", str(folder), "--prompt", "w5"]
+    for extra, message in [(["--draft-tokens", "3", "--draft-exit", "2"], "option of --speculative"),
+                           (["--speculative"], "add --exits"),
+                           (["--speculative", "--exits", "x", "--sample"], "drop --sample"),
+                           (["--speculative", "--exits", "x", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
+                           (["--speculative", "--exits", str(tmp_path / "exits"), "--draft-exit", "1"],
+                            "not one of the model's exits")]:
+        with pytest.raises(ValueError, match=message):
+            _run(base + extra)

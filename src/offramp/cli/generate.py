@@ -57,6 +57,14 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--speculative", action="store_true",
+                   help="lossless self-speculation: an exit drafts, the rest of the model verifies (output = "
+                        "greedy decoding's; needs --exits or --fit-exits and an attention model)")
+    p.add_argument("--draft-exit", type=int, default=None,
+                   help="with --speculative: the exit layer that drafts (default: the deepest exit)")
+    p.add_argument("--draft-tokens", type=int, default=3, help="with --speculative: most tokens drafted per round")
+    p.add_argument("--draft-confidence", type=float, default=None,
+                   help="with --speculative: stop a draft once no row's exit is this sure of its token")
     p.add_argument("--show-exits", action="store_true", help="print every token with its exit layer")
     p.add_argument("--json", help="write texts, tokens and exit layers to this file")
     p.set_defaults(func=cmd_generate)
@@ -93,6 +101,22 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v}")
     if args.top_p > 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    common.require_min(args, draft_tokens=1)
+    if not args.speculative:
+        given = [f for f, v in (("--draft-exit", args.draft_exit), ("--draft-confidence", args.draft_confidence))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} is an option of --speculative: add --speculative, or drop it")
+        return
+    if args.draft_confidence is not None and not 0.0 <= args.draft_confidence <= 1.0:
+        raise ValueError(f"--draft-confidence must be in [0, 1], got {args.draft_confidence}")
+    if not (args.exits or args.fit_exits):
+        raise ValueError("--speculative drafts with a token exit: add --exits DIR (or --fit-exits OUT)")
+    conflicting = [flag for flag, on in (("--sample", args.sample), ("--repetition-penalty", args.repetition_penalty != 1.0),
+                                         ("--policy / --threshold", args.policy is not None or args.threshold is not None))
+                   if on]
+    if conflicting:
+        raise ValueError(f"--speculative decodes greedily with the full model's tokens: drop {conflicting[0]}")
 
 
 def _check_policy(args: argparse.Namespace) -> None:
@@ -147,9 +171,27 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
     return model
 
 
+def _check_speculative_backbone(args: argparse.Namespace, backbone: Any) -> None:
+    """What --speculative needs of the model, before any exit is trained."""
+    from offramp.backbones import adapter_for
+    from offramp.modeling.decoder import default_exit_layers
+
+    adapter = adapter_for(backbone, role="decoder")
+    if adapter.kind != "attention":
+        raise ValueError("--speculative needs an attention model: a Mamba layer's state cannot take back rejected "
+                         "drafts; drop --speculative (exits with --policy are lossy but work on Mamba)")
+    if args.fit_exits and args.draft_exit is not None:
+        layers = ([int(x) for x in args.exit_layers.split(",")] if args.exit_layers
+                  else default_exit_layers(adapter.num_layers))
+        if args.draft_exit not in layers:
+            raise ValueError(f"--draft-exit {args.draft_exit} is not one of the exits to fit {layers}: add it to "
+                             "--exit-layers or pick one of them")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``offramp generate``; ValueError on bad input (the main CLI prints it)."""
     from offramp.engines.generate import generate
+    from offramp.engines.generate.speculative import speculative_generate
     from offramp.data.assets import load_causal_lm
     from offramp.engines.generate.sampling import SamplingOptions
     from offramp.utils import progress
@@ -162,6 +204,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.fit_exits:
         common.check_out(Path(args.fit_exits), True, "--fit-exits folder")
     backbone, tok = load_causal_lm(args.model)
+    if args.speculative:
+        _check_speculative_backbone(args, backbone)
     exit_model = _exit_model(args, backbone, tok)
     policy = None
     if exit_model is not None:
@@ -172,18 +216,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts] if args.chat else prompts
     model = exit_model if exit_model is not None else backbone
-    rows, start = [], time.perf_counter()
+    if args.speculative:
+        from offramp.engines.generate.speculative import check_speculation
+
+        check_speculation(exit_model, sampling, args.draft_tokens, args.draft_confidence, args.draft_exit)
+        policy = None
+    rows, start, drafts = [], time.perf_counter(), {}
     batches = range(0, len(texts), args.batch_size)
     for i in progress(batches, desc="generate", unit="batch", enabled=len(batches) > 1):
         enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True)
-        out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
-                       policy=policy, cache_strategy=args.cache_strategy, sampling=sampling, tokenizer=tok)
+        if args.speculative:
+            out = speculative_generate(exit_model, enc["input_ids"], enc["attention_mask"],
+                                       exit_layer=args.draft_exit, draft_tokens=args.draft_tokens,
+                                       draft_confidence=args.draft_confidence, max_new_tokens=args.max_new_tokens,
+                                       sampling=sampling, tokenizer=tok)
+            for key in ("rounds", "row_rounds", "drafted", "accepted"):
+                drafts[key] = drafts.get(key, 0) + out.extra["speculation"][key]
+        else:
+            out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                           policy=policy, cache_strategy=args.cache_strategy, sampling=sampling, tokenizer=tok)
         for r in range(len(out.texts)):
             keep = out.exit_layers[r] > 0
             rows.append({"prompt": prompts[i + r], "text": out.texts[r], "tokens": out.new_tokens[r][keep].tolist(),
                          "exit_layers": out.exit_layers[r][keep].tolist()})
     wall = time.perf_counter() - start
     _print(rows, tok, args.show_exits, model, wall)
+    if drafts:
+        common.log(f"speculation: {drafts['accepted']} of {drafts['drafted']} drafted tokens accepted "
+                   f"({drafts['accepted'] / max(1, drafts['drafted']):.0%}), "
+                   f"{sum(len(r['tokens']) for r in rows) / max(1, drafts['row_rounds']):.2f} tokens per round")
     if args.json:
         from offramp.utils import atomic_write_json
 

@@ -115,6 +115,13 @@ class DecoderExitModel(ExitModelBase):
         kwargs.setdefault("cache_strategy", self.config.cache_strategy)
         return generate(self, input_ids, attention_mask, **kwargs)
 
+    def speculative_generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
+        """Lossless self-speculation (``offramp.engines.generate.speculative``): an exit drafts, the
+        layers after it verify; the output is greedy decoding's."""
+        from offramp.engines.generate.speculative import speculative_generate
+
+        return speculative_generate(self, input_ids, attention_mask, **kwargs)
+
     # ---- save / load -------------------------------------------------------------------------
     @classmethod
     def _from_folder(cls, folder: Path, config: DecoderExitConfig, backbone: nn.Module | None = None,

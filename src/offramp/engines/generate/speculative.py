@@ -1,0 +1,260 @@
+"""Lossless self-speculative decoding from a token exit (LayerSkip, Draft & Verify).
+
+Each round, every running row drafts up to ``d`` tokens with layers 1..E and the exit head at E,
+then the layers E+1..L verify them all in one pass. The draft's states at layers <= E are the full
+model's own (same tokens, same positions), so the verify pass starts from them and their cache
+entries are kept; nothing is recomputed. Greedy acceptance keeps the longest drafted prefix equal
+to the full model's argmax and adds the full model's next token, so every round yields 1..d+1
+tokens and the output is greedy decoding's.
+
+Rows advance in lockstep through the cache's columns: a round uses d+1 columns for every row
+(the pending token and the d drafts), and the columns of a row's rejected drafts become holes
+that its attention mask hides from then on. Positions are per row, so a hole costs attention
+width, never correctness. A row that reaches EOS or its token budget leaves the running batch.
+
+With ``draft_confidence`` the draft stops early, for the batch, once no running row's exit is at
+least that sure of its draft (the exit head's top probability); the round then verifies what was
+drafted. ``plan_speculation`` measures the costs on this machine and the exits' acceptance and
+picks the exit and the draft length (or says that plain decoding is faster).
+
+```python
+out = speculative_generate(exits, ids, mask, exit_layer=24, draft_tokens=3, max_new_tokens=64)
+out.extra["speculation"]   # rounds, drafted, accepted, tokens per round
+```
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from offramp.engines.generate.engine import _check_inputs, _Run
+from offramp.engines.generate.sampling import SamplingOptions
+from offramp.modeling.outputs import GenerateOutput, GenerateReport
+
+
+@dataclass
+class SpeculationStats:
+    """What the drafts did: rounds, drafted and accepted tokens (summed over rows)."""
+
+    rounds: int = 0
+    row_rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.emitted / self.row_rounds if self.row_rounds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "acceptance": self.acceptance, "tokens_per_round": self.tokens_per_round}
+
+
+def _exit_index(model: Any, exit_layer: int | None) -> int:
+    layers = list(model.exit_layers)
+    if exit_layer is None:
+        return len(layers) - 1
+    if exit_layer not in layers:
+        raise ValueError(f"exit_layer {exit_layer} is not one of the model's exits {layers}: pick one of them "
+                         "(or fit exits there with offramp generate --fit-exits --exits ...)")
+    return layers.index(exit_layer)
+
+
+def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, draft_confidence: float | None,
+                      exit_layer: int | None = None) -> int:
+    """Refuse what self-speculation cannot do (ValueError naming the fix); the drafting exit's index."""
+    if not hasattr(model, "exit_layers"):
+        raise ValueError("self-speculation drafts with a token exit: pass a DecoderExitModel (backbone + trained "
+                         "exit heads), not a plain causal LM")
+    if model.adapter.kind != "attention":
+        raise ValueError("self-speculation needs an attention backbone: a Mamba layer's state cannot take back "
+                         "rejected drafts; use generate() with exits (lossy) or never-exit decoding")
+    if sampling.do_sample or sampling.repetition_penalty != 1.0:
+        raise ValueError("self-speculative decoding is greedy here: drop do_sample / temperature / top_p and "
+                         "repetition_penalty, or use generate()")
+    if draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+    if draft_confidence is not None and not 0.0 <= draft_confidence <= 1.0:
+        raise ValueError(f"draft_confidence must be in [0, 1], got {draft_confidence}")
+    e = _exit_index(model, exit_layer)
+    if model.heads[e].stateful:
+        raise ValueError(f"the exit at layer {model.exit_layers[e]} has a stateful (Mamba) head, whose state cannot "
+                         "take back rejected drafts: draft from an exit with an ffn or transformer head")
+    return e
+
+
+class _Speculator:
+    """One call's state on top of the token-exit engine's cache and per-row positions."""
+
+    def __init__(self, model: Any, exit_index: int, ids: Tensor, attn: Tensor, max_new: int, d: int) -> None:
+        self.model, self.ad, self.e, self.d = model, model.adapter, exit_index, d
+        self.E = model.exit_layers[exit_index]
+        # every round takes d + 1 columns and yields >= 1 token: max_new rounds at most
+        self.run = _Run(self.ad, model, None, "copy_kv", ids, attn, max_new * (d + 1))
+        self.run.valid[:, ids.shape[1]:] = False
+        self.L = self.run.L
+
+    def _masks(self, rows: Tensor, start: int, end: int, layers: range) -> dict:
+        """Masks (r, 1, end-start, end) per window size; a sliding window counts positions (tokens),
+        not columns, so the holes of rejected drafts do not shorten it."""
+        valid = self.run.valid.index_select(0, rows)[:, :end]
+        pos = self.run.pos.index_select(0, rows)[:, :end]
+        k = torch.arange(end, device=valid.device)
+        causal = (k[None, :] <= torch.arange(start, end, device=valid.device)[:, None])[None] & valid[:, None, :]
+        masks: dict = {}
+        for layer in layers:
+            window = self.ad.sliding_window(layer)
+            if window in masks:
+                continue
+            allowed = causal
+            if window is not None:
+                allowed = allowed & (pos[:, None, :] > pos[:, start:end, None] - window)
+            allowed = allowed[:, None]
+            if self.run.mask_kind == "bool":
+                masks[window] = allowed
+            else:
+                zero = torch.zeros((), dtype=self.ad.dtype, device=valid.device)
+                low = torch.tensor(torch.finfo(self.ad.dtype).min, dtype=self.ad.dtype, device=valid.device)
+                masks[window] = torch.where(allowed, zero, low)
+        return masks
+
+    def _layers(self, h: Tensor, rows: Tensor, full: bool, start: int, layers: range) -> Tensor:
+        """Run ``layers`` on h (r, w, d) holding columns start..start+w-1 of ``rows``."""
+        end = start + h.shape[1]
+        posw = self.run.pos.index_select(0, rows)[:, start:end]
+        rot = self.ad.rotary(h, posw)
+        masks = self._masks(rows, start, end, layers)
+        for layer in layers:
+            view = self.run.kv.view(layer, None if full else rows, start, end)
+            h = self.ad.run_layer(layer, h, cache=view, mask=masks[self.ad.sliding_window(layer)],
+                                  position_ids=posw, rotary=rot)
+        self.run.layer_rows += rows.numel() * h.shape[1] * len(layers)
+        return h
+
+    def round(self, pending: Tensor, rows: Tensor, next_pos: Tensor, col: int,
+              threshold: float | None) -> tuple[Tensor, Tensor, int]:
+        """Draft from ``pending`` (r,) at column ``col``, verify; returns the full model's next tokens
+        (r, k+1), the number of accepted drafts per row (r,) and k, the drafts made."""
+        run, d = self.run, self.d
+        full = rows.numel() == run.B
+        span = torch.arange(d + 1, device=rows.device)
+        run.pos[rows, col:col + d + 1] = next_pos[:, None] + span[None]
+        run.valid[rows, col:col + d + 1] = True
+        tokens, states = [pending], []
+        for j in range(d + 1):
+            c = col + j
+            h = self.ad.embed(tokens[-1][:, None], run.pos.index_select(0, rows)[:, c:c + 1])
+            states.append(self._layers(h, rows, full, c, range(self.E)))
+            if j == d:
+                break
+            feats = self.model.features(self.e, states[-1])
+            logits = self.ad.logits(feats)[:, -1]
+            run.head_rows += rows.numel()
+            tokens.append(logits.argmax(-1).to(pending.device))
+            if threshold is not None and not bool((logits.float().softmax(-1).amax(-1) >= threshold).any()):
+                # one more partial pass for the last draft's states, then verify what was drafted
+                c = col + j + 1
+                h = self.ad.embed(tokens[-1][:, None], run.pos.index_select(0, rows)[:, c:c + 1])
+                states.append(self._layers(h, rows, full, c, range(self.E)))
+                break
+        k = len(tokens) - 1
+        run.valid[rows, col + k + 1:col + d + 1] = False  # columns this round did not draft into
+        hidden = self._layers(torch.cat(states, dim=1), rows, full, col, range(self.E, self.L))
+        best = self.ad.logits(hidden).argmax(-1).to(pending.device)  # (r, k+1)
+        drafts = torch.stack(tokens[1:], dim=1)  # (r, k)
+        accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)  # (r,)
+        cols = torch.arange(k + 1, device=rows.device)
+        holes = cols[None, :] > accepted[:, None]  # the rejected drafts' columns
+        block = run.valid[rows, col:col + k + 1]
+        run.valid[rows, col:col + k + 1] = block & ~holes
+        return best, accepted, k
+
+
+@torch.no_grad()
+def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                         exit_layer: int | None = None, draft_tokens: int = 3, draft_confidence: float | None = None,
+                         max_new_tokens: int = 32, sampling: SamplingOptions | None = None,
+                         tokenizer: Any = None) -> GenerateOutput:
+    """Greedy decoding, drafted by a token exit and verified by the rest of the model.
+
+    Args:
+        model: a ``DecoderExitModel`` on an attention backbone (its exit heads draft).
+        input_ids: (b, t) left-padded prompts; attention_mask (b, t), 1 on real tokens.
+        exit_layer: the exit that drafts (one of ``model.exit_layers``; default the deepest).
+        draft_tokens: most tokens drafted per round (d).
+        draft_confidence: stop a round's draft once no running row's exit has a top probability of
+            at least this (None: always draft d tokens).
+        max_new_tokens: tokens per row (fewer if it emits EOS).
+        sampling: only EOS and padding are read (decoding is greedy).
+        tokenizer: decodes ``texts`` when given.
+
+    Returns:
+        A ``GenerateOutput`` equal to greedy decoding's; ``extra["speculation"]`` holds the rounds,
+        drafted and accepted tokens, acceptance and tokens per round.
+    """
+    sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
+    e = check_speculation(model, sampling, draft_tokens, draft_confidence, exit_layer)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, "copy_kv")
+    dev = model.adapter.layer_device(0)
+    ids, attn = input_ids.to(dev), attention_mask.to(dev)
+    start = time.perf_counter()
+    spec = _Speculator(model, e, ids, attn, max_new_tokens, draft_tokens)
+    b, p = ids.shape
+    out = torch.full((b, max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)
+    count = torch.zeros(b, dtype=torch.long, device=dev)
+    stats = SpeculationStats()
+    first = spec.run.prefill(ids, attn).argmax(-1).to(dev)
+    out[:, 0], count[:] = first, 1
+    done = sampling.is_eos(first) | (count >= max_new_tokens)
+    pending = first
+    next_pos = spec.run.pos[:, p - 1] + 1
+    col = p
+    while not bool(done.all()):
+        rows = (~done).nonzero()[:, 0]
+        best, accepted, k = spec.round(pending.index_select(0, rows), rows, next_pos.index_select(0, rows), col,
+                                       draft_confidence)
+        stats.rounds += 1
+        stats.row_rounds += rows.numel()
+        stats.drafted += rows.numel() * k
+        stats.accepted += int(accepted.sum())
+        for i, r in enumerate(rows.tolist()):
+            new = best[i, :int(accepted[i]) + 1]
+            room = max_new_tokens - int(count[r])
+            new = new[:room]
+            eos = sampling.is_eos(new)
+            if bool(eos.any()):
+                new = new[:int(eos.nonzero()[0, 0]) + 1]
+            n = new.numel()
+            out[r, count[r]:count[r] + n] = new
+            count[r] += n
+            stats.emitted += n
+            done[r] = bool(eos.any()) or bool(count[r] >= max_new_tokens)
+        pending = best.gather(1, accepted[:, None])[:, 0]
+        full_pending = torch.zeros(b, dtype=pending.dtype, device=dev)
+        full_pending[rows] = pending
+        pending = full_pending
+        next_pos[rows] += accepted + 1
+        col += draft_tokens + 1
+    wall = time.perf_counter() - start
+    n = int(count.max())
+    new = out[:, :n]
+    layers = torch.where(torch.arange(n, device=dev)[None] < count[:, None], spec.L, 0)
+    report = GenerateReport(new_tokens=int(count.sum()), layer_rows=spec.run.layer_rows, fill_layer_rows=0,
+                            num_layers=spec.L, wall_s=wall, extra_head_rows=spec.run.head_rows,
+                            mean_exit_layer=float(spec.L))
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
+    return GenerateOutput(sequences=torch.cat([ids, new], dim=1), new_tokens=new, exit_layers=layers, report=report,
+                          texts=texts, extra={"speculation": {**stats.to_dict(), "exit_layer": spec.E,
+                                                              "draft_tokens": draft_tokens,
+                                                              "draft_confidence": draft_confidence}})
