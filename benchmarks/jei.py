@@ -388,17 +388,18 @@ def run_fashion(args) -> dict:
         for name in ("joint", f"jei_{args.pos_weight[0]}_{FASHION_LAMBDAS[2]:g}"):
             pts = [_point(make_policy(rule, threshold=float(v)), traces[name]["fresh"], flops) for v in values]
             results["curves"][f"{rule} ({name})"] = {"points": pts, "pareto": _pareto(pts)}
+    depth = {}
     for mode in args.pos_weight:
         pts = [{"lambda": lam, **_point(make_policy("gate"), traces[f"jei_{mode}_{lam:g}"]["fresh"], flops)}
                for lam in FASHION_LAMBDAS]
         results["curves"][f"jei_gate_{mode}"] = {"points": pts, "pareto": _pareto(pts)}
+        depth.update({f"jei_{mode}_{p['lambda']:g}": p["mean_exit_layer"] for p in pts})
     # uncertainty at the exit taken, each gate model against entropy on the joint heads at the same depth
     entropy = results["curves"]["entropy (joint)"]["points"]
     for lam in FASHION_LAMBDAS:
         name = f"jei_{args.pos_weight[0]}_{lam:g}"
         gate = make_policy("gate")
-        depth = _point(gate, traces[name]["fresh"], flops)["mean_exit_layer"]
-        match = min(entropy, key=lambda p: abs(p["mean_exit_layer"] - depth))
+        match = min(entropy, key=lambda p: abs(p["mean_exit_layer"] - depth[name]))
         results["uncertainty"][name] = {"gate": _uncertainty(gate, traces[name]["calibration"], traces[name]["fresh"]),
                                         "entropy_joint": {"policy": match["policy"], "mean_exit_layer":
                                                           match["mean_exit_layer"],

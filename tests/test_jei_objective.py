@@ -57,8 +57,8 @@ def test_pos_weights_and_weighted_bce_equal_brute_force():
         neg = len(targets) - pos
         want = 5.0 if pos == 0 else min(neg / pos, 5.0)
         assert w[l].item() == pytest.approx(want)
-    assert gate_pos_weights(torch.tensor([[1.0, 1.0]] + [[0.0, 0.0]] * 9)).tolist() == [5.0, 5.0]  # 9/1 clipped
-    assert gate_pos_weights(torch.zeros(4, 2)).tolist() == [5.0, 5.0]  # no positive: the clip
+    assert gate_pos_weights(torch.tensor([[1.0, 1.0]] + [[0.0, 0.0]] * 9), mode="balanced").tolist() == [5.0, 5.0]
+    assert gate_pos_weights(torch.zeros(4, 2), mode="balanced").tolist() == [5.0, 5.0]  # no positive: the clip
     assert gate_pos_weights(targets, mode="none").tolist() == [1.0, 1.0]
     _, best = gate_targets(CE, COSTS, 0.5)
     exact = gate_pos_weights(targets, clip=5.0, mode="exact")  # the paper's code: rows whose l* is this gate

@@ -108,7 +108,8 @@ def _mean_exit_layer(lam: float, tmp_path, pos_weight: str = "none") -> tuple[fl
                                     intermediate_size=32))
     model = EarlyExitModel(backbone, OfframpConfig(num_labels=2, **jei_config(lam, costs=[1, 2, 3, 4],
                                                                                 pos_weight=pos_weight)))
-    args = JEIArgs(output_dir=str(tmp_path / f"{pos_weight}{lam}"), epochs=4, warmup_epochs=3, patience=1, phase_batches=4,
+    args = JEIArgs(output_dir=str(tmp_path / f"{pos_weight}{lam}"), epochs=4, warmup_epochs=3, patience=1,
+                   phase_batches=4,
                    lr=1e-2, gate_lr=5e-2, save_backbone=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -112,9 +112,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--draft-confidence must be in [0, 1], got {args.draft_confidence}")
     if not (args.exits or args.fit_exits):
         raise ValueError("--speculative drafts with a token exit: add --exits DIR (or --fit-exits OUT)")
-    conflicting = [flag for flag, on in (("--sample", args.sample), ("--repetition-penalty", args.repetition_penalty != 1.0),
-                                         ("--policy / --threshold", args.policy is not None or args.threshold is not None))
-                   if on]
+    conflicting = [flag for flag, on in (("--sample", args.sample),
+                                         ("--repetition-penalty", args.repetition_penalty != 1.0),
+                                         ("--policy / --threshold",
+                                          args.policy is not None or args.threshold is not None)) if on]
     if conflicting:
         raise ValueError(f"--speculative decodes greedily with the full model's tokens: drop {conflicting[0]}")
 
@@ -138,6 +139,11 @@ def _check_policy(args: argparse.Namespace) -> None:
                         "use one of max_prob, entropy, margin, patience, saturation, static, token_confidence")
 
 
+def _fit_layers(args: argparse.Namespace) -> list[int] | None:
+    """The --exit-layers to fit (None: the default exits)."""
+    return [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
+
+
 def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
     from offramp.modeling import DecoderExitModel
 
@@ -152,7 +158,7 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
     from offramp.data.assets import bbc_prompts
     from offramp.training.distill import fit_exits, greedy_continuations, text_sequences
 
-    layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
+    layers = _fit_layers(args)
     model = DecoderExitModel.from_backbone(backbone, exit_layers=layers, head=args.head, top_k=args.top_k,
                                            base_model_name_or_path=_model_ref(args.model, backbone))
     if args.fit_text:
@@ -181,8 +187,7 @@ def _check_speculative_backbone(args: argparse.Namespace, backbone: Any) -> None
         raise ValueError("--speculative needs an attention model: a Mamba layer's state cannot take back rejected "
                          "drafts; drop --speculative (exits with --policy are lossy but work on Mamba)")
     if args.fit_exits and args.draft_exit is not None:
-        layers = ([int(x) for x in args.exit_layers.split(",")] if args.exit_layers
-                  else default_exit_layers(adapter.num_layers))
+        layers = _fit_layers(args) or default_exit_layers(adapter.num_layers)
         if args.draft_exit not in layers:
             raise ValueError(f"--draft-exit {args.draft_exit} is not one of the exits to fit {layers}: add it to "
                              "--exit-layers or pick one of them")
@@ -230,7 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                        exit_layer=args.draft_exit, draft_tokens=args.draft_tokens,
                                        draft_confidence=args.draft_confidence, max_new_tokens=args.max_new_tokens,
                                        sampling=sampling, tokenizer=tok)
-            for key in ("rounds", "row_rounds", "drafted", "accepted"):
+            for key in ("row_rounds", "drafted", "accepted"):
                 drafts[key] = drafts.get(key, 0) + out.extra["speculation"][key]
         else:
             out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,

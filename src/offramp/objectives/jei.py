@@ -90,7 +90,8 @@ def gate_targets(ce: Tensor, costs: Tensor, cost_weight: float) -> tuple[Tensor,
     return (gates[None, :] >= best[:, None]).float(), best
 
 
-def gate_pos_weights(targets: Tensor, clip: float = 5.0, mode: str = "balanced") -> Tensor:  # (n, E-1) -> (E-1,)
+def gate_pos_weights(targets: Tensor, clip: float = 5.0, mode: str = JEI_DEFAULTS["pos_weight"]
+                     ) -> Tensor:  # (n, E-1) -> (E-1,)
     """The gates' positive-class weights from cumulative targets (see the module docstring).
 
     ``"balanced"``: #neg / #pos per gate, clipped to ``clip`` (a gate with no positive gets ``clip``).
@@ -191,6 +192,6 @@ def jei_loss(model: "EarlyExitModel", out: "EarlyExitOutput", labels: Tensor, **
     if opts["phase"] in ("gate", "both") and model.num_exits > 1:
         costs = exit_costs(model)
         targets, _ = gate_targets(ce, costs, opts["cost_weight"])
-        loss = loss + gate_loss(out.gate_logits, targets,
-                                     gate_pos_weights(targets, opts["pos_weight_clip"], opts["pos_weight"]))
+        weights = gate_pos_weights(targets, opts["pos_weight_clip"], opts["pos_weight"])
+        loss = loss + gate_loss(out.gate_logits, targets, weights)
     return loss

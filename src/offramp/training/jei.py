@@ -5,7 +5,8 @@
    ``warmup_epochs``).
 2. Alternation, every ``phase_batches`` batches, starting with the gates: gate phase (IMs frozen,
    BCE towards the cumulative targets; with ``pos_weight`` "balanced" or "exact" the positive
-   weights are measured on the validation split at the start of each phase) and IM phase (gates frozen, the reweighted IM loss).
+   weights are measured on the validation split at the start of each phase) and IM phase (gates
+   frozen, the reweighted IM loss).
 
 With a frozen backbone the pooled states of every exit are computed once and cached, so the
 phases train only the heads and gates (exact: the backbone and its pooler do not change).
@@ -173,6 +174,8 @@ def _warmup(model, train: _Batches, val: _Batches, opts: dict, args: JEIArgs, lo
 
 
 def _val_pos_weights(model, val: _Batches, costs: Tensor, opts: dict) -> Tensor:
+    if opts["pos_weight"] == "none":  # no validation pass: the weights do not depend on it
+        return gate_pos_weights(torch.zeros(1, model.num_exits - 1), mode="none")
     logits, labels = val.all_logits()
     targets, _ = gate_targets(ce_per_exit(logits, labels), costs, float(opts["cost_weight"]))
     return gate_pos_weights(targets, float(opts["pos_weight_clip"]), str(opts["pos_weight"]))

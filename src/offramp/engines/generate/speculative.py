@@ -149,23 +149,17 @@ class _Speculator:
         span = torch.arange(d + 1, device=rows.device)
         run.pos[rows, col:col + d + 1] = next_pos[:, None] + span[None]
         run.valid[rows, col:col + d + 1] = True
-        tokens, states = [pending], []
-        for j in range(d + 1):
+        tokens, states, sure = [pending], [], True
+        for j in range(d + 1):  # the pending token, then each draft: layers 1..E
             c = col + j
             h = self.ad.embed(tokens[-1][:, None], run.pos.index_select(0, rows)[:, c:c + 1])
             states.append(self._layers(h, rows, full, c, range(self.E)))
-            if j == d:
+            if j == d or not sure:  # the last draft's states are in: verify what was drafted
                 break
-            feats = self.model.features(self.e, states[-1])
-            logits = self.ad.logits(feats)[:, -1]
+            logits = self.ad.logits(self.model.features(self.e, states[-1]))[:, -1]
             run.head_rows += rows.numel()
             tokens.append(logits.argmax(-1).to(pending.device))
-            if threshold is not None and not bool((logits.float().softmax(-1).amax(-1) >= threshold).any()):
-                # one more partial pass for the last draft's states, then verify what was drafted
-                c = col + j + 1
-                h = self.ad.embed(tokens[-1][:, None], run.pos.index_select(0, rows)[:, c:c + 1])
-                states.append(self._layers(h, rows, full, c, range(self.E)))
-                break
+            sure = threshold is None or bool((logits.float().softmax(-1).amax(-1) >= threshold).any())
         k = len(tokens) - 1
         run.valid[rows, col + k + 1:col + d + 1] = False  # columns this round did not draft into
         hidden = self._layers(torch.cat(states, dim=1), rows, full, col, range(self.E, self.L))
@@ -240,10 +234,8 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
             count[r] += n
             stats.emitted += n
             done[r] = bool(eos.any()) or bool(count[r] >= max_new_tokens)
-        pending = best.gather(1, accepted[:, None])[:, 0]
-        full_pending = torch.zeros(b, dtype=pending.dtype, device=dev)
-        full_pending[rows] = pending
-        pending = full_pending
+        pending = pending.clone()
+        pending[rows] = best.gather(1, accepted[:, None])[:, 0]  # the full model's next token
         next_pos[rows] += accepted + 1
         col += draft_tokens + 1
     wall = time.perf_counter() - start
