@@ -172,10 +172,27 @@ def test_generate_speculative_equals_greedy_and_refuses_what_it_cannot_do(tmp_pa
     assert "drafted tokens accepted" in capsys.readouterr().err
     assert [r["tokens"] for r in json.loads(spec.read_text())["rows"]] == \
         [r["tokens"] for r in json.loads(plain.read_text())["rows"]]
+    planned = tmp_path / "planned.json"
+    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--speculative", "--plan",
+                 *prompts, "--max-new-tokens", "9", "--json", str(planned)]) == 0
+    assert "speculation plan at batch" in capsys.readouterr().err
+    result = json.loads(planned.read_text())
+    assert [r["tokens"] for r in result["rows"]] == [r["tokens"] for r in json.loads(plain.read_text())["rows"]]
+    assert {s["exit_layer"] for s in result["plan"]["settings"]} == {2, 3}
+    sampled = []
+    for run in range(2):  # speculative sampling, seeded: the same draws twice
+        out = tmp_path / f"sampled{run}.json"
+        assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--speculative",
+                     "--sample", "--temperature", "0.8", "--seed", "3", *prompts, "--max-new-tokens", "9",
+                     "--json", str(out)]) == 0
+        sampled.append([r["tokens"] for r in json.loads(out.read_text())["rows"]])
+    assert sampled[0] == sampled[1] and all(len(t) == 9 for t in sampled[0])
     base = ["generate", "--model", str(folder), "--prompt", "w5"]
     for extra, message in [(["--draft-tokens", "3", "--draft-exit", "2"], "option of --speculative"),
                            (["--speculative"], "add --exits"),
-                           (["--speculative", "--exits", "x", "--sample"], "drop --sample"),
+                           (["--plan"], "option of --speculative"),
+                           (["--speculative", "--exits", "x", "--plan", "--draft-exit", "2"], "drop --draft-exit"),
+                           (["--speculative", "--exits", "x", "--repetition-penalty", "1.2"], "drop --repetition-penalty"),
                            (["--speculative", "--exits", "x", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
                            (["--speculative", "--exits", str(tmp_path / "exits"), "--draft-exit", "1"],
                             "not one of the model's exits")]:

@@ -1,5 +1,6 @@
 """Self-speculative decoding from a token exit is greedy decoding, token for token: every attention
-adapter, ragged batches, every draft length, drafts mostly accepted or mostly rejected."""
+adapter, ragged batches, every draft length, drafts mostly accepted or mostly rejected; with
+sampling, its tokens follow the full model's distribution."""
 
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ def test_bad_settings_are_refused_before_any_work() -> None:
     ids, mask = ragged_prompts(2)
     with pytest.raises(ValueError, match="not one of the model's exits"):
         speculative_generate(exits, ids, mask, exit_layer=3)
-    with pytest.raises(ValueError, match="greedy"):
-        speculative_generate(exits, ids, mask, sampling=SamplingOptions(do_sample=True))
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        speculative_generate(exits, ids, mask, sampling=SamplingOptions(do_sample=True, repetition_penalty=1.2))
     with pytest.raises(ValueError, match="DecoderExitModel"):
         speculative_generate(lm, ids, mask)
     with pytest.raises(ValueError, match="draft_tokens"):
@@ -93,3 +94,69 @@ def test_bad_settings_are_refused_before_any_work() -> None:
     mamba = DecoderExitModel.from_backbone(tiny_decoder("mamba"), exit_layers=[2], head="ffn")
     with pytest.raises(ValueError, match="attention backbone"):
         speculative_generate(mamba, ids, mask)
+
+
+def test_acceptance_rule_keeps_the_target_distribution() -> None:
+    from offramp.engines.generate.sampling import speculative_accept
+
+    g = torch.Generator().manual_seed(0)
+    n, v, k = 200_000, 6, 2
+    p = torch.softmax(torch.randn(k + 1, v, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(k, v, generator=g) * 2, -1)
+    drafts = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=g) for j in range(k)], 1)
+    tokens, accepted = speculative_accept(drafts, q.expand(n, k, v), p.expand(n, k + 1, v), g)
+    first = torch.bincount(tokens[:, 0], minlength=v) / n
+    assert (first - p[0]).abs().max() < 0.005  # the first token follows p, not q
+    assert (q[0] - p[0]).abs().max() > 0.05  # (which is far from q)
+    kept = accepted >= 1
+    second = torch.bincount(tokens[kept, 1], minlength=v) / int(kept.sum())
+    assert (second - p[1]).abs().max() < 0.01
+    expected = torch.minimum(p[0], q[0]).sum()  # P(first draft kept) = sum min(p, q)
+    assert abs(float(kept.float().mean()) - float(expected)) < 0.005
+
+
+@torch.no_grad()
+def test_speculative_sampling_follows_the_full_models_distribution() -> None:
+    lm, exits = _drafting("llama", 1.0)
+    lm.lm_head.weight.mul_(40)  # peaked distributions: the exit's differ from the full model's
+    prompt = torch.tensor([[5, 17, 42, 9]])
+    n = 3000
+    opts = SamplingOptions(do_sample=True, temperature=1.5, seed=0)
+    out = speculative_generate(exits, prompt.expand(n, 4), torch.ones(n, 4, dtype=torch.long), exit_layer=2,
+                               draft_tokens=3, max_new_tokens=3, sampling=opts)
+    assert out.extra["speculation"]["sampled"] and 0 < out.extra["speculation"]["acceptance"] < 1
+    v = lm.config.vocab_size
+    # exact marginal of the second token: sum over t1 of p(t1) p(t2 | t1), temperature 1.5
+    p1 = torch.softmax(lm(input_ids=prompt).logits[0, -1] / 1.5, -1)
+    cand = torch.cat([prompt.expand(v, 4), torch.arange(v)[:, None]], 1)
+    p2 = (p1[:, None] * torch.softmax(lm(input_ids=cand).logits[:, -1] / 1.5, -1)).sum(0)
+    emp = torch.bincount(out.new_tokens[:, 1], minlength=v).float() / n
+    tv = 0.5 * float((emp - p2).abs().sum())
+    # the exit's own drafts (what accepting every draft would give) are far from it
+    q2 = (p1[:, None] * torch.softmax(exits.exit_logits(exits.features(0, lm(input_ids=cand, output_hidden_states=True)
+                                                                        .hidden_states[2]))[:, -1] / 1.5, -1)).sum(0)
+    assert tv < 0.08 and 0.5 * float((q2 - p2).abs().sum()) > 0.3  # about 0.04 against 0.5
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_plan_replays_the_rounds_speculation_takes(scale: float) -> None:
+    from offramp.engines.generate.plan import exit_matches, plan_speculation, replay_rounds
+
+    lm, _ = _drafting("llama", scale)
+    exits = DecoderExitModel.from_backbone(lm, exit_layers=[1, 2, 3], head="tied")
+    ids, mask = ragged_prompts(3)
+    matches, lengths = exit_matches(exits, ids, mask, 12, SamplingOptions.from_model(lm))
+    for k in (1, 2, 3):
+        for d in (1, 2, 4):
+            out = speculative_generate(exits, ids, mask, exit_layer=k, draft_tokens=d, max_new_tokens=12)
+            predicted = sum(replay_rounds(m, n, d) for m, n in zip(matches[k], lengths))
+            assert out.extra["speculation"]["row_rounds"] == predicted, (k, d)
+    plan = plan_speculation(exits, ids, mask, max_new_tokens=12, draft_tokens=(1, 2, 4), repeats=2)
+    assert len(plan.settings) == 9 and set(plan.acceptance) == {1, 2, 3}
+    if scale == 0.0:  # layers 3-4 write nothing: every exit from layer 2 on is the model itself
+        assert plan.acceptance[2] == 1.0 and plan.acceptance[3] == 1.0
+    for s in plan.settings:
+        if s["tokens_per_round"] == 1.0:  # nothing accepted: a round is a plain step and more
+            assert s["predicted_speedup"] < 1.0
+    assert plan.best is None or plan.best["predicted_speedup"] >= 1.05
+    assert "speculation plan at batch 3" in plan.summary()

@@ -59,12 +59,17 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", action="store_true",
                    help="lossless self-speculation: an exit drafts, the rest of the model verifies (output = "
-                        "greedy decoding's; needs --exits or --fit-exits and an attention model)")
+                        "greedy decoding's, or with --sample drawn from the full model's distribution; needs "
+                        "--exits or --fit-exits and an attention model)")
     p.add_argument("--draft-exit", type=int, default=None,
                    help="with --speculative: the exit layer that drafts (default: the deepest exit)")
     p.add_argument("--draft-tokens", type=int, default=3, help="with --speculative: most tokens drafted per round")
     p.add_argument("--draft-confidence", type=float, default=None,
                    help="with --speculative: stop a draft once no row's exit is this sure of its token")
+    p.add_argument("--plan", action="store_true",
+                   help="with --speculative: measure this machine's costs and the exits' acceptance on the first "
+                        "batch, then draft from the exit and length predicted fastest (or decode plainly when "
+                        "none is predicted to beat it)")
     p.add_argument("--show-exits", action="store_true", help="print every token with its exit layer")
     p.add_argument("--json", help="write texts, tokens and exit layers to this file")
     p.set_defaults(func=cmd_generate)
@@ -103,21 +108,23 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     common.require_min(args, draft_tokens=1)
     if not args.speculative:
-        given = [f for f, v in (("--draft-exit", args.draft_exit), ("--draft-confidence", args.draft_confidence))
-                 if v is not None]
+        given = [f for f, v in (("--draft-exit", args.draft_exit), ("--draft-confidence", args.draft_confidence),
+                                ("--plan", args.plan or None)) if v is not None]
         if given:
             raise ValueError(f"{given[0]} is an option of --speculative: add --speculative, or drop it")
         return
+    if args.plan and args.draft_exit is not None:
+        raise ValueError("--plan picks the drafting exit and the draft length: drop --draft-exit")
     if args.draft_confidence is not None and not 0.0 <= args.draft_confidence <= 1.0:
         raise ValueError(f"--draft-confidence must be in [0, 1], got {args.draft_confidence}")
     if not (args.exits or args.fit_exits):
         raise ValueError("--speculative drafts with a token exit: add --exits DIR (or --fit-exits OUT)")
-    conflicting = [flag for flag, on in (("--sample", args.sample),
-                                         ("--repetition-penalty", args.repetition_penalty != 1.0),
+    conflicting = [flag for flag, on in (("--repetition-penalty", args.repetition_penalty != 1.0),
                                          ("--policy / --threshold",
                                           args.policy is not None or args.threshold is not None)) if on]
     if conflicting:
-        raise ValueError(f"--speculative decodes greedily with the full model's tokens: drop {conflicting[0]}")
+        raise ValueError(f"--speculative keeps the full model's tokens (greedy) or distribution (--sample): "
+                         f"drop {conflicting[0]}")
 
 
 def _check_policy(args: argparse.Namespace) -> None:
@@ -226,11 +233,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         check_speculation(exit_model, sampling, args.draft_tokens, args.draft_confidence, args.draft_exit)
         policy = None
-    rows, start, drafts = [], time.perf_counter(), {}
+    rows, start, drafts, plan = [], time.perf_counter(), {}, None
+    if args.plan:
+        plan = _plan(args, exit_model, tok(texts[:args.batch_size], return_tensors="pt", padding=True), sampling)
+        start = time.perf_counter()
     batches = range(0, len(texts), args.batch_size)
     for i in progress(batches, desc="generate", unit="batch", enabled=len(batches) > 1):
         enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True)
-        if args.speculative:
+        if args.speculative and plan is not None and plan.best is None:
+            out = generate(backbone, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                           sampling=sampling, tokenizer=tok)
+        elif args.speculative:
             out = speculative_generate(exit_model, enc["input_ids"], enc["attention_mask"],
                                        exit_layer=args.draft_exit, draft_tokens=args.draft_tokens,
                                        draft_confidence=args.draft_confidence, max_new_tokens=args.max_new_tokens,
@@ -254,8 +267,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from offramp.utils import atomic_write_json
 
         atomic_write_json(args.json, {"model": args.model, "policy": None if policy is None else policy.to_dict(),
-                                      "cache_strategy": args.cache_strategy, "wall_s": wall, "rows": rows})
+                                      "cache_strategy": args.cache_strategy, "wall_s": wall, "rows": rows,
+                                      **({"plan": plan.to_dict()} if plan is not None else {})})
     return 0
+
+
+def _plan(args: argparse.Namespace, exit_model: Any, enc: dict, sampling: Any) -> Any:
+    """--plan: measure, print the plan on stderr, and set --draft-exit / --draft-tokens from it."""
+    from offramp.engines.generate.plan import plan_speculation
+
+    plan = plan_speculation(exit_model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                            sampling=sampling)
+    common.log(plan.summary())
+    if plan.best is not None:
+        args.draft_exit, args.draft_tokens = plan.best["exit_layer"], plan.best["draft_tokens"]
+    return plan
 
 
 def _print(rows: list[dict], tok: Any, show_exits: bool, model: Any, wall: float) -> None:

@@ -1,8 +1,11 @@
 """Token-level early-exit generation: the engine (``engine``), its per-row cache (``cache``),
-decoding options (``sampling``) and lossless self-speculation from an exit (``speculative``)."""
+decoding options (``sampling``), lossless self-speculation from an exit (``speculative``) and
+the cost model that picks its exit and draft length (``plan``)."""
 
 from offramp.engines.generate.engine import SIGNALS, decoded_exit_layers, generate
 from offramp.engines.generate.sampling import SamplingOptions
+from offramp.engines.generate.plan import SpeculationPlan, plan_speculation
 from offramp.engines.generate.speculative import speculative_generate
 
-__all__ = ["SIGNALS", "SamplingOptions", "decoded_exit_layers", "generate", "speculative_generate"]
+__all__ = ["SIGNALS", "SamplingOptions", "SpeculationPlan", "decoded_exit_layers", "generate", "plan_speculation",
+           "speculative_generate"]

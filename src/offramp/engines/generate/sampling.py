@@ -93,3 +93,54 @@ def next_tokens(logits: Tensor, input_ids: Tensor, opts: SamplingOptions,
         scores = TopPLogitsWarper(opts.top_p)(input_ids, scores)
     probs = scores.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0].to(input_ids.device)
+
+
+def sampling_probs(logits: Tensor, opts: SamplingOptions) -> Tensor:
+    """(..., V) logits -> the distribution ``next_tokens`` samples from with ``opts`` (temperature,
+    top-p; no repetition penalty), in float32."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    shape = logits.shape
+    scores = logits.float().reshape(-1, shape[-1])
+    dummy = torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device)
+    if opts.temperature != 1.0:
+        scores = TemperatureLogitsWarper(opts.temperature)(dummy, scores)
+    if opts.top_p < 1.0:
+        scores = TopPLogitsWarper(opts.top_p)(dummy, scores)
+    return scores.softmax(-1).reshape(shape)
+
+
+def speculative_accept(drafts: Tensor, q: Tensor, p: Tensor, generator: torch.Generator | None = None
+                       ) -> tuple[Tensor, Tensor]:
+    """Speculative sampling's acceptance rule (Leviathan et al. 2023; Chen et al. 2023).
+
+    ``drafts`` (r, k) were drawn from ``q`` (r, k, V); ``p`` (r, k+1, V) is the target model's
+    distribution at each draft position and after the last. Draft j is kept with probability
+    min(1, p_j(x) / q_j(x)) while all before it were kept; at the first rejection the next token is
+    drawn from the normalised max(0, p_j - q_j), after k acceptances from p_k. Every emitted token is
+    then distributed exactly as the target model's sampling would draw it.
+
+    Returns (tokens (r, k+1): the kept drafts then the drawn token, the rest unspecified;
+    accepted (r,): the number of drafts kept).
+    """
+    r, k = drafts.shape
+    dev = p.device
+    if k:
+        px = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+        qx = q.gather(-1, drafts[..., None])[..., 0]
+        u = torch.rand(r, k, generator=generator, device=dev)
+        keep = u * qx <= px  # u <= p/q without dividing (q(x) > 0: x was drawn from it)
+        accepted = keep.long().cumprod(1).sum(1)
+    else:
+        accepted = torch.zeros(r, dtype=torch.long, device=dev)
+    target = p.gather(1, accepted[:, None, None].expand(r, 1, p.shape[-1]))[:, 0]  # (r, V)
+    if k:
+        q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # after k acceptances: p_k itself
+        qa = q_pad.gather(1, accepted[:, None, None].expand(r, 1, q.shape[-1]))[:, 0]
+        residual = (target - qa).clamp_min(0)
+        mass = residual.sum(-1, keepdim=True)
+        target = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)
+    drawn = torch.multinomial(target, 1, generator=generator)[:, 0]
+    tokens = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1) if k else drawn[:, None].clone()
+    tokens.scatter_(1, accepted[:, None], drawn[:, None])
+    return tokens, accepted

@@ -5,7 +5,9 @@ then the layers E+1..L verify them all in one pass. The draft's states at layers
 model's own (same tokens, same positions), so the verify pass starts from them and their cache
 entries are kept; nothing is recomputed. Greedy acceptance keeps the longest drafted prefix equal
 to the full model's argmax and adds the full model's next token, so every round yields 1..d+1
-tokens and the output is greedy decoding's.
+tokens and the output is greedy decoding's. With sampling (temperature, top-p) the exit samples its
+drafts and speculative sampling (``sampling.speculative_accept``) keeps or resamples them, so every
+token is distributed exactly as the full model's sampling would draw it.
 
 Rows advance in lockstep through the cache's columns: a round uses d+1 columns for every row
 (the pending token and the d drafts), and the columns of a row's rejected drafts become holes
@@ -14,7 +16,7 @@ width, never correctness. A row that reaches EOS or its token budget leaves the 
 
 With ``draft_confidence`` the draft stops early, for the batch, once no running row's exit is at
 least that sure of its draft (the exit head's top probability); the round then verifies what was
-drafted. ``plan_speculation`` measures the costs on this machine and the exits' acceptance and
+drafted. ``plan.plan_speculation`` measures the costs on this machine and the exits' acceptance and
 picks the exit and the draft length (or says that plain decoding is faster).
 
 ```python
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from offramp.engines.generate.engine import _check_inputs, _Run
-from offramp.engines.generate.sampling import SamplingOptions
+from offramp.engines.generate.sampling import SamplingOptions, sampling_probs, speculative_accept
 from offramp.modeling.outputs import GenerateOutput, GenerateReport
 
 
@@ -78,8 +80,9 @@ def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, 
     if model.adapter.kind != "attention":
         raise ValueError("self-speculation needs an attention backbone: a Mamba layer's state cannot take back "
                          "rejected drafts; use generate() with exits (lossy) or never-exit decoding")
-    if sampling.do_sample or sampling.repetition_penalty != 1.0:
-        raise ValueError("self-speculative decoding is greedy here: drop do_sample / temperature / top_p and "
+    if sampling.repetition_penalty != 1.0:
+        raise ValueError("self-speculative decoding keeps the model's distribution for greedy decoding and for "
+                         "sampling with temperature / top-p, not with a repetition penalty: drop "
                          "repetition_penalty, or use generate()")
     if draft_tokens < 1:
         raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
@@ -140,11 +143,16 @@ class _Speculator:
         self.run.layer_rows += rows.numel() * h.shape[1] * len(layers)
         return h
 
-    def round(self, pending: Tensor, rows: Tensor, next_pos: Tensor, col: int,
-              threshold: float | None) -> tuple[Tensor, Tensor, int]:
-        """Draft from ``pending`` (r,) at column ``col``, verify; returns the full model's next tokens
-        (r, k+1), the number of accepted drafts per row (r,) and k, the drafts made."""
+    def round(self, pending: Tensor, rows: Tensor, next_pos: Tensor, col: int, threshold: float | None,
+              sampling: SamplingOptions | None = None, generator: torch.Generator | None = None
+              ) -> tuple[Tensor, Tensor, int]:
+        """Draft from ``pending`` (r,) at column ``col``, verify; returns the tokens (r, k+1) (the
+        accepted drafts, then the full model's next token), the number of accepted drafts per row
+        (r,) and k, the drafts made. With ``sampling.do_sample``, drafts are sampled and accepted
+        by speculative sampling."""
         run, d = self.run, self.d
+        sample = sampling is not None and sampling.do_sample
+        q: list[Tensor] = []
         full = rows.numel() == run.B
         span = torch.arange(d + 1, device=rows.device)
         run.pos[rows, col:col + d + 1] = next_pos[:, None] + span[None]
@@ -158,14 +166,25 @@ class _Speculator:
                 break
             logits = self.ad.logits(self.model.features(self.e, states[-1]))[:, -1]
             run.head_rows += rows.numel()
-            tokens.append(logits.argmax(-1).to(pending.device))
+            if sample:
+                q.append(sampling_probs(logits, sampling))
+                tokens.append(torch.multinomial(q[-1], 1, generator=generator)[:, 0].to(pending.device))
+            else:
+                tokens.append(logits.argmax(-1).to(pending.device))
             sure = threshold is None or bool((logits.float().softmax(-1).amax(-1) >= threshold).any())
         k = len(tokens) - 1
         run.valid[rows, col + k + 1:col + d + 1] = False  # columns this round did not draft into
         hidden = self._layers(torch.cat(states, dim=1), rows, full, col, range(self.E, self.L))
-        best = self.ad.logits(hidden).argmax(-1).to(pending.device)  # (r, k+1)
-        drafts = torch.stack(tokens[1:], dim=1)  # (r, k)
-        accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)  # (r,)
+        logits = self.ad.logits(hidden)  # (r, k+1, V)
+        drafts = torch.stack(tokens[1:], dim=1) if k else pending.new_zeros(rows.numel(), 0)  # (r, k)
+        if sample:
+            qk = torch.stack(q, dim=1) if k else logits.new_zeros(rows.numel(), 0, logits.shape[-1])
+            best, accepted = speculative_accept(drafts, qk.to(logits.device), sampling_probs(logits, sampling),
+                                                generator)
+            best, accepted = best.to(pending.device), accepted.to(pending.device)
+        else:
+            best = logits.argmax(-1).to(pending.device)  # (r, k+1)
+            accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)  # (r,)
         cols = torch.arange(k + 1, device=rows.device)
         holes = cols[None, :] > accepted[:, None]  # the rejected drafts' columns
         block = run.valid[rows, col:col + k + 1]
@@ -178,7 +197,7 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
                          exit_layer: int | None = None, draft_tokens: int = 3, draft_confidence: float | None = None,
                          max_new_tokens: int = 32, sampling: SamplingOptions | None = None,
                          tokenizer: Any = None) -> GenerateOutput:
-    """Greedy decoding, drafted by a token exit and verified by the rest of the model.
+    """Greedy decoding or sampling, drafted by a token exit and verified by the rest of the model.
 
     Args:
         model: a ``DecoderExitModel`` on an attention backbone (its exit heads draft).
@@ -188,12 +207,15 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
         draft_confidence: stop a round's draft once no running row's exit has a top probability of
             at least this (None: always draft d tokens).
         max_new_tokens: tokens per row (fewer if it emits EOS).
-        sampling: only EOS and padding are read (decoding is greedy).
+        sampling: EOS, padding, and sampling with temperature / top-p / seed (speculative sampling:
+            the tokens are distributed as the full model's sampling draws them, though not the
+            same draws); greedy by default. A repetition penalty is refused.
         tokenizer: decodes ``texts`` when given.
 
     Returns:
-        A ``GenerateOutput`` equal to greedy decoding's; ``extra["speculation"]`` holds the rounds,
-        drafted and accepted tokens, acceptance and tokens per round.
+        A ``GenerateOutput``: greedy decoding's tokens, or samples of the full model's
+        distribution; ``extra["speculation"]`` holds the rounds, drafted and accepted tokens,
+        acceptance and tokens per round.
     """
     sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
     e = check_speculation(model, sampling, draft_tokens, draft_confidence, exit_layer)
@@ -208,7 +230,12 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     out = torch.full((b, max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)
     count = torch.zeros(b, dtype=torch.long, device=dev)
     stats = SpeculationStats()
-    first = spec.run.prefill(ids, attn).argmax(-1).to(dev)
+    gen = sampling.generator(dev)
+    prefill = spec.run.prefill(ids, attn)
+    if sampling.do_sample:
+        first = torch.multinomial(sampling_probs(prefill, sampling), 1, generator=gen)[:, 0].to(dev)
+    else:
+        first = prefill.argmax(-1).to(dev)
     out[:, 0], count[:] = first, 1
     done = sampling.is_eos(first) | (count >= max_new_tokens)
     pending = first
@@ -217,7 +244,7 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     while not bool(done.all()):
         rows = (~done).nonzero()[:, 0]
         best, accepted, k = spec.round(pending.index_select(0, rows), rows, next_pos.index_select(0, rows), col,
-                                       draft_confidence)
+                                       draft_confidence, sampling, gen)
         stats.rounds += 1
         stats.row_rounds += rows.numel()
         stats.drafted += rows.numel() * k
@@ -249,4 +276,5 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     return GenerateOutput(sequences=torch.cat([ids, new], dim=1), new_tokens=new, exit_layers=layers, report=report,
                           texts=texts, extra={"speculation": {**stats.to_dict(), "exit_layer": spec.E,
                                                               "draft_tokens": draft_tokens,
-                                                              "draft_confidence": draft_confidence}})
+                                                              "draft_confidence": draft_confidence,
+                                                              "sampled": sampling.do_sample}})

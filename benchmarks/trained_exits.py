@@ -1,0 +1,166 @@
+"""Decoders trained to exit (LayerSkip) against the same decoders trained without it, measured in one run.
+
+    python scripts/train_lm.py --arch llama --recipe plain     --out ~/.cache/offramp/llama-bbc-plain ...
+    python scripts/train_lm.py --arch llama --recipe layerskip --out ~/.cache/offramp/llama-bbc-layerskip ...
+    python benchmarks/trained_exits.py --json benchmarks/results/trained_exits.json
+
+For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` folders that exist in
+~/.cache/offramp) it reports:
+
+- per exit, on held-out BBC text (teacher-forced): perplexity and top-1 agreement with the last layer;
+- tokens/s at batch 1, greedy, on held-out BBC openings as continuation prompts, as a ratio to
+  plain HF ``generate`` of the same model in the same run (methods interleaved, median of repeats):
+  - ``lossy``: token exits on the model's own head (``head="tied"``) with a ``max_prob`` threshold.
+    The threshold is the lowest of the grid whose token agreement (the fraction of emitted tokens
+    the full model would also emit after the same prefix) is >= ``--agreement`` on calibration
+    prompts; the row reports speed and agreement on disjoint evaluation prompts;
+  - ``speculative`` (attention models): lossless self-speculation from the exit and draft length
+    that were fastest on the calibration prompts; the row says whether every evaluation output is
+    identical to greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generate_speed import real_tokens, teacher_forced_agreement  # noqa: E402
+
+from offramp.data.assets import CACHE, bbc_articles, bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.engines.generate import generate, speculative_generate  # noqa: E402
+from offramp.modeling import DecoderExitModel  # noqa: E402
+from offramp.training.layerskip import exit_report  # noqa: E402
+from offramp.utils import atomic_write_json  # noqa: E402
+
+DEFAULT_MODELS = [f"{arch}-bbc-{recipe}" for arch in ("llama", "mamba") for recipe in ("plain", "layerskip")]
+
+
+def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings) -> dict:
+    new, pad = args.new_tokens, args.pad
+
+    def hf(b):
+        out = backbone.generate(**b, do_sample=False, max_new_tokens=new, pad_token_id=pad)
+        return out[:, b["input_ids"].shape[1]:]
+
+    methods = {"hf_generate": hf,
+               "offramp_never_exit": lambda b: generate(backbone, b["input_ids"], b["attention_mask"],
+                                                        max_new_tokens=new).new_tokens}
+    for t in thresholds:
+        methods[f"lossy@max_prob{t:g}"] = lambda b, t=t: generate(
+            exits, b["input_ids"], b["attention_mask"], policy={"type": "max_prob", "threshold": t},
+            max_new_tokens=new).new_tokens
+    for layer, d in spec_settings:
+        methods[f"speculative@{layer}/d{d}"] = lambda b, layer=layer, d=d: speculative_generate(
+            exits, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
+            max_new_tokens=new).new_tokens
+    return methods
+
+
+def measure(backbone, tok, methods: dict, prompts: list[str], repeats: int, log) -> dict:
+    """Per method: tokens/s ratio to HF generate, teacher-forced agreement, identical rows."""
+    eos = {tok.eos_token_id}
+    batches = [tok([p], return_tensors="pt") for p in prompts]
+    for fn in methods.values():
+        fn(batches[0])  # warm-up
+    times = {m: [] for m in methods}
+    outs = {}
+    for rep in range(repeats):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            res = [fn(b) for b in batches]
+            times[name].append(time.perf_counter() - t0)
+            outs[name] = [real_tokens(r, eos)[0] for r in res]
+        log(f"  repeat {rep + 1}/{repeats}")
+    ref = outs["hf_generate"]
+    base = sum(len(r) for r in ref) / statistics.median(times["hf_generate"])
+    rows = {}
+    for name in methods:
+        gens = outs[name]
+        agree = total = 0
+        for b, g in zip(batches, gens):
+            a, n = teacher_forced_agreement(backbone, b, [g])
+            agree, total = agree + a, total + n
+        secs = statistics.median(times[name])
+        rows[name] = {"tokens_per_s": round(total / secs, 1), "ratio": round(total / secs / base, 3),
+                      "agreement": round(agree / max(total, 1), 4),
+                      "identical": f"{sum(g == r for g, r in zip(gens, ref))}/{len(ref)}"}
+    return rows
+
+
+def bench_model(name: str, args, log) -> dict:
+    path = Path(name) if Path(name).exists() else CACHE / name
+    backbone, tok = load_causal_lm(str(path))
+    args.pad = tok.pad_token_id
+    state = json.loads((path / "layerskip_state.json").read_text()) if (path / "layerskip_state.json").exists() else {}
+    L = backbone.config.num_hidden_layers
+    arch = backbone.config.model_type
+    texts = bbc_articles()[:100]
+    held = torch.tensor([t for text in texts for t in tok(text)["input_ids"] + [tok.eos_token_id]])
+    report = exit_report(backbone, held, seq_len=256, max_windows=32)
+    log(f"{name}: perplexity {report['exits'][-1]['perplexity']}, agreement per exit "
+        f"{[e['agreement'] for e in report['exits']]}")
+    exit_layers = [k for k in range(args.exit_every, L, args.exit_every)]
+    exits = DecoderExitModel.from_backbone(backbone, exit_layers=exit_layers, head="tied")
+    spec = [(k, d) for k in args.spec_exits if k < L for d in args.drafts] if arch != "mamba" else []
+    calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
+    evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words, skip=args.prompts)
+    log(f"{name}: calibration ({len(args.thresholds)} thresholds, {len(spec)} speculation settings)")
+    cal = measure(backbone, tok, _methods(backbone, exits, args, args.thresholds, spec), calib, 1, log)
+    ok = [t for t in args.thresholds if cal[f"lossy@max_prob{t:g}"]["agreement"] >= args.agreement]
+    chosen_t = min(ok) if ok else None
+    chosen_s = max(spec, key=lambda s: cal[f"speculative@{s[0]}/d{s[1]}"]["ratio"]) if spec else None
+    log(f"{name}: chose max_prob {chosen_t}, speculation {chosen_s}; evaluating")
+    ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [],
+                                         [chosen_s] if chosen_s else []), evals, args.repeats, log)
+    out = {"model": name, "arch": arch, "layers": L, "recipe": state.get("recipe"), "train_steps": state.get("step"),
+           "train_seconds": state.get("seconds"), "exit_report": report["exits"],
+           "calibration": cal, "lossy_threshold": chosen_t, "speculation": chosen_s, "evaluation": ev}
+    log(json.dumps({k: out[k] for k in ("model", "lossy_threshold", "speculation", "evaluation")}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--models", default=None, help="comma-separated folders or ~/.cache/offramp names")
+    p.add_argument("--prompts", type=int, default=8, help="calibration prompts, and as many evaluation prompts")
+    p.add_argument("--words", type=int, default=24, help="words of each article's opening in a prompt")
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--agreement", type=float, default=0.9)
+    p.add_argument("--thresholds", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95")
+    p.add_argument("--exit-every", type=int, default=2, help="lossy: an exit every this many layers")
+    p.add_argument("--spec-exits", default="3,4,6")
+    p.add_argument("--drafts", default="2,3,4")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    args.thresholds = [float(x) for x in args.thresholds.split(",")]
+    args.spec_exits = [int(x) for x in args.spec_exits.split(",") if x]
+    args.drafts = [int(x) for x in args.drafts.split(",") if x]
+    torch.set_num_threads(args.threads)
+    names = args.models.split(",") if args.models else [m for m in DEFAULT_MODELS if (CACHE / m).exists()]
+    if not names:
+        p.error(f"no trained models in {CACHE} ({', '.join(DEFAULT_MODELS)}): train them with scripts/train_lm.py")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json",)}, "models": []}
+    for name in names:
+        results["models"].append(bench_model(name, args, log))
+        atomic_write_json(args.json, results)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Pick the drafting exit and the draft length of self-speculation from costs measured here.
+
+``plan_speculation`` measures, on this machine and for the batch it is given, what one round of
+``speculative_generate`` costs: a layer run on 1 and on w tokens (the draft steps and the verify
+pass, through the engine's own cache), the exit head and LM head on 1 and w tokens, and the
+embedding. It then decodes the prompts once with the full model (greedy) and reads, at every
+generated position, whether each exit's own greedy token equals the full model's. For greedy
+drafts that indicator is exact: a draft is made after an accepted prefix, which is the full
+model's own. Replaying the rounds on it gives each row's number of rounds for every exit and draft
+length, so the only modelled part is the time: per batch, the rounds of the slowest row times the
+measured round cost, against as many plain steps as its longest output.
+
+    plan = plan_speculation(exits, ids, mask, max_new_tokens=32)
+    plan.best            # {"exit_layer": 24, "draft_tokens": 3, "predicted_speedup": 1.21, ...} or None
+    print(plan.summary())
+
+``best`` is None when no setting is predicted to beat plain decoding by ``margin``: then decode
+plainly (``generate`` without exits).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from offramp.engines.generate.engine import _check_inputs, generate
+from offramp.engines.generate.sampling import SamplingOptions
+from offramp.engines.generate.speculative import _Speculator, check_speculation
+
+
+@dataclass
+class SpeculationPlan:
+    """Measured costs (seconds), per-exit acceptance, every setting's prediction and the best one."""
+
+    batch_size: int
+    num_layers: int
+    layer_s: dict[int, float]          # one layer on w tokens per row, by w
+    head_s: dict[int, float]           # exit head + LM head on w tokens per row, by w
+    embed_s: float
+    plain_step_s: float                # a plain decoding step: embed + L layers + head on 1 token
+    acceptance: dict[int, float]       # per exit layer: the share of positions its greedy token is the model's
+    settings: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    margin: float = 0.05
+
+    def round_s(self, exit_layer: int, d: int) -> float:
+        """One round: d+1 tokens through layers 1..E (the pending token and d drafts), d exit
+        heads, then layers E+1..L and the head on d+1 tokens at once."""
+        L = self.num_layers
+        return ((d + 1) * (self.embed_s + exit_layer * self.layer_s[1]) + d * self.head_s[1]
+                + (L - exit_layer) * self.layer_s[d + 1] + self.head_s[d + 1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        head = (f"speculation plan at batch {self.batch_size}: plain step {self.plain_step_s * 1e3:.2f} ms; "
+                f"acceptance {', '.join(f'@{k} {v:.2f}' for k, v in self.acceptance.items())}")
+        if self.best is None:
+            top = max(self.settings, key=lambda s: s["predicted_speedup"]) if self.settings else None
+            tail = (f"no setting is predicted to beat plain decoding by {self.margin:.0%} (best: exit "
+                    f"{top['exit_layer']}, {top['draft_tokens']} drafts, {top['predicted_speedup']:.2f}x): "
+                    f"decode without speculation" if top else "no setting to try")
+        else:
+            b = self.best
+            tail = (f"best: exit {b['exit_layer']}, {b['draft_tokens']} drafts, {b['tokens_per_round']:.2f} tokens "
+                    f"per round, predicted {b['predicted_speedup']:.2f}x plain decoding")
+        return f"{head}\n{tail}"
+
+
+def replay_rounds(matches: Sequence[bool], length: int, d: int) -> int:
+    """Rounds one row needs for ``length`` tokens with ``d`` drafts per round, given ``matches[i]``:
+    whether the exit's greedy token for generated position i equals the model's (i >= 1; position 0
+    comes from the prompt's pass)."""
+    count, rounds = 1, 0
+    while count < length:
+        a = 0
+        while a < d and count + a < length and matches[count + a]:
+            a += 1
+        count += a + 1
+        rounds += 1
+    return rounds
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_costs(model: Any, input_ids: Tensor, attention_mask: Tensor, widths: Sequence[int],
+                  exit_index: int, repeats: int = 5) -> tuple[dict[int, float], dict[int, float], float]:
+    """(per-layer seconds by width, head seconds by width, embed seconds) through the engine's cache."""
+    spec = _Speculator(model, exit_index, input_ids, attention_mask, max(widths) + 1, max(widths))
+    spec.run.prefill(input_ids, attention_mask)
+    b, p = input_ids.shape
+    rows = torch.arange(b, device=input_ids.device)
+    ad, L = spec.ad, spec.L
+    layer_s, head_s = {}, {}
+    for w in sorted(set(widths)):
+        spec.run.pos[:, p:p + w] = spec.run.pos[:, p - 1:p] + 1 + torch.arange(w, device=input_ids.device)
+        spec.run.valid[:, p:p + w] = True
+        h = ad.embed(input_ids[:, -1:].expand(b, w), spec.run.pos[:, p:p + w])
+        layer_s[w] = _timed(lambda: spec._layers(h, rows, True, p, range(L)), repeats) / L
+        head_s[w] = _timed(lambda: ad.logits(model.features(exit_index, h)).argmax(-1), repeats)
+        spec.run.valid[:, p:p + w] = False
+    tok = input_ids[:, -1:]
+    embed_s = _timed(lambda: ad.embed(tok, spec.run.pos[:, p:p + 1]), repeats)
+    return layer_s, head_s, embed_s
+
+
+@torch.no_grad()
+def exit_matches(model: Any, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                 sampling: SamplingOptions) -> tuple[dict[int, list[list[bool]]], list[int]]:
+    """Greedy decoding once with the full model; per exit layer and row, whether the exit's greedy
+    token at each generated position equals the model's; and each row's output length."""
+    out = generate(model.backbone, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampling=sampling)
+    lengths = [int(n) for n in (out.exit_layers > 0).sum(1).tolist()]
+    seq = out.sequences
+    mask = torch.cat([attention_mask, (out.exit_layers > 0).long()], dim=1)
+    res = model(seq, attention_mask=mask)
+    p = input_ids.shape[1]
+    matches: dict[int, list[list[bool]]] = {}
+    for e, k in enumerate(model.exit_layers):
+        if model.heads[e].stateful:
+            continue
+        pred = model.exit_logits(res.exit_features[e]).argmax(-1)  # (b, t): the token after each position
+        # the token at generated position i is predicted at sequence position p + i - 1
+        hit = pred[:, p - 1:p - 1 + out.new_tokens.shape[1]] == out.new_tokens
+        matches[k] = [[bool(x) for x in row[:n]] for row, n in zip(hit.tolist(), lengths)]
+    return matches, lengths
+
+
+def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                     max_new_tokens: int = 32, draft_tokens: Sequence[int] = (1, 2, 3, 4, 6),
+                     exit_layers: Sequence[int] | None = None, margin: float = 0.05, repeats: int = 5,
+                     sampling: SamplingOptions | None = None) -> SpeculationPlan:
+    """Measure and choose (see the module docstring). ``input_ids`` / ``attention_mask``: a batch
+    like the ones to decode (its size and prompt lengths set the costs)."""
+    sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
+    if not draft_tokens or min(draft_tokens) < 1:
+        raise ValueError(f"draft_tokens must be a non-empty list of counts >= 1, got {list(draft_tokens)}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    greedy = SamplingOptions(eos_token_id=sampling.eos_token_id, pad_token_id=sampling.pad_token_id)
+    check_speculation(model, greedy, max(draft_tokens), None, None)
+    candidates = list(exit_layers) if exit_layers is not None else [
+        k for e, k in enumerate(model.exit_layers) if not model.heads[e].stateful]
+    for k in candidates:
+        check_speculation(model, greedy, 1, None, k)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, "copy_kv")
+    dev = model.adapter.layer_device(0)
+    ids, attn = input_ids.to(dev), attention_mask.to(dev)
+    widths = sorted({1, *[d + 1 for d in draft_tokens]})
+    e0 = list(model.exit_layers).index(candidates[0])
+    layer_s, head_s, embed_s = measure_costs(model, ids, attn, widths, e0, repeats)
+    L = model.adapter.num_layers
+    plain_step = embed_s + L * layer_s[1] + head_s[1]
+    matches, lengths = exit_matches(model, ids, attn, max_new_tokens, greedy)
+    plan = SpeculationPlan(batch_size=ids.shape[0], num_layers=L, layer_s=layer_s, head_s=head_s, embed_s=embed_s,
+                           plain_step_s=plain_step, margin=margin, acceptance={
+                               k: round(sum(sum(r[1:]) for r in matches[k]) / max(1, sum(len(r) - 1 for r in
+                                                                                       matches[k])), 4)
+                               for k in candidates})
+    plain_s = (max(lengths) - 1) * plain_step  # the first token comes from the prompt's pass in both
+    for k in candidates:
+        for d in sorted(set(draft_tokens)):
+            rounds = [replay_rounds(m, n, d) for m, n in zip(matches[k], lengths)]
+            spec_s = max(rounds) * plan.round_s(k, d)
+            plan.settings.append({"exit_layer": k, "draft_tokens": d,
+                                  "tokens_per_round": round((sum(lengths) - len(lengths)) / max(1, sum(rounds)), 3),
+                                  "round_s": plan.round_s(k, d),
+                                  "predicted_speedup": round(plain_s / spec_s, 3) if spec_s else 0.0})
+    top = max(plan.settings, key=lambda s: s["predicted_speedup"])
+    plan.best = top if top["predicted_speedup"] >= 1 + margin else None
+    return plan
