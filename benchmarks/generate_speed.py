@@ -8,7 +8,11 @@ Exits are trained once on the model's own
 greedy continuations of BBC News prompts (training split) and cached under ~/.cache/offramp/exits;
 speed and agreement are measured on held-out BBC prompts.
 
-Per setting: ``tokens_per_s_ratio`` (vs plain HF generate in the same run, best of ``--repeats``),
+Every setting runs on the same batches, interleaved within each repeat; the median time is kept.
+At batch 1 the lossless peers run beside them (``benchmarks/peers.py``: HF ``assistant_early_exit``
+and prompt lookup, economize's drafters when installed) with offramp's self-speculation.
+Per setting: ``tokens_per_s_ratio`` (vs plain HF generate in the same run),
+``identical`` (rows whose tokens equal plain greedy's),
 ``agreement`` (share of generated tokens equal to the full model's greedy token for the same
 prefix, i.e. teacher-forced consistency), ``positional_agreement`` (share of the plain greedy
 output reproduced at the same position), ``mean_exit_layer`` (layers run per token, 1-based,
@@ -67,15 +71,6 @@ def trained_exits(name: str, backbone, tok, head: str, *, chat: bool, train_prom
     return model
 
 
-def run_setting(fn, batches, repeats: int) -> tuple[float, list]:
-    best, outs = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outs = [fn(b) for b in batches]
-        best = min(best, time.perf_counter() - t0)
-    return best, outs
-
-
 def real_tokens(new: torch.Tensor, eos: set[int]) -> list[list[int]]:
     """Generated tokens per row, up to and including the first EOS."""
     rows = []
@@ -104,54 +99,81 @@ def teacher_forced_agreement(backbone, batch: dict, gens: list[list[int]]) -> tu
 
 
 def bench_model(name: str, backbone, tok, exit_models: dict, thresholds: list[float], *, batch_size: int,
-                prompts: list[str], chat: bool, new_tokens: int, repeats: int, extra: list, log) -> list[dict]:
+                prompts: list[str], chat: bool, new_tokens: int, repeats: int, extra: list, log,
+                peers: dict | None = None) -> list[dict]:
+    """Every setting and peer on the same batches, interleaved within each repeat (median kept)."""
+    import statistics
+
     eos = set([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else tok.eos_token_id or [])
     batches = [encode(tok, prompts[i:i + batch_size], chat) for i in range(0, len(prompts), batch_size)]
     pad = tok.pad_token_id
+    num_layers = next(iter(exit_models.values())).adapter.num_layers
 
     def plain(b):
         return backbone.generate(**b, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad)[
-            :, b["input_ids"].shape[1]:]
+            :, b["input_ids"].shape[1]:], None
 
-    generate(backbone, batches[0]["input_ids"][:1], max_new_tokens=2)  # warm-up
-    secs, outs = run_setting(plain, batches, repeats)
-    ref = [real_tokens(o, eos) for o in outs]
+    def ours(model, thr, strategy):
+        def run(b):
+            out = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=new_tokens, threshold=thr,
+                           cache_strategy=strategy)
+            return out.new_tokens, out.exit_layers
+        return run
+
+    methods = {"hf_generate": (plain, None), "never_exit": (ours(backbone, None, None), None)}
+    first = list(exit_models)[0]
+    for t in thresholds:
+        methods[f"{first}@{t}"] = (ours(exit_models[first], t, None), None)
+    for setting, head, thr, strategy in extra:
+        methods[setting] = (ours(exit_models[head], thr, strategy), strategy)
+    for pname, fn in (peers or {}).items():
+        methods[pname] = ((lambda b, fn=fn: (fn(b), None)), None)
+    for fn, _ in methods.values():  # warm-up
+        fn({k: v[:1] for k, v in batches[0].items()})
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    outs: dict[str, list] = {}
+    for rep in range(repeats):
+        for m, (fn, _) in methods.items():
+            t0 = time.perf_counter()
+            outs[m] = [fn(b) for b in batches]
+            times[m].append(time.perf_counter() - t0)
+        log(f"{name} batch {batch_size}: repeat {rep + 1}/{repeats}")
+    ref = [real_tokens(o, eos) for o, _ in outs["hf_generate"]]
     n_ref = sum(len(g) for rows in ref for g in rows)
-    base_rate = n_ref / secs
+    base_rate = n_ref / statistics.median(times["hf_generate"])
     rows = []
-    num_layers = next(iter(exit_models.values())).adapter.num_layers
-    settings = [("hf_generate", None, None, None), ("never_exit", None, None, None)]
-    settings += [(f"{head}@{t}", head, t, None) for head in exit_models if head == list(exit_models)[0]
-                 for t in thresholds]
-    settings += extra
-    for setting, head, thr, strategy in settings:
-        if setting == "hf_generate":
-            gens, s, depth = ref, secs, float(num_layers)
-        else:
-            model = backbone if head is None else exit_models[head]
-
-            def ours(b, model=model, thr=thr, strategy=strategy):
-                return generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=new_tokens,
-                                threshold=thr, cache_strategy=strategy)
-
-            s, res = run_setting(ours, batches, repeats)
-            gens = [real_tokens(o.new_tokens, eos) for o in res]
-            layers = torch.cat([o.exit_layers[o.exit_layers > 0] for o in res]).float()
-            depth = float(layers.mean())
+    for m, (_, strategy) in methods.items():
+        gens = [real_tokens(o, eos) for o, _ in outs[m]]
+        layers = [lay[lay > 0] for _, lay in outs[m] if lay is not None]
+        depth = float(torch.cat(layers).float().mean()) if layers else float(num_layers)
         n = sum(len(g) for rows_ in gens for g in rows_)
         agree = total = 0
         for b, g in zip(batches, gens):
             a, t = teacher_forced_agreement(backbone, b, g)
             agree, total = agree + a, total + t
         pos = sum(int(x == y) for gr, rr in zip(gens, ref) for g, r in zip(gr, rr) for x, y in zip(g, r))
-        row = {"model": name, "batch": batch_size, "setting": setting,
-               "tokens_per_s_ratio": round((n / s) / base_rate, 3), "agreement": round(agree / total, 4),
-               "positional_agreement": round(pos / n_ref, 4), "mean_exit_layer": round(depth, 2),
-               "num_layers": num_layers, "tokens_per_s": round(n / s, 2), "tokens": n,
+        same = sum(int(g == r) for gr, rr in zip(gens, ref) for g, r in zip(gr, rr))
+        secs = statistics.median(times[m])
+        row = {"model": name, "batch": batch_size, "setting": m,
+               "tokens_per_s_ratio": round((n / secs) / base_rate, 3), "agreement": round(agree / total, 4),
+               "positional_agreement": round(pos / n_ref, 4), "identical": f"{same}/{len(prompts)}",
+               "mean_exit_layer": round(depth, 2), "num_layers": num_layers, "tokens_per_s": round(n / secs, 2),
+               "tokens": n, "seconds": [round(t, 3) for t in times[m]],
                "cache_strategy": strategy or ("copy_kv" if name != "mamba-bbc" else "freeze")}
+        if m in (peers or {}) or m == "hf_generate":
+            row["cache_strategy"] = None
         log(json.dumps(row))
         rows.append(row)
     return rows
+
+
+def offramp_speculation(exits: DecoderExitModel, args) -> dict:
+    """offramp's lossless self-speculation rows (beside the peers): each exit of --peer-exits, 2 drafts."""
+    from offramp.engines.generate import speculative_generate
+
+    return {f"offramp_speculative@{k}/d2": (lambda b, k=k: speculative_generate(
+        exits, b["input_ids"], b["attention_mask"], exit_layer=k, draft_tokens=2,
+        max_new_tokens=args.new_tokens).new_tokens) for k in args.peer_exits if k in exits.exit_layers}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-mamba", action="store_true")
     p.add_argument("--skip-smollm", action="store_true")
     p.add_argument("--retrain", action="store_true")
+    p.add_argument("--no-peers", action="store_true", help="leave out HF's and economize's lossless decoders")
+    p.add_argument("--peer-exits", default="24", help="exit layers of HF's / economize's self-speculation and "
+                   "offramp's speculative rows")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of the models not measured in this run from an existing --json file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     thresholds = [float(t) for t in args.thresholds.split(",")]
+    args.peer_exits = [int(x) for x in args.peer_exits.split(",") if x]
     out = Path(args.json)
     results = {"rows": [], "settings": vars(args), "torch_threads": args.threads}
     if args.append and out.exists():
@@ -200,9 +226,18 @@ def main(argv: list[str] | None = None) -> int:
             if bs == 1:
                 extra += [(f"ffn@{mid}/propagate", "ffn", mid, "propagate"),
                           (f"ffn@{mid}/catch_up", "ffn", mid, "catch_up")]
+            peers = {}
+            if bs == 1 and not args.no_peers:  # HF's and economize's lossless decoders run one row at a time
+                from peers import economize_methods, hf_methods
+
+                peers = {**hf_methods(backbone, new_tokens=args.new_tokens, pad=tok.pad_token_id,
+                                      exits=args.peer_exits),
+                         **economize_methods(backbone, new_tokens=args.new_tokens, eos=tok.eos_token_id,
+                                             exits=args.peer_exits, log=log)}
+                peers.update(offramp_speculation(heads["ffn"], args))
             results["rows"] += bench_model("SmolLM2-135M-Instruct", backbone, tok, heads, thresholds,
                                            batch_size=bs, prompts=prompts, chat=True, new_tokens=args.new_tokens,
-                                           repeats=args.repeats, extra=extra, log=log)
+                                           repeats=args.repeats, extra=extra, log=log, peers=peers)
             save()
     if not args.skip_mamba:
         backbone, tok = load_causal_lm("mamba-bbc-offline")

@@ -10,13 +10,17 @@ For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` fol
 - per exit, on held-out BBC text (teacher-forced): perplexity and top-1 agreement with the last layer;
 - tokens/s at batch 1, greedy, on held-out BBC openings as continuation prompts, as a ratio to
   plain HF ``generate`` of the same model in the same run (methods interleaved, median of repeats):
-  - ``lossy``: token exits on the model's own head (``head="tied"``) with a ``max_prob`` threshold.
-    The threshold is the lowest of the grid whose token agreement (the fraction of emitted tokens
+  - ``lossy``: token exits on the model's own head (``head="tied"``) with a ``token_confidence``
+    threshold (its confidence classifiers fitted on the model's greedy continuations of BBC
+    training prompts) or ``max_prob``. The threshold is the lowest of the grid whose token agreement (the fraction of emitted tokens
     the full model would also emit after the same prefix) is >= ``--agreement`` on calibration
     prompts; the row reports speed and agreement on disjoint evaluation prompts;
   - ``speculative`` (attention models): lossless self-speculation from the exit and draft length
     that were fastest on the calibration prompts; the row says whether every evaluation output is
-    identical to greedy.
+    identical to greedy;
+  - the peers (attention models; ``benchmarks/peers.py``): HF ``assistant_early_exit`` and prompt
+    lookup, and economize's early-exit self-drafter on the model's own head and its prompt lookup
+    when economize is installed, each at its fastest calibration setting.
 """
 
 from __future__ import annotations
@@ -34,17 +38,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate_speed import real_tokens, teacher_forced_agreement  # noqa: E402
+from peers import economize_methods, hf_methods  # noqa: E402
 
 from offramp.data.assets import CACHE, bbc_articles, bbc_prompts, load_causal_lm  # noqa: E402
 from offramp.engines.generate import generate, speculative_generate  # noqa: E402
 from offramp.modeling import DecoderExitModel  # noqa: E402
+from offramp.training.distill import fit_exits, greedy_continuations  # noqa: E402
 from offramp.training.layerskip import exit_report  # noqa: E402
 from offramp.utils import atomic_write_json  # noqa: E402
 
 DEFAULT_MODELS = [f"{arch}-bbc-{recipe}" for arch in ("llama", "mamba") for recipe in ("plain", "layerskip")]
 
 
-def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings) -> dict:
+def _family(name: str) -> str:
+    return name.split("@")[0].split("/")[0]
+
+
+def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings, peers=None) -> dict:
+    """offramp's methods (and the peers' ones, or only those named in ``peers``) by name."""
     new, pad = args.new_tokens, args.pad
 
     def hf(b):
@@ -55,13 +66,21 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings)
                "offramp_never_exit": lambda b: generate(backbone, b["input_ids"], b["attention_mask"],
                                                         max_new_tokens=new).new_tokens}
     for t in thresholds:
-        methods[f"lossy@max_prob{t:g}"] = lambda b, t=t: generate(
-            exits, b["input_ids"], b["attention_mask"], policy={"type": "max_prob", "threshold": t},
+        methods[f"lossy@{args.policy}{t:g}"] = lambda b, t=t: generate(
+            exits, b["input_ids"], b["attention_mask"], policy={"type": args.policy, "threshold": t},
             max_new_tokens=new).new_tokens
     for layer, d in spec_settings:
         methods[f"speculative@{layer}/d{d}"] = lambda b, layer=layer, d=d: speculative_generate(
             exits, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
             max_new_tokens=new).new_tokens
+    if exits.adapter.kind == "attention":
+        L = exits.adapter.num_layers
+        layers = [k for k in args.spec_exits if k < L]
+        found = {**hf_methods(backbone, new_tokens=new, pad=pad, exits=layers)}
+        for cycle in args.cycles:
+            found.update(economize_methods(backbone, new_tokens=new, eos=args.eos, exits=layers, cycle=cycle,
+                                           lookup=cycle == args.cycles[0], log=lambda m: None))
+        methods.update({k: v for k, v in found.items() if peers is None or k in peers})
     return methods
 
 
@@ -99,7 +118,7 @@ def measure(backbone, tok, methods: dict, prompts: list[str], repeats: int, log)
 def bench_model(name: str, args, log) -> dict:
     path = Path(name) if Path(name).exists() else CACHE / name
     backbone, tok = load_causal_lm(str(path))
-    args.pad = tok.pad_token_id
+    args.pad, args.eos = tok.pad_token_id, tok.eos_token_id
     state = json.loads((path / "layerskip_state.json").read_text()) if (path / "layerskip_state.json").exists() else {}
     L = backbone.config.num_hidden_layers
     arch = backbone.config.model_type
@@ -110,20 +129,33 @@ def bench_model(name: str, args, log) -> dict:
         f"{[e['agreement'] for e in report['exits']]}")
     exit_layers = [k for k in range(args.exit_every, L, args.exit_every)]
     exits = DecoderExitModel.from_backbone(backbone, exit_layers=exit_layers, head="tied")
+    if args.policy == "token_confidence":  # the exits' confidence classifiers, on the model's own continuations
+        seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train", instruct=False,
+                                                                words=args.words), max_new_tokens=48)
+        fit = fit_exits(exits, seqs, head_epochs=0, confidence_epochs=30, log=None)
+        log(f"{name}: confidence classifiers fitted; exit-ok rate {[round(x, 2) for x in fit['exit_ok_rate']]}")
     spec = [(k, d) for k in args.spec_exits if k < L for d in args.drafts] if arch != "mamba" else []
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words, skip=args.prompts)
     log(f"{name}: calibration ({len(args.thresholds)} thresholds, {len(spec)} speculation settings)")
     cal = measure(backbone, tok, _methods(backbone, exits, args, args.thresholds, spec), calib, 1, log)
-    ok = [t for t in args.thresholds if cal[f"lossy@max_prob{t:g}"]["agreement"] >= args.agreement]
+    ok = [t for t in args.thresholds if cal[f"lossy@{args.policy}{t:g}"]["agreement"] >= args.agreement]
     chosen_t = min(ok) if ok else None
     chosen_s = max(spec, key=lambda s: cal[f"speculative@{s[0]}/d{s[1]}"]["ratio"]) if spec else None
-    log(f"{name}: chose max_prob {chosen_t}, speculation {chosen_s}; evaluating")
+    peers = {}  # each peer's fastest setting on the calibration prompts
+    for m, row in cal.items():
+        fam = _family(m)
+        if fam.startswith(("hf_assistant", "hf_prompt", "economize")) and (
+                fam not in peers or row["ratio"] > cal[peers[fam]]["ratio"]):
+            peers[fam] = m
+    log(f"{name}: chose {args.policy} {chosen_t}, speculation {chosen_s}, peers {sorted(peers.values())}; evaluating")
     ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [],
-                                         [chosen_s] if chosen_s else []), evals, args.repeats, log)
+                                         [chosen_s] if chosen_s else [], set(peers.values())), evals,
+                 args.repeats, log)
     out = {"model": name, "arch": arch, "layers": L, "recipe": state.get("recipe"), "train_steps": state.get("step"),
            "train_seconds": state.get("seconds"), "exit_report": report["exits"],
-           "calibration": cal, "lossy_threshold": chosen_t, "speculation": chosen_s, "evaluation": ev}
+           "calibration": cal, "lossy_threshold": chosen_t, "speculation": chosen_s,
+           "peers": sorted(peers.values()), "evaluation": ev}
     log(json.dumps({k: out[k] for k in ("model", "lossy_threshold", "speculation", "evaluation")}))
     return out
 
@@ -136,16 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--words", type=int, default=24, help="words of each article's opening in a prompt")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--agreement", type=float, default=0.9)
+    p.add_argument("--policy", default="token_confidence", choices=("token_confidence", "max_prob"),
+                   help="lossy exits: the exit rule (token_confidence fits the exits' confidence classifiers)")
     p.add_argument("--thresholds", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95")
+    p.add_argument("--train-prompts", type=int, default=64, help="continuations the confidence classifiers fit on")
     p.add_argument("--exit-every", type=int, default=2, help="lossy: an exit every this many layers")
     p.add_argument("--spec-exits", default="3,4,6")
     p.add_argument("--drafts", default="2,3,4")
+    p.add_argument("--cycles", default="3,4,5", help="economize: cycle lengths to try")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     args.thresholds = [float(x) for x in args.thresholds.split(",")]
     args.spec_exits = [int(x) for x in args.spec_exits.split(",") if x]
     args.drafts = [int(x) for x in args.drafts.split(",") if x]
+    args.cycles = [int(x) for x in args.cycles.split(",") if x]
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else [m for m in DEFAULT_MODELS if (CACHE / m).exists()]
     if not names:
