@@ -20,7 +20,9 @@ For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` fol
     identical to greedy;
   - the peers (attention models; ``benchmarks/peers.py``): HF ``assistant_early_exit`` and prompt
     lookup, and economize's early-exit self-drafter on the model's own head and its prompt lookup
-    when economize is installed, each at its fastest calibration setting.
+    when economize is installed, each at its fastest calibration setting;
+  - ``ceiling``: the oracle exit rule on the same exits at the lossy row's realised agreement (the
+    most any rule can gain, from costs measured here) and the share of its gain the lossy row got.
 """
 
 from __future__ import annotations
@@ -115,6 +117,34 @@ def measure(backbone, tok, methods: dict, prompts: list[str], repeats: int, log)
     return rows
 
 
+def oracle_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens: int, agreement: float) -> dict:
+    """The most any exit rule on these exits can gain at ``agreement``: per token, the first exit
+    whose greedy token is the full model's (teacher-forced on its greedy output); the hardest
+    ``1 - agreement`` of the tokens leave at the first exit. Costs measured here (batch 1): a
+    token exiting after k layers costs embed + k layers + the LM head; exit decisions are free."""
+    from offramp.engines.generate import SamplingOptions
+    from offramp.engines.generate.plan import exit_matches, measure_costs
+
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    matches, lengths = exit_matches(exits, enc["input_ids"], enc["attention_mask"], new_tokens,
+                                    SamplingOptions.from_model(exits.backbone))
+    one = tok(prompts[:1], return_tensors="pt")
+    layer_s, head_s, embed_s = measure_costs(exits, one["input_ids"], one["attention_mask"], [1], 0)
+    L, layers = exits.adapter.num_layers, list(exits.exit_layers)
+    depth = []
+    for r, n in enumerate(lengths):
+        for i in range(1, n):
+            depth.append(next((k for k in layers if matches[k][r][i]), L))
+    depth.sort()
+    wrong = int(round((1 - agreement) * len(depth)))
+    oracle = depth[:len(depth) - wrong] + [layers[0]] * wrong  # the deepest tokens sent out first
+    mean = sum(oracle) / len(oracle)
+    step = lambda k: embed_s + k * layer_s[1] + head_s[1]  # noqa: E731
+    return {"agreement": agreement, "mean_exit_layer": round(mean, 2),
+            "ratio_vs_full_step": round(step(L) / (sum(step(k) for k in oracle) / len(oracle)), 3),
+            "layer_ms": round(layer_s[1] * 1e3, 3), "head_ms": round(head_s[1] * 1e3, 3)}
+
+
 def bench_model(name: str, args, log) -> dict:
     path = Path(name) if Path(name).exists() else CACHE / name
     backbone, tok = load_causal_lm(str(path))
@@ -152,10 +182,18 @@ def bench_model(name: str, args, log) -> dict:
     ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [],
                                          [chosen_s] if chosen_s else [], set(peers.values())), evals,
                  args.repeats, log)
+    ceiling = None
+    if chosen_t is not None:
+        lossy = ev[f"lossy@{args.policy}{chosen_t:g}"]
+        ceiling = oracle_ceiling(exits, tok, evals, args.new_tokens, lossy["agreement"])
+        ceiling["realised_vs_never_exit"] = round(lossy["tokens_per_s"] / ev["offramp_never_exit"]["tokens_per_s"], 3)
+        ceiling["fraction_of_oracle"] = round((ceiling["realised_vs_never_exit"] - 1)
+                                              / max(ceiling["ratio_vs_full_step"] - 1, 1e-9), 3)
+        log(f"{name}: oracle at agreement {lossy['agreement']}: {ceiling}")
     out = {"model": name, "arch": arch, "layers": L, "recipe": state.get("recipe"), "train_steps": state.get("step"),
            "train_seconds": state.get("seconds"), "exit_report": report["exits"],
            "calibration": cal, "lossy_threshold": chosen_t, "speculation": chosen_s,
-           "peers": sorted(peers.values()), "evaluation": ev}
+           "peers": sorted(peers.values()), "evaluation": ev, "ceiling": ceiling}
     log(json.dumps({k: out[k] for k in ("model", "lossy_threshold", "speculation", "evaluation")}))
     return out
 
