@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
                                       "params": sum(q.numel() for q in model.parameters())})
     print(f"tokens={len(ids)} params={train_args.extra['params']} out={args.out}", file=sys.stderr, flush=True)
     state = train_lm(model, torch.tensor(ids), train_args, tokenizer=tokenizer)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch: one report
+        return
     held = torch.tensor([t for text in held_out for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]])
     report = exit_report(model, held, seq_len=256, max_windows=32)
     report.update(step=state["step"], seconds=state["seconds"], recipe=args.recipe, arch=args.arch, out=args.out)

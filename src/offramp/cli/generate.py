@@ -3,8 +3,11 @@
     offramp generate --model smollm2-offline --fit-exits exits/smollm2 --chat \\
         --prompt "Write one sentence about the sea." --policy token_confidence --value 0.8 --show-exits
     offramp generate --model smollm2-offline --exits exits/smollm2 --prompts-file prompts.txt --json out.json
+    offramp generate --model runs/llama-ls --exits exits/llama-ls --speculative --plan --prompt "..."
 
 Without ``--exits`` / ``--fit-exits`` no token exits (output equals plain greedy ``generate``).
+``--speculative`` is lossless self-speculation from an exit (greedy, or ``--sample`` with the full
+model's distribution); ``--plan`` measures this machine's costs and picks its exit and draft length.
 """
 
 from __future__ import annotations
