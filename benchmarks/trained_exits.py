@@ -12,15 +12,17 @@ For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` fol
   plain HF ``generate`` of the same model in the same run (methods interleaved, median of repeats):
   - ``lossy``: token exits on the model's own head (``head="tied"``) with a ``token_confidence``
     threshold (its confidence classifiers fitted on the model's greedy continuations of BBC
-    training prompts) or ``max_prob``. The threshold is the lowest of the grid whose token agreement (the fraction of emitted tokens
-    the full model would also emit after the same prefix) is >= ``--agreement`` on calibration
-    prompts; the row reports speed and agreement on disjoint evaluation prompts;
+    training prompts) or ``max_prob``. The threshold is the lowest of the grid whose token
+    agreement (the fraction of emitted tokens the full model would also emit after the same
+    prefix) is >= ``--agreement`` on calibration prompts; the row reports speed and agreement on disjoint evaluation prompts;
   - ``speculative`` (attention models): lossless self-speculation from the exit and draft length
     that were fastest on the calibration prompts; the row says whether every evaluation output is
     identical to greedy;
   - the peers (attention models; ``benchmarks/peers.py``): HF ``assistant_early_exit`` and prompt
     lookup, and economize's early-exit self-drafter on the model's own head and its prompt lookup
     when economize is installed, each at its fastest calibration setting;
+  - ``plan``: ``plan_speculation``'s predicted speed-up for every speculation setting (costs timed
+    on the first calibration prompt) beside the one measured on the calibration prompts;
   - ``ceiling``: the oracle exit rule on the same exits at the lossy row's realised agreement (the
     most any rule can gain, from costs measured here) and the share of its gain the lossy row got.
 """
@@ -182,6 +184,19 @@ def bench_model(name: str, args, log) -> dict:
     ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [],
                                          [chosen_s] if chosen_s else [], set(peers.values())), evals,
                  args.repeats, log)
+    plan = None
+    if spec:  # the cost model's predictions for every setting, against what the calibration run measured
+        from offramp.engines.generate import plan_speculation
+
+        one = tok(calib[:1], return_tensors="pt")
+        pl = plan_speculation(exits, one["input_ids"], one["attention_mask"], max_new_tokens=args.new_tokens,
+                              draft_tokens=args.drafts, exit_layers=sorted({k for k, _ in spec}))
+        never = cal["offramp_never_exit"]["tokens_per_s"]
+        plan = {"best": pl.best, "acceptance": pl.acceptance, "settings": [
+            {**row, "measured_vs_never_exit": round(
+                cal[f"speculative@{row['exit_layer']}/d{row['draft_tokens']}"]["tokens_per_s"] / never, 3)}
+            for row in pl.settings]}
+        log(f"{name}: plan {pl.summary()}")
     ceiling = None
     if chosen_t is not None:
         lossy = ev[f"lossy@{args.policy}{chosen_t:g}"]
@@ -193,7 +208,7 @@ def bench_model(name: str, args, log) -> dict:
     out = {"model": name, "arch": arch, "layers": L, "recipe": state.get("recipe"), "train_steps": state.get("step"),
            "train_seconds": state.get("seconds"), "exit_report": report["exits"],
            "calibration": cal, "lossy_threshold": chosen_t, "speculation": chosen_s,
-           "peers": sorted(peers.values()), "evaluation": ev, "ceiling": ceiling}
+           "peers": sorted(peers.values()), "evaluation": ev, "ceiling": ceiling, "plan": plan}
     log(json.dumps({k: out[k] for k in ("model", "lossy_threshold", "speculation", "evaluation")}))
     return out
 
