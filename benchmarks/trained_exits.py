@@ -12,9 +12,10 @@ For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` fol
   plain HF ``generate`` of the same model in the same run (methods interleaved, median of repeats):
   - ``lossy``: token exits on the model's own head (``head="tied"``) with a ``token_confidence``
     threshold (its confidence classifiers fitted on the model's greedy continuations of BBC
-    training prompts) or ``max_prob``. The threshold is the lowest of the grid whose token
-    agreement (the fraction of emitted tokens the full model would also emit after the same
-    prefix) is >= ``--agreement`` on calibration prompts; the row reports speed and agreement on disjoint evaluation prompts;
+    training prompts) or ``max_prob``. The (cache strategy, threshold) pair is the fastest of
+    the grid whose token agreement (the fraction of emitted tokens the full model would also
+    emit after the same prefix) is >= ``--agreement`` on calibration prompts; the row reports
+    speed and agreement on disjoint evaluation prompts;
   - ``speculative`` (attention models): lossless self-speculation from the exit and draft length
     that were fastest on the calibration prompts; the row says whether every evaluation output is
     identical to greedy;
@@ -69,10 +70,10 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
     methods = {"hf_generate": hf,
                "offramp_never_exit": lambda b: generate(backbone, b["input_ids"], b["attention_mask"],
                                                         max_new_tokens=new).new_tokens}
-    for t in thresholds:
-        methods[f"lossy@{args.policy}{t:g}"] = lambda b, t=t: generate(
+    for strategy, t in thresholds:
+        methods[f"lossy@{args.policy}{t:g}/{strategy}"] = lambda b, t=t, strategy=strategy: generate(
             exits, b["input_ids"], b["attention_mask"], policy={"type": args.policy, "threshold": t},
-            max_new_tokens=new).new_tokens
+            cache_strategy=strategy, max_new_tokens=new).new_tokens
     for layer, d in spec_settings:
         methods[f"speculative@{layer}/d{d}"] = lambda b, layer=layer, d=d: speculative_generate(
             exits, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
@@ -169,10 +170,13 @@ def bench_model(name: str, args, log) -> dict:
     spec = [(k, d) for k in args.spec_exits if k < L for d in args.drafts] if arch != "mamba" else []
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words, skip=args.prompts)
-    log(f"{name}: calibration ({len(args.thresholds)} thresholds, {len(spec)} speculation settings)")
-    cal = measure(backbone, tok, _methods(backbone, exits, args, args.thresholds, spec), calib, 1, log)
-    ok = [t for t in args.thresholds if cal[f"lossy@{args.policy}{t:g}"]["agreement"] >= args.agreement]
-    chosen_t = min(ok) if ok else None
+    strategies = [x for x in args.cache_strategies if (x in ("freeze", "update")) == (arch == "mamba")]
+    log(f"{name}: calibration ({len(args.thresholds)} thresholds x {len(strategies)} caches, "
+        f"{len(spec)} speculation settings)")
+    grid = [(x, t) for x in strategies for t in args.thresholds]
+    cal = measure(backbone, tok, _methods(backbone, exits, args, grid, spec), calib, 1, log)
+    ok = [(x, t) for x, t in grid if cal[f"lossy@{args.policy}{t:g}/{x}"]["agreement"] >= args.agreement]
+    chosen_t = max(ok, key=lambda s: cal[f"lossy@{args.policy}{s[1]:g}/{s[0]}"]["ratio"]) if ok else None
     chosen_s = max(spec, key=lambda s: cal[f"speculative@{s[0]}/d{s[1]}"]["ratio"]) if spec else None
     peers = {}  # each peer's fastest setting on the calibration prompts
     for m, row in cal.items():
@@ -199,7 +203,7 @@ def bench_model(name: str, args, log) -> dict:
         log(f"{name}: plan {pl.summary()}")
     ceiling = None
     if chosen_t is not None:
-        lossy = ev[f"lossy@{args.policy}{chosen_t:g}"]
+        lossy = ev[f"lossy@{args.policy}{chosen_t[1]:g}/{chosen_t[0]}"]
         ceiling = oracle_ceiling(exits, tok, evals, args.new_tokens, lossy["agreement"])
         ceiling["realised_vs_never_exit"] = round(lossy["tokens_per_s"] / ev["offramp_never_exit"]["tokens_per_s"], 3)
         ceiling["fraction_of_oracle"] = round((ceiling["realised_vs_never_exit"] - 1)
@@ -223,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agreement", type=float, default=0.9)
     p.add_argument("--policy", default="token_confidence", choices=("token_confidence", "max_prob"),
                    help="lossy exits: the exit rule (token_confidence fits the exits' confidence classifiers)")
-    p.add_argument("--thresholds", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95")
+    p.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.98")
+    p.add_argument("--cache-strategies", default="copy_kv,propagate,catch_up,freeze,update",
+                   help="lossy: the cache strategies tried (the backbone's kind picks its own)")
     p.add_argument("--train-prompts", type=int, default=64, help="continuations the confidence classifiers fit on")
     p.add_argument("--exit-every", type=int, default=2, help="lossy: an exit every this many layers")
     p.add_argument("--spec-exits", default="3,4,6")
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     args.thresholds = [float(x) for x in args.thresholds.split(",")]
+    args.cache_strategies = [x for x in args.cache_strategies.split(",") if x]
     args.spec_exits = [int(x) for x in args.spec_exits.split(",") if x]
     args.drafts = [int(x) for x in args.drafts.split(",") if x]
     args.cycles = [int(x) for x in args.cycles.split(",") if x]
