@@ -126,13 +126,21 @@ def oracle_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens:
     ``1 - agreement`` of the tokens leave at the first exit. Costs measured here (batch 1): a
     token exiting after k layers costs embed + k layers + the LM head; exit decisions are free."""
     from offramp.engines.generate import SamplingOptions
-    from offramp.engines.generate.plan import exit_matches, measure_costs
+    from offramp.engines.generate.plan import exit_matches
 
     enc = tok(prompts, return_tensors="pt", padding=True)
     matches, lengths = exit_matches(exits, enc["input_ids"], enc["attention_mask"], new_tokens,
                                     SamplingOptions.from_model(exits.backbone))
     one = tok(prompts[:1], return_tensors="pt")
-    layer_s, head_s, embed_s = measure_costs(exits, one["input_ids"], one["attention_mask"], [1], 0)
+    # a decoding step of the engine, and the LM head alone, timed here (any backbone kind)
+    lm, ad = exits.backbone, exits.adapter
+    never = lambda n: generate(lm, one["input_ids"], one["attention_mask"], max_new_tokens=n)  # noqa: E731
+    timed = lambda fn: min((lambda t0: (fn(), time.perf_counter() - t0)[1])(time.perf_counter())  # noqa: E731
+                           for _ in range(5))
+    step_s = (timed(lambda: never(17)) - timed(lambda: never(1))) / 16
+    h = torch.zeros(1, 1, ad.hidden_size, dtype=ad.dtype)
+    head = timed(lambda: ad.logits(h))
+    layer_s, head_s, embed_s = {1: (step_s - head) / ad.num_layers}, {1: head}, 0.0
     L, layers = exits.adapter.num_layers, list(exits.exit_layers)
     depth = []
     for r, n in enumerate(lengths):
