@@ -85,12 +85,18 @@ def test_recipe_trains_the_early_exits(tmp_path, family):
     assert skip[3]["agreement"] > plain[3]["agreement"] + 0.05
 
 
-def test_a_spent_clock_saves_and_the_next_run_resumes(tmp_path):
+def _one_run(tmp_path, save_every: int) -> tuple[torch.Tensor, dict, torch.nn.Module]:
+    """The token stream, the options, and a model trained once for 12 steps without interruption."""
     tokens = _stream()
     common = dict(recipe="layerskip", max_steps=12, batch_size=4, seq_len=16, warmup_steps=2, p_max=0.3,
-                  dropout_curriculum="constant", save_every=100, progress=False)
+                  dropout_curriculum="constant", save_every=save_every, progress=False)
     once = tiny_decoder("llama", seed=2)
     train_lm(once, tokens, LayerSkipArgs(str(tmp_path / "once"), **common))
+    return tokens, common, once
+
+
+def test_a_spent_clock_saves_and_the_next_run_resumes(tmp_path):
+    tokens, common, once = _one_run(tmp_path, save_every=100)
     out = str(tmp_path / "twice")
     assert train_lm(tiny_decoder("llama", seed=2), tokens, LayerSkipArgs(out, **common, max_minutes=0.0))["step"] == 0
     fresh = tiny_decoder("llama", seed=99)  # other weights: the resumed run must load the saved ones
@@ -102,11 +108,7 @@ def test_a_spent_clock_saves_and_the_next_run_resumes(tmp_path):
 def test_resume_mid_run_matches_one_run(tmp_path, monkeypatch):
     import offramp.training.layerskip as ls
 
-    tokens = _stream()
-    common = dict(recipe="layerskip", max_steps=12, batch_size=4, seq_len=16, warmup_steps=2, p_max=0.3,
-                  dropout_curriculum="constant", save_every=6, progress=False)
-    once = tiny_decoder("llama", seed=2)
-    train_lm(once, tokens, LayerSkipArgs(str(tmp_path / "once"), **common))
+    tokens, common, once = _one_run(tmp_path, save_every=6)
     out = str(tmp_path / "part")
     calls, real = {"n": 0}, ls._windows
 
