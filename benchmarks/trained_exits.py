@@ -124,9 +124,10 @@ def oracle_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens:
     """The most any exit rule on these exits can gain at ``agreement``: per token, the first exit
     whose greedy token is the full model's (teacher-forced on its greedy output); the hardest
     ``1 - agreement`` of the tokens leave at the first exit. Costs measured here (batch 1): a
-    token exiting after k layers costs embed + k layers + the LM head; exit decisions are free."""
+    token exiting after k layers costs k layers + the LM head (a layer: the engine's decoding
+    step less the head, over L); exit decisions are free."""
     from offramp.engines.generate import SamplingOptions
-    from offramp.engines.generate.plan import exit_matches
+    from offramp.engines.generate.plan import exit_matches, median_seconds
 
     enc = tok(prompts, return_tensors="pt", padding=True)
     matches, lengths = exit_matches(exits, enc["input_ids"], enc["attention_mask"], new_tokens,
@@ -134,14 +135,12 @@ def oracle_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens:
     one = tok(prompts[:1], return_tensors="pt")
     # a decoding step of the engine, and the LM head alone, timed here (any backbone kind)
     lm, ad = exits.backbone, exits.adapter
-    never = lambda n: generate(lm, one["input_ids"], one["attention_mask"], max_new_tokens=n)  # noqa: E731
-    timed = lambda fn: min((lambda t0: (fn(), time.perf_counter() - t0)[1])(time.perf_counter())  # noqa: E731
-                           for _ in range(5))
-    step_s = (timed(lambda: never(17)) - timed(lambda: never(1))) / 16
+    step_s = (median_seconds(lambda: generate(lm, one["input_ids"], one["attention_mask"], max_new_tokens=17))
+              - median_seconds(lambda: generate(lm, one["input_ids"], one["attention_mask"], max_new_tokens=1))) / 16
     h = torch.zeros(1, 1, ad.hidden_size, dtype=ad.dtype)
-    head = timed(lambda: ad.logits(h))
-    layer_s, head_s, embed_s = {1: (step_s - head) / ad.num_layers}, {1: head}, 0.0
-    L, layers = exits.adapter.num_layers, list(exits.exit_layers)
+    head = median_seconds(lambda: ad.logits(h))
+    L, layers = ad.num_layers, list(exits.exit_layers)
+    layer = (step_s - head) / L
     depth = []
     for r, n in enumerate(lengths):
         for i in range(1, n):
@@ -150,10 +149,10 @@ def oracle_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens:
     wrong = int(round((1 - agreement) * len(depth)))
     oracle = depth[:len(depth) - wrong] + [layers[0]] * wrong  # the deepest tokens sent out first
     mean = sum(oracle) / len(oracle)
-    step = lambda k: embed_s + k * layer_s[1] + head_s[1]  # noqa: E731
+    step = lambda k: k * layer + head  # noqa: E731
     return {"agreement": agreement, "mean_exit_layer": round(mean, 2),
             "ratio_vs_full_step": round(step(L) / (sum(step(k) for k in oracle) / len(oracle)), 3),
-            "layer_ms": round(layer_s[1] * 1e3, 3), "head_ms": round(head_s[1] * 1e3, 3)}
+            "layer_ms": round(layer * 1e3, 3), "head_ms": round(head * 1e3, 3)}
 
 
 def bench_model(name: str, args, log) -> dict:

@@ -43,11 +43,15 @@ class SpeculationPlan:
     layer_s: dict[int, float]          # one layer on w tokens per row, by w
     head_s: dict[int, float]           # exit head + LM head on w tokens per row, by w
     embed_s: float
-    plain_step_s: float                # a plain decoding step: embed + L layers + head on 1 token
     acceptance: dict[int, float]       # per exit layer: the share of positions its greedy token is the model's
     settings: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     margin: float = 0.05
+
+    @property
+    def plain_step_s(self) -> float:
+        """A plain decoding step: embed + L layers + head on 1 token."""
+        return self.embed_s + self.num_layers * self.layer_s[1] + self.head_s[1]
 
     def round_s(self, exit_layer: int, d: int) -> float:
         """One round: d+1 tokens through layers 1..E (the pending token and d drafts), d exit
@@ -57,7 +61,7 @@ class SpeculationPlan:
                 + (L - exit_layer) * self.layer_s[d + 1] + self.head_s[d + 1])
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "plain_step_s": self.plain_step_s}
 
     def summary(self) -> str:
         head = (f"speculation plan at batch {self.batch_size}: plain step {self.plain_step_s * 1e3:.2f} ms; "
@@ -88,7 +92,8 @@ def replay_rounds(matches: Sequence[bool], length: int, d: int) -> int:
     return rounds
 
 
-def _timed(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int = 5) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -112,11 +117,11 @@ def measure_costs(model: Any, input_ids: Tensor, attention_mask: Tensor, widths:
         spec.run.pos[:, p:p + w] = spec.run.pos[:, p - 1:p] + 1 + torch.arange(w, device=input_ids.device)
         spec.run.valid[:, p:p + w] = True
         h = ad.embed(input_ids[:, -1:].expand(b, w), spec.run.pos[:, p:p + w])
-        layer_s[w] = _timed(lambda: spec._layers(h, rows, True, p, range(L)), repeats) / L
-        head_s[w] = _timed(lambda: ad.logits(model.features(exit_index, h)).argmax(-1), repeats)
+        layer_s[w] = median_seconds(lambda: spec._layers(h, rows, True, p, range(L)), repeats) / L
+        head_s[w] = median_seconds(lambda: ad.logits(model.features(exit_index, h)).argmax(-1), repeats)
         spec.run.valid[:, p:p + w] = False
     tok = input_ids[:, -1:]
-    embed_s = _timed(lambda: ad.embed(tok, spec.run.pos[:, p:p + 1]), repeats)
+    embed_s = median_seconds(lambda: ad.embed(tok, spec.run.pos[:, p:p + 1]), repeats)
     return layer_s, head_s, embed_s
 
 
@@ -167,15 +172,15 @@ def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | Non
     widths = sorted({1, *[d + 1 for d in draft_tokens]})
     e0 = list(model.exit_layers).index(candidates[0])
     layer_s, head_s, embed_s = measure_costs(model, ids, attn, widths, e0, repeats)
-    L = model.adapter.num_layers
-    plain_step = embed_s + L * layer_s[1] + head_s[1]
     matches, lengths = exit_matches(model, ids, attn, max_new_tokens, greedy)
-    plan = SpeculationPlan(batch_size=ids.shape[0], num_layers=L, layer_s=layer_s, head_s=head_s, embed_s=embed_s,
-                           plain_step_s=plain_step, margin=margin, acceptance={
-                               k: round(sum(sum(r[1:]) for r in matches[k]) / max(1, sum(len(r) - 1 for r in
-                                                                                       matches[k])), 4)
-                               for k in candidates})
-    plain_s = (max(lengths) - 1) * plain_step  # the first token comes from the prompt's pass in both
+
+    def acceptance(rows: list[list[bool]]) -> float:  # position 0 comes from the prompt's pass
+        return round(sum(sum(r[1:]) for r in rows) / max(1, sum(len(r) - 1 for r in rows)), 4)
+
+    plan = SpeculationPlan(batch_size=ids.shape[0], num_layers=model.adapter.num_layers, layer_s=layer_s,
+                           head_s=head_s, embed_s=embed_s, margin=margin,
+                           acceptance={k: acceptance(matches[k]) for k in candidates})
+    plain_s = (max(lengths) - 1) * plan.plain_step_s  # the first token comes from the prompt's pass in both
     for k in candidates:
         for d in sorted(set(draft_tokens)):
             rounds = [replay_rounds(m, n, d) for m, n in zip(matches[k], lengths)]
