@@ -83,3 +83,11 @@ def test_bad_input(model_dir, tmp_path):
         _run(["reason", "fit", str(tmp_path), "--delta", "0.1", "--out", str(tmp_path / "p")])
     with pytest.raises(ValueError, match="cannot load model"):
         _run(["reason", "run", "--model", str(tmp_path / "missing"), "--question", "x"])
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        _run(["reason", "run", "--model", model_dir, "--question", "x", "--batch-size", "0"])
+    with pytest.raises(ValueError, match="add --sample"):
+        _run(["reason", "run", "--model", model_dir, "--question", "x", "--temperature", "0.7"])
+    with pytest.raises(ValueError, match="prompt instruction is empty"):
+        _run(["reason", "run", "--model", model_dir, "--question", "x", "--prompt", " "])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        _run(["reason", "run", "--model", model_dir, "--question", "x", "--sample", "--temperature", "0"])

@@ -7,6 +7,9 @@ offramp reason run --model M --probe runs/probe --question "Two apples and three
 offramp reason run --model M --policy deer --value 0.95 --task gsm8k --n 20 --out runs/deer.jsonl
 ```
 
+Chains decode ``--batch-size`` at a time in a continuously refilled batch (each chain is what it
+is alone); ``run`` prints or appends one JSON line per problem as its chain ends.
+
 ``run`` policies (exit rules over cue events, ``--policy NAME --value V`` as on every command):
 ``probe`` (LYNX; needs ``--probe``, whose cue, forcing and feature settings are reused), ``deer``
 (trial answers at cues, exit when their mean token probability >= V), ``static`` (stop at the
@@ -53,6 +56,11 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
                           "budget = --budget (default 256), full = --policy never")
     run.add_argument("--lambda", dest="lam", type=float, default=None, help="with --method deer: = --value")
     run.add_argument("--out", help="append one JSON line per problem here (default: print)")
+    run.add_argument("--sample", action="store_true", help="sample the chains (forced answers stay greedy)")
+    run.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
+    run.add_argument("--top-p", type=float, default=1.0, help="with --sample (default 1.0)")
+    run.add_argument("--sample-seed", type=int, default=0, help="with --sample: seeds each chain's sampler together "
+                     "with its prompt (default 0)")
     run.set_defaults(func=cmd_reason_run)
     build = sub.add_parser("build", help="label cue events of training problems by forced exits")
     _model_args(build)
@@ -88,11 +96,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cue-words", default=None, help=f"comma-separated (default {DEFAULT_WORDS}; '' for none)")
     p.add_argument("--no-steps", action="store_true", help="no step-boundary cues (blank lines, sentence ends)")
     p.add_argument("--layers", default=None, help="hidden_states indices of the features (default -1)")
+    p.add_argument("--prompt", default="plain", help="the instruction after each question: plain (solve step by "
+                   "step, box the answer), check (then check the answer), or literal text (default plain)")
+    p.add_argument("--batch-size", type=int, default=8, help="chains decoded together (default 8)")
 
 
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     from offramp.engines.reason import ReasonConfig
     from offramp.reasoning.cues import CueConfig
+    from offramp.reasoning.tasks import prompt_suffix
 
     base = base or {}
     cues = base.get("cues", {})
@@ -104,7 +116,9 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
                                        step_boundaries=steps),
                         forcing=args.forcing or base.get("forcing", "boxed"),
                         max_new_tokens=args.max_new_tokens, max_answer_tokens=args.max_answer_tokens,
-                        feature_layers=layers)
+                        feature_layers=layers, prompt_suffix=prompt_suffix(args.prompt),
+                        do_sample=bool(getattr(args, "sample", False)), temperature=getattr(args, "temperature", 1.0),
+                        top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "sample_seed", 0))
 
 
 def _load(args: argparse.Namespace):
@@ -163,10 +177,12 @@ def _run_policy(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def cmd_reason_run(args: argparse.Namespace) -> int:
-    from offramp.engines.reason import reason
+    from offramp.engines.reason import iter_reason
     from offramp.policies import make_policy
 
-    common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1)
+    common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1, batch_size=1)
+    if not args.sample and (args.temperature != 1.0 or args.top_p != 1.0):
+        raise ValueError("--temperature and --top-p shape sampling: add --sample (chains are greedy without it)")
     if args.budget is not None:
         common.require_min(args, budget=1)
     if args.lam is not None and not 0.0 <= args.lam <= 1.0:  # NaN fails this too
@@ -181,8 +197,8 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
         config = type(config)(**{**config.__dict__, "max_new_tokens": args.budget})
     model, tok = _load(args)
     items = [args.question] if args.question else _problems(args)
-    for item in items:
-        res = reason(model, tok, item, policy=policy, config=config)
+    for i, res in iter_reason(model, tok, items, policy=policy, config=config, batch_size=args.batch_size):
+        item = items[i]
         row = {"method": method, "policy": spec, **({"uid": item.uid, "gold": item.answer} if hasattr(item, "uid")
                                                      else {}), **res.to_dict()}
         line = json.dumps(row)
@@ -197,11 +213,12 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
 def cmd_reason_build(args: argparse.Namespace) -> int:
     from offramp.reasoning.dataset import build_dataset
 
-    common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1)
+    common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1, batch_size=1)
     common.check_out(Path(args.out), True, "dataset folder")
     config = _config(args)
     model, tok = _load(args)
     uids = build_dataset(model, tok, _problems(args), args.out, config=config, model_name=args.model,
+                         batch_size=args.batch_size,
                          on_problem=lambda p, t: print(f"{p.uid}: {len(t['events'])} events, "
                                                        f"{t['chain_tokens']} tokens", file=sys.stderr, flush=True))
     print(json.dumps({"problems": len(uids), "out": args.out}))

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
+from offramp.engines.generate.sampling import SamplingOptions, sampling_probs
+from offramp.engines.rows import row_keys
 from offramp.policies import ExitPolicy, ExitSignals, make_policy, require_signals
 from offramp.reasoning.cues import CueConfig, CueDetector, CueEvent
-from offramp.reasoning.forcing import ForcedAnswer, force_answer, forcing_text, fork_cache, hidden_features, is_boxed
+from offramp.reasoning.forcing import ForcedAnswer, force_answers, forcing_text, hidden_features, is_boxed
+from offramp.reasoning.rowcache import RowCache
 from offramp.reasoning.tasks import PROMPT_SUFFIX, Problem, extract_answer
 
 
@@ -47,6 +50,11 @@ class ReasonConfig:
         feature_layers: ``hidden_states`` indices whose states at the cue token are concatenated
             (0 = embeddings, -1 = the last layer after the final norm).
         prompt_suffix: appended to the question in the user message.
+        do_sample: sample the chain (temperature, top-p) instead of decoding greedily; forced
+            answers are always greedy.
+        temperature, top_p: the sampling distribution (HF's warpers).
+        seed: with the prompt's tokens, seeds each chain's own sampler, so a chain samples the same
+            tokens in any batch.
     """
 
     cues: CueConfig = field(default_factory=CueConfig)
@@ -55,6 +63,10 @@ class ReasonConfig:
     max_answer_tokens: int = 16
     feature_layers: tuple[int, ...] = (-1,)
     prompt_suffix: str = PROMPT_SUFFIX
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -64,6 +76,7 @@ class ReasonConfig:
         if not self.feature_layers:
             raise ValueError("feature_layers is empty: give hidden_states indices, e.g. (8, 16, -1)")
         forcing_text(self.forcing)
+        SamplingOptions(temperature=self.temperature, top_p=self.top_p)  # the same checks as generation
 
 
 @dataclass
@@ -120,9 +133,10 @@ class ReasonResult:
     exit_event: int | None
     events: list[dict[str, Any]]
     chain_ids: list[int] = field(default_factory=list)  # token ids of ``chain``
+    features: Tensor | None = None  # (events, d) the cue features of ``events`` (not in ``to_dict``)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "features"}
 
 
 def prompt_ids(tokenizer, question: str, suffix: str = PROMPT_SUFFIX) -> list[int]:
@@ -148,38 +162,249 @@ def eos_ids(tokenizer, model) -> set[int]:
 
 
 class _Chain:
-    """Mutable state of one generation: prompt length, cache, generated ids, text offsets."""
+    """Mutable state of one chain in the batch: its ids, text offsets, cue detector, policy state, log."""
 
-    def __init__(self, model, tokenizer, config: ReasonConfig, n_prompt: int, cache) -> None:
-        self.model, self.tok, self.cfg = model, tokenizer, config
-        self.n_prompt, self.cache = n_prompt, cache
+    def __init__(self, index: int, problem, prompt: list[int], policy: ExitPolicy, config: ReasonConfig,
+                 generator: torch.Generator | None) -> None:
+        self.index, self.problem, self.prompt = index, problem, prompt
         self.ids: list[int] = []
         self.ends: list[int] = []
         self.feats: list[Tensor] = []
+        self.det = CueDetector(config.cues)
+        self.state = policy.start(1, 0)
+        self.log: list[dict[str, Any]] = []
+        self.contexts: list[EventContext] = []
+        self.trial_tokens = 0
+        self.stop = "budget"
+        self.exit_ctx: EventContext | None = None
+        self.generator = generator
+        self.logits: Tensor | None = None  # (v,) the next token's logits
+        self.t0 = time.perf_counter()
+
+
+class _Engine:
+    """The batch of running chains: one ``RowCache``, one model step for all, forced answers in batches."""
+
+    def __init__(self, model, tokenizer, policy: ExitPolicy, config: ReasonConfig,
+                 on_event: Callable[[EventContext], dict[str, Any]] | None, label_events: bool) -> None:
+        self.model, self.tok, self.policy, self.cfg = model, tokenizer, policy, config
+        self.on_event, self.label_events = on_event, label_events
         self.eos = eos_ids(tokenizer, model)
         self.forcing = forcing_text(config.forcing)
+        self.rows = RowCache.empty_like(model)
+        self.chains: list[_Chain] = []  # row i of ``rows`` is chains[i]
+        self.sampling = SamplingOptions(do_sample=True, temperature=config.temperature, top_p=config.top_p) \
+            if config.do_sample else None
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def force_at(self, n_gen: int) -> ForcedAnswer:
-        """Fork after ``n_gen`` generated tokens and force the answer."""
-        prefix = self.decode(self.ids[:n_gen])
-        text = self.forcing.lstrip("\n ") if (not prefix or prefix.endswith("\n")) else self.forcing
-        ids = list(self.tok.encode(text, add_special_tokens=False))
-        cache = fork_cache(self.cache, self.n_prompt + n_gen)
-        return force_answer(self.model, cache, ids, boxed=is_boxed(self.forcing), decode=self.decode,
-                            eos_ids=self.eos, max_answer_tokens=self.cfg.max_answer_tokens)
+    # ------------------------------------------------------------------ forced answers
+    def force(self, items: list[tuple[_Chain, int]]) -> list[ForcedAnswer]:
+        """Forced answers after ``n`` generated tokens of each (chain, n), forked from the batch's cache
+        (the chains must be running), decoded in batches as large as the running batch."""
+        out: list[ForcedAnswer] = []
+        size = max(1, len(self.chains))
+        for lo in range(0, len(items), size):
+            part = items[lo:lo + size]
+            rows = [self.chains.index(ch) for ch, _ in part]
+            forks = self.rows.fork(self.model, rows, [len(ch.prompt) + n for ch, n in part])
+            texts = []
+            for ch, n in part:
+                prefix = self.decode(ch.ids[:n])
+                text = self.forcing.lstrip("\n ") if (not prefix or prefix.endswith("\n")) else self.forcing
+                texts.append(list(self.tok.encode(text, add_special_tokens=False)))
+            out += force_answers(self.model, forks, texts, boxed=is_boxed(self.forcing), decode=self.decode,
+                                 eos_ids=self.eos, max_answer_tokens=self.cfg.max_answer_tokens)
+        return out
+
+    # ------------------------------------------------------------------ joining and leaving
+    def join(self, index: int, problem) -> None:
+        question = problem.question if isinstance(problem, Problem) else problem
+        ids = prompt_ids(self.tok, question, self.cfg.prompt_suffix)
+        gen = None
+        if self.sampling is not None:
+            key = int(row_keys(torch.tensor([ids]))[0])
+            gen = torch.Generator().manual_seed((key ^ (self.cfg.seed * 0x9E3779B97F4A7C15)) & ((1 << 63) - 1))
+        ch = _Chain(index, problem, ids, self.policy, self.cfg, gen)
+        one = RowCache.empty_like(self.model)
+        ch.logits = one.step(self.model, torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+        self.rows = self.rows.merge(one)
+        self.chains.append(ch)
+
+    def finish(self, done: list[_Chain]) -> list[tuple[int, ReasonResult]]:
+        """Force the answers the finished chains need (one batch), build their results, drop their rows."""
+        need: list[tuple[_Chain, int]] = []
+        for ch in done:
+            if ch.exit_ctx is not None:
+                if ch.exit_ctx.forced is None:
+                    need.append((ch, ch.exit_ctx.event.fork))
+            elif not (ch.stop == "eos" and extract_answer(self.decode(ch.ids)) is not None) and ch.ids:
+                need.append((ch, len(ch.ids)))
+            if self.label_events:
+                need += [(ch, c.event.fork) for c in ch.contexts if c.forced is None]
+        answers = dict(zip([(id(ch), n) for ch, n in need], self.force(need))) if need else {}
+        results = []
+        for ch in done:
+            if self.label_events:
+                for c, entry in zip(ch.contexts, ch.log):
+                    if c.forced is None:
+                        c.forced = answers[(id(ch), c.event.fork)]
+                    entry.update(answer=c.forced.text, mean_prob=c.forced.mean_prob, complete=c.forced.complete)
+            if ch.exit_ctx is not None and ch.exit_ctx.forced is None:
+                ch.exit_ctx.forced = answers[(id(ch), ch.exit_ctx.event.fork)]
+            results.append((ch.index, self._result(ch, answers.get((id(ch), len(ch.ids))))))
+        gone = {id(ch) for ch in done}
+        keep = [i for i, ch in enumerate(self.chains) if id(ch) not in gone]
+        self.rows.keep(keep)
+        self.chains = [self.chains[i] for i in keep]
+        return results
+
+    def _result(self, ch: _Chain, end_answer: ForcedAnswer | None) -> ReasonResult:
+        answer_tokens = 0
+        if ch.exit_ctx is not None:
+            forced = ch.exit_ctx.forced
+            answer, answer_tokens = forced.text, len(forced.token_ids)
+            kept = ch.ids[: ch.exit_ctx.event.fork]
+        else:
+            kept = ch.ids
+            answer = extract_answer(self.decode(kept)) if ch.stop == "eos" else None
+            if answer is None and end_answer is not None:
+                answer, answer_tokens = end_answer.text, len(end_answer.token_ids)
+        wall = time.perf_counter() - ch.t0
+        correct = ch.problem.check(answer) if isinstance(ch.problem, Problem) else None
+        n = len(ch.ids)
+        feats = torch.stack([c.features for c in ch.contexts]) if ch.contexts else None
+        return ReasonResult(answer, correct, self.decode(kept), n + answer_tokens + ch.trial_tokens, n,
+                            answer_tokens, ch.trial_tokens, wall, ch.stop,
+                            ch.exit_ctx.event.index if ch.exit_ctx else None, ch.log, list(kept), feats)
+
+    # ------------------------------------------------------------------ one decoding step
+    def pick(self, ch: _Chain) -> int:
+        if self.sampling is None:
+            return int(ch.logits.argmax())
+        probs = sampling_probs(ch.logits[None], self.sampling)[0]
+        return int(torch.multinomial(probs, 1, generator=ch.generator))
+
+    def step(self) -> list[tuple[int, ReasonResult]]:
+        """Pick every chain's next token, retire the chains that end, run one step, decide at cue events."""
+        done, going = [], []
+        for ch in self.chains:
+            if len(ch.ids) >= self.cfg.max_new_tokens:
+                done.append(ch)
+                continue
+            nxt = self.pick(ch)
+            if nxt in self.eos:
+                ch.stop = "eos"
+                done.append(ch)
+                continue
+            ch.ids.append(nxt)
+            going.append(ch)
+        results = self.finish(done) if done else []
+        if not going:
+            return results
+        tokens = torch.tensor([[ch.ids[-1]] for ch in self.chains])
+        out = self.rows.step(self.model, tokens, output_hidden_states=True, logits_to_keep=1)
+        new: list[EventContext] = []
+        for i, ch in enumerate(self.chains):
+            ch.feats.append(hidden_features(out.hidden_states, self.cfg.feature_layers, i))
+            ch.logits = out.logits[i, -1]
+            text = self.decode(ch.ids)
+            ch.ends.append(max(len(text), ch.ends[-1] if ch.ends else 0))
+            for ev in ch.det.update(text, ch.ends):
+                ctx = EventContext(ev, ch.feats[ev.token], lambda c=ch, f=ev.fork: self.force([(c, f)])[0])
+                ctx.chain = ch  # type: ignore[attr-defined]
+                new.append(ctx)
+        if new and "trial" in self.policy.needs:  # every new event's trial answer, in one batch
+            for ctx, ans in zip(new, self.force([(ctx.chain, ctx.event.fork) for ctx in new])):
+                ctx.forced = ans
+        exits = []
+        for ctx in new:
+            ch = ctx.chain
+            if ch.exit_ctx is not None:
+                continue  # this chain stopped at an earlier event of the same step
+            info = dict(self.on_event(ctx)) if self.on_event is not None else {}
+            signals = event_signals(self.policy, ctx.event.fork, ctx.features, ctx.force, info)
+            accept, ch.state = self.policy.decide(ctx.event.index, signals, ch.state)
+            info.update(self.policy.explain(ctx.event.index, signals))
+            ev = ctx.event
+            ch.log.append({"index": ev.index, "token": ev.token, "fork": ev.fork, "kind": ev.kind,
+                           "cue": ev.cue, "exit": bool(accept[0]), **info})
+            ch.contexts.append(ctx)
+            if bool(accept[0]):
+                ch.exit_ctx, ch.stop = ctx, "cue"
+                exits.append(ch)
+            elif ctx.forced is not None:
+                ch.trial_tokens += len(ctx.forced.token_ids)
+        return results + (self.finish(exits) if exits else [])
+
+
+def _problems_arg(problems) -> list:
+    items = list(problems)
+    for i, p in enumerate(items):
+        if not isinstance(p, (Problem, str)):
+            raise ValueError(f"problem {i} is a {type(p).__name__}: pass Problem objects or question strings")
+        if not (p.question if isinstance(p, Problem) else p).strip():
+            raise ValueError(f"problem {i}: the question is empty: pass the problem text")
+    return items
 
 
 @torch.no_grad()
+def iter_reason(model, tokenizer, problems, *, policy: str | dict | ExitPolicy | None = None,
+                config: ReasonConfig | None = None, batch_size: int = 8,
+                on_event: Callable[[EventContext], dict[str, Any]] | None = None,
+                label_events: bool = False) -> Iterator[tuple[int, ReasonResult]]:
+    """Reason over ``problems`` in a continuously refilled batch; yield (index, result) as chains end.
+
+    Up to ``batch_size`` chains decode together, one model step for all. Cue detection and the exit
+    decision are per chain; the forced answers of every chain that stops at a step (and the trial
+    answers DEER needs at the cue events of a step) are decoded as one batch, forked from the
+    chains' own cache rows. A finished chain leaves the batch and the next problem joins it, so the
+    batch stays full. Each chain's tokens, events, decisions and answer are those it gets alone.
+
+    Args:
+        model, tokenizer: an HF causal LM whose layers are all full attention, and its tokenizer.
+        problems: ``Problem`` objects (answers are checked) or question strings.
+        policy, config, on_event: as in ``reason``.
+        batch_size: the most chains decoding at once.
+        label_events: force the answer at every cue event of every chain (after the chain ends, in
+            batches) and put it into the event's log entry (``answer``, ``mean_prob``, ``complete``);
+            ``offramp reason build`` labels its events this way.
+    """
+    config = config or ReasonConfig()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    items = _problems_arg(problems)
+    policy = make_policy(policy)
+    require_signals(policy, set(SIGNALS), "a chain of thought's cue events",
+                    "use never, static (a token count), deer or probe")
+    eng = _Engine(model, tokenizer, policy, config, on_event, label_events)
+    queue = list(enumerate(items))[::-1]
+    while queue or eng.chains:
+        while queue and len(eng.chains) < batch_size:
+            eng.join(*queue.pop())
+        yield from eng.step()
+
+
+def reason_batch(model, tokenizer, problems, *, policy: str | dict | ExitPolicy | None = None,
+                 config: ReasonConfig | None = None, batch_size: int = 8,
+                 on_event: Callable[[EventContext], dict[str, Any]] | None = None,
+                 label_events: bool = False) -> list[ReasonResult]:
+    """``iter_reason``'s results in the order of ``problems``."""
+    out: dict[int, ReasonResult] = {}
+    for i, res in iter_reason(model, tokenizer, problems, policy=policy, config=config, batch_size=batch_size,
+                              on_event=on_event, label_events=label_events):
+        out[i] = res
+    return [out[i] for i in range(len(out))]
+
+
 def reason(model, tokenizer, problem: Problem | str, *, policy: str | dict | ExitPolicy | None = None,
            config: ReasonConfig | None = None,
            on_event: Callable[[EventContext], dict[str, Any]] | None = None) -> ReasonResult:
     """Generate a chain of thought for ``problem`` and stop at the first cue event ``policy`` accepts.
 
     Args:
-        model: an HF causal LM (batch size 1, greedy decoding).
+        model: an HF causal LM (one chain; ``reason_batch`` runs many together).
         tokenizer: its tokenizer.
         problem: a ``Problem`` (the answer is then checked) or the question text.
         policy: an exit policy over cue events (never, static, deer, probe); ``never`` (the full
@@ -191,69 +416,5 @@ def reason(model, tokenizer, problem: Problem | str, *, policy: str | dict | Exi
     Returns:
         The answer, its correctness (if a ``Problem``), tokens used, wall-clock and event log.
     """
-    from transformers import DynamicCache
-
-    config = config or ReasonConfig()
-    policy = make_policy(policy)
-    require_signals(policy, set(SIGNALS), "a chain of thought's cue events",
-                    "use never, static (a token count), deer or probe")
-    state = policy.start(1, 0)
-    question = problem.question if isinstance(problem, Problem) else problem
-    t0 = time.perf_counter()
-    ids = prompt_ids(tokenizer, question, config.prompt_suffix)
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-    ch = _Chain(model, tokenizer, config, len(ids), cache)
-    det = CueDetector(config.cues)
-    log: list[dict[str, Any]] = []
-    trial_tokens, stop, exit_ctx = 0, "budget", None
-    while len(ch.ids) < config.max_new_tokens and exit_ctx is None:
-        nxt = int(logits.argmax())
-        if nxt in ch.eos:
-            stop = "eos"
-            break
-        ch.ids.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True,
-                    output_hidden_states=True, logits_to_keep=1)
-        ch.feats.append(hidden_features(out.hidden_states, config.feature_layers))
-        logits = out.logits[0, -1]  # (v,)
-        text = ch.decode(ch.ids)
-        ch.ends.append(max(len(text), ch.ends[-1] if ch.ends else 0))
-        for ev in det.update(text, ch.ends):
-            ctx = EventContext(ev, ch.feats[ev.token], lambda f=ev.fork: ch.force_at(f))
-            info = dict(on_event(ctx)) if on_event is not None else {}
-            signals = event_signals(policy, ev.fork, ctx.features, ctx.force, info)
-            accept, state = policy.decide(ev.index, signals, state)
-            info.update(policy.explain(ev.index, signals))
-            leave = bool(accept[0])
-            log.append({"index": ev.index, "token": ev.token, "fork": ev.fork, "kind": ev.kind,
-                        "cue": ev.cue, "exit": bool(leave), **info})
-            if leave:
-                exit_ctx = ctx
-                stop = "cue"
-                break
-            if ctx.forced is not None:
-                trial_tokens += len(ctx.forced.token_ids)
-    return _finish(ch, problem, exit_ctx, stop, trial_tokens, log, t0)
-
-
-def _finish(ch: _Chain, problem, exit_ctx: EventContext | None, stop: str, trial_tokens: int,
-            log: list[dict[str, Any]], t0: float) -> ReasonResult:
-    """Read off the answer (forced at the exit, else stated in the chain, else forced at the end)."""
-    answer_tokens = 0
-    if exit_ctx is not None:
-        forced = exit_ctx.force()
-        answer, answer_tokens = forced.text, len(forced.token_ids)
-        kept = ch.ids[: exit_ctx.event.fork]
-    else:
-        kept = ch.ids
-        answer = extract_answer(ch.decode(kept)) if stop == "eos" else None
-        if answer is None and ch.ids:
-            forced = ch.force_at(len(ch.ids))
-            answer, answer_tokens = forced.text, len(forced.token_ids)
-    wall = time.perf_counter() - t0
-    chain = ch.decode(kept)
-    correct = problem.check(answer) if isinstance(problem, Problem) else None
-    n = len(ch.ids)
-    return ReasonResult(answer, correct, chain, n + answer_tokens + trial_tokens, n, answer_tokens,
-                        trial_tokens, wall, stop, exit_ctx.event.index if exit_ctx else None, log, list(kept))
+    return reason_batch(model, tokenizer, [problem], policy=policy, config=config, batch_size=1,
+                        on_event=on_event)[0]

@@ -12,32 +12,17 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from offramp.engines.reason import EventContext, ReasonConfig, reason
+from offramp.engines.reason import ReasonConfig, iter_reason
 from offramp.reasoning.tasks import Problem
 from offramp.utils import atomic_write_bytes, atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
-
-
-@dataclass
-class Labeller:
-    """At every cue event: keep the features, force the answer, record whether it is right (the
-    chain is never stopped). ``mean_prob`` is kept exactly: DEER's replay reads it."""
-
-    problem: Problem
-    features: list[np.ndarray] = field(default_factory=list)
-
-    def __call__(self, ctx: EventContext) -> dict[str, Any]:
-        self.features.append(ctx.features.numpy().astype(np.float32))
-        ans = ctx.force()
-        return {"answer": ans.text, "correct": bool(self.problem.check(ans.text)),
-                "mean_prob": float(ans.mean_prob), "complete": ans.complete}
 
 
 @dataclass
@@ -77,6 +62,8 @@ def _check_manifest(out: Path, config: ReasonConfig, model_name: str) -> None:
     path = out / MANIFEST
     if path.exists():
         have = read_json(path, "event dataset manifest", "use a new --out folder")
+        if isinstance(have, dict) and isinstance(have.get("config"), dict):  # settings added later: defaults
+            have["config"] = {**_config_dict(ReasonConfig()), **have["config"]}
         if have != want:
             raise ValueError(f"{out} was built with other settings ({have}); use a new directory "
                              "or the same model and ReasonConfig to resume")
@@ -85,9 +72,12 @@ def _check_manifest(out: Path, config: ReasonConfig, model_name: str) -> None:
 
 
 def build_dataset(model, tokenizer, problems: list[Problem], out_dir: str | Path, *,
-                  config: ReasonConfig | None = None, model_name: str = "",
+                  config: ReasonConfig | None = None, model_name: str = "", batch_size: int = 8,
                   on_problem: Callable[[Problem, dict[str, Any]], None] | None = None) -> list[str]:
     """Label the cue events of ``problems`` into ``out_dir``; problems already there are skipped.
+
+    The chains decode ``batch_size`` at a time (``iter_reason``); when one ends, the answers of all
+    its cue events are forced in batches from its own cached prefixes, and its file is written.
 
     Args:
         model, tokenizer: the HF causal LM and its tokenizer.
@@ -95,28 +85,31 @@ def build_dataset(model, tokenizer, problems: list[Problem], out_dir: str | Path
         out_dir: one ``<uid>.npz`` per problem plus ``manifest.json`` (settings must match to resume).
         config: cue, forcing and feature settings (the same must be used online).
         model_name: recorded in the manifest, checked on resume.
+        batch_size: chains decoded together.
         on_problem: called after each newly built problem with its trace (for progress logs).
 
     Returns:
         The uids of all problems now on disk, in the order of ``problems``.
     """
     config = config or ReasonConfig()
+    if config.do_sample:
+        raise ValueError("event labels come from greedy chains: build the dataset with do_sample=False")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, config, model_name)
     if len({p.uid for p in problems}) != len(problems):
         raise ValueError("problem uids must be unique: they name the files of the dataset")
-    for p in problems:
-        path = out / f"{p.uid}.npz"
-        if path.exists():
-            continue
-        rule = Labeller(p)
-        res = reason(model, tokenizer, p, on_event=rule, config=config)
+    todo = [p for p in problems if not (out / f"{p.uid}.npz").exists()]
+    for i, res in iter_reason(model, tokenizer, todo, config=config, batch_size=batch_size, label_events=True):
+        p = todo[i]
+        for ev in res.events:
+            ev["correct"] = bool(p.check(ev["answer"]))
         trace = res.to_dict()
         trace.update(uid=p.uid, gold=p.answer, source=p.source)
-        feats = np.stack(rule.features) if rule.features else np.zeros((0, 0), np.float32)
+        feats = (res.features.numpy().astype(np.float32) if res.features is not None
+                 else np.zeros((0, 0), np.float32))
         labels = np.array([int(e["correct"]) for e in res.events], dtype=np.int64)
-        _atomic_savez(path, features=feats, labels=labels, trace=np.array(json.dumps(trace)))
+        _atomic_savez(out / f"{p.uid}.npz", features=feats, labels=labels, trace=np.array(json.dumps(trace)))
         if on_problem is not None:
             on_problem(p, trace)
     return [p.uid for p in problems if (out / f"{p.uid}.npz").exists()]
@@ -153,8 +146,8 @@ def load_dataset(out_dir: str | Path, uids: list[str] | None = None) -> EventDat
 
 def replay_events(policy: Any, data: EventDataset) -> np.ndarray:
     """(problems,) the event index where ``policy`` stops each chain (-1: it never does), calling the
-    same ``decide`` the online engine calls, in the same order: chain by chain (the engine runs one
-    chain at a time), the state started once per chain, events in order until the first exit."""
+    same ``decide`` the online engine calls, in the same order: each chain's state started once and
+    its events decided in order until the first exit (in a batch, each chain has its own state)."""
     import torch
 
     from offramp.engines.reason import SIGNALS, event_signals

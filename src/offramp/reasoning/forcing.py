@@ -3,7 +3,7 @@
 At a cue the KV cache already holds the prefix. ``fork_cache`` copies it and crops the copy to
 the prefix length (no re-encoding); the answer-forcing text is then fed in one forward pass and
 the answer decoded greedily until its terminator (the closing brace of ``\\boxed{``, or the end
-of the line for plain forcing).
+of the line for plain forcing). ``force_answers`` does that for many prefixes at once, in one batch.
 """
 
 from __future__ import annotations
@@ -76,36 +76,73 @@ def force_answer(model, cache, forcing_ids: list[int], *, boxed: bool, decode, e
 
     Args:
         model: an HF causal LM.
-        cache: a KV cache holding exactly the prefix (use ``fork_cache``); it is consumed.
+        cache: an HF KV cache of one row holding exactly the prefix (use ``fork_cache``); it is consumed.
         forcing_ids: token ids of the answer-forcing text.
         boxed: the answer ends at the brace closing ``\\boxed{`` (else at the line/sentence end).
         decode: token ids -> text (the tokenizer's ``decode``).
         eos_ids: ids that end generation.
         max_answer_tokens: the most answer tokens to generate.
     """
-    if not forcing_ids:
+    from offramp.reasoning.rowcache import RowCache
+
+    n = cache.get_seq_length()
+    rows = RowCache(cache, torch.ones(1, n, dtype=torch.long), torch.tensor([n]))
+    return force_answers(model, rows, [forcing_ids], boxed=boxed, decode=decode, eos_ids=eos_ids,
+                         max_answer_tokens=max_answer_tokens)[0]
+
+
+@torch.no_grad()
+def force_answers(model, rows, forcing_ids: list[list[int]], *, boxed: bool, decode, eos_ids: set[int],
+                  max_answer_tokens: int = 16) -> list[ForcedAnswer]:
+    """The forced answers of every row of a ``RowCache`` of prefixes, decoded together.
+
+    Row i gets ``forcing_ids[i]`` after its prefix (one forward pass for all rows; ragged forcing
+    texts are left-padded in the block), then the answers are decoded greedily, a row leaving the
+    batch when its answer is closed, it emits EOS or reaches ``max_answer_tokens``. ``rows`` is
+    consumed. Each row's answer is the one ``force_answer`` gives it alone."""
+    from offramp.reasoning.rowcache import left_pad
+
+    if len(forcing_ids) != rows.batch:
+        raise ValueError(f"{len(forcing_ids)} forcing texts for {rows.batch} prefixes")
+    if any(not f for f in forcing_ids):
         raise ValueError("forcing_ids is empty: the answer-forcing text must encode to tokens")
-    inp = torch.tensor([forcing_ids], dtype=torch.long)
-    logits = model(input_ids=inp, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]  # (v,)
-    ids: list[int] = []
-    logps: list[float] = []
+    inp, mask = left_pad(forcing_ids)
+    logits = rows.step(model, inp, mask, logits_to_keep=1).logits[:, -1]  # (b, v)
+    ids: list[list[int]] = [[] for _ in forcing_ids]
+    logps: list[list[float]] = [[] for _ in forcing_ids]
+    out: list[ForcedAnswer | None] = [None] * len(forcing_ids)
+    live = list(range(len(forcing_ids)))  # rows of ``rows`` -> answer index
     for _ in range(max_answer_tokens):
-        logp = logits.float().log_softmax(-1)
-        nxt = int(logp.argmax())
-        if nxt in eos_ids:
+        logp = logits.float().log_softmax(-1)  # (r, v)
+        nxt = logp.argmax(-1)
+        keep: list[int] = []
+        for j, a in enumerate(live):
+            t = int(nxt[j])
+            if t in eos_ids:
+                out[a] = ForcedAnswer(decode(ids[a]).strip(), tuple(ids[a]), _mean_prob(logps[a]), False)
+                continue
+            ids[a].append(t)
+            text = decode(ids[a])
+            end = answer_end(text, boxed)
+            if end is not None:
+                # the terminator token does not count towards the confidence unless it carries answer text
+                if end > len(decode(ids[a][:-1])) or len(ids[a]) == 1:
+                    logps[a].append(float(logp[j, t]))
+                out[a] = ForcedAnswer(text[:end].strip(), tuple(ids[a]), _mean_prob(logps[a]), True)
+                continue
+            logps[a].append(float(logp[j, t]))
+            keep.append(j)
+        if not keep or len(ids[live[keep[0]]]) >= max_answer_tokens:
             break
-        ids.append(nxt)
-        text = decode(ids)
-        end = answer_end(text, boxed)
-        if end is not None:
-            # the terminator token does not count towards the confidence unless it carries answer text
-            if end > len(decode(ids[:-1])) or len(ids) == 1:
-                logps.append(float(logp[nxt]))
-            return ForcedAnswer(text[:end].strip(), tuple(ids), _mean_prob(logps), True)
-        logps.append(float(logp[nxt]))
-        logits = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-    text = decode(ids)
-    return ForcedAnswer(text.strip(), tuple(ids), _mean_prob(logps), False)
+        if len(keep) < len(live):
+            rows.keep(keep)
+            nxt = nxt[keep]
+            live = [live[j] for j in keep]
+        logits = rows.step(model, nxt[:, None], logits_to_keep=1).logits[:, -1]
+    for a in range(len(out)):
+        if out[a] is None:
+            out[a] = ForcedAnswer(decode(ids[a]).strip(), tuple(ids[a]), _mean_prob(logps[a]), False)
+    return out  # type: ignore[return-value]
 
 
 def _mean_prob(logps: list[float]) -> float:
@@ -122,6 +159,6 @@ def reencoded_answer(model, prefix_ids: list[int], forcing_ids: list[int], **kwa
     return force_answer(model, cache, forcing_ids, **kwargs)
 
 
-def hidden_features(hidden_states: tuple[Tensor, ...], layers: tuple[int, ...]) -> Tensor:
-    """(len(layers) * h,) features of the last position from HF ``hidden_states`` (index 0 = embeddings)."""
-    return torch.cat([hidden_states[i][0, -1].float() for i in layers])  # (L*h,)
+def hidden_features(hidden_states: tuple[Tensor, ...], layers: tuple[int, ...], row: int = 0) -> Tensor:
+    """(len(layers) * h,) features of ``row``'s last position from HF ``hidden_states`` (0 = embeddings)."""
+    return torch.cat([hidden_states[i][row, -1].float() for i in layers])  # (L*h,)

@@ -15,6 +15,17 @@ from pathlib import Path
 from typing import Any
 
 PROMPT_SUFFIX = "\nSolve it step by step, then give the final answer as \\boxed{answer}."
+CHECK_SUFFIX = ("\nSolve it step by step and give the final answer as \\boxed{answer}. Then check your answer "
+                "step by step, and if the check fails, correct it and give the corrected \\boxed{answer}.")
+PROMPT_PRESETS: dict[str, str] = {"plain": PROMPT_SUFFIX, "check": CHECK_SUFFIX}
+
+
+def prompt_suffix(name_or_text: str) -> str:
+    """The instruction after the question: a preset ("plain", "check": solve, then check the answer)
+    or the text itself."""
+    if not name_or_text.strip():
+        raise ValueError("the prompt instruction is empty: name a preset (plain, check) or give text")
+    return PROMPT_PRESETS.get(name_or_text, name_or_text)
 
 
 @dataclass(frozen=True)
