@@ -111,3 +111,42 @@ def test_replay_over_stored_events_equals_the_online_engine(lm, tmp_path):
     assert ("static", True) in stopped and ("never", False) in stopped
     with pytest.raises(ValueError, match="needs logits"):
         replay_events({"type": "entropy"}, data)
+
+
+def _trace(source, tokens, correct, answer, events):
+    return {"source": source, "tokens": tokens, "correct": correct, "answer": answer,
+            "events": [{"fork": f, "answer_tokens": 2, "correct": c, "answer": a} for f, c, a in events]}
+
+
+def test_oracle_ceiling_counts_the_first_useful_cue():
+    from offramp.reasoning.dataset import oracle_ceiling
+
+    traces = [
+        _trace("math", 100, True, "5", [(10, False, "4"), (30, True, "5.0"), (60, True, "5")]),  # both stop at 30
+        _trace("math", 100, False, "7", [(20, True, "6"), (40, False, "7")]),  # right: 20 (rescued); same: 40
+        _trace("logic", 50, True, "Yes", [(10, False, "no"), (20, True, "yes ")]),  # same (as text) and right at 20
+        _trace("logic", 50, True, "yes", []),  # no cue: full chain
+    ]
+    out = oracle_ceiling(traces)
+    assert out["n"] == 4 and out["full"] == {"accuracy": 0.75, "tokens": 75.0}
+    right, same = out["oracle_right"], out["oracle_same"]
+    assert right["tokens"] == pytest.approx((32 + 22 + 22 + 50) / 4) and right["accuracy"] == 1.0
+    assert same["tokens"] == pytest.approx((32 + 42 + 22 + 50) / 4) and same["accuracy"] == 0.75
+    assert same["tokens_saved"] == pytest.approx(1 - same["tokens"] / 75.0)
+    assert out["by_source"]["logic"]["oracle_same"]["tokens"] == pytest.approx(36.0)
+    assert out["by_source"]["math"]["oracle_right"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="no labelled chains"):
+        oracle_ceiling([])
+
+
+def test_ceiling_of_built_chains_never_costs_more_than_the_full_chain(lm, tmp_path):
+    from offramp.reasoning.dataset import oracle_ceiling
+
+    model, tok = lm
+    build_dataset(model, tok, _problems(), tmp_path, config=CFG, model_name="tiny")
+    data = load_dataset(tmp_path)
+    assert all("answer_tokens" in e for t in data.traces for e in t["events"])
+    out = oracle_ceiling(data.traces)
+    assert out["oracle_same"]["accuracy"] == out["full"]["accuracy"]
+    assert out["oracle_right"]["accuracy"] >= out["full"]["accuracy"]
+    assert 0.0 <= out["oracle_same"]["tokens_saved"] <= 1.0

@@ -250,7 +250,8 @@ class _Engine:
                 for c, entry in zip(ch.contexts, ch.log):
                     if c.forced is None:
                         c.forced = answers[(id(ch), c.event.fork)]
-                    entry.update(answer=c.forced.text, mean_prob=c.forced.mean_prob, complete=c.forced.complete)
+                    entry.update(answer=c.forced.text, mean_prob=c.forced.mean_prob, complete=c.forced.complete,
+                                 answer_tokens=len(c.forced.token_ids))
             if ch.exit_ctx is not None and ch.exit_ctx.forced is None:
                 ch.exit_ctx.forced = answers[(id(ch), ch.exit_ctx.event.fork)]
             results.append((ch.index, self._result(ch, answers.get((id(ch), len(ch.ids))))))
@@ -368,7 +369,8 @@ def iter_reason(model, tokenizer, problems, *, policy: str | dict | ExitPolicy |
         policy, config, on_event: as in ``reason``.
         batch_size: the most chains decoding at once.
         label_events: force the answer at every cue event of every chain (after the chain ends, in
-            batches) and put it into the event's log entry (``answer``, ``mean_prob``, ``complete``);
+            batches) and put it into the event's log entry (``answer``, ``mean_prob``, ``complete``,
+            ``answer_tokens``);
             ``offramp reason build`` labels its events this way.
     """
     config = config or ReasonConfig()

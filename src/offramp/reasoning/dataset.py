@@ -168,3 +168,56 @@ def replay_events(policy: Any, data: EventDataset) -> np.ndarray:
                 out[g] = k
                 break
     return out
+
+
+def oracle_ceiling(traces: list[dict[str, Any]]) -> dict[str, Any]:
+    """What stopping at the best cue could save on labelled chains (``EventDataset.traces``).
+
+    Two oracles read the forced answers of every cue event:
+
+    * ``oracle_right`` stops at the first cue whose forced answer is right (its accuracy is at least
+      the full chain's: it may also rescue a chain whose end is wrong);
+    * ``oracle_same`` stops at the first cue whose forced answer equals the full chain's answer (its
+      accuracy is exactly the full chain's).
+
+    A chain with no such cue runs to its end. A stop costs the tokens before the cue plus the forced
+    answer. Returned per source (task) and over all: accuracy, mean tokens and ``tokens_saved``
+    (1 - oracle tokens / full-chain tokens), so an exit rule's saving reads as "x of y possible".
+    """
+    if not traces:
+        raise ValueError("no labelled chains: build them with `offramp reason build` first")
+    rows: dict[str, list[tuple[bool, int, bool, int, bool, int]]] = {}
+    for t in traces:
+        full_tokens, full_right = int(t["tokens"]), bool(t["correct"])
+        right = next((e for e in t["events"] if e["correct"]), None)
+        same = (next((e for e in t["events"] if _same_answer(e.get("answer"), t["answer"])), None)
+                if t.get("answer") else None)
+
+        def stop(e, when_none: bool) -> tuple[bool, int]:
+            return (when_none, full_tokens) if e is None else \
+                (bool(e["correct"]), int(e["fork"]) + int(e.get("answer_tokens", 0)))
+
+        rows.setdefault(str(t.get("source", "")), []).append(
+            (full_right, full_tokens, *stop(right, full_right), *stop(same, full_right)))
+
+    def summary(rs: list[tuple]) -> dict[str, Any]:
+        a = np.array(rs, dtype=np.float64)
+        full = {"accuracy": float(a[:, 0].mean()), "tokens": float(a[:, 1].mean())}
+        out = {"n": len(rs), "full": full}
+        for name, col in (("oracle_right", 2), ("oracle_same", 4)):
+            tokens = float(a[:, col + 1].mean())
+            out[name] = {"accuracy": float(a[:, col].mean()), "tokens": tokens,
+                         "tokens_saved": 1.0 - tokens / full["tokens"] if full["tokens"] else 0.0}
+        return out
+
+    every = [r for rs in rows.values() for r in rs]
+    return {**summary(every), "by_source": {src: summary(rs) for src, rs in sorted(rows.items())}}
+
+
+def _same_answer(a: str | None, b: str | None) -> bool:
+    """Equal as numbers, else as whitespace- and case-normalised text."""
+    from offramp.reasoning.tasks import numbers_equal
+
+    if a is None or b is None:
+        return False
+    return numbers_equal(a, b) or " ".join(a.lower().split()) == " ".join(b.lower().split())
