@@ -3,10 +3,16 @@
 Phases (each resumable: every trace, label and per-problem result is cached under --work):
 
   build      label the cue events of reasoning-gym training problems (forced exits) -> npz files
-  baselines  full chain, fixed budget and DEER on the evaluation problems -> results.jsonl
+  ceiling    label the cue events of the evaluation chains too: what an oracle stopping at the
+             best cue would save (``offramp.reasoning.dataset.oracle_ceiling``), per task
+  baselines  full chain, fixed budget and DEER on the evaluation problems -> results-<prompt>.jsonl
   fit        train the probe, calibrate it per cue event (LYNX) and per chain at each delta
   lynx       run both LYNX rules online, with the full chain timed again beside them
   report     aggregate into the JSON written to --out
+
+Chains run --batch-size at a time in offramp's batched engine (each chain is what it is alone).
+The probe is trained on chains of the plain prompt; --prompt chooses the evaluation prompt (plain,
+or check: solve, then check the answer), so one probe is measured unchanged on both.
 
 Example: ``nice python benchmarks/reasoning.py --phase all --threads 1``; with ``--shard K/N``
 N processes share build, baselines and lynx (run fit once in between). benchmarks/README.md
@@ -27,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offramp.engines.reason import ReasonConfig, reason
+from offramp.engines.reason import ReasonConfig, iter_reason
 from offramp.policies import DeerPolicy, ProbeExitPolicy, make_policy
 from offramp.reasoning.cues import CueConfig
-from offramp.reasoning.dataset import build_dataset, load_dataset, replay_events
-from offramp.reasoning.tasks import Problem, gsm8k_problems, reasoning_gym_problems
+from offramp.reasoning.dataset import build_dataset, load_dataset, oracle_ceiling, replay_events
+from offramp.reasoning.tasks import Problem, gsm8k_problems, prompt_suffix, reasoning_gym_problems
 
 CACHE = Path(os.path.expanduser("~/.cache/offramp"))
 MODELS = {  # model folder name in ~/.cache/offramp -> offramp's offline alias (GGUF packages)
@@ -65,8 +71,11 @@ def load_model(name: str, dtype: str):
 def problems(args, shard: bool = False) -> tuple[list[Problem], list[Problem]]:
     """Training and evaluation problems; with ``shard``, only this process's share (--shard K/N)."""
     train = reasoning_gym_problems("gsm_symbolic", args.n_train, seed=args.train_seed)
-    test = gsm8k_problems(args.n_gsm8k, offset=0) + reasoning_gym_problems(
-        "gsm_symbolic", args.n_symbolic, seed=args.test_seed)
+    test = gsm8k_problems(args.n_gsm8k, offset=0) if args.n_gsm8k else []
+    if args.n_symbolic:
+        test += reasoning_gym_problems("gsm_symbolic", args.n_symbolic, seed=args.test_seed)
+    if args.n_transfer:
+        test += reasoning_gym_problems(args.transfer_task, args.n_transfer, seed=args.test_seed)
     if shard:
         k, n = args.shard
         train, test = train[k::n], test[k::n]
@@ -83,10 +92,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def reason_config(args, max_new_tokens: int | None = None) -> ReasonConfig:
+def reason_config(args, max_new_tokens: int | None = None, prompt: str | None = None) -> ReasonConfig:
+    """The settings of every chain; ``prompt`` defaults to --prompt (the probe's events use "plain")."""
     return ReasonConfig(cues=CueConfig(step_boundaries=True), forcing="boxed",
                         max_new_tokens=max_new_tokens or args.max_new_tokens,
-                        max_answer_tokens=16, feature_layers=tuple(args.layers))
+                        max_answer_tokens=16, feature_layers=tuple(args.layers),
+                        prompt_suffix=prompt_suffix(prompt or args.prompt))
+
+
+def results_path(args) -> Path:
+    return Path(args.work) / f"results-{args.prompt}.jsonl"
 
 
 def log(msg: str) -> None:
@@ -108,15 +123,16 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def run_methods(model, tok, test: list[Problem], methods: list[tuple[str, object, object]], args) -> None:
-    path = Path(args.work) / "results.jsonl"
+    """Each method over the problems it has not finished, --batch-size chains at a time; one row per
+    chain as it ends (``wall_s``: its time in the batch, from joining to its answer)."""
+    path = results_path(args)
     done = done_keys(path)
-    for p in test:
-        for method, delta, (policy, cfg) in methods:
-            if (p.uid, method, str(delta)) in done:
-                continue
-            res = reason(model, tok, p, policy=policy, config=cfg)
-            row = {"uid": p.uid, "source": p.source, "method": method, "delta": delta,
-                   "correct": bool(res.correct), "answer": res.answer, "gold": p.answer,
+    for method, delta, (policy, cfg) in methods:
+        todo = [p for p in test if (p.uid, method, str(delta)) not in done]
+        for i, res in iter_reason(model, tok, todo, policy=policy, config=cfg, batch_size=args.batch_size):
+            p = todo[i]
+            row = {"uid": p.uid, "source": p.source, "method": method, "delta": delta, "prompt": args.prompt,
+                   "batch": args.batch_size, "correct": bool(res.correct), "answer": res.answer, "gold": p.answer,
                    "tokens": res.tokens, "chain_tokens": res.chain_tokens, "wall_s": res.wall_s,
                    "stop": res.stop, "exit_event": res.exit_event, "n_events": len(res.events)}
             append_row(path, row)
@@ -124,12 +140,34 @@ def run_methods(model, tok, test: list[Problem], methods: list[tuple[str, object
                 f"correct={res.correct}")
 
 
+def _built(p, t) -> None:
+    log(f"built {p.uid}: {len(t['events'])} events, {t['chain_tokens']} tokens, correct={t['correct']}")
+
+
 def phase_build(model, tok, args) -> None:
     train, _ = problems(args, shard=True)
-    build_dataset(model, tok, train, Path(args.work) / "events", config=reason_config(args),
-                  model_name=args.model,
-                  on_problem=lambda p, t: log(f"built {p.uid}: {len(t['events'])} events, "
-                                              f"{t['chain_tokens']} tokens, correct={t['correct']}"))
+    build_dataset(model, tok, train, Path(args.work) / "events", config=reason_config(args, prompt="plain"),
+                  model_name=args.model, batch_size=args.batch_size, on_problem=_built)
+
+
+def ceiling_dir(args) -> Path:
+    return Path(args.work) / f"events-test-{args.prompt}"
+
+
+def phase_ceiling(model, tok, args) -> None:
+    _, test = problems(args, shard=True)
+    build_dataset(model, tok, test, ceiling_dir(args), config=reason_config(args), model_name=args.model,
+                  batch_size=args.batch_size, on_problem=_built)
+
+
+def ceiling_report(args) -> dict | None:
+    """The oracle's savings on the labelled evaluation chains (None before the ceiling phase)."""
+    _, test = problems(args)
+    have = [p.uid for p in test if (ceiling_dir(args) / f"{p.uid}.npz").exists()]
+    if not have:
+        return None
+    traces = load_dataset(ceiling_dir(args), uids=have).traces
+    return {"problems": len(have), "prompt": args.prompt, **oracle_ceiling(traces)}
 
 
 def phase_baselines(model, tok, args) -> None:
@@ -257,11 +295,13 @@ def phase_report(args) -> dict:
     in the same phase (baselines: full, budget, DEER; lynx: full again, LYNX at each delta)."""
     _, test = problems(args)
     uids = {p.uid for p in test}
-    rows = [json.loads(line) for line in (Path(args.work) / "results.jsonl").read_text().splitlines()]
+    path = results_path(args)
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     rows = [r for r in rows if r["uid"] in uids]
     keys = [("full", None, "baselines"), ("budget", None, "baselines"), ("deer", None, "baselines"),
             ("full", "lynx-phase", "lynx")] + [(m, d, "lynx") for m in PER for d in args.deltas]
     have = {(r["uid"], r["method"], r["delta"]) for r in rows}
+    keys = [k for k in keys if any((m, d) == k[:2] for _, m, d in have)]  # the phases that ran
     complete = sorted(u for u in uids if all((u, m, d) in have for m, d, _ in keys))
     full_correct = {r["uid"]: r["correct"] for r in rows if r["method"] == "full" and r["delta"] is None}
     table, full_of = [], {}
@@ -271,7 +311,9 @@ def phase_report(args) -> dict:
             continue
         row = {"method": m, "delta": None if d == "lynx-phase" else d, "timing_group": group,
                **({"per": PER[m]} if m in PER else {}),
-               **_summarise(rs, full_correct)}
+               **_summarise(rs, full_correct),
+               "by_source": {src: _summarise([r for r in rs if r["source"] == src], full_correct)
+                             for src in sorted({r["source"] for r in rs})}}
         if m == "full":
             full_of[group] = row
         ref = full_of.get(group)
@@ -282,10 +324,12 @@ def phase_report(args) -> dict:
     reruns = {r["uid"]: r["answer"] for r in rows if r["method"] == "full" and r["delta"] == "lynx-phase"}
     summary_path = Path(args.work) / "probe_summary.json"
     report = {
-        "model": args.model, "dtype": args.dtype, "threads": args.threads,
+        "model": args.model, "dtype": args.dtype, "threads": args.threads, "prompt": args.prompt,
+        "prompt_text": prompt_suffix(args.prompt), "batch": args.batch_size,
         "problems": {"n": len(complete), "uids": complete,
                      "sets": {"gsm8k_test_first": args.n_gsm8k, "gsm_symbolic_seed": args.test_seed,
-                              "gsm_symbolic_n": args.n_symbolic}},
+                              "gsm_symbolic_n": args.n_symbolic, "transfer_task": args.transfer_task,
+                              "transfer_n": args.n_transfer}},
         "train": {"set": "reasoning-gym gsm_symbolic", "seed": args.train_seed, "n": args.n_train,
                   "fit_fraction": args.fit_fraction,
                   **(json.loads(summary_path.read_text()) if summary_path.exists() else {})},
@@ -295,7 +339,8 @@ def phase_report(args) -> dict:
         "full_rerun_same_answers": all(reruns.get(u) == r["answer"] for u in complete for r in rows
                                        if r["uid"] == u and r["method"] == "full" and r["delta"] is None),
         "rows": table,
-        "event_level": event_level_check(args),
+        "oracle": ceiling_report(args),
+        "event_level": event_level_check(args) if (Path(args.work) / "events").exists() else None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +353,8 @@ def phase_report(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["build", "baselines", "fit", "lynx", "report", "all"], default="all")
+    ap.add_argument("--phase", choices=["build", "ceiling", "baselines", "fit", "lynx", "report", "all"],
+                    default="all")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=1)
@@ -325,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.1, 0.3])
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, -1])
     ap.add_argument("--fit-fraction", type=float, default=0.6)
+    ap.add_argument("--n-transfer", type=int, default=0, help="problems of --transfer-task (non-math) to evaluate")
+    ap.add_argument("--transfer-task", default="family_relationships")
+    ap.add_argument("--prompt", default="plain", choices=["plain", "check"],
+                    help="evaluation prompt (offramp.reasoning.tasks.PROMPT_PRESETS)")
+    ap.add_argument("--batch-size", type=int, default=8, help="chains decoded together")
     ap.add_argument("--shard", type=parse_shard, default=(0, 1),
                     help="K/N: build / baselines / lynx only every N-th problem from the K-th, so N "
                          "processes can share the work (all write to the same --work)")
@@ -339,13 +390,14 @@ def main(argv: list[str] | None = None) -> None:
         fit_probes(args)
         return
     model, tok = load_model(args.model, args.dtype)
-    phases = ["build", "baselines", "fit", "lynx", "report"] if args.phase == "all" else [args.phase]
+    phases = ["build", "ceiling", "baselines", "fit", "lynx", "report"] if args.phase == "all" else [args.phase]
     for ph in phases:
         log(f"phase {ph}")
         if ph == "report":
             phase_report(args)
         else:
-            {"build": phase_build, "baselines": phase_baselines, "fit": lambda m, t, a: fit_probes(a),
+            {"build": phase_build, "ceiling": phase_ceiling, "baselines": phase_baselines,
+             "fit": lambda m, t, a: fit_probes(a),
              "lynx": phase_lynx}[ph](model, tok, args)
 
 
