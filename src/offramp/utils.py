@@ -272,14 +272,22 @@ def is_quiet() -> bool:
     return _quiet
 
 
+def process_rank() -> int:
+    """This process's rank under ``torchrun`` / ``accelerate launch`` (0 when launched alone)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def note(msg: str) -> None:
-    """A progress line on stderr (stdout carries results); none after ``set_quiet(True)``."""
-    if not _quiet:
+    """A progress line on stderr (stdout carries results); none after ``set_quiet(True)`` and none
+    from the other processes of a multi-process run (the main one reports)."""
+    if not _quiet and process_rank() == 0:
         print(msg, file=sys.stderr, flush=True)
 
 
 def progress(iterable: Any, *, desc: str, enabled: bool = True, **kwargs: Any) -> Any:
-    """A tqdm bar on stderr over ``iterable`` (none when ``enabled`` is False or after ``set_quiet``)."""
+    """A tqdm bar on stderr over ``iterable`` (none when ``enabled`` is False, after ``set_quiet``
+    and on the other processes of a multi-process run)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, disable=_quiet or not enabled, file=sys.stderr, **kwargs)
+    return tqdm(iterable, desc=desc, disable=_quiet or not enabled or process_rank() != 0, file=sys.stderr,
+                **kwargs)

@@ -189,6 +189,7 @@ def _resolved(model: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from offramp import EarlyExitModel
     from offramp.training import TrainingArgs, train
+    from offramp.utils import process_rank
 
     out = Path(args.out)
     given_data = common.data_settings(args, only_given=True)
@@ -218,7 +219,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.data is None:
             raise ValueError("--data is required: an offline name (tweets, bbc), a .csv/.jsonl file or a "
                              "HF dataset name")
-        common.check_out(out, args.overwrite, "output folder")
+        if process_rank() == 0:  # the other processes of a multi-process run write nothing
+            common.check_out(out, args.overwrite, "output folder")
         opts = _train_options(args, None)
         vars(args).update(opts)  # _train_config reads the resolved options
         settings = {**common.DATA_DEFAULTS, **given_data}
@@ -252,7 +254,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if select is not None:
         metrics["selected"] = _select_and_store(model, data, settings, select, args, Path(result["checkpoint"]),
                                                 frozen=not full)
-    print(json.dumps({"checkpoint": result["checkpoint"], **metrics}, indent=2))
+    if process_rank() == 0:  # one report from a multi-process run
+        print(json.dumps({"checkpoint": result["checkpoint"], **metrics}, indent=2))
     return 0
 
 

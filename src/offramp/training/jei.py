@@ -30,6 +30,7 @@ from torch import Tensor
 
 from offramp.objectives.jei import (ce_per_exit, check_jei_options, exit_costs, exit_probabilities, gate_loss,
                                     gate_pos_weights, gate_targets, im_loss)
+from offramp.training.processes import average_gradients, make_accelerator, shard_rows
 from offramp.utils import atomic_write_json, load_torch_state, note
 
 if TYPE_CHECKING:
@@ -97,8 +98,10 @@ class _Batches:
     """Exit logits for each batch: from cached pooled states (frozen backbone) or a forward pass."""
 
     def __init__(self, model: "EarlyExitModel", batches: list[dict], cache: bool,
-                 state_cache: bool | str = False) -> None:
+                 state_cache: bool | str = False, weights: list[float] | None = None) -> None:
         self.model, self.batches, self.pooled = model, batches, None
+        self.weights = weights or [1.0] * len(batches)  # this process's share of each global batch
+        self.accelerator = None  # set on the training batches: their gradients are averaged over processes
         given = ["pooled" in b for b in batches]
         if any(given) and not (cache and all(given)):
             raise ValueError("batches with precomputed 'pooled' states need frozen_backbone=True and a "
@@ -151,9 +154,7 @@ def _warmup(model, train: _Batches, val: _Batches, opts: dict, args: JEIArgs, lo
         model.train()
         for i in torch.randperm(len(train), generator=g).tolist():
             loss = ce_per_exit(train.logits(i), train.labels(i)).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            _step(opt, loss * train.weights[i], params, train.accelerator)
         logits, labels = val.all_logits()
         acc = (logits.argmax(-1) == labels[None]).float().mean(1).tolist()  # (E,)
         for e, a in enumerate(acc):
@@ -221,13 +222,18 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
     seq_len = args.seq_len or sum(float(b["attention_mask"].sum()) for b in train_batches
                                   if "attention_mask" in b) / max(1, sum(int(b["labels"].shape[0]) for b in train_batches))
     costs = exit_costs(model, seq_len or None)
-    train = _Batches(model, train_batches, cache=args.frozen_backbone, state_cache=args.state_cache)
+    acc = make_accelerator()
+    shards = [shard_rows(b, acc.process_index, acc.num_processes) for b in train_batches]
+    shards = [(b, w) for b, w in shards if b is not None]  # every process skips the same too-small batches
+    train = _Batches(model, [b for b, _ in shards], cache=args.frozen_backbone, state_cache=args.state_cache,
+                     weights=[w for _, w in shards])
+    train.accelerator = acc
     val = _Batches(model, val_batches, cache=args.frozen_backbone, state_cache=args.state_cache)
     state = _load_state(model, args) if args.resume else None
     history: list[dict] = state["history"] if state else []
     if state is None:
         _warmup(model, train, val, opts, args, history)
-        _save(model, costs, args, {"epoch": 0, "history": history, "rng": torch.get_rng_state()})
+        _save(model, costs, args, {"epoch": 0, "history": history, "rng": torch.get_rng_state()}, acc)
     _alternate(model, train, val, costs, opts, args, history, state)
     last = next((h for h in reversed(history) if h.get("stage") == "alternate"), None)
     if last is not None:
@@ -237,7 +243,7 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
         warn_first_exit(torch.repeat_interleave(torch.arange(len(counts)), counts).numpy(), list(model.exit_layers),
                         f"the gates at cost weight {opts['cost_weight']:g} (validation split)",
                         "a lower cost weight (--cost-weight) makes later exits worth their cost")
-    return _finish(model, history, costs, args)
+    return _finish(model, history, costs, args, acc)
 
 
 def _alternate(model, train: _Batches, val: _Batches, costs: Tensor, opts: dict, args: JEIArgs,
@@ -277,9 +283,8 @@ def _alternate(model, train: _Batches, val: _Batches, costs: Tensor, opts: dict,
                     probs = exit_probabilities(torch.sigmoid(model.gates(logits)))
                 loss = im_loss(ce_per_exit(logits, labels), probs, reweight_detach=bool(opts["reweight_detach"]))
                 opt = im_opt
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            _step(opt, loss * train.weights[i], [p for g in opt.param_groups for p in g["params"]],
+                  train.accelerator)
             step += 1
         logits, labels = val.all_logits()
         metrics = {"stage": "alternate", "epoch": epoch + 1, **evaluate_gates(model, logits, labels, costs)}
@@ -289,7 +294,7 @@ def _alternate(model, train: _Batches, val: _Batches, costs: Tensor, opts: dict,
                   f"exits {metrics['exit_counts']}")
         _save(model, costs, args, {"epoch": epoch + 1, "history": history, "step": step, "pos_weight": pos_weight,
                                    "im_opt": im_opt.state_dict(), "gate_opt": gate_opt.state_dict(),
-                                   "generator": g.get_state(), "rng": torch.get_rng_state()})
+                                   "generator": g.get_state(), "rng": torch.get_rng_state()}, train.accelerator)
     model.eval()
 
 
@@ -297,16 +302,29 @@ STATE_NAME = "jei_state.pt"
 
 
 
-def _save(model, costs: Tensor, args: JEIArgs, state: dict) -> None:
-    """Model + schedule state into ``output_dir/checkpoint`` in one atomic directory swap."""
+def _step(opt, loss: Tensor, params: list, acc) -> None:
+    """One optimizer step, the gradients averaged over the processes of a multi-process run."""
+    opt.zero_grad()
+    loss.backward()
+    if acc is not None:
+        average_gradients(acc, params)
+    opt.step()
+
+
+def _save(model, costs: Tensor, args: JEIArgs, state: dict, acc=None) -> None:
+    """Model + schedule state into ``output_dir/checkpoint`` in one atomic directory swap (by the
+    main process of a multi-process run; the others wait for it)."""
     from offramp.utils import atomic_dir
 
     model.config.policy = {"type": "gate", "threshold": 0.5}
     model.config.extra = {**(model.config.extra or {}), "jei": {"costs": costs.tolist(), "args": asdict(args)}}
-    with atomic_dir(Path(args.output_dir) / "checkpoint") as tmp:
-        model.write_files(tmp, save_backbone=args.save_backbone or not args.frozen_backbone)
-        torch.save(state, tmp / STATE_NAME)
-    atomic_write_json(Path(args.output_dir) / "metrics.json", state["history"])
+    if acc is None or acc.is_main_process:
+        with atomic_dir(Path(args.output_dir) / "checkpoint") as tmp:
+            model.write_files(tmp, save_backbone=args.save_backbone or not args.frozen_backbone)
+            torch.save(state, tmp / STATE_NAME)
+        atomic_write_json(Path(args.output_dir) / "metrics.json", state["history"])
+    if acc is not None:
+        acc.wait_for_everyone()
 
 
 def _load_state(model, args: JEIArgs) -> dict:
@@ -322,8 +340,8 @@ def _load_state(model, args: JEIArgs) -> dict:
                             "start the run again without resume, into a new output folder")
 
 
-def _finish(model, history: list, costs: Tensor, args: JEIArgs) -> dict[str, Any]:
+def _finish(model, history: list, costs: Tensor, args: JEIArgs, acc=None) -> dict[str, Any]:
     ckpt = Path(args.output_dir) / "checkpoint"
     if not (ckpt / STATE_NAME).is_file():  # epochs already done: still write the final model
-        _save(model, costs, args, {"epoch": args.epochs, "history": history})
+        _save(model, costs, args, {"epoch": args.epochs, "history": history}, acc)
     return {"history": history, "costs": costs.tolist(), "checkpoint": str(ckpt)}

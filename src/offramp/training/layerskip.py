@@ -152,7 +152,7 @@ class LayerTaps:
 def _adapter(model: nn.Module):
     from offramp.backbones import adapter_for
 
-    return adapter_for(model, role="decoder")
+    return adapter_for(getattr(model, "module", model), role="decoder")  # under DDP: the model it wraps
 
 
 def exit_losses(model: nn.Module, taps: LayerTaps, input_ids: Tensor, exits: Sequence[int],
@@ -218,7 +218,7 @@ def train_lm(model: nn.Module, tokens: Tensor, args: LayerSkipArgs, *, tokenizer
              accelerator: Any = None) -> dict[str, Any]:
     """Train ``model`` (a HF causal LM) on windows of ``tokens`` (1-D ids); returns the state
     (step, losses, seconds, the options) that is also saved in ``output_dir``."""
-    from accelerate import Accelerator
+    from offramp.training.processes import make_accelerator
 
     adapter = _adapter(model)
     exits = args.validate(adapter.num_layers)
@@ -226,7 +226,7 @@ def train_lm(model: nn.Module, tokens: Tensor, args: LayerSkipArgs, *, tokenizer
     if len(tokens) <= args.seq_len + 1:
         raise ValueError(f"{len(tokens)} tokens are too few for windows of {args.seq_len}: give more text "
                          f"or a shorter seq_len")
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator()
     out = Path(args.output_dir)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+
+from offramp.training.processes import make_accelerator, shard_rows
 from offramp.utils import atomic_write_json, load_torch_state, progress
 
 if TYPE_CHECKING:
@@ -145,8 +147,10 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     """Train ``model``'s exits with its config's objective; returns the history of metrics.
 
     ``train_batches`` is a list of batches (dicts of tensors with ``labels``); their order is
-    shuffled each epoch with ``seed + epoch`` (so a resumed run sees the same order) and split
-    between processes under ``accelerate launch``.
+    shuffled each epoch with ``seed + epoch`` (so a resumed run sees the same order). Under
+    ``accelerate launch`` every process takes its share of the rows of each batch, so a batch is
+    one global batch and N processes train as one process on the same batches would (the tests
+    hold the two equal within float tolerance); only the main process writes checkpoints.
     """
     from offramp.modeling import EarlyExitModel
     from transformers import get_linear_schedule_with_warmup
@@ -154,7 +158,7 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     _seed_all(args.seed)
     out = Path(args.output_dir)
     ckpt = out / CHECKPOINT_DIR
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     model.freeze_backbone(args.frozen_backbone)
     start_epoch, history = 0, []
     state = None
@@ -176,26 +180,29 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     optimizer = torch.optim.AdamW(_param_groups(model, args))
     if not len(train_batches):
         raise ValueError("the training split is empty: no batches to train on")
-    steps = max(1, len(train_batches) * args.epochs // accelerator.num_processes)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    steps = max(1, len(train_batches) * args.epochs)  # one step per global batch, on any number of processes
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-    pmodel, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    pmodel, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per global batch
     for epoch in range(start_epoch, args.epochs):
         pmodel.train()
         if args.frozen_backbone:  # a frozen backbone is a fixed feature extractor: no dropout in it
             model.backbone.eval()
         total, count = 0.0, 0
         order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(args.seed + epoch))
-        mine = [train_batches[i] for i in order.tolist()][accelerator.process_index::accelerator.num_processes]
-        bar = progress(mine, desc=f"epoch {epoch + 1}/{args.epochs}",
+        bar = progress([train_batches[i] for i in order.tolist()], desc=f"epoch {epoch + 1}/{args.epochs}",
                        enabled=args.progress and accelerator.is_local_main_process)
         for batch in bar:
+            batch, weight = shard_rows(batch, rank, world)
+            if batch is None:
+                continue  # fewer rows than processes: every process skips it
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             loss = pmodel(**_as_inputs(batch)).loss
-            accelerator.backward(loss)
+            accelerator.backward(loss * weight)
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(pmodel.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -204,9 +211,9 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
             total, count = total + loss.item(), count + 1
             bar.set_postfix(loss=f"{total / count:.4f}")
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
-        if eval_batches:
+        if eval_batches:  # every process evaluates the whole split (the same numbers everywhere)
             batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in eval_batches]
-            metrics.update(evaluate_exits(accelerator.unwrap_model(pmodel), batches, accelerator))
+            metrics.update(evaluate_exits(accelerator.unwrap_model(pmodel), batches))
         history.append(metrics)
         if accelerator.is_main_process:
             _checkpoint(accelerator.unwrap_model(pmodel), optimizer, scheduler, epoch, history, args, ckpt)

@@ -1,0 +1,52 @@
+"""Training on two processes (torchrun, gloo on the CPU) equals training on one with the same global batches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel
+
+WORKER = Path(__file__).resolve().parent / "multiprocess_worker.py"
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("mp") / "bert"
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    BertModel(cfg).save_pretrained(path)
+    return str(path)
+
+
+def _run(argv: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {f"heads.{k}": v for k, v in load_file(ckpt / "offramp_heads.safetensors").items()}
+    for f in (ckpt / "backbone").glob("*.safetensors"):
+        out.update({f"backbone.{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full", "jei"])
+def test_two_processes_train_as_one(backbone, tmp_path, mode):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(WORKER), mode, backbone, str(one)])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(WORKER), mode, backbone, str(two)])
+    a, b = _weights(one / "checkpoint"), _weights(two / "checkpoint")
+    assert a.keys() == b.keys() and any(k.startswith("heads.") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert not list(tmp_path.glob("two/*.tmp*")) and (two / "metrics.json").is_file()
