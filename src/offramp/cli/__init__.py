@@ -2,7 +2,7 @@
 
 ``COMMANDS`` lists every subcommand with the module that defines it (``add_<name>_parser`` next to
 ``cmd_<name>``): ``classify`` (train, collect, sweep, evaluate, predict, demo, bench), ``generate``,
-``reason`` (run, build, fit) and ``calibrate``; ``common`` holds the shared options (data, policy,
+``reason`` (run, build, fit), ``calibrate`` and ``serve``; ``common`` holds the shared options (data, policy,
 outputs). Adding a command is its module's two functions plus one line in ``COMMANDS``. Bad input
 ends with ``offramp <cmd>: error: ...`` and exit status 2.
 """
@@ -25,6 +25,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("generate", "offramp.cli.generate", "add_generate_parser"),
     ("reason", "offramp.cli.reason", "add_reason_parser"),
     ("calibrate", "offramp.cli.calibrate", "add_calibrate_parser"),
+    ("serve", "offramp.cli.serve", "add_serve_parser"),
     ("demo", "offramp.cli.classify", "add_demo_parser"),
     ("bench", "offramp.cli.classify", "add_bench_parser"),
 )
