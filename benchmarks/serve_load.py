@@ -106,7 +106,7 @@ def offline_speedup(run: str, texts: list[str], policy: dict, batch: int, repeat
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--policy", default='{"type": "entropy", "threshold": 0.5}', help="the exit rule (JSON)")
+    ap.add_argument("--policy", default='{"type": "entropy", "threshold": 0.9}', help="the exit rule (JSON)")
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-batch-size", type=int, default=32)

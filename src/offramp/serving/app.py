@@ -69,12 +69,16 @@ def build_app(checkpoint: str, options: ServeOptions | None = None):
 
             from offramp.serving.service import ClassifyService
 
+            from concurrent.futures import ThreadPoolExecutor
+
             torch.set_num_threads(opts.threads)
             self.service = ClassifyService(checkpoint, max_texts=opts.max_texts, policies=opts.policies)
+            self.pool = ThreadPoolExecutor(max_workers=1)  # one batch at a time on this replica's cores
 
         @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
         async def _batch(self, items: list) -> list[dict[str, Any]]:
-            return self.service.run(items)
+            # in a worker thread: the event loop keeps taking requests, which queue for the next batch
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self.service.run, items)
 
         @api.post("/classify")
         async def classify(self, request: Request):
