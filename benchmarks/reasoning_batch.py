@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from reasoning import load_model  # noqa: E402
 
 from offramp.engines.reason import ReasonConfig, eos_ids, prompt_ids, reason_batch  # noqa: E402
 from offramp.reasoning.tasks import gsm8k_problems  # noqa: E402
+from offramp.utils import atomic_write_json  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -107,11 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {"model": args.model, "dtype": args.dtype, "threads": args.threads,
               "max_new_tokens": args.max_new_tokens, "task": "gsm8k test (first problems)",
               "policy": "never (full chain, answer forced at the budget)", "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, report)
     print(json.dumps(report, indent=1))
 
 

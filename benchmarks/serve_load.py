@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     from offramp.cli import common
     from offramp.data import load_data
     from offramp.serving.app import ServeOptions, serve_checkpoint, shutdown
+    from offramp.utils import atomic_write_json
 
     torch.set_num_threads(args.threads)
     run = checkpoint(args.checkpoint)
@@ -162,11 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {"checkpoint": run, "policy": policy, "texts": len(texts), "threads": args.threads,
               "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "offline": offline,
               "rows": rows, "server_metrics": metrics}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, report)
     print(json.dumps(report, indent=1))
 
 
