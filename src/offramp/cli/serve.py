@@ -1,8 +1,13 @@
-"""``offramp serve``: an early-exit classifier behind an HTTP endpoint (Ray Serve, dynamic batching).
+"""``offramp serve``: early exits behind HTTP endpoints (Ray Serve, dynamic batching).
+
+A classifier (``offramp train`` output) is served at /classify, a token-exits folder at /generate,
+a LYNX probe (``offramp reason fit`` output, with the model it was fitted on) at /reason; one
+server takes one checkpoint of each kind.
 
 ```
 offramp serve runs/minilm-pabee --port 8000 --replicas 2 --max-batch-size 32
 curl -s localhost:8000/classify -H 'content-type: application/json' -d '{"texts": ["great game!"]}'
+offramp serve exits/smollm2 runs/probe-offline --model qwen-coder-0.5b-offline --dtype bfloat16
 ```
 """
 
@@ -17,9 +22,10 @@ from offramp.cli import common
 
 
 def add_serve_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("serve", help="serve a classifier checkpoint over HTTP with per-row early exits",
+    p = subparsers.add_parser("serve", help="serve checkpoints over HTTP with per-row early exits",
                               description=common.help_text(__doc__))
-    p.add_argument("checkpoint", help="an `offramp train` output folder")
+    p.add_argument("checkpoint", nargs="+", help="an `offramp train` output folder (/classify), a token-exits "
+                   "folder (/generate) or a probe folder of `offramp reason fit` (/reason); one of each kind")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="model copies, each in its own process (default 1)")
@@ -30,6 +36,12 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (default 1)")
     p.add_argument("--policies", default=None, help='named policies requests may choose, as JSON: '
                    '\'{"fast": {"type": "entropy", "threshold": 0.5}}\' (every policy type is also accepted by name)')
+    p.add_argument("--model", default=None, help="the LM of a token-exits or probe folder, instead of the one it "
+                   "names (a folder, Hub id or offline alias)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the reasoning LM (default float32; bfloat16 is fastest on AVX-512 BF16 CPUs)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default length of a generation (64) or "
+                   "of a chain of thought (the probe's setting); requests may ask for their own")
     p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto or HOST:6379) to "
                    "place replicas on its machines; default: a local Ray")
     p.set_defaults(func=cmd_serve)
@@ -37,6 +49,8 @@ def add_serve_parser(subparsers: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     common.require_min(args, port=1, replicas=1, max_batch_size=1, max_texts=1, replica_threads=1)
+    if args.max_new_tokens is not None:
+        common.require_min(args, max_new_tokens=1)
     if args.port > 65535:
         raise ValueError(f"--port must be <= 65535, got {args.port}")
     policies: dict[str, Any] = {}
@@ -54,9 +68,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 make_policy(spec)
             except ValueError as e:
                 raise ValueError(f"--policies {name!r}: {e}") from None
-    if common.checkpoint_kind(common.checkpoint_dir(args.checkpoint)) != "classifier":
-        raise ValueError(f"{args.checkpoint} is not a classifier checkpoint: `offramp serve` serves `offramp train` "
-                         "outputs")
+    from offramp.serving.app import check_checkpoints
+
+    served = check_checkpoints(args.checkpoint)
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
@@ -64,9 +78,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError('serving needs Ray Serve: pip install "offramp[serve]"') from None
     from offramp.serving.app import ServeOptions, serve_checkpoint
 
+    from offramp.serving.app import ROUTES
+
     opts = ServeOptions(replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                        max_texts=args.max_texts, threads=args.replica_threads, policies=policies)
-    common.log(f"serving {args.checkpoint} on http://{args.host}:{args.port} ({args.replicas} replica(s)); "
+                        max_texts=args.max_texts, threads=args.replica_threads, policies=policies,
+                        max_new_tokens=args.max_new_tokens, model=args.model, dtype=args.dtype)
+    where = ", ".join(f"{c} at {ROUTES[k]}" for k, c in served.items())
+    common.log(f"serving {where} on http://{args.host}:{args.port} ({args.replicas} replica(s)); "
                "Ctrl-C stops it (requests in flight finish first)")
     serve_checkpoint(args.checkpoint, opts, host=args.host, port=args.port, address=args.address)
     print(json.dumps({"stopped": True}), file=sys.stdout)

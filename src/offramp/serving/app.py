@@ -7,8 +7,19 @@ Endpoints (JSON):
   -> ``{"results": [{"label", "confidence", "exit_layer", "policy"}, ...]}``. Each text is one
   item of ``serve.batch``: the texts of concurrent requests run as one early-exit batch, and each
   row leaves at its own exit.
-* ``GET /health`` -> ``{"status": "ok", ...}``; ``GET /metrics`` -> exits per layer, rows, batches,
-  batch latency of the replica that answers (Ray Serve's own Prometheus metrics cover every replica).
+* ``POST /generate`` ``{"prompt": "...", "max_new_tokens": 32, "policy": "max_prob", "chat": false}``
+  (or ``"prompts": [...]``) on a token-exits folder -> ``{"results": [{"text", "tokens",
+  "exit_layers", "policy"}]}``: the prompts of concurrent requests decode as one ragged batch
+  (one per generation length and policy), each token leaving at its own exit. Not streamed:
+  offramp's batched decoder returns whole generations.
+* ``POST /reason`` ``{"question": "...", "policy": "probe"}`` on a probe folder of ``offramp reason
+  fit`` (and the model it names) -> ``{"results": [{"answer", "tokens", "chain_tokens", "stop",
+  "exit_event", "chain", "events", ...}]}``: chains of concurrent requests reason as one batch.
+* ``GET /health`` -> ``{"status": "ok", "endpoints": {...}}``; ``GET /metrics`` -> exits per layer
+  (per cue event for /reason), rows, batches, batch latency of the replica that answers (Ray
+  Serve's own Prometheus metrics cover every replica).
+
+One server serves one checkpoint of each kind at once (``offramp serve CLASSIFIER EXITS PROBE``).
 
 A bad request gets a 4xx with ``{"error": message}`` and the replica keeps serving; Ray Serve
 drains in-flight requests on shutdown (``graceful_shutdown_timeout_s``). Replicas scale out with
@@ -33,6 +44,10 @@ class ServeOptions:
         threads: torch threads per replica.
         policies: named policies a request may choose, ``{"fast": {"type": "entropy", "threshold": 0.5}}``.
         drain_s: how long shutdown waits for requests in flight.
+        max_new_tokens: the default length of a generation or a chain (None: 64 tokens for
+            generation, the probe's setting for chains).
+        model: the LM to load for a token-exits or probe folder instead of the one it names.
+        dtype: the reasoning LM's dtype (bfloat16 is fastest on CPUs with AVX-512 BF16).
     """
 
     replicas: int = 1
@@ -42,79 +57,156 @@ class ServeOptions:
     threads: int = 1
     policies: dict[str, dict] = field(default_factory=dict)
     drain_s: float = 30.0
+    max_new_tokens: int | None = None
+    model: str | None = None
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("replicas", "max_batch_size", "max_texts", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.batch_wait_ms >= 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
 
-def build_app(checkpoint: str, options: ServeOptions | None = None):
-    """The Ray Serve application (bound deployment) serving ``checkpoint``."""
+def _service(checkpoint: str, opts: ServeOptions):
+    """The service of ``checkpoint``, by its kind."""
+    from offramp.serving.service import ClassifyService, GenerateService, ReasonService, checkpoint_service_kind
+
+    kind = checkpoint_service_kind(checkpoint)
+    if kind == "classifier":
+        return ClassifyService(checkpoint, max_texts=opts.max_texts, policies=opts.policies)
+    if kind == "token_exits":
+        return GenerateService(checkpoint, backbone=opts.model, max_prompts=opts.max_texts,
+                               max_new_tokens=opts.max_new_tokens or 64, policies=opts.policies)
+    return ReasonService(checkpoint, model=opts.model, dtype=opts.dtype, max_questions=opts.max_texts,
+                         max_new_tokens=opts.max_new_tokens, policies=opts.policies)
+
+
+ROUTES = {"classifier": "/classify", "token_exits": "/generate", "probe": "/reason"}
+
+
+def check_checkpoints(checkpoints: list[str]) -> dict[str, str]:
+    """{kind: checkpoint} of the folders to serve: one per kind (each kind has its endpoint)."""
+    from offramp.serving.service import checkpoint_service_kind
+
+    if not checkpoints:
+        raise ValueError("give at least one checkpoint to serve")
+    out: dict[str, str] = {}
+    for c in checkpoints:
+        kind = checkpoint_service_kind(c)
+        if kind in out:
+            raise ValueError(f"{out[kind]} and {c} are both {kind!r} checkpoints: serve one per kind (run another "
+                             "server on another port for the second)")
+        out[kind] = str(c)
+    return out
+
+
+def build_app(checkpoints: str | list[str], options: ServeOptions | None = None):
+    """The Ray Serve application (bound deployment) serving ``checkpoints`` (one per kind):
+    ``/classify``, ``/generate`` and ``/reason`` for the kinds given."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from ray import serve
 
     opts = options or ServeOptions()
-    api = FastAPI(title="offramp", description="early-exit classification")
+    served = check_checkpoints([checkpoints] if isinstance(checkpoints, str) else list(checkpoints))
+    api = FastAPI(title="offramp", description="early-exit classification, generation and reasoning")
 
     @serve.deployment(num_replicas=opts.replicas, ray_actor_options={"num_cpus": 0},
                       graceful_shutdown_timeout_s=opts.drain_s, max_ongoing_requests=1000)
     @serve.ingress(api)
-    class Classifier:
+    class Offramp:
         def __init__(self) -> None:
             import torch
-
-            from offramp.serving.service import ClassifyService
 
             from concurrent.futures import ThreadPoolExecutor
 
             torch.set_num_threads(opts.threads)
-            self.service = ClassifyService(checkpoint, max_texts=opts.max_texts, policies=opts.policies)
+            self.services = {kind: _service(c, opts) for kind, c in served.items()}
             self.pool = ThreadPoolExecutor(max_workers=1)  # one batch at a time on this replica's cores
 
-        @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
-        async def _batch(self, items: list) -> list[dict[str, Any]]:
+        async def _run(self, kind: str, items: list) -> list[dict[str, Any]]:
             # in a worker thread: the event loop keeps taking requests, which queue for the next batch
-            return await asyncio.get_running_loop().run_in_executor(self.pool, self.service.run, items)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self.services[kind].run, items)
 
-        @api.post("/classify")
-        async def classify(self, request: Request):
+        @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
+        async def _classify(self, items: list) -> list[dict[str, Any]]:
+            return await self._run("classifier", items)
+
+        @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
+        async def _generate(self, items: list) -> list[dict[str, Any]]:
+            return await self._run("token_exits", items)
+
+        @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
+        async def _reason(self, items: list) -> list[dict[str, Any]]:
+            return await self._run("probe", items)
+
+        async def _handle(self, kind: str, request: Request, batch):
             from offramp.serving.service import RequestError
 
+            service = self.services.get(kind)
+            if service is None:
+                routes = ", ".join(ROUTES[k] for k in self.services)
+                return JSONResponse({"error": f"this server has no {kind!r} checkpoint; it serves {routes}"},
+                                    status_code=404)
             try:
                 body = await request.json()
             except Exception as e:  # any undecodable body
-                return JSONResponse({"error": f"the body is not valid JSON ({type(e).__name__}): send "
-                                              '{"texts": ["..."]}'}, status_code=400)
+                return JSONResponse({"error": f"the body is not valid JSON ({type(e).__name__}); see "
+                                              f"GET /health for what {ROUTES[kind]} takes"}, status_code=400)
             try:
-                items = self.service.check(body)
+                items = service.check(body)
             except RequestError as e:
                 return JSONResponse({"error": e.message}, status_code=e.status)
-            self.service.requests += 1
-            return {"results": list(await asyncio.gather(*(self._batch(it) for it in items)))}
+            service.requests += 1
+            return {"results": list(await asyncio.gather(*(batch(it) for it in items)))}
+
+        @api.post("/classify")
+        async def classify(self, request: Request):
+            return await self._handle("classifier", request, self._classify)
+
+        @api.post("/generate")
+        async def generate(self, request: Request):
+            return await self._handle("token_exits", request, self._generate)
+
+        @api.post("/reason")
+        async def reason(self, request: Request):
+            return await self._handle("probe", request, self._reason)
 
         @api.get("/health")
         async def health(self):
-            return {"status": "ok", "kind": "classifier", "checkpoint": checkpoint,
-                    "default_policy": self.service.default.to_dict(), "policies": self.service.policy_names()}
+            first = next(iter(self.services.values()))
+            return {"status": "ok", "kind": first.kind, "checkpoint": served[first.kind],
+                    "default_policy": first.health()["default_policy"], "policies": first.policy_names(),
+                    "endpoints": {ROUTES[k]: {**s.health(), "checkpoint": served[k]} for k, s in self.services.items()}}
 
         @api.get("/metrics")
         async def metrics(self):
-            return self.service.metrics()
+            if len(self.services) == 1:
+                return next(iter(self.services.values())).metrics()
+            return {ROUTES[k]: s.metrics() for k, s in self.services.items()}
 
-    return Classifier.bind()
+    return Offramp.bind()
 
 
-def serve_checkpoint(checkpoint: str, options: ServeOptions | None = None, *, host: str = "127.0.0.1",
+def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None = None, *, host: str = "127.0.0.1",
                      port: int = 8000, address: str | None = None, blocking: bool = True) -> str:
-    """Start Ray (a local one, or join ``address``), Serve on ``host:port`` and the application;
-    returns the base URL. ``blocking`` waits until interrupted, then shuts down (draining)."""
+    """Start Ray (a local one, or join ``address``), Serve on ``host:port`` and the application of
+    ``checkpoint`` (or several, one per kind); returns the base URL. ``blocking`` waits until
+    interrupted, then shuts down (draining)."""
+    import os
+
     import ray
     from ray import serve
 
+    # on a busy machine the HTTP proxy takes longer than Ray's default 5 s to answer its first
+    # checks, and Serve kills it while it starts; the user's own settings win
+    for name, seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),
+                          ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")):
+        os.environ.setdefault(name, seconds)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": address} if address else {"include_dashboard": False}
         ray.init(log_to_driver=False, **kwargs)
@@ -135,9 +227,10 @@ def serve_checkpoint(checkpoint: str, options: ServeOptions | None = None, *, ho
 
 
 def shutdown() -> None:
-    """Stop the application (in-flight requests drain) and Ray."""
+    """Stop the application (in-flight requests drain) and Ray; nothing when Ray is not running."""
     import ray
     from ray import serve
 
-    serve.shutdown()
-    ray.shutdown()
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()

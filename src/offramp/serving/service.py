@@ -1,10 +1,18 @@
-"""What a served classifier does, without the server: check a request, run a batch, keep metrics.
+"""What a served checkpoint does, without the server: check a request, run a batch, keep metrics.
 
-``ClassifyService`` is the replica's logic; ``offramp.serving.app`` puts it behind Ray Serve, whose
-``serve.batch`` gathers the texts of concurrent requests into one batch. The service then runs
-offramp's early-exit engine on that batch, so each row leaves at its own exit (the speed-up of
-``offramp predict`` on a batch, for requests that arrive one by one). Rows asking for different
-policies are run as one batch per policy.
+One service per checkpoint kind, each the replica's logic for one endpoint:
+
+* ``ClassifyService`` (``/classify``, an ``offramp train`` checkpoint): texts in; label,
+  confidence and exit layer out;
+* ``GenerateService`` (``/generate``, a token-exits folder): a prompt in; the text and the exit
+  layer of every generated token out;
+* ``ReasonService`` (``/reason``, a probe folder of ``offramp reason fit``, with the model it was
+  fitted on): a question in; the answer, the tokens used and where the chain stopped out.
+
+``offramp.serving.app`` puts them behind Ray Serve, whose ``serve.batch`` gathers the items of
+concurrent requests into one batch. The service runs offramp's engine on that batch, so each row
+leaves at its own exit (the speed-up of a batch, for requests that arrive one by one). Items that
+ask for different policies (or generation lengths) run as one batch each.
 
 A bad request raises ``RequestError`` (HTTP status and message) before any model work; the
 replica keeps serving.
@@ -29,13 +37,109 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    """One text of a request, with the policy it asks for (None: the checkpoint's)."""
+    """One input of a request, with the policy it asks for (None: the checkpoint's) and, for
+    generation and reasoning, the most new tokens (None: the server's default)."""
 
     text: str
     policy: str | None = None
+    max_new_tokens: int | None = None
 
 
-class ClassifyService:
+class _Metrics:
+    """Counters every service keeps: requests, rows, batches, exits, batch latency."""
+
+    def _start_metrics(self) -> None:
+        self.exits: Counter = Counter()
+        self.latencies: list[float] = []
+        self.requests = self.rows = self.batches = 0
+
+    def _record(self, rows: int, seconds: float) -> None:
+        self.rows += rows
+        self.latencies.append(seconds)
+        del self.latencies[:-10_000]
+
+    def _base_metrics(self) -> dict[str, Any]:
+        import numpy as np
+
+        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        return {"requests": self.requests, "rows": self.rows, "batches": self.batches,
+                "mean_batch_rows": self.rows / max(self.batches, 1),
+                "exits_per_layer": {str(k): v for k, v in sorted(self.exits.items())},
+                "batch_latency_s": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}}
+
+
+def _check_fields(body: Any, allowed: set[str], example: str) -> dict:
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object: {example}")
+    unknown = set(body) - allowed
+    if unknown:
+        raise RequestError(400, f"unknown fields {sorted(unknown)}; this endpoint takes {sorted(allowed)}")
+    return body
+
+
+def _check_text(t: Any, n: int, what: str, max_chars: int) -> str:
+    if not isinstance(t, str) or not t.strip():
+        raise RequestError(400, f"{what} {n} is empty: every input needs at least one non-space character")
+    if len(t) > max_chars:
+        raise RequestError(413, f"{what} {n} has {len(t)} characters; the server takes at most {max_chars}")
+    return t
+
+
+def _check_count(body: dict, many: str, one: str, limit: int) -> list:
+    if (many in body) == (one in body):
+        raise RequestError(400, f'send either "{many}" (a list of strings) or "{one}" (one string)')
+    items = body[many] if many in body else [body[one]]
+    if not isinstance(items, list) or not items:
+        raise RequestError(400, f'"{many}" must be a non-empty list of strings')
+    if len(items) > limit:
+        raise RequestError(413, f"{len(items)} {many} in one request; the server takes at most {limit} "
+                                "(send several requests: they are batched together)")
+    return items
+
+
+def _check_policy_name(body: dict) -> str | None:
+    policy = body.get("policy")
+    if policy is not None and not isinstance(policy, str):
+        raise RequestError(400, f'"policy" must be a policy name, got {type(policy).__name__}')
+    return policy
+
+
+def _check_max_new(body: dict, cap: int) -> int | None:
+    n = body.get("max_new_tokens")
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RequestError(400, f'"max_new_tokens" must be a positive integer, got {n!r}')
+    if n > cap:
+        raise RequestError(413, f'"max_new_tokens" {n} is over the server\'s limit of {cap}')
+    return n
+
+
+def _resolve_named(name: str | None, default: Any, named: dict[str, Any], signals: set[str], where: str) -> Any:
+    """The policy a request names (None: ``default``); ``RequestError`` 400 if unknown or if it reads
+    a signal ``signals`` lacks."""
+    from offramp.policies import POLICIES, make_policy, require_signals
+
+    if name is None:
+        return default
+    if name in named:
+        policy = named[name]
+    elif name in POLICIES:
+        try:
+            policy = make_policy(name)
+        except ValueError as e:
+            raise RequestError(400, f"policy {name!r} needs parameters: {e}") from None
+    else:
+        known = sorted(set(named) | set(POLICIES))
+        raise RequestError(400, f"unknown policy {name!r}; known: {', '.join(known)}")
+    try:
+        require_signals(policy, signals, where)
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
+    return policy
+
+
+class ClassifyService(_Metrics):
     """A classifier checkpoint ready to serve.
 
     Args:
@@ -69,11 +173,10 @@ class ClassifyService:
             given=max_length is not None)
         self.default = make_policy(self.model.config.policy)
         self.named = {name: make_policy(spec) for name, spec in (policies or {}).items()}
-        self.exits = Counter()
-        self.latencies: list[float] = []
-        self.requests = 0
-        self.rows = 0
-        self.batches = 0
+        self._start_metrics()
+
+    kind = "classifier"
+    route = "/classify"
 
     # ------------------------------------------------------------------ requests
     def policy_names(self) -> list[str]:
@@ -85,49 +188,18 @@ class ClassifyService:
         """The policy a request names (None: the checkpoint's); ``RequestError`` 400 if unknown or
         if this model's exits cannot supply what it reads."""
         from offramp.engines.classify import model_signals
-        from offramp.policies import POLICIES, make_policy, require_signals
 
-        if name is None:
-            return self.default
-        if name in self.named:
-            policy = self.named[name]
-        elif name in POLICIES:
-            try:
-                policy = make_policy(name)
-            except ValueError as e:
-                raise RequestError(400, f"policy {name!r} needs parameters: {e}") from None
-        else:
-            raise RequestError(400, f"unknown policy {name!r}; known: {', '.join(self.policy_names())}")
-        try:  # served rows have no labels: the oracle rule cannot run here
-            require_signals(policy, model_signals(self.model) - {"labels"}, "a served request")
-        except ValueError as e:
-            raise RequestError(400, str(e)) from None
-        return policy
+        # served rows have no labels: the oracle rule cannot run here
+        return _resolve_named(name, self.default, self.named, model_signals(self.model) - {"labels"},
+                              "a served request")
 
     def check(self, body: Any) -> list[Item]:
         """The items of a request body ``{"texts": [...], "policy": name?}`` (or ``{"text": "..."}``)."""
-        if not isinstance(body, dict):
-            raise RequestError(400, 'the body must be a JSON object: {"texts": ["..."], "policy": "entropy"}')
-        unknown = set(body) - {"texts", "text", "policy"}
-        if unknown:
-            raise RequestError(400, f"unknown fields {sorted(unknown)}; send texts (or text) and an optional policy")
-        if ("texts" in body) == ("text" in body):
-            raise RequestError(400, 'send either "texts" (a list of strings) or "text" (one string)')
-        texts = body["texts"] if "texts" in body else [body["text"]]
-        if not isinstance(texts, list) or not texts:
-            raise RequestError(400, '"texts" must be a non-empty list of strings')
-        if len(texts) > self.max_texts:
-            raise RequestError(413, f"{len(texts)} texts in one request; the server takes at most {self.max_texts} "
-                                    "(send several requests: they are batched together)")
+        body = _check_fields(body, {"texts", "text", "policy"}, '{"texts": ["..."], "policy": "entropy"}')
+        texts = _check_count(body, "texts", "text", self.max_texts)
         for n, t in enumerate(texts, 1):
-            if not isinstance(t, str) or not t.strip():
-                raise RequestError(400, f"text {n} is empty: every input needs at least one non-space character")
-            if len(t) > self.max_chars:
-                raise RequestError(413, f"text {n} has {len(t)} characters; the server takes at most {self.max_chars} "
-                                        f"(texts are cut to {self.max_length} tokens anyway)")
-        policy = body.get("policy")
-        if policy is not None and not isinstance(policy, str):
-            raise RequestError(400, f'"policy" must be a policy name, got {type(policy).__name__}')
+            _check_text(t, n, "text", self.max_chars)
+        policy = _check_policy_name(body)
         self.resolve(policy)
         return [Item(t, policy) for t in texts]
 
@@ -152,18 +224,269 @@ class ClassifyService:
                 out[i] = {**row, "policy": policy.type}
                 self.exits[int(row["exit_layer"])] += 1
             self.batches += 1
-        self.rows += len(items)
-        self.latencies.append(time.perf_counter() - t0)
-        del self.latencies[:-10_000]
+        self._record(len(items), time.perf_counter() - t0)
         return out  # type: ignore[return-value]
 
     def metrics(self) -> dict[str, Any]:
         """Counts of exits per layer, requests, rows, batches, and batch latency percentiles (s)."""
-        import numpy as np
+        return {**self._base_metrics(), "default_policy": self.default.to_dict(), "max_texts": self.max_texts}
 
-        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
-        return {"requests": self.requests, "rows": self.rows, "batches": self.batches,
-                "mean_batch_rows": self.rows / max(self.batches, 1),
-                "exits_per_layer": {str(k): v for k, v in sorted(self.exits.items())},
-                "batch_latency_s": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
-                "default_policy": self.default.to_dict(), "max_texts": self.max_texts}
+    def health(self) -> dict[str, Any]:
+        return {"kind": self.kind, "route": self.route, "default_policy": self.default.to_dict(),
+                "policies": self.policy_names()}
+
+
+def _groups(items: list[Item], default_new: int) -> dict[tuple[str | None, int], list[int]]:
+    """Indices of ``items`` by (policy, max_new_tokens): one engine batch each."""
+    out: dict[tuple[str | None, int], list[int]] = {}
+    for i, it in enumerate(items):
+        out.setdefault((it.policy, it.max_new_tokens or default_new), []).append(i)
+    return out
+
+
+class GenerateService(_Metrics):
+    """A token-exits folder (``DecoderExitModel.save_pretrained``, ``offramp generate --fit-exits``)
+    ready to serve: greedy generation with per-token exits, prompts of concurrent requests decoded
+    as one ragged batch.
+
+    Args:
+        folder: the token-exits folder; the LM it names is loaded (``backbone`` overrides it).
+        max_prompts: the most prompts one request may send.
+        max_new_tokens: the default generation length; ``max_new_cap`` the most a request may ask.
+        max_chars: the longest prompt accepted (413 beyond).
+        policies: extra named policies (``{"fast": {"type": "max_prob", "threshold": 0.9}}``).
+    """
+
+    kind = "token_exits"
+    route = "/generate"
+
+    def __init__(self, folder: str | Path, *, backbone: str | None = None, max_prompts: int = 16,
+                 max_new_tokens: int = 64, max_new_cap: int = 1024, max_chars: int = 100_000,
+                 policies: dict[str, dict] | None = None) -> None:
+        from offramp.cli.generate import load_exits_and_lm
+        from offramp.engines.generate import SamplingOptions
+        from offramp.policies import make_policy
+
+        if min(max_prompts, max_new_tokens, max_new_cap) < 1 or max_new_tokens > max_new_cap:
+            raise ValueError(f"need max_prompts, max_new_tokens >= 1 and max_new_tokens <= max_new_cap, got "
+                             f"{max_prompts}, {max_new_tokens}, {max_new_cap}")
+        self.model, self.tokenizer = load_exits_and_lm(str(folder), backbone)
+        self.model.eval()
+        self.sampling = SamplingOptions.from_model(self.model.backbone, do_sample=False)
+        self.max_prompts, self.max_new_tokens, self.max_new_cap = max_prompts, max_new_tokens, max_new_cap
+        self.max_chars = max_chars
+        self.default = make_policy(self.model.config.policy)
+        self.named = {name: make_policy(spec) for name, spec in (policies or {}).items()}
+        self._start_metrics()
+
+    def policy_names(self) -> list[str]:
+        from offramp.policies import POLICIES
+
+        return sorted(set(self.named) | set(POLICIES))
+
+    def resolve(self, name: str | None):
+        from offramp.engines.generate import SIGNALS
+
+        policy = _resolve_named(name, self.default, self.named, set(SIGNALS), "token-exit generation")
+        try:
+            policy.check_exits(self.model.exit_layers)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        return policy
+
+    def check(self, body: Any) -> list[Item]:
+        """``{"prompts": [...]}`` or ``{"prompt": "..."}``, optional ``policy``, ``max_new_tokens``
+        and ``chat`` (wrap each prompt in the model's chat template)."""
+        body = _check_fields(body, {"prompts", "prompt", "policy", "max_new_tokens", "chat"},
+                             '{"prompt": "...", "max_new_tokens": 32}')
+        prompts = _check_count(body, "prompts", "prompt", self.max_prompts)
+        for n, t in enumerate(prompts, 1):
+            _check_text(t, n, "prompt", self.max_chars)
+        chat = body.get("chat", False)
+        if not isinstance(chat, bool):
+            raise RequestError(400, f'"chat" must be true or false, got {chat!r}')
+        if chat and not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(400, "this model's tokenizer has no chat template: send plain prompts (chat false)")
+        policy, new = _check_policy_name(body), _check_max_new(body, self.max_new_cap)
+        self.resolve(policy)
+        if chat:
+            prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                          add_generation_prompt=True) for p in prompts]
+        return [Item(p, policy, new) for p in prompts]
+
+    def run(self, items: list[Item]) -> list[dict[str, Any]]:
+        """Generate for ``items``: one left-padded early-exit batch per (policy, length)."""
+        from offramp.engines.generate import generate
+
+        t0 = time.perf_counter()
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        for (name, new), idx in _groups(items, self.max_new_tokens).items():
+            policy = self.resolve(name)
+            enc = self.tokenizer([items[i].text for i in idx], return_tensors="pt", padding=True)
+            res = generate(self.model, enc["input_ids"], enc["attention_mask"], policy=policy,
+                           cache_strategy=self.model.config.cache_strategy, max_new_tokens=new,
+                           sampling=self.sampling, tokenizer=self.tokenizer)
+            for r, i in enumerate(idx):
+                keep = res.exit_layers[r] > 0
+                layers = res.exit_layers[r][keep].tolist()
+                out[i] = {"text": res.texts[r], "tokens": res.new_tokens[r][keep].tolist(), "exit_layers": layers,
+                          "policy": policy.type}
+                self.exits.update(int(k) for k in layers)
+            self.batches += 1
+        self._record(len(items), time.perf_counter() - t0)
+        return out  # type: ignore[return-value]
+
+    def metrics(self) -> dict[str, Any]:
+        return {**self._base_metrics(), "default_policy": self.default.to_dict(),
+                "num_layers": self.model.adapter.num_layers, "exit_layers": list(self.model.exit_layers)}
+
+    def health(self) -> dict[str, Any]:
+        return {"kind": self.kind, "route": self.route, "default_policy": self.default.to_dict(),
+                "policies": self.policy_names(), "max_new_tokens": self.max_new_tokens}
+
+
+REASON_POLICIES = ("never", "static", "deer")  # policies a /reason request may name besides "probe"
+
+
+class ReasonService(_Metrics):
+    """A calibrated LYNX probe (``offramp reason fit`` folder) and the model it was fitted on, ready
+    to serve: questions of concurrent requests reason as one batch of chains, each stopping at the
+    first cue event its rule accepts (the probe's calibrated rule by default).
+
+    Args:
+        probe: the probe folder; its cue, forcing and feature settings are reused.
+        model: the LM to load (default: the one the probe's events were built with).
+        dtype: the LM's dtype (bfloat16 is fastest on CPUs with AVX-512 BF16).
+        max_questions: the most questions one request may send.
+        max_new_tokens: the longest chain by default (the probe's setting when None);
+            ``max_new_cap`` the most a request may ask.
+        policies: extra named policies (``{"deer": {"type": "deer", "threshold": 0.9}}``).
+    """
+
+    kind = "probe"
+    route = "/reason"
+
+    def __init__(self, probe: str | Path, *, model: str | None = None, dtype: str = "float32",
+                 max_questions: int = 8, max_new_tokens: int | None = None, max_new_cap: int = 4096,
+                 max_chars: int = 20_000, policies: dict[str, dict] | None = None) -> None:
+        import dataclasses
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from offramp.data.assets import resolve_model_path
+        from offramp.engines.reason import ReasonConfig
+        from offramp.modeling import load_hf_model
+        from offramp.policies import make_policy
+        from offramp.reasoning.cues import CueConfig
+
+        self.default = make_policy({"type": "probe", "path": str(probe)})
+        extra = getattr(self.default.probe, "extra_", {}) or {}
+        name = model or extra.get("model")
+        if not name:
+            raise ValueError(f"{probe} names no model: pass the model it was fitted on (--model NAME)")
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use float32 or bfloat16")
+        stored = dict(extra.get("reason_config") or {})
+        stored["cues"] = CueConfig(**{**stored.get("cues", {}),
+                                      "words": tuple(stored.get("cues", {}).get("words", CueConfig().words))})
+        if "feature_layers" in stored:
+            stored["feature_layers"] = tuple(stored["feature_layers"])
+        known = {f.name for f in dataclasses.fields(ReasonConfig)}
+        self.config = ReasonConfig(**{k: v for k, v in stored.items() if k in known})
+        if max_new_tokens is not None:
+            self.config = dataclasses.replace(self.config, max_new_tokens=max_new_tokens)
+        if self.config.do_sample:
+            self.config = dataclasses.replace(self.config, do_sample=False)
+        if max_questions < 1 or max_new_cap < self.config.max_new_tokens:
+            raise ValueError(f"need max_questions >= 1 and max_new_cap >= {self.config.max_new_tokens}, got "
+                             f"{max_questions}, {max_new_cap}")
+        self.model_name = str(name)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+        self.model = load_hf_model(AutoModelForCausalLM, name, "model", dtype=getattr(torch, dtype)).eval()
+        self.max_questions, self.max_new_cap, self.max_chars = max_questions, max_new_cap, max_chars
+        self.named = {n: make_policy(spec) for n, spec in (policies or {}).items()}
+        self._start_metrics()
+        self.stops: Counter = Counter()
+        self.tokens = 0
+
+    def policy_names(self) -> list[str]:
+        return sorted({"probe", *REASON_POLICIES, *self.named})
+
+    def resolve(self, name: str | None):
+        from offramp.engines.reason import SIGNALS
+
+        if name in (None, "probe", "lynx"):
+            return self.default
+        if name not in self.named and name not in REASON_POLICIES:
+            raise RequestError(400, f"unknown policy {name!r} for chains of thought; known: "
+                                    f"{', '.join(self.policy_names())}")
+        return _resolve_named(name, self.default, self.named, set(SIGNALS), "a chain of thought's cue events")
+
+    def check(self, body: Any) -> list[Item]:
+        """``{"questions": [...]}`` or ``{"question": "..."}``, optional ``policy`` and ``max_new_tokens``."""
+        body = _check_fields(body, {"questions", "question", "policy", "max_new_tokens"},
+                             '{"question": "...", "policy": "probe"}')
+        questions = _check_count(body, "questions", "question", self.max_questions)
+        for n, t in enumerate(questions, 1):
+            _check_text(t, n, "question", self.max_chars)
+        policy, new = _check_policy_name(body), _check_max_new(body, self.max_new_cap)
+        self.resolve(policy)
+        return [Item(q, policy, new) for q in questions]
+
+    def run(self, items: list[Item]) -> list[dict[str, Any]]:
+        """Reason over ``items``: one batch of chains per (policy, length)."""
+        import dataclasses
+
+        from offramp.engines.reason import reason_batch
+
+        t0 = time.perf_counter()
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        for (name, new), idx in _groups(items, self.config.max_new_tokens).items():
+            policy = self.resolve(name)
+            config = dataclasses.replace(self.config, max_new_tokens=new)
+            results = reason_batch(self.model, self.tokenizer, [items[i].text for i in idx], policy=policy,
+                                   config=config, batch_size=len(idx))
+            for i, res in zip(idx, results):
+                row = res.to_dict()
+                row.pop("correct", None)
+                row.pop("chain_ids", None)
+                out[i] = {**row, "policy": policy.type}
+                self.stops[res.stop] += 1
+                self.tokens += res.tokens
+                if res.exit_event is not None:
+                    self.exits[int(res.exit_event)] += 1
+            self.batches += 1
+        self._record(len(items), time.perf_counter() - t0)
+        return out  # type: ignore[return-value]
+
+    def metrics(self) -> dict[str, Any]:
+        base = self._base_metrics()
+        base["exit_events"] = base.pop("exits_per_layer")  # the cue event each stopped chain left at
+        return {**base, "stops": dict(self.stops), "mean_tokens": self.tokens / max(self.rows, 1),
+                "model": self.model_name, "default_policy": {"type": "probe", "path": self.default.path}}
+
+    def health(self) -> dict[str, Any]:
+        return {"kind": self.kind, "route": self.route, "model": self.model_name,
+                "default_policy": {"type": "probe", "path": self.default.path,
+                                   "delta": getattr(self.default.probe, "delta_", None),
+                                   "per": getattr(self.default.probe, "per_", "event")},
+                "policies": self.policy_names(), "max_new_tokens": self.config.max_new_tokens}
+
+
+def checkpoint_service_kind(path: str | Path) -> str:
+    """"classifier", "token_exits" or "probe" for a folder ``offramp serve`` can serve; a ValueError
+    naming what it is otherwise."""
+    from offramp.cli import common
+    from offramp.reasoning.probe import PROBE_FILE
+
+    p = Path(path)
+    if (p / PROBE_FILE).is_file():
+        return "probe"
+    if not p.is_dir():
+        raise ValueError(f"{p} is not a folder: give an `offramp train` output, a token-exits folder or a probe "
+                         "folder of `offramp reason fit`")
+    kind = common.checkpoint_kind(common.checkpoint_dir(p))
+    if kind not in ("classifier", "token_exits"):
+        raise ValueError(f"{p} holds {kind!r}, which `offramp serve` does not serve")
+    return kind

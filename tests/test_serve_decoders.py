@@ -1,0 +1,159 @@
+"""offramp serve for token exits (/generate) and a LYNX probe (/reason) on localhost: real HTTP
+requests, answers equal offline ``generate`` / ``reason`` on the same inputs, bad requests answered."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from test_generate_cli import _tiny_folder
+from test_reason_tiny import tiny_lm, tiny_tokenizer
+from test_serve import _free_port, _get, _post
+
+from offramp.modeling import DecoderExitModel
+
+pytest.importorskip("ray.serve")
+
+PROMPTS = ["w5 w6 w7", "w9", "w12 w13 w14 w15 w16", "w40 w41"]
+QUESTIONS = ["add two and three", "add three and two", "so add two"]
+
+
+def _probe(root):
+    """A calibrated probe fitted on a tiny LM's cue events (labels alternated: the LM is never right)."""
+    from offramp.cli import main
+    from offramp.engines.reason import ReasonConfig
+    from offramp.reasoning.dataset import build_dataset
+    from offramp.reasoning.tasks import Problem
+
+    tok = tiny_tokenizer()
+    lm_dir = root / "lm-reason"
+    tiny_lm(len(tok), seed=0).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    probs = [Problem(f"t{i}", q, "5", "test") for i, q in enumerate(
+        ["add two and three", "add three and two", "Solve it", "so add two", "two and two", "add it"])]
+    config = ReasonConfig(max_new_tokens=20, max_answer_tokens=2, feature_layers=(1, -1))
+    build_dataset(lm, tok, probs, root / "ev", config=config, model_name=str(lm_dir))
+    for f in (root / "ev").glob("*.npz"):
+        z = dict(np.load(f))
+        z["labels"] = (np.arange(z["labels"].size) % 2).astype(np.int64)
+        np.savez(f, **z)
+    assert main(["reason", "fit", str(root / "ev"), "--delta", "0.4", "--epochs", "30",
+                 "--out", str(root / "probe")]) == 0
+    return root / "probe", lm, tok
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from offramp.serving.app import ServeOptions, serve_checkpoint, shutdown
+
+    root = tmp_path_factory.mktemp("serve-dec")
+    folder, lm = _tiny_folder(root)
+    exits = DecoderExitModel.from_backbone(lm, exit_layers=[1, 2, 3], base_model_name_or_path=str(folder))
+    exits.save_pretrained(root / "exits")
+    probe, rlm, rtok = _probe(root)
+    threads = torch.get_num_threads()
+    opts = ServeOptions(max_batch_size=8, batch_wait_ms=20, max_texts=4,
+                        policies={"eager": {"type": "max_prob", "threshold": 0.0}})
+    url = serve_checkpoint([str(root / "exits"), str(probe)], opts, port=_free_port(), blocking=False)
+    torch.set_num_threads(threads)
+    yield url, root, (probe, rlm, rtok)
+    shutdown()
+
+
+def _offline_generate(root, prompt, policy, new):
+    from offramp.cli.generate import load_exits_and_lm
+    from offramp.engines.generate import SamplingOptions, generate
+
+    model, tok = load_exits_and_lm(str(root / "exits"))
+    enc = tok([prompt], return_tensors="pt", padding=True)
+    out = generate(model, enc["input_ids"], enc["attention_mask"], policy=policy, max_new_tokens=new,
+                   sampling=SamplingOptions.from_model(model.backbone, do_sample=False), tokenizer=tok)
+    keep = out.exit_layers[0] > 0
+    return out.new_tokens[0][keep].tolist(), out.exit_layers[0][keep].tolist()
+
+
+def test_generate_answers_equal_offline_generate(server):
+    url, root, _ = server
+    health = _get(url + "/health")
+    assert set(health["endpoints"]) == {"/generate", "/reason"}
+    status, out = _post(url + "/generate", {"prompts": PROMPTS, "policy": "eager"})
+    assert status == 200 and len(out["results"]) == len(PROMPTS)
+    for prompt, row in zip(PROMPTS, out["results"]):
+        tokens, layers = _offline_generate(root, prompt, {"type": "max_prob", "threshold": 0.0}, 64)
+        assert row["tokens"] == tokens and row["exit_layers"] == layers and set(layers[1:]) <= {1}  # prefill: full
+    status, out = _post(url + "/generate", {"prompt": PROMPTS[0], "max_new_tokens": 3, "policy": "never"})
+    assert status == 200
+    tokens, layers = _offline_generate(root, PROMPTS[0], "never", 3)
+    assert out["results"][0]["tokens"] == tokens and out["results"][0]["exit_layers"] == layers == [4] * len(tokens)
+    metrics = _get(url + "/metrics")["/generate"]
+    assert metrics["rows"] == len(PROMPTS) + 1 and metrics["exits_per_layer"]["1"] > 0
+
+
+def test_reason_answers_equal_offline_reason(server):
+    from offramp.engines.reason import reason
+
+    url, _, (probe, lm, tok) = server
+    results = {}
+
+    def client(q: str) -> None:  # concurrent requests: chains of several requests share a batch
+        results[q] = _post(url + "/reason", {"question": q})
+
+    workers = [threading.Thread(target=client, args=(q,)) for q in QUESTIONS]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    from offramp.policies import make_policy
+
+    policy = make_policy({"type": "probe", "path": str(probe)})
+    served_config = _reason_config(probe)
+    for q in QUESTIONS:
+        status, out = results[q]
+        assert status == 200, out
+        row = out["results"][0]
+        alone = reason(lm, tok, q, policy=policy, config=served_config)
+        assert (row["answer"], row["tokens"], row["stop"], row["exit_event"]) == \
+            (alone.answer, alone.tokens, alone.stop, alone.exit_event)
+        assert row["policy"] == "probe" and row["chain"] == alone.chain
+    status, out = _post(url + "/reason", {"question": QUESTIONS[0], "policy": "never", "max_new_tokens": 5})
+    assert status == 200 and out["results"][0]["chain_tokens"] == 5 and out["results"][0]["stop"] == "budget"
+    metrics = _get(url + "/metrics")["/reason"]
+    assert metrics["rows"] == len(QUESTIONS) + 1 and sum(metrics["stops"].values()) == metrics["rows"]
+
+
+def _reason_config(probe):
+    import dataclasses
+
+    from offramp.engines.reason import ReasonConfig
+    from offramp.reasoning.cues import CueConfig
+
+    stored = json.loads((probe / "probe.json").read_text())["extra"]["reason_config"]
+    stored["cues"] = CueConfig(words=tuple(stored["cues"]["words"]), step_boundaries=stored["cues"]["step_boundaries"])
+    stored["feature_layers"] = tuple(stored["feature_layers"])
+    known = {f.name for f in dataclasses.fields(ReasonConfig)}
+    return ReasonConfig(**{k: v for k, v in stored.items() if k in known})
+
+
+def test_bad_requests_get_a_4xx(server):
+    url, _, _ = server
+    cases = [("/generate", {"prompts": []}, 400, "non-empty list"),
+             ("/generate", {"prompt": " "}, 400, "prompt 1 is empty"),
+             ("/generate", {"prompts": ["w5"] * 5}, 413, "at most 4"),
+             ("/generate", {"prompt": "w5", "max_new_tokens": 0}, 400, "positive integer"),
+             ("/generate", {"prompt": "w5", "max_new_tokens": 10**6}, 413, "limit"),
+             ("/generate", {"prompt": "w5", "policy": "deer"}, 400, "deer"),
+             ("/generate", {"prompt": "w5", "chat": "yes"}, 400, "true or false"),
+             ("/reason", {"question": ""}, 400, "question 1 is empty"),
+             ("/reason", {"question": "x", "policy": "entropy"}, 400, "unknown policy 'entropy'"),
+             ("/reason", {"text": "x"}, 400, "unknown fields"),
+             ("/classify", {"texts": ["x"]}, 404, "no 'classifier' checkpoint")]
+    for route, body, status, message in cases:
+        got, out = _post(url + route, body)
+        assert got == status and message in out["error"], (route, body, out)
+    assert _post(url + "/generate", {"prompt": "w5"})[0] == 200
