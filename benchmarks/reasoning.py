@@ -5,6 +5,7 @@ Phases (each resumable: every trace, label and per-problem result is cached unde
   build      label the cue events of reasoning-gym training problems (forced exits) -> npz files
   ceiling    label the cue events of the evaluation chains too: what an oracle stopping at the
              best cue would save (``offramp.reasoning.dataset.oracle_ceiling``), per task
+  ceiling-report  the oracles of both prompts and of the training chains -> --ceiling-out
   baselines  full chain, fixed budget and DEER on the evaluation problems -> results-<prompt>.jsonl
   fit        train the probe, calibrate it per cue event (LYNX) and per chain at each delta
   lynx       run both LYNX rules online, with the full chain timed again beside them
@@ -170,12 +171,38 @@ def ceiling_report(args) -> dict | None:
     return {"problems": len(have), "prompt": args.prompt, **oracle_ceiling(traces)}
 
 
+def replayed_rules(args, probes: dict) -> list[dict]:
+    """Each LYNX rule replayed over the labelled evaluation chains (the engine's own ``decide`` over
+    stored events; a chain is what it is alone, so the stop, its tokens and its forced answer are
+    the online run's): accuracy, tokens saved and premature exits per source. Not timed."""
+    _, test = problems(args)
+    have = [p.uid for p in test if (ceiling_dir(args) / f"{p.uid}.npz").exists()]
+    data = load_dataset(ceiling_dir(args), uids=have)
+    out = []
+    for (method, delta), probe in sorted(probes.items()):
+        stops = replay_events(ProbeExitPolicy(probe=probe), data)
+        per_source: dict[str, list[tuple]] = {}
+        for t, i in zip(data.traces, stops):
+            e = t["events"][i] if i >= 0 else None
+            tokens = int(e["fork"]) + int(e.get("answer_tokens", 0)) if e else int(t["tokens"])
+            right = bool(e["correct"]) if e else bool(t["correct"])
+            per_source.setdefault(t["source"], []).append((right, tokens, int(t["tokens"]), i >= 0))
+        for src, rs in sorted(per_source.items()):
+            a = np.array(rs, dtype=np.float64)
+            out.append({"method": method, "delta": delta, "per": PER[method], "source": src, "n": len(rs),
+                        "accuracy": float(a[:, 0].mean()), "tokens": float(a[:, 1].mean()),
+                        "tokens_saved": float(1 - a[:, 1].sum() / a[:, 2].sum()),
+                        "exit_rate": float(a[:, 3].mean()),
+                        "premature_exit_rate": float(((a[:, 3] == 1) & (a[:, 0] == 0)).mean())})
+    return out
+
+
 def phase_baselines(model, tok, args) -> None:
     _, test = problems(args, shard=True)
     methods = [("full", None, (make_policy("never"), reason_config(args))),
                ("budget", None, (make_policy("never"), reason_config(args, args.budget))),
                ("deer", None, (DeerPolicy(args.deer_lambda), reason_config(args)))]
-    run_methods(model, tok, test, methods, args)
+    run_methods(model, tok, test, [m for m in methods if m[0] in args.baselines], args)
 
 
 PER = {"lynx": "event", "lynx_chain": "chain"}  # method -> what delta bounds (LynxProbe.calibrate)
@@ -302,8 +329,10 @@ def phase_report(args) -> dict:
             ("full", "lynx-phase", "lynx")] + [(m, d, "lynx") for m in PER for d in args.deltas]
     have = {(r["uid"], r["method"], r["delta"]) for r in rows}
     keys = [k for k in keys if any((m, d) == k[:2] for _, m, d in have)]  # the phases that ran
+    keys.sort(key=lambda k: k[0] != "full")  # the full chains first: every other row refers to one
     complete = sorted(u for u in uids if all((u, m, d) in have for m, d, _ in keys))
-    full_correct = {r["uid"]: r["correct"] for r in rows if r["method"] == "full" and r["delta"] is None}
+    full_correct = {r["uid"]: r["correct"] for r in rows if r["method"] == "full" and r["delta"] == "lynx-phase"}
+    full_correct.update({r["uid"]: r["correct"] for r in rows if r["method"] == "full" and r["delta"] is None})
     table, full_of = [], {}
     for m, d, group in keys:
         rs = [r for r in rows if r["method"] == m and r["delta"] == d and r["uid"] in complete]
@@ -316,7 +345,10 @@ def phase_report(args) -> dict:
                              for src in sorted({r["source"] for r in rs})}}
         if m == "full":
             full_of[group] = row
-        ref = full_of.get(group)
+        # without a full chain of its own phase (--baselines budget,deer), the lynx phase's one
+        ref = full_of.get(group) or full_of.get("lynx")
+        if ref and ref["timing_group"] != group:
+            row["timing_reference"] = ref["timing_group"]
         if ref:
             row["tokens_saved"] = 1 - row["tokens"] / ref["tokens"]
             row["wall_saved"] = 1 - row["wall_s"] / ref["wall_s"]
@@ -336,8 +368,9 @@ def phase_report(args) -> dict:
         "settings": {"max_new_tokens": args.max_new_tokens, "budget": args.budget,
                      "deer_lambda": args.deer_lambda, "layers": args.layers, "cues": "step boundaries + cue words",
                      "forcing": "boxed"},
-        "full_rerun_same_answers": all(reruns.get(u) == r["answer"] for u in complete for r in rows
-                                       if r["uid"] == u and r["method"] == "full" and r["delta"] is None),
+        "full_rerun_same_answers": (all(reruns.get(u) == r["answer"] for u in complete for r in rows
+                                        if r["uid"] == u and r["method"] == "full" and r["delta"] is None)
+                                    if any(r["method"] == "full" and r["delta"] is None for r in rows) else None),
         "rows": table,
         "oracle": ceiling_report(args),
         "event_level": event_level_check(args) if (Path(args.work) / "events").exists() else None,
@@ -353,13 +386,15 @@ def phase_report(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["build", "ceiling", "baselines", "fit", "lynx", "report", "all"],
+    ap.add_argument("--phase", choices=["build", "ceiling", "ceiling-report", "baselines", "fit", "lynx", "report",
+                                        "all"],
                     default="all")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(CACHE / "reasoning-bench"))
     ap.add_argument("--out", default="benchmarks/results/reasoning.json")
+    ap.add_argument("--ceiling-out", default="benchmarks/results/reasoning_ceiling.json")
     ap.add_argument("--n-train", type=int, default=60)
     ap.add_argument("--train-seed", type=int, default=1000)
     ap.add_argument("--n-gsm8k", type=int, default=15)
@@ -368,6 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--budget", type=int, default=128)
     ap.add_argument("--deer-lambda", type=float, default=0.95)
+    ap.add_argument("--baselines", type=lambda t: t.split(","), default=["full", "budget", "deer"],
+                    help="baselines phase: which of full,budget,deer to run (without full, their savings are "
+                         "against the lynx phase's full chain)")
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.1, 0.3])
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, -1])
     ap.add_argument("--fit-fraction", type=float, default=0.6)
@@ -388,6 +426,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.phase == "fit":
         fit_probes(args)
+        return
+    if args.phase == "ceiling-report":  # the oracles of every labelled prompt, and the training chains
+        from offramp.utils import atomic_write_json
+
+        out = {"model": args.model, "max_new_tokens": args.max_new_tokens, "batch": args.batch_size, "prompts": {}}
+        probes = fit_probes(args)
+        for prompt in ("plain", "check"):
+            args.prompt = prompt
+            out["prompts"][prompt] = ceiling_report(args)
+            out["prompts"][prompt]["replayed_lynx"] = replayed_rules(args, probes)
+        train, _ = problems(args)
+        out["training"] = oracle_ceiling(load_dataset(Path(args.work) / "events", uids=[p.uid for p in train]).traces)
+        atomic_write_json(args.ceiling_out, out)
+        print(json.dumps(out, indent=1))
         return
     model, tok = load_model(args.model, args.dtype)
     phases = ["build", "ceiling", "baselines", "fit", "lynx", "report"] if args.phase == "all" else [args.phase]
