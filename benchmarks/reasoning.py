@@ -358,6 +358,7 @@ def phase_report(args) -> dict:
     report = {
         "model": args.model, "dtype": args.dtype, "threads": args.threads, "prompt": args.prompt,
         "prompt_text": prompt_suffix(args.prompt), "batch": args.batch_size,
+        "tasks": sorted({r["source"] for r in rows if r["uid"] in complete}),
         "problems": {"n": len(complete), "uids": complete,
                      "sets": {"gsm8k_test_first": args.n_gsm8k, "gsm_symbolic_seed": args.test_seed,
                               "gsm_symbolic_n": args.n_symbolic, "transfer_task": args.transfer_task,
