@@ -150,3 +150,14 @@ def test_ceiling_of_built_chains_never_costs_more_than_the_full_chain(lm, tmp_pa
     assert out["oracle_same"]["accuracy"] == out["full"]["accuracy"]
     assert out["oracle_right"]["accuracy"] >= out["full"]["accuracy"]
     assert 0.0 <= out["oracle_same"]["tokens_saved"] <= 1.0
+
+
+def test_reason_config_round_trips_through_its_stored_dict():
+    from offramp.engines.reason import ReasonConfig
+    from offramp.reasoning.cues import CueConfig
+    from offramp.reasoning.dataset import _config_dict
+
+    cfg = ReasonConfig(cues=CueConfig(words=("wait", "hmm"), step_boundaries=False), forcing="plain",
+                       max_new_tokens=77, feature_layers=(2, -1), prompt_suffix=" go", seed=3)
+    assert ReasonConfig.from_dict(_config_dict(cfg)) == cfg
+    assert ReasonConfig.from_dict({"max_new_tokens": 9, "unknown_later_key": 1}) == ReasonConfig(max_new_tokens=9)

@@ -112,7 +112,10 @@ def test_reason_answers_equal_offline_reason(server):
     from offramp.policies import make_policy
 
     policy = make_policy({"type": "probe", "path": str(probe)})
-    served_config = _reason_config(probe)
+    from offramp.engines.reason import ReasonConfig
+
+    stored = json.loads((probe / "probe.json").read_text())["extra"]["reason_config"]
+    served_config = ReasonConfig.from_dict(stored)
     for q in QUESTIONS:
         status, out = results[q]
         assert status == 200, out
@@ -125,19 +128,6 @@ def test_reason_answers_equal_offline_reason(server):
     assert status == 200 and out["results"][0]["chain_tokens"] == 5 and out["results"][0]["stop"] == "budget"
     metrics = _get(url + "/metrics")["/reason"]
     assert metrics["rows"] == len(QUESTIONS) + 1 and sum(metrics["stops"].values()) == metrics["rows"]
-
-
-def _reason_config(probe):
-    import dataclasses
-
-    from offramp.engines.reason import ReasonConfig
-    from offramp.reasoning.cues import CueConfig
-
-    stored = json.loads((probe / "probe.json").read_text())["extra"]["reason_config"]
-    stored["cues"] = CueConfig(words=tuple(stored["cues"]["words"]), step_boundaries=stored["cues"]["step_boundaries"])
-    stored["feature_layers"] = tuple(stored["feature_layers"])
-    known = {f.name for f in dataclasses.fields(ReasonConfig)}
-    return ReasonConfig(**{k: v for k, v in stored.items() if k in known})
 
 
 def test_bad_requests_get_a_4xx(server):

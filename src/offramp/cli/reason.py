@@ -121,20 +121,27 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
                         top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "sample_seed", 0))
 
 
-def _load(args: argparse.Namespace):
+def load_reasoning_lm(name: str, dtype: str = "float32"):
+    """(causal LM in eval mode, tokenizer) of a folder, Hub id or offline alias, in ``dtype``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from offramp.data.assets import offline_hint, resolve_model_path
     from offramp.modeling import load_hf_model
 
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: use float32 or bfloat16")
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load model {args.model!r} (its tokenizer: {e}); give a local HF model folder "
-                         f"or a Hub id (Hub ids need internet access). {offline_hint(args.model)}") from None
-    model = load_hf_model(AutoModelForCausalLM, args.model, "model", dtype=getattr(torch, args.dtype)).eval()
+        raise ValueError(f"cannot load model {name!r} (its tokenizer: {e}); give a local HF model folder "
+                         f"or a Hub id (Hub ids need internet access). {offline_hint(name)}") from None
+    model = load_hf_model(AutoModelForCausalLM, name, "model", dtype=getattr(torch, dtype)).eval()
     return model, tok
+
+
+def _load(args: argparse.Namespace):
+    return load_reasoning_lm(args.model, args.dtype)
 
 
 def _problems(args: argparse.Namespace):

@@ -76,9 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ray import serve  # noqa: F401
     except ImportError:
         raise ValueError('serving needs Ray Serve: pip install "offramp[serve]"') from None
-    from offramp.serving.app import ServeOptions, serve_checkpoint
-
-    from offramp.serving.app import ROUTES
+    from offramp.serving.app import ROUTES, ServeOptions, serve_checkpoint
 
     opts = ServeOptions(replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                         max_texts=args.max_texts, threads=args.replica_threads, policies=policies,

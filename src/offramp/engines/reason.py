@@ -78,6 +78,22 @@ class ReasonConfig:
         forcing_text(self.forcing)
         SamplingOptions(temperature=self.temperature, top_p=self.top_p)  # the same checks as generation
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReasonConfig":
+        """The config stored as a dict (an event dataset's manifest, a probe's ``reason_config``);
+        settings it lacks take their defaults, keys this release does not know are ignored."""
+        import dataclasses
+
+        d = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        if isinstance(d.get("cues"), dict):
+            cues = dict(d["cues"])
+            if "words" in cues:
+                cues["words"] = tuple(cues["words"])
+            d["cues"] = CueConfig(**cues)
+        if "feature_layers" in d:
+            d["feature_layers"] = tuple(d["feature_layers"])
+        return cls(**d)
+
 
 @dataclass
 class EventContext:

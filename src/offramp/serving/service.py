@@ -45,8 +45,16 @@ class Item:
     max_new_tokens: int | None = None
 
 
-class _Metrics:
-    """Counters every service keeps: requests, rows, batches, exits, batch latency."""
+class _Service:
+    """What every service shares: the named policies a request may choose, and the counters it
+    keeps (requests, rows, batches, exits, batch latency)."""
+
+    named: dict[str, Any]
+
+    def policy_names(self) -> list[str]:
+        from offramp.policies import POLICIES
+
+        return sorted(set(self.named) | set(POLICIES))
 
     def _start_metrics(self) -> None:
         self.exits: Counter = Counter()
@@ -139,7 +147,7 @@ def _resolve_named(name: str | None, default: Any, named: dict[str, Any], signal
     return policy
 
 
-class ClassifyService(_Metrics):
+class ClassifyService(_Service):
     """A classifier checkpoint ready to serve.
 
     Args:
@@ -179,11 +187,6 @@ class ClassifyService(_Metrics):
     route = "/classify"
 
     # ------------------------------------------------------------------ requests
-    def policy_names(self) -> list[str]:
-        from offramp.policies import POLICIES
-
-        return sorted(set(self.named) | set(POLICIES))
-
     def resolve(self, name: str | None):
         """The policy a request names (None: the checkpoint's); ``RequestError`` 400 if unknown or
         if this model's exits cannot supply what it reads."""
@@ -244,7 +247,7 @@ def _groups(items: list[Item], default_new: int) -> dict[tuple[str | None, int],
     return out
 
 
-class GenerateService(_Metrics):
+class GenerateService(_Service):
     """A token-exits folder (``DecoderExitModel.save_pretrained``, ``offramp generate --fit-exits``)
     ready to serve: greedy generation with per-token exits, prompts of concurrent requests decoded
     as one ragged batch.
@@ -278,11 +281,6 @@ class GenerateService(_Metrics):
         self.default = make_policy(self.model.config.policy)
         self.named = {name: make_policy(spec) for name, spec in (policies or {}).items()}
         self._start_metrics()
-
-    def policy_names(self) -> list[str]:
-        from offramp.policies import POLICIES
-
-        return sorted(set(self.named) | set(POLICIES))
 
     def resolve(self, name: str | None):
         from offramp.engines.generate import SIGNALS
@@ -348,7 +346,7 @@ class GenerateService(_Metrics):
 REASON_POLICIES = ("never", "static", "deer")  # policies a /reason request may name besides "probe"
 
 
-class ReasonService(_Metrics):
+class ReasonService(_Service):
     """A calibrated LYNX probe (``offramp reason fit`` folder) and the model it was fitted on, ready
     to serve: questions of concurrent requests reason as one batch of chains, each stopping at the
     first cue event its rule accepts (the probe's calibrated rule by default).
@@ -371,39 +369,24 @@ class ReasonService(_Metrics):
                  max_chars: int = 20_000, policies: dict[str, dict] | None = None) -> None:
         import dataclasses
 
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from offramp.data.assets import resolve_model_path
+        from offramp.cli.reason import load_reasoning_lm
         from offramp.engines.reason import ReasonConfig
-        from offramp.modeling import load_hf_model
         from offramp.policies import make_policy
-        from offramp.reasoning.cues import CueConfig
 
         self.default = make_policy({"type": "probe", "path": str(probe)})
         extra = getattr(self.default.probe, "extra_", {}) or {}
         name = model or extra.get("model")
         if not name:
             raise ValueError(f"{probe} names no model: pass the model it was fitted on (--model NAME)")
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}: use float32 or bfloat16")
-        stored = dict(extra.get("reason_config") or {})
-        stored["cues"] = CueConfig(**{**stored.get("cues", {}),
-                                      "words": tuple(stored.get("cues", {}).get("words", CueConfig().words))})
-        if "feature_layers" in stored:
-            stored["feature_layers"] = tuple(stored["feature_layers"])
-        known = {f.name for f in dataclasses.fields(ReasonConfig)}
-        self.config = ReasonConfig(**{k: v for k, v in stored.items() if k in known})
+        # the probe's own settings; served chains are greedy
+        self.config = dataclasses.replace(ReasonConfig.from_dict(extra.get("reason_config") or {}), do_sample=False)
         if max_new_tokens is not None:
             self.config = dataclasses.replace(self.config, max_new_tokens=max_new_tokens)
-        if self.config.do_sample:
-            self.config = dataclasses.replace(self.config, do_sample=False)
         if max_questions < 1 or max_new_cap < self.config.max_new_tokens:
             raise ValueError(f"need max_questions >= 1 and max_new_cap >= {self.config.max_new_tokens}, got "
                              f"{max_questions}, {max_new_cap}")
         self.model_name = str(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
-        self.model = load_hf_model(AutoModelForCausalLM, name, "model", dtype=getattr(torch, dtype)).eval()
+        self.model, self.tokenizer = load_reasoning_lm(name, dtype)
         self.max_questions, self.max_new_cap, self.max_chars = max_questions, max_new_cap, max_chars
         self.named = {n: make_policy(spec) for n, spec in (policies or {}).items()}
         self._start_metrics()
