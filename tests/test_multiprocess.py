@@ -1,4 +1,5 @@
-"""Training on two processes (torchrun, gloo on the CPU) equals training on one with the same global batches."""
+"""Training on two processes (torchrun, gloo on the CPU) equals training on one with the same global batches,
+also when the two-process run is interrupted after its first checkpoint and resumed."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def backbone(tmp_path_factory) -> str:
     return str(path)
 
 
-def _run(argv: list[str]) -> None:
+def _run(argv: list[str], code: int = 0) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -37,7 +38,7 @@ def _run(argv: list[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker it started
         proc.communicate()
         raise
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -47,14 +48,31 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 @pytest.mark.parametrize("mode", ["frozen", "full", "jei"])
 def test_two_processes_train_as_one(backbone, tmp_path, mode):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(WORKER), mode, backbone, str(one)])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(WORKER), mode, backbone, str(two)])
+    _run([*TORCHRUN, str(WORKER), mode, backbone, str(two)])
+    _same(one, two)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full", "jei"])
+def test_two_processes_resume_as_one(backbone, tmp_path, mode):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(WORKER), mode, backbone, str(one)])
+    _run([*TORCHRUN, str(WORKER), mode, backbone, str(two), "stop"], code=1)  # a worker exited with 3
+    first = _weights(two / "checkpoint")
+    _run([*TORCHRUN, str(WORKER), mode, backbone, str(two), "resume"])
+    assert any(not torch.equal(first[k], v) for k, v in _weights(two / "checkpoint").items())  # it trained on
+    _same(one, two)
+
+
+def _same(one: Path, two: Path) -> None:
     a, b = _weights(one / "checkpoint"), _weights(two / "checkpoint")
     assert a.keys() == b.keys() and any(k.startswith("heads.") for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
-    assert not list(tmp_path.glob("two/*.tmp*")) and (two / "metrics.json").is_file()
+    assert not list(two.glob("*.tmp*")) and (two / "metrics.json").is_file()
