@@ -199,3 +199,33 @@ def test_deeper_mamba_heads_follow_the_cache_strategy() -> None:
     assert torch.equal(copy.ssm[1], prefill.ssm[1])  # the deeper head kept its state
     assert not torch.equal(propagate.ssm[1], prefill.ssm[1])  # ... or ran on the exit hidden state
     assert not torch.equal(copy.ssm[0], prefill.ssm[0])  # the exit taken always updates its head
+
+
+@pytest.mark.parametrize("family", ["llama", "mamba"])
+def test_stream_generate_yields_the_tokens_of_generate(family):
+    from offramp.engines.generate import stream_generate
+
+    model = _exit_model(family)
+    ids, attn = ragged_prompts(3)
+    eos = SamplingOptions(eos_token_id=7, pad_token_id=0)  # some rows may stop early
+    whole = generate(model, ids, attn, policy=SignOfHidden(), max_new_tokens=8, sampling=eos)
+    steps = list(stream_generate(model, ids, attn, policy=SignOfHidden(), max_new_tokens=8, sampling=eos))
+    assert [s.index for s in steps] == list(range(whole.new_tokens.shape[1]))
+    tokens = torch.full_like(whole.new_tokens, 0)
+    layers = torch.zeros_like(whole.exit_layers)
+    ended = torch.zeros(3, dtype=torch.bool)
+    for s in steps:
+        assert not ended[s.rows].any()  # a finished row gets no more tokens
+        tokens[s.rows, s.index], layers[s.rows, s.index] = s.tokens, s.exit_layers
+        ended[s.rows[s.finished]] = True
+    assert ended.all()
+    assert torch.equal(tokens, whole.new_tokens) and torch.equal(layers, whole.exit_layers)
+    assert (layers[:, 1:][layers[:, 1:] > 0] < model.adapter.num_layers).any()  # exits were taken
+
+
+def test_stream_generate_checks_its_arguments_before_the_first_token():
+    from offramp.engines.generate import stream_generate
+
+    ids, attn = ragged_prompts(2)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        stream_generate(_exit_model("llama"), ids, attn, max_new_tokens=0)

@@ -95,6 +95,48 @@ def test_generate_answers_equal_offline_generate(server):
     assert metrics["rows"] == len(PROMPTS) + 1 and metrics["exits_per_layer"]["1"] > 0
 
 
+def _post_stream(url: str, body: dict) -> list[dict]:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"},
+                                 method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        return [json.loads(line) for line in r if line.strip()]  # read line by line, as they come
+
+
+def test_streamed_generation_equals_offline_generate(server):
+    url, root, _ = server
+    bodies = [{"prompts": PROMPTS[:2], "policy": "eager", "max_new_tokens": 12, "stream": True},
+              {"prompt": PROMPTS[2], "max_new_tokens": 7, "stream": True, "policy": "eager"}]
+    answers: dict[int, list] = {}
+
+    def client(n: int) -> None:  # concurrent streams share a batch
+        answers[n] = _post_stream(url + "/generate", bodies[n])
+
+    workers = [threading.Thread(target=client, args=(n,)) for n in range(len(bodies))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    policy = {"type": "max_prob", "threshold": 0.0}
+    for n, prompts in ((0, PROMPTS[:2]), (1, PROMPTS[2:3])):
+        lines = answers[n]
+        assert all("error" not in line for line in lines), lines
+        for i, prompt in enumerate(prompts):
+            mine = [line for line in lines if line["index"] == i]
+            steps, final = mine[:-1], mine[-1]
+            tokens, layers = _offline_generate(root, prompt, policy, bodies[n]["max_new_tokens"])
+            assert final["done"] and final["tokens"] == tokens and final["exit_layers"] == layers
+            assert [s["token"] for s in steps] == tokens and [s["exit_layer"] for s in steps] == layers
+            assert "".join(s["text"] for s in steps) == final["text"]
+            status, whole = _post(url + "/generate", {"prompt": prompt, "policy": "eager",
+                                                      "max_new_tokens": bodies[n]["max_new_tokens"]})
+            assert status == 200 and whole["results"][0] == {k: final[k] for k in whole["results"][0]}
+    status, out = _post(url + "/generate", {"prompt": "w5", "stream": "yes"})
+    assert status == 400 and "true or false" in out["error"]
+
+
 def test_reason_answers_equal_offline_reason(server):
     from offramp.engines.reason import reason
 
@@ -142,8 +184,44 @@ def test_bad_requests_get_a_4xx(server):
              ("/reason", {"question": ""}, 400, "question 1 is empty"),
              ("/reason", {"question": "x", "policy": "entropy"}, 400, "unknown policy 'entropy'"),
              ("/reason", {"text": "x"}, 400, "unknown fields"),
+             ("/reason", {"question": "x", "stream": True}, 400, "unknown fields"),
              ("/classify", {"texts": ["x"]}, 404, "no 'classifier' checkpoint")]
     for route, body, status, message in cases:
         got, out = _post(url + route, body)
         assert got == status and message in out["error"], (route, body, out)
     assert _post(url + "/generate", {"prompt": "w5"})[0] == 200
+
+
+def test_shutdown_drains_a_request_in_flight(server):
+    """Last in this module: it stops the server. A streamed generation that has begun when
+    shutdown starts still ends with every token."""
+    import time
+    import urllib.request
+
+    from offramp.serving.app import shutdown
+
+    url, root, _ = server
+    lengths = {p: len(_offline_generate(root, p, "never", 120)[0]) for p in [f"w{i} w{i + 1}" for i in range(4, 60)]}
+    prompt = max(lengths, key=lengths.get)  # the longest generation (EOS ends most early)
+    assert lengths[prompt] >= 60
+    body = {"prompts": [prompt] * 4, "policy": "never", "max_new_tokens": 120, "stream": True}
+    started, got, times = threading.Event(), [], {}
+
+    def client() -> None:
+        req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            for line in r:
+                got.append(json.loads(line))
+                started.set()
+        times["last"] = time.perf_counter()
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    assert started.wait(60)
+    times["shutdown"] = time.perf_counter()
+    shutdown()
+    worker.join(60)
+    done = [line for line in got if line.get("done")]
+    assert len(done) == 4 and all(len(d["tokens"]) == lengths[prompt] for d in done), got[-3:]
+    assert times["shutdown"] < times["last"]  # the answer was still streaming when shutdown began

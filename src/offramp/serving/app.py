@@ -10,8 +10,11 @@ Endpoints (JSON):
 * ``POST /generate`` ``{"prompt": "...", "max_new_tokens": 32, "policy": "max_prob", "chat": false}``
   (or ``"prompts": [...]``) on a token-exits folder -> ``{"results": [{"text", "tokens",
   "exit_layers", "policy"}]}``: the prompts of concurrent requests decode as one ragged batch
-  (one per generation length and policy), each token leaving at its own exit. Not streamed:
-  offramp's batched decoder returns whole generations.
+  (one per generation length and policy), each token leaving at its own exit. With ``"stream":
+  true`` the answer is NDJSON, one line per token as it is decoded (``{"index", "token", "text",
+  "exit_layer"}``, ``text`` the new piece) and, when a prompt's generation ends, its result line
+  (``{"index", "done": true, "text", "tokens", "exit_layers", "policy"}``); streamed requests
+  batch with each other (``serve.batch`` over a generator).
 * ``POST /reason`` ``{"question": "...", "policy": "probe"}`` on a probe folder of ``offramp reason
   fit`` (and the model it names) -> ``{"results": [{"answer", "tokens", "chain_tokens", "stop",
   "exit_event", "chain", "events", ...}]}``: chains of concurrent requests reason as one batch.
@@ -104,11 +107,42 @@ def check_checkpoints(checkpoints: list[str]) -> dict[str, str]:
     return out
 
 
+async def _ndjson(streams: list):
+    """One JSON line per line of ``streams`` (async iterators of lists of dicts, one per item of a
+    request) as they come, the items' lines interleaved, each line's ``index`` the item's place
+    in the request; a failure ends the answer with an ``{"error": ...}`` line."""
+    import json
+
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, s) -> None:
+        try:
+            async for lines in s:
+                for line in lines:
+                    await merged.put({**line, "index": index})  # the service numbers items in its batch
+                if lines and lines[-1].get("done"):
+                    break
+        except Exception as e:  # the worker failed: say so in the stream, which the client reads to its end
+            await merged.put({"error": f"generation failed: {type(e).__name__}: {e}"})
+        finally:
+            await merged.put(None)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    left = len(tasks)
+    while left:
+        line = await merged.get()
+        if line is None:
+            left -= 1
+        else:
+            yield json.dumps(line) + "\n"
+    await asyncio.gather(*tasks)
+
+
 def build_app(checkpoints: str | list[str], options: ServeOptions | None = None):
     """The Ray Serve application (bound deployment) serving ``checkpoints`` (one per kind):
     ``/classify``, ``/generate`` and ``/reason`` for the kinds given."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 
     opts = options or ServeOptions()
@@ -144,7 +178,30 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
         async def _reason(self, items: list) -> list[dict[str, Any]]:
             return await self._run("probe", items)
 
-        async def _handle(self, kind: str, request: Request, batch):
+        @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
+        async def _generate_stream(self, items: list):
+            # the decoder runs in the worker thread and hands over each step's lines; every yield
+            # gives each item of the batch its lines of that step ([] when it got no token), and
+            # StopIteration once its generation is done
+            loop = asyncio.get_running_loop()
+            steps: asyncio.Queue = asyncio.Queue()
+
+            def work() -> None:
+                try:
+                    self.services["token_exits"].stream(items, lambda u: loop.call_soon_threadsafe(steps.put_nowait, u))
+                finally:
+                    loop.call_soon_threadsafe(steps.put_nowait, None)
+
+            task = loop.run_in_executor(self.pool, work)
+            done = [False] * len(items)
+            while (updates := await steps.get()) is not None:
+                out: list[Any] = [StopIteration if done[i] else updates.get(i, []) for i in range(len(items))]
+                for i, lines in updates.items():
+                    done[i] = done[i] or bool(lines and lines[-1].get("done"))
+                yield out
+            await task  # the worker's error, if any, reaches every request of the batch
+
+        async def _handle(self, kind: str, request: Request, batch, stream=None):
             from offramp.serving.service import RequestError
 
             service = self.services.get(kind)
@@ -162,6 +219,8 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
             except RequestError as e:
                 return JSONResponse({"error": e.message}, status_code=e.status)
             service.requests += 1
+            if stream is not None and body.get("stream"):
+                return StreamingResponse(_ndjson([stream(it) for it in items]), media_type="application/x-ndjson")
             return {"results": list(await asyncio.gather(*(batch(it) for it in items)))}
 
         @api.post("/classify")
@@ -170,7 +229,7 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
 
         @api.post("/generate")
         async def generate(self, request: Request):
-            return await self._handle("token_exits", request, self._generate)
+            return await self._handle("token_exits", request, self._generate, self._generate_stream)
 
         @api.post("/reason")
         async def reason(self, request: Request):
@@ -196,7 +255,7 @@ def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None =
                      port: int = 8000, address: str | None = None, blocking: bool = True) -> str:
     """Start Ray (a local one, or join ``address``), Serve on ``host:port`` and the application of
     ``checkpoint`` (or several, one per kind); returns the base URL. ``blocking`` waits until
-    interrupted, then shuts down (draining)."""
+    interrupted (Ctrl-C or SIGTERM), then shuts down, draining the requests in flight."""
     import os
 
     import ray
@@ -214,23 +273,39 @@ def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None =
     serve.run(build_app(checkpoint, options), name="offramp", route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     if blocking:
+        import signal
         import time
 
+        def stop(*_: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)  # a service manager's stop drains too, as Ctrl-C does
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
         finally:
-            serve.shutdown()
+            _drain_and_stop()
     return url
+
+
+def _drain_and_stop() -> None:
+    """Delete the application first (its replicas stop taking requests and finish the ones in
+    flight, for up to ``drain_s``, while the HTTP proxies still carry their answers), then stop
+    Serve. ``serve.shutdown`` alone stops the proxies at once and cuts answers still streaming."""
+    from ray import serve
+
+    try:
+        serve.delete("offramp")
+    finally:
+        serve.shutdown()
 
 
 def shutdown() -> None:
     """Stop the application (in-flight requests drain) and Ray; nothing when Ray is not running."""
     import ray
-    from ray import serve
 
     if ray.is_initialized():
-        serve.shutdown()
+        _drain_and_stop()
         ray.shutdown()

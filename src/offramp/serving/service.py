@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class RequestError(ValueError):
@@ -293,16 +293,18 @@ class GenerateService(_Service):
         return policy
 
     def check(self, body: Any) -> list[Item]:
-        """``{"prompts": [...]}`` or ``{"prompt": "..."}``, optional ``policy``, ``max_new_tokens``
-        and ``chat`` (wrap each prompt in the model's chat template)."""
-        body = _check_fields(body, {"prompts", "prompt", "policy", "max_new_tokens", "chat"},
+        """``{"prompts": [...]}`` or ``{"prompt": "..."}``, optional ``policy``, ``max_new_tokens``,
+        ``chat`` (wrap each prompt in the model's chat template) and ``stream`` (the server's
+        business: answer line by line as tokens are decoded)."""
+        body = _check_fields(body, {"prompts", "prompt", "policy", "max_new_tokens", "chat", "stream"},
                              '{"prompt": "...", "max_new_tokens": 32}')
+        for flag in ("chat", "stream"):
+            if not isinstance(body.get(flag, False), bool):
+                raise RequestError(400, f'"{flag}" must be true or false, got {body[flag]!r}')
         prompts = _check_count(body, "prompts", "prompt", self.max_prompts)
         for n, t in enumerate(prompts, 1):
             _check_text(t, n, "prompt", self.max_chars)
         chat = body.get("chat", False)
-        if not isinstance(chat, bool):
-            raise RequestError(400, f'"chat" must be true or false, got {chat!r}')
         if chat and not getattr(self.tokenizer, "chat_template", None):
             raise RequestError(400, "this model's tokenizer has no chat template: send plain prompts (chat false)")
         policy, new = _check_policy_name(body), _check_max_new(body, self.max_new_cap)
@@ -314,25 +316,54 @@ class GenerateService(_Service):
 
     def run(self, items: list[Item]) -> list[dict[str, Any]]:
         """Generate for ``items``: one left-padded early-exit batch per (policy, length)."""
-        from offramp.engines.generate import generate
+        out: list[dict[str, Any] | None] = [None] * len(items)
+
+        def keep(updates: dict[int, list[dict[str, Any]]]) -> None:
+            for i, lines in updates.items():
+                if lines[-1].get("done"):
+                    out[i] = {k: v for k, v in lines[-1].items() if k not in ("index", "done")}
+
+        self.stream(items, keep, pieces=False)
+        return out  # type: ignore[return-value]
+
+    def stream(self, items: list[Item], emit: Callable[[dict[int, list[dict[str, Any]]]], None], *,
+               pieces: bool = True) -> None:
+        """Generate for ``items`` as ``run`` does, calling ``emit({item: [lines]})`` after every
+        decoding step, for each prompt that got a token: ``{"index": item, "token": id, "text":
+        piece, "exit_layer": l}`` and, when its generation ends, then ``{"index": item, "done":
+        true, "text", "tokens", "exit_layers", "policy"}`` (what ``run`` returns for it). The
+        pieces add up to the whole text (a piece is held back while it ends inside a character;
+        ``pieces=False``: no pieces, the text is decoded once at the end)."""
+        from offramp.engines.generate import stream_generate
 
         t0 = time.perf_counter()
-        out: list[dict[str, Any] | None] = [None] * len(items)
         for (name, new), idx in _groups(items, self.max_new_tokens).items():
             policy = self.resolve(name)
             enc = self.tokenizer([items[i].text for i in idx], return_tensors="pt", padding=True)
-            res = generate(self.model, enc["input_ids"], enc["attention_mask"], policy=policy,
-                           cache_strategy=self.model.config.cache_strategy, max_new_tokens=new,
-                           sampling=self.sampling, tokenizer=self.tokenizer)
-            for r, i in enumerate(idx):
-                keep = res.exit_layers[r] > 0
-                layers = res.exit_layers[r][keep].tolist()
-                out[i] = {"text": res.texts[r], "tokens": res.new_tokens[r][keep].tolist(), "exit_layers": layers,
-                          "policy": policy.type}
-                self.exits.update(int(k) for k in layers)
+            tokens: list[list[int]] = [[] for _ in idx]
+            layers: list[list[int]] = [[] for _ in idx]
+            sent = [""] * len(idx)
+            for step in stream_generate(self.model, enc["input_ids"], enc["attention_mask"], policy=policy,
+                                        cache_strategy=self.model.config.cache_strategy, max_new_tokens=new,
+                                        sampling=self.sampling):
+                updates: dict[int, list[dict[str, Any]]] = {}
+                for r, tok, layer, end in zip(step.rows.tolist(), step.tokens.tolist(), step.exit_layers.tolist(),
+                                              step.finished.tolist()):
+                    tokens[r].append(tok)
+                    layers[r].append(layer)
+                    text = self.tokenizer.decode(tokens[r], skip_special_tokens=True) if pieces or end else ""
+                    piece = ""
+                    if pieces and text.startswith(sent[r]) and (end or not text.endswith("\ufffd")):
+                        piece, sent[r] = text[len(sent[r]):], text
+                    i = idx[r]
+                    updates[i] = [{"index": i, "token": tok, "text": piece, "exit_layer": layer}]
+                    if end:
+                        self.exits.update(layers[r])
+                        updates[i].append({"index": i, "done": True, "text": text, "tokens": tokens[r],
+                                           "exit_layers": layers[r], "policy": policy.type})
+                emit(updates)
             self.batches += 1
         self._record(len(items), time.perf_counter() - t0)
-        return out  # type: ignore[return-value]
 
     def metrics(self) -> dict[str, Any]:
         return {**self._base_metrics(), "default_policy": self.default.to_dict(),

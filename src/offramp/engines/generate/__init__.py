@@ -2,10 +2,10 @@
 decoding options (``sampling``), lossless self-speculation from an exit (``speculative``) and
 the cost model that picks its exit and draft length (``plan``)."""
 
-from offramp.engines.generate.engine import SIGNALS, decoded_exit_layers, generate
+from offramp.engines.generate.engine import SIGNALS, TokenStep, decoded_exit_layers, generate, stream_generate
 from offramp.engines.generate.sampling import SamplingOptions
 from offramp.engines.generate.plan import SpeculationPlan, plan_speculation
 from offramp.engines.generate.speculative import speculative_generate
 
 __all__ = ["SIGNALS", "SamplingOptions", "SpeculationPlan", "decoded_exit_layers", "generate", "plan_speculation",
-           "speculative_generate"]
+           "speculative_generate", "stream_generate", "TokenStep"]

@@ -28,6 +28,8 @@ With no exit model (or ``threshold=None``, or the ``never`` policy) no row ever 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -286,6 +288,109 @@ def _check_inputs(adapter: DecoderAdapter, ids: Tensor, attn: Tensor, max_new: i
                          f"choose one of {allowed}")
 
 
+@dataclass(frozen=True)
+class TokenStep:
+    """The tokens one decoding step gave: ``rows`` (r,) got ``tokens`` (r,), each computed by
+    ``exit_layers`` (r,) layers; ``index`` is the position among the new tokens (0 = first);
+    ``finished`` (r,) is True where the token ended its row (EOS, or the last of max_new_tokens)."""
+
+    index: int
+    rows: Tensor
+    tokens: Tensor
+    exit_layers: Tensor
+    finished: Tensor
+
+
+class _Decoding:
+    """One call of ``generate`` / ``stream_generate``: iterating it decodes, one ``TokenStep`` per
+    new-token position; ``output()`` then gives the whole ``GenerateOutput``."""
+
+    def __init__(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, *,
+                 threshold: float | None, policy: str | dict | ExitPolicy | None, cache_strategy: str | None,
+                 max_new_tokens: int, sampling: SamplingOptions | None, tokenizer: Any, output_logits: bool,
+                 return_cache: bool, record_signals: bool) -> None:
+        exit_model = model if hasattr(model, "exit_layers") else None
+        backbone = exit_model.backbone if exit_model is not None else model
+        adapter = exit_model.adapter if exit_model is not None else adapter_for(backbone, role="decoder")
+        sampling = sampling or SamplingOptions.from_model(backbone)
+        if policy is None and threshold is not None:
+            policy = TokenConfidencePolicy(threshold=threshold)
+        if policy is not None:
+            policy = make_policy(policy)
+            if exit_model is None and policy.type != "never":
+                raise ValueError("exits need a DecoderExitModel (backbone + trained exit heads), not a plain backbone")
+            if exit_model is not None:
+                require_signals(policy, set(SIGNALS), "token-exit generation",
+                                "use one of max_prob, entropy, margin, patience, saturation, static, token_confidence")
+                policy.check_exits(exit_model.exit_layers)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        strategy = cache_strategy or ("copy_kv" if adapter.kind == "attention" else "freeze")
+        _check_inputs(adapter, input_ids, attention_mask, max_new_tokens, strategy)
+        self.adapter, self.exit_model, self.policy, self.strategy = adapter, exit_model, policy, strategy
+        self.sampling, self.tokenizer, self.max_new = sampling, tokenizer, max_new_tokens
+        self.output_logits, self.return_cache, self.record = output_logits, return_cache, record_signals
+        dev = adapter.layer_device(0)
+        self.ids, self.attn = input_ids.to(dev), attention_mask.to(dev)
+        b, p = self.ids.shape
+        self.seq = torch.cat([self.ids, torch.full((b, max_new_tokens), sampling.pad_id, dtype=self.ids.dtype,
+                                                   device=dev)], 1)
+        self.exits = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
+        self.kept: list[Tensor] = []
+        self.n, self.wall, self.run = 0, 0.0, None
+
+    def __iter__(self):
+        start = time.perf_counter()
+        ids, seq, sampling = self.ids, self.seq, self.sampling
+        self.run = run = _Run(self.adapter, self.exit_model, self.policy, self.strategy, ids, self.attn,
+                              self.max_new, record=self.record)
+        b, p = ids.shape
+        dev = ids.device
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        gen = sampling.generator(dev)
+        logits = run.prefill(ids, self.attn)
+        alive, exit_at = torch.arange(b, device=dev), torch.full((b,), run.L, device=dev)
+        for i in range(self.max_new):
+            col = p + i
+            tok = next_tokens(logits, seq.index_select(0, alive)[:, :col], sampling, gen)
+            seq[alive, col], self.exits[alive, i], self.n = tok, exit_at, i + 1
+            if self.output_logits:
+                full_logits = torch.zeros(b, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+                full_logits[alive] = logits
+                self.kept.append(full_logits)
+            eos = sampling.is_eos(tok)
+            done[alive] = eos
+            last = i == self.max_new - 1
+            self.wall += time.perf_counter() - start
+            yield TokenStep(i, alive, tok, exit_at, eos | last)
+            start = time.perf_counter()
+            alive = (~done).nonzero()[:, 0]
+            if alive.numel() == 0 or last:
+                break
+            logits, exit_at = run.step(seq[alive, col], alive, col)
+        self.wall += time.perf_counter() - start
+
+    def output(self) -> GenerateOutput:
+        run, p, n = self.run, self.ids.shape[1], self.n
+        new = self.seq[:, p:p + n]
+        counted = self.exits[:, :n][self.exits[:, :n] > 0]
+        report = GenerateReport(new_tokens=int(counted.numel()), layer_rows=run.layer_rows,
+                                fill_layer_rows=run.fill_rows, num_layers=run.L, wall_s=self.wall,
+                                extra_head_rows=run.head_rows,
+                                mean_exit_layer=float(counted.float().mean()) if counted.numel() else 0.0)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True) if self.tokenizer is not None else None
+        extra: dict[str, Any] = {}
+        if self.return_cache:
+            extra.update(cache=run.kv if self.adapter.kind == "attention" else run.ssm, head_states=run.head_states)
+        if run.records is not None:
+            from offramp.evaluation.token_trace import engine_trace
+
+            extra["trace"] = engine_trace(run.records, self.exit_model.exit_layers, run.L, self.adapter.vocab_size)
+        return GenerateOutput(sequences=self.seq[:, :p + n], new_tokens=new, exit_layers=self.exits[:, :n],
+                              report=report, texts=texts, step_logits=torch.stack(self.kept, 1) if self.kept else None,
+                              extra=extra)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
              threshold: float | None = None, policy: str | dict | ExitPolicy | None = None,
@@ -320,66 +425,32 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     Returns:
         A ``GenerateOutput`` with tokens, per-token exit layers, texts and a ``GenerateReport``.
     """
-    exit_model = model if hasattr(model, "exit_layers") else None
-    backbone = exit_model.backbone if exit_model is not None else model
-    adapter = exit_model.adapter if exit_model is not None else adapter_for(backbone, role="decoder")
-    sampling = sampling or SamplingOptions.from_model(backbone)
-    if policy is None and threshold is not None:
-        policy = TokenConfidencePolicy(threshold=threshold)
-    if policy is not None:
-        policy = make_policy(policy)
-        if exit_model is None and policy.type != "never":
-            raise ValueError("exits need a DecoderExitModel (backbone + trained exit heads), not a plain backbone")
-        if exit_model is not None:
-            require_signals(policy, set(SIGNALS), "token-exit generation",
-                            "use one of max_prob, entropy, margin, patience, saturation, static, token_confidence")
-            policy.check_exits(exit_model.exit_layers)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    strategy = cache_strategy or ("copy_kv" if adapter.kind == "attention" else "freeze")
-    _check_inputs(adapter, input_ids, attention_mask, max_new_tokens, strategy)
-    dev = adapter.layer_device(0)
-    ids, attn = input_ids.to(dev), attention_mask.to(dev)
-    start = time.perf_counter()
-    run = _Run(adapter, exit_model, policy, strategy, ids, attn, max_new_tokens, record=record_signals)
-    b, p = ids.shape
-    seq = torch.cat([ids, torch.full((b, max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)], 1)
-    exits = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
-    kept: list[Tensor] = []
-    gen = sampling.generator(dev)
-    logits = run.prefill(ids, attn)
-    alive, exit_at, n = torch.arange(b, device=dev), torch.full((b,), run.L, device=dev), 0
-    for i in range(max_new_tokens):
-        col = p + i
-        tok = next_tokens(logits, seq.index_select(0, alive)[:, :col], sampling, gen)
-        seq[alive, col], exits[alive, i], n = tok, exit_at, i + 1
-        if output_logits:
-            full_logits = torch.zeros(b, logits.shape[-1], dtype=logits.dtype, device=logits.device)
-            full_logits[alive] = logits
-            kept.append(full_logits)
-        done[alive] = sampling.is_eos(tok)
-        alive = (~done).nonzero()[:, 0]
-        if alive.numel() == 0 or i == max_new_tokens - 1:
-            break
-        logits, exit_at = run.step(seq[alive, col], alive, col)
-    wall = time.perf_counter() - start
-    new = seq[:, p:p + n]
-    counted = exits[:, :n][exits[:, :n] > 0]
-    report = GenerateReport(new_tokens=int(counted.numel()), layer_rows=run.layer_rows,
-                            fill_layer_rows=run.fill_rows, num_layers=run.L, wall_s=wall,
-                            extra_head_rows=run.head_rows,
-                            mean_exit_layer=float(counted.float().mean()) if counted.numel() else 0.0)
-    texts = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
-    extra: dict[str, Any] = {}
-    if return_cache:
-        extra.update(cache=run.kv if adapter.kind == "attention" else run.ssm, head_states=run.head_states)
-    if run.records is not None:
-        from offramp.evaluation.token_trace import engine_trace
+    decoding = _Decoding(model, input_ids, attention_mask, threshold=threshold, policy=policy,
+                         cache_strategy=cache_strategy, max_new_tokens=max_new_tokens, sampling=sampling,
+                         tokenizer=tokenizer, output_logits=output_logits, return_cache=return_cache,
+                         record_signals=record_signals)
+    for _ in decoding:
+        pass
+    return decoding.output()
 
-        extra["trace"] = engine_trace(run.records, exit_model.exit_layers, run.L, adapter.vocab_size)
-    return GenerateOutput(sequences=seq[:, :p + n], new_tokens=new, exit_layers=exits[:, :n], report=report,
-                          texts=texts, step_logits=torch.stack(kept, 1) if kept else None, extra=extra)
+
+def stream_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                    threshold: float | None = None, policy: str | dict | ExitPolicy | None = None,
+                    cache_strategy: str | None = None, max_new_tokens: int = 32,
+                    sampling: SamplingOptions | None = None) -> Iterator[TokenStep]:
+    """``generate`` one token at a time: yields a ``TokenStep`` (the rows that got a token, the
+    tokens, their exit layers, which rows finished) as soon as each step is decoded. The tokens
+    are exactly ``generate``'s with the same arguments. Arguments are checked before the first
+    token is computed (the error is raised by this call, not by the first ``next``)."""
+    decoding = _Decoding(model, input_ids, attention_mask, threshold=threshold, policy=policy,
+                         cache_strategy=cache_strategy, max_new_tokens=max_new_tokens, sampling=sampling,
+                         tokenizer=None, output_logits=False, return_cache=False, record_signals=False)
+
+    def steps() -> Iterator[TokenStep]:
+        with torch.no_grad():
+            yield from decoding
+
+    return steps()
 
 
 def decoded_exit_layers(out: GenerateOutput) -> Tensor:
