@@ -77,11 +77,12 @@ def oracle(hits: torch.Tensor, exit_layers: list[int], num_layers: int, target: 
 
 
 @torch.no_grad()
-def step_costs(backbone, repeats: int = 200) -> dict[str, float]:
-    """Seconds per token at batch 1: one decoder layer (with a 64-token cache), the LM head, a step."""
+def step_costs(backbone, repeats: int = 200, batch: int = 1) -> dict[str, float]:
+    """Seconds per decoding step of ``batch`` rows: one decoder layer (with a 64-token cache), the
+    LM head, a whole step."""
     from transformers import DynamicCache
 
-    ids = torch.randint(0, backbone.config.vocab_size, (1, 64))
+    ids = torch.randint(0, backbone.config.vocab_size, (batch, 64))
     cache = DynamicCache(config=backbone.config)
     backbone(input_ids=ids, past_key_values=cache, use_cache=True)
     nxt = ids[:, -1:]
@@ -98,7 +99,7 @@ def step_costs(backbone, repeats: int = 200) -> dict[str, float]:
         cache.crop(-1)
 
     step = timed(full_step)
-    h = torch.randn(1, 1, backbone.config.hidden_size)
+    h = torch.randn(batch, 1, backbone.config.hidden_size)
     head = timed(lambda: backbone.lm_head(backbone.model.norm(h)))
     layers = backbone.model.layers
     backbone.model.layers = layers[:0]  # a step without decoder layers: embedding, norm, head, glue

@@ -2,10 +2,17 @@
 the same server with the never-exit rule, at several numbers of concurrent clients, and the
 offline batch speed-up of the same rule on the same texts (CPU, offline).
 
-Each client sends one text per request, one request at a time; every answer is checked against
-offline ``predict`` (none lost, none duplicated, same label and exit). The served speed-up is
-throughput(exits) / throughput(never) at each concurrency; ``of_offline`` divides it by the offline
-speed-up of early exit on batches of --max-batch-size.
+Each client sends one text per request, one request at a time, over one kept-alive connection;
+every answer is checked against offline ``predict`` (none lost, none duplicated, same label and
+exit). The served speed-up is throughput(exits) / throughput(never) at each concurrency;
+``of_offline`` divides it by the offline speed-up of early exit on batches of --max-batch-size.
+
+The ceiling: the server adds a cost per request (HTTP, the proxy, Ray's hop to the replica,
+JSON) that exits cannot shorten. At each concurrency the replica's batches are counted (``/metrics``
+before and after the run), the offline model time of exits and never-exit is measured at that
+mean batch size, and ``ceiling_speedup = wall(never) / (wall(never) - model time exits save)``:
+the served speed-up if exits saved their full offline time and the server nothing else.
+``of_ceiling`` is the measured served speed-up as a fraction of it.
 
 Example: ``python benchmarks/serve_load.py --texts 256 --clients 1 8 32``. Without --checkpoint it
 trains a small MiniLM checkpoint on the offline tweets once (into ~/.cache/offramp/serve-bench).
@@ -54,13 +61,24 @@ def post(url: str, body: dict) -> tuple[dict, float]:
 
 
 def load(url: str, texts: list[str], clients: int, policy: str) -> dict:
+    import http.client
+    from urllib.parse import urlparse
+
     answers: dict[int, list] = {}
     latencies: list[float] = []
     lock = threading.Lock()
+    where = urlparse(url)
 
-    def client(k: int) -> None:
+    def client(k: int) -> None:  # one kept-alive connection per client, as HTTP clients do
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=300)
         for i in range(k, len(texts), clients):
-            out, dt = post(url + "/classify", {"text": texts[i], "policy": policy})
+            t0 = time.perf_counter()
+            conn.request("POST", "/classify", body=json.dumps({"text": texts[i], "policy": policy}),
+                         headers={"content-type": "application/json"})
+            r = conn.getresponse()
+            out = json.loads(r.read())
+            dt = time.perf_counter() - t0
+            assert r.status == 200, out
             with lock:
                 answers.setdefault(i, []).append(out["results"][0])
                 latencies.append(dt)
@@ -112,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the replica and the offline run")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="offline timings (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="load runs per rule and concurrency, interleaved (median)")
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = ap.parse_args(argv)
     import torch
@@ -144,22 +163,46 @@ def main(argv: list[str] | None = None) -> None:
     try:
         post(url + "/classify", {"texts": texts[:8]})  # warm-up
         for clients in args.clients:
-            for name in ("exits", "never"):
-                res = load(url, texts, clients, name)
-                answers = res.pop("answers")
-                ok = sorted(answers) == list(range(len(texts))) and all(len(v) == 1 for v in answers.values())
-                same = sum(answers[i][0]["label"] == expected[name][i]["label"]
-                           and answers[i][0]["exit_layer"] == expected[name][i]["exit_layer"] for i in answers)
-                rows.append({"clients": clients, "policy": name, **res, "complete": ok, "equal_to_offline": same,
-                             "mean_exit_layer": float(np.mean([answers[i][0]["exit_layer"] for i in answers]))})
-                log(f"{clients} clients, {name}: {res['texts_per_s']:.1f} texts/s p50 {res['p50_s'] * 1000:.0f} ms")
+            runs: dict[str, list[dict]] = {"exits": [], "never": []}
+            for _ in range(args.rounds):  # interleaved: both rules share the machine's load
+                for name in ("exits", "never"):
+                    before = json.loads(urllib.request.urlopen(url + "/metrics", timeout=60).read())
+                    res = load(url, texts, clients, name)
+                    after = json.loads(urllib.request.urlopen(url + "/metrics", timeout=60).read())
+                    res["replica_batches"] = after["batches"] - before["batches"]
+                    res["mean_batch_rows"] = (after["rows"] - before["rows"]) / max(res["replica_batches"], 1)
+                    answers = res.pop("answers")
+                    res["complete"] = sorted(answers) == list(range(len(texts))) and all(
+                        len(v) == 1 for v in answers.values())
+                    res["equal_to_offline"] = sum(answers[i][0]["label"] == expected[name][i]["label"]
+                                                  and answers[i][0]["exit_layer"] == expected[name][i]["exit_layer"]
+                                                  for i in answers)
+                    res["mean_exit_layer"] = float(np.mean([answers[i][0]["exit_layer"] for i in answers]))
+                    runs[name].append(res)
+            for name, done in runs.items():
+                mid = sorted(done, key=lambda r: r["texts_per_s"])[len(done) // 2]  # the median round
+                rows.append({"clients": clients, "policy": name, **mid, "rounds": len(done),
+                             "texts_per_s_rounds": [r["texts_per_s"] for r in done],
+                             "complete": all(r["complete"] for r in done),
+                             "equal_to_offline": min(r["equal_to_offline"] for r in done)})
+                log(f"{clients} clients, {name}: {mid['texts_per_s']:.1f} texts/s (median of {len(done)}) "
+                    f"p50 {mid['p50_s'] * 1000:.0f} ms")
         metrics = json.loads(urllib.request.urlopen(url + "/metrics", timeout=60).read())
     finally:
         shutdown()
+    at_batch: dict[int, dict] = {}
     for clients in args.clients:
         e, n = (next(r for r in rows if r["clients"] == clients and r["policy"] == p) for p in ("exits", "never"))
         e["served_speedup"] = e["texts_per_s"] / n["texts_per_s"]
         e["of_offline"] = e["served_speedup"] / offline["speedup"]
+        b = max(1, round((e["mean_batch_rows"] + n["mean_batch_rows"]) / 2))
+        if b not in at_batch:
+            at_batch[b] = offline_speedup(run, texts, policy, b, args.repeats)
+            log(f"offline at batch {b}: speed-up {at_batch[b]['speedup']:.2f}")
+        saved = at_batch[b]["never_s"] - at_batch[b]["exits_s"]
+        e["ceiling"] = {"batch": b, "offline_speedup": at_batch[b]["speedup"], "model_s_saved": saved,
+                        "ceiling_speedup": n["wall_s"] / max(n["wall_s"] - saved, 1e-9)}
+        e["of_ceiling"] = e["served_speedup"] / e["ceiling"]["ceiling_speedup"]
     report = {"checkpoint": run, "policy": policy, "texts": len(texts), "threads": args.threads,
               "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "offline": offline,
               "rows": rows, "server_metrics": metrics}

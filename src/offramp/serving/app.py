@@ -262,10 +262,13 @@ def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None =
     from ray import serve
 
     # on a busy machine the HTTP proxy takes longer than Ray's default 5 s to answer its first
-    # checks, and Serve kills it while it starts; the user's own settings win
-    for name, seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),
-                          ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")):
-        os.environ.setdefault(name, seconds)
+    # checks, and Serve kills it while it starts. Ray also runs its workers (the replicas, the
+    # proxy) at nice 15, below every other process, which on a shared machine costs served
+    # throughput (serve_load.py: 22 -> 30 texts/s for one client); a local Ray started here runs
+    # them at normal priority. The user's own settings win.
+    for name, value in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),
+                        ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30"), ("RAY_worker_niceness", "0")):
+        os.environ.setdefault(name, value)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": address} if address else {"include_dashboard": False}
         ray.init(log_to_driver=False, **kwargs)

@@ -85,11 +85,11 @@ def _check_fields(body: Any, allowed: set[str], example: str) -> dict:
     return body
 
 
-def _check_text(t: Any, n: int, what: str, max_chars: int) -> str:
+def _check_text(t: Any, n: int, what: str, max_chars: int, hint: str = "") -> str:
     if not isinstance(t, str) or not t.strip():
         raise RequestError(400, f"{what} {n} is empty: every input needs at least one non-space character")
     if len(t) > max_chars:
-        raise RequestError(413, f"{what} {n} has {len(t)} characters; the server takes at most {max_chars}")
+        raise RequestError(413, f"{what} {n} has {len(t)} characters; the server takes at most {max_chars}{hint}")
     return t
 
 
@@ -201,7 +201,7 @@ class ClassifyService(_Service):
         body = _check_fields(body, {"texts", "text", "policy"}, '{"texts": ["..."], "policy": "entropy"}')
         texts = _check_count(body, "texts", "text", self.max_texts)
         for n, t in enumerate(texts, 1):
-            _check_text(t, n, "text", self.max_chars)
+            _check_text(t, n, "text", self.max_chars, f" (texts are cut to {self.max_length} tokens anyway)")
         policy = _check_policy_name(body)
         self.resolve(policy)
         return [Item(t, policy) for t in texts]
