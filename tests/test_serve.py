@@ -153,3 +153,25 @@ def test_serve_refuses_bad_options_before_starting(tmp_path, server):
         _serve_cmd([str(run), "--policies", '{"x": {"type": "nope"}}'])
     with pytest.raises(ValueError, match="not an offramp checkpoint"):
         _serve_cmd([str(tmp_path)])
+
+
+def test_health_states_the_calibrated_bound(server, tmp_path):
+    import json
+    import shutil
+
+    from offramp.config import CONFIG_NAME
+    from offramp.serving.service import ClassifyService
+
+    _, run = server
+    assert ClassifyService(run).health()["calibration"] is None  # never calibrated
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = common.checkpoint_dir(copy)
+    config = json.loads((ckpt / CONFIG_NAME).read_text())
+    config["extra"] = {**config.get("extra", {}), "calibration": {
+        "method": "ltt", "risk": "disagree", "delta": 0.1, "epsilon": 0.05, "n": 200, "threshold": 0.4,
+        "bound": "threshold=0.4: P(disagree risk <= 0.1) >= 0.95"}}
+    (ckpt / CONFIG_NAME).write_text(json.dumps(config))
+    health = ClassifyService(copy).health()
+    assert health["calibration"] == {"bound": "threshold=0.4: P(disagree risk <= 0.1) >= 0.95", "risk": "disagree",
+                                     "delta": 0.1, "epsilon": 0.05, "n": 200, "threshold": 0.4}

@@ -123,6 +123,15 @@ def _check_max_new(body: dict, cap: int) -> int | None:
     return n
 
 
+def _bound(config: Any) -> dict[str, Any] | None:
+    """What ``offramp calibrate`` stored about the checkpoint's policy (its bound, delta, epsilon,
+    risk, n); None for a policy that was never calibrated."""
+    record = (getattr(config, "extra", None) or {}).get("calibration")
+    if not record:
+        return None
+    return {k: record[k] for k in ("bound", "risk", "delta", "epsilon", "n", "threshold") if k in record}
+
+
 def _resolve_named(name: str | None, default: Any, named: dict[str, Any], signals: set[str], where: str) -> Any:
     """The policy a request names (None: ``default``); ``RequestError`` 400 if unknown or if it reads
     a signal ``signals`` lacks."""
@@ -236,7 +245,7 @@ class ClassifyService(_Service):
 
     def health(self) -> dict[str, Any]:
         return {"kind": self.kind, "route": self.route, "default_policy": self.default.to_dict(),
-                "policies": self.policy_names()}
+                "calibration": _bound(self.model.config), "policies": self.policy_names()}
 
 
 def _groups(items: list[Item], default_new: int) -> dict[tuple[str | None, int], list[int]]:
@@ -371,7 +380,8 @@ class GenerateService(_Service):
 
     def health(self) -> dict[str, Any]:
         return {"kind": self.kind, "route": self.route, "default_policy": self.default.to_dict(),
-                "policies": self.policy_names(), "max_new_tokens": self.max_new_tokens}
+                "calibration": _bound(self.model.config), "policies": self.policy_names(),
+                "max_new_tokens": self.max_new_tokens}
 
 
 REASON_POLICIES = ("never", "static", "deer")  # policies a /reason request may name besides "probe"
