@@ -19,9 +19,9 @@ Endpoints (JSON):
   fit`` (and the model it names) -> ``{"results": [{"answer", "tokens", "chain_tokens", "stop",
   "exit_event", "chain", "events", ...}]}``: chains of concurrent requests reason as one batch.
 * ``GET /health`` -> ``{"status": "ok", "endpoints": {...}}`` (per endpoint: the default
-  policy, the bound ``offramp calibrate`` stored with it, the named policies); ``GET /metrics`` -> exits per layer
-  (per cue event for /reason), rows, batches, batch latency of the replica that answers (Ray
-  Serve's own Prometheus metrics cover every replica).
+  policy, the bound ``offramp calibrate`` stored with it, the named policies); ``GET /metrics``
+  -> exits per layer (per cue event for /reason), rows, batches, batch latency of the replica
+  that answers (Ray Serve's own Prometheus metrics cover every replica).
 
 One server serves one checkpoint of each kind at once (``offramp serve CLASSIFIER EXITS PROBE``).
 
