@@ -57,6 +57,33 @@ def test_generate_never_exit_then_with_exits(tmp_path, capsys) -> None:
     assert "mean exit layer" in capsys.readouterr().out
 
 
+def test_generate_stream_writes_the_tokens_of_generate_line_by_line(tmp_path, capsys) -> None:
+    folder, model = _tiny_folder(tmp_path)
+    DecoderExitModel.from_backbone(model, exit_layers=[2, 3]).save_pretrained(tmp_path / "exits")
+    common = ["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--threshold", "0.02",
+              "--prompt", "w5 w6 w7", "--prompt", "w9", "--prompt", "w11 w12", "--max-new-tokens", "6",
+              "--batch-size", "2"]
+    assert _run(common + ["--json", str(tmp_path / "plain.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())["rows"]
+    capsys.readouterr()
+    assert _run(common + ["--stream", "--json", str(tmp_path / "streamed.json")]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert "tokens/s" in captured.err and "###" not in captured.out  # stdout holds only the JSON lines
+    assert json.loads((tmp_path / "streamed.json").read_text())["rows"] == plain
+    for k, row in enumerate(plain):
+        tokens = [x for x in lines if x["index"] == k and "done" not in x]
+        done = [x for x in lines if x["index"] == k and "done" in x]
+        assert [x["token"] for x in tokens] == row["tokens"] and [x["exit_layer"] for x in tokens] == row["exit_layers"]
+        assert "".join(x["text"] for x in tokens) == row["text"]
+        assert done == [{"index": k, "done": True, "text": row["text"], "tokens": row["tokens"],
+                         "exit_layers": row["exit_layers"]}]
+        assert lines.index(done[0]) > max(lines.index(x) for x in tokens)  # a prompt's end follows its tokens
+    assert len({x["exit_layer"] for x in lines if "token" in x}) > 1  # the exits did something
+    with pytest.raises(ValueError, match="drop --speculative"):
+        _run(common + ["--stream", "--speculative"])
+
+
 def test_generate_bad_input(tmp_path) -> None:
     folder, _ = _tiny_folder(tmp_path)
     with pytest.raises(ValueError, match="need exits"):

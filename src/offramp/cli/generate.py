@@ -73,6 +73,10 @@ def add_generate_parser(subparsers: Any) -> None:
                    help="with --speculative: measure this machine's costs and the exits' acceptance on the first "
                         "batch, then draft from the exit and length predicted fastest (or decode plainly when "
                         "none is predicted to beat it)")
+    p.add_argument("--stream", action="store_true",
+                   help="write each token as it is decoded, one JSON line per token on stdout ({index, token, "
+                        "text, exit_layer}; index = the prompt's number), then one line per prompt when it ends "
+                        "({index, done, text, tokens, exit_layers}); the lines of /generate with \"stream\": true")
     p.add_argument("--show-exits", action="store_true", help="print every token with its exit layer")
     p.add_argument("--json", help="write texts, tokens and exit layers to this file")
     p.set_defaults(func=cmd_generate)
@@ -110,6 +114,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.top_p > 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     common.require_min(args, draft_tokens=1)
+    if args.stream:
+        other = [f for f, on in (("--speculative", args.speculative), ("--show-exits", args.show_exits)) if on]
+        if other:
+            raise ValueError(f"--stream writes plain early-exit decoding token by token: drop {other[0]}"
+                             + (" (--stream lines carry each token's exit layer)" if other[0] == "--show-exits"
+                                else ""))
     if not args.speculative:
         given = [f for f, v in (("--draft-exit", args.draft_exit), ("--draft-confidence", args.draft_confidence),
                                 ("--plan", args.plan or None)) if v is not None]
@@ -253,6 +263,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                        sampling=sampling, tokenizer=tok)
             for key in ("row_rounds", "drafted", "accepted"):
                 drafts[key] = drafts.get(key, 0) + out.extra["speculation"][key]
+        elif args.stream:
+            rows += _stream(model, enc, i, prompts, tok, policy, sampling, args)
+            continue
         else:
             out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
                            policy=policy, cache_strategy=args.cache_strategy, sampling=sampling, tokenizer=tok)
@@ -261,7 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             rows.append({"prompt": prompts[i + r], "text": out.texts[r], "tokens": out.new_tokens[r][keep].tolist(),
                          "exit_layers": out.exit_layers[r][keep].tolist()})
     wall = time.perf_counter() - start
-    _print(rows, tok, args.show_exits, model, wall)
+    _print(rows, tok, args.show_exits, model, wall, quiet=args.stream)
     if drafts:
         common.log(f"speculation: {drafts['accepted']} of {drafts['drafted']} drafted tokens accepted "
                    f"({drafts['accepted'] / max(1, drafts['drafted']):.0%}), "
@@ -287,16 +300,50 @@ def _plan(args: argparse.Namespace, exit_model: Any, enc: dict, sampling: Any) -
     return plan
 
 
-def _print(rows: list[dict], tok: Any, show_exits: bool, model: Any, wall: float) -> None:
+def _stream(model: Any, enc: dict, first: int, prompts: list[str], tok: Any, policy: Any, sampling: Any,
+            args: argparse.Namespace) -> list[dict]:
+    """--stream: decode one batch, writing a JSON line per token as soon as it is decoded and one
+    per prompt when it ends; returns the batch's rows (as the non-streamed path builds them)."""
+    import sys
+
+    from offramp.engines.generate import TextPieces, stream_generate
+
+    rows: list[dict | None] = [None] * len(enc["input_ids"])
+    texts = TextPieces(tok, len(rows))
+    layers: list[list[int]] = [[] for _ in rows]
+    for step in stream_generate(model, enc["input_ids"], enc["attention_mask"], policy=policy,
+                                cache_strategy=args.cache_strategy, max_new_tokens=args.max_new_tokens,
+                                sampling=sampling):
+        lines = []
+        for r, token, layer, end in zip(step.rows.tolist(), step.tokens.tolist(), step.exit_layers.tolist(),
+                                        step.finished.tolist()):
+            layers[r].append(layer)
+            lines.append({"index": first + r, "token": token, "text": texts.add(r, token, end), "exit_layer": layer})
+            if end:
+                rows[r] = {"prompt": prompts[first + r], "text": texts.text(r), "tokens": texts.tokens[r],
+                           "exit_layers": layers[r]}
+                lines.append({"index": first + r, "done": True, **{k: v for k, v in rows[r].items() if k != "prompt"}})
+        sys.stdout.write("".join(json.dumps(line) + "\n" for line in lines))
+        sys.stdout.flush()
+    return rows  # type: ignore[return-value]
+
+
+def _print(rows: list[dict], tok: Any, show_exits: bool, model: Any, wall: float, *, quiet: bool = False) -> None:
+    """The texts and a summary on stdout; ``quiet`` (--stream, whose lines were the output): the
+    summary on stderr only."""
     from offramp.backbones import adapter_for
 
     num_layers = adapter_for(getattr(model, "backbone", model), role="decoder").num_layers
     layers = [x for r in rows for x in r["exit_layers"]]
+    mean = sum(layers) / max(1, len(layers))
+    if quiet:
+        common.log(f"{len(layers)} tokens in {wall:.1f}s ({len(layers) / wall:.1f} tokens/s); "
+                   f"mean exit layer {mean:.1f} of {num_layers}")
+        return
     for r in rows:
         print(f"### {r['prompt']}\n{r['text']}")
         if show_exits:
             print(" ".join(f"{tok.decode([t])!r}@{k}" for t, k in zip(r["tokens"], r["exit_layers"])))
-    mean = sum(layers) / max(1, len(layers))
     print(f"--- {len(layers)} tokens in {wall:.1f}s ({len(layers) / wall:.1f} tokens/s); "
           f"mean exit layer {mean:.1f} of {num_layers}")
     print(json.dumps({"tokens": len(layers), "mean_exit_layer": round(mean, 2), "num_layers": num_layers}))

@@ -343,32 +343,27 @@ class GenerateService(_Service):
         true, "text", "tokens", "exit_layers", "policy"}`` (what ``run`` returns for it). The
         pieces add up to the whole text (a piece is held back while it ends inside a character;
         ``pieces=False``: no pieces, the text is decoded once at the end)."""
-        from offramp.engines.generate import stream_generate
+        from offramp.engines.generate import TextPieces, stream_generate
 
         t0 = time.perf_counter()
         for (name, new), idx in _groups(items, self.max_new_tokens).items():
             policy = self.resolve(name)
             enc = self.tokenizer([items[i].text for i in idx], return_tensors="pt", padding=True)
-            tokens: list[list[int]] = [[] for _ in idx]
+            texts = TextPieces(self.tokenizer, len(idx), pieces=pieces)
             layers: list[list[int]] = [[] for _ in idx]
-            sent = [""] * len(idx)
             for step in stream_generate(self.model, enc["input_ids"], enc["attention_mask"], policy=policy,
                                         cache_strategy=self.model.config.cache_strategy, max_new_tokens=new,
                                         sampling=self.sampling):
                 updates: dict[int, list[dict[str, Any]]] = {}
                 for r, tok, layer, end in zip(step.rows.tolist(), step.tokens.tolist(), step.exit_layers.tolist(),
                                               step.finished.tolist()):
-                    tokens[r].append(tok)
+                    piece = texts.add(r, tok, end)
                     layers[r].append(layer)
-                    text = self.tokenizer.decode(tokens[r], skip_special_tokens=True) if pieces or end else ""
-                    piece = ""
-                    if pieces and text.startswith(sent[r]) and (end or not text.endswith("\ufffd")):
-                        piece, sent[r] = text[len(sent[r]):], text
                     i = idx[r]
                     updates[i] = [{"index": i, "token": tok, "text": piece, "exit_layer": layer}]
                     if end:
                         self.exits.update(layers[r])
-                        updates[i].append({"index": i, "done": True, "text": text, "tokens": tokens[r],
+                        updates[i].append({"index": i, "done": True, "text": texts.text(r), "tokens": texts.tokens[r],
                                            "exit_layers": layers[r], "policy": policy.type})
                 emit(updates)
             self.batches += 1

@@ -1,11 +1,12 @@
 """Token-level early-exit generation: the engine (``engine``), its per-row cache (``cache``),
-decoding options (``sampling``), lossless self-speculation from an exit (``speculative``) and
-the cost model that picks its exit and draft length (``plan``)."""
+decoding options (``sampling``), streamed text (``text``), lossless self-speculation from an
+exit (``speculative``) and the cost model that picks its exit and draft length (``plan``)."""
 
 from offramp.engines.generate.engine import SIGNALS, TokenStep, decoded_exit_layers, generate, stream_generate
 from offramp.engines.generate.sampling import SamplingOptions
 from offramp.engines.generate.plan import SpeculationPlan, plan_speculation
 from offramp.engines.generate.speculative import speculative_generate
+from offramp.engines.generate.text import TextPieces
 
 __all__ = ["SIGNALS", "SamplingOptions", "SpeculationPlan", "decoded_exit_layers", "generate", "plan_speculation",
-           "speculative_generate", "stream_generate", "TokenStep"]
+           "speculative_generate", "stream_generate", "TextPieces", "TokenStep"]
