@@ -16,7 +16,7 @@ For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` fol
     the grid whose token agreement (the fraction of emitted tokens the full model would also
     emit after the same prefix) is >= ``--agreement`` on calibration prompts; the row reports
     speed and agreement on disjoint evaluation prompts;
-  - ``speculative`` (attention models): lossless self-speculation from the exit and draft length
+  - ``speculative``: lossless self-speculation from the exit and draft length
     that were fastest on the calibration prompts; the row says whether every evaluation output is
     identical to greedy;
   - the peers (attention models; ``benchmarks/peers.py``): HF ``assistant_early_exit`` and prompt
@@ -174,7 +174,7 @@ def bench_model(name: str, args, log) -> dict:
                                                                 words=args.words), max_new_tokens=48)
         fit = fit_exits(exits, seqs, head_epochs=0, confidence_epochs=30, log=None)
         log(f"{name}: confidence classifiers fitted; exit-ok rate {[round(x, 2) for x in fit['exit_ok_rate']]}")
-    spec = [(k, d) for k in args.spec_exits if k < L for d in args.drafts] if arch != "mamba" else []
+    spec = [(k, d) for k in args.spec_exits if k in exit_layers for d in args.drafts]
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words, skip=args.prompts)
     strategies = [x for x in args.cache_strategies if (x in ("freeze", "update")) == (arch == "mamba")]

@@ -166,7 +166,8 @@ def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | Non
         check_speculation(model, greedy, 1, None, k)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, "copy_kv")
+    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens,
+                  "freeze" if model.adapter.kind == "ssm" else "copy_kv")
     dev = model.adapter.layer_device(0)
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     widths = sorted({1, *[d + 1 for d in draft_tokens]})

@@ -9,6 +9,12 @@ tokens and the output is greedy decoding's. With sampling (temperature, top-p) t
 drafts and speculative sampling (``sampling.speculative_accept``) keeps or resamples them, so every
 token is distributed exactly as the full model's sampling would draw it.
 
+On Mamba the verify pass runs layers E+1..L on the d+1 tokens as one chunk from each layer's
+state (``mamba_chunk``: the projections batched over the chunk, the conv window and the
+recurrence token by token, the same arithmetic as one-token decoding) and keeps every token's
+state, so rejected drafts are taken back by keeping, per row, the states after its last accepted
+token (layers <= E: the states their drafting steps left).
+
 Rows advance in lockstep through the cache's columns: a round uses d+1 columns for every row
 (the pending token and the d drafts), and the columns of a row's rejected drafts become holes
 that its attention mask hides from then on. Positions are per row, so a hole costs attention
@@ -32,7 +38,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 from offramp.engines.generate.engine import _check_inputs, _Run
 from offramp.engines.generate.sampling import SamplingOptions, sampling_probs, speculative_accept
@@ -77,9 +85,10 @@ def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, 
     if not hasattr(model, "exit_layers"):
         raise ValueError("self-speculation drafts with a token exit: pass a DecoderExitModel (backbone + trained "
                          "exit heads), not a plain causal LM")
-    if model.adapter.kind != "attention":
-        raise ValueError("self-speculation needs an attention backbone: a Mamba layer's state cannot take back "
-                         "rejected drafts; use generate() with exits (lossy) or never-exit decoding")
+    if model.adapter.kind != "attention" and "mamba" not in model.adapter.model_types:
+        raise ValueError(f"self-speculation runs on attention and Mamba backbones, not {model.adapter.model_types[0]}: "
+                         "its mixer has no chunked pass here that keeps every token's state to take back rejected "
+                         "drafts; use generate() with exits (lossy) or never-exit decoding")
     if sampling.repetition_penalty != 1.0:
         raise ValueError("self-speculative decoding keeps the model's distribution for greedy decoding and for "
                          "sampling with temperature / top-p, not with a repetition penalty: drop "
@@ -95,16 +104,96 @@ def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, 
     return e
 
 
+def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Run an HF ``MambaBlock`` on the w tokens h (r, w, d) that follow the states conv (r, C, K)
+    and ssm (r, C, N): its output (r, w, d) and the states after each token (w of each).
+
+    HF's mixer restarts the recurrence from zero on a multi-token call, and keeps only the last
+    state; this pass continues from the given states and keeps all of them. The projections run
+    once on the chunk; the conv window and the recurrence step token by token with the arithmetic
+    of HF's one-token update, so a chunk gives what w one-token calls give.
+    """
+    m = block.mixer
+    residual = h
+    x = block.norm(h.to(dtype=block.norm.weight.dtype))
+    if block.residual_in_fp32:
+        residual = residual.to(torch.float32)
+    dtype, w, kernel = x.dtype, h.shape[1], conv.shape[-1]
+    xbc, gate = m.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (r, C, w) each
+    window = torch.cat([conv.to(xbc.dtype), xbc], dim=-1).to(m.conv1d.weight.dtype)  # (r, C, K + w)
+    mixed = F.conv1d(window, m.conv1d.weight, m.conv1d.bias, groups=window.shape[1])[..., 1:]  # token j: K inputs
+    if m.activation is not None:
+        mixed = ACT2FN[m.activation](mixed)
+    xs = mixed.to(xbc.dtype).transpose(1, 2)  # (r, w, C)
+    convs = [window[..., j + 1:j + 1 + kernel].to(conv.dtype) for j in range(w)]
+    step, B, Cm = torch.split(m.x_proj(xs), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
+    step = m.dt_proj.weight @ step.transpose(1, 2)  # (r, C, w)
+    bias = m.dt_proj.bias.float() if m.dt_proj.bias is not None else None
+    A = -torch.exp(m.A_log.float())
+    state, ssms, ys = ssm, [], []
+    for j in range(w):
+        dt = step[..., j]
+        if bias is not None:
+            dt = dt + bias.to(dt.dtype)
+        dt = F.softplus(dt)
+        xj = xs[:, j]
+        dB = dt.float()[..., None] * B[:, j].float()[:, None, :]
+        new = state.float() * torch.exp(dt.float()[..., None] * A) + dB * xj.float()[..., None]
+        state = new.to(ssm.dtype)
+        ssms.append(state)
+        y = torch.matmul(new.to(Cm.dtype), Cm[:, j].unsqueeze(-1)).squeeze(-1) + xj * m.D
+        ys.append((y * F.silu(gate[..., j])).to(xj.dtype))
+    out = m.out_proj(torch.stack(ys, dim=1).to(dtype))
+    return residual + out, convs, ssms
+
+
 class _Speculator:
     """One call's state on top of the token-exit engine's cache and per-row positions."""
 
     def __init__(self, model: Any, exit_index: int, ids: Tensor, attn: Tensor, max_new: int, d: int) -> None:
         self.model, self.ad, self.e, self.d = model, model.adapter, exit_index, d
         self.E = model.exit_layers[exit_index]
+        self.ssm = self.ad.kind == "ssm"
         # every round takes d + 1 columns and yields >= 1 token: max_new rounds at most
-        self.run = _Run(self.ad, model, None, "copy_kv", ids, attn, max_new * (d + 1))
+        self.run = _Run(self.ad, model, None, "freeze" if self.ssm else "copy_kv", ids, attn, max_new * (d + 1))
         self.run.valid[:, ids.shape[1]:] = False
         self.L = self.run.L
+        self.trail: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # Mamba: layer -> each token's states
+
+    def _chunk(self, h: Tensor, rows: Tensor, full: bool, layers: range, commit: bool) -> Tensor:
+        """Mamba: run ``layers`` on h (r, w, d), each from its stored states, keeping every token's
+        states in ``trail`` (appended to with ``commit``, which also stores the last token's)."""
+        store = self.run.ssm
+        for layer in layers:
+            conv, ssm = store.conv[layer], store.ssm[layer]
+            if not full:
+                conv, ssm = conv.index_select(0, rows), ssm.index_select(0, rows)
+            h, convs, ssms = mamba_chunk(self.ad.layers()[layer], h.to(self.ad.layer_device(layer)), conv, ssm)
+            if commit:
+                old = self.trail.setdefault(layer, ([], []))
+                old[0].extend(convs)
+                old[1].extend(ssms)
+                for states, new in ((store.conv, convs[-1]), (store.ssm, ssms[-1])):
+                    if full:
+                        states[layer] = new
+                    else:
+                        states[layer].index_copy_(0, rows, new)
+            else:
+                self.trail[layer] = (convs, ssms)
+        self.run.layer_rows += rows.numel() * h.shape[1] * len(layers)
+        return h
+
+    def _settle(self, rows: Tensor, accepted: Tensor) -> None:
+        """Mamba: keep, per row, every layer's states after its last accepted token."""
+        store, pick = self.run.ssm, torch.arange(rows.numel(), device=rows.device)
+        for layer, (convs, ssms) in self.trail.items():
+            for states, trail in ((store.conv, convs), (store.ssm, ssms)):
+                kept = torch.stack(trail).to(rows.device)[accepted, pick].to(states[layer].device)
+                if rows.numel() == self.run.B:
+                    states[layer] = kept
+                else:
+                    states[layer].index_copy_(0, rows, kept)
+        self.trail = {}
 
     def _masks(self, rows: Tensor, start: int, end: int, layers: range) -> dict:
         """Masks (r, 1, end-start, end) per window size; a sliding window counts positions (tokens),
@@ -130,8 +219,11 @@ class _Speculator:
                 masks[window] = torch.where(allowed, zero, low)
         return masks
 
-    def _layers(self, h: Tensor, rows: Tensor, full: bool, start: int, layers: range) -> Tensor:
-        """Run ``layers`` on h (r, w, d) holding columns start..start+w-1 of ``rows``."""
+    def _layers(self, h: Tensor, rows: Tensor, full: bool, start: int, layers: range, commit: bool = False) -> Tensor:
+        """Run ``layers`` on h (r, w, d) holding columns start..start+w-1 of ``rows`` (Mamba: see
+        ``_chunk``; attention layers write their cache columns either way)."""
+        if self.ssm:
+            return self._chunk(h, rows, full, layers, commit)
         end = start + h.shape[1]
         posw = self.run.pos.index_select(0, rows)[:, start:end]
         rot = self.ad.rotary(h, posw)
@@ -161,7 +253,7 @@ class _Speculator:
         for j in range(d + 1):  # the pending token, then each draft: layers 1..E
             c = col + j
             h = self.ad.embed(tokens[-1][:, None], run.pos.index_select(0, rows)[:, c:c + 1])
-            states.append(self._layers(h, rows, full, c, range(self.E)))
+            states.append(self._layers(h, rows, full, c, range(self.E), commit=True))
             if j == d or not sure:  # the last draft's states are in: verify what was drafted
                 break
             logits = self.ad.logits(self.model.features(self.e, states[-1]))[:, -1]
@@ -185,6 +277,8 @@ class _Speculator:
         else:
             best = logits.argmax(-1).to(pending.device)  # (r, k+1)
             accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)  # (r,)
+        if self.ssm:
+            self._settle(rows, accepted)
         cols = torch.arange(k + 1, device=rows.device)
         holes = cols[None, :] > accepted[:, None]  # the rejected drafts' columns
         block = run.valid[rows, col:col + k + 1]
@@ -200,7 +294,7 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     """Greedy decoding or sampling, drafted by a token exit and verified by the rest of the model.
 
     Args:
-        model: a ``DecoderExitModel`` on an attention backbone (its exit heads draft).
+        model: a ``DecoderExitModel`` on an attention or Mamba backbone (its exit heads draft).
         input_ids: (b, t) left-padded prompts; attention_mask (b, t), 1 on real tokens.
         exit_layer: the exit that drafts (one of ``model.exit_layers``; default the deepest).
         draft_tokens: most tokens drafted per round (d).
@@ -221,7 +315,8 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     e = check_speculation(model, sampling, draft_tokens, draft_confidence, exit_layer)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, "copy_kv")
+    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens,
+                  "freeze" if model.adapter.kind == "ssm" else "copy_kv")
     dev = model.adapter.layer_device(0)
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     start = time.perf_counter()
