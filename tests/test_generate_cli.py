@@ -222,6 +222,8 @@ def test_generate_speculative_equals_greedy_and_refuses_what_it_cannot_do(tmp_pa
                            (["--speculative", "--exits", "x", "--repetition-penalty", "1.2"], "drop --repetition-penalty"),
                            (["--speculative", "--exits", "x", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
                            (["--speculative", "--exits", str(tmp_path / "exits"), "--draft-exit", "1"],
-                            "not one of the model's exits")]:
+                            "not one of the model's exits"),
+                           (["--speculative", "--fit-exits", str(tmp_path / "new"), "--head", "mamba"],
+                            "Mamba-block head cannot take back")]:
         with pytest.raises(ValueError, match=message):
             _run(base + extra)

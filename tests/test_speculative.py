@@ -22,7 +22,7 @@ def _drafting(family: str, scale: float, head: str = "tied") -> tuple[torch.nn.M
     2: scale 0 makes the exit the full model (every draft accepted), 1 leaves the model as it is."""
     lm = tiny_decoder(family, layers=4)
     with torch.no_grad():
-        if family == "mamba":  # at HF's init a tiny Mamba repeats its last token; noise makes it vary
+        if family.startswith("mamba"):  # at HF's init a tiny Mamba repeats its last token; noise makes it vary
             g = torch.Generator().manual_seed(3)
             for name, p in lm.named_parameters():
                 if p.dim() == 2 and "embed" not in name:
@@ -33,13 +33,13 @@ def _drafting(family: str, scale: float, head: str = "tied") -> tuple[torch.nn.M
     return lm, DecoderExitModel.from_backbone(lm, exit_layers=[2], head=head)
 
 
-@pytest.mark.parametrize("family", ATTENTION + ["mamba"])
+@pytest.mark.parametrize("family", ATTENTION + ["mamba", "mamba2"])
 @pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
 def test_speculation_equals_greedy_ragged_batch(family: str, scale: float) -> None:
     lm, exits = _drafting(family, scale)
     ids, mask = ragged_prompts(3)
     ref = generate(lm, ids, mask, max_new_tokens=12)
-    if family == "mamba":  # the noise did its job: the model does not repeat one token
+    if family.startswith("mamba"):  # the noise did its job: the model does not repeat one token
         assert len(set(ref.new_tokens.flatten().tolist())) > 6
     for d in (1, 3, 5):
         out = speculative_generate(exits, ids, mask, exit_layer=2, draft_tokens=d, max_new_tokens=12)
@@ -48,7 +48,7 @@ def test_speculation_equals_greedy_ragged_batch(family: str, scale: float) -> No
         assert 1.0 <= spec["tokens_per_round"] <= d + 1
     if scale == 0.0:  # the exit is the full model: every draft is accepted
         assert spec["acceptance"] == 1.0
-    if family == "mamba" and scale == 1.0:  # most drafts rejected: their states were taken back
+    if family.startswith("mamba") and scale == 1.0:  # most drafts rejected: their states were taken back
         assert spec["acceptance"] < 0.5
 
 
@@ -60,7 +60,7 @@ def test_untrained_exit_is_rejected_and_output_still_greedy() -> None:
     assert out.extra["speculation"]["acceptance"] < 0.5
 
 
-@pytest.mark.parametrize("family", ["llama", "mamba"])
+@pytest.mark.parametrize("family", ["llama", "mamba", "mamba2"])
 def test_a_row_does_not_depend_on_its_batch_and_eos_stops_it(family: str) -> None:
     lm, exits = _drafting(family, 0.5)
     ids, mask = ragged_prompts(3)
@@ -102,9 +102,6 @@ def test_bad_settings_are_refused_before_any_work() -> None:
         speculative_generate(lm, ids, mask)
     with pytest.raises(ValueError, match="draft_tokens"):
         speculative_generate(exits, ids, mask, draft_tokens=0)
-    mamba2 = DecoderExitModel.from_backbone(tiny_decoder("mamba2"), exit_layers=[2], head="ffn")
-    with pytest.raises(ValueError, match="attention and Mamba backbones, not mamba2"):
-        speculative_generate(mamba2, ids, mask)
     stateful = DecoderExitModel.from_backbone(tiny_decoder("mamba"), exit_layers=[2], head="mamba")
     with pytest.raises(ValueError, match="stateful"):
         speculative_generate(stateful, ids, mask)

@@ -63,7 +63,7 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--speculative", action="store_true",
                    help="lossless self-speculation: an exit drafts, the rest of the model verifies (output = "
                         "greedy decoding's, or with --sample drawn from the full model's distribution; needs "
-                        "--exits or --fit-exits and an attention or Mamba model)")
+                        "--exits or --fit-exits)")
     p.add_argument("--draft-exit", type=int, default=None,
                    help="with --speculative: the exit layer that drafts (default: the deepest exit)")
     p.add_argument("--draft-tokens", type=int, default=3, help="with --speculative: most tokens drafted per round")
@@ -203,9 +203,6 @@ def _check_speculative_backbone(args: argparse.Namespace, backbone: Any) -> None
     from offramp.modeling.decoder import default_exit_layers
 
     adapter = adapter_for(backbone, role="decoder")
-    if adapter.kind != "attention" and "mamba" not in adapter.model_types:
-        raise ValueError(f"--speculative runs on attention and Mamba models, not {adapter.model_types[0]}: drop "
-                         "--speculative (exits with --policy are lossy but work on it)")
     if args.fit_exits and args.head == "mamba":
         raise ValueError("--speculative drafts from an exit without state (a Mamba-block head cannot take back "
                          "rejected drafts): fit --head ffn, tied or block")

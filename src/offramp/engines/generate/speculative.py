@@ -9,9 +9,9 @@ tokens and the output is greedy decoding's. With sampling (temperature, top-p) t
 drafts and speculative sampling (``sampling.speculative_accept``) keeps or resamples them, so every
 token is distributed exactly as the full model's sampling would draw it.
 
-On Mamba the verify pass runs layers E+1..L on the d+1 tokens as one chunk from each layer's
-state (``mamba_chunk``: the projections batched over the chunk, the conv window and the
-recurrence token by token, the same arithmetic as one-token decoding) and keeps every token's
+On Mamba and Mamba-2 the verify pass runs layers E+1..L on the d+1 tokens as one chunk from
+each layer's state (``mamba_chunk``: the projections batched over the chunk, the conv window and
+the recurrence token by token, the same arithmetic as one-token decoding) and keeps every token's
 state, so rejected drafts are taken back by keeping, per row, the states after its last accepted
 token (layers <= E: the states their drafting steps left).
 
@@ -85,10 +85,6 @@ def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, 
     if not hasattr(model, "exit_layers"):
         raise ValueError("self-speculation drafts with a token exit: pass a DecoderExitModel (backbone + trained "
                          "exit heads), not a plain causal LM")
-    if model.adapter.kind != "attention" and "mamba" not in model.adapter.model_types:
-        raise ValueError(f"self-speculation runs on attention and Mamba backbones, not {model.adapter.model_types[0]}: "
-                         "its mixer has no chunked pass here that keeps every token's state to take back rejected "
-                         "drafts; use generate() with exits (lossy) or never-exit decoding")
     if sampling.repetition_penalty != 1.0:
         raise ValueError("self-speculative decoding keeps the model's distribution for greedy decoding and for "
                          "sampling with temperature / top-p, not with a repetition penalty: drop "
@@ -105,33 +101,48 @@ def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, 
 
 
 def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Run an HF ``MambaBlock`` on the w tokens h (r, w, d) that follow the states conv (r, C, K)
-    and ssm (r, C, N): its output (r, w, d) and the states after each token (w of each).
+    """Run an HF ``MambaBlock`` or ``Mamba2Block`` on the w tokens h (r, w, d) that follow the
+    states conv (r, C, K) and ssm: its output (r, w, d) and the states after each token (w of each).
 
-    HF's mixer restarts the recurrence from zero on a multi-token call, and keeps only the last
-    state; this pass continues from the given states and keeps all of them. The projections run
-    once on the chunk; the conv window and the recurrence step token by token with the arithmetic
-    of HF's one-token update, so a chunk gives what w one-token calls give.
+    HF's Mamba mixer restarts the recurrence from zero on a multi-token call, and both mixers keep
+    only the last state; this pass continues from the given states and keeps all of them. The
+    projections run once on the chunk; the conv window and the recurrence step token by token with
+    the arithmetic of HF's one-token update, so a chunk gives what w one-token calls give.
     """
     m = block.mixer
     residual = h
     x = block.norm(h.to(dtype=block.norm.weight.dtype))
     if block.residual_in_fp32:
         residual = residual.to(torch.float32)
-    dtype, w, kernel = x.dtype, h.shape[1], conv.shape[-1]
-    xbc, gate = m.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (r, C, w) each
+    mamba2 = hasattr(m, "n_groups")
+    proj = m.in_proj(x)
+    if mamba2:
+        gate, xbc, dt = proj.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
+        xbc = xbc.transpose(1, 2)
+    else:
+        xbc, gate = proj.transpose(1, 2).chunk(2, dim=1)  # (r, C, w) each
+    kernel = conv.shape[-1]
     window = torch.cat([conv.to(xbc.dtype), xbc], dim=-1).to(m.conv1d.weight.dtype)  # (r, C, K + w)
     mixed = F.conv1d(window, m.conv1d.weight, m.conv1d.bias, groups=window.shape[1])[..., 1:]  # token j: K inputs
     if m.activation is not None:
         mixed = ACT2FN[m.activation](mixed)
     xs = mixed.to(xbc.dtype).transpose(1, 2)  # (r, w, C)
-    convs = [window[..., j + 1:j + 1 + kernel].to(conv.dtype) for j in range(w)]
+    convs = [window[..., j + 1:j + 1 + kernel].to(conv.dtype) for j in range(h.shape[1])]
+    ys, ssms = _mamba2_scan(m, xs, dt, ssm) if mamba2 else _mamba_scan(m, xs, gate, ssm)
+    y = torch.stack(ys, dim=1)
+    if mamba2:
+        y = m.norm(y, gate)
+    return residual + m.out_proj(y.to(x.dtype)), convs, ssms
+
+
+def _mamba_scan(m: nn.Module, xs: Tensor, gate: Tensor, ssm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Mamba's selective recurrence over xs (r, w, C) from ssm (r, C, N), as HF's one-token update."""
     step, B, Cm = torch.split(m.x_proj(xs), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
     step = m.dt_proj.weight @ step.transpose(1, 2)  # (r, C, w)
     bias = m.dt_proj.bias.float() if m.dt_proj.bias is not None else None
     A = -torch.exp(m.A_log.float())
     state, ssms, ys = ssm, [], []
-    for j in range(w):
+    for j in range(xs.shape[1]):
         dt = step[..., j]
         if bias is not None:
             dt = dt + bias.to(dt.dtype)
@@ -143,8 +154,32 @@ def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple
         ssms.append(state)
         y = torch.matmul(new.to(Cm.dtype), Cm[:, j].unsqueeze(-1)).squeeze(-1) + xj * m.D
         ys.append((y * F.silu(gate[..., j])).to(xj.dtype))
-    out = m.out_proj(torch.stack(ys, dim=1).to(dtype))
-    return residual + out, convs, ssms
+    return ys, ssms
+
+
+def _mamba2_scan(m: nn.Module, xs: Tensor, dt: Tensor, ssm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Mamba-2's multi-head recurrence over xs (r, w, C) from ssm (r, H, P, N), as HF's one-token
+    update (the gated norm is applied by the caller)."""
+    r, heads, hd, n, groups = xs.shape[0], m.num_heads, m.head_dim, m.ssm_state_size, m.n_groups
+    x, B, Cm = torch.split(xs, [m.intermediate_size, groups * n, groups * n], dim=-1)
+    A = (-torch.exp(m.A_log.float()))[:, None, None].expand(-1, hd, n)
+    D = m.D[:, None].expand(-1, hd)
+    bias = m.dt_bias[:, None].expand(-1, hd)
+    state, ssms, ys = ssm, [], []
+
+    def per_head(t: Tensor, shape: tuple) -> Tensor:  # (r, G*N) -> each head's group
+        return t.reshape(r, groups, 1, n).expand(r, groups, heads // groups, n).contiguous().reshape(*shape)
+
+    for j in range(xs.shape[1]):
+        hj = x[:, j].reshape(r, heads, hd)
+        dtj = F.softplus(dt[:, j][..., None].expand(-1, -1, hd) + bias.to(dt.dtype))[..., None]
+        new = state * torch.exp(dtj.float() * A.float()) + dtj * per_head(B[:, j], (r, heads, 1, n)) * hj[..., None]
+        state = new.to(ssm.dtype)
+        ssms.append(state)
+        out = torch.bmm(new.to(Cm.dtype).view(r * heads, hd, n), per_head(Cm[:, j], (r * heads, n, 1)))
+        out = out.view(r, heads, hd)
+        ys.append((out + hj * D).to(out.dtype).to(hj.dtype).reshape(r, -1))
+    return ys, ssms
 
 
 class _Speculator:
