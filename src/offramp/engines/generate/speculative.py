@@ -123,7 +123,11 @@ def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple
         xbc, gate = proj.transpose(1, 2).chunk(2, dim=1)  # (r, C, w) each
     kernel = conv.shape[-1]
     window = torch.cat([conv.to(xbc.dtype), xbc], dim=-1).to(m.conv1d.weight.dtype)  # (r, C, K + w)
-    mixed = F.conv1d(window, m.conv1d.weight, m.conv1d.bias, groups=window.shape[1])[..., 1:]  # token j: K inputs
+    # token j's conv reads the K inputs window[j+1 : j+1+K] (a depthwise conv; unfolded, as a
+    # convolution call costs more than the arithmetic at these sizes)
+    mixed = (window.unfold(-1, kernel, 1)[:, :, 1:] * m.conv1d.weight[:, None, 0]).sum(-1)  # (r, C, w)
+    if m.conv1d.bias is not None:
+        mixed = mixed + m.conv1d.bias[:, None]
     if m.activation is not None:
         mixed = ACT2FN[m.activation](mixed)
     xs = mixed.to(xbc.dtype).transpose(1, 2)  # (r, w, C)
@@ -136,25 +140,24 @@ def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple
 
 
 def _mamba_scan(m: nn.Module, xs: Tensor, gate: Tensor, ssm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """Mamba's selective recurrence over xs (r, w, C) from ssm (r, C, N), as HF's one-token update."""
+    """Mamba's selective recurrence over xs (r, w, C) from ssm (r, C, N), as HF's one-token update
+    (the element-wise terms of every token at once, then the recurrence token by token)."""
     step, B, Cm = torch.split(m.x_proj(xs), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
-    step = m.dt_proj.weight @ step.transpose(1, 2)  # (r, C, w)
-    bias = m.dt_proj.bias.float() if m.dt_proj.bias is not None else None
-    A = -torch.exp(m.A_log.float())
-    state, ssms, ys = ssm, [], []
+    dt = (m.dt_proj.weight @ step.transpose(1, 2)).transpose(1, 2)  # (r, w, C)
+    if m.dt_proj.bias is not None:
+        dt = dt + m.dt_proj.bias.float().to(dt.dtype)
+    dt = F.softplus(dt).float()[..., None]  # (r, w, C, 1)
+    dA = torch.exp(dt * -torch.exp(m.A_log.float()))  # (r, w, C, N)
+    dBx = dt * B.float()[:, :, None, :] * xs.float()[..., None]
+    state, ssms, news = ssm, [], []
     for j in range(xs.shape[1]):
-        dt = step[..., j]
-        if bias is not None:
-            dt = dt + bias.to(dt.dtype)
-        dt = F.softplus(dt)
-        xj = xs[:, j]
-        dB = dt.float()[..., None] * B[:, j].float()[:, None, :]
-        new = state.float() * torch.exp(dt.float()[..., None] * A) + dB * xj.float()[..., None]
+        new = state.float() * dA[:, j] + dBx[:, j]
         state = new.to(ssm.dtype)
         ssms.append(state)
-        y = torch.matmul(new.to(Cm.dtype), Cm[:, j].unsqueeze(-1)).squeeze(-1) + xj * m.D
-        ys.append((y * F.silu(gate[..., j])).to(xj.dtype))
-    return ys, ssms
+        news.append(new.to(Cm.dtype))
+    y = torch.matmul(torch.stack(news, dim=1), Cm.unsqueeze(-1)).squeeze(-1) + xs * m.D  # (r, w, C)
+    y = (y * F.silu(gate.transpose(1, 2))).to(xs.dtype)
+    return list(y.unbind(1)), ssms
 
 
 def _mamba2_scan(m: nn.Module, xs: Tensor, dt: Tensor, ssm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
