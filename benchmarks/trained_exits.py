@@ -203,7 +203,7 @@ def bench_model(name: str, args, log) -> dict:
         pl = plan_speculation(exits, one["input_ids"], one["attention_mask"], max_new_tokens=args.new_tokens,
                               draft_tokens=args.drafts, exit_layers=sorted({k for k, _ in spec}))
         never = cal["offramp_never_exit"]["tokens_per_s"]
-        plan = {"best": pl.best, "acceptance": pl.acceptance, "settings": [
+        plan = {"best": pl.best, "acceptance": pl.acceptance, "plain_step_s": pl.plain_step_s, "settings": [
             {**row, "measured_vs_never_exit": round(
                 cal[f"speculative@{row['exit_layer']}/d{row['draft_tokens']}"]["tokens_per_s"] / never, 3)}
             for row in pl.settings]}

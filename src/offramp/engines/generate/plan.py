@@ -15,7 +15,8 @@ measured round cost, against as many plain steps as its longest output.
     print(plan.summary())
 
 ``best`` is None when no setting is predicted to beat plain decoding by ``margin``: then decode
-plainly (``generate`` without exits).
+plainly (``generate`` without exits). Each setting also gives ``all_accepted_speedup``, its
+ceiling on this machine: the predicted speed-up if every draft were accepted.
 """
 
 from __future__ import annotations
@@ -189,7 +190,9 @@ def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | Non
             plan.settings.append({"exit_layer": k, "draft_tokens": d,
                                   "tokens_per_round": round((sum(lengths) - len(lengths)) / max(1, sum(rounds)), 3),
                                   "round_s": plan.round_s(k, d),
-                                  "predicted_speedup": round(plain_s / spec_s, 3) if spec_s else 0.0})
+                                  "predicted_speedup": round(plain_s / spec_s, 3) if spec_s else 0.0,
+                                  # the ceiling of this setting: every draft accepted (d + 1 tokens a round)
+                                  "all_accepted_speedup": round((d + 1) * plan.plain_step_s / plan.round_s(k, d), 3)})
     top = max(plan.settings, key=lambda s: s["predicted_speedup"])
     plan.best = top if top["predicted_speedup"] >= 1 + margin else None
     return plan
