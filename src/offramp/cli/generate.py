@@ -308,21 +308,17 @@ def _stream(model: Any, enc: dict, first: int, prompts: list[str], tok: Any, pol
 
     from offramp.engines.generate import TextPieces, stream_generate
 
-    rows: list[dict | None] = [None] * len(enc["input_ids"])
-    texts = TextPieces(tok, len(rows))
-    layers: list[list[int]] = [[] for _ in rows]
+    n = len(enc["input_ids"])
+    texts = TextPieces(tok, n, index=range(first, first + n))
+    rows: list[dict | None] = [None] * n
     for step in stream_generate(model, enc["input_ids"], enc["attention_mask"], policy=policy,
                                 cache_strategy=args.cache_strategy, max_new_tokens=args.max_new_tokens,
                                 sampling=sampling):
-        lines = []
-        for r, token, layer, end in zip(step.rows.tolist(), step.tokens.tolist(), step.exit_layers.tolist(),
-                                        step.finished.tolist()):
-            layers[r].append(layer)
-            lines.append({"index": first + r, "token": token, "text": texts.add(r, token, end), "exit_layer": layer})
-            if end:
-                rows[r] = {"prompt": prompts[first + r], "text": texts.text(r), "tokens": texts.tokens[r],
-                           "exit_layers": layers[r]}
-                lines.append({"index": first + r, "done": True, **{k: v for k, v in rows[r].items() if k != "prompt"}})
+        lines = texts.lines(step)
+        for line in lines:
+            if line.get("done"):
+                rows[line["index"] - first] = {"prompt": prompts[line["index"]],
+                                               **{k: line[k] for k in ("text", "tokens", "exit_layers")}}
         sys.stdout.write("".join(json.dumps(line) + "\n" for line in lines))
         sys.stdout.flush()
     return rows  # type: ignore[return-value]

@@ -349,22 +349,16 @@ class GenerateService(_Service):
         for (name, new), idx in _groups(items, self.max_new_tokens).items():
             policy = self.resolve(name)
             enc = self.tokenizer([items[i].text for i in idx], return_tensors="pt", padding=True)
-            texts = TextPieces(self.tokenizer, len(idx), pieces=pieces)
-            layers: list[list[int]] = [[] for _ in idx]
+            texts = TextPieces(self.tokenizer, len(idx), pieces=pieces, index=idx)
             for step in stream_generate(self.model, enc["input_ids"], enc["attention_mask"], policy=policy,
                                         cache_strategy=self.model.config.cache_strategy, max_new_tokens=new,
                                         sampling=self.sampling):
                 updates: dict[int, list[dict[str, Any]]] = {}
-                for r, tok, layer, end in zip(step.rows.tolist(), step.tokens.tolist(), step.exit_layers.tolist(),
-                                              step.finished.tolist()):
-                    piece = texts.add(r, tok, end)
-                    layers[r].append(layer)
-                    i = idx[r]
-                    updates[i] = [{"index": i, "token": tok, "text": piece, "exit_layer": layer}]
-                    if end:
-                        self.exits.update(layers[r])
-                        updates[i].append({"index": i, "done": True, "text": texts.text(r), "tokens": texts.tokens[r],
-                                           "exit_layers": layers[r], "policy": policy.type})
+                for line in texts.lines(step):
+                    if line.get("done"):
+                        self.exits.update(line["exit_layers"])
+                        line["policy"] = policy.type
+                    updates.setdefault(line["index"], []).append(line)
                 emit(updates)
             self.batches += 1
         self._record(len(items), time.perf_counter() - t0)

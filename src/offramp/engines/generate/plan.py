@@ -32,7 +32,7 @@ from torch import Tensor
 
 from offramp.engines.generate.engine import _check_inputs, generate
 from offramp.engines.generate.sampling import SamplingOptions
-from offramp.engines.generate.speculative import _Speculator, check_speculation
+from offramp.engines.generate.speculative import _Speculator, check_speculation, draft_cache_strategy
 
 
 @dataclass
@@ -167,8 +167,7 @@ def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | Non
         check_speculation(model, greedy, 1, None, k)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens,
-                  "freeze" if model.adapter.kind == "ssm" else "copy_kv")
+    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
     dev = model.adapter.layer_device(0)
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     widths = sorted({1, *[d + 1 for d in draft_tokens]})

@@ -79,6 +79,11 @@ def _exit_index(model: Any, exit_layer: int | None) -> int:
     return layers.index(exit_layer)
 
 
+def draft_cache_strategy(adapter: Any) -> str:
+    """The engine cache strategy speculation runs its ``_Run`` with (no layer is ever skipped)."""
+    return "freeze" if adapter.kind == "ssm" else "copy_kv"
+
+
 def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, draft_confidence: float | None,
                       exit_layer: int | None = None) -> int:
     """Refuse what self-speculation cannot do (ValueError naming the fix); the drafting exit's index."""
@@ -193,7 +198,7 @@ class _Speculator:
         self.E = model.exit_layers[exit_index]
         self.ssm = self.ad.kind == "ssm"
         # every round takes d + 1 columns and yields >= 1 token: max_new rounds at most
-        self.run = _Run(self.ad, model, None, "freeze" if self.ssm else "copy_kv", ids, attn, max_new * (d + 1))
+        self.run = _Run(self.ad, model, None, draft_cache_strategy(self.ad), ids, attn, max_new * (d + 1))
         self.run.valid[:, ids.shape[1]:] = False
         self.L = self.run.L
         self.trail: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # Mamba: layer -> each token's states
@@ -353,8 +358,7 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     e = check_speculation(model, sampling, draft_tokens, draft_confidence, exit_layer)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens,
-                  "freeze" if model.adapter.kind == "ssm" else "copy_kv")
+    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
     dev = model.adapter.layer_device(0)
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     start = time.perf_counter()
