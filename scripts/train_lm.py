@@ -108,12 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--p-max", type=float, default=0.1, help="LayerSkip: the last layer's dropout rate")
     p.add_argument("--e-scale", type=float, default=1.0, help="LayerSkip: early-exit loss scale")
+    p.add_argument("--weighting", default="depth",
+                   help="LayerSkip: exit loss weights, depth (the paper's, growing with depth) | uniform")
+    p.add_argument("--exit-layers", default=None,
+                   help="LayerSkip: comma-separated exits the early-exit loss trains (default every layer)")
     p.add_argument("--curriculum", default="rotational", help="LayerSkip: rotational | gradual | none")
     p.add_argument("--rotation", type=int, default=2)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    try:
+        args.exit_layers = [int(k) for k in args.exit_layers.split(",")] if args.exit_layers else None
+    except ValueError:
+        p.error(f"--exit-layers takes comma-separated layer numbers such as 4,6,8, got {args.exit_layers!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from offramp.data.assets import bbc_articles
@@ -130,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     ids = [t for text in train_texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
     train_args = LayerSkipArgs(args.out, recipe=args.recipe, max_steps=args.max_steps, batch_size=args.batch,
                                seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup, p_max=args.p_max,
-                               e_scale=args.e_scale, curriculum=args.curriculum, rotation=args.rotation,
-                               max_minutes=args.minutes, save_every=args.save_every, seed=args.seed,
+                               e_scale=args.e_scale, weighting=args.weighting, curriculum=args.curriculum,
+                               rotation=args.rotation, exit_layers=args.exit_layers, max_minutes=args.minutes, save_every=args.save_every, seed=args.seed,
                                extra={"arch": args.arch, "data": "bbc", "tokens": len(ids),
                                       "params": sum(q.numel() for q in model.parameters())})
     print(f"tokens={len(ids)} params={train_args.extra['params']} out={args.out}", file=sys.stderr, flush=True)

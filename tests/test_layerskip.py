@@ -25,6 +25,11 @@ def test_layer_dropout_rises_with_depth_and_time():
 def test_exit_scales_and_curricula():
     assert exit_loss_scales([1, 2, 3, 4], 4).tolist() == [0.0, 1.0, 3.0, 6.0]
     assert exit_loss_scales([2, 4], 4, e_scale=0.0).tolist() == [0.0, 3.0]
+    assert exit_loss_scales([1, 3, 4], 4, e_scale=0.5, weighting="uniform").tolist() == [0.5, 0.5, 1.0]
+    with pytest.raises(ValueError, match="weighting 'flat'; choose one of"):
+        exit_loss_scales([4], 4, weighting="flat")
+    with pytest.raises(ValueError, match="weighting"):
+        LayerSkipArgs("out", weighting="flat").validate(4)
     exits = [1, 2, 3, 4, 5, 6]
     for step in range(3):  # rotational: every early exit is on exactly once per period, the last always
         on = torch.stack([curriculum_mask(exits, 6, s, 100, "rotational", 3) for s in range(step, step + 3)])
@@ -83,6 +88,20 @@ def test_recipe_trains_the_early_exits(tmp_path, family):
     assert skip[4]["perplexity"] < 8  # and it learned the chain (97 tokens: 97 at chance)
     assert skip[2]["perplexity"] < 0.85 * plain[2]["perplexity"]  # the early exits are better
     assert skip[3]["agreement"] > plain[3]["agreement"] + 0.05
+
+
+def test_uniform_weighting_trains_the_named_exit_harder(tmp_path):
+    """"uniform" weighs exit 1 as much as the last layer; "depth" gives the first layer no weight."""
+    tokens, ppl = _stream(), {}
+    for weighting in ("depth", "uniform"):
+        model = tiny_decoder("llama", seed=1).train()
+        args = LayerSkipArgs(str(tmp_path / weighting), max_steps=120, batch_size=8, seq_len=32, lr=1e-2,
+                             warmup_steps=5, p_max=0.0, exit_layers=[1], curriculum="none", weighting=weighting,
+                             save_every=1000, progress=False)
+        train_lm(model, tokens, args)
+        ppl[weighting] = {e["layer"]: e["perplexity"] for e in exit_report(model, _stream()[:2000], seq_len=64)["exits"]}
+    assert ppl["uniform"][1] < 0.8 * ppl["depth"][1]
+    assert ppl["uniform"][4] < 1.2 * ppl["depth"][4]  # the last layer learns as well
 
 
 def _one_run(tmp_path, save_every: int) -> tuple[torch.Tensor, dict, torch.nn.Module]:

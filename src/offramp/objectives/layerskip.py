@@ -9,7 +9,9 @@ Two parts, each a function of the training step ``t`` of ``T`` and the layer:
 - **Early-exit loss.** Every exit's hidden state goes through the model's own final norm and LM
   head; the loss is ``sum_l e~(t, l) CE_l`` with ``e~ = C(t, l) e_l / sum_i C(t, i) e_i``: the
   scale ``e_l`` grows with depth (``e_scale * sum_{i<=l} i`` for early layers, the last layer gets
-  ``L-1 + e_scale * sum_{i<=L-2} i``) and the curriculum ``C`` says which exits are on at step
+  ``L-1 + e_scale * sum_{i<=L-2} i``; with ``weighting="uniform"`` every early exit weighs
+  ``e_scale`` and the last layer 1, for drafting exits that must be strong well before the last
+  layer) and the curriculum ``C`` says which exits are on at step
   ``t``: ``"none"`` (all), ``"rotational"`` (every ``rotation``-th exit, shifted by one each step)
   or ``"gradual"`` (exits switched on from the last layer down to the first over the first half
   of training). The last layer is always on.
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 CURRICULA = ("none", "rotational", "gradual")
+WEIGHTINGS = ("depth", "uniform")
 DROPOUT_CURRICULA = ("constant", "exp")
 
 
@@ -40,14 +43,21 @@ def layer_dropout_rates(num_layers: int, p_max: float, step: int = 0, total_step
     return (min(max(s, 0.0), 1.0) * d * p_max).float()
 
 
-def exit_loss_scales(exit_layers: Sequence[int], num_layers: int, e_scale: float = 1.0) -> Tensor:
-    """``e_l`` for each exit (layers run, 1-based; ``num_layers`` = the last layer's output)."""
+def exit_loss_scales(exit_layers: Sequence[int], num_layers: int, e_scale: float = 1.0,
+                     weighting: str = "depth") -> Tensor:
+    """``e_l`` for each exit (layers run, 1-based; ``num_layers`` = the last layer's output):
+    LayerSkip's scale growing with depth (``"depth"``) or ``e_scale`` for every early exit and 1
+    for the last layer (``"uniform"``)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown early-exit loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
     out = []
     for k in exit_layers:
         if not 1 <= k <= num_layers:
             raise ValueError(f"exit layer {k} is outside 1..{num_layers}")
         idx = k - 1  # 0-based layer whose output the exit reads
-        if k == num_layers:
+        if weighting == "uniform":
+            out.append(1.0 if k == num_layers else e_scale)
+        elif k == num_layers:
             out.append(num_layers - 1 + e_scale * sum(range(num_layers - 1)))
         else:
             out.append(e_scale * sum(range(idx + 1)))

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from offramp.objectives.layerskip import (CURRICULA, DROPOUT_CURRICULA, curriculum_mask, early_exit_loss,
-                                          exit_loss_scales, layer_dropout_rates)
+from offramp.objectives.layerskip import (CURRICULA, DROPOUT_CURRICULA, WEIGHTINGS, curriculum_mask,
+                                          early_exit_loss, exit_loss_scales, layer_dropout_rates)
 from offramp.utils import atomic_dir, load_safetensors, load_torch_state, note
 
 STATE_NAME = "layerskip_state.json"
@@ -50,6 +50,8 @@ class LayerSkipArgs:
         exit_layers: the exits the early-exit loss trains (layers run, 1-based; the last layer is
             added); None: every layer.
         e_scale: the early-exit loss scale (0 trains the last layer only, like "plain").
+        weighting: how the exits' losses weigh: "depth" (LayerSkip's scale, growing with depth)
+            or "uniform" (every early exit ``e_scale``, the last layer 1).
         curriculum: which exits are on at a step: "rotational", "gradual" or "none".
         rotation: the rotational curriculum's period.
         p_max: the deepest layer's dropout rate.
@@ -72,6 +74,7 @@ class LayerSkipArgs:
     max_grad_norm: float = 1.0
     exit_layers: list[int] | None = None
     e_scale: float = 1.0
+    weighting: str = "depth"
     curriculum: str = "rotational"
     rotation: int = 2
     p_max: float = 0.1
@@ -93,6 +96,8 @@ class LayerSkipArgs:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.e_scale < 0:
             raise ValueError("lr must be > 0, warmup_steps and e_scale >= 0")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown early-exit loss weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
         if self.curriculum not in CURRICULA:
             raise ValueError(f"unknown early-exit curriculum {self.curriculum!r}; choose one of {CURRICULA}")
         if self.dropout_curriculum not in DROPOUT_CURRICULA:
@@ -235,7 +240,7 @@ def train_lm(model: nn.Module, tokens: Tensor, args: LayerSkipArgs, *, tokenizer
     state = _load_state(model, optimizer, out, args)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     layerskip = args.recipe == "layerskip"
-    scales = exit_loss_scales(exits, adapter.num_layers, args.e_scale if layerskip else 0.0)
+    scales = exit_loss_scales(exits, adapter.num_layers, args.e_scale if layerskip else 0.0, args.weighting)
     rank, world = accelerator.process_index, accelerator.num_processes
     state.update(recipe=args.recipe, exit_layers=exits, args={**asdict(args), "output_dir": str(out)})
     start, run_start = time.time() - state["seconds"], time.time()
