@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     train_args = LayerSkipArgs(args.out, recipe=args.recipe, max_steps=args.max_steps, batch_size=args.batch,
                                seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup, p_max=args.p_max,
                                e_scale=args.e_scale, weighting=args.weighting, curriculum=args.curriculum,
-                               rotation=args.rotation, exit_layers=args.exit_layers, max_minutes=args.minutes, save_every=args.save_every, seed=args.seed,
+                               rotation=args.rotation, exit_layers=args.exit_layers, max_minutes=args.minutes,
+                               save_every=args.save_every, seed=args.seed,
                                extra={"arch": args.arch, "data": "bbc", "tokens": len(ids),
                                       "params": sum(q.numel() for q in model.parameters())})
     print(f"tokens={len(ids)} params={train_args.extra['params']} out={args.out}", file=sys.stderr, flush=True)
