@@ -59,8 +59,10 @@ def _family(name: str) -> str:
     return name.split("@")[0].split("/")[0]
 
 
-def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings, peers=None) -> dict:
-    """offramp's methods (and the peers' ones, or only those named in ``peers``) by name."""
+def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings, peers=None,
+             drafters: dict | None = None) -> dict:
+    """offramp's methods (and the peers' ones, or only those named in ``peers``) by name;
+    ``spec_settings`` are (drafter, exit, d), drafter a key of ``drafters`` (exit models by head)."""
     new, pad = args.new_tokens, args.pad
 
     def hf(b):
@@ -74,10 +76,10 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
         methods[f"lossy@{args.policy}{t:g}/{strategy}"] = lambda b, t=t, strategy=strategy: generate(
             exits, b["input_ids"], b["attention_mask"], policy={"type": args.policy, "threshold": t},
             cache_strategy=strategy, max_new_tokens=new).new_tokens
-    for layer, d in spec_settings:
-        methods[f"speculative@{layer}/d{d}"] = lambda b, layer=layer, d=d: speculative_generate(
-            exits, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
-            max_new_tokens=new).new_tokens
+    for head, layer, d in spec_settings:
+        methods[_spec_name(head, layer, d)] = lambda b, m=(drafters or {}).get(head, exits), layer=layer, d=d: (
+            speculative_generate(m, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
+                                 max_new_tokens=new).new_tokens)
     if exits.adapter.kind == "attention":
         L = exits.adapter.num_layers
         layers = [k for k in args.spec_exits if k < L]
@@ -87,6 +89,22 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
                                            lookup=cycle == args.cycles[0], log=lambda m: None))
         methods.update({k: v for k, v in found.items() if peers is None or k in peers})
     return methods
+
+
+def _spec_name(head: str, layer: int, d: int) -> str:
+    return f"speculative@{layer}/d{d}" + ("" if head == "tied" else f"/{head}")
+
+
+def distilled_drafter(backbone, seqs, layers: list[int], head: str, epochs: int, log) -> DecoderExitModel:
+    """Exits at ``layers`` with ``head`` adapters distilled towards the last layer on the model's own
+    greedy continuations ``seqs`` (the backbone stays frozen)."""
+    from offramp.training.distill import collect_states, train_exit_heads
+
+    model = DecoderExitModel.from_backbone(backbone, exit_layers=layers, head=head)
+    states = collect_states(model, seqs)
+    hist = train_exit_heads(model, states, epochs=epochs, log=None)
+    log(f"  {head} drafting heads at {layers} distilled: loss {hist[0]:.3f} -> {hist[-1]:.3f}")
+    return model.eval()
 
 
 def measure(backbone, tok, methods: dict, prompts: list[str], repeats: int, log) -> dict:
@@ -169,22 +187,27 @@ def bench_model(name: str, args, log) -> dict:
         f"{[e['agreement'] for e in report['exits']]}")
     exit_layers = [k for k in range(args.exit_every, L, args.exit_every)]
     exits = DecoderExitModel.from_backbone(backbone, exit_layers=exit_layers, head="tied")
+    seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train", instruct=False,
+                                                            words=args.words), max_new_tokens=48)
     if args.policy == "token_confidence":  # the exits' confidence classifiers, on the model's own continuations
-        seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train", instruct=False,
-                                                                words=args.words), max_new_tokens=48)
         fit = fit_exits(exits, seqs, head_epochs=0, confidence_epochs=30, log=None)
         log(f"{name}: confidence classifiers fitted; exit-ok rate {[round(x, 2) for x in fit['exit_ok_rate']]}")
-    spec = [(k, d) for k in args.spec_exits if k in exit_layers for d in args.drafts]
+    spec_layers = [k for k in args.spec_exits if k in exit_layers]
+    drafters = {"tied": exits}
+    for head in args.spec_heads:
+        if head != "tied" and spec_layers:
+            drafters[head] = distilled_drafter(backbone, seqs, spec_layers, head, args.head_epochs, log)
+    spec = [(h, k, d) for h in args.spec_heads for k in spec_layers for d in args.drafts]
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words, skip=args.prompts)
     strategies = [x for x in args.cache_strategies if (x in ("freeze", "update")) == (arch == "mamba")]
     log(f"{name}: calibration ({len(args.thresholds)} thresholds x {len(strategies)} caches, "
         f"{len(spec)} speculation settings)")
     grid = [(x, t) for x in strategies for t in args.thresholds]
-    cal = measure(backbone, tok, _methods(backbone, exits, args, grid, spec), calib, 1, log)
+    cal = measure(backbone, tok, _methods(backbone, exits, args, grid, spec, drafters=drafters), calib, 1, log)
     ok = [(x, t) for x, t in grid if cal[f"lossy@{args.policy}{t:g}/{x}"]["agreement"] >= args.agreement]
     chosen_t = max(ok, key=lambda s: cal[f"lossy@{args.policy}{s[1]:g}/{s[0]}"]["ratio"]) if ok else None
-    chosen_s = max(spec, key=lambda s: cal[f"speculative@{s[0]}/d{s[1]}"]["ratio"]) if spec else None
+    chosen_s = max(spec, key=lambda s: cal[_spec_name(*s)]["ratio"]) if spec else None
     peers = {}  # each peer's fastest setting on the calibration prompts
     for m, row in cal.items():
         fam = _family(m)
@@ -193,21 +216,23 @@ def bench_model(name: str, args, log) -> dict:
             peers[fam] = m
     log(f"{name}: chose {args.policy} {chosen_t}, speculation {chosen_s}, peers {sorted(peers.values())}; evaluating")
     ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [],
-                                         [chosen_s] if chosen_s else [], set(peers.values())), evals,
+                                         [chosen_s] if chosen_s else [], set(peers.values()), drafters), evals,
                  args.repeats, log)
     plan = None
     if spec:  # the cost model's predictions for every setting, against what the calibration run measured
         from offramp.engines.generate import plan_speculation
 
         one = tok(calib[:1], return_tensors="pt")
-        pl = plan_speculation(exits, one["input_ids"], one["attention_mask"], max_new_tokens=args.new_tokens,
-                              draft_tokens=args.drafts, exit_layers=sorted({k for k, _ in spec}))
         never = cal["offramp_never_exit"]["tokens_per_s"]
-        plan = {"best": pl.best, "acceptance": pl.acceptance, "plain_step_s": pl.plain_step_s, "settings": [
-            {**row, "measured_vs_never_exit": round(
-                cal[f"speculative@{row['exit_layer']}/d{row['draft_tokens']}"]["tokens_per_s"] / never, 3)}
-            for row in pl.settings]}
-        log(f"{name}: plan {pl.summary()}")
+        plan = {}
+        for head in args.spec_heads:
+            pl = plan_speculation(drafters[head], one["input_ids"], one["attention_mask"],
+                                  max_new_tokens=args.new_tokens, draft_tokens=args.drafts, exit_layers=spec_layers)
+            plan[head] = {"best": pl.best, "acceptance": pl.acceptance, "plain_step_s": pl.plain_step_s, "settings": [
+                {**row, "measured_vs_never_exit": round(
+                    cal[_spec_name(head, row["exit_layer"], row["draft_tokens"])]["tokens_per_s"] / never, 3)}
+                for row in pl.settings]}
+            log(f"{name}: plan ({head} heads) {pl.summary()}")
     ceiling = None
     if chosen_t is not None:
         lossy = ev[f"lossy@{args.policy}{chosen_t[1]:g}/{chosen_t[0]}"]
@@ -241,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-every", type=int, default=2, help="lossy: an exit every this many layers")
     p.add_argument("--spec-exits", default="3,4,6")
     p.add_argument("--drafts", default="2,3,4")
+    p.add_argument("--spec-heads", default="tied",
+                   help="drafting heads: tied (the model's own head) and/or ffn / block adapters distilled on "
+                        "the model's greedy continuations of the --train-prompts")
+    p.add_argument("--head-epochs", type=int, default=3, help="distillation epochs of the ffn / block heads")
     p.add_argument("--cycles", default="3,4,5", help="economize: cycle lengths to try")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -249,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_strategies = [x for x in args.cache_strategies.split(",") if x]
     args.spec_exits = [int(x) for x in args.spec_exits.split(",") if x]
     args.drafts = [int(x) for x in args.drafts.split(",") if x]
+    args.spec_heads = [x for x in args.spec_heads.split(",") if x]
+    bad = [h for h in args.spec_heads if h not in ("tied", "ffn", "block")]
+    if bad:
+        p.error(f"--spec-heads takes tied, ffn and block, got {bad}")
     args.cycles = [int(x) for x in args.cycles.split(",") if x]
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else [m for m in DEFAULT_MODELS if (CACHE / m).exists()]
