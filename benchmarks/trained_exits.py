@@ -59,8 +59,8 @@ def _family(name: str) -> str:
     return name.split("@")[0].split("/")[0]
 
 
-def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings, peers=None,
-             drafters: dict | None = None) -> dict:
+def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings, drafters: dict,
+             peers=None) -> dict:
     """offramp's methods (and the peers' ones, or only those named in ``peers``) by name;
     ``spec_settings`` are (drafter, exit, d), drafter a key of ``drafters`` (exit models by head)."""
     new, pad = args.new_tokens, args.pad
@@ -77,7 +77,7 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
             exits, b["input_ids"], b["attention_mask"], policy={"type": args.policy, "threshold": t},
             cache_strategy=strategy, max_new_tokens=new).new_tokens
     for head, layer, d in spec_settings:
-        methods[_spec_name(head, layer, d)] = lambda b, m=(drafters or {}).get(head, exits), layer=layer, d=d: (
+        methods[_spec_name(head, layer, d)] = lambda b, m=drafters[head], layer=layer, d=d: (
             speculative_generate(m, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
                                  max_new_tokens=new).new_tokens)
     if exits.adapter.kind == "attention":
@@ -187,16 +187,17 @@ def bench_model(name: str, args, log) -> dict:
         f"{[e['agreement'] for e in report['exits']]}")
     exit_layers = [k for k in range(args.exit_every, L, args.exit_every)]
     exits = DecoderExitModel.from_backbone(backbone, exit_layers=exit_layers, head="tied")
-    seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train", instruct=False,
-                                                            words=args.words), max_new_tokens=48)
+    spec_layers = [k for k in args.spec_exits if k in exit_layers]
+    distil = [h for h in args.spec_heads if h != "tied"] if spec_layers else []
+    seqs = None  # the model's greedy continuations of training prompts, when something is fitted on them
+    if args.policy == "token_confidence" or distil:
+        seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train", instruct=False,
+                                                                words=args.words), max_new_tokens=48)
     if args.policy == "token_confidence":  # the exits' confidence classifiers, on the model's own continuations
         fit = fit_exits(exits, seqs, head_epochs=0, confidence_epochs=30, log=None)
         log(f"{name}: confidence classifiers fitted; exit-ok rate {[round(x, 2) for x in fit['exit_ok_rate']]}")
-    spec_layers = [k for k in args.spec_exits if k in exit_layers]
-    drafters = {"tied": exits}
-    for head in args.spec_heads:
-        if head != "tied" and spec_layers:
-            drafters[head] = distilled_drafter(backbone, seqs, spec_layers, head, args.head_epochs, log)
+    drafters = {"tied": exits, **{h: distilled_drafter(backbone, seqs, spec_layers, h, args.head_epochs, log)
+                                  for h in distil}}
     spec = [(h, k, d) for h in args.spec_heads for k in spec_layers for d in args.drafts]
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words, skip=args.prompts)
@@ -204,7 +205,7 @@ def bench_model(name: str, args, log) -> dict:
     log(f"{name}: calibration ({len(args.thresholds)} thresholds x {len(strategies)} caches, "
         f"{len(spec)} speculation settings)")
     grid = [(x, t) for x in strategies for t in args.thresholds]
-    cal = measure(backbone, tok, _methods(backbone, exits, args, grid, spec, drafters=drafters), calib, 1, log)
+    cal = measure(backbone, tok, _methods(backbone, exits, args, grid, spec, drafters), calib, 1, log)
     ok = [(x, t) for x, t in grid if cal[f"lossy@{args.policy}{t:g}/{x}"]["agreement"] >= args.agreement]
     chosen_t = max(ok, key=lambda s: cal[f"lossy@{args.policy}{s[1]:g}/{s[0]}"]["ratio"]) if ok else None
     chosen_s = max(spec, key=lambda s: cal[_spec_name(*s)]["ratio"]) if spec else None
@@ -216,7 +217,7 @@ def bench_model(name: str, args, log) -> dict:
             peers[fam] = m
     log(f"{name}: chose {args.policy} {chosen_t}, speculation {chosen_s}, peers {sorted(peers.values())}; evaluating")
     ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [],
-                                         [chosen_s] if chosen_s else [], set(peers.values()), drafters), evals,
+                                         [chosen_s] if chosen_s else [], drafters, set(peers.values())), evals,
                  args.repeats, log)
     plan = None
     if spec:  # the cost model's predictions for every setting, against what the calibration run measured
