@@ -8,9 +8,9 @@ import pytest
 import torch
 from decoder_models import ragged_prompts, tiny_decoder
 
-from offramp.engines.generate import generate
+from offramp.engines.generate import generate, plan_speculation
 from offramp.engines.generate.sampling import SamplingOptions
-from offramp.engines.generate.speculative import speculative_generate
+from offramp.engines.generate.speculative import frequent_tokens, speculative_generate
 from offramp.modeling.decoder import DecoderExitModel
 
 ATTENTION = ["llama", "qwen3", "mistral", "gemma3", "gpt2"]
@@ -126,16 +126,55 @@ def test_acceptance_rule_keeps_the_target_distribution() -> None:
     assert abs(float(kept.float().mean()) - float(expected)) < 0.005
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("family", ["llama", "mamba"])
-def test_speculative_sampling_follows_the_full_models_distribution(family: str) -> None:
+def test_a_draft_vocabulary_limits_the_drafts_and_keeps_the_output(family: str) -> None:
+    lm, exits = _drafting(family, 0.0)  # the exit is the full model: every draft it can make is right
+    ids, mask = ragged_prompts(3)
+    ref = generate(lm, ids, mask, max_new_tokens=12)
+    made = frequent_tokens(list(ref.new_tokens), 1000)  # every token the model emits
+    assert set(made.tolist()) == set(ref.new_tokens.flatten().tolist())
+    some = made[: len(made) // 2]  # half of them: a draft of the other half is impossible
+    for vocab, full in ((made, True), (some, False), (None, True)):
+        out = speculative_generate(exits, ids, mask, exit_layer=2, draft_tokens=3, max_new_tokens=12,
+                                   draft_vocab=vocab)
+        assert torch.equal(out.sequences, ref.sequences), (family, vocab)
+        spec = out.extra["speculation"]
+        assert (spec["acceptance"] == 1.0) == full, spec
+        assert spec["draft_vocab"] == (None if vocab is None else len(vocab))
+    plan = plan_speculation(exits, ids, mask, max_new_tokens=12, draft_tokens=(3,), repeats=2, draft_vocab=some)
+    assert plan.acceptance[2] < 1.0 and plan.draft_head_s is not None
+    rounds = speculative_generate(exits, ids, mask, exit_layer=2, draft_tokens=3, max_new_tokens=12,
+                                  draft_vocab=some).extra["speculation"]["row_rounds"]
+    assert round((int((ref.exit_layers > 0).sum()) - 3) / rounds, 3) == plan.settings[0]["tokens_per_round"]
+
+
+def test_frequent_tokens_and_bad_draft_vocabularies() -> None:
+    seqs = [torch.tensor([5, 5, 7, 9]), [7, 5, 11]]
+    assert frequent_tokens(seqs, 2).tolist() == [5, 7]  # 5 three times, 7 twice
+    assert frequent_tokens(seqs, 2, always=[3]).tolist() == [3, 5, 7]
+    assert frequent_tokens(seqs, 9).tolist() == [5, 7, 9, 11]
+    with pytest.raises(ValueError, match="k must be"):
+        frequent_tokens(seqs, 0)
+    _, exits = _drafting("llama", 1.0)
+    ids, mask = ragged_prompts(2)
+    for bad, match in ((torch.tensor([1, 200]), "outside the model's vocabulary"), ([4, 4], "repeats"),
+                       (torch.zeros(2, 2, dtype=torch.long), "1-D"), (torch.tensor([1.0, 2.0]), "1-D"), ([], "1-D")):
+        with pytest.raises(ValueError, match=match):
+            speculative_generate(exits, ids, mask, draft_vocab=bad)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family,vocab", [("llama", None), ("llama", 48), ("mamba", None)])
+def test_speculative_sampling_follows_the_full_models_distribution(family: str, vocab: int | None) -> None:
     lm, exits = _drafting(family, 1.0)
     lm.lm_head.weight.mul_(40 if family == "llama" else 10)  # peaked: the exit's differ from the full model's
     prompt = torch.tensor([[5, 17, 42, 9]])
     n = 3000 if family == "llama" else 6000  # flatter: more samples for the same noise
     opts = SamplingOptions(do_sample=True, temperature=1.5, seed=0)
+    # with a draft vocabulary (its first ``vocab`` ids, q zero elsewhere) the tokens still follow p
     out = speculative_generate(exits, prompt.expand(n, 4), torch.ones(n, 4, dtype=torch.long), exit_layer=2,
-                               draft_tokens=3, max_new_tokens=3, sampling=opts)
+                               draft_tokens=3, max_new_tokens=3, sampling=opts,
+                               draft_vocab=None if vocab is None else torch.arange(vocab))
     assert out.extra["speculation"]["sampled"] and 0 < out.extra["speculation"]["acceptance"] < 1
     v = lm.config.vocab_size
     # exact marginal of the second token: sum over t1 of p(t1) p(t2 | t1), temperature 1.5
@@ -152,7 +191,7 @@ def test_speculative_sampling_follows_the_full_models_distribution(family: str) 
 
 @pytest.mark.parametrize("family,scale", [("llama", 0.0), ("llama", 0.5), ("llama", 1.0), ("mamba", 0.5)])
 def test_plan_replays_the_rounds_speculation_takes(family: str, scale: float) -> None:
-    from offramp.engines.generate.plan import exit_matches, plan_speculation, replay_rounds
+    from offramp.engines.generate.plan import exit_matches, replay_rounds
 
     lm, _ = _drafting(family, scale)
     exits = DecoderExitModel.from_backbone(lm, exit_layers=[1, 2, 3], head="tied")

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from offramp.engines.generate.engine import _check_inputs, generate
 from offramp.engines.generate.sampling import SamplingOptions
-from offramp.engines.generate.speculative import _Speculator, check_speculation, draft_cache_strategy
+from offramp.engines.generate.speculative import (_Speculator, check_draft_vocab, check_speculation,
+                                                  draft_cache_strategy)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class SpeculationPlan:
     head_s: dict[int, float]           # exit head + LM head on w tokens per row, by w
     embed_s: float
     acceptance: dict[int, float]       # per exit layer: the share of positions its greedy token is the model's
+    draft_head_s: float | None = None  # the exit head + LM head over the draft vocabulary (None: the whole one)
     settings: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     margin: float = 0.05
@@ -58,7 +60,8 @@ class SpeculationPlan:
         """One round: d+1 tokens through layers 1..E (the pending token and d drafts), d exit
         heads, then layers E+1..L and the head on d+1 tokens at once."""
         L = self.num_layers
-        return ((d + 1) * (self.embed_s + exit_layer * self.layer_s[1]) + d * self.head_s[1]
+        draft = self.head_s[1] if self.draft_head_s is None else self.draft_head_s
+        return ((d + 1) * (self.embed_s + exit_layer * self.layer_s[1]) + d * draft
                 + (L - exit_layer) * self.layer_s[d + 1] + self.head_s[d + 1])
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,9 +109,11 @@ def median_seconds(fn, repeats: int = 5) -> float:
 
 @torch.no_grad()
 def measure_costs(model: Any, input_ids: Tensor, attention_mask: Tensor, widths: Sequence[int],
-                  exit_index: int, repeats: int = 5) -> tuple[dict[int, float], dict[int, float], float]:
-    """(per-layer seconds by width, head seconds by width, embed seconds) through the engine's cache."""
-    spec = _Speculator(model, exit_index, input_ids, attention_mask, max(widths) + 1, max(widths))
+                  exit_index: int, repeats: int = 5, draft_vocab: Tensor | None = None
+                  ) -> tuple[dict[int, float], dict[int, float], float, float | None]:
+    """(per-layer seconds by width, head seconds by width, embed seconds, the drafting head's
+    seconds over ``draft_vocab`` or None) through the engine's cache."""
+    spec = _Speculator(model, exit_index, input_ids, attention_mask, max(widths) + 1, max(widths), draft_vocab)
     spec.run.prefill(input_ids, attention_mask)
     b, p = input_ids.shape
     rows = torch.arange(b, device=input_ids.device)
@@ -123,14 +128,20 @@ def measure_costs(model: Any, input_ids: Tensor, attention_mask: Tensor, widths:
         spec.run.valid[:, p:p + w] = False
     tok = input_ids[:, -1:]
     embed_s = median_seconds(lambda: ad.embed(tok, spec.run.pos[:, p:p + 1]), repeats)
-    return layer_s, head_s, embed_s
+    draft_s = None
+    if draft_vocab is not None:
+        h = ad.embed(tok, spec.run.pos[:, p:p + 1])
+        draft_s = median_seconds(lambda: spec.draft_logits(h).argmax(-1), repeats)
+    return layer_s, head_s, embed_s, draft_s
 
 
 @torch.no_grad()
 def exit_matches(model: Any, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                 sampling: SamplingOptions) -> tuple[dict[int, list[list[bool]]], list[int]]:
+                 sampling: SamplingOptions, draft_vocab: Tensor | None = None
+                 ) -> tuple[dict[int, list[list[bool]]], list[int]]:
     """Greedy decoding once with the full model; per exit layer and row, whether the exit's greedy
-    token at each generated position equals the model's; and each row's output length."""
+    token (among ``draft_vocab``'s, when given) at each generated position equals the model's; and
+    each row's output length."""
     out = generate(model.backbone, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampling=sampling)
     lengths = [int(n) for n in (out.exit_layers > 0).sum(1).tolist()]
     seq = out.sequences
@@ -141,7 +152,12 @@ def exit_matches(model: Any, input_ids: Tensor, attention_mask: Tensor, max_new_
     for e, k in enumerate(model.exit_layers):
         if model.heads[e].stateful:
             continue
-        pred = model.exit_logits(res.exit_features[e]).argmax(-1)  # (b, t): the token after each position
+        logits = model.exit_logits(res.exit_features[e])
+        if draft_vocab is None:
+            pred = logits.argmax(-1)  # (b, t): the token after each position
+        else:
+            vocab = draft_vocab.to(logits.device)
+            pred = vocab[logits.index_select(-1, vocab).argmax(-1)]
         # the token at generated position i is predicted at sequence position p + i - 1
         hit = pred[:, p - 1:p - 1 + out.new_tokens.shape[1]] == out.new_tokens
         matches[k] = [[bool(x) for x in row[:n]] for row, n in zip(hit.tolist(), lengths)]
@@ -151,9 +167,10 @@ def exit_matches(model: Any, input_ids: Tensor, attention_mask: Tensor, max_new_
 def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                      max_new_tokens: int = 32, draft_tokens: Sequence[int] = (1, 2, 3, 4, 6),
                      exit_layers: Sequence[int] | None = None, margin: float = 0.05, repeats: int = 5,
-                     sampling: SamplingOptions | None = None) -> SpeculationPlan:
+                     sampling: SamplingOptions | None = None, draft_vocab: Any = None) -> SpeculationPlan:
     """Measure and choose (see the module docstring). ``input_ids`` / ``attention_mask``: a batch
-    like the ones to decode (its size and prompt lengths set the costs)."""
+    like the ones to decode (its size and prompt lengths set the costs); ``draft_vocab``: the
+    tokens the exits draft among, as ``speculative_generate`` takes it."""
     sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
     if not draft_tokens or min(draft_tokens) < 1:
         raise ValueError(f"draft_tokens must be a non-empty list of counts >= 1, got {list(draft_tokens)}")
@@ -165,6 +182,7 @@ def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | Non
         k for e, k in enumerate(model.exit_layers) if not model.heads[e].stateful]
     for k in candidates:
         check_speculation(model, greedy, 1, None, k)
+    vocab = check_draft_vocab(model, draft_vocab)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
@@ -172,14 +190,14 @@ def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | Non
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     widths = sorted({1, *[d + 1 for d in draft_tokens]})
     e0 = list(model.exit_layers).index(candidates[0])
-    layer_s, head_s, embed_s = measure_costs(model, ids, attn, widths, e0, repeats)
-    matches, lengths = exit_matches(model, ids, attn, max_new_tokens, greedy)
+    layer_s, head_s, embed_s, draft_s = measure_costs(model, ids, attn, widths, e0, repeats, vocab)
+    matches, lengths = exit_matches(model, ids, attn, max_new_tokens, greedy, vocab)
 
     def acceptance(rows: list[list[bool]]) -> float:  # position 0 comes from the prompt's pass
         return round(sum(sum(r[1:]) for r in rows) / max(1, sum(len(r) - 1 for r in rows)), 4)
 
     plan = SpeculationPlan(batch_size=ids.shape[0], num_layers=model.adapter.num_layers, layer_s=layer_s,
-                           head_s=head_s, embed_s=embed_s, margin=margin,
+                           head_s=head_s, embed_s=embed_s, margin=margin, draft_head_s=draft_s,
                            acceptance={k: acceptance(matches[k]) for k in candidates})
     plain_s = (max(lengths) - 1) * plan.plain_step_s  # the first token comes from the prompt's pass in both
     for k in candidates:

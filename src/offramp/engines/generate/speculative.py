@@ -105,6 +105,44 @@ def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, 
     return e
 
 
+def check_draft_vocab(model: Any, draft_vocab: Any) -> Tensor | None:
+    """The draft vocabulary as a 1-D long tensor of distinct token ids of the model (ValueError
+    naming the fix otherwise); None stays None."""
+    if draft_vocab is None:
+        return None
+    vocab = torch.as_tensor(draft_vocab)
+    if vocab.dim() != 1 or vocab.numel() == 0 or vocab.dtype.is_floating_point or vocab.dtype == torch.bool:
+        raise ValueError(f"draft_vocab must be a non-empty 1-D list of token ids, got shape {tuple(vocab.shape)} "
+                         f"dtype {vocab.dtype}: build one with frequent_tokens(sequences, k)")
+    vocab = vocab.long()
+    size = model.adapter.vocab_size
+    if int(vocab.min()) < 0 or int(vocab.max()) >= size:
+        raise ValueError(f"draft_vocab holds ids outside the model's vocabulary [0, {size}): "
+                         f"{int(vocab.min())}..{int(vocab.max())}; was it built with another tokenizer?")
+    if vocab.unique().numel() != vocab.numel():
+        raise ValueError("draft_vocab repeats token ids: pass each id once (frequent_tokens does)")
+    return vocab
+
+
+def frequent_tokens(sequences: Any, k: int, always: Any = ()) -> Tensor:
+    """The ``k`` token ids most frequent in ``sequences`` (token-id tensors or lists; ties by id),
+    plus the ids in ``always`` (EOS, say), as a draft vocabulary (FR-Spec, Zhao et al. 2025): the
+    exit then drafts among these tokens only, so a draft costs the head's rows of k tokens instead
+    of the whole vocabulary. Verification stays exact, so output is unchanged; a token outside the
+    set is never drafted and ends the round's accepted run."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    counts: dict[int, int] = {}
+    for seq in sequences:
+        for t in torch.as_tensor(seq).reshape(-1).tolist():
+            counts[t] = counts.get(t, 0) + 1
+    if not counts:
+        raise ValueError("frequent_tokens needs token sequences to count (got none)")
+    top = sorted(counts, key=lambda t: (-counts[t], t))[:k]
+    extra = [int(t) for t in torch.as_tensor(list(always), dtype=torch.long).reshape(-1).tolist() if int(t) not in top]
+    return torch.tensor(sorted(set(top + extra)), dtype=torch.long)
+
+
 def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Run an HF ``MambaBlock`` or ``Mamba2Block`` on the w tokens h (r, w, d) that follow the
     states conv (r, C, K) and ssm: its output (r, w, d) and the states after each token (w of each).
@@ -193,15 +231,31 @@ def _mamba2_scan(m: nn.Module, xs: Tensor, dt: Tensor, ssm: Tensor) -> tuple[lis
 class _Speculator:
     """One call's state on top of the token-exit engine's cache and per-row positions."""
 
-    def __init__(self, model: Any, exit_index: int, ids: Tensor, attn: Tensor, max_new: int, d: int) -> None:
+    def __init__(self, model: Any, exit_index: int, ids: Tensor, attn: Tensor, max_new: int, d: int,
+                 draft_vocab: Tensor | None = None) -> None:
         self.model, self.ad, self.e, self.d = model, model.adapter, exit_index, d
         self.E = model.exit_layers[exit_index]
         self.ssm = self.ad.kind == "ssm"
+        self.vocab = self.weight = self.bias = None
+        if draft_vocab is not None:  # the LM head's rows of the draft vocabulary, taken once per call
+            head = self.ad.lm_head()
+            self.vocab = draft_vocab.to(head.weight.device)
+            self.weight = head.weight.index_select(0, self.vocab)
+            self.bias = None if getattr(head, "bias", None) is None else head.bias.index_select(0, self.vocab)
         # every round takes d + 1 columns and yields >= 1 token: max_new rounds at most
         self.run = _Run(self.ad, model, None, draft_cache_strategy(self.ad), ids, attn, max_new * (d + 1))
         self.run.valid[:, ids.shape[1]:] = False
         self.L = self.run.L
         self.trail: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # Mamba: layer -> each token's states
+
+    def draft_logits(self, states: Tensor) -> Tensor:
+        """The drafting exit's logits at the last position of ``states`` (r, w, d): over the whole
+        vocabulary, or over the draft vocabulary's tokens (r, k) in its order."""
+        features = self.model.features(self.e, states)[:, -1]
+        if self.vocab is None:
+            return self.ad.logits(features[:, None])[:, 0]
+        x = self.ad.final_norm()(features.to(self.weight.device))
+        return self.ad.softcap(F.linear(x, self.weight, self.bias))
 
     def _chunk(self, h: Tensor, rows: Tensor, full: bool, layers: range, commit: bool) -> Tensor:
         """Mamba: run ``layers`` on h (r, w, d), each from its stored states, keeping every token's
@@ -299,13 +353,19 @@ class _Speculator:
             states.append(self._layers(h, rows, full, c, range(self.E), commit=True))
             if j == d or not sure:  # the last draft's states are in: verify what was drafted
                 break
-            logits = self.ad.logits(self.model.features(self.e, states[-1]))[:, -1]
+            logits = self.draft_logits(states[-1])
             run.head_rows += rows.numel()
             if sample:
-                q.append(sampling_probs(logits, sampling))
-                tokens.append(torch.multinomial(q[-1], 1, generator=generator)[:, 0].to(pending.device))
+                probs = sampling_probs(logits, sampling)
+                drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                if self.vocab is not None:  # q is zero outside the draft vocabulary
+                    probs = probs.new_zeros(probs.shape[0], self.ad.vocab_size).index_copy_(1, self.vocab, probs)
+                    drawn = self.vocab[drawn]
+                q.append(probs)
+                tokens.append(drawn.to(pending.device))
             else:
-                tokens.append(logits.argmax(-1).to(pending.device))
+                best = logits.argmax(-1)
+                tokens.append((best if self.vocab is None else self.vocab[best]).to(pending.device))
             sure = threshold is None or bool((logits.float().softmax(-1).amax(-1) >= threshold).any())
         k = len(tokens) - 1
         run.valid[rows, col + k + 1:col + d + 1] = False  # columns this round did not draft into
@@ -333,7 +393,7 @@ class _Speculator:
 def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                          exit_layer: int | None = None, draft_tokens: int = 3, draft_confidence: float | None = None,
                          max_new_tokens: int = 32, sampling: SamplingOptions | None = None,
-                         tokenizer: Any = None) -> GenerateOutput:
+                         draft_vocab: Any = None, tokenizer: Any = None) -> GenerateOutput:
     """Greedy decoding or sampling, drafted by a token exit and verified by the rest of the model.
 
     Args:
@@ -347,6 +407,8 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
         sampling: EOS, padding, and sampling with temperature / top-p / seed (speculative sampling:
             the tokens are distributed as the full model's sampling draws them, though not the
             same draws); greedy by default. A repetition penalty is refused.
+        draft_vocab: token ids the exit drafts among (``frequent_tokens``); None: the whole
+            vocabulary. Drafting then reads only those rows of the LM head; the output is unchanged.
         tokenizer: decodes ``texts`` when given.
 
     Returns:
@@ -356,13 +418,14 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     """
     sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
     e = check_speculation(model, sampling, draft_tokens, draft_confidence, exit_layer)
+    vocab = check_draft_vocab(model, draft_vocab)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
     dev = model.adapter.layer_device(0)
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     start = time.perf_counter()
-    spec = _Speculator(model, e, ids, attn, max_new_tokens, draft_tokens)
+    spec = _Speculator(model, e, ids, attn, max_new_tokens, draft_tokens, vocab)
     b, p = ids.shape
     out = torch.full((b, max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)
     count = torch.zeros(b, dtype=torch.long, device=dev)
@@ -414,4 +477,5 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
                           texts=texts, extra={"speculation": {**stats.to_dict(), "exit_layer": spec.E,
                                                               "draft_tokens": draft_tokens,
                                                               "draft_confidence": draft_confidence,
+                                                              "draft_vocab": None if vocab is None else vocab.numel(),
                                                               "sampled": sampling.do_sample}})
