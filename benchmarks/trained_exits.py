@@ -9,7 +9,8 @@ For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` fol
 
 - per exit, on held-out BBC text (teacher-forced): perplexity and top-1 agreement with the last layer;
 - tokens/s at batch 1, greedy, on held-out BBC openings as continuation prompts, as a ratio to
-  plain HF ``generate`` of the same model in the same run (methods interleaved, median of repeats):
+  plain HF ``generate`` of the same model in the same run (methods interleaved prompt by prompt, median
+  of repeats):
   - ``lossy``: token exits on the model's own head (``head="tied"``) with a ``token_confidence``
     threshold (its confidence classifiers fitted on the model's greedy continuations of BBC
     training prompts) or ``max_prob``. The (cache strategy, threshold) pair is the fastest of
@@ -46,7 +47,7 @@ from generate_speed import real_tokens, teacher_forced_agreement  # noqa: E402
 from peers import economize_methods, hf_methods  # noqa: E402
 
 from offramp.data.assets import CACHE, bbc_articles, bbc_prompts, load_causal_lm  # noqa: E402
-from offramp.engines.generate import generate, speculative_generate  # noqa: E402
+from offramp.engines.generate import frequent_tokens, generate, speculative_generate  # noqa: E402
 from offramp.modeling import DecoderExitModel  # noqa: E402
 from offramp.training.distill import fit_exits, greedy_continuations  # noqa: E402
 from offramp.training.layerskip import exit_report  # noqa: E402
@@ -62,7 +63,8 @@ def _family(name: str) -> str:
 def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings, drafters: dict,
              peers=None) -> dict:
     """offramp's methods (and the peers' ones, or only those named in ``peers``) by name;
-    ``spec_settings`` are (drafter, exit, d), drafter a key of ``drafters`` (exit models by head)."""
+    ``spec_settings`` are (drafter, exit, d, draft confidence or None, draft vocabulary or None),
+    drafter a key of ``drafters`` (exit models by head)."""
     new, pad = args.new_tokens, args.pad
 
     def hf(b):
@@ -76,10 +78,11 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
         methods[f"lossy@{args.policy}{t:g}/{strategy}"] = lambda b, t=t, strategy=strategy: generate(
             exits, b["input_ids"], b["attention_mask"], policy={"type": args.policy, "threshold": t},
             cache_strategy=strategy, max_new_tokens=new).new_tokens
-    for head, layer, d in spec_settings:
-        methods[_spec_name(head, layer, d)] = lambda b, m=drafters[head], layer=layer, d=d: (
-            speculative_generate(m, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
-                                 max_new_tokens=new).new_tokens)
+    for head, layer, d, conf, vocab in spec_settings:
+        methods[_spec_name(head, layer, d, conf, vocab)] = lambda b, m=drafters[head], layer=layer, d=d, c=conf, \
+                v=vocab: speculative_generate(m, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
+                                 draft_confidence=c, draft_rule=args.draft_rule, draft_vocab=v,
+                                 max_new_tokens=new).new_tokens
     if exits.adapter.kind == "attention":
         L = exits.adapter.num_layers
         layers = [k for k in args.spec_exits if k < L]
@@ -91,18 +94,20 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
     return methods
 
 
-def _spec_name(head: str, layer: int, d: int) -> str:
-    return f"speculative@{layer}/d{d}" + ("" if head == "tied" else f"/{head}")
+def _spec_name(head: str, layer: int, d: int, conf: float | None = None, vocab=None) -> str:
+    """speculative@E/dD[/cC][/HEAD][/vK]: exit, draft length, draft confidence, drafting head, draft vocabulary."""
+    return (f"speculative@{layer}/d{d}" + ("" if conf is None else f"/c{conf:g}")
+            + ("" if head == "tied" else f"/{head}") + ("" if vocab is None else f"/v{len(vocab)}"))
 
 
-def distilled_drafter(backbone, seqs, layers: list[int], head: str, epochs: int, log) -> DecoderExitModel:
+def distilled_drafter(backbone, seqs, layers: list[int], head: str, epochs: int, log,
+                      confidence: bool = False) -> DecoderExitModel:
     """Exits at ``layers`` with ``head`` adapters distilled towards the last layer on the model's own
-    greedy continuations ``seqs`` (the backbone stays frozen)."""
-    from offramp.training.distill import collect_states, train_exit_heads
-
+    greedy continuations ``seqs`` (the backbone stays frozen), and with ``confidence`` their
+    confidence classifiers fitted on them too."""
     model = DecoderExitModel.from_backbone(backbone, exit_layers=layers, head=head)
-    states = collect_states(model, seqs)
-    hist = train_exit_heads(model, states, epochs=epochs, log=None)
+    fit = fit_exits(model, seqs, head_epochs=epochs, confidence_epochs=30 if confidence else 0, log=None)
+    hist = fit["head_loss"]
     log(f"  {head} drafting heads at {layers} distilled: loss {hist[0]:.3f} -> {hist[-1]:.3f}")
     return model.eval()
 
@@ -115,12 +120,17 @@ def measure(backbone, tok, methods: dict, prompts: list[str], repeats: int, log)
         fn(batches[0])  # warm-up
     times = {m: [] for m in methods}
     outs = {}
+    order = list(methods)
     for rep in range(repeats):
-        for name, fn in methods.items():
-            t0 = time.perf_counter()
-            res = [fn(b) for b in batches]
-            times[name].append(time.perf_counter() - t0)
-            outs[name] = [real_tokens(r, eos)[0] for r in res]
+        spent, res = dict.fromkeys(methods, 0.0), {m: [] for m in methods}
+        for i, b in enumerate(batches):  # every method on a prompt before the next: a change of load hits all
+            for name in order if (i + rep) % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                res[name].append(methods[name](b))
+                spent[name] += time.perf_counter() - t0
+        for name in methods:
+            times[name].append(spent[name])
+            outs[name] = [real_tokens(r, eos)[0] for r in res[name]]
         log(f"  repeat {rep + 1}/{repeats}")
     ref = outs["hf_generate"]
     base = sum(len(r) for r in ref) / statistics.median(times["hf_generate"])
@@ -190,15 +200,20 @@ def bench_model(name: str, args, log) -> dict:
     spec_layers = [k for k in args.spec_exits if k in exit_layers]
     distil = [h for h in args.spec_heads if h != "tied"] if spec_layers else []
     seqs = None  # the model's greedy continuations of training prompts, when something is fitted on them
-    if args.policy == "token_confidence" or distil:
+    confident = args.draft_rule == "token_confidence" and any(c is not None for c in args.draft_confidences)
+    if args.policy == "token_confidence" or distil or confident or args.draft_vocab:
         seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train", instruct=False,
                                                                 words=args.words), max_new_tokens=48)
-    if args.policy == "token_confidence":  # the exits' confidence classifiers, on the model's own continuations
+    if args.policy == "token_confidence" or confident:  # the exits' confidence classifiers, on the same
         fit = fit_exits(exits, seqs, head_epochs=0, confidence_epochs=30, log=None)
         log(f"{name}: confidence classifiers fitted; exit-ok rate {[round(x, 2) for x in fit['exit_ok_rate']]}")
-    drafters = {"tied": exits, **{h: distilled_drafter(backbone, seqs, spec_layers, h, args.head_epochs, log)
-                                  for h in distil}}
-    spec = [(h, k, d) for h in args.spec_heads for k in spec_layers for d in args.drafts]
+    drafters = {"tied": exits, **{h: distilled_drafter(backbone, seqs, spec_layers, h, args.head_epochs, log,
+                                                       confidence=confident) for h in distil}}
+    vocab = None  # the draft vocabulary: the tokens most frequent in the model's own continuations
+    if args.draft_vocab:
+        vocab = frequent_tokens([seq[p:] for seq, p in seqs], args.draft_vocab, always=[tok.eos_token_id])
+    spec = [(h, k, d, c, vocab) for h in args.spec_heads for k in spec_layers for d in args.drafts
+            for c in args.draft_confidences]
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words, skip=args.prompts)
     strategies = [x for x in args.cache_strategies if (x in ("freeze", "update")) == (arch == "mamba")]
@@ -215,10 +230,12 @@ def bench_model(name: str, args, log) -> dict:
         if fam.startswith(("hf_assistant", "hf_prompt", "economize")) and (
                 fam not in peers or row["ratio"] > cal[peers[fam]]["ratio"]):
             peers[fam] = m
-    log(f"{name}: chose {args.policy} {chosen_t}, speculation {chosen_s}, peers {sorted(peers.values())}; evaluating")
-    ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [],
-                                         [chosen_s] if chosen_s else [], drafters, set(peers.values())), evals,
-                 args.repeats, log)
+    spec_label = chosen_s and _spec_name(*chosen_s)
+    log(f"{name}: chose {args.policy} {chosen_t}, speculation {spec_label}, peers {sorted(peers.values())}; evaluating")
+    # the chosen speculation setting, and (with a draft vocabulary) the same drafting the whole vocabulary
+    ev_spec = [chosen_s, chosen_s[:4] + (None,)] if chosen_s and vocab is not None else [chosen_s] if chosen_s else []
+    ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [], ev_spec, drafters,
+                                         set(peers.values())), evals, args.repeats, log)
     plan = None
     if spec:  # the cost model's predictions for every setting, against what the calibration run measured
         from offramp.engines.generate import plan_speculation
@@ -228,11 +245,14 @@ def bench_model(name: str, args, log) -> dict:
         plan = {}
         for head in args.spec_heads:
             pl = plan_speculation(drafters[head], one["input_ids"], one["attention_mask"],
-                                  max_new_tokens=args.new_tokens, draft_tokens=args.drafts, exit_layers=spec_layers)
-            plan[head] = {"best": pl.best, "acceptance": pl.acceptance, "plain_step_s": pl.plain_step_s, "settings": [
-                {**row, "measured_vs_never_exit": round(
-                    cal[_spec_name(head, row["exit_layer"], row["draft_tokens"])]["tokens_per_s"] / never, 3)}
-                for row in pl.settings]}
+                                  max_new_tokens=args.new_tokens, draft_tokens=args.drafts, exit_layers=spec_layers,
+                                  draft_vocab=vocab)
+            rows = []
+            for row in pl.settings:  # (settings that always draft d tokens: what the plan models)
+                got = cal.get(_spec_name(head, row["exit_layer"], row["draft_tokens"], None, vocab))
+                rows.append({**row, "measured_vs_never_exit": got and round(got["tokens_per_s"] / never, 3)})
+            plan[head] = {"best": pl.best, "acceptance": pl.acceptance, "plain_step_s": pl.plain_step_s,
+                          "draft_head_s": pl.draft_head_s, "settings": rows}
             log(f"{name}: plan ({head} heads) {pl.summary()}")
     ceiling = None
     if chosen_t is not None:
@@ -244,7 +264,7 @@ def bench_model(name: str, args, log) -> dict:
         log(f"{name}: oracle at agreement {lossy['agreement']}: {ceiling}")
     out = {"model": name, "arch": arch, "layers": L, "recipe": state.get("recipe"), "train_steps": state.get("step"),
            "train_seconds": state.get("seconds"), "exit_report": report["exits"],
-           "calibration": cal, "lossy_threshold": chosen_t, "speculation": chosen_s,
+           "calibration": cal, "lossy_threshold": chosen_t, "speculation": spec_label,
            "peers": sorted(peers.values()), "evaluation": ev, "ceiling": ceiling, "plan": plan}
     log(json.dumps({k: out[k] for k in ("model", "lossy_threshold", "speculation", "evaluation")}))
     return out
@@ -271,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="drafting heads: tied (the model's own head) and/or ffn / block adapters distilled on "
                         "the model's greedy continuations of the --train-prompts")
     p.add_argument("--head-epochs", type=int, default=3, help="distillation epochs of the ffn / block heads")
+    p.add_argument("--draft-confidences", default="none",
+                   help="speculation: draft confidences to try (none: always draft d tokens)")
+    p.add_argument("--draft-rule", default="max_prob", choices=("max_prob", "token_confidence"),
+                   help="speculation: how sure a drafting exit is (token_confidence fits its confidence classifiers)")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="speculation: draft among the K tokens most frequent in the model's continuations of the "
+                        "--train-prompts (0: the whole vocabulary); evaluation also runs the chosen setting without")
     p.add_argument("--cycles", default="3,4,5", help="economize: cycle lengths to try")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -279,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_strategies = [x for x in args.cache_strategies.split(",") if x]
     args.spec_exits = [int(x) for x in args.spec_exits.split(",") if x]
     args.drafts = [int(x) for x in args.drafts.split(",") if x]
+    args.draft_confidences = [None if x == "none" else float(x) for x in args.draft_confidences.split(",") if x]
     args.spec_heads = [x for x in args.spec_heads.split(",") if x]
     bad = [h for h in args.spec_heads if h not in ("tied", "ffn", "block")]
     if bad:

@@ -131,7 +131,7 @@ def measure_costs(model: Any, input_ids: Tensor, attention_mask: Tensor, widths:
     draft_s = None
     if draft_vocab is not None:
         h = ad.embed(tok, spec.run.pos[:, p:p + 1])
-        draft_s = median_seconds(lambda: spec.draft_logits(h).argmax(-1), repeats)
+        draft_s = median_seconds(lambda: spec.draft_logits(h)[1].argmax(-1), repeats)
     return layer_s, head_s, embed_s, draft_s
 
 

@@ -21,9 +21,12 @@ that its attention mask hides from then on. Positions are per row, so a hole cos
 width, never correctness. A row that reaches EOS or its token budget leaves the running batch.
 
 With ``draft_confidence`` the draft stops early, for the batch, once no running row's exit is at
-least that sure of its draft (the exit head's top probability); the round then verifies what was
-drafted. ``plan.plan_speculation`` measures the costs on this machine and the exits' acceptance and
-picks the exit and the draft length (or says that plain decoding is faster).
+least that sure of its draft (``draft_rule``: the exit head's top probability, or the exit's
+trained confidence classifier); the round then verifies what was drafted. With ``draft_vocab``
+(``frequent_tokens``) the exit drafts among those tokens only and reads only their rows of the LM
+head; verification still uses the whole vocabulary, so the output does not change.
+``plan.plan_speculation`` measures the costs on this machine and the exits' acceptance and picks
+the exit and the draft length (or says that plain decoding is faster).
 
 ```python
 out = speculative_generate(exits, ids, mask, exit_layer=24, draft_tokens=3, max_new_tokens=64)
@@ -84,8 +87,11 @@ def draft_cache_strategy(adapter: Any) -> str:
     return "freeze" if adapter.kind == "ssm" else "copy_kv"
 
 
+DRAFT_RULES = ("max_prob", "token_confidence")
+
+
 def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, draft_confidence: float | None,
-                      exit_layer: int | None = None) -> int:
+                      exit_layer: int | None = None, draft_rule: str = "max_prob") -> int:
     """Refuse what self-speculation cannot do (ValueError naming the fix); the drafting exit's index."""
     if not hasattr(model, "exit_layers"):
         raise ValueError("self-speculation drafts with a token exit: pass a DecoderExitModel (backbone + trained "
@@ -98,6 +104,8 @@ def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, 
         raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
     if draft_confidence is not None and not 0.0 <= draft_confidence <= 1.0:
         raise ValueError(f"draft_confidence must be in [0, 1], got {draft_confidence}")
+    if draft_rule not in DRAFT_RULES:
+        raise ValueError(f"draft_rule must be one of {', '.join(DRAFT_RULES)}, got {draft_rule!r}")
     e = _exit_index(model, exit_layer)
     if model.heads[e].stateful:
         raise ValueError(f"the exit at layer {model.exit_layers[e]} has a stateful (Mamba) head, whose state cannot "
@@ -248,14 +256,24 @@ class _Speculator:
         self.L = self.run.L
         self.trail: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # Mamba: layer -> each token's states
 
-    def draft_logits(self, states: Tensor) -> Tensor:
-        """The drafting exit's logits at the last position of ``states`` (r, w, d): over the whole
-        vocabulary, or over the draft vocabulary's tokens (r, k) in its order."""
+    def draft_logits(self, states: Tensor) -> tuple[Tensor, Tensor]:
+        """The drafting exit's features (r, d) and logits at the last position of ``states``
+        (r, w, d): over the whole vocabulary, or over the draft vocabulary's tokens (r, k) in its order."""
         features = self.model.features(self.e, states)[:, -1]
         if self.vocab is None:
-            return self.ad.logits(features[:, None])[:, 0]
+            return features, self.ad.logits(features[:, None])[:, 0]
         x = self.ad.final_norm()(features.to(self.weight.device))
-        return self.ad.softcap(F.linear(x, self.weight, self.bias))
+        return features, self.ad.softcap(F.linear(x, self.weight, self.bias))
+
+    def draft_sure(self, features: Tensor, logits: Tensor, threshold: float, rule: str) -> bool:
+        """Whether any row's draft is sure enough to draft on: its top probability (``max_prob``) or
+        its confidence classifier's probability that the exit's token is the model's
+        (``token_confidence``) is at least ``threshold``."""
+        if rule == "token_confidence":
+            score = torch.sigmoid(self.model.confidence_logit(self.e, features[:, None])[:, -1])
+        else:
+            score = logits.float().softmax(-1).amax(-1)
+        return bool((score >= threshold).any())
 
     def _chunk(self, h: Tensor, rows: Tensor, full: bool, layers: range, commit: bool) -> Tensor:
         """Mamba: run ``layers`` on h (r, w, d), each from its stored states, keeping every token's
@@ -333,8 +351,8 @@ class _Speculator:
         return h
 
     def round(self, pending: Tensor, rows: Tensor, next_pos: Tensor, col: int, threshold: float | None,
-              sampling: SamplingOptions | None = None, generator: torch.Generator | None = None
-              ) -> tuple[Tensor, Tensor, int]:
+              sampling: SamplingOptions | None = None, generator: torch.Generator | None = None,
+              rule: str = "max_prob") -> tuple[Tensor, Tensor, int]:
         """Draft from ``pending`` (r,) at column ``col``, verify; returns the tokens (r, k+1) (the
         accepted drafts, then the full model's next token), the number of accepted drafts per row
         (r,) and k, the drafts made. With ``sampling.do_sample``, drafts are sampled and accepted
@@ -353,7 +371,7 @@ class _Speculator:
             states.append(self._layers(h, rows, full, c, range(self.E), commit=True))
             if j == d or not sure:  # the last draft's states are in: verify what was drafted
                 break
-            logits = self.draft_logits(states[-1])
+            features, logits = self.draft_logits(states[-1])
             run.head_rows += rows.numel()
             if sample:
                 probs = sampling_probs(logits, sampling)
@@ -366,7 +384,7 @@ class _Speculator:
             else:
                 best = logits.argmax(-1)
                 tokens.append((best if self.vocab is None else self.vocab[best]).to(pending.device))
-            sure = threshold is None or bool((logits.float().softmax(-1).amax(-1) >= threshold).any())
+            sure = threshold is None or self.draft_sure(features, logits, threshold, rule)
         k = len(tokens) - 1
         run.valid[rows, col + k + 1:col + d + 1] = False  # columns this round did not draft into
         hidden = self._layers(torch.cat(states, dim=1), rows, full, col, range(self.E, self.L))
@@ -392,6 +410,7 @@ class _Speculator:
 @torch.no_grad()
 def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                          exit_layer: int | None = None, draft_tokens: int = 3, draft_confidence: float | None = None,
+                         draft_rule: str = "max_prob",
                          max_new_tokens: int = 32, sampling: SamplingOptions | None = None,
                          draft_vocab: Any = None, tokenizer: Any = None) -> GenerateOutput:
     """Greedy decoding or sampling, drafted by a token exit and verified by the rest of the model.
@@ -401,8 +420,11 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
         input_ids: (b, t) left-padded prompts; attention_mask (b, t), 1 on real tokens.
         exit_layer: the exit that drafts (one of ``model.exit_layers``; default the deepest).
         draft_tokens: most tokens drafted per round (d).
-        draft_confidence: stop a round's draft once no running row's exit has a top probability of
-            at least this (None: always draft d tokens).
+        draft_confidence: stop a round's draft once no running row's exit is at least this sure
+            of its draft (None: always draft d tokens).
+        draft_rule: how sure an exit is: ``max_prob``, its top probability; ``token_confidence``,
+            its confidence classifier's probability that its token is the full model's (fit them
+            first: ``fit_exits`` / ``offramp generate --fit-exits``).
         max_new_tokens: tokens per row (fewer if it emits EOS).
         sampling: EOS, padding, and sampling with temperature / top-p / seed (speculative sampling:
             the tokens are distributed as the full model's sampling draws them, though not the
@@ -417,7 +439,7 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
         acceptance and tokens per round.
     """
     sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
-    e = check_speculation(model, sampling, draft_tokens, draft_confidence, exit_layer)
+    e = check_speculation(model, sampling, draft_tokens, draft_confidence, exit_layer, draft_rule)
     vocab = check_draft_vocab(model, draft_vocab)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -444,7 +466,7 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     while not bool(done.all()):
         rows = (~done).nonzero()[:, 0]
         best, accepted, k = spec.round(pending.index_select(0, rows), rows, next_pos.index_select(0, rows), col,
-                                       draft_confidence, sampling, gen)
+                                       draft_confidence, sampling, gen, draft_rule)
         stats.rounds += 1
         stats.row_rounds += rows.numel()
         stats.drafted += rows.numel() * k
@@ -477,5 +499,6 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
                           texts=texts, extra={"speculation": {**stats.to_dict(), "exit_layer": spec.E,
                                                               "draft_tokens": draft_tokens,
                                                               "draft_confidence": draft_confidence,
+                                                              "draft_rule": draft_rule,
                                                               "draft_vocab": None if vocab is None else vocab.numel(),
                                                               "sampled": sampling.do_sample}})
