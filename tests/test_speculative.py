@@ -151,8 +151,8 @@ def test_a_draft_vocabulary_limits_the_drafts_and_keeps_the_output(family: str) 
 def test_frequent_tokens_and_bad_draft_vocabularies() -> None:
     seqs = [torch.tensor([5, 5, 7, 9]), [7, 5, 11]]
     assert frequent_tokens(seqs, 2).tolist() == [5, 7]  # 5 three times, 7 twice
-    assert frequent_tokens(seqs, 2, always=[3]).tolist() == [3, 5, 7]
-    assert frequent_tokens(seqs, 9).tolist() == [5, 7, 9, 11]
+    assert frequent_tokens(seqs, 2, always=[3, 7]).tolist() == [5, 7, 3]
+    assert frequent_tokens(seqs, 9).tolist() == [5, 7, 9, 11]  # most frequent first, ties by id
     with pytest.raises(ValueError, match="k must be"):
         frequent_tokens(seqs, 0)
     _, exits = _drafting("llama", 1.0)

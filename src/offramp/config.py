@@ -295,6 +295,8 @@ class DecoderExitConfig:
         cache_strategy: default cache strategy (copy_kv | propagate | catch_up | freeze | update).
         base_model_name_or_path: where ``from_pretrained`` loads the backbone from.
         extra: free-form metadata (training data, calibration results, ...).
+        draft_vocab: token ids by falling frequency in the text the exits were fitted on (None:
+            not recorded); self-speculation can draft among its first k (``--draft-vocab k``).
     """
 
     exit_layers: list[int]
@@ -307,6 +309,7 @@ class DecoderExitConfig:
     cache_strategy: str | None = None
     base_model_name_or_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    draft_vocab: list[int] | None = None
 
     kind = "token_exits"
 
@@ -331,6 +334,10 @@ class DecoderExitConfig:
             raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if self.extra is None:
             self.extra = {}
+        if self.draft_vocab is not None and (not isinstance(self.draft_vocab, list) or not self.draft_vocab or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.draft_vocab)):
+            raise ValueError("draft_vocab must be a non-empty list of token ids (ints >= 0) or null: fit the exits "
+                             "again (offramp generate --fit-exits) to record it")
         if not isinstance(self.policy, dict) or "type" not in self.policy:
             raise ValueError(f"policy must be a dict with a 'type', got {self.policy!r}")
         from offramp.policies import make_policy

@@ -69,6 +69,13 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--draft-tokens", type=int, default=3, help="with --speculative: most tokens drafted per round")
     p.add_argument("--draft-confidence", type=float, default=None,
                    help="with --speculative: stop a draft once no row's exit is this sure of its token")
+    p.add_argument("--draft-rule", default=None, choices=("max_prob", "token_confidence"),
+                   help="with --draft-confidence: how sure an exit is (its top probability, default; or its "
+                        "confidence classifier)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="with --speculative: draft among the K tokens most frequent in the text the exits were "
+                        "fitted on (recorded by --fit-exits); the LM head then reads K rows per draft, and the "
+                        "output is unchanged")
     p.add_argument("--plan", action="store_true",
                    help="with --speculative: measure this machine's costs and the exits' acceptance on the first "
                         "batch, then draft from the exit and length predicted fastest (or decode plainly when "
@@ -122,6 +129,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
                                 else ""))
     if not args.speculative:
         given = [f for f, v in (("--draft-exit", args.draft_exit), ("--draft-confidence", args.draft_confidence),
+                                ("--draft-vocab", args.draft_vocab), ("--draft-rule", args.draft_rule),
                                 ("--plan", args.plan or None)) if v is not None]
         if given:
             raise ValueError(f"{given[0]} is an option of --speculative: add --speculative, or drop it")
@@ -130,6 +138,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError("--plan picks the drafting exit and the draft length: drop --draft-exit")
     if args.draft_confidence is not None and not 0.0 <= args.draft_confidence <= 1.0:
         raise ValueError(f"--draft-confidence must be in [0, 1], got {args.draft_confidence}")
+    if args.draft_rule is not None and args.draft_confidence is None:
+        raise ValueError("--draft-rule says how --draft-confidence is read: add --draft-confidence, or drop it")
+    if args.draft_vocab is not None and args.draft_vocab < 1:
+        raise ValueError(f"--draft-vocab must be >= 1 tokens, got {args.draft_vocab}")
     if not (args.exits or args.fit_exits):
         raise ValueError("--speculative drafts with a token exit: add --exits DIR (or --fit-exits OUT)")
     conflicting = [flag for flag, on in (("--repetition-penalty", args.repetition_penalty != 1.0),
@@ -159,6 +171,9 @@ def _check_policy(args: argparse.Namespace) -> None:
                         "use one of max_prob, entropy, margin, patience, saturation, static, token_confidence")
 
 
+DRAFT_VOCAB_KEPT = 16384  # the most frequent tokens of the fitted text that the exits' config records
+
+
 def _fit_layers(args: argparse.Namespace) -> list[int] | None:
     """The --exit-layers to fit (None: the default exits)."""
     return [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
@@ -176,6 +191,7 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
     if not args.fit_exits:
         return None
     from offramp.data.assets import bbc_prompts
+    from offramp.engines.generate import frequent_tokens
     from offramp.training.distill import fit_exits, greedy_continuations, text_sequences
 
     layers = _fit_layers(args)
@@ -192,6 +208,8 @@ def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
                                                                instruct=args.chat),
                                     max_new_tokens=40, chat=args.chat, progress=True)
     fit_exits(model, seqs, head_epochs=args.fit_epochs, log=lambda m: common.log(f"fit-exits: {m}"), progress=True)
+    # the fitted text's tokens by frequency: --draft-vocab K drafts among the first K
+    model.config.draft_vocab = frequent_tokens([seq[p:] for seq, p in seqs], DRAFT_VOCAB_KEPT).tolist()
     model.save_pretrained(args.fit_exits)
     common.log(f"fit-exits: saved to {args.fit_exits}")
     return model
@@ -241,14 +259,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts] if args.chat else prompts
     model = exit_model if exit_model is not None else backbone
+    vocab = None
     if args.speculative:
         from offramp.engines.generate.speculative import check_speculation
 
-        check_speculation(exit_model, sampling, args.draft_tokens, args.draft_confidence, args.draft_exit)
+        check_speculation(exit_model, sampling, args.draft_tokens, args.draft_confidence, args.draft_exit,
+                          args.draft_rule or "max_prob")
+        vocab = _draft_vocab(args, exit_model, sampling)
         policy = None
     rows, start, drafts, plan = [], time.perf_counter(), {}, None
     if args.plan:
-        plan = _plan(args, exit_model, tok(texts[:args.batch_size], return_tensors="pt", padding=True), sampling)
+        plan = _plan(args, exit_model, tok(texts[:args.batch_size], return_tensors="pt", padding=True), sampling,
+                     vocab)
         start = time.perf_counter()
     batches = range(0, len(texts), args.batch_size)
     for i in progress(batches, desc="generate", unit="batch", enabled=len(batches) > 1):
@@ -259,8 +281,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif args.speculative:
             out = speculative_generate(exit_model, enc["input_ids"], enc["attention_mask"],
                                        exit_layer=args.draft_exit, draft_tokens=args.draft_tokens,
-                                       draft_confidence=args.draft_confidence, max_new_tokens=args.max_new_tokens,
-                                       sampling=sampling, tokenizer=tok)
+                                       draft_confidence=args.draft_confidence, draft_rule=args.draft_rule or "max_prob",
+                                       draft_vocab=vocab, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                       tokenizer=tok)
             for key in ("row_rounds", "drafted", "accepted"):
                 drafts[key] = drafts.get(key, 0) + out.extra["speculation"][key]
         elif args.stream:
@@ -288,12 +311,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace, exit_model: Any, enc: dict, sampling: Any) -> Any:
+def _draft_vocab(args: argparse.Namespace, exit_model: Any, sampling: Any) -> Any:
+    """--draft-vocab K: the first K of the exits' recorded token frequencies, and EOS (None without it)."""
+    if args.draft_vocab is None:
+        return None
+    import torch
+
+    stored = exit_model.config.draft_vocab
+    if not stored:
+        raise ValueError(f"the exits in {args.exits} record no draft vocabulary (fitted before it was recorded): "
+                         "fit them again with --fit-exits, or drop --draft-vocab")
+    eos = sampling.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    top = list(stored[:args.draft_vocab])
+    return torch.tensor(top + [t for t in eos if t not in top], dtype=torch.long)
+
+
+def _plan(args: argparse.Namespace, exit_model: Any, enc: dict, sampling: Any, vocab: Any = None) -> Any:
     """--plan: measure, print the plan on stderr, and set --draft-exit / --draft-tokens from it."""
     from offramp.engines.generate.plan import plan_speculation
 
     plan = plan_speculation(exit_model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
-                            sampling=sampling)
+                            sampling=sampling, draft_vocab=vocab)
     common.log(plan.summary())
     if plan.best is not None:
         args.draft_exit, args.draft_tokens = plan.best["exit_layer"], plan.best["draft_tokens"]

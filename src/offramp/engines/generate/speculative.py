@@ -133,11 +133,11 @@ def check_draft_vocab(model: Any, draft_vocab: Any) -> Tensor | None:
 
 
 def frequent_tokens(sequences: Any, k: int, always: Any = ()) -> Tensor:
-    """The ``k`` token ids most frequent in ``sequences`` (token-id tensors or lists; ties by id),
-    plus the ids in ``always`` (EOS, say), as a draft vocabulary (FR-Spec, Zhao et al. 2025): the
-    exit then drafts among these tokens only, so a draft costs the head's rows of k tokens instead
-    of the whole vocabulary. Verification stays exact, so output is unchanged; a token outside the
-    set is never drafted and ends the round's accepted run."""
+    """The ``k`` token ids most frequent in ``sequences`` (token-id tensors or lists), most frequent
+    first (ties by id), then the ids of ``always`` (EOS, say) not among them: a draft vocabulary
+    (FR-Spec, Zhao et al. 2025). The exit then drafts among these tokens only, so a draft reads the
+    head's rows of k tokens instead of the whole vocabulary. Verification stays exact, so the output
+    is unchanged; a token outside the set is never drafted and ends the round's accepted run."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     counts: dict[int, int] = {}
@@ -147,8 +147,10 @@ def frequent_tokens(sequences: Any, k: int, always: Any = ()) -> Tensor:
     if not counts:
         raise ValueError("frequent_tokens needs token sequences to count (got none)")
     top = sorted(counts, key=lambda t: (-counts[t], t))[:k]
-    extra = [int(t) for t in torch.as_tensor(list(always), dtype=torch.long).reshape(-1).tolist() if int(t) not in top]
-    return torch.tensor(sorted(set(top + extra)), dtype=torch.long)
+    for t in torch.as_tensor(list(always), dtype=torch.long).reshape(-1).tolist():
+        if t not in top:
+            top.append(t)
+    return torch.tensor(top, dtype=torch.long)
 
 
 def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
