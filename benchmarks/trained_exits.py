@@ -215,7 +215,8 @@ def bench_model(name: str, args, log) -> dict:
     spec = [(h, k, d, c, vocab) for h in args.spec_heads for k in spec_layers for d in args.drafts
             for c in args.draft_confidences]
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
-    evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words, skip=args.prompts)
+    evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words,
+                        skip=args.prompts if args.eval_skip is None else args.eval_skip)
     strategies = [x for x in args.cache_strategies if (x in ("freeze", "update")) == (arch == "mamba")]
     log(f"{name}: calibration ({len(args.thresholds)} thresholds x {len(strategies)} caches, "
         f"{len(spec)} speculation settings)")
@@ -276,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=None, help="comma-separated folders or ~/.cache/offramp names")
     p.add_argument("--prompts", type=int, default=8, help="calibration prompts, and as many evaluation prompts")
     p.add_argument("--words", type=int, default=24, help="words of each article's opening in a prompt")
+    p.add_argument("--eval-skip", type=int, default=None,
+                   help="evaluation prompts start after this many test articles (default: --prompts, right after "
+                        "the calibration prompts); a larger value checks a choice on prompts not seen before")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--agreement", type=float, default=0.9)
     p.add_argument("--policy", default="token_confidence", choices=("token_confidence", "max_prob"),
