@@ -84,6 +84,27 @@ def real_tokens(new: torch.Tensor, eos: set[int]) -> list[list[int]]:
     return rows
 
 
+def interleaved(methods: dict, batches: list, repeats: int, log, label: str = "") -> tuple[dict, dict]:
+    """Run every method on every batch ``repeats`` times, every method on a batch before the next
+    (the order reversed every other batch), so a change of load on the host hits all alike.
+    Returns (per method: its total seconds in each repeat; per method: its results of the last repeat)."""
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    results: dict[str, list] = {}
+    order = list(methods)
+    for rep in range(repeats):
+        spent, res = dict.fromkeys(methods, 0.0), {m: [] for m in methods}
+        for i, b in enumerate(batches):
+            for name in order if (i + rep) % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                res[name].append(methods[name](b))
+                spent[name] += time.perf_counter() - t0
+        for name in methods:
+            times[name].append(spent[name])
+        results = res
+        log(f"{label}repeat {rep + 1}/{repeats} done")
+    return times, results
+
+
 @torch.no_grad()
 def teacher_forced_agreement(backbone, batch: dict, gens: list[list[int]]) -> tuple[int, int]:
     """(#tokens equal to the full model's argmax for the same prefix, #tokens)."""

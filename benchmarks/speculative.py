@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate_speed import encode, real_tokens, trained_exits  # noqa: E402
+from generate_speed import encode, interleaved, real_tokens, trained_exits  # noqa: E402
 
 from offramp.data.assets import CACHE, bbc_prompts, load_causal_lm  # noqa: E402
 from offramp.engines.generate import frequent_tokens, generate, speculative_generate  # noqa: E402
@@ -77,22 +76,9 @@ def bench(backbone, tok, exits, prompts, args, batch: int, log) -> list[dict]:
     methods = _methods(backbone, exits, args, batch)
     for fn in methods.values():  # warm-up: one short call each
         fn({k: v[:, :] for k, v in batches[0].items()})
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    outputs: dict[str, list] = {}
-    stats: dict[str, list] = {}
-    order = list(methods)
-    for rep in range(args.repeats):
-        spent, res = dict.fromkeys(methods, 0.0), {m: [] for m in methods}
-        for i, b in enumerate(batches):  # every method on a batch before the next: a change of load hits all
-            for name in order if (i + rep) % 2 == 0 else order[::-1]:
-                t0 = time.perf_counter()
-                res[name].append(methods[name](b))
-                spent[name] += time.perf_counter() - t0
-        for name in methods:
-            times[name].append(spent[name])
-            outputs[name] = [real_tokens(tokens, eos) for tokens, _ in res[name]]
-            stats[name] = [s for _, s in res[name]]
-        log(f"batch {batch}: repeat {rep + 1}/{args.repeats} done")
+    times, res = interleaved(methods, batches, args.repeats, log, label=f"batch {batch}: ")
+    outputs = {name: [real_tokens(tokens, eos) for tokens, _ in res[name]] for name in methods}
+    stats = {name: [s for _, s in res[name]] for name in methods}
     ref = [row for rows in outputs["hf_generate"] for row in rows]
     base = sum(len(r) for r in ref) / statistics.median(times["hf_generate"])
     rows = []

@@ -35,7 +35,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate_speed import real_tokens, teacher_forced_agreement  # noqa: E402
+from generate_speed import interleaved, real_tokens, teacher_forced_agreement  # noqa: E402
 from peers import economize_methods, hf_methods  # noqa: E402
 
 from offramp.data.assets import CACHE, bbc_articles, bbc_prompts, load_causal_lm  # noqa: E402
@@ -118,20 +117,8 @@ def measure(backbone, tok, methods: dict, prompts: list[str], repeats: int, log)
     batches = [tok([p], return_tensors="pt") for p in prompts]
     for fn in methods.values():
         fn(batches[0])  # warm-up
-    times = {m: [] for m in methods}
-    outs = {}
-    order = list(methods)
-    for rep in range(repeats):
-        spent, res = dict.fromkeys(methods, 0.0), {m: [] for m in methods}
-        for i, b in enumerate(batches):  # every method on a prompt before the next: a change of load hits all
-            for name in order if (i + rep) % 2 == 0 else order[::-1]:
-                t0 = time.perf_counter()
-                res[name].append(methods[name](b))
-                spent[name] += time.perf_counter() - t0
-        for name in methods:
-            times[name].append(spent[name])
-            outs[name] = [real_tokens(r, eos)[0] for r in res[name]]
-        log(f"  repeat {rep + 1}/{repeats}")
+    times, res = interleaved(methods, batches, repeats, log, label="  ")
+    outs = {name: [real_tokens(r, eos)[0] for r in res[name]] for name in methods}
     ref = outs["hf_generate"]
     base = sum(len(r) for r in ref) / statistics.median(times["hf_generate"])
     rows = {}

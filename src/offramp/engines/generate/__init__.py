@@ -9,5 +9,4 @@ from offramp.engines.generate.speculative import frequent_tokens, speculative_ge
 from offramp.engines.generate.text import TextPieces
 
 __all__ = ["SIGNALS", "SamplingOptions", "SpeculationPlan", "decoded_exit_layers", "frequent_tokens", "generate",
-           "plan_speculation",
-           "speculative_generate", "stream_generate", "TextPieces", "TokenStep"]
+           "plan_speculation", "speculative_generate", "stream_generate", "TextPieces", "TokenStep"]
