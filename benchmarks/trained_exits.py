@@ -220,8 +220,9 @@ def bench_model(name: str, args, log) -> dict:
             peers[fam] = m
     spec_label = chosen_s and _spec_name(*chosen_s)
     log(f"{name}: chose {args.policy} {chosen_t}, speculation {spec_label}, peers {sorted(peers.values())}; evaluating")
-    # the chosen speculation setting, and (with a draft vocabulary) the same drafting the whole vocabulary
-    ev_spec = [chosen_s, chosen_s[:4] + (None,)] if chosen_s and vocab is not None else [chosen_s] if chosen_s else []
+    ev_spec = [chosen_s] if chosen_s else []
+    if chosen_s and vocab is not None:  # the same setting drafting the whole vocabulary
+        ev_spec.append(chosen_s[:4] + (None,))
     ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [], ev_spec, drafters,
                                          set(peers.values())), evals, args.repeats, log)
     plan = None
