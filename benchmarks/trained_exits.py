@@ -251,7 +251,10 @@ def bench_model(name: str, args, log) -> dict:
         ceiling["fraction_of_oracle"] = round((ceiling["realised_vs_never_exit"] - 1)
                                               / max(ceiling["ratio_vs_full_step"] - 1, 1e-9), 3)
         log(f"{name}: oracle at agreement {lossy['agreement']}: {ceiling}")
-    out = {"model": name, "arch": arch, "layers": L, "recipe": state.get("recipe"), "train_steps": state.get("step"),
+    trained = state.get("args", {})
+    out = {"model": name, "arch": arch, "layers": L, "recipe": state.get("recipe"),
+           "layer_dropout": {k: trained.get(k) for k in ("dropout_unit", "p_max", "e_scale", "weighting")}
+           if state.get("recipe") == "layerskip" else None, "train_steps": state.get("step"),
            "train_seconds": state.get("seconds"), "exit_report": report["exits"],
            "calibration": cal, "lossy_threshold": chosen_t, "speculation": spec_label,
            "peers": sorted(peers.values()), "evaluation": ev, "ceiling": ceiling, "plan": plan}

@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--p-max", type=float, default=0.1, help="LayerSkip: the last layer's dropout rate")
+    p.add_argument("--dropout-unit", choices=("row", "token"), default="row",
+                   help="LayerSkip: layer dropout drops a layer for whole rows (row) or takes single tokens out "
+                        "of every layer from a depth on (token, Mamba: what the freeze cache does at inference)")
     p.add_argument("--e-scale", type=float, default=1.0, help="LayerSkip: early-exit loss scale")
     p.add_argument("--weighting", default="depth",
                    help="LayerSkip: exit loss weights, depth (the paper's, growing with depth) | uniform")
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     train_args = LayerSkipArgs(args.out, recipe=args.recipe, max_steps=args.max_steps, batch_size=args.batch,
                                seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup, p_max=args.p_max,
                                e_scale=args.e_scale, weighting=args.weighting, curriculum=args.curriculum,
-                               rotation=args.rotation, exit_layers=args.exit_layers, max_minutes=args.minutes,
+                               rotation=args.rotation, exit_layers=args.exit_layers,
+                               dropout_unit=args.dropout_unit, max_minutes=args.minutes,
                                save_every=args.save_every, seed=args.seed,
                                extra={"arch": args.arch, "data": "bbc", "tokens": len(ids),
                                       "params": sum(q.numel() for q in model.parameters())})

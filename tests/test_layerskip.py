@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoder_models import tiny_decoder
+from decoder_models import ragged_prompts, tiny_decoder
 
+from offramp.engines.generate import generate
+from offramp.modeling import DecoderExitModel
 from offramp.objectives.layerskip import curriculum_mask, early_exit_loss, exit_loss_scales, layer_dropout_rates
 from offramp.training.layerskip import LayerSkipArgs, LayerTaps, exit_report, train_lm
 
@@ -61,6 +63,68 @@ def test_taps_record_and_drop_layers(family):
     assert torch.allclose(model(input_ids=ids).logits, plain)  # hooks removed
 
 
+def _noised_mamba(family: str, seed: int = 3) -> torch.nn.Module:
+    """A tiny Mamba(-2) with noised weights: at HF's init it repeats its last token."""
+    lm = tiny_decoder(family, layers=4)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in lm.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return lm
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_token_dropout_is_what_freeze_decoding_computes(family, ragged):
+    """Replaying a decoding's exits as token dropout (a token runs the layers it ran, and is taken out
+    of the deeper ones) gives, teacher-forced, the logits the ``freeze`` engine decoded with."""
+    lm = _noised_mamba(family)
+    exits = DecoderExitModel.from_backbone(lm, exit_layers=[1, 2, 3], head="tied")
+    if ragged:
+        ids, mask = ragged_prompts(3)
+    else:
+        ids = torch.randint(4, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+    out = generate(exits, ids, mask, policy={"type": "max_prob", "threshold": 0.05}, cache_strategy="freeze",
+                   max_new_tokens=16, output_logits=True)
+    ran = out.exit_layers > 0  # 0: after EOS
+    assert bool((out.exit_layers[ran] < 4).any()) and bool((out.exit_layers[ran] == 4).any())
+    inputs = out.sequences[:, :-1]
+    full_mask = torch.cat([mask, torch.ones_like(out.new_tokens)], 1)[:, :-1]
+    depths = torch.full(inputs.shape, 4)
+    depths[:, ids.shape[1] - 1:] = out.exit_layers  # the token that produced new token j ran exit_layers[j]
+    p = ids.shape[1] - 1
+    with torch.no_grad(), LayerTaps(lm.backbone.layers, unit="token") as taps:
+        taps.depths = depths
+        replayed = lm(input_ids=inputs, attention_mask=full_mask).logits[:, p:]
+        taps.depths = None
+        full = lm(input_ids=inputs, attention_mask=full_mask).logits[:, p:]
+    assert torch.allclose(replayed[ran], out.step_logits[ran], atol=1e-4)
+    assert not torch.allclose(full[ran], out.step_logits[ran], atol=1e-2)  # the exits did change the decoding
+
+
+def test_token_dropout_draws_nest_with_depth():
+    """Random token dropout: a token dropped at one layer passes every deeper one unchanged, at the
+    rates asked, and every forward pass draws again."""
+    lm = _noised_mamba("mamba")
+    ids = torch.randint(4, 97, (64, 64), generator=torch.Generator().manual_seed(0))
+    rates = torch.tensor([0.0, 0.3, 0.6, 0.9])
+    passed = []
+    with torch.no_grad(), LayerTaps(lm.backbone.layers, unit="token") as taps:
+        taps.rates, taps.generator = rates, torch.Generator().manual_seed(5)
+        for _ in range(2):
+            lm(input_ids=ids)
+            same = torch.stack([(taps.outputs[i] == taps.outputs[i - 1]).all(-1) for i in (1, 2, 3)])
+            passed.append(same)
+    for same in passed:
+        assert bool((same[1:].int() >= same[:-1].int()).all())  # nested: once out, out of every deeper layer
+        assert (same.float().mean((1, 2)) - rates[1:]).abs().max() < 0.04  # 4096 tokens: sd <= 0.008
+    assert not torch.equal(passed[0], passed[1])
+    with pytest.raises(ValueError, match="unknown layer-dropout unit 'tokens'"):
+        LayerTaps(lm.backbone.layers, unit="tokens")
+
+
 def _stream(n: int = 6000, vocab: int = 97, seed: int = 0) -> torch.Tensor:
     """A second-order chain: each token follows from the two before it (a fixed random table), with
     a random restart every 50 tokens; the last layer of a tiny model learns it in 200 steps."""
@@ -88,6 +152,31 @@ def test_recipe_trains_the_early_exits(tmp_path, family):
     assert skip[4]["perplexity"] < 8  # and it learned the chain (97 tokens: 97 at chance)
     assert skip[2]["perplexity"] < 0.85 * plain[2]["perplexity"]  # the early exits are better
     assert skip[3]["agreement"] > plain[3]["agreement"] + 0.05
+
+
+def _freeze_agreement(model: torch.nn.Module, ids: torch.Tensor, rate: float = 0.5, depth: int = 2) -> float:
+    """Teacher-forced: a ``rate`` of the tokens leave after ``depth`` layers (as with ``freeze``); how
+    often the others still get the full model's top-1 token."""
+    left = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < rate
+    with torch.no_grad(), LayerTaps(model.backbone.layers, unit="token") as taps:
+        full = model(input_ids=ids).logits.argmax(-1)
+        taps.depths = torch.where(left, depth, 4)
+        replayed = model(input_ids=ids).logits.argmax(-1)
+    return float((replayed == full)[~left].float().mean())
+
+
+def test_token_dropout_trains_deep_layers_to_do_without_exited_tokens(tmp_path):
+    tokens, held = _stream(), _stream(seed=1)[:2048].view(32, 64)
+    agreement = {}
+    for unit in ("none", "token"):
+        model = tiny_decoder("mamba", seed=1).train()
+        args = LayerSkipArgs(str(tmp_path / unit), recipe="plain" if unit == "none" else "layerskip",
+                             dropout_unit="row" if unit == "none" else unit, max_steps=150, batch_size=8,
+                             seq_len=32, lr=1e-2, warmup_steps=5, p_max=0.5, dropout_curriculum="constant",
+                             save_every=1000, progress=False)
+        train_lm(model, tokens, args)
+        agreement[unit] = _freeze_agreement(model.eval(), held)
+    assert agreement["token"] > agreement["none"] + 0.2, agreement
 
 
 def test_uniform_weighting_trains_the_named_exit_harder(tmp_path):
@@ -155,6 +244,10 @@ def test_bad_options_are_refused_before_work(tmp_path):
         train_lm(model, _stream(), LayerSkipArgs(str(tmp_path), exit_layers=[2, 9]))
     with pytest.raises(ValueError, match="too few"):
         train_lm(model, torch.arange(10), LayerSkipArgs(str(tmp_path), seq_len=32))
+    with pytest.raises(ValueError, match="dropout_unit='token'.*use dropout_unit='row'"):
+        train_lm(model, _stream(), LayerSkipArgs(str(tmp_path), dropout_unit="token"))
+    with pytest.raises(ValueError, match="unknown layer-dropout unit"):
+        train_lm(model, _stream(), LayerSkipArgs(str(tmp_path), dropout_unit="tokens"))
     assert not (tmp_path / "model.safetensors").exists()
 
 

@@ -6,6 +6,13 @@ warm-up and cosine decay, and, with ``LayerSkipArgs.recipe="layerskip"``, layer 
 with depth and the early-exit loss on the model's own final norm and LM head. ``recipe="plain"``
 is next-token cross-entropy on the last layer only, the baseline with the same data and steps.
 
+Layer dropout drops a layer for whole rows (``dropout_unit="row"``, LayerSkip's), or, on Mamba
+models, for single tokens (``dropout_unit="token"``): a token leaves the model at a depth and is
+taken out of every deeper layer's recurrence, which is exactly what the decoding engine's
+``freeze`` cache strategy does to the layers an exited token skips. A model trained so has deep
+layers that do without the tokens that exited, so frozen states keep the agreement that the
+``update`` strategy (which pays for the skipped layers' state updates) keeps otherwise.
+
 The same function runs on one CPU or under ``accelerate launch`` on several devices. Checkpoints
 are plain Hugging Face model folders (``output_dir``: ``config.json``, ``model.safetensors``, the
 tokenizer when given) written atomically every ``save_every`` steps, with ``layerskip_state.json``
@@ -55,6 +62,10 @@ class LayerSkipArgs:
         curriculum: which exits are on at a step: "rotational", "gradual" or "none".
         rotation: the rotational curriculum's period.
         p_max: the deepest layer's dropout rate.
+        dropout_unit: what layer dropout drops: "row" (LayerSkip's: a layer for whole rows) or
+            "token" (Mamba models: single tokens leave the model at a depth and are taken out of
+            every deeper layer's recurrence, as the ``freeze`` cache strategy does at inference;
+            see ``LayerTaps``).
         dropout_curriculum: "exp" (rising from 0, for training from scratch) or "constant".
         max_minutes: stop (and save) after this much wall-clock time, even before ``max_steps``.
         save_every: steps between checkpoints.
@@ -78,6 +89,7 @@ class LayerSkipArgs:
     curriculum: str = "rotational"
     rotation: int = 2
     p_max: float = 0.1
+    dropout_unit: str = "row"
     dropout_curriculum: str = "exp"
     max_minutes: float | None = None
     save_every: int = 100
@@ -105,6 +117,8 @@ class LayerSkipArgs:
                              f"choose one of {DROPOUT_CURRICULA}")
         if not 0.0 <= self.p_max < 1.0:
             raise ValueError(f"p_max must be in [0, 1), got {self.p_max}")
+        if self.dropout_unit not in LayerTaps.UNITS:
+            raise ValueError(f"unknown layer-dropout unit {self.dropout_unit!r}; choose one of {LayerTaps.UNITS}")
         exits = sorted(set(self.exit_layers or range(1, num_layers + 1)) | {num_layers})
         bad = [k for k in exits if not 1 <= k <= num_layers]
         if bad:
@@ -114,24 +128,82 @@ class LayerSkipArgs:
 
 class LayerTaps:
     """Forward hooks on every decoder layer: record each layer's output and, while ``rates`` is
-    set, replace it by the layer's input for the rows that drop the layer (per-row layer dropout).
+    set, drop layer ``i`` with probability ``rates[i]``.
+
+    ``unit="row"`` (LayerSkip's layer dropout) drops a layer for whole rows: their output is the
+    layer's input. ``unit="token"`` drops it for single tokens and takes them out of the layer:
+    the layer runs on the row's other tokens only (their order kept), so the dropped tokens leave
+    no trace in its recurrence, and their output is their input. One draw per token and forward
+    pass decides every layer (a token is dropped where the draw is below the layer's rate), so with
+    rates rising with depth a token dropped at one layer is dropped at every deeper one: the token
+    left the model at an exit, as it does at inference. On a Mamba model this is what the decoding
+    engine's ``freeze`` cache strategy does to the layers a token skips.
+
+    With ``unit="token"``, ``depths`` (a (b, T) tensor: the layers each token runs) replaces the
+    random draws, to replay the exits a decoding took.
 
     Works on any HF decoder whose layers take the hidden state first and return it (alone or first
-    in a tuple): every adapter's ``layers()``. Remove with ``close()`` (or use as a context).
+    in a tuple): every adapter's ``layers()`` (``unit="token"``: layers that do not see positions,
+    i.e. Mamba blocks). Remove with ``close()`` (or use as a context).
     """
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
+    UNITS = ("row", "token")
+
+    def __init__(self, layers: Sequence[nn.Module], unit: str = "row") -> None:
+        if unit not in self.UNITS:
+            raise ValueError(f"unknown layer-dropout unit {unit!r}; choose one of {self.UNITS}")
+        self.unit = unit
         self.outputs: dict[int, Tensor] = {}
         self.rates: Tensor | None = None
+        self.depths: Tensor | None = None
         self.generator: torch.Generator | None = None
+        self._draw: Tensor | None = None  # (b, T) per-token draws of the current forward pass
+        self._taken: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # layer -> (input, dropped, inverse order)
         self._handles = [layer.register_forward_hook(self._hook(i), with_kwargs=True)
                          for i, layer in enumerate(layers)]
+        if unit == "token":
+            self._handles += [layer.register_forward_pre_hook(self._take_out(i), with_kwargs=True)
+                              for i, layer in enumerate(layers)]
+
+    def _take_out(self, index: int):
+        def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == 0:  # a new forward pass: new draws
+                self._draw = None
+            if self.depths is not None:
+                dropped = self.depths.to(hidden.device) <= index
+            elif self.rates is not None and float(self.rates[index]) > 0:
+                if self._draw is None or self._draw.shape != hidden.shape[:2]:
+                    self._draw = torch.rand(hidden.shape[:2], generator=self.generator).to(hidden.device)
+                dropped = self._draw < float(self.rates[index])
+            else:
+                return None
+            if not bool(dropped.any()):
+                return None
+            t = hidden.shape[1]
+            # the kept tokens first, in their order, then the dropped ones (causal: they cannot reach back)
+            order = torch.argsort(dropped.long() * t + torch.arange(t, device=hidden.device), dim=1)
+            self._taken[index] = (hidden, dropped, torch.argsort(order, dim=1))
+            compact = hidden.gather(1, order[..., None].expand_as(hidden))
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, Tensor) and mask.dim() == 2:
+                kwargs = {**kwargs, "attention_mask": mask.gather(1, order)}
+            if args:
+                return (compact, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": compact}
+
+        return pre_hook
 
     def _hook(self, index: int):
         def hook(module, args, kwargs, output):
             hidden_in = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
-            if self.rates is not None and float(self.rates[index]) > 0:
+            taken = self._taken.pop(index, None)
+            if taken is not None:  # back to the tokens' own places; the dropped ones pass unchanged
+                hidden_in, dropped, inverse = taken
+                out = out.gather(1, inverse[..., None].expand_as(out))
+                out = torch.where(dropped[..., None], hidden_in.to(out.dtype), out)
+            elif self.unit == "row" and self.rates is not None and float(self.rates[index]) > 0:
                 draw = torch.rand(out.shape[0], generator=self.generator)
                 drop = (draw < float(self.rates[index])).to(out.device)
                 out = torch.where(drop[:, None, None], hidden_in.to(out.dtype), out)
@@ -227,6 +299,10 @@ def train_lm(model: nn.Module, tokens: Tensor, args: LayerSkipArgs, *, tokenizer
 
     adapter = _adapter(model)
     exits = args.validate(adapter.num_layers)
+    if args.dropout_unit == "token" and adapter.kind != "ssm":
+        raise ValueError("dropout_unit='token' takes tokens out of a layer's recurrence, which is what the "
+                         "`freeze` cache strategy does on Mamba; this model has attention layers (positions, "
+                         "and the exact `catch_up` strategy): use dropout_unit='row'")
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     if len(tokens) <= args.seq_len + 1:
         raise ValueError(f"{len(tokens)} tokens are too few for windows of {args.seq_len}: give more text "
@@ -245,7 +321,7 @@ def train_lm(model: nn.Module, tokens: Tensor, args: LayerSkipArgs, *, tokenizer
     state.update(recipe=args.recipe, exit_layers=exits, args={**asdict(args), "output_dir": str(out)})
     start, run_start = time.time() - state["seconds"], time.time()
     wrapped.train()
-    with LayerTaps(adapter.layers()) as taps:
+    with LayerTaps(adapter.layers(), unit=args.dropout_unit) as taps:
         while state["step"] < args.max_steps:
             step = state["step"]
             if args.max_minutes is not None and time.time() - run_start > args.max_minutes * 60:
