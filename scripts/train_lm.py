@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dropout-unit", choices=("row", "token"), default="row",
                    help="LayerSkip: layer dropout drops a layer for whole rows (row) or takes single tokens out "
                         "of every layer from a depth on (token, Mamba: what the freeze cache does at inference)")
+    p.add_argument("--dropout-curriculum", choices=("exp", "constant"), default="exp",
+                   help="LayerSkip: layer dropout rising from 0 over the run (exp) or at its rate from the start")
     p.add_argument("--e-scale", type=float, default=1.0, help="LayerSkip: early-exit loss scale")
     p.add_argument("--weighting", default="depth",
                    help="LayerSkip: exit loss weights, depth (the paper's, growing with depth) | uniform")
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                                seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup, p_max=args.p_max,
                                e_scale=args.e_scale, weighting=args.weighting, curriculum=args.curriculum,
                                rotation=args.rotation, exit_layers=args.exit_layers,
-                               dropout_unit=args.dropout_unit, max_minutes=args.minutes,
+                               dropout_unit=args.dropout_unit, dropout_curriculum=args.dropout_curriculum, max_minutes=args.minutes,
                                save_every=args.save_every, seed=args.seed,
                                extra={"arch": args.arch, "data": "bbc", "tokens": len(ids),
                                       "params": sum(q.numel() for q in model.parameters())})
