@@ -13,10 +13,10 @@ For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` fol
   of repeats):
   - ``lossy``: token exits on the model's own head (``head="tied"``) with a ``token_confidence``
     threshold (its confidence classifiers fitted on the model's greedy continuations of BBC
-    training prompts) or ``max_prob``. The (cache strategy, threshold) pair is the fastest of
-    the grid whose token agreement (the fraction of emitted tokens the full model would also
-    emit after the same prefix) is >= ``--agreement`` on calibration prompts; the row reports
-    speed and agreement on disjoint evaluation prompts;
+    training prompts), ``max_prob`` or ``patience`` (the exits' top tokens agree). The (cache
+    strategy, threshold) pair is the fastest of the grid whose token agreement (the fraction of
+    emitted tokens the full model would also emit after the same prefix) is >= ``--agreement`` on
+    calibration prompts; the row reports speed and agreement on disjoint evaluation prompts;
   - ``speculative``: lossless self-speculation from the exit and draft length
     that were fastest on the calibration prompts; the row says whether every evaluation output is
     identical to greedy;
@@ -26,7 +26,9 @@ For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` fol
   - ``plan``: ``plan_speculation``'s predicted speed-up for every speculation setting (costs timed
     on the first calibration prompt) beside the one measured on the calibration prompts;
   - ``ceiling``: the oracle exit rule on the same exits at the lossy row's realised agreement (the
-    most any rule can gain, from costs measured here) and the share of its gain the lossy row got.
+    most any rule can gain, from costs measured here) and the share of its gain the lossy row got;
+    on Mamba also ``freeze``: the oracle under the freeze cache, whose skipped layers never see the
+    exited tokens (its agreement, mean exit and ideal ratio).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
                                                         max_new_tokens=new).new_tokens}
     for strategy, t in thresholds:
         methods[f"lossy@{args.policy}{t:g}/{strategy}"] = lambda b, t=t, strategy=strategy: generate(
-            exits, b["input_ids"], b["attention_mask"], policy={"type": args.policy, "threshold": t},
+            exits, b["input_ids"], b["attention_mask"], policy=_policy(args.policy, t),
             cache_strategy=strategy, max_new_tokens=new).new_tokens
     for head, layer, d, conf, vocab in spec_settings:
         methods[_spec_name(head, layer, d, conf, vocab)] = lambda b, m=drafters[head], layer=layer, d=d, c=conf, \
@@ -91,6 +93,11 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
                                            lookup=cycle == args.cycles[0], log=lambda m: None))
         methods.update({k: v for k, v in found.items() if peers is None or k in peers})
     return methods
+
+
+def _policy(name: str, value: float) -> dict:
+    """The lossy exit rule at one value of the grid: a threshold, or patience's count of exits."""
+    return {"type": name, "patience": int(value)} if name == "patience" else {"type": name, "threshold": value}
 
 
 def _spec_name(head: str, layer: int, d: int, conf: float | None = None, vocab=None) -> str:
@@ -168,6 +175,38 @@ def oracle_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens:
     return {"agreement": agreement, "mean_exit_layer": round(mean, 2),
             "ratio_vs_full_step": round(step(L) / (sum(step(k) for k in oracle) / len(oracle)), 3),
             "layer_ms": round(layer * 1e3, 3), "head_ms": round(head * 1e3, 3)}
+
+
+@torch.no_grad()
+def freeze_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens: int, layer_ms: float,
+                   head_ms: float) -> dict:
+    """The oracle exit rule under the ``freeze`` cache (Mamba): a token leaves at the first exit whose
+    greedy token is the full model's, and its deeper layers never see it, so later tokens run on
+    the states those exits left (replayed teacher-forced on the full model's greedy output with
+    ``LayerTaps(unit="token")``, which is what the freeze engine computes). Its agreement is below
+    1 where those stale states change a token that ran every layer: the most any rule can keep
+    with exits this frequent. Costs as in :func:`oracle_ceiling`."""
+    from offramp.training.layerskip import LayerTaps
+
+    lm, ad = exits.backbone, exits.adapter
+    L, agree, depths_all = ad.num_layers, 0, []
+    with LayerTaps(ad.layers(), unit="token") as taps:
+        for text in prompts:
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            taps.depths = None
+            y = lm.generate(ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+            depths = torch.full((1, y.shape[1] - 1), L)
+            for p in range(ids.shape[1] - 1, y.shape[1] - 1):  # position p predicts token p + 1
+                taps.depths = depths[:, :p + 1]
+                lm(input_ids=y[:, :p + 1])
+                top = {k: int(ad.logits(taps.outputs[k - 1][:, p]).argmax(-1)) for k in (*exits.exit_layers, L)}
+                depths[0, p] = next((k for k in exits.exit_layers if top[k] == int(y[0, p + 1])), L)
+                agree += top[int(depths[0, p])] == int(y[0, p + 1])
+                depths_all.append(int(depths[0, p]))
+    mean = sum(depths_all) / len(depths_all)
+    step = lambda k: k * layer_ms + head_ms  # noqa: E731
+    return {"agreement": round(agree / len(depths_all), 4), "mean_exit_layer": round(mean, 2),
+            "ratio_vs_full_step": round(step(L) / (sum(step(k) for k in depths_all) / len(depths_all)), 3)}
 
 
 def bench_model(name: str, args, log) -> dict:
@@ -250,6 +289,9 @@ def bench_model(name: str, args, log) -> dict:
         ceiling["realised_vs_never_exit"] = round(lossy["tokens_per_s"] / ev["offramp_never_exit"]["tokens_per_s"], 3)
         ceiling["fraction_of_oracle"] = round((ceiling["realised_vs_never_exit"] - 1)
                                               / max(ceiling["ratio_vs_full_step"] - 1, 1e-9), 3)
+        if arch == "mamba":
+            ceiling["freeze"] = freeze_ceiling(exits, tok, evals, args.new_tokens, ceiling["layer_ms"],
+                                               ceiling["head_ms"])
         log(f"{name}: oracle at agreement {lossy['agreement']}: {ceiling}")
     trained = state.get("args", {})
     out = {"model": name, "arch": arch, "layers": L, "recipe": state.get("recipe"),
@@ -273,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                         "the calibration prompts); a larger value checks a choice on prompts not seen before")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--agreement", type=float, default=0.9)
-    p.add_argument("--policy", default="token_confidence", choices=("token_confidence", "max_prob"),
-                   help="lossy exits: the exit rule (token_confidence fits the exits' confidence classifiers)")
+    p.add_argument("--policy", default="token_confidence", choices=("token_confidence", "max_prob", "patience"),
+                   help="lossy exits: the exit rule (token_confidence fits the exits' confidence classifiers; "
+                        "patience exits once that many consecutive exits agreed with the one before, and takes "
+                        "--thresholds as those counts)")
     p.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.98")
     p.add_argument("--cache-strategies", default="copy_kv,propagate,catch_up,freeze,update",
                    help="lossy: the cache strategies tried (the backbone's kind picks its own)")
