@@ -49,6 +49,7 @@ from peers import economize_methods, hf_methods  # noqa: E402
 
 from offramp.data.assets import CACHE, bbc_articles, bbc_prompts, load_causal_lm  # noqa: E402
 from offramp.engines.generate import frequent_tokens, generate, speculative_generate  # noqa: E402
+from offramp.engines.generate.engine import ATTENTION_STRATEGIES, SSM_STRATEGIES  # noqa: E402
 from offramp.modeling import DecoderExitModel  # noqa: E402
 from offramp.training.distill import fit_exits, greedy_continuations  # noqa: E402
 from offramp.training.layerskip import exit_report  # noqa: E402
@@ -243,7 +244,8 @@ def bench_model(name: str, args, log) -> dict:
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words,
                         skip=args.prompts if args.eval_skip is None else args.eval_skip)
-    strategies = [x for x in args.cache_strategies if (x in ("freeze", "update")) == (arch == "mamba")]
+    allowed = SSM_STRATEGIES if exits.adapter.kind == "ssm" else ATTENTION_STRATEGIES
+    strategies = [x for x in args.cache_strategies if x in allowed]
     log(f"{name}: calibration ({len(args.thresholds)} thresholds x {len(strategies)} caches, "
         f"{len(spec)} speculation settings)")
     grid = [(x, t) for x in strategies for t in args.thresholds]

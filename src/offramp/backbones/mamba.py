@@ -2,7 +2,8 @@
 
 The state of a Mamba layer is a conv window (b, channels, kernel) and a recurrent SSM state; the
 engine keeps them per row. A token that exits early either leaves the skipped layers' states
-unchanged ("freeze") or runs their state update on its exit hidden state ("update").
+unchanged ("freeze"), runs their state update on its exit hidden state ("update"), or leaves them
+pending until the next token that goes deep, which runs them first ("catch_up", exact).
 """
 
 from __future__ import annotations

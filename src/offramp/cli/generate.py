@@ -52,7 +52,7 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="shorthand for --policy token_confidence --value T (kept for scripts of the previous release)")
     p.add_argument("--cache-strategy", choices=STRATEGIES, default=None,
-                   help="what skipped layers store (default copy_kv; freeze for Mamba)")
+                   help="what skipped layers store (default copy_kv; freeze for Mamba; catch_up is exact on both)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

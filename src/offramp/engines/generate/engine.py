@@ -12,7 +12,9 @@ cache strategy:
   deeper, the skipped layers run for the pending tokens together with it, from their exit hidden
   states, so deep tokens see exactly the cache of the full model;
 - ``freeze`` (Mamba): skipped layers keep their conv/SSM states;
-- ``update`` (Mamba): skipped layers run their state update on the exit hidden state.
+- ``update`` (Mamba): skipped layers run their state update on the exit hidden state;
+- ``catch_up`` (Mamba, exact): as for transformers, the skipped layers run for the pending tokens
+  together with the next token that goes deep, one multi-token pass that continues their states.
 
 Stateful (Mamba-block) exit heads deeper than a token's exit follow the same rule: with
 ``copy_kv`` / ``freeze`` they keep their state, with ``propagate`` / ``catch_up`` / ``update``
@@ -47,7 +49,7 @@ from offramp.policies.token_confidence import TokenConfidencePolicy
 SIGNALS = ("logits", "confidence", "hidden")
 
 ATTENTION_STRATEGIES = ("copy_kv", "propagate", "catch_up")
-SSM_STRATEGIES = ("freeze", "update")
+SSM_STRATEGIES = ("freeze", "update", "catch_up")
 
 
 class _Run:
@@ -103,6 +105,11 @@ class _Run:
         self.layer_rows += rows.numel()
         ad = self.adapter
         if ad.kind == "ssm":
+            if self.strategy == "catch_up":
+                starts = self.filled[layer].index_select(0, rows)
+                self.filled[layer].index_fill_(0, rows, col + 1)
+                if int(starts.min()) < col:
+                    return self._catch_up_ssm(layer, h, rows, col, starts)
             view = self.ssm.view(layer, None if full else rows)
             out = ad.run_layer(layer, h, cache=view)
             view.commit()
@@ -140,6 +147,28 @@ class _Run:
         self.frontier[rows, start:col + 1] = torch.where(write[..., None], out, win)
         self.fill_rows += int(write.sum()) - rows.numel()
         return out[:, -1:]
+
+    def _catch_up_ssm(self, layer: int, h: Tensor, rows: Tensor, col: int, starts: Tensor) -> Tensor:
+        """Mamba: run ``layer`` on each row's pending tokens (columns starts[r]..col-1, from the
+        hidden states they left the layer below with) and the current one, continuing its states
+        (``mamba_chunk``); rows with as many pending tokens run together."""
+        from offramp.engines.generate.speculative import mamba_chunk
+
+        self.frontier[rows, col] = h[:, 0].to(self.frontier.device)
+        out = torch.empty_like(h)
+        conv, ssm = self.ssm.conv[layer], self.ssm.ssm[layer]
+        block, dev = self.adapter.layers()[layer], self.adapter.layer_device(layer)
+        for start in starts.unique().tolist():
+            sel = (starts == start).nonzero()[:, 0]
+            sub = rows.index_select(0, sel)
+            win = self.frontier[sub, start:col + 1].to(dev)  # (n, w, d)
+            y, convs, ssms = mamba_chunk(block, win, conv.index_select(0, sub), ssm.index_select(0, sub))
+            conv.index_copy_(0, sub, convs[-1])
+            ssm.index_copy_(0, sub, ssms[-1])
+            self.frontier[sub, start:col + 1] = y.to(self.frontier.device)
+            out[sel] = y[:, -1:].to(out.dtype)
+            self.fill_rows += sel.numel() * (col - start)
+        return out
 
     # ---- what skipped layers store ---------------------------------------------------------
     def fill(self, k: int, rows: Tensor, col: int, h: Tensor) -> None:
@@ -410,7 +439,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
             extra full-vocabulary projection per running row and exit, counted in
             ``report.extra_head_rows``), its confidence classifier (token_confidence), or nothing
             (static, never). Overrides ``threshold``.
-        cache_strategy: copy_kv | propagate | catch_up (transformers), freeze | update (Mamba);
+        cache_strategy: copy_kv | propagate | catch_up (transformers), freeze | update | catch_up (Mamba);
             default: copy_kv / freeze.
         max_new_tokens: tokens to generate per row (fewer if every row hits EOS).
         sampling: greedy by default; temperature, top-p, repetition penalty, EOS, seed.
