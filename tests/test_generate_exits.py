@@ -125,9 +125,11 @@ def test_copy_kv_fills_skipped_layers_with_the_last_computed_layer() -> None:
     assert kv.keys[3][:, :, p + 5].abs().sum() == 0  # the last token was never run
 
 
-@pytest.mark.parametrize("strategy", ["copy_kv", "propagate", "catch_up"])
-def test_rows_exit_independently_of_their_batch(strategy: str) -> None:
-    model = _exit_model("llama")
+@pytest.mark.parametrize(("family", "strategy"), [("llama", "copy_kv"), ("llama", "propagate"),
+                                                  ("llama", "catch_up"), ("mamba", "catch_up"),
+                                                  ("mamba2", "catch_up")])
+def test_rows_exit_independently_of_their_batch(family: str, strategy: str) -> None:
+    model = _exit_model(family)
     ids, mask = ragged_prompts(3)
     batched = generate(model, ids, mask, policy=SignOfHidden(), cache_strategy=strategy, max_new_tokens=6,
                        sampling=NO_EOS)
@@ -139,8 +141,11 @@ def test_rows_exit_independently_of_their_batch(strategy: str) -> None:
         assert torch.equal(alone.exit_layers, batched.exit_layers[r:r + 1])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "mamba", "mamba2"])
 def test_catch_up_reproduces_full_model_logits_for_deep_tokens(family: str) -> None:
+    """The layers a token skipped run for it before the next deep token (on Mamba: one pass that
+    continues their states over the pending tokens), so deep tokens get the full model's logits."""
+    ssm = family.startswith("mamba")
     model = _exit_model(family)
     ids, mask = ragged_prompts(3)
     out = generate(model, ids, mask, policy=EveryOtherStep(), cache_strategy="catch_up", max_new_tokens=8,
@@ -149,41 +154,12 @@ def test_catch_up_reproduces_full_model_logits_for_deep_tokens(family: str) -> N
     assert deep[:, 2:].any() and (~deep).any()
     seq, p = out.sequences, ids.shape[1]
     full_mask = torch.cat([mask, torch.ones_like(out.new_tokens)], 1)
-    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    ref = model.backbone(input_ids=seq, attention_mask=full_mask, position_ids=pos).logits[:, p - 1:-1]  # (b, n, V)
+    pos = {} if ssm else {"position_ids": (full_mask.cumsum(-1) - 1).clamp(min=0)}
+    ref = model.backbone(input_ids=seq, attention_mask=full_mask, **pos).logits[:, p - 1:-1]  # (b, n, V)
     torch.testing.assert_close(out.step_logits[deep], ref[deep], atol=1e-4, rtol=1e-4)
-    copy = generate(model, ids, mask, policy=EveryOtherStep(), cache_strategy="copy_kv", max_new_tokens=8,
-                    sampling=NO_EOS, output_logits=True)
+    copy = generate(model, ids, mask, policy=EveryOtherStep(), cache_strategy="freeze" if ssm else "copy_kv",
+                    max_new_tokens=8, sampling=NO_EOS, output_logits=True)
     assert not torch.allclose(copy.step_logits[deep], ref[deep], atol=1e-4)  # the approximation is not exact
-
-
-@pytest.mark.parametrize("family", ["mamba", "mamba2"])
-def test_mamba_catch_up_reproduces_full_model_logits_for_deep_tokens(family: str) -> None:
-    """Mamba ``catch_up``: the layers a token skipped run its pending hidden states before the next
-    deep token, so deep tokens get the full model's logits; rows with different numbers of pending
-    tokens decode in one batch as they would alone."""
-    model = _exit_model(family)
-    ids, mask = ragged_prompts(3)
-    out = generate(model, ids, mask, policy=EveryOtherStep(), cache_strategy="catch_up", max_new_tokens=8,
-                   sampling=NO_EOS, output_logits=True)
-    deep = out.exit_layers == 4
-    assert deep[:, 2:].any() and (~deep).any()
-    full_mask = torch.cat([mask, torch.ones_like(out.new_tokens)], 1)
-    ref = model.backbone(input_ids=out.sequences, attention_mask=full_mask).logits[:, ids.shape[1] - 1:-1]
-    torch.testing.assert_close(out.step_logits[deep], ref[deep], atol=1e-4, rtol=1e-4)
-    frozen = generate(model, ids, mask, policy=EveryOtherStep(), cache_strategy="freeze", max_new_tokens=8,
-                      sampling=NO_EOS, output_logits=True)
-    assert not torch.allclose(frozen.step_logits[deep], ref[deep], atol=1e-4)  # freeze is not exact
-    batched = generate(model, ids, mask, policy=SignOfHidden(), cache_strategy="catch_up", max_new_tokens=6,
-                       sampling=NO_EOS, output_logits=True)
-    assert len({tuple(r) for r in batched.exit_layers.tolist()}) > 1
-    for r in range(3):
-        row = ids[r:r + 1, int(mask[r].argmax()):]
-        alone = generate(model, row, policy=SignOfHidden(), cache_strategy="catch_up", max_new_tokens=6,
-                         sampling=NO_EOS, output_logits=True)
-        assert torch.equal(alone.new_tokens, batched.new_tokens[r:r + 1])
-        assert torch.equal(alone.exit_layers, batched.exit_layers[r:r + 1])
-        torch.testing.assert_close(alone.step_logits, batched.step_logits[r:r + 1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("head", ["tied", "ffn", "block", "mamba"])
