@@ -155,7 +155,7 @@ class _Run:
         from offramp.engines.generate.speculative import mamba_chunk
 
         self.frontier[rows, col] = h[:, 0].to(self.frontier.device)
-        out = torch.empty_like(h)
+        out = None  # (r, 1, d), in the dtype the block returns (as the one-token path)
         conv, ssm = self.ssm.conv[layer], self.ssm.ssm[layer]
         block, dev = self.adapter.layers()[layer], self.adapter.layer_device(layer)
         for start in starts.unique().tolist():
@@ -165,8 +165,10 @@ class _Run:
             y, convs, ssms = mamba_chunk(block, win, conv.index_select(0, sub), ssm.index_select(0, sub))
             conv.index_copy_(0, sub, convs[-1])
             ssm.index_copy_(0, sub, ssms[-1])
-            self.frontier[sub, start:col + 1] = y.to(self.frontier.device)
-            out[sel] = y[:, -1:].to(out.dtype)
+            self.frontier[sub, start:col + 1] = y.to(self.frontier.device, self.frontier.dtype)
+            if out is None:
+                out = y.new_empty(h.shape)
+            out[sel] = y[:, -1:]
             self.fill_rows += sel.numel() * (col - start)
         return out
 
