@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
                                seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup, p_max=args.p_max,
                                e_scale=args.e_scale, weighting=args.weighting, curriculum=args.curriculum,
                                rotation=args.rotation, exit_layers=args.exit_layers,
-                               dropout_unit=args.dropout_unit, dropout_curriculum=args.dropout_curriculum, max_minutes=args.minutes,
+                               dropout_unit=args.dropout_unit, dropout_curriculum=args.dropout_curriculum,
+                               max_minutes=args.minutes,
                                save_every=args.save_every, seed=args.seed,
                                extra={"arch": args.arch, "data": "bbc", "tokens": len(ids),
                                       "params": sum(q.numel() for q in model.parameters())})
