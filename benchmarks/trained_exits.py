@@ -8,9 +8,9 @@ For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` fol
 ~/.cache/offramp) it reports:
 
 - per exit, on held-out BBC text (teacher-forced): perplexity and top-1 agreement with the last layer;
-- tokens/s at batch 1, greedy, on held-out BBC openings as continuation prompts, as a ratio to
-  plain HF ``generate`` of the same model in the same run (methods interleaved prompt by prompt, median
-  of repeats):
+- tokens/s at batch 1 (``--batch B``: B ragged prompts at a time), greedy, on held-out BBC openings
+  as continuation prompts, as a ratio to plain HF ``generate`` of the same model in the same run
+  (methods interleaved batch by batch, median of repeats):
   - ``lossy``: token exits on the model's own head (``head="tied"``) with a ``token_confidence``
     threshold (its confidence classifiers fitted on the model's greedy continuations of BBC
     training prompts), ``max_prob`` or ``patience`` (the exits' top tokens agree). The (cache
@@ -85,7 +85,7 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
                 v=vocab: speculative_generate(m, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
                                  draft_confidence=c, draft_rule=args.draft_rule, draft_vocab=v,
                                  max_new_tokens=new).new_tokens
-    if exits.adapter.kind == "attention":
+    if exits.adapter.kind == "attention" and args.batch == 1:  # (HF's early-exit drafting runs at batch 1 only)
         L = exits.adapter.num_layers
         layers = [k for k in args.spec_exits if k < L]
         found = {**hf_methods(backbone, new_tokens=new, pad=pad, exits=layers)}
@@ -119,23 +119,24 @@ def distilled_drafter(backbone, seqs, layers: list[int], head: str, epochs: int,
     return model.eval()
 
 
-def measure(backbone, tok, methods: dict, prompts: list[str], repeats: int, log) -> dict:
-    """Per method: tokens/s ratio to HF generate, teacher-forced agreement, identical rows."""
+def measure(backbone, tok, methods: dict, prompts: list[str], repeats: int, log, batch: int = 1) -> dict:
+    """Per method: tokens/s ratio to HF generate, teacher-forced agreement, identical rows; the
+    prompts run ``batch`` at a time (left-padded)."""
     eos = {tok.eos_token_id}
-    batches = [tok([p], return_tensors="pt") for p in prompts]
+    batches = [tok(prompts[i:i + batch], return_tensors="pt", padding=True) for i in range(0, len(prompts), batch)]
     for fn in methods.values():
         fn(batches[0])  # warm-up
     times, res = interleaved(methods, batches, repeats, log, label="  ")
-    outs = {name: [real_tokens(r, eos)[0] for r in res[name]] for name in methods}
-    ref = outs["hf_generate"]
+    outs = {name: [real_tokens(r, eos) for r in res[name]] for name in methods}  # per batch, per row
+    ref = [g for rows in outs["hf_generate"] for g in rows]
     base = sum(len(r) for r in ref) / statistics.median(times["hf_generate"])
     rows = {}
     for name in methods:
-        gens = outs[name]
         agree = total = 0
-        for b, g in zip(batches, gens):
-            a, n = teacher_forced_agreement(backbone, b, [g])
+        for b, g in zip(batches, outs[name]):
+            a, n = teacher_forced_agreement(backbone, b, g)
             agree, total = agree + a, total + n
+        gens = [g for rows_ in outs[name] for g in rows_]
         secs = statistics.median(times[name])
         rows[name] = {"tokens_per_s": round(total / secs, 1), "ratio": round(total / secs / base, 3),
                       "agreement": round(agree / max(total, 1), 4),
@@ -213,6 +214,7 @@ def freeze_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens:
 def bench_model(name: str, args, log) -> dict:
     path = Path(name) if Path(name).exists() else CACHE / name
     backbone, tok = load_causal_lm(str(path))
+    tok.padding_side = "left"
     args.pad, args.eos = tok.pad_token_id, tok.eos_token_id
     state = json.loads((path / "layerskip_state.json").read_text()) if (path / "layerskip_state.json").exists() else {}
     L = backbone.config.num_hidden_layers
@@ -249,7 +251,7 @@ def bench_model(name: str, args, log) -> dict:
     log(f"{name}: calibration ({len(args.thresholds)} thresholds x {len(strategies)} caches, "
         f"{len(spec)} speculation settings)")
     grid = [(x, t) for x in strategies for t in args.thresholds]
-    cal = measure(backbone, tok, _methods(backbone, exits, args, grid, spec, drafters), calib, 1, log)
+    cal = measure(backbone, tok, _methods(backbone, exits, args, grid, spec, drafters), calib, 1, log, args.batch)
     ok = [(x, t) for x, t in grid if cal[f"lossy@{args.policy}{t:g}/{x}"]["agreement"] >= args.agreement]
     chosen_t = max(ok, key=lambda s: cal[f"lossy@{args.policy}{s[1]:g}/{s[0]}"]["ratio"]) if ok else None
     chosen_s = max(spec, key=lambda s: cal[_spec_name(*s)]["ratio"]) if spec else None
@@ -265,7 +267,7 @@ def bench_model(name: str, args, log) -> dict:
     if chosen_s and vocab is not None:  # the same setting drafting the whole vocabulary
         ev_spec.append(chosen_s[:4] + (None,))
     ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [], ev_spec, drafters,
-                                         set(peers.values())), evals, args.repeats, log)
+                                         set(peers.values())), evals, args.repeats, log, args.batch)
     plan = None
     if spec:  # the cost model's predictions for every setting, against what the calibration run measured
         from offramp.engines.generate import plan_speculation
@@ -285,7 +287,7 @@ def bench_model(name: str, args, log) -> dict:
                           "draft_head_s": pl.draft_head_s, "settings": rows}
             log(f"{name}: plan ({head} heads) {pl.summary()}")
     ceiling = None
-    if chosen_t is not None:
+    if chosen_t is not None and args.batch == 1:  # (the oracle's costs are batch-1 costs)
         lossy = ev[f"lossy@{args.policy}{chosen_t[1]:g}/{chosen_t[0]}"]
         ceiling = oracle_ceiling(exits, tok, evals, args.new_tokens, lossy["agreement"])
         ceiling["realised_vs_never_exit"] = round(lossy["tokens_per_s"] / ev["offramp_never_exit"]["tokens_per_s"], 3)
@@ -342,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", default="3,4,5", help="economize: cycle lengths to try")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1,
+                   help="prompts decoded together (ragged, left-padded); above 1 the batch-1-only peers and the "
+                        "oracle ceiling are left out")
     args = p.parse_args(argv)
     args.thresholds = [float(x) for x in args.thresholds.split(",")]
     args.cache_strategies = [x for x in args.cache_strategies.split(",") if x]

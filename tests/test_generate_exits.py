@@ -162,6 +162,44 @@ def test_catch_up_reproduces_full_model_logits_for_deep_tokens(family: str) -> N
     assert not torch.allclose(copy.step_logits[deep], ref[deep], atol=1e-4)  # the approximation is not exact
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_ragged_chunk_gives_each_row_what_its_own_chunk_gives(family: str) -> None:
+    """One catch_up pass serves rows with different numbers of pending tokens: a row padded on the
+    left gets the outputs and last states of a chunk over its own tokens alone."""
+    from offramp.engines.generate.speculative import mamba_chunk
+
+    block = tiny_decoder(family).backbone.layers[0]
+    m = block.mixer
+    torch.manual_seed(1)
+    h = torch.randn(3, 6, 32)
+    conv = torch.randn(3, m.conv1d.weight.shape[0], m.conv_kernel_size)
+    ssm = torch.randn(3, m.num_heads, m.head_dim, m.ssm_state_size) if family == "mamba2" else \
+        torch.randn(3, m.intermediate_size, m.ssm_state_size)
+    lead = torch.tensor([0, 2, 5])
+    with torch.no_grad():
+        y, convs, ssms = mamba_chunk(block, h, conv, ssm, lead=lead)
+        for i, o in enumerate(lead.tolist()):
+            yi, convi, ssmi = mamba_chunk(block, h[i:i + 1, o:], conv[i:i + 1], ssm[i:i + 1])
+            torch.testing.assert_close(y[i:i + 1, o:], yi, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(convs[-1][i:i + 1], convi[-1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ssms[-1][i:i + 1], ssmi[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_catch_up_is_exact_when_rows_have_different_pending_tokens(family: str) -> None:
+    model = _exit_model(family)
+    ids, mask = ragged_prompts(3)
+    out = generate(model, ids, mask, policy=SignOfHidden(), cache_strategy="catch_up", max_new_tokens=10,
+                   sampling=NO_EOS, output_logits=True)
+    deep = out.exit_layers == 4
+    shallow_before = (~deep).long().cumsum(1)  # rows have skipped different numbers of tokens
+    assert len({tuple(r) for r in shallow_before[:, 1:].tolist()}) > 1 and deep[:, 2:].any()
+    seq, p = out.sequences, ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones_like(out.new_tokens)], 1)
+    ref = model.backbone(input_ids=seq, attention_mask=full_mask).logits[:, p - 1:-1]
+    torch.testing.assert_close(out.step_logits[deep], ref[deep], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("head", ["tied", "ffn", "block", "mamba"])
 def test_never_exit_threshold_one_and_save_load(head: str, tmp_path) -> None:
     model = _exit_model("llama", head=head)

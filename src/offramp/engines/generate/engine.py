@@ -150,27 +150,26 @@ class _Run:
 
     def _catch_up_ssm(self, layer: int, h: Tensor, rows: Tensor, col: int, starts: Tensor) -> Tensor:
         """Mamba: run ``layer`` on each row's pending tokens (columns starts[r]..col-1, from the
-        hidden states they left the layer below with) and the current one, continuing its states
-        (``mamba_chunk``); rows with as many pending tokens run together."""
+        hidden states they left the layer below with) and the current one, continuing its states.
+        One ragged ``mamba_chunk`` pass serves every row: a row with fewer pending tokens is
+        padded on the left, and padding leaves its states as they were."""
         from offramp.engines.generate.speculative import mamba_chunk
 
         self.frontier[rows, col] = h[:, 0].to(self.frontier.device)
-        out = None  # (r, 1, d), in the dtype the block returns (as the one-token path)
         conv, ssm = self.ssm.conv[layer], self.ssm.ssm[layer]
         block, dev = self.adapter.layers()[layer], self.adapter.layer_device(layer)
-        for start in starts.unique().tolist():
-            sel = (starts == start).nonzero()[:, 0]
-            sub = rows.index_select(0, sel)
-            win = self.frontier[sub, start:col + 1].to(dev)  # (n, w, d)
-            y, convs, ssms = mamba_chunk(block, win, conv.index_select(0, sub), ssm.index_select(0, sub))
-            conv.index_copy_(0, sub, convs[-1])
-            ssm.index_copy_(0, sub, ssms[-1])
-            self.frontier[sub, start:col + 1] = y.to(self.frontier.device, self.frontier.dtype)
-            if out is None:
-                out = y.new_empty(h.shape)
-            out[sel] = y[:, -1:]
-            self.fill_rows += sel.numel() * (col - start)
-        return out
+        start = int(starts.min())
+        win = self.frontier[rows, start:col + 1]  # (r, w, d)
+        lead = starts - start
+        y, convs, ssms = mamba_chunk(block, win.to(dev), conv.index_select(0, rows), ssm.index_select(0, rows),
+                                     lead=lead if bool((lead > 0).any()) else None)
+        conv.index_copy_(0, rows, convs[-1])
+        ssm.index_copy_(0, rows, ssms[-1])
+        cols = torch.arange(start, col + 1, device=self.frontier.device)
+        write = cols[None, :] >= starts.to(cols.device)[:, None]  # (r, w): each row's own columns
+        self.frontier[rows, start:col + 1] = torch.where(write[..., None], y.to(win.device, win.dtype), win)
+        self.fill_rows += int((col - starts).sum())
+        return y[:, -1:]  # in the dtype the block returns (as the one-token path)
 
     # ---- what skipped layers store ---------------------------------------------------------
     def fill(self, k: int, rows: Tensor, col: int, h: Tensor) -> None:

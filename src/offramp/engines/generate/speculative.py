@@ -153,7 +153,8 @@ def frequent_tokens(sequences: Any, k: int, always: Any = ()) -> Tensor:
     return torch.tensor(top, dtype=torch.long)
 
 
-def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor,
+                lead: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Run an HF ``MambaBlock`` or ``Mamba2Block`` on the w tokens h (r, w, d) that follow the
     states conv (r, C, K) and ssm: its output (r, w, d) and the states after each token (w of each).
 
@@ -161,6 +162,11 @@ def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple
     only the last state; this pass continues from the given states and keeps all of them. The
     projections run once on the chunk; the conv window and the recurrence step token by token with
     the arithmetic of HF's one-token update, so a chunk gives what w one-token calls give.
+
+    ``lead`` (r,) makes the chunk ragged: row i's tokens are its last w - lead[i] columns, and its
+    first lead[i] columns are padding. The conv reads the row's own state right before its first
+    token, and the step size is zero at padding, which leaves the recurrent state as it was; the
+    outputs (and per-token states) at padding are meaningless, the last states are the row's.
     """
     m = block.mixer
     residual = h
@@ -176,6 +182,13 @@ def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple
         xbc, gate = proj.transpose(1, 2).chunk(2, dim=1)  # (r, C, w) each
     kernel = conv.shape[-1]
     window = torch.cat([conv.to(xbc.dtype), xbc], dim=-1).to(m.conv1d.weight.dtype)  # (r, C, K + w)
+    live = None
+    if lead is not None:  # row i's inputs, right-aligned: [padding, its conv state, its tokens]
+        t = torch.arange(window.shape[-1], device=window.device)[None]
+        o = lead.to(window.device)[:, None]
+        src = torch.where(t < o + kernel, (t - o).clamp(min=0), t)  # (r, K + w)
+        window = window.gather(-1, src[:, None].expand(-1, window.shape[1], -1))
+        live = (torch.arange(h.shape[1], device=window.device)[None] >= o).float()  # (r, w)
     # token j's conv reads the K inputs window[j+1 : j+1+K] (a depthwise conv; unfolded, as a
     # convolution call costs more than the arithmetic at these sizes)
     mixed = (window.unfold(-1, kernel, 1)[:, :, 1:] * m.conv1d.weight[:, None, 0]).sum(-1)  # (r, C, w)
@@ -185,21 +198,25 @@ def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor) -> tuple
         mixed = ACT2FN[m.activation](mixed)
     xs = mixed.to(xbc.dtype).transpose(1, 2)  # (r, w, C)
     convs = [window[..., j + 1:j + 1 + kernel].to(conv.dtype) for j in range(h.shape[1])]
-    ys, ssms = _mamba2_scan(m, xs, dt, ssm) if mamba2 else _mamba_scan(m, xs, gate, ssm)
+    ys, ssms = _mamba2_scan(m, xs, dt, ssm, live) if mamba2 else _mamba_scan(m, xs, gate, ssm, live)
     y = torch.stack(ys, dim=1)
     if mamba2:
         y = m.norm(y, gate)
     return residual + m.out_proj(y.to(x.dtype)), convs, ssms
 
 
-def _mamba_scan(m: nn.Module, xs: Tensor, gate: Tensor, ssm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+def _mamba_scan(m: nn.Module, xs: Tensor, gate: Tensor, ssm: Tensor,
+                live: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """Mamba's selective recurrence over xs (r, w, C) from ssm (r, C, N), as HF's one-token update
-    (the element-wise terms of every token at once, then the recurrence token by token)."""
+    (the element-wise terms of every token at once, then the recurrence token by token); the step
+    size is zeroed where ``live`` (r, w) is 0."""
     step, B, Cm = torch.split(m.x_proj(xs), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
     dt = (m.dt_proj.weight @ step.transpose(1, 2)).transpose(1, 2)  # (r, w, C)
     if m.dt_proj.bias is not None:
         dt = dt + m.dt_proj.bias.float().to(dt.dtype)
     dt = F.softplus(dt).float()[..., None]  # (r, w, C, 1)
+    if live is not None:
+        dt = dt * live[:, :, None, None]
     dA = torch.exp(dt * -torch.exp(m.A_log.float()))  # (r, w, C, N)
     dBx = dt * B.float()[:, :, None, :] * xs.float()[..., None]
     state, ssms, news = ssm, [], []
@@ -213,9 +230,10 @@ def _mamba_scan(m: nn.Module, xs: Tensor, gate: Tensor, ssm: Tensor) -> tuple[li
     return list(y.unbind(1)), ssms
 
 
-def _mamba2_scan(m: nn.Module, xs: Tensor, dt: Tensor, ssm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+def _mamba2_scan(m: nn.Module, xs: Tensor, dt: Tensor, ssm: Tensor,
+                 live: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """Mamba-2's multi-head recurrence over xs (r, w, C) from ssm (r, H, P, N), as HF's one-token
-    update (the gated norm is applied by the caller)."""
+    update (the gated norm is applied by the caller); the step size is zeroed where ``live`` is 0."""
     r, heads, hd, n, groups = xs.shape[0], m.num_heads, m.head_dim, m.ssm_state_size, m.n_groups
     x, B, Cm = torch.split(xs, [m.intermediate_size, groups * n, groups * n], dim=-1)
     A = (-torch.exp(m.A_log.float()))[:, None, None].expand(-1, hd, n)
@@ -229,6 +247,8 @@ def _mamba2_scan(m: nn.Module, xs: Tensor, dt: Tensor, ssm: Tensor) -> tuple[lis
     for j in range(xs.shape[1]):
         hj = x[:, j].reshape(r, heads, hd)
         dtj = F.softplus(dt[:, j][..., None].expand(-1, -1, hd) + bias.to(dt.dtype))[..., None]
+        if live is not None:
+            dtj = dtj * live[:, j, None, None, None].to(dtj.dtype)
         new = state * torch.exp(dtj.float() * A.float()) + dtj * per_head(B[:, j], (r, heads, 1, n)) * hj[..., None]
         state = new.to(ssm.dtype)
         ssms.append(state)
