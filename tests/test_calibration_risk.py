@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from offramp.calibration import CATsStopping, LearnThenTest, exit_losses
-from offramp.calibration.risk import binomial_pvalue, fixed_sequence_test, hoeffding_pvalue
+from offramp.calibration.risk import binomial_pvalue, fixed_sequence_test, hoeffding_bentkus_pvalue, hoeffding_pvalue
 
 TRUE_RISK = np.linspace(0.0, 0.4, 81)  # candidate j has true risk TRUE_RISK[j]; most conservative first
 
@@ -21,12 +21,19 @@ def test_pvalues_match_formulas():
     assert hoeffding_pvalue(0.01, 100, 0.1) == pytest.approx(math.exp(-2 * 100 * 0.09**2))
     assert hoeffding_pvalue(0.2, 100, 0.1) == 1.0
     assert binomial_pvalue(0.0, 30, 0.1) == pytest.approx(0.9**30)
+    kl = 0.05 * math.log(0.5) + 0.95 * math.log(0.95 / 0.9)  # the Hoeffding (relative entropy) term wins here
+    assert hoeffding_bentkus_pvalue(0.05, 150, 0.1) == pytest.approx(math.exp(-150 * kl))
+    assert hoeffding_bentkus_pvalue(0.0, 30, 0.1) == pytest.approx(0.9**30)  # exp(-n kl(0, d)) = (1-d)^n
+    assert hoeffding_bentkus_pvalue(0.2, 100, 0.1) == 1.0
+    risks = np.linspace(0.0, 0.1, 11)
+    assert (hoeffding_bentkus_pvalue(risks, 150, 0.1) <= hoeffding_pvalue(risks, 150, 0.1)).all()
+    assert hoeffding_bentkus_pvalue(0.05, 150, 0.1) < 0.1 < hoeffding_pvalue(0.05, 150, 0.1)
     assert fixed_sequence_test(np.array([0.01, 0.02, 0.5, 0.01]), 0.05) == 1  # stops at the first failure
     assert fixed_sequence_test(np.array([0.5, 0.01]), 0.05) == -1
     assert fixed_sequence_test(np.array([0.01, 0.01]), 0.05) == 1
 
 
-@pytest.mark.parametrize("pvalue", ["hoeffding", "binomial"])
+@pytest.mark.parametrize("pvalue", ["hoeffding", "hoeffding_bentkus", "binomial"])
 def test_ltt_violation_frequency_is_at_most_epsilon(pvalue):
     rng = np.random.default_rng(0)
     delta, epsilon, n, reps = 0.1, 0.1, 300, 600

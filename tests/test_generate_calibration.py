@@ -29,7 +29,7 @@ def _trace(rng: np.random.Generator, sequences: int, tokens: int = 12, exits: in
 
 
 @pytest.mark.parametrize("risk,tolerance,pvalue", [("sequence", 0.1, "binomial"), ("sequence", 0.0, "hoeffding"),
-                                                   ("token", 0.0, "hoeffding")])
+                                                   ("token", 0.0, "hoeffding"), ("token", 0.0, "hoeffding_bentkus")])
 def test_generation_threshold_violation_frequency_is_at_most_epsilon(risk, tolerance, pvalue):
     rng = np.random.default_rng(0)
     delta, epsilon, reps = 0.2, 0.1, 60

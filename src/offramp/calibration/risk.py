@@ -14,7 +14,7 @@ Risks (per-point losses in {0, 1}):
   mean bounds the accuracy lost to early exit (acc_full - acc_early <= R).
 
 On a token trace (generation) the points are the generated sequences (prompts are exchangeable;
-tokens of one sequence are not), with losses in [0, 1] (Hoeffding):
+tokens of one sequence are not), with losses in [0, 1] (Hoeffding or Hoeffding-Bentkus):
 
 - ``token``: the share of a sequence's tokens whose exit disagrees with the full model;
 - ``sequence`` (CALM's textual consistency): 1 if that share exceeds ``tolerance``. With
@@ -33,7 +33,7 @@ from offramp.calibration.conformal import conformal_quantile
 
 RISKS = ("disagree", "wrong_when_full_right")
 TOKEN_RISKS = ("sequence", "token")  # on a token trace, per generated sequence
-PVALUES = ("hoeffding", "binomial")
+PVALUES = ("hoeffding", "hoeffding_bentkus", "binomial")
 CONFIDENCES = ("max_prob", "margin")
 
 
@@ -52,6 +52,26 @@ def binomial_pvalue(risk_hat: np.ndarray | float, n: int, delta: float) -> np.nd
 
     k = np.round(np.asarray(risk_hat, dtype=np.float64) * n)
     return binom.cdf(k, n, delta)
+
+
+def hoeffding_bentkus_pvalue(risk_hat: np.ndarray | float, n: int, delta: float) -> np.ndarray:
+    """Hoeffding-Bentkus p-value of "R > delta" for losses in [0, 1] (Learn-then-Test's own choice):
+    min(exp(-n kl(min(R_hat, delta), delta)), e P(Binom(n, delta) <= ceil(n R_hat))), with kl the
+    Bernoulli relative entropy. Valid for shares as well as 0/1 losses, and much tighter than
+    ``hoeffding_pvalue`` when delta is small (n = 150, delta = epsilon = 0.1: it passes an empirical
+    risk up to 0.05, Hoeffding only up to 0.012)."""
+    from scipy.stats import binom
+
+    r = np.minimum(np.asarray(risk_hat, dtype=np.float64), delta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(r > 0, r * np.log(r / delta), 0.0) + (1 - r) * np.log((1 - r) / (1 - delta))
+    hoeffding = np.exp(-n * kl)
+    bentkus = math.e * binom.cdf(np.ceil(np.asarray(risk_hat, dtype=np.float64) * n - 1e-9), n, delta)
+    return np.minimum(1.0, np.minimum(hoeffding, bentkus))
+
+
+PVALUE_FUNCTIONS = {"hoeffding": hoeffding_pvalue, "hoeffding_bentkus": hoeffding_bentkus_pvalue,
+                    "binomial": binomial_pvalue}
 
 
 def fixed_sequence_test(pvalues: np.ndarray, epsilon: float) -> int:
@@ -114,7 +134,8 @@ class LearnThenTest:
         delta: risk level to control (e.g. 0.02 = at most 2% disagreement).
         epsilon: tolerated probability that the chosen threshold's true risk exceeds delta.
         risk: one of ``RISKS``.
-        pvalue: ``hoeffding`` (METHODS.md) or ``binomial`` (exact, tighter, for 0/1 losses).
+        pvalue: ``hoeffding`` (METHODS.md), ``hoeffding_bentkus`` (tighter, for any loss in [0, 1])
+            or ``binomial`` (exact, the tightest, for 0/1 losses only).
 
     After ``fit``: ``index_`` (position of the chosen candidate, -1 if none passes),
     ``threshold_`` (None if none passes), ``policy_`` (the calibrated policy or None), ``steps_``
@@ -133,7 +154,7 @@ class LearnThenTest:
             raise ValueError(f"unknown pvalue {pvalue!r}: choose one of {', '.join(PVALUES)}")
         if risk == "token" and pvalue == "binomial":
             raise ValueError("the token risk is a share in [0, 1], not a 0/1 loss: the binomial p-value does not "
-                             "apply; use pvalue hoeffding, or risk sequence")
+                             "apply; use pvalue hoeffding_bentkus (or hoeffding), or risk sequence")
         if not 0.0 <= tolerance < 1.0:
             raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
         self.delta, self.epsilon, self.risk, self.pvalue = delta, epsilon, risk, pvalue
@@ -146,8 +167,7 @@ class LearnThenTest:
             raise ValueError(f"losses must be (candidates, n) with n >= 1, got shape {losses.shape}")
         self.n_ = losses.shape[1]
         self.risks_ = losses.mean(axis=1)
-        pfun = hoeffding_pvalue if self.pvalue == "hoeffding" else binomial_pvalue
-        self.pvalues_ = pfun(self.risks_, self.n_, self.delta)
+        self.pvalues_ = PVALUE_FUNCTIONS[self.pvalue](self.risks_, self.n_, self.delta)
         self.index_ = fixed_sequence_test(self.pvalues_, self.epsilon)
         return self
 
@@ -223,8 +243,8 @@ class LearnThenTest:
         if policy.threshold_field is None:
             raise ValueError(f"policy {policy.type!r} has no threshold to calibrate")
         if self.pvalue == "binomial" and self.risk == "token":
-            raise ValueError("the token risk is a share, not a 0/1 loss: use pvalue hoeffding")
-        pfun = hoeffding_pvalue if self.pvalue == "hoeffding" else binomial_pvalue
+            raise ValueError("the token risk is a share, not a 0/1 loss: use pvalue hoeffding_bentkus or hoeffding")
+        pfun = PVALUE_FUNCTIONS[self.pvalue]
         candidates = np.asarray(candidates, dtype=np.float64)
         steps, policies, risks, pvalues = [], [], [], []
         for value in candidates:
@@ -266,7 +286,7 @@ class LearnThenTest:
             return (f"no threshold passes: with n={self.n_} calibration points the {self.pvalue} test "
                     f"cannot certify risk <= {self.delta} at epsilon={self.epsilon} (Hoeffding needs "
                     f">= {self.min_samples()} points at zero risk); use more data, a larger delta, "
-                    "or the exact binomial test (--pvalue binomial; pvalue='binomial' in Python)")
+                    "or a tighter test (--pvalue hoeffding_bentkus; binomial for 0/1 losses)")
         value = getattr(self, "threshold_", None)
         step = f"threshold={value:g}" if value is not None else f"candidate {self.index_}"
         what = f"{self.risk} risk" + (f" (tolerance {self.tolerance:g})" if self.risk == "sequence" else "")

@@ -56,7 +56,9 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "consistent (default 0: any difference counts)")
     p.add_argument("--delta", type=float, default=0.05, help="risk level to control (ltt)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability (ltt) / inconsistency (cats)")
-    p.add_argument("--pvalue", choices=PVALUES, default="hoeffding")
+    p.add_argument("--pvalue", choices=PVALUES, default="hoeffding",
+                   help="Learn-then-Test's test: hoeffding (default), hoeffding_bentkus (tighter, any loss in "
+                        "[0, 1]) or binomial (the tightest, 0/1 losses only)")
     p.add_argument("--grid", default=None,
                    help="comma-separated thresholds, most conservative first (default: a fixed grid per rule)")
     p.add_argument("--alpha", type=float, default=None,
