@@ -4,11 +4,12 @@ fraction of the oracle's at the same agreement, at batch 1 and 8 (frozen SmolLM2
     python benchmarks/generate_at_ceiling.py --json benchmarks/results/generate_at_ceiling.json
 
 SmolLM2-135M-Instruct with the FFN exits of ``generate_speed.py`` (trained on its own greedy
-continuations of the first 64 BBC training prompts; cached). Learn-then-Test certifies a
-``token_confidence`` threshold on a token trace of ``--cal`` other training-split prompts (after
-``--cal-skip``; unseen by the exits) for the ``token`` risk (mean share of a
-sequence's tokens whose exit disagrees with the full model) at each ``--delta``: agreement
->= 1 - delta with probability >= 1 - epsilon. At each batch size, the certified threshold
+continuations of the first 64 BBC training prompts; cached), their confidence classifiers refitted
+on the continuations of ``--confidence-prompts`` further training-split prompts. Learn-then-Test
+certifies a ``token_confidence`` threshold on a token trace of ``--cal`` other training-split
+prompts (after ``--cal-skip``; unseen by the exits) for the ``token`` risk (mean share of a
+sequence's tokens whose exit disagrees with the full model) at each ``--delta`` and with each of
+``--pvalues``: agreement >= 1 - delta with probability >= 1 - epsilon. At each batch size, the certified threshold
 generates for real on ``--test`` held-out (test-split) prompts beside the never-exiting engine (interleaved,
 best of ``--repeats``), with the ``copy_kv`` and ``catch_up`` caches.
 
@@ -44,11 +45,29 @@ from generate_speed import teacher_forced_agreement, trained_exits  # noqa: E402
 from offramp.calibration import LearnThenTest  # noqa: E402
 from offramp.calibration.generation import generate_rows  # noqa: E402
 from offramp.cli.generate import prompt_batches  # noqa: E402
-from offramp.data.assets import bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.data.assets import CACHE, bbc_prompts, load_causal_lm  # noqa: E402
 from offramp.evaluation.token_trace import collect_tokens  # noqa: E402
 from offramp.policies import make_policy  # noqa: E402
 from offramp.training.distill import greedy_continuations  # noqa: E402
 from offramp.utils import atomic_write_json  # noqa: E402
+
+
+def refit_confidence(model, backbone, tok, prompts: int, skip: int, new_tokens: int):
+    """The exits with their confidence classifiers refitted on the greedy continuations of
+    ``prompts`` training-split prompts after the first ``skip`` (the heads stay as trained); cached."""
+    from offramp.modeling import DecoderExitModel
+    from offramp.training.distill import fit_exits
+
+    path = CACHE / "exits" / f"smollm2-ffn-confidence{prompts}"
+    if path.exists():
+        return DecoderExitModel.from_pretrained(path, backbone=backbone)
+    t0 = time.time()
+    seqs = greedy_continuations(backbone, tok, bbc_prompts(prompts, split="train", instruct=True, skip=skip),
+                                max_new_tokens=new_tokens, batch_size=8, chat=True)
+    fit = fit_exits(model, seqs, head_epochs=0, confidence_epochs=30, log=None)
+    log(f"confidence classifiers refitted on {fit['positions']} positions ({time.time() - t0:.0f}s)")
+    model.save_pretrained(path)
+    return model
 
 
 def log(msg: str) -> None:
@@ -82,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", nargs="+", default=["copy_kv", "catch_up"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pvalues", nargs="+", default=["hoeffding", "hoeffding_bentkus"],
+                    help="Learn-then-Test's tests, each certifying its own threshold")
+    ap.add_argument("--confidence-prompts", type=int, default=400,
+                    help="refit the exits' confidence classifiers on the continuations of this many training-split "
+                         "prompts after the calibration ones (0: keep those fitted with the heads; cached)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     model = trained_exits("smollm2", backbone, tok, "ffn", chat=True, train_prompts=64, new_tokens=40, top_k=1,
                           retrain=False, log=log)
     L = model.num_layers
+    if args.confidence_prompts:
+        model = refit_confidence(model, backbone, tok, args.confidence_prompts, args.cal_skip + args.cal,
+                                 args.new_tokens)
     # calibration: training-split articles the exits never saw (they trained on the first 64);
     # measurement: the held-out articles generate_speed.py and generate_ceiling.py measure on
     cal_prompts = bbc_prompts(args.cal, split="train", instruct=True, skip=args.cal_skip)
@@ -102,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"traces and oracle agreement: {time.time() - t0:.0f}s")
     certified = []
     for delta in args.delta:
-        ltt = LearnThenTest(delta, args.epsilon, risk="token", pvalue="hoeffding").fit(
-            make_policy("token_confidence"), trace)
-        certified.append((delta, ltt))
-        log(ltt.summary())
+        for pvalue in args.pvalues:
+            ltt = LearnThenTest(delta, args.epsilon, risk="token", pvalue=pvalue).fit(
+                make_policy("token_confidence"), trace)
+            if any(ltt.threshold_ == other.threshold_ for d, other in certified if d == delta):
+                continue  # the same threshold: measured once
+            certified.append((delta, ltt))
+            log(f"{pvalue}: {ltt.summary()}")
     rows = []
     for bs in args.batch_sizes:
         costs = step_costs(backbone, batch=bs)
@@ -130,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = sum(len(r) for r in gen) / best[i] / never_rate
             agree = agreement(backbone, batches, gen)
             o_layer = oracle(hits, list(model.exit_layers), L, agree)
-            row = {"batch": bs, "setting": name, "strategy": strategy, "delta": cert[0],
+            row = {"batch": bs, "setting": name, "strategy": strategy, "delta": cert[0], "pvalue": cert[1].pvalue,
                    "certified_agreement": 1 - cert[0], "threshold": cert[1].threshold_, "bound": cert[1].summary(),
                    "tokens_per_s_ratio": ratio, "agreement": agree, "mean_exit_layer": layer,
                    "ideal_ratio": ideal(layer, costs, L),
@@ -147,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"batch": bs, "setting": "never", "never_tokens_per_s": never_rate, "step_costs_s": costs})
     result = {"model": "SmolLM2-135M-Instruct", "exits": list(model.exit_layers), "num_layers": L,
               "cal_prompts": args.cal, "test_prompts": args.test, "new_tokens": args.new_tokens,
-              "threads": args.threads, "epsilon": args.epsilon, "oracle_tokens": len(hits), "rows": rows}
+              "threads": args.threads, "epsilon": args.epsilon, "confidence_prompts": args.confidence_prompts,
+              "oracle_tokens": len(hits), "rows": rows}
     print(json.dumps(result, indent=1))
     if args.json:
         atomic_write_json(args.json, result)

@@ -7,8 +7,9 @@ Phases (each resumable: every trace, label and per-problem result is cached unde
              best cue would save (``offramp.reasoning.dataset.oracle_ceiling``), per task
   ceiling-report  the oracles of both prompts and of the training chains -> --ceiling-out
   baselines  full chain, fixed budget and DEER on the evaluation problems -> results-<prompt>.jsonl
-  fit        train the probe, calibrate it per cue event (LYNX) and per chain at each delta
-  lynx       run both LYNX rules online, with the full chain timed again beside them
+  fit        train the probe, calibrate it per cue event (LYNX), per chain (premature stops) and per
+             chain for lost right answers, at each delta
+  lynx       run the LYNX rules online (--lynx-methods), with the full chain timed again beside them
   report     aggregate into the JSON written to --out
 
 Chains run --batch-size at a time in offramp's batched engine (each chain is what it is alone).
@@ -186,14 +187,17 @@ def replayed_rules(args, probes: dict) -> list[dict]:
             e = t["events"][i] if i >= 0 else None
             tokens = int(e["fork"]) + int(e.get("answer_tokens", 0)) if e else int(t["tokens"])
             right = bool(e["correct"]) if e else bool(t["correct"])
-            per_source.setdefault(t["source"], []).append((right, tokens, int(t["tokens"]), i >= 0))
+            per_source.setdefault(t["source"], []).append((right, tokens, int(t["tokens"]), i >= 0,
+                                                           bool(t["correct"])))
         for src, rs in sorted(per_source.items()):
             a = np.array(rs, dtype=np.float64)
             out.append({"method": method, "delta": delta, "per": PER[method], "source": src, "n": len(rs),
                         "accuracy": float(a[:, 0].mean()), "tokens": float(a[:, 1].mean()),
                         "tokens_saved": float(1 - a[:, 1].sum() / a[:, 2].sum()),
                         "exit_rate": float(a[:, 3].mean()),
-                        "premature_exit_rate": float(((a[:, 3] == 1) & (a[:, 0] == 0)).mean())})
+                        "premature_exit_rate": float(((a[:, 3] == 1) & (a[:, 0] == 0)).mean()),
+                        "wrong_where_full_right": float(((a[:, 4] == 1) & (a[:, 0] == 0)).mean()),
+                        "full_accuracy": float(a[:, 4].mean())})
     return out
 
 
@@ -205,11 +209,13 @@ def phase_baselines(model, tok, args) -> None:
     run_methods(model, tok, test, [m for m in methods if m[0] in args.baselines], args)
 
 
-PER = {"lynx": "event", "lynx_chain": "chain"}  # method -> what delta bounds (LynxProbe.calibrate)
+PER = {"lynx": "event", "lynx_chain": "chain", "lynx_lost": "chain"}  # method -> what delta bounds
+RISK = {"lynx": "premature", "lynx_chain": "premature", "lynx_lost": "lost"}  # (LynxProbe.calibrate)
 
 
 def probe_path(args, method: str, delta: float) -> Path:
-    return Path(args.work) / (f"probe-delta{delta}" if method == "lynx" else f"probe-chain-delta{delta}")
+    name = {"lynx": "probe", "lynx_chain": "probe-chain", "lynx_lost": "probe-lost"}[method]
+    return Path(args.work) / f"{name}-delta{delta}"
 
 
 def fit_probes(args) -> dict[tuple[str, float], object]:
@@ -231,13 +237,15 @@ def fit_probes(args) -> dict[tuple[str, float], object]:
         for delta in args.deltas:
             if (method, delta) in out:
                 continue
-            probe = base.calibrate(cal.features, cal.labels, delta=delta, per=per, groups=cal.groups)
+            probe = base.calibrate(cal.features, cal.labels, delta=delta, per=per, groups=cal.groups,
+                                   risk=RISK[method], chain_right=cal.chain_right)
             probe.save(probe_path(args, method, delta))
             out[method, delta] = probe
     summary = {"events_fit": int(fit.labels.size), "positives_fit": int(fit.labels.sum()),
                "events_cal": int(cal.labels.size), "positives_cal": int(cal.labels.sum()),
                "problems_fit": n_fit, "problems_cal": n - n_fit,
-               "chain_thresholds": {str(d): str(out["lynx_chain", d].chain_threshold_) for d in args.deltas}}
+               "chain_thresholds": {str(d): str(out["lynx_chain", d].chain_threshold_) for d in args.deltas},
+               "lost_thresholds": {str(d): str(out["lynx_lost", d].chain_threshold_) for d in args.deltas}}
     (Path(args.work) / "probe_summary.json").write_text(json.dumps(summary, indent=1))
     log(f"probe: {summary}")
     return out
@@ -248,7 +256,8 @@ def phase_lynx(model, tok, args) -> None:
     probes = fit_probes(args)
     # the full chain again, interleaved with LYNX, so wall-clock ratios share the machine's load
     methods = [("full", "lynx-phase", (make_policy("never"), reason_config(args)))]
-    methods += [(m, d, (ProbeExitPolicy(probe=probes[m, d]), reason_config(args))) for m in PER for d in args.deltas]
+    methods += [(m, d, (ProbeExitPolicy(probe=probes[m, d]), reason_config(args))) for m in args.lynx_methods
+                for d in args.deltas]
     run_methods(model, tok, test, methods, args)
 
 
@@ -281,7 +290,7 @@ def event_level_check(args) -> dict:
             base = LynxProbe(seed=0).fit(fit.features, fit.labels)
             probe = base.calibrate(cal.features, cal.labels, delta)
             acc = event_accepts(ProbeExitPolicy(probe=probe), test.features)
-            for per in PER.values():  # share of held-out chains whose first exit is at a wrong event
+            for per in ("event", "chain"):  # share of held-out chains whose first exit is at a wrong event
                 rule = probe if per == "event" else base.calibrate(cal.features, cal.labels, delta, per="chain",
                                                                    groups=cal.groups)
                 stops = replay_events(ProbeExitPolicy(probe=rule), test)  # the online rule, over stored events
@@ -339,7 +348,7 @@ def phase_report(args) -> dict:
         if not rs:
             continue
         row = {"method": m, "delta": None if d == "lynx-phase" else d, "timing_group": group,
-               **({"per": PER[m]} if m in PER else {}),
+               **({"per": PER[m], "risk": RISK[m]} if m in PER else {}),
                **_summarise(rs, full_correct),
                "by_source": {src: _summarise([r for r in rs if r["source"] == src], full_correct)
                              for src in sorted({r["source"] for r in rs})}}
@@ -408,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="baselines phase: which of full,budget,deer to run (without full, their savings are "
                          "against the lynx phase's full chain)")
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.1, 0.3])
+    ap.add_argument("--lynx-methods", nargs="+", choices=list(PER), default=list(PER),
+                    help="lynx phase: the rules run online (lynx: per event; lynx_chain: per chain, premature "
+                         "stops; lynx_lost: per chain, lost right answers)")
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, -1])
     ap.add_argument("--fit-fraction", type=float, default=0.6)
     ap.add_argument("--n-transfer", type=int, default=0, help="problems of --transfer-task (non-math) to evaluate")

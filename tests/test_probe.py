@@ -153,11 +153,14 @@ def test_premature_exit_rate_stays_below_delta(fitted, delta):
     assert exits_right > 0
 
 
-def _chains(rng: np.random.Generator, n_chains: int, length: int = 12):
-    """Exchangeable synthetic chains: the forced answer turns right at a random event and stays right."""
+def _chains(rng: np.random.Generator, n_chains: int, length: int = 12, wrong: float = 0.0):
+    """Exchangeable synthetic chains: the forced answer turns right at a random event and stays right
+    (never, in a further share ``wrong`` of the chains: a model that gets that many problems wrong)."""
     xs, ys, gs = [], [], []
     for c in range(n_chains):
         turn = int(rng.integers(2, length + 4))  # >= length: never right in this chain
+        if rng.random() < wrong:
+            turn = length
         y = (np.arange(length) >= turn).astype(int)
         x, _ = _events(rng, length)
         x[:, 0] = rng.normal(size=length) + 1.5 * (2 * y - 1)
@@ -216,3 +219,58 @@ def test_per_chain_premature_exit_rate_stays_below_delta(fitted, delta):
     rate = float(np.mean(chain_rates))
     assert rate <= delta + 3 * float(np.std(chain_rates)) / math.sqrt(repeats)
     assert float(np.mean(right_exits)) > 0.2
+
+
+def _ends_right(y: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """(n,) whether each event's chain ends on a right forced answer (its full answer, here)."""
+    last = {c: y[g == c][-1] for c in np.unique(g)}
+    return np.array([bool(last[c]) for c in g])
+
+
+def test_lost_risk_counts_only_chains_whose_full_answer_is_right(fitted, tmp_path):
+    x, y, g = _chains(np.random.default_rng(9), 30)
+    right = _ends_right(y, g)
+    assert right.any() and (~right).any()
+    probe = fitted.calibrate(x, y, delta=0.2, per="chain", groups=g, risk="lost", chain_right=right)
+    p1 = fitted.predict_proba(x)[:, 1]
+    worst = sorted(max([p for p, yy, gg, r in zip(p1, y, g, right) if gg == c and yy == 0 and r],
+                       default=-math.inf) for c in range(30))
+    assert probe.chain_threshold_ == worst[math.ceil(31 * 0.8) - 1]
+    premature = fitted.calibrate(x, y, delta=0.2, per="chain", groups=g)
+    assert probe.chain_threshold_ <= premature.chain_threshold_
+    probe.save(tmp_path / "lost")
+    again = LynxProbe.load(tmp_path / "lost")
+    assert again.risk_ == "lost" and again.chain_threshold_ == probe.chain_threshold_
+    with pytest.raises(ValueError, match="needs chain_right"):
+        fitted.calibrate(x, y, delta=0.2, per="chain", groups=g, risk="lost")
+    with pytest.raises(ValueError, match="per-chain risk"):
+        fitted.calibrate(x, y, delta=0.2, risk="lost", chain_right=right)
+    with pytest.raises(ValueError, match="risk must be one of"):
+        fitted.calibrate(x, y, delta=0.2, per="chain", groups=g, risk="wrong")
+
+
+def test_per_chain_lost_rate_stays_below_delta_and_stops_more_chains(fitted):
+    """Per chain with risk 'lost': P(stop at a wrong answer where the full chain is right) <= delta
+    over seeded draws, and it stops more chains than the premature rule at the same delta."""
+    repeats, n_cal, n_test, delta = 200, 40, 40, 0.1
+    rng = np.random.default_rng(3000)
+    lost, exits_lost, exits_premature = [], [], []
+    for _ in range(repeats):
+        x, y, g = _chains(rng, n_cal + n_test, wrong=0.4)
+        right = _ends_right(y, g)
+        cal, test = g < n_cal, g >= n_cal
+        rule = fitted.calibrate(x[cal], y[cal], delta=delta, per="chain", groups=g[cal], risk="lost",
+                                chain_right=right[cal])
+        strict = fitted.calibrate(x[cal], y[cal], delta=delta, per="chain", groups=g[cal])
+        acc, acc_strict, bad, n_exit, n_strict = rule.accepts(x[test]), strict.accepts(x[test]), 0, 0, 0
+        for c in range(n_cal, n_cal + n_test):
+            sel = g[test] == c
+            i = first_exit(acc[sel])
+            n_exit += i is not None
+            n_strict += first_exit(acc_strict[sel]) is not None
+            bad += int(i is not None and y[test][sel][i] == 0 and right[test][sel][0])
+        lost.append(bad / n_test)
+        exits_lost.append(n_exit / n_test)
+        exits_premature.append(n_strict / n_test)
+    assert float(np.mean(lost)) <= delta + 3 * float(np.std(lost)) / math.sqrt(repeats)
+    assert float(np.mean(exits_lost)) > float(np.mean(exits_premature)) + 0.15

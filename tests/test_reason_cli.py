@@ -68,6 +68,13 @@ def test_build_fit_then_lynx(model_dir, tmp_path, capsys, monkeypatch):
     chain_probe = LynxProbe.load(tmp_path / "probe-chain")
     assert fit_chain["per"] == "chain" and fit_chain["chains_cal"] == 2 == chain_probe.chain_count_
     assert chain_probe.chain_threshold_ == float("inf")  # 2 calibration chains cannot certify delta 0.3
+    assert _run(["reason", "fit", str(tmp_path / "ev"), "--delta", "0.3", "--epochs", "20", "--per", "chain",
+                 "--risk", "lost", "--out", str(tmp_path / "probe-lost")]) == 0
+    assert json.loads(capsys.readouterr().out)["risk"] == "lost"
+    assert LynxProbe.load(tmp_path / "probe-lost").risk_ == "lost"
+    with pytest.raises(ValueError, match="add --per chain"):
+        _run(["reason", "fit", str(tmp_path / "ev"), "--delta", "0.3", "--risk", "lost",
+              "--out", str(tmp_path / "probe-x")])
     out = tmp_path / "runs.jsonl"
     assert _run(["reason", "run", "--model", model_dir, "--max-new-tokens", "20", "--max-answer-tokens", "2",
                  "--probe", str(tmp_path / "probe"), "--task", "toy", "--n", "2", "--out", str(out)]) == 0

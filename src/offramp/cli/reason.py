@@ -72,10 +72,16 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_reason_build)
     fit = sub.add_parser("fit", help="train the probe and calibrate its conformal exit rule")
     fit.add_argument("data", help="dataset folder written by `offramp reason build`")
-    fit.add_argument("--delta", type=float, required=True, help="premature-exit risk, in (0, 1)")
+    fit.add_argument("--delta", type=float, required=True,
+                     help="the risk bound, in (0, 1): premature exits per event or per chain (--per), or lost "
+                          "right answers per chain (--risk lost)")
     fit.add_argument("--per", choices=["event", "chain"], default="event",
                      help="what delta bounds: each cue event (LYNX's conformal sets) or each chain "
                           "(exit where P(right) > Q, Q calibrated on each chain's worst wrong event)")
+    fit.add_argument("--risk", choices=["premature", "lost"], default="premature",
+                     help="with --per chain, the stops delta bounds: premature (any stop at a wrong forced answer, "
+                          "LYNX's) or lost (a stop at a wrong answer in a chain whose full answer is right: the "
+                          "expected accuracy lost to stopping is then <= delta)")
     fit.add_argument("--fit-fraction", type=float, default=0.6,
                      help="share of problems that train the probe; the rest calibrate it (default 0.6)")
     fit.add_argument("--epochs", type=int, default=300)
@@ -238,6 +244,8 @@ def cmd_reason_fit(args: argparse.Namespace) -> int:
     from offramp.utils import read_json
 
     common.require_unit(args, "fit_fraction", "delta")
+    if args.risk == "lost" and args.per != "chain":
+        raise ValueError("--risk lost is a per-chain risk: add --per chain")
     common.require_min(args, epochs=1)
     common.check_out(Path(args.out), True, "probe folder")
     data = load_dataset(args.data)
@@ -246,7 +254,8 @@ def cmd_reason_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(data.uids)} problems cannot be split {args.fit_fraction:.2f} / rest: label more")
     fit, cal = data.subset(range(n_fit)), data.subset(range(n_fit, len(data.uids)))
     probe = LynxProbe(epochs=args.epochs, seed=args.seed).fit(fit.features, fit.labels)
-    probe = probe.calibrate(cal.features, cal.labels, delta=args.delta, per=args.per, groups=cal.groups)
+    probe = probe.calibrate(cal.features, cal.labels, delta=args.delta, per=args.per, groups=cal.groups,
+                            risk=args.risk, chain_right=cal.chain_right)
     manifest = read_json(Path(args.data) / MANIFEST, "event dataset manifest",
                          "build the dataset again (offramp reason build)")
     probe.save(args.out, extra={"reason_config": manifest["config"], "model": manifest["model"]})
@@ -254,6 +263,7 @@ def cmd_reason_fit(args: argparse.Namespace) -> int:
     print(json.dumps({"out": args.out, "delta": args.delta, "events_fit": int(fit.labels.size),
                       "events_cal": int(cal.labels.size), "cal_counts": probe.conformal_.counts_.tolist(),
                       "quantiles": [None if v == float("inf") else float(v) for v in q], "per": args.per,
+                      "risk": args.risk,
                       **({"chain_threshold": str(probe.chain_threshold_), "chains_cal": probe.chain_count_}
                          if args.per == "chain" else {})}))
     return 0

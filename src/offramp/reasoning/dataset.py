@@ -35,6 +35,12 @@ class EventDataset:
     uids: list[str]
     traces: list[dict[str, Any]]
 
+    @property
+    def chain_right(self) -> np.ndarray:
+        """(n,) bool: whether the full chain of each event's problem answers right."""
+        right = np.array([bool(t.get("correct")) for t in self.traces], dtype=bool)
+        return right[self.groups] if self.groups.size else np.zeros(0, dtype=bool)
+
     def subset(self, problem_idx: Iterable[int]) -> "EventDataset":
         keep = sorted(set(int(i) for i in problem_idx))
         remap = {p: j for j, p in enumerate(keep)}

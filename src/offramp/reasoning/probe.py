@@ -13,6 +13,14 @@ instead: each calibration chain scores the highest P(right) among its events who
 is wrong (-inf if none); Q is the conformal quantile of those scores; the rule exits at the first
 event with P(right) > Q. Then P(the chain exits at an event whose forced answer is wrong) <= delta,
 for chains exchangeable with the calibration chains (the CATs construction applied to chains).
+
+That bound counts a stop as premature even in a chain whose full answer is wrong, where stopping
+loses nothing; on a model that gets many problems wrong those chains set Q. ``risk="lost"``
+bounds what a user loses instead: only chains whose full answer is right (``chain_right``) score
+their highest P(right) at a wrong event, the others score -inf. Then P(the chain stops at a wrong
+answer where its full chain would have been right) <= delta, so the expected accuracy lost to
+stopping is at most delta (the guarantee zelt and the classifiers' ``wrong_when_full_right`` risk
+state).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from offramp.calibration.conformal import ClassConditionalConformal, conformal_q
 from offramp.utils import atomic_dir, load_torch_state, read_json, readable_dir
 
 PROBE_FILE = "probe.json"
+RISKS = ("premature", "lost")  # per chain: any stop at a wrong answer, or one that loses a right answer
 WEIGHTS_FILE = "probe.pt"
 
 
@@ -127,27 +136,40 @@ class LynxProbe:
         return logits.double().softmax(-1).numpy()  # float64: no ties at exactly 0 or 1
 
     def calibrate(self, features: np.ndarray, labels: np.ndarray, delta: float, *, per: str = "event",
-                  groups: np.ndarray | None = None) -> "LynxProbe":
+                  groups: np.ndarray | None = None, risk: str = "premature",
+                  chain_right: np.ndarray | None = None) -> "LynxProbe":
         """A copy of this probe calibrated at level ``delta``.
 
         ``per="event"`` (LYNX): class-conditional conformal sets; exit where the set is exactly {1}.
         ``per="chain"``: ``groups`` (n,) names the chain of each event; exit where P(right) > Q,
-        with P(premature exit) <= delta per chain (see the module docstring).
+        with P(premature exit) <= delta per chain; with ``risk="lost"`` and ``chain_right`` (n,),
+        whether each event's chain ends right (``EventDataset.chain_right``), P(a right answer
+        lost) <= delta per chain (see the module docstring).
         """
         x, y = _check_xy(features, labels)
         if per not in ("event", "chain"):
             raise ValueError(f"per must be 'event' or 'chain', got {per!r}")
+        if risk not in RISKS:
+            raise ValueError(f"risk must be one of {', '.join(RISKS)}, got {risk!r}")
+        if risk == "lost" and per != "chain":
+            raise ValueError("risk 'lost' is a per-chain risk: calibrate with per='chain' (--per chain)")
         out = copy.copy(self)
         out.conformal_ = ClassConditionalConformal(alpha=delta).fit(self.predict_proba(x), y)
-        out.delta_, out.per_ = float(delta), per
+        out.delta_, out.per_, out.risk_ = float(delta), per, risk
         if per == "chain":
             if groups is None or np.asarray(groups).shape != y.shape:
                 raise ValueError("per='chain' needs groups: the chain (problem) index of each event, "
                                  "e.g. EventDataset.groups")
             g = np.asarray(groups)
+            counts = y == 0  # the events whose stop counts against the chain
+            if risk == "lost":
+                if chain_right is None or np.asarray(chain_right).shape != y.shape:
+                    raise ValueError("risk 'lost' needs chain_right: whether the full chain of each event "
+                                     "answers right, e.g. EventDataset.chain_right")
+                counts &= np.asarray(chain_right, dtype=bool)
             p1 = self.predict_proba(x)[:, 1]
             chains = np.unique(g)
-            worst = [p1[(g == c) & (y == 0)].max(initial=-np.inf) for c in chains]
+            worst = [p1[(g == c) & counts].max(initial=-np.inf) for c in chains]
             out.chain_threshold_ = conformal_quantile(np.array(worst), delta)
             out.chain_count_ = int(chains.size)
         return out
@@ -180,7 +202,8 @@ class LynxProbe:
         if hasattr(self, "conformal_"):
             q = self.conformal_.quantiles_
             meta.update(delta=self.delta_, quantiles=[None if np.isinf(v) else float(v) for v in q],
-                        counts=self.conformal_.counts_.tolist(), per=getattr(self, "per_", "event"))
+                        counts=self.conformal_.counts_.tolist(), per=getattr(self, "per_", "event"),
+                        risk=getattr(self, "risk_", "premature"))
             if meta["per"] == "chain":  # JSON has no infinities: +inf never exits, -inf always does
                 meta.update(chain_threshold=str(self.chain_threshold_) if np.isinf(self.chain_threshold_)
                             else float(self.chain_threshold_), chain_count=self.chain_count_)
@@ -219,7 +242,7 @@ class LynxProbe:
             conf.quantiles_ = np.array([np.inf if v is None else v for v in meta["quantiles"]])
             conf.counts_ = np.array(meta["counts"])
             probe.conformal_, probe.delta_ = conf, meta["delta"]
-            probe.per_ = meta.get("per", "event")
+            probe.per_, probe.risk_ = meta.get("per", "event"), meta.get("risk", "premature")
             if probe.per_ == "chain":
                 probe.chain_threshold_ = float(meta["chain_threshold"])
                 probe.chain_count_ = meta["chain_count"]

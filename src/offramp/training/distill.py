@@ -232,12 +232,14 @@ def train_confidence(model: nn.Module, feats: Tensor, targets: Tensor, *, epochs
 
 def fit_exits(model: nn.Module, sequences: list[tuple[Tensor, int]], *, head_epochs: int = 3,
               confidence_epochs: int = 30, top_k: int | None = None, kd_top_k: int = 32, lr: float = 1e-3,
-              max_confidence_positions: int = 2000, log: Callable[[str], None] | None = print,
+              max_confidence_positions: int | None = None, log: Callable[[str], None] | None = print,
               progress: bool = False) -> dict:
     """The whole recipe on a frozen backbone: collect states, distil heads, train confidences.
 
-    The confidence targets need the full-vocabulary argmax of every exit, so they are computed on
-    the first sequences holding up to ``max_confidence_positions`` positions.
+    The confidence classifiers train on every position (``max_confidence_positions`` caps them at
+    the first sequences holding that many): they need data, as a 37k-parameter MLP per exit. On
+    frozen SmolLM2 their AUC for "the exit agrees with the last layer" at layers 24 / 27 went from
+    0.74 / 0.68 (2,000 positions) to 0.79 / 0.77 (11,000).
     """
     model.backbone.requires_grad_(False)
     top_k = top_k or model.config.top_k
@@ -245,7 +247,7 @@ def fit_exits(model: nn.Module, sequences: list[tuple[Tensor, int]], *, head_epo
     head_hist = train_exit_heads(model, states, epochs=head_epochs, lr=lr, log=log)
     keep, count = [], 0
     for s in states:
-        if keep and count + int(s.train.sum()) > max_confidence_positions:
+        if max_confidence_positions is not None and keep and count + int(s.train.sum()) > max_confidence_positions:
             break
         keep.append(s)
         count += int(s.train.sum())
