@@ -448,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         for prompt in ("plain", "check"):
             args.prompt = prompt
             out["prompts"][prompt] = ceiling_report(args)
-            out["prompts"][prompt]["replayed_lynx"] = replayed_rules(args, probes)
+            if out["prompts"][prompt] is not None:  # (None: that prompt's chains are not labelled)
+                out["prompts"][prompt]["replayed_lynx"] = replayed_rules(args, probes)
         train, _ = problems(args)
         out["training"] = oracle_ceiling(load_dataset(Path(args.work) / "events", uids=[p.uid for p in train]).traces)
         atomic_write_json(args.ceiling_out, out)
