@@ -172,10 +172,11 @@ def ceiling_report(args) -> dict | None:
     return {"problems": len(have), "prompt": args.prompt, **oracle_ceiling(traces)}
 
 
-def replayed_rules(args, probes: dict) -> list[dict]:
+def replayed_rules(args, probes: dict, oracle: dict | None = None) -> list[dict]:
     """Each LYNX rule replayed over the labelled evaluation chains (the engine's own ``decide`` over
     stored events; a chain is what it is alone, so the stop, its tokens and its forced answer are
-    the online run's): accuracy, tokens saved and premature exits per source. Not timed."""
+    the online run's): accuracy, tokens saved and premature exits per source, and with ``oracle``
+    (``ceiling_report``) the saving as a share of the same-answer oracle's. Not timed."""
     _, test = problems(args)
     have = [p.uid for p in test if (ceiling_dir(args) / f"{p.uid}.npz").exists()]
     data = load_dataset(ceiling_dir(args), uids=have)
@@ -198,6 +199,9 @@ def replayed_rules(args, probes: dict) -> list[dict]:
                         "premature_exit_rate": float(((a[:, 3] == 1) & (a[:, 0] == 0)).mean()),
                         "wrong_where_full_right": float(((a[:, 4] == 1) & (a[:, 0] == 0)).mean()),
                         "full_accuracy": float(a[:, 4].mean())})
+            possible = (oracle or {}).get("by_source", {}).get(src, {}).get("oracle_same", {}).get("tokens_saved")
+            if possible:
+                out[-1]["of_oracle_same"] = out[-1]["tokens_saved"] / possible
     return out
 
 
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
             args.prompt = prompt
             out["prompts"][prompt] = ceiling_report(args)
             if out["prompts"][prompt] is not None:  # (None: that prompt's chains are not labelled)
-                out["prompts"][prompt]["replayed_lynx"] = replayed_rules(args, probes)
+                out["prompts"][prompt]["replayed_lynx"] = replayed_rules(args, probes, out["prompts"][prompt])
         train, _ = problems(args)
         out["training"] = oracle_ceiling(load_dataset(Path(args.work) / "events", uids=[p.uid for p in train]).traces)
         atomic_write_json(args.ceiling_out, out)
