@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from offramp.engines.reason import ReasonConfig, iter_reason
+from offramp.modeling import resolve_dtype
 from offramp.policies import DeerPolicy, ProbeExitPolicy, make_policy
 from offramp.reasoning.cues import CueConfig
 from offramp.reasoning.dataset import build_dataset, load_dataset, oracle_ceiling, replay_events
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
                                         "all"],
                     default="all")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU computes it natively, else float32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(CACHE / "reasoning-bench"))
     ap.add_argument("--out", default="benchmarks/results/reasoning.json")
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="K/N: build / baselines / lynx only every N-th problem from the K-th, so N "
                          "processes can share the work (all write to the same --work)")
     args = ap.parse_args(argv)
+    args.dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")  # the report names the one used
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     Path(args.work).mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reasoning import load_model  # noqa: E402
 
 from offramp.engines.reason import ReasonConfig, eos_ids, prompt_ids, reason_batch  # noqa: E402
+from offramp.modeling import resolve_dtype  # noqa: E402
 from offramp.reasoning.tasks import gsm8k_problems  # noqa: E402
 from offramp.utils import atomic_write_json  # noqa: E402
 
@@ -67,7 +68,7 @@ def offramp_batch(model, tok, problems, cfg: ReasonConfig, batch: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU computes it natively, else float32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n", type=int, default=16, help="problems for batch sizes > 1")
     ap.add_argument("--n-single", type=int, default=4, help="problems for batch 1 and HF generate")
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--out", default="benchmarks/results/reasoning_batch.json")
     args = ap.parse_args(argv)
+    args.dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")  # the report names the one used
     if args.n_single > args.n or min(args.batches) < 1:
         raise SystemExit("--n-single must be <= --n and every batch size >= 1")
     torch.set_num_threads(args.threads)

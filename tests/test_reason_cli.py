@@ -98,3 +98,26 @@ def test_bad_input(model_dir, tmp_path):
         _run(["reason", "run", "--model", model_dir, "--question", "x", "--prompt", " "])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         _run(["reason", "run", "--model", model_dir, "--question", "x", "--sample", "--temperature", "0"])
+
+
+def test_dtype_auto_follows_the_hardware_and_a_bad_name_fails_before_loading(model_dir, monkeypatch):
+    import warnings
+
+    import torch
+
+    from offramp.cli.reason import load_reasoning_lm
+    from offramp.modeling import base, resolve_dtype
+
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(base, "native_bf16", lambda device="cpu", n=native: n)
+        assert resolve_dtype("auto") == want
+        model, _ = load_reasoning_lm(model_dir, "auto")
+        assert next(model.parameters()).dtype == want
+    with warnings.catch_warnings(record=True) as caught:  # asked for where it is emulated: works, and says so
+        warnings.simplefilter("always")
+        assert resolve_dtype("bfloat16") == torch.bfloat16
+    assert any("float32" in str(w.message) and "emulated" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'.*auto"):
+        load_reasoning_lm("/nonexistent/folder", "fp8")  # the dtype is checked before the folder
+    with pytest.raises(SystemExit):
+        _run(["reason", "run", "--model", model_dir, "--dtype", "fp8", "--question", "x"])

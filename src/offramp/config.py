@@ -118,6 +118,7 @@ OBJECTIVE_DEFAULTS = {
     "ponder": {"beta": 0.5, "lambda_p": 0.1, "kl_direction": "prior_to_model", "truncation": "force_last",
                "epsilon": 0.05, "kl_target": "batch"},
 }
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # a language model's --dtype (modeling.resolve_dtype)
 KL_DIRECTIONS = ("prior_to_model", "model_to_prior")  # KL(p_G || p) as shipped code; KL(p || p_G) as in the paper
 TRUNCATIONS = ("force_last", "epsilon")
 KL_TARGETS = ("batch", "row")  # the batch's mean exit distribution (default) or each row's (the papers')

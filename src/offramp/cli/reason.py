@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from offramp.cli import common
+from offramp.config import DTYPES
 
 DEFAULT_WORDS = "hmm,wait,alternatively"
 
@@ -95,7 +96,8 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF causal LM name or folder, or an offline alias: "
                    "qwen-coder-0.5b-offline, qwen-coder-1.5b-offline (Qwen2.5-Coder-Instruct from GGUF packages)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="the LM's dtype (default float32; auto: "
+                   "bfloat16 where the hardware computes it natively, such as AVX-512 CPUs, else float32)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-answer-tokens", type=int, default=16)
     p.add_argument("--forcing", default=None, help="boxed | r1 | plain | literal text (default boxed)")
@@ -128,21 +130,20 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
 
 
 def load_reasoning_lm(name: str, dtype: str = "float32"):
-    """(causal LM in eval mode, tokenizer) of a folder, Hub id or offline alias, in ``dtype``."""
-    import torch
+    """(causal LM in eval mode, tokenizer) of a folder, Hub id or offline alias, in ``dtype``
+    (``offramp.config.DTYPES``; ``auto``: bfloat16 where it is native, else float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from offramp.data.assets import offline_hint, resolve_model_path
-    from offramp.modeling import load_hf_model
+    from offramp.modeling import load_hf_model, resolve_dtype
 
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}: use float32 or bfloat16")
+    torch_dtype = resolve_dtype(dtype)  # (before any loading: a bad name fails at once)
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load model {name!r} (its tokenizer: {e}); give a local HF model folder "
                          f"or a Hub id (Hub ids need internet access). {offline_hint(name)}") from None
-    model = load_hf_model(AutoModelForCausalLM, name, "model", dtype=getattr(torch, dtype)).eval()
+    model = load_hf_model(AutoModelForCausalLM, name, "model", dtype=torch_dtype).eval()
     return model, tok
 
 

@@ -7,7 +7,7 @@ server takes one checkpoint of each kind.
 ```
 offramp serve runs/minilm-pabee --port 8000 --replicas 2 --max-batch-size 32
 curl -s localhost:8000/classify -H 'content-type: application/json' -d '{"texts": ["great game!"]}'
-offramp serve exits/smollm2 runs/probe-offline --dtype bfloat16   # /generate and /reason
+offramp serve exits/smollm2 runs/probe-offline --dtype auto   # /generate and /reason
 ```
 """
 
@@ -38,8 +38,9 @@ def add_serve_parser(subparsers: Any) -> None:
                    '\'{"fast": {"type": "entropy", "threshold": 0.5}}\' (every policy type is also accepted by name)')
     p.add_argument("--model", default=None, help="the LM to load for the token-exits or probe folder instead of "
                    "the one it names (a folder, Hub id or offline alias; applies to both when both are served)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the reasoning LM (default float32; bfloat16 is fastest on AVX-512 BF16 CPUs)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],  # (of config.DTYPES)
+                   help="dtype of the reasoning LM (default float32; auto: bfloat16 where the hardware computes it "
+                        "natively, such as AVX-512 CPUs, else float32)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default length of a generation (64) or "
                    "of a chain of thought (the probe's setting); requests may ask for their own")
     p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto or HOST:6379) to "

@@ -232,9 +232,15 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer with left padding) for a folder, Hub id or offline alias."""
+def load_causal_lm(name: str, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer with left padding) for a folder, Hub id or offline alias;
+    ``dtype`` a torch dtype or a name (``"auto"``: bfloat16 where it is native, else float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offramp.modeling.base import resolve_dtype
+
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
 
     path = resolve_model_path(name)
     try:

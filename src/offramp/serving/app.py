@@ -51,7 +51,7 @@ class ServeOptions:
         max_new_tokens: the default length of a generation or a chain (None: 64 tokens for
             generation, the probe's setting for chains).
         model: the LM to load for a token-exits or probe folder instead of the one it names.
-        dtype: the reasoning LM's dtype (bfloat16 is fastest on CPUs with AVX-512 BF16).
+        dtype: the reasoning LM's dtype (``auto``: bfloat16 where the hardware computes it natively, else float32).
     """
 
     replicas: int = 1

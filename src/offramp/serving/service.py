@@ -384,7 +384,7 @@ class ReasonService(_Service):
     Args:
         probe: the probe folder; its cue, forcing and feature settings are reused.
         model: the LM to load (default: the one the probe's events were built with).
-        dtype: the LM's dtype (bfloat16 is fastest on CPUs with AVX-512 BF16).
+        dtype: the LM's dtype (``auto``: bfloat16 where the hardware computes it natively, else float32).
         max_questions: the most questions one request may send.
         max_new_tokens: the longest chain by default (the probe's setting when None);
             ``max_new_cap`` the most a request may ask.
