@@ -39,7 +39,7 @@ from offramp.engines.reason import ReasonConfig, iter_reason
 from offramp.modeling import resolve_dtype
 from offramp.policies import DeerPolicy, ProbeExitPolicy, make_policy
 from offramp.reasoning.cues import CueConfig
-from offramp.reasoning.dataset import build_dataset, load_dataset, oracle_ceiling, replay_events
+from offramp.reasoning.dataset import build_dataset, load_dataset, oracle_ceiling, replay_events, same_answer
 from offramp.reasoning.tasks import Problem, gsm8k_problems, prompt_suffix, reasoning_gym_problems
 
 CACHE = Path(os.path.expanduser("~/.cache/offramp"))
@@ -203,6 +203,92 @@ def replayed_rules(args, probes: dict, oracle: dict | None = None) -> list[dict]
             possible = (oracle or {}).get("by_source", {}).get(src, {}).get("oracle_same", {}).get("tokens_saved")
             if possible:
                 out[-1]["of_oracle_same"] = out[-1]["tokens_saved"] / possible
+    return out
+
+
+def evaluation_chains(args):
+    _, test = problems(args)
+    return load_dataset(ceiling_dir(args), uids=[p.uid for p in test if (ceiling_dir(args) / f"{p.uid}.npz").exists()])
+
+
+def hindsight_frontier(data, p1: np.ndarray, oracle: dict | None = None, margin: float = 0.02,
+                       premature: tuple[float, ...] = (0.1, 0.3)) -> dict:
+    """The most a probe's ranking can save: the per-chain rule "stop at the first cue with
+    P(right) > t" (scores ``p1``, one per event of ``data``) at the threshold t chosen on these
+    chains themselves (so not a method, a ceiling for this probe): the best saving with accuracy
+    within ``margin`` of the full chain, alone and with premature exits at most each of
+    ``premature``. Per source."""
+    out: dict[str, dict] = {}
+    for src in sorted({t["source"] for t in data.traces}):
+        chains = []
+        for g, t in enumerate(data.traces):
+            if t["source"] != src:
+                continue
+            evs = t["events"]
+            stops = [(bool(e["correct"]), int(e["fork"]) + int(e.get("answer_tokens", 0))) for e in evs]
+            chains.append((np.maximum.accumulate(p1[data.groups == g]) if evs else np.zeros(0), stops,
+                           bool(t["correct"]), int(t["tokens"])))
+        full_acc = float(np.mean([c[2] for c in chains]))
+        full_tokens = float(np.sum([c[3] for c in chains]))
+        best: dict[str, dict] = {}
+        for thr in np.unique(np.concatenate([c[0] for c in chains] + [np.array([np.inf])])):
+            right = tokens = early_wrong = 0
+            for run_max, stops, full_right, n in chains:
+                k = int(np.searchsorted(run_max, thr, side="right")) if run_max.size else 0
+                ok, used = stops[k] if k < len(stops) else (full_right, n)
+                right, tokens = right + ok, tokens + used
+                early_wrong += int(k < len(stops) and not ok)
+            row = {"threshold": float(thr), "accuracy": right / len(chains), "tokens_saved": 1 - tokens / full_tokens,
+                   "premature_exit_rate": early_wrong / len(chains)}
+            if row["accuracy"] < full_acc - margin - 1e-12:
+                continue
+            for name, cap in [("accuracy_within_margin", 1.0)] + [(f"and_premature_le_{p}", p) for p in premature]:
+                if row["premature_exit_rate"] <= cap + 1e-12 and row["tokens_saved"] > best.get(name, {}).get(
+                        "tokens_saved", -1.0):
+                    best[name] = row
+        possible = (oracle or {}).get("by_source", {}).get(src, {}).get("oracle_same", {}).get("tokens_saved")
+        for row in best.values():
+            if possible:
+                row["of_oracle_same"] = row["tokens_saved"] / possible
+        out[src] = {"n": len(chains), "full_accuracy": full_acc, "margin": margin, **best}
+    return out
+
+
+def same_labels(data) -> np.ndarray:
+    """(n,) 1 where an event's forced answer equals its full chain's answer (the answer is ready)."""
+    return np.array([int(same_answer(e.get("answer"), t.get("answer"))) for t in data.traces for e in t["events"]],
+                    dtype=np.int64)
+
+
+def probe_variants(args, oracle: dict | None = None) -> list[dict]:
+    """Probes other than the benchmark's, each ranked on the evaluation chains' events (AUROC for a
+    right forced answer and for the full chain's answer) and with its hindsight frontier: the MLP
+    and a logistic regression (standardised features, C = 0.001), each trained on right-answer
+    labels and on same-answer labels of the same fitting events."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from offramp.reasoning.probe import LynxProbe
+
+    train, _ = problems(args)
+    data = load_dataset(Path(args.work) / "events", uids=[p.uid for p in train])
+    fit = data.subset(range(int(round(len(data.uids) * args.fit_fraction))))
+    test = evaluation_chains(args)
+    out = []
+    for label, y in (("right", fit.labels), ("same", same_labels(fit))):
+        for name in ("mlp", "logistic"):
+            if name == "mlp":
+                p1 = LynxProbe(seed=0).fit(fit.features, y).predict_proba(test.features)[:, 1]
+            else:
+                lr = make_pipeline(StandardScaler(), LogisticRegression(C=1e-3, max_iter=2000, class_weight="balanced"))
+                p1 = lr.fit(fit.features, y).predict_proba(test.features)[:, 1]
+            out.append({"probe": name, "trained_on": label,
+                        "auroc_right": float(roc_auc_score(test.labels, p1)),
+                        "auroc_same": float(roc_auc_score(same_labels(test), p1)),
+                        "hindsight": hindsight_frontier(test, p1, oracle)})
+            log(f"variant {name} on {label}: AUROC {out[-1]['auroc_right']:.3f} / {out[-1]['auroc_same']:.3f}")
     return out
 
 
@@ -456,6 +542,10 @@ def main(argv: list[str] | None = None) -> None:
             out["prompts"][prompt] = ceiling_report(args)
             if out["prompts"][prompt] is not None:  # (None: that prompt's chains are not labelled)
                 out["prompts"][prompt]["replayed_lynx"] = replayed_rules(args, probes, out["prompts"][prompt])
+                chains = evaluation_chains(args)
+                out["prompts"][prompt]["probe_hindsight"] = hindsight_frontier(
+                    chains, next(iter(probes.values())).predict_proba(chains.features)[:, 1], out["prompts"][prompt])
+                out["prompts"][prompt]["probe_variants"] = probe_variants(args, out["prompts"][prompt])
         train, _ = problems(args)
         out["training"] = oracle_ceiling(load_dataset(Path(args.work) / "events", uids=[p.uid for p in train]).traces)
         atomic_write_json(args.ceiling_out, out)

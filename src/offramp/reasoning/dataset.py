@@ -196,7 +196,7 @@ def oracle_ceiling(traces: list[dict[str, Any]]) -> dict[str, Any]:
     for t in traces:
         full_tokens, full_right = int(t["tokens"]), bool(t["correct"])
         right = next((e for e in t["events"] if e["correct"]), None)
-        same = (next((e for e in t["events"] if _same_answer(e.get("answer"), t["answer"])), None)
+        same = (next((e for e in t["events"] if same_answer(e.get("answer"), t["answer"])), None)
                 if t.get("answer") else None)
 
         def stop(e, when_none: bool) -> tuple[bool, int]:
@@ -220,7 +220,7 @@ def oracle_ceiling(traces: list[dict[str, Any]]) -> dict[str, Any]:
     return {**summary(every), "by_source": {src: summary(rs) for src, rs in sorted(rows.items())}}
 
 
-def _same_answer(a: str | None, b: str | None) -> bool:
+def same_answer(a: str | None, b: str | None) -> bool:
     """Equal as numbers, else as whitespace- and case-normalised text."""
     from offramp.reasoning.tasks import numbers_equal
 
