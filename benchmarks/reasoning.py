@@ -260,6 +260,22 @@ def same_labels(data) -> np.ndarray:
                     dtype=np.int64)
 
 
+def answer_signals(data, oracle: dict | None = None) -> dict:
+    """The hindsight frontier of the signals a forced answer gives (no probe): the forced
+    answer's mean token probability (DEER's confidence) and the number of consecutive cues, up
+    to this one, whose forced answers agree (stop once k agree)."""
+    agree = []
+    for t in data.traces:
+        run, last = 0, None
+        for e in t["events"]:
+            run = run + 1 if (e.get("answer") is not None and same_answer(e.get("answer"), last)) else 1
+            last = e.get("answer")
+            agree.append(float(run))
+    confidence = np.array([float(e.get("mean_prob", 0.0)) for t in data.traces for e in t["events"]])
+    return {"deer_confidence": hindsight_frontier(data, confidence, oracle),
+            "answer_agreement": hindsight_frontier(data, np.array(agree), oracle)}
+
+
 def probe_variants(args, oracle: dict | None = None) -> list[dict]:
     """Probes other than the benchmark's, each ranked on the evaluation chains' events (AUROC for a
     right forced answer and for the full chain's answer) and with its hindsight frontier: the MLP
@@ -546,6 +562,7 @@ def main(argv: list[str] | None = None) -> None:
                 out["prompts"][prompt]["probe_hindsight"] = hindsight_frontier(
                     chains, next(iter(probes.values())).predict_proba(chains.features)[:, 1], out["prompts"][prompt])
                 out["prompts"][prompt]["probe_variants"] = probe_variants(args, out["prompts"][prompt])
+                out["prompts"][prompt]["answer_signals"] = answer_signals(chains, out["prompts"][prompt])
         train, _ = problems(args)
         out["training"] = oracle_ceiling(load_dataset(Path(args.work) / "events", uids=[p.uid for p in train]).traces)
         atomic_write_json(args.ceiling_out, out)
