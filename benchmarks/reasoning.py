@@ -13,8 +13,9 @@ Phases (each resumable: every trace, label and per-problem result is cached unde
   report     aggregate into the JSON written to --out
 
 Chains run --batch-size at a time in offramp's batched engine (each chain is what it is alone).
-The probe is trained on chains of the plain prompt; --prompt chooses the evaluation prompt (plain,
-or check: solve, then check the answer), so one probe is measured unchanged on both.
+The probe is trained on chains of --probe-prompt (default plain); --prompt chooses the evaluation
+prompt (plain, or check: solve, then check the answer), so one probe can be measured unchanged on
+both, or each prompt measured with a probe trained on its own chains.
 
 Example: ``nice python benchmarks/reasoning.py --phase all --threads 1``; with ``--shard K/N``
 N processes share build, baselines and lynx (run fit once in between). benchmarks/README.md
@@ -147,9 +148,15 @@ def _built(p, t) -> None:
     log(f"built {p.uid}: {len(t['events'])} events, {t['chain_tokens']} tokens, correct={t['correct']}")
 
 
+def training_dir(args, prompt: str | None = None) -> Path:
+    """The labelled training chains of ``prompt`` (default --probe-prompt)."""
+    prompt = prompt or args.probe_prompt
+    return Path(args.work) / ("events" if prompt == "plain" else f"events-{prompt}")
+
+
 def phase_build(model, tok, args) -> None:
     train, _ = problems(args, shard=True)
-    build_dataset(model, tok, train, Path(args.work) / "events", config=reason_config(args, prompt="plain"),
+    build_dataset(model, tok, train, training_dir(args), config=reason_config(args, prompt=args.probe_prompt),
                   model_name=args.model, batch_size=args.batch_size, on_problem=_built)
 
 
@@ -292,7 +299,7 @@ def probe_variants(args, oracle: dict | None = None) -> list[dict]:
     from offramp.reasoning.probe import LynxProbe
 
     train, _ = problems(args)
-    data = load_dataset(Path(args.work) / "events", uids=[p.uid for p in train])
+    data = load_dataset(training_dir(args), uids=[p.uid for p in train])
     fit = data.subset(range(int(round(len(data.uids) * args.fit_fraction))))
     test = evaluation_chains(args)
     out = []
@@ -335,7 +342,8 @@ RISK = {"lynx": "premature", "lynx_chain": "premature", "lynx_lost": "lost"}  # 
 
 def probe_path(args, method: str, delta: float) -> Path:
     name = {"lynx": "probe", "lynx_chain": "probe-chain", "lynx_lost": "probe-lost"}[method]
-    return Path(args.work) / f"{name}-delta{delta}"
+    prefix = "" if args.probe_prompt == "plain" else f"{args.probe_prompt}-"
+    return Path(args.work) / f"{prefix}{name}-delta{delta}"
 
 
 def fit_probes(args) -> dict[tuple[str, float], object]:
@@ -348,7 +356,7 @@ def fit_probes(args) -> dict[tuple[str, float], object]:
     if len(out) == len(PER) * len(args.deltas):
         return out
     train, _ = problems(args)
-    data = load_dataset(Path(args.work) / "events", uids=[p.uid for p in train])  # in problem order
+    data = load_dataset(training_dir(args), uids=[p.uid for p in train])  # in problem order
     n = len(data.uids)
     n_fit = int(round(n * args.fit_fraction))
     fit, cal = data.subset(range(n_fit)), data.subset(range(n_fit, n))
@@ -366,7 +374,8 @@ def fit_probes(args) -> dict[tuple[str, float], object]:
                "problems_fit": n_fit, "problems_cal": n - n_fit,
                "chain_thresholds": {str(d): str(out["lynx_chain", d].chain_threshold_) for d in args.deltas},
                "lost_thresholds": {str(d): str(out["lynx_lost", d].chain_threshold_) for d in args.deltas}}
-    (Path(args.work) / "probe_summary.json").write_text(json.dumps(summary, indent=1))
+    name = "probe_summary.json" if args.probe_prompt == "plain" else f"probe_summary-{args.probe_prompt}.json"
+    (Path(args.work) / name).write_text(json.dumps(summary, indent=1))
     log(f"probe: {summary}")
     return out
 
@@ -397,7 +406,7 @@ def event_level_check(args) -> dict:
 
     from offramp.reasoning.probe import LynxProbe
 
-    data = load_dataset(Path(args.work) / "events")
+    data = load_dataset(training_dir(args))
     parts = [list(range(i, len(data.uids), 3)) for i in range(3)]
     out = {}
     for delta in args.deltas:
@@ -503,7 +512,7 @@ def phase_report(args) -> dict:
                                     if any(r["method"] == "full" and r["delta"] is None for r in rows) else None),
         "rows": table,
         "oracle": ceiling_report(args),
-        "event_level": event_level_check(args) if (Path(args.work) / "events").exists() else None,
+        "event_level": event_level_check(args) if training_dir(args).exists() else None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -546,11 +555,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--transfer-task", default="family_relationships")
     ap.add_argument("--prompt", default="plain", choices=["plain", "check"],
                     help="evaluation prompt (offramp.reasoning.tasks.PROMPT_PRESETS)")
+    ap.add_argument("--probe-prompt", default="plain", choices=["plain", "check"],
+                    help="prompt of the training chains (build) and so of the probe (fit, ceiling-report); "
+                         "the online phases use the plain-prompt probe")
     ap.add_argument("--batch-size", type=int, default=8, help="chains decoded together")
     ap.add_argument("--shard", type=parse_shard, default=(0, 1),
                     help="K/N: build / baselines / lynx only every N-th problem from the K-th, so N "
                          "processes can share the work (all write to the same --work)")
     args = ap.parse_args(argv)
+    if args.probe_prompt != "plain" and args.phase not in ("build", "fit", "ceiling-report"):
+        ap.error(f"--probe-prompt {args.probe_prompt} serves --phase build, fit and ceiling-report; the online "
+                 "phases and their report use the plain-prompt probe (leave --probe-prompt out)")
     args.dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")  # the report names the one used
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -562,6 +577,8 @@ def main(argv: list[str] | None = None) -> None:
         fit_probes(args)
         return
     if args.phase == "ceiling-report":  # the oracles of every labelled prompt, and the training chains
+        from sklearn.metrics import roc_auc_score
+
         from offramp.utils import atomic_write_json
 
         out = {"model": args.model, "max_new_tokens": args.max_new_tokens, "batch": args.batch_size, "prompts": {}}
@@ -576,8 +593,18 @@ def main(argv: list[str] | None = None) -> None:
                     chains, next(iter(probes.values())).predict_proba(chains.features)[:, 1], out["prompts"][prompt])
                 out["prompts"][prompt]["probe_variants"] = probe_variants(args, out["prompts"][prompt])
                 out["prompts"][prompt]["answer_signals"] = answer_signals(chains, out["prompts"][prompt])
+                if prompt != args.probe_prompt and training_dir(args, prompt).exists():
+                    own = argparse.Namespace(**{**vars(args), "probe_prompt": prompt})
+                    own_probes = fit_probes(own)
+                    p1 = next(iter(own_probes.values())).predict_proba(chains.features)[:, 1]
+                    out["prompts"][prompt]["own_prompt_probe"] = {
+                        "probe_prompt": prompt, "auroc_right": float(roc_auc_score(chains.labels, p1)),
+                        "auroc_same": float(roc_auc_score(same_labels(chains), p1)),
+                        "replayed_lynx": replayed_rules(own, own_probes, out["prompts"][prompt]),
+                        "probe_hindsight": hindsight_frontier(chains, p1, out["prompts"][prompt])}
         train, _ = problems(args)
-        out["training"] = oracle_ceiling(load_dataset(Path(args.work) / "events", uids=[p.uid for p in train]).traces)
+        out["probe_prompt"] = args.probe_prompt
+        out["training"] = oracle_ceiling(load_dataset(training_dir(args), uids=[p.uid for p in train]).traces)
         atomic_write_json(args.ceiling_out, out)
         print(json.dumps(out, indent=1))
         return

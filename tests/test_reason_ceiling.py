@@ -66,3 +66,16 @@ def test_answer_signals_count_agreeing_cues_and_read_deer_confidence():
     # confidence ranks chain 1's wrong first cue highest: any threshold that stops chain 0 early
     # stops chain 1 wrongly, so within 2 points it saves nothing
     assert conf["accuracy_within_margin"]["tokens_saved"] == 0.0
+
+
+def test_probe_prompt_other_than_plain_is_refused_for_online_phases_before_any_work(tmp_path, capsys):
+    bench = _bench()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--phase", "lynx", "--probe-prompt", "check", "--work", str(tmp_path / "w")])
+    assert e.value.code == 2
+    assert "--probe-prompt check serves --phase build, fit and ceiling-report" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    args = type("A", (), {"work": str(tmp_path), "probe_prompt": "check"})()
+    assert bench.training_dir(args) == tmp_path / "events-check"
+    assert bench.training_dir(args, "plain") == tmp_path / "events"
+    assert bench.probe_path(args, "lynx_chain", 0.1) == tmp_path / "check-probe-chain-delta0.1"
