@@ -170,24 +170,26 @@ def phase_ceiling(model, tok, args) -> None:
                   batch_size=args.batch_size, on_problem=_built)
 
 
-def ceiling_report(args) -> dict | None:
+def evaluation_chains(args):
+    """The labelled evaluation chains of --prompt, in problem order (None before the ceiling phase)."""
+    _, test = problems(args)
+    have = [p.uid for p in test if (ceiling_dir(args) / f"{p.uid}.npz").exists()]
+    return load_dataset(ceiling_dir(args), uids=have) if have else None
+
+
+def ceiling_report(args, chains=None) -> dict | None:
     """The oracle's savings on the labelled evaluation chains (None before the ceiling phase)."""
-    _, test = problems(args)
-    have = [p.uid for p in test if (ceiling_dir(args) / f"{p.uid}.npz").exists()]
-    if not have:
+    chains = chains if chains is not None else evaluation_chains(args)
+    if chains is None:
         return None
-    traces = load_dataset(ceiling_dir(args), uids=have).traces
-    return {"problems": len(have), "prompt": args.prompt, **oracle_ceiling(traces)}
+    return {"problems": len(chains.uids), "prompt": args.prompt, **oracle_ceiling(chains.traces)}
 
 
-def replayed_rules(args, probes: dict, oracle: dict | None = None) -> list[dict]:
-    """Each LYNX rule replayed over the labelled evaluation chains (the engine's own ``decide`` over
-    stored events; a chain is what it is alone, so the stop, its tokens and its forced answer are
-    the online run's): accuracy, tokens saved and premature exits per source, and with ``oracle``
-    (``ceiling_report``) the saving as a share of the same-answer oracle's. Not timed."""
-    _, test = problems(args)
-    have = [p.uid for p in test if (ceiling_dir(args) / f"{p.uid}.npz").exists()]
-    data = load_dataset(ceiling_dir(args), uids=have)
+def replayed_rules(data, probes: dict, oracle: dict | None = None) -> list[dict]:
+    """Each LYNX rule replayed over the labelled evaluation chains ``data`` (the engine's own
+    ``decide`` over stored events; a chain is what it is alone, so the stop, its tokens and its
+    forced answer are the online run's): accuracy, tokens saved and premature exits per source, and
+    with ``oracle`` (``ceiling_report``) the saving as a share of the same-answer oracle's. Not timed."""
     out = []
     for (method, delta), probe in sorted(probes.items()):
         stops = replay_events(ProbeExitPolicy(probe=probe), data)
@@ -211,11 +213,6 @@ def replayed_rules(args, probes: dict, oracle: dict | None = None) -> list[dict]
             if possible:
                 out[-1]["of_oracle_same"] = out[-1]["tokens_saved"] / possible
     return out
-
-
-def evaluation_chains(args):
-    _, test = problems(args)
-    return load_dataset(ceiling_dir(args), uids=[p.uid for p in test if (ceiling_dir(args) / f"{p.uid}.npz").exists()])
 
 
 def hindsight_frontier(data, p1: np.ndarray, oracle: dict | None = None, margin: float = 0.02,
@@ -283,47 +280,51 @@ def answer_signals(data, oracle: dict | None = None) -> dict:
             "answer_agreement": hindsight_frontier(data, np.array(agree), oracle)}
 
 
-def probe_variants(args, oracle: dict | None = None) -> list[dict]:
-    """Probes other than the benchmark's, each ranked on the evaluation chains' events (AUROC for a
-    right forced answer and for the full chain's answer) and with its hindsight frontier: the MLP
-    and a logistic regression (standardised features, C = 0.001), each trained on right-answer
-    labels and on same-answer labels of the same fitting events. Then the logistic regression
-    cross-fitted on the evaluation chains themselves (5 folds by chain; ``"fit": "evaluation"``):
-    no shift between the training and evaluation chains, so a ceiling for any probe of its kind."""
-    from sklearn.linear_model import LogisticRegression
+def ranking(test, p1: np.ndarray, oracle: dict | None = None) -> dict:
+    """How scores ``p1`` (one per event of ``test``) rank the events (AUROC for a right forced
+    answer and for the full chain's answer), and their hindsight frontier."""
     from sklearn.metrics import roc_auc_score
+
+    return {"auroc_right": float(roc_auc_score(test.labels, p1)),
+            "auroc_same": float(roc_auc_score(same_labels(test), p1)),
+            "hindsight": hindsight_frontier(test, p1, oracle)}
+
+
+def probe_variants(args, test, base, oracle: dict | None = None) -> list[dict]:
+    """Probes on the evaluation chains ``test``, each with its ``ranking``: the benchmark's MLP
+    ``base`` (trained on right-answer labels), the MLP on same-answer labels and a logistic
+    regression (standardised features, C = 0.001) on each, all of the same fitting events. Then the
+    logistic regression cross-fitted on the evaluation chains themselves (5 folds by chain;
+    ``"fit": "evaluation"``): no shift between the training and evaluation chains, so a ceiling for
+    any probe of its kind."""
+    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     from offramp.reasoning.probe import LynxProbe
 
+    def logistic():
+        return make_pipeline(StandardScaler(), LogisticRegression(C=1e-3, max_iter=2000, class_weight="balanced"))
+
     train, _ = problems(args)
     data = load_dataset(training_dir(args), uids=[p.uid for p in train])
     fit = data.subset(range(int(round(len(data.uids) * args.fit_fraction))))
-    test = evaluation_chains(args)
     out = []
     for label, y in (("right", fit.labels), ("same", same_labels(fit))):
         for name in ("mlp", "logistic"):
             if name == "mlp":
-                p1 = LynxProbe(seed=0).fit(fit.features, y).predict_proba(test.features)[:, 1]
+                model = base if label == "right" else LynxProbe(seed=0).fit(fit.features, y)
             else:
-                lr = make_pipeline(StandardScaler(), LogisticRegression(C=1e-3, max_iter=2000, class_weight="balanced"))
-                p1 = lr.fit(fit.features, y).predict_proba(test.features)[:, 1]
-            out.append({"probe": name, "trained_on": label, "fit": "training",
-                        "auroc_right": float(roc_auc_score(test.labels, p1)),
-                        "auroc_same": float(roc_auc_score(same_labels(test), p1)),
-                        "hindsight": hindsight_frontier(test, p1, oracle)})
+                model = logistic().fit(fit.features, y)
+            p1 = model.predict_proba(test.features)[:, 1]
+            out.append({"probe": name, "trained_on": label, "fit": "training", **ranking(test, p1, oracle)})
             log(f"variant {name} on {label}: AUROC {out[-1]['auroc_right']:.3f} / {out[-1]['auroc_same']:.3f}")
     for label, y in (("right", test.labels), ("same", same_labels(test))):
         p1 = np.zeros(len(y))
         for tr, te in GroupKFold(5).split(test.features, y, test.groups):
-            lr = make_pipeline(StandardScaler(), LogisticRegression(C=1e-3, max_iter=2000, class_weight="balanced"))
-            p1[te] = lr.fit(test.features[tr], y[tr]).predict_proba(test.features[te])[:, 1]
-        out.append({"probe": "logistic", "trained_on": label, "fit": "evaluation",
-                    "auroc_right": float(roc_auc_score(test.labels, p1)),
-                    "auroc_same": float(roc_auc_score(same_labels(test), p1)),
-                    "hindsight": hindsight_frontier(test, p1, oracle)})
+            p1[te] = logistic().fit(test.features[tr], y[tr]).predict_proba(test.features[te])[:, 1]
+        out.append({"probe": "logistic", "trained_on": label, "fit": "evaluation", **ranking(test, p1, oracle)})
         log(f"cross-fitted logistic on {label}: AUROC {out[-1]['auroc_right']:.3f} / {out[-1]['auroc_same']:.3f}")
     return out
 
@@ -577,31 +578,30 @@ def main(argv: list[str] | None = None) -> None:
         fit_probes(args)
         return
     if args.phase == "ceiling-report":  # the oracles of every labelled prompt, and the training chains
-        from sklearn.metrics import roc_auc_score
-
         from offramp.utils import atomic_write_json
 
         out = {"model": args.model, "max_new_tokens": args.max_new_tokens, "batch": args.batch_size, "prompts": {}}
         probes = fit_probes(args)
         for prompt in ("plain", "check"):
             args.prompt = prompt
-            out["prompts"][prompt] = ceiling_report(args)
-            if out["prompts"][prompt] is not None:  # (None: that prompt's chains are not labelled)
-                out["prompts"][prompt]["replayed_lynx"] = replayed_rules(args, probes, out["prompts"][prompt])
-                chains = evaluation_chains(args)
-                out["prompts"][prompt]["probe_hindsight"] = hindsight_frontier(
-                    chains, next(iter(probes.values())).predict_proba(chains.features)[:, 1], out["prompts"][prompt])
-                out["prompts"][prompt]["probe_variants"] = probe_variants(args, out["prompts"][prompt])
-                out["prompts"][prompt]["answer_signals"] = answer_signals(chains, out["prompts"][prompt])
-                if prompt != args.probe_prompt and training_dir(args, prompt).exists():
-                    own = argparse.Namespace(**{**vars(args), "probe_prompt": prompt})
-                    own_probes = fit_probes(own)
-                    p1 = next(iter(own_probes.values())).predict_proba(chains.features)[:, 1]
-                    out["prompts"][prompt]["own_prompt_probe"] = {
-                        "probe_prompt": prompt, "auroc_right": float(roc_auc_score(chains.labels, p1)),
-                        "auroc_same": float(roc_auc_score(same_labels(chains), p1)),
-                        "replayed_lynx": replayed_rules(own, own_probes, out["prompts"][prompt]),
-                        "probe_hindsight": hindsight_frontier(chains, p1, out["prompts"][prompt])}
+            chains = evaluation_chains(args)
+            if chains is None:  # that prompt's chains are not labelled
+                out["prompts"][prompt] = None
+                continue
+            rep = out["prompts"][prompt] = ceiling_report(args, chains)
+            rep["replayed_lynx"] = replayed_rules(chains, probes, rep)
+            # every calibrated probe shares the fitted MLP's scores
+            rep["probe_variants"] = probe_variants(args, chains, next(iter(probes.values())), rep)
+            rep["probe_hindsight"] = rep["probe_variants"][0]["hindsight"]
+            rep["answer_signals"] = answer_signals(chains, rep)
+            if prompt != args.probe_prompt and training_dir(args, prompt).exists():
+                own = argparse.Namespace(**{**vars(args), "probe_prompt": prompt})
+                own_probes = fit_probes(own)
+                ranked = ranking(chains, next(iter(own_probes.values())).predict_proba(chains.features)[:, 1], rep)
+                rep["own_prompt_probe"] = {"probe_prompt": prompt, "auroc_right": ranked["auroc_right"],
+                                           "auroc_same": ranked["auroc_same"],
+                                           "replayed_lynx": replayed_rules(chains, own_probes, rep),
+                                           "probe_hindsight": ranked["hindsight"]}
         train, _ = problems(args)
         out["probe_prompt"] = args.probe_prompt
         out["training"] = oracle_ceiling(load_dataset(training_dir(args), uids=[p.uid for p in train]).traces)

@@ -11,8 +11,6 @@ import pytest
 
 from offramp.reasoning.dataset import EventDataset
 
-pytest.importorskip("sklearn")
-
 
 def _bench():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "reasoning.py"
