@@ -4,7 +4,7 @@
     python benchmarks/classify_speed.py --mpnet --json out.json    # all-mpnet-base-v2, 12 layers
 """
 
-from offramp.evaluation.bench import main
+from offramp.cli.bench import bench_main as main
 
 if __name__ == "__main__":
     main()

@@ -38,8 +38,9 @@ from generate_speed import trained_exits  # noqa: E402
 
 from offramp.calibration import LearnThenTest  # noqa: E402
 from offramp.calibration.generation import calibrate_generation, generate_rows, share_different  # noqa: E402
-from offramp.cli.generate import prompt_batches  # noqa: E402
-from offramp.data.assets import bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.data.prompts import prompt_batches  # noqa: E402
+from offramp.data.assets import bbc_prompts  # noqa: E402
+from offramp.modeling.causal_lm import load_causal_lm  # noqa: E402
 from offramp.evaluation.token_trace import collect_tokens  # noqa: E402
 from offramp.policies import make_policy  # noqa: E402
 from offramp.training.distill import greedy_continuations  # noqa: E402

@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from offramp.data.assets import CACHE, bbc_articles, bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.data.assets import CACHE, bbc_articles, bbc_prompts  # noqa: E402
+from offramp.modeling.causal_lm import load_causal_lm  # noqa: E402
 from offramp.modeling import DecoderExitModel  # noqa: E402
 from offramp.training.distill import collect_states, greedy_continuations, text_sequences, train_exit_heads  # noqa: E402
 from offramp.utils import atomic_write_json  # noqa: E402

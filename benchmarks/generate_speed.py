@@ -34,17 +34,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from offramp.engines.generate import generate  # noqa: E402
-from offramp.data.assets import CACHE, bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.data.assets import CACHE, bbc_prompts  # noqa: E402
+from offramp.modeling.causal_lm import load_causal_lm  # noqa: E402
+from offramp.data.prompts import chat_texts  # noqa: E402
 from offramp.modeling import DecoderExitModel  # noqa: E402
 from offramp.training.distill import fit_exits, greedy_continuations  # noqa: E402
 from offramp.utils import atomic_write_json, load_torch_state  # noqa: E402
 
 
 def encode(tok, prompts: list[str], chat: bool) -> dict:
-    if chat:
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    return tok(prompts, return_tensors="pt", padding=True)
+    return tok(chat_texts(tok, prompts, chat), return_tensors="pt", padding=True)
 
 
 def trained_exits(name: str, backbone, tok, head: str, *, chat: bool, train_prompts: int, new_tokens: int,

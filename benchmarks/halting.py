@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from offramp import EarlyExitModel, OfframpConfig
-from offramp.cli import common
+from offramp.data.batching import DATA_DEFAULTS, load_from_settings, split_batches  # noqa: E402
+from offramp.modeling.checkpoints import default_pooling, tokenizer_of  # noqa: E402
 from offramp.data.assets import resolve_model_path
 from offramp.evaluation.collect import collect, replay
 from offramp.evaluation.halting import halting_report
@@ -116,9 +117,9 @@ def main() -> None:
         ap.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {**common.DATA_DEFAULTS, "data": args.data, "seed": args.seed, "max_train": args.max_train,
+    settings = {**DATA_DEFAULTS, "data": args.data, "seed": args.seed, "max_train": args.max_train,
                 "max_eval": args.max_eval, "max_length": args.max_length, "batch_size": args.batch_size}
-    data = common.load_from_settings(settings)
+    data = load_from_settings(settings)
     cache = str(out / "states")
     results = {"data": args.data, "model": args.model, "full": args.full, "epochs": args.epochs, "lr": args.lr,
                "n_train": len(data.train), "n_validation": len(data.validation), "n_test": len(data.test),
@@ -134,23 +135,23 @@ def main() -> None:
         halting, objective, rules, *head = MODELS[name]
         t0 = time.time()
         torch.manual_seed(args.seed)
-        pooling = common.default_pooling(resolve_model_path(args.model))
+        pooling = default_pooling(resolve_model_path(args.model))
         cfg = OfframpConfig(num_labels=data.num_labels, label_names=data.label_names,
                             head={"pooling": pooling, **(head[0] if head else {})}, halting=halting or None,
                             objective=objective)
         model = EarlyExitModel.from_backbone(args.model, cfg)
-        tok = common.tokenizer_of(model)
+        tok = tokenizer_of(model)
         ckpt = out / name / "checkpoint"
         resume = (ckpt / "training_state.pt").is_file()
         targs = TrainingArgs(output_dir=str(out / name), epochs=args.epochs, lr=args.lr, seed=args.seed,
                              frozen_backbone=not args.full, backbone_lr=args.backbone_lr if args.full else None,
                              cache_backbone=not args.full, state_cache=False if args.full else cache,
                              save_backbone=args.full, resume=resume, progress=True)
-        train(model, common.batches(data.train, tok, settings, shuffle=True),
-              common.batches(data.validation, tok, settings), targs)
+        train(model, split_batches(data.train, tok, settings, shuffle=True),
+              split_batches(data.validation, tok, settings), targs)
         sc = False if args.full else cache
-        val = collect(model, common.batches(data.validation, tok, settings), state_cache=sc)
-        test = collect(model, common.batches(data.test, tok, settings), state_cache=sc)
+        val = collect(model, split_batches(data.validation, tok, settings), state_cache=sc)
+        test = collect(model, split_batches(data.test, tok, settings), state_cache=sc)
         swept = sweep(test, rules)
         n = len(test)
         row = {"train_s": round(time.time() - t0, 1), "halting": halting or None, "objective": objective,

@@ -24,7 +24,7 @@ from offramp.calibration import (CATsStopping, LearnThenTest, MarginalConformal,
                                  miscoverage, reliability)
 from offramp.calibration.risk import exit_losses
 from offramp.evaluation.collect import ExitTrace, replay
-from offramp.evaluation.flops import model_exit_flops
+from offramp.flops import model_exit_flops
 from offramp.policies import make_policy
 from offramp.training.jei import JEIArgs, jei_config, train_jei
 from offramp.utils import load_torch_state

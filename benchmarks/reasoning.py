@@ -4,7 +4,7 @@ Phases (each resumable: every trace, label and per-problem result is cached unde
 
   build      label the cue events of reasoning-gym training problems (forced exits) -> npz files
   ceiling    label the cue events of the evaluation chains too: what an oracle stopping at the
-             best cue would save (``offramp.reasoning.dataset.oracle_ceiling``), per task
+             best cue would save (``offramp.evaluation.events.oracle_ceiling``), per task
   ceiling-report  the oracles of both prompts and of the training chains -> --ceiling-out
   baselines  full chain, fixed budget and DEER on the evaluation problems -> results-<prompt>.jsonl
   fit        train the probe, calibrate it per cue event (LYNX), per chain (premature stops) and per
@@ -39,9 +39,9 @@ import torch
 from offramp.engines.reason import ReasonConfig, iter_reason
 from offramp.modeling import resolve_dtype
 from offramp.policies import DeerPolicy, ProbeExitPolicy, make_policy
-from offramp.reasoning.cues import CueConfig
-from offramp.reasoning.dataset import build_dataset, load_dataset, oracle_ceiling, replay_events, same_answer
-from offramp.reasoning.tasks import Problem, gsm8k_problems, prompt_suffix, reasoning_gym_problems
+from offramp.engines.reason.cues import CueConfig
+from offramp.evaluation.events import build_dataset, load_dataset, oracle_ceiling, replay_events, same_answer
+from offramp.data.tasks import Problem, gsm8k_problems, prompt_suffix, reasoning_gym_problems
 
 CACHE = Path(os.path.expanduser("~/.cache/offramp"))
 MODELS = {  # model folder name in ~/.cache/offramp -> offramp's offline alias (GGUF packages)
@@ -302,7 +302,7 @@ def probe_variants(args, test, base, oracle: dict | None = None) -> list[dict]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from offramp.reasoning.probe import LynxProbe
+    from offramp.calibration.lynx import LynxProbe
 
     def logistic():
         return make_pipeline(StandardScaler(), LogisticRegression(C=1e-3, max_iter=2000, class_weight="balanced"))
@@ -350,7 +350,7 @@ def probe_path(args, method: str, delta: float) -> Path:
 def fit_probes(args) -> dict[tuple[str, float], object]:
     """Probes per (method, delta): loaded when already on disk (runs that used them stay valid),
     else fitted on the first --fit-fraction of the training problems and calibrated on the rest."""
-    from offramp.reasoning.probe import LynxProbe
+    from offramp.calibration.lynx import LynxProbe
 
     out = {(m, d): LynxProbe.load(probe_path(args, m, d)) for m in PER for d in args.deltas
            if probe_path(args, m, d).exists()}
@@ -405,7 +405,7 @@ def event_level_check(args) -> dict:
     """Per-event premature-exit rate on held-out labelled events (rotating fit / cal / test thirds)."""
     import itertools
 
-    from offramp.reasoning.probe import LynxProbe
+    from offramp.calibration.lynx import LynxProbe
 
     data = load_dataset(training_dir(args))
     parts = [list(range(i, len(data.uids), 3)) for i in range(3)]
@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-transfer", type=int, default=0, help="problems of --transfer-task (non-math) to evaluate")
     ap.add_argument("--transfer-task", default="family_relationships")
     ap.add_argument("--prompt", default="plain", choices=["plain", "check"],
-                    help="evaluation prompt (offramp.reasoning.tasks.PROMPT_PRESETS)")
+                    help="evaluation prompt (offramp.data.tasks.PROMPT_PRESETS)")
     ap.add_argument("--probe-prompt", default="plain", choices=["plain", "check"],
                     help="prompt of the training chains (build) and so of the probe (fit, ceiling-report); "
                          "the online phases use the plain-prompt probe")

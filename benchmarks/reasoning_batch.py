@@ -26,7 +26,7 @@ from reasoning import load_model  # noqa: E402
 
 from offramp.engines.reason import ReasonConfig, eos_ids, prompt_ids, reason_batch  # noqa: E402
 from offramp.modeling import resolve_dtype  # noqa: E402
-from offramp.reasoning.tasks import gsm8k_problems  # noqa: E402
+from offramp.data.tasks import gsm8k_problems  # noqa: E402
 from offramp.utils import atomic_write_json  # noqa: E402
 
 

@@ -82,15 +82,16 @@ class Classify:
 
     def __init__(self, run: str, n: int, policy: dict, args: argparse.Namespace) -> None:
         from offramp import EarlyExitModel
-        from offramp.cli import common
+        from offramp.modeling.checkpoints import checkpoint_dir, tokenizer_of
+        from offramp.modeling.predict import predict_rows
         from offramp.data import load_data
         from offramp.policies import make_policy
 
         self.inputs = list(load_data("tweets", max_eval=n).test.texts[:n])
         self.policy, self.policies = policy, {"exits": policy, "never": {"type": "never"}}
-        self.model = EarlyExitModel.from_pretrained(common.checkpoint_dir(run)).eval()
-        self.tok = common.tokenizer_of(self.model)
-        self.expected = {name: list(common.predict_rows(self.model, self.inputs, make_policy(spec), max_length=64))
+        self.model = EarlyExitModel.from_pretrained(checkpoint_dir(run)).eval()
+        self.tok = tokenizer_of(self.model)
+        self.expected = {name: list(predict_rows(self.model, self.inputs, make_policy(spec), max_length=64))
                          for name, spec in self.policies.items()}
 
     def body(self, i: int, policy: str) -> dict:
@@ -137,16 +138,16 @@ class Generate:
     route, unit = "/generate", "tokens"
 
     def __init__(self, run: str, n: int, policy: dict, args: argparse.Namespace) -> None:
-        from offramp.cli.generate import load_exits_and_lm
+        from offramp.modeling.causal_lm import load_exits_and_lm
         from offramp.data.assets import bbc_prompts
+        from offramp.data.prompts import chat_texts
         from offramp.engines.generate import generate
 
         self.max_new = args.max_new_tokens
         self.model, self.tok = load_exits_and_lm(run)
         self.model.eval()
         self.inputs = bbc_prompts(n, split="test", instruct=True)
-        self.chat = [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                  add_generation_prompt=True) for p in self.inputs]
+        self.chat = chat_texts(self.tok, self.inputs)
         self.policy, self.policies = policy, {"exits": policy, "never": {"type": "never"}}
         self.strategy = self.model.config.cache_strategy
         self.expected: dict[str, list[dict]] = {}

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate_speed import encode, interleaved, real_tokens, trained_exits  # noqa: E402
 
-from offramp.data.assets import CACHE, bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.data.assets import CACHE, bbc_prompts  # noqa: E402
+from offramp.modeling.causal_lm import load_causal_lm  # noqa: E402
 from offramp.engines.generate import frequent_tokens, generate, speculative_generate  # noqa: E402
 from offramp.utils import load_torch_state  # noqa: E402
 from offramp.utils import atomic_write_json  # noqa: E402

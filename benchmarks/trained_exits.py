@@ -47,9 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import interleaved, real_tokens, teacher_forced_agreement  # noqa: E402
 from peers import economize_methods, hf_methods  # noqa: E402
 
-from offramp.data.assets import CACHE, bbc_articles, bbc_prompts, load_causal_lm  # noqa: E402
+from offramp.data.assets import CACHE, bbc_articles, bbc_prompts  # noqa: E402
+from offramp.modeling.causal_lm import load_causal_lm  # noqa: E402
 from offramp.engines.generate import frequent_tokens, generate, speculative_generate  # noqa: E402
-from offramp.engines.generate.engine import ATTENTION_STRATEGIES, SSM_STRATEGIES  # noqa: E402
+from offramp.engines.generate.run import ATTENTION_STRATEGIES, SSM_STRATEGIES  # noqa: E402
 from offramp.modeling import DecoderExitModel  # noqa: E402
 from offramp.training.distill import fit_exits, greedy_continuations  # noqa: E402
 from offramp.training.layerskip import exit_report  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_reason_tiny import tiny_tokenizer
 
-from offramp.reasoning.cues import CueConfig, CueDetector, char_to_token, find_cues
+from offramp.engines.reason.cues import CueConfig, CueDetector, char_to_token, find_cues
 
 WORDS = CueConfig(step_boundaries=False)
 STEPS = CueConfig(words=(), step_boundaries=True)

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 from offramp import EarlyExitModel, OfframpConfig
-from offramp.evaluation.flops import Shapes, exit_flops, layer_flops, model_exit_flops
+from offramp.flops import Shapes, exit_flops, layer_flops, model_exit_flops
 
 
 def _bert(layers: int = 3) -> BertModel:

@@ -96,7 +96,7 @@ def test_generate_bad_input(tmp_path) -> None:
               "--policy", "q_exit"])
     with pytest.raises(ValueError, match="no prompt"):
         _run(["generate", "--model", str(folder)])
-    with pytest.raises(ValueError, match="cannot load model"):
+    with pytest.raises(ValueError, match="cannot load the model"):
         _run(["generate", "--model", str(tmp_path / "missing"), "--prompt", "w5"])
 
 

@@ -166,7 +166,7 @@ def test_catch_up_reproduces_full_model_logits_for_deep_tokens(family: str) -> N
 def test_ragged_chunk_gives_each_row_what_its_own_chunk_gives(family: str) -> None:
     """One catch_up pass serves rows with different numbers of pending tokens: a row padded on the
     left gets the outputs and last states of a chunk over its own tokens alone."""
-    from offramp.engines.generate.speculative import mamba_chunk
+    from offramp.engines.generate.mamba import mamba_chunk
 
     block = tiny_decoder(family).backbone.layers[0]
     m = block.mixer

@@ -8,7 +8,7 @@ from decoder_models import ragged_prompts, tiny_decoder
 
 from offramp.engines.generate import SIGNALS, decoded_exit_layers, generate
 from offramp.engines.generate.sampling import SamplingOptions
-from offramp.evaluation.token_trace import TokenTrace, collect_tokens, replay_tokens, sweep_tokens
+from offramp.evaluation.token_trace import TokenTrace, collect_tokens, engine_trace, replay_tokens, sweep_tokens
 from offramp.modeling import DecoderExitModel
 from offramp.policies import POLICIES
 
@@ -35,8 +35,8 @@ def _mid(values: torch.Tensor) -> float:
 
 
 def _specs(model: DecoderExitModel, ids: torch.Tensor, mask: torch.Tensor) -> list[dict]:
-    probe = generate(model, ids, mask, policy={"type": "token_confidence", "threshold": 1.0}, max_new_tokens=8,
-                     sampling=NO_EOS, record_signals=True).extra["trace"]  # every exit seen by every token
+    probe = engine_trace(generate(model, ids, mask, policy={"type": "token_confidence", "threshold": 1.0},
+                                  max_new_tokens=8, sampling=NO_EOS, record_signals=True))  # every exit, every token
     return [{"type": "max_prob", "threshold": _mid(probe.stats["max_prob"][0])},
             {"type": "entropy", "threshold": _mid(probe.stats["entropy"][0])},
             {"type": "margin", "threshold": _mid(probe.stats["margin"][0])},
@@ -63,7 +63,7 @@ def test_each_policy_exits_mixed_and_replay_of_the_engine_signals_equals_its_exi
             assert len(set(layers.tolist())) >= 2, f"{family} {spec}: tokens should exit at different layers"
         else:
             assert set(layers.tolist()) == {2}
-        trace: TokenTrace = out.extra["trace"]
+        trace: TokenTrace = engine_trace(out)
         replayed = torch.tensor(trace.exit_layers + [4])[replay_tokens(spec, trace)]
         assert torch.equal(replayed, layers), f"{family} {spec}"
         plain = generate(model, ids, mask, policy=spec, cache_strategy=strategy, max_new_tokens=8, sampling=NO_EOS)
@@ -103,7 +103,7 @@ def test_patience_keeps_its_count_across_a_tokens_exits() -> None:
     out = generate(model, ids, mask, policy={"type": "patience", "patience": 2}, max_new_tokens=8, sampling=NO_EOS,
                    record_signals=True)
     layers = decoded_exit_layers(out)
-    top1 = out.extra["trace"].stats["top1"]
+    top1 = engine_trace(out).stats["top1"]
     steady = (top1[0] == top1[1]) & (top1[1] == top1[2])
     assert torch.equal(layers == 3, steady) and bool(steady.any())
 

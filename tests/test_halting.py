@@ -12,7 +12,7 @@ from conftest import make_batch
 from transformers import BertConfig, BertModel
 
 from offramp import EarlyExitModel, OfframpConfig
-from offramp.engines.rows import keyed_uniform, row_keys
+from offramp.policies.base import keyed_uniform, row_keys
 from offramp.evaluation.collect import collect, replay
 from offramp.evaluation.halting import halting_report
 from offramp.objectives.ponder import ponder_loss

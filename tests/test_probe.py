@@ -11,7 +11,7 @@ import torch
 from offramp.calibration.conformal import ClassConditionalConformal, conformal_quantile
 from offramp.policies.base import ExitSignals
 from offramp.policies.probe import ProbeExitPolicy
-from offramp.reasoning.probe import LynxProbe, balanced_weights, first_exit
+from offramp.calibration.lynx import LynxProbe, balanced_weights, first_exit, probe_policy
 
 
 def _events(rng: np.random.Generator, n: int, d: int = 8, shift: float = 1.5, p1: float = 0.4):
@@ -113,7 +113,7 @@ def test_policy_decide_equals_probe(fitted, tmp_path):
                            policy.start(100, 1))
     assert out.dtype == torch.bool and np.array_equal(out.numpy(), probe.accepts(x))
     probe.save(tmp_path / "p")
-    assert ProbeExitPolicy(path=str(tmp_path / "p")).to_dict() == {"type": "probe", "path": str(tmp_path / "p")}
+    assert probe_policy(tmp_path / "p").to_dict() == {"type": "probe", "path": str(tmp_path / "p")}
     with pytest.raises(ValueError, match="calibrated probe"):
         ProbeExitPolicy()
     with pytest.raises(ValueError, match="not calibrated"):

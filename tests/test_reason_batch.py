@@ -12,10 +12,10 @@ from test_reason_tiny import tiny_lm, tiny_tokenizer
 
 from offramp.engines.reason import ReasonConfig, iter_reason, prompt_ids, reason, reason_batch
 from offramp.policies import ExitPolicy, ProbeExitPolicy
-from offramp.reasoning.dataset import build_dataset, load_dataset
-from offramp.reasoning.forcing import force_answer, force_answers, fork_cache
-from offramp.reasoning.rowcache import RowCache
-from offramp.reasoning.tasks import Problem
+from offramp.evaluation.events import build_dataset, load_dataset
+from offramp.engines.reason.forcing import force_answer, force_answers, fork_cache
+from offramp.engines.reason.rowcache import RowCache
+from offramp.data.tasks import Problem
 
 CFG = ReasonConfig(max_new_tokens=40, feature_layers=(1, -1), max_answer_tokens=5)
 QUESTIONS = ["add two and three", "Solve it", "add three and two then give the answer as boxed",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offramp.reasoning.dataset import EventDataset
+from offramp.evaluation.events import EventDataset
 
 
 def _bench():

@@ -39,15 +39,15 @@ def test_run_full_and_budget_print_results(model_dir, capsys):
 
 
 def test_build_fit_then_lynx(model_dir, tmp_path, capsys, monkeypatch):
-    from offramp.reasoning import tasks
-    from offramp.reasoning.tasks import Problem
+    from offramp.data import tasks
+    from offramp.data.tasks import Problem
 
     probs = [Problem(f"t{i}", q, "5", "test") for i, q in enumerate(
         ["add two and three", "add three and two", "Solve it", "so add two"])]
     monkeypatch.setattr(tasks, "load_problems", lambda spec, n, seed=0: probs[:n])
     common = ["--model", model_dir, "--max-new-tokens", "20", "--max-answer-tokens", "2", "--layers", "1,-1"]
     assert _run(["reason", "build", *common, "--task", "toy", "--n", "4", "--out", str(tmp_path / "ev")]) == 0
-    from offramp.reasoning.dataset import load_dataset
+    from offramp.evaluation.events import load_dataset
 
     data = load_dataset(tmp_path / "ev")
     # the tiny model is never right: make some labels 1 so the probe sees both classes
@@ -63,7 +63,7 @@ def test_build_fit_then_lynx(model_dir, tmp_path, capsys, monkeypatch):
     assert _run(["reason", "fit", str(tmp_path / "ev"), "--delta", "0.3", "--epochs", "20", "--per", "chain",
                  "--out", str(tmp_path / "probe-chain")]) == 0
     fit_chain = json.loads(capsys.readouterr().out)
-    from offramp.reasoning.probe import LynxProbe
+    from offramp.calibration.lynx import LynxProbe
 
     chain_probe = LynxProbe.load(tmp_path / "probe-chain")
     assert fit_chain["per"] == "chain" and fit_chain["chains_cal"] == 2 == chain_probe.chain_count_
@@ -88,7 +88,7 @@ def test_bad_input(model_dir, tmp_path):
         _run(["reason", "run", "--model", model_dir, "--question", "x", "--method", "lynx"])
     with pytest.raises(ValueError, match="no labelled problems"):
         _run(["reason", "fit", str(tmp_path), "--delta", "0.1", "--out", str(tmp_path / "p")])
-    with pytest.raises(ValueError, match="cannot load model"):
+    with pytest.raises(ValueError, match="cannot load the model"):
         _run(["reason", "run", "--model", str(tmp_path / "missing"), "--question", "x"])
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):
         _run(["reason", "run", "--model", model_dir, "--question", "x", "--batch-size", "0"])
@@ -105,19 +105,19 @@ def test_dtype_auto_follows_the_hardware_and_a_bad_name_fails_before_loading(mod
 
     import torch
 
-    from offramp.cli.reason import load_reasoning_lm
+    from offramp.modeling.causal_lm import load_causal_lm
     from offramp.modeling import base, resolve_dtype
 
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(base, "native_bf16", lambda device="cpu", n=native: n)
         assert resolve_dtype("auto") == want
-        model, _ = load_reasoning_lm(model_dir, "auto")
+        model, _ = load_causal_lm(model_dir, "auto")
         assert next(model.parameters()).dtype == want
     with warnings.catch_warnings(record=True) as caught:  # asked for where it is emulated: works, and says so
         warnings.simplefilter("always")
         assert resolve_dtype("bfloat16") == torch.bfloat16
     assert any("float32" in str(w.message) and "emulated" in str(w.message) for w in caught)
     with pytest.raises(ValueError, match="unknown dtype 'fp8'.*auto"):
-        load_reasoning_lm("/nonexistent/folder", "fp8")  # the dtype is checked before the folder
+        load_causal_lm("/nonexistent/folder", "fp8")  # the dtype is checked before the folder
     with pytest.raises(SystemExit):
         _run(["reason", "run", "--model", model_dir, "--dtype", "fp8", "--question", "x"])

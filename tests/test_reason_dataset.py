@@ -9,8 +9,8 @@ import pytest
 from test_reason_tiny import tiny_lm, tiny_tokenizer
 
 from offramp.engines.reason import ReasonConfig
-from offramp.reasoning.dataset import build_dataset, load_dataset
-from offramp.reasoning.tasks import Problem
+from offramp.evaluation.events import build_dataset, load_dataset
+from offramp.data.tasks import Problem
 
 CFG = ReasonConfig(max_new_tokens=24, feature_layers=(1, -1), max_answer_tokens=3)
 QUESTIONS = ["add two and three", "add three and two", "Solve it"]
@@ -87,8 +87,8 @@ def test_replay_over_stored_events_equals_the_online_engine(lm, tmp_path):
     """Every reasoning rule is an exit policy over cue events: the same decide runs online and over
     the stored event trace, and stops each chain at the same event."""
     from offramp.engines.reason import reason
-    from offramp.reasoning.dataset import replay_events
-    from offramp.reasoning.probe import LynxProbe
+    from offramp.evaluation.events import replay_events
+    from offramp.calibration.lynx import LynxProbe
 
     model, tok = lm
     probs = _problems()
@@ -127,7 +127,7 @@ def _trace(source, tokens, correct, answer, events):
 
 
 def test_oracle_ceiling_counts_the_first_useful_cue():
-    from offramp.reasoning.dataset import oracle_ceiling
+    from offramp.evaluation.events import oracle_ceiling
 
     traces = [
         _trace("math", 100, True, "5", [(10, False, "4"), (30, True, "5.0"), (60, True, "5")]),  # both stop at 30
@@ -148,7 +148,7 @@ def test_oracle_ceiling_counts_the_first_useful_cue():
 
 
 def test_ceiling_of_built_chains_never_costs_more_than_the_full_chain(lm, tmp_path):
-    from offramp.reasoning.dataset import oracle_ceiling
+    from offramp.evaluation.events import oracle_ceiling
 
     model, tok = lm
     build_dataset(model, tok, _problems(), tmp_path, config=CFG, model_name="tiny")
@@ -162,8 +162,8 @@ def test_ceiling_of_built_chains_never_costs_more_than_the_full_chain(lm, tmp_pa
 
 def test_reason_config_round_trips_through_its_stored_dict():
     from offramp.engines.reason import ReasonConfig
-    from offramp.reasoning.cues import CueConfig
-    from offramp.reasoning.dataset import _config_dict
+    from offramp.engines.reason.cues import CueConfig
+    from offramp.evaluation.events import _config_dict
 
     cfg = ReasonConfig(cues=CueConfig(words=("wait", "hmm"), step_boundaries=False), forcing="plain",
                        max_new_tokens=77, feature_layers=(2, -1), prompt_suffix=" go", seed=3)

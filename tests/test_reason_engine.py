@@ -12,9 +12,9 @@ from transformers import DynamicCache
 
 from offramp.engines.reason import ReasonConfig, prompt_ids, reason
 from offramp.policies import DeerPolicy, ExitPolicy, ProbeExitPolicy
-from offramp.reasoning.forcing import ForcedAnswer, answer_end, force_answer, fork_cache, reencoded_answer
-from offramp.reasoning.probe import LynxProbe
-from offramp.reasoning.tasks import Problem
+from offramp.engines.reason.forcing import ForcedAnswer, answer_end, force_answer, fork_cache, reencoded_answer
+from offramp.calibration.lynx import LynxProbe
+from offramp.data.tasks import Problem
 
 CFG = ReasonConfig(max_new_tokens=60, feature_layers=(1, -1), max_answer_tokens=6)
 QUESTION = "add two and three"

@@ -10,8 +10,8 @@ from test_reason_tiny import tiny_lm, tiny_tokenizer
 
 from offramp.engines.reason import ReasonConfig, prompt_ids, reason
 from offramp.policies import ProbeExitPolicy
-from offramp.reasoning.hf import CueStoppingCriteria
-from offramp.reasoning.rowcache import left_pad
+from offramp.engines.reason.stopping import CueStoppingCriteria
+from offramp.engines.reason.rowcache import left_pad
 
 CFG = ReasonConfig(max_new_tokens=40, feature_layers=(0, 2, -1), max_answer_tokens=5)
 

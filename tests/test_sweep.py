@@ -9,7 +9,7 @@ from transformers import BertConfig, BertModel
 
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.evaluation.collect import collect, replay
-from offramp.evaluation.flops import model_exit_flops
+from offramp.flops import model_exit_flops
 from offramp.evaluation.sweep import SweepPoint, available_rules, exit_space, oracle_exits, pareto, sweep, sweep_rule
 from offramp.policies import make_policy
 

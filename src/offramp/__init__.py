@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from offramp.version import __version__
 
 _EXPORTS = {"OfframpConfig": "offramp.config", "DecoderExitModel": "offramp.modeling",
             "EarlyExitModel": "offramp.modeling", "EarlyExitOutput": "offramp.modeling",

@@ -22,7 +22,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from offramp.names import DTYPES  # noqa: F401  (a language model's --dtype)
+from offramp.policies import make_policy
 from offramp.utils import atomic_write_json, read_json
+from offramp.version import __version__
 
 CONFIG_NAME = "offramp_config.json"
 FORMAT_VERSION = 2
@@ -99,8 +102,6 @@ def config_fields(data: Any, kind: str) -> dict[str, Any]:
 
 def config_dict(kind: str, fields_: dict[str, Any]) -> dict[str, Any]:
     """The JSON object written for a config of ``kind``."""
-    from offramp import __version__
-
     return {"kind": kind, "format_version": FORMAT_VERSION, "offramp_version": __version__, **fields_}
 
 HEAD_DEFAULTS = {"type": "linear", "shared": False, "pooling": "cls", "use_pooler": True, "dropout": 0.1}
@@ -118,7 +119,6 @@ OBJECTIVE_DEFAULTS = {
     "ponder": {"beta": 0.5, "lambda_p": 0.1, "kl_direction": "prior_to_model", "truncation": "force_last",
                "epsilon": 0.05, "kl_target": "batch"},
 }
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # a language model's --dtype (modeling.resolve_dtype)
 KL_DIRECTIONS = ("prior_to_model", "model_to_prior")  # KL(p_G || p) as shipped code; KL(p || p_G) as in the paper
 TRUNCATIONS = ("force_last", "epsilon")
 KL_TARGETS = ("batch", "row")  # the batch's mean exit distribution (default) or each row's (the papers')
@@ -131,6 +131,60 @@ def _merge(name: str, given: dict | None, defaults: dict) -> dict:
         raise ValueError(f"{name}: unknown keys {sorted(unknown)}; known keys are {sorted(defaults)}")
     return {**defaults, **given}
 
+
+
+# ------------------------------------------------------------ JEI-DNN gates and objective (validated here)
+GATE_DEFAULTS: dict[str, Any] = {"type": "uncertainty", "init_bias": 0.0}
+JEI_DEFAULTS: dict[str, Any] = {
+    "cost_weight": 0.1,        # lambda: the CE / cost trade-off (sweep it for the Pareto curve)
+    "pos_weight": "none",      # the gates' positive-class weight: "none" | "balanced" | "exact"
+    "pos_weight_clip": 5.0,    # clip of the balanced / exact positive-class weights
+    "patience": 3,             # warm-up: freeze an exit when its val accuracy stops improving
+    "phase_batches": 200,      # alternate IM and gate phases every this many batches
+    "warmup_epochs": 10,       # at most this many warm-up epochs
+    "reweight_detach": True,   # treat sum CE / sum P CE as a constant (see the module docstring)
+    "costs": None,             # per-exit costs c_l; None: from the FLOPs counter
+    "phase": "both",           # what jei_loss trains in a generic loop: "warmup" | "im" | "gate" | "both"
+}
+PHASES = ("warmup", "im", "gate", "both")
+POS_WEIGHTS = ("none", "balanced", "exact")
+
+
+def check_gate_config(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The gate config with defaults filled in (None stays None); ValueError naming a bad key."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"gate must be None or a dict like {{'type': 'uncertainty'}}, got {cfg!r}")
+    unknown = set(cfg) - set(GATE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"gate: unknown keys {sorted(unknown)}; known keys are {sorted(GATE_DEFAULTS)}")
+    out = {**GATE_DEFAULTS, **cfg}
+    if out["type"] != "uncertainty":
+        raise ValueError(f"gate.type must be 'uncertainty' (the JEI-DNN four-feature gate), got {out['type']!r}")
+    return out
+
+
+def check_jei_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The JEI objective options with defaults filled in; ValueError naming a bad key or value."""
+    options = {k: v for k, v in dict(options).items() if k != "type"}
+    unknown = set(options) - set(JEI_DEFAULTS)
+    if unknown:
+        raise ValueError(f"objective (jei): unknown keys {sorted(unknown)}; known keys are {sorted(JEI_DEFAULTS)}")
+    out = {**JEI_DEFAULTS, **options}
+    if out["cost_weight"] < 0:
+        raise ValueError(f"objective.cost_weight (lambda) must be >= 0, got {out['cost_weight']}")
+    if out["pos_weight_clip"] <= 0:
+        raise ValueError(f"objective.pos_weight_clip must be > 0, got {out['pos_weight_clip']}")
+    if int(out["warmup_epochs"]) < 0:
+        raise ValueError(f"objective.warmup_epochs must be >= 0, got {out['warmup_epochs']}")
+    if int(out["patience"]) < 1 or int(out["phase_batches"]) < 1:
+        raise ValueError("objective.patience and objective.phase_batches must be >= 1")
+    if out["pos_weight"] not in POS_WEIGHTS:
+        raise ValueError(f"objective.pos_weight must be one of {POS_WEIGHTS}, got {out['pos_weight']!r}")
+    if out["phase"] not in PHASES:
+        raise ValueError(f"objective.phase must be one of {PHASES}, got {out['phase']!r}")
+    return out
 
 @dataclass
 class OfframpConfig:
@@ -209,16 +263,12 @@ class OfframpConfig:
                 raise ValueError(
                     f"halting.position must be none, random or sinusoidal, got {self.halting['position']!r}")
         if self.gate is not None:
-            from offramp.heads.gate import check_gate_config
-
             self.gate = check_gate_config(self.gate)
         obj = dict(self.objective or {"type": "joint"})
         kind = obj.pop("type", "joint")
         if kind in OBJECTIVE_DEFAULTS:
             obj = _merge(f"objective ({kind})", obj, OBJECTIVE_DEFAULTS[kind])
         elif kind == "jei":
-            from offramp.objectives.jei import check_jei_options
-
             obj = check_jei_options(obj)
             if self.gate is None:
                 raise ValueError("objective 'jei' needs exit gates: set gate={'type': 'uncertainty'}")
@@ -341,8 +391,6 @@ class DecoderExitConfig:
                              "again (offramp generate --fit-exits) to record it")
         if not isinstance(self.policy, dict) or "type" not in self.policy:
             raise ValueError(f"policy must be a dict with a 'type', got {self.policy!r}")
-        from offramp.policies import make_policy
-
         make_policy(self.policy)  # a bad stored policy is an error on load, not at the first token
         for f in fields(self):
             try:

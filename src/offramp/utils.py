@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,3 +292,32 @@ def progress(iterable: Any, *, desc: str, enabled: bool = True, **kwargs: Any) -
 
     return tqdm(iterable, desc=desc, disable=_quiet or not enabled or process_rank() != 0, file=sys.stderr,
                 **kwargs)
+
+
+_T0 = time.time()
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr with the seconds since start (none after ``--quiet``)."""
+    note(f"[{time.time() - _T0:6.1f}s] {msg}")
+
+
+def check_out(path: Path, overwrite: bool, what: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: an existing non-empty one
+    (unless ``overwrite``), one below a regular file, or one in a folder this process cannot write."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{what} {path}: {parent} is a file, not a folder; choose another --out")
+    if path.exists() and (path.is_file() or any(path.iterdir())) and not overwrite:
+        raise ValueError(f"{what} {path} already exists; pass --overwrite to replace what it holds, "
+                         "or choose another --out")
+    base = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    base = base if base.is_dir() else base.parent
+    try:  # the one test that works for every reason a write can fail (permissions, read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".offramp-write-check.", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be written: {base} is not writable ({e.strerror}); "
+                         "choose another --out") from None

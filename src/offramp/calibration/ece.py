@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from offramp.utils import atomic_write_bytes
+
 
 @dataclass(frozen=True)
 class Reliability:
@@ -72,8 +74,6 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 def plot_reliability(curves: dict[str, Reliability], path: str | Path) -> Path:
     """Draw reliability diagrams (one line per rule) to a PNG, written to a temp name then renamed."""
     import io
-
-    from offramp.utils import atomic_write_bytes
 
     import matplotlib
 

@@ -24,6 +24,9 @@ import torch
 from torch import Tensor
 
 from offramp.calibration.risk import TOKEN_RISKS, LearnThenTest
+from offramp.engines.generate import decoded_exit_layers, generate
+from offramp.engines.generate.sampling import SamplingOptions
+from offramp.policies import ExitSpace, make_policy
 
 
 def row_tokens(out: Any) -> list[list[int]]:
@@ -40,9 +43,6 @@ def share_different(full: Sequence[int], early: Sequence[int]) -> float:
 def generate_rows(model: Any, batches: Sequence[tuple[Tensor, Tensor]], policy: Any, *, cache_strategy: str | None,
                   max_new_tokens: int) -> tuple[list[list[int]], float]:
     """Greedy texts of every prompt under ``policy`` (None: the full model) and the mean exit layer."""
-    from offramp.engines.generate import decoded_exit_layers, generate
-    from offramp.engines.generate.sampling import SamplingOptions
-
     greedy = SamplingOptions.from_model(model.backbone, do_sample=False)
     rows: list[list[int]] = []
     layers: list[Tensor] = []
@@ -76,8 +76,6 @@ def calibrate_generation(model: Any, batches: Sequence[tuple[Tensor, Tensor]], p
     Returns:
         The fitted ``LearnThenTest`` (``policy_``, ``threshold_``, ``steps_``, ``summary()``).
     """
-    from offramp.policies import ExitSpace, make_policy
-
     if risk not in TOKEN_RISKS:
         raise ValueError(f"risk {risk!r}: generations are calibrated on {' or '.join(TOKEN_RISKS)}")
     if not batches:

@@ -30,10 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from offramp.calibration.conformal import conformal_quantile
+from offramp.evaluation.collect import replay
+from offramp.evaluation.sweep import exit_space
+from offramp.evaluation.token_trace import TokenTrace, replay_tokens, sequence_disagreement
+from offramp.names import PVALUES, RISKS, TOKEN_RISKS
+from offramp.policies import ExitSpace, make_policy
+from offramp.policies.base import distribution_stat
 
-RISKS = ("disagree", "wrong_when_full_right")
-TOKEN_RISKS = ("sequence", "token")  # on a token trace, per generated sequence
-PVALUES = ("hoeffding", "hoeffding_bentkus", "binomial")
 CONFIDENCES = ("max_prob", "margin")
 
 
@@ -112,8 +115,6 @@ def default_candidates(policy, num_exits: int, num_classes: int, *, num: int = 2
     """The policy's own data-independent calibration grid (``ExitPolicy.candidates``), most
     conservative first; fixed before seeing the calibration data, so fixed-sequence testing stays
     valid. ``num_exits`` exits, ``num_classes`` outputs (the vocabulary for token exits)."""
-    from offramp.policies import ExitSpace
-
     return policy.candidates(ExitSpace(tuple(range(1, num_exits + 1)), num_classes, num_exits), num)
 
 
@@ -180,10 +181,6 @@ class LearnThenTest:
             candidates: thresholds ordered from the most conservative to the most aggressive;
                 ``default_candidates`` when None.
         """
-        from offramp.evaluation.collect import replay
-        from offramp.evaluation.sweep import exit_space
-        from offramp.evaluation.token_trace import TokenTrace
-
         if policy.threshold_field is None:
             raise ValueError(f"policy {policy.type!r} has no threshold to calibrate: pick a threshold "
                              "policy (max_prob, entropy, margin, patience, q_exit, gate, token_confidence)")
@@ -222,8 +219,6 @@ class LearnThenTest:
 
     def _token_losses(self, policy, trace, losses: list) -> np.ndarray:
         """Append the per-sequence losses of ``policy`` on a token trace; return its exit indices."""
-        from offramp.evaluation.token_trace import replay_tokens, sequence_disagreement
-
         exit_index = replay_tokens(policy, trace)
         share = sequence_disagreement(trace, exit_index)
         losses.append(share if self.risk == "token" else (share > self.tolerance).astype(np.float64))
@@ -299,8 +294,6 @@ def confidence(exit_logits: np.ndarray, kind: str = "max_prob") -> np.ndarray:
     """(E, n) confidence of every exit: max softmax probability or top-2 margin."""
     import torch
 
-    from offramp.policies.base import distribution_stat
-
     if kind not in CONFIDENCES:
         raise ValueError(f"unknown confidence {kind!r}: choose one of {', '.join(CONFIDENCES)}")
     z = torch.as_tensor(np.asarray(exit_logits, dtype=np.float64))
@@ -345,8 +338,6 @@ class CATsStopping:
 
     def to_policy(self):
         """The equivalent registered policy (``conf >= nextafter(Q)``), or the never-exit policy."""
-        from offramp.policies import make_policy
-
         if not hasattr(self, "threshold_"):
             raise ValueError("CATsStopping is not fitted: call fit(exit_logits) first")
         if not math.isfinite(self.threshold_) or self.threshold_ >= 1.0:

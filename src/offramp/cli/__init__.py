@@ -1,9 +1,9 @@
 """The ``offramp`` command line: one explicit table of commands, one error and progress convention.
 
 ``COMMANDS`` lists every subcommand with the module that defines it (``add_<name>_parser`` next to
-``cmd_<name>``): ``classify`` (train, collect, sweep, evaluate, predict, demo, bench), ``generate``,
-``reason`` (run, build, fit), ``calibrate`` and ``serve``; ``common`` holds the shared options (data, policy,
-outputs). Adding a command is its module's two functions plus one line in ``COMMANDS``. Bad input
+``cmd_<name>``): ``train``, ``traces`` (collect, sweep, evaluate), ``predict``, ``demo``, ``bench``,
+``generate``, ``reason`` (run, build, fit), ``calibrate`` and ``serve``; ``common`` holds the shared
+options (data, policy, outputs). Adding a command is its module's two functions plus one line in ``COMMANDS``. Bad input
 ends with ``offramp <cmd>: error: ...`` and exit status 2.
 """
 
@@ -17,24 +17,24 @@ import warnings
 from typing import Any
 
 COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("train", "offramp.cli.classify", "add_train_parser"),
-    ("collect", "offramp.cli.classify", "add_collect_parser"),
-    ("sweep", "offramp.cli.classify", "add_sweep_parser"),
-    ("evaluate", "offramp.cli.classify", "add_evaluate_parser"),
-    ("predict", "offramp.cli.classify", "add_predict_parser"),
+    ("train", "offramp.cli.train", "add_train_parser"),
+    ("collect", "offramp.cli.traces", "add_collect_parser"),
+    ("sweep", "offramp.cli.traces", "add_sweep_parser"),
+    ("evaluate", "offramp.cli.traces", "add_evaluate_parser"),
+    ("predict", "offramp.cli.predict", "add_predict_parser"),
     ("generate", "offramp.cli.generate", "add_generate_parser"),
     ("reason", "offramp.cli.reason", "add_reason_parser"),
     ("calibrate", "offramp.cli.calibrate", "add_calibrate_parser"),
     ("serve", "offramp.cli.serve", "add_serve_parser"),
-    ("demo", "offramp.cli.classify", "add_demo_parser"),
-    ("bench", "offramp.cli.classify", "add_bench_parser"),
+    ("demo", "offramp.cli.demo", "add_demo_parser"),
+    ("bench", "offramp.cli.bench", "add_bench_parser"),
 )
 
 
 # -------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     """The ``offramp`` parser with every subcommand of ``COMMANDS``."""
-    from offramp import __version__
+    from offramp.version import __version__
 
     parser = argparse.ArgumentParser(prog="offramp", description="Early exits for Hugging Face models "
                                      "that really skip the compute.")

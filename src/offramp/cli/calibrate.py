@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from offramp.calibration.risk import PVALUES, RISKS, TOKEN_RISKS, CATsStopping, LearnThenTest
+from offramp.names import CACHE_STRATEGIES, PVALUES, RISKS, TOKEN_RISKS
 
 
 def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -63,10 +63,10 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated thresholds, most conservative first (default: a fixed grid per rule)")
     p.add_argument("--alpha", type=float, default=None,
                    help="also fit per-exit conformal sets at this miscoverage and store their quantiles")
-    from offramp.cli.generate import STRATEGIES, add_token_collect_args
+    from offramp.cli.generate import add_token_collect_args
 
     add_token_collect_args(p)
-    p.add_argument("--cache-strategy", choices=STRATEGIES, default=None,
+    p.add_argument("--cache-strategy", choices=CACHE_STRATEGIES, default=None,
                    help="token exits: the cache strategy the threshold is certified for (default: the exits' own)")
 
     p.set_defaults(func=run_calibrate)
@@ -81,60 +81,8 @@ def _trace(args: argparse.Namespace):
     if args.trace:
         return load_trace(args.trace)
     model, data, settings = common.model_and_data(args)
-    loader = common.batches(data.split(args.split), common.tokenizer_of(model), settings, lazy=True)
+    loader = common.split_batches(data.split(args.split), common.tokenizer_of(model), settings, lazy=True)
     return collect(model, loader)
-
-
-def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", risk: str = "disagree",
-              delta: float = 0.05, epsilon: float = 0.05, pvalue: str = "hoeffding",
-              grid: list[float] | None = None, alpha: float | None = None,
-              tolerance: float = 0.0) -> tuple[dict | None, str, dict]:
-    """Calibrate a rule on a trace: (policy dict or None, one-line bound, record for ``extra``)."""
-    from offramp.policies import make_policy
-
-    if method == "cats":
-        if not hasattr(trace, "logits"):
-            raise ValueError("the CATs rule needs per-exit class logits: it applies to classifiers; use --method ltt")
-        rule = CATsStopping(epsilon).fit(trace.logits.numpy())
-        chosen = rule.to_policy()
-        text = (f"CATs: exit when max_prob > {rule.threshold_:.6g}: P(prediction == full model) >= "
-                f"{1 - epsilon:g} (n={len(trace)})")
-        record = {"method": "cats", "epsilon": epsilon, "threshold": rule.threshold_, "n": len(trace)}
-    else:
-        spec = policy or config.policy.get("type")
-        base = dict(config.policy) if config.policy.get("type") == spec else {"type": spec}
-        pol = make_policy(base)
-        ltt = LearnThenTest(delta, epsilon, risk=risk, pvalue=pvalue, tolerance=tolerance).fit(pol, trace, grid)
-        text = f"{pol.type}: {ltt.summary()}"
-        if risk in TOKEN_RISKS:
-            text += (" (token trace: exact for the generated text with greedy decoding and the catch_up cache)"
-                     if risk == "sequence" and tolerance == 0 else
-                     " (token trace, teacher-forced: calibrate without --trace to measure real generations)")
-        chosen = ltt.policy_
-        step = ltt.steps_[ltt.index_] if ltt.index_ >= 0 else None
-        record = {"method": "ltt", "risk": risk, "delta": delta, "epsilon": epsilon, "pvalue": pvalue,
-                  **({"tolerance": tolerance} if risk == "sequence" else {}),
-                  "n": ltt.n_, "threshold": ltt.threshold_,
-                  "empirical_risk": None if step is None else step.risk,
-                  "mean_exit_layer": None if step is None else step.mean_exit_layer}
-    if chosen is None:
-        return None, text, record
-    record["policy"] = chosen.to_dict()
-    record["bound"] = text
-    if alpha is not None and getattr(trace, "labels", None) is not None:
-        record["conformal"] = _conformal(chosen, trace, alpha)
-    return chosen.to_dict(), text, record
-
-
-def _conformal(policy, trace, alpha: float) -> dict:
-    from offramp.calibration.conformal import PerExitConformal
-    from offramp.evaluation.collect import replay
-
-    index, _ = replay(policy, trace)
-    probs = trace.logits.double().softmax(-1).numpy()
-    cal = PerExitConformal(alpha).fit(probs, trace.labels.numpy(), index.numpy())
-    return {"alpha": alpha, "quantiles": [float(q) for q in cal.quantiles_],
-            "counts": cal.counts_.tolist(), "fallback": cal.fallback_.tolist()}
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -160,6 +108,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     rule = args.policy or config.policy["type"]
     grid = None if args.grid is None else common.parse_grids([f"{rule}={args.grid}"])[rule]
     trace = _trace(args)
+    from offramp.calibration.calibrate import calibrate
+
     policy, text, record = calibrate(config, trace, policy=args.policy, method=args.method, risk=risk,
                                      delta=args.delta, epsilon=args.epsilon, pvalue=args.pvalue, grid=grid,
                                      alpha=args.alpha, tolerance=args.tolerance)
@@ -178,9 +128,11 @@ def _calibrate_generation(args: argparse.Namespace, ckpt, config, risk: str) -> 
     """``calibrate`` on token exits from real generations of the calibration prompts."""
     from offramp.calibration.generation import calibrate_generation
     from offramp.cli import common
-    from offramp.cli.generate import load_exits_and_lm, prompt_batches, token_prompts
+    from offramp.cli.generate import token_prompts
     from offramp.config import CONFIG_NAME
+    from offramp.data.prompts import prompt_batches
     from offramp.engines.generate import SIGNALS
+    from offramp.modeling.causal_lm import load_exits_and_lm
     from offramp.policies import require_signals
     from offramp.utils import atomic_write_json
 

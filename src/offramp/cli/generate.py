@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from offramp.cli import common
-
-STRATEGIES = ("copy_kv", "propagate", "catch_up", "freeze", "update")
+from offramp.names import CACHE_STRATEGIES, DRAFT_RULES, LM_HEAD_TYPES
 
 
 def add_generate_parser(subparsers: Any) -> None:
@@ -32,7 +31,7 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--exits", help="folder of trained exits (saved by DecoderExitModel.save_pretrained)")
     p.add_argument("--fit-exits", metavar="OUT", help="train exits on the model's own greedy continuations of "
                    "offline BBC News prompts, save them to OUT and use them")
-    p.add_argument("--head", choices=["tied", "ffn", "block", "mamba"], default="ffn", help="with --fit-exits")
+    p.add_argument("--head", choices=LM_HEAD_TYPES, default="ffn", help="with --fit-exits")
     p.add_argument("--exit-layers", help="with --fit-exits: layers run before each exit, e.g. 15,18,21 "
                    "(default: 5 exits in the second half)")
     p.add_argument("--train-prompts", type=int, default=64, help="with --fit-exits: prompts to continue")
@@ -51,7 +50,7 @@ def add_generate_parser(subparsers: Any) -> None:
     common.add_policy_args(p, generation=True)
     p.add_argument("--threshold", type=float, default=None,
                    help="shorthand for --policy token_confidence --value T (kept for scripts of the previous release)")
-    p.add_argument("--cache-strategy", choices=STRATEGIES, default=None,
+    p.add_argument("--cache-strategy", choices=CACHE_STRATEGIES, default=None,
                    help="what skipped layers store (default copy_kv; freeze for Mamba; catch_up is exact on both)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
@@ -69,7 +68,7 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--draft-tokens", type=int, default=3, help="with --speculative: most tokens drafted per round")
     p.add_argument("--draft-confidence", type=float, default=None,
                    help="with --speculative: stop a draft once no row's exit is this sure of its token")
-    p.add_argument("--draft-rule", default=None, choices=("max_prob", "token_confidence"),
+    p.add_argument("--draft-rule", default=None, choices=DRAFT_RULES,
                    help="with --draft-confidence: how sure an exit is (its top probability, default; or its "
                         "confidence classifier)")
     p.add_argument("--draft-vocab", type=int, default=None,
@@ -233,10 +232,11 @@ def _check_speculative_backbone(args: argparse.Namespace, backbone: Any) -> None
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``offramp generate``; ValueError on bad input (the main CLI prints it)."""
+    from offramp.data.prompts import chat_texts
     from offramp.engines.generate import generate
-    from offramp.engines.generate.speculative import speculative_generate
-    from offramp.data.assets import load_causal_lm
     from offramp.engines.generate.sampling import SamplingOptions
+    from offramp.engines.generate.speculative import speculative_generate
+    from offramp.modeling.causal_lm import load_causal_lm
     from offramp.utils import progress
 
     _check_numbers(args)
@@ -256,8 +256,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingOptions.from_model(backbone, do_sample=args.sample, temperature=args.temperature,
                                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                           seed=args.seed)
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts] if args.chat else prompts
+    texts = chat_texts(tok, prompts, args.chat)
     model = exit_model if exit_model is not None else backbone
     vocab = None
     if args.speculative:
@@ -400,21 +399,6 @@ def add_token_collect_args(p: argparse.ArgumentParser) -> None:
                    "(a folder, Hub id or offline alias such as smollm2-offline)")
 
 
-def load_exits_and_lm(folder: str, backbone: str | None = None) -> tuple[Any, Any]:
-    """(DecoderExitModel, tokenizer) of a token-exits folder, the LM loaded by reference or ``backbone``."""
-    from offramp.config import read_config
-    from offramp.data.assets import load_causal_lm
-    from offramp.modeling import DecoderExitModel
-    from offramp.utils import readable_dir
-
-    _, data = read_config(readable_dir(folder), expect="token_exits")
-    name = backbone or data.get("base_model_name_or_path")
-    if not name:
-        raise ValueError(f"{folder} names no base model: pass --backbone NAME")
-    lm, tok = load_causal_lm(name)
-    return DecoderExitModel.from_pretrained(folder, backbone=lm), tok
-
-
 def token_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of ``add_token_collect_args``: the user's, or ``--prompts N`` offline held-out ones."""
     from offramp.data.assets import bbc_prompts
@@ -429,21 +413,10 @@ def token_prompts(args: argparse.Namespace) -> list[str]:
                                                      instruct=args.chat)
 
 
-def prompt_batches(tok: Any, prompts: list[str], chat: bool, batch_size: int) -> list[tuple[Any, Any]]:
-    """Left-padded (input_ids, attention_mask) batches of ``prompts`` (chat-templated with ``chat``)."""
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts] if chat else prompts
-    tok.padding_side = "left"
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True)
-        out.append((enc["input_ids"], enc["attention_mask"]))
-    return out
-
-
 def cmd_collect_tokens(args: argparse.Namespace, out: Path) -> int:
     """``offramp collect`` on token exits: the full model's greedy continuations, teacher-forced once."""
     from offramp.evaluation.token_trace import collect_tokens
+    from offramp.modeling.causal_lm import load_exits_and_lm
     from offramp.training.distill import greedy_continuations
 
     prompts = token_prompts(args)

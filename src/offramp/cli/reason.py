@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from offramp.cli import common
-from offramp.config import DTYPES
+from offramp.names import CHAIN_RISKS, DTYPES
 
 DEFAULT_WORDS = "hmm,wait,alternatively"
 
@@ -79,7 +79,7 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     fit.add_argument("--per", choices=["event", "chain"], default="event",
                      help="what delta bounds: each cue event (LYNX's conformal sets) or each chain "
                           "(exit where P(right) > Q, Q calibrated on each chain's worst wrong event)")
-    fit.add_argument("--risk", choices=["premature", "lost"], default="premature",
+    fit.add_argument("--risk", choices=CHAIN_RISKS, default="premature",
                      help="with --per chain, the stops delta bounds: premature (any stop at a wrong forced answer, "
                           "LYNX's) or lost (a stop at a wrong answer in a chain whose full answer is right: the "
                           "expected accuracy lost to stopping is then <= delta)")
@@ -110,9 +110,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    from offramp.data.tasks import prompt_suffix
     from offramp.engines.reason import ReasonConfig
-    from offramp.reasoning.cues import CueConfig
-    from offramp.reasoning.tasks import prompt_suffix
+    from offramp.engines.reason.cues import CueConfig
 
     base = base or {}
     cues = base.get("cues", {})
@@ -129,30 +129,14 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
                         top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "sample_seed", 0))
 
 
-def load_reasoning_lm(name: str, dtype: str = "float32"):
-    """(causal LM in eval mode, tokenizer) of a folder, Hub id or offline alias, in ``dtype``
-    (``offramp.config.DTYPES``; ``auto``: bfloat16 where it is native, else float32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from offramp.data.assets import offline_hint, resolve_model_path
-    from offramp.modeling import load_hf_model, resolve_dtype
-
-    torch_dtype = resolve_dtype(dtype)  # (before any loading: a bad name fails at once)
-    try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load model {name!r} (its tokenizer: {e}); give a local HF model folder "
-                         f"or a Hub id (Hub ids need internet access). {offline_hint(name)}") from None
-    model = load_hf_model(AutoModelForCausalLM, name, "model", dtype=torch_dtype).eval()
-    return model, tok
-
-
 def _load(args: argparse.Namespace):
-    return load_reasoning_lm(args.model, args.dtype)
+    from offramp.modeling.causal_lm import load_causal_lm
+
+    return load_causal_lm(args.model, args.dtype)
 
 
 def _problems(args: argparse.Namespace):
-    from offramp.reasoning.tasks import load_problems
+    from offramp.data.tasks import load_problems
 
     return load_problems(args.task, args.n, seed=args.seed)
 
@@ -191,8 +175,8 @@ def _run_policy(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def cmd_reason_run(args: argparse.Namespace) -> int:
+    from offramp.calibration.lynx import load_policy
     from offramp.engines.reason import iter_reason
-    from offramp.policies import make_policy
 
     common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1, batch_size=1)
     if not args.sample and (args.temperature != 1.0 or args.top_p != 1.0):
@@ -204,7 +188,7 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
     if args.out:
         common.check_out(Path(args.out), True, "--out file")
     method, spec = _run_policy(args)
-    policy = make_policy(spec)
+    policy = load_policy(spec)
     probe = getattr(policy, "probe", None)
     config = _config(args, getattr(probe, "extra_", {}).get("reason_config") if probe else None)
     if args.budget is not None:
@@ -225,7 +209,7 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reason_build(args: argparse.Namespace) -> int:
-    from offramp.reasoning.dataset import build_dataset
+    from offramp.evaluation.events import build_dataset
 
     common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1, batch_size=1)
     common.check_out(Path(args.out), True, "dataset folder")
@@ -240,8 +224,8 @@ def cmd_reason_build(args: argparse.Namespace) -> int:
 
 
 def cmd_reason_fit(args: argparse.Namespace) -> int:
-    from offramp.reasoning.dataset import MANIFEST, load_dataset
-    from offramp.reasoning.probe import LynxProbe
+    from offramp.calibration.lynx import LynxProbe
+    from offramp.evaluation.events import MANIFEST, load_dataset
     from offramp.utils import read_json
 
     common.require_unit(args, "fit_fraction", "delta")

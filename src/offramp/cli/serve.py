@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from offramp.cli import common
+from offramp.names import DTYPES
 
 
 def add_serve_parser(subparsers: Any) -> None:
@@ -38,7 +39,7 @@ def add_serve_parser(subparsers: Any) -> None:
                    '\'{"fast": {"type": "entropy", "threshold": 0.5}}\' (every policy type is also accepted by name)')
     p.add_argument("--model", default=None, help="the LM to load for the token-exits or probe folder instead of "
                    "the one it names (a folder, Hub id or offline alias; applies to both when both are served)")
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],  # (of config.DTYPES)
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype of the reasoning LM (default float32; auto: bfloat16 where the hardware computes it "
                         "natively, such as AVX-512 CPUs, else float32)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default length of a generation (64) or "

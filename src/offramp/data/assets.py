@@ -29,10 +29,10 @@ import site
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from offramp.data import load_texts
 from offramp.utils import atomic_dir
 
 CACHE = Path(os.environ.get("OFFRAMP_CACHE", Path.home() / ".cache" / "offramp"))
@@ -196,7 +196,6 @@ def smollm2_dir() -> Path:
     model.load_state_dict(quant.state_dict(), strict=False)
     model.tie_weights()
     model.generation_config = quant.generation_config
-    from offramp.utils import atomic_dir
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -232,32 +231,7 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_causal_lm(name: str, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer with left padding) for a folder, Hub id or offline alias;
-    ``dtype`` a torch dtype or a name (``"auto"``: bfloat16 where it is native, else float32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from offramp.modeling.base import resolve_dtype
-
-    if isinstance(dtype, str):
-        dtype = resolve_dtype(dtype)
-
-    path = resolve_model_path(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise ValueError(f"cannot load model {name!r}: {e}. Give a local folder, a Hub id (needs internet) "
-                         f"or an offline alias. {offline_hint(name)}") from e
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
 def bbc_articles() -> list[str]:
-    from offramp.data import load_texts
-
     texts = load_texts("bbc")
     random.Random(0).shuffle(texts)  # the same order as scripts/train_lm.py: [:100] held out
     return texts

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from offramp.data.loading import Columns, load_data
 from offramp.data.splits import TextSplit
+from offramp.names import DATA_DEFAULTS  # noqa: F401  (the settings load_from_settings reads)
 
 
 class TruncationWarning(UserWarning):
@@ -127,3 +129,25 @@ def encode_texts(texts: Sequence[str], tokenizer: Any, *, max_length: int = 128,
     batch = data.collate([data[i] for i in range(len(data))])
     batch.pop("labels")
     return batch
+
+
+def load_from_settings(settings: dict[str, Any], *, label_names: Sequence[str] | None = None,
+                       regression: bool = False) -> Any:
+    """:func:`offramp.data.load_data` with the stored / given data settings."""
+    if not settings.get("data"):
+        raise ValueError("no data given: pass --data (the checkpoint does not record any)")
+    return load_data(settings["data"], config=settings.get("config"),
+                     columns=Columns(settings.get("text_column"), settings.get("pair_column"),
+                                     settings.get("label_column")),
+                     seed=settings["seed"], validation_fraction=settings["validation_fraction"],
+                     test_fraction=settings["test_fraction"], label_names=label_names, regression=regression,
+                     max_train=settings.get("max_train"), max_eval=settings.get("max_eval"),
+                     hub_splits=settings.get("hub_splits"))
+
+
+def split_batches(split: Any, tokenizer: Any, settings: dict[str, Any], *, shuffle: bool = False,
+            lazy: bool = False) -> Any:
+    """Padded batches of ``split`` (a DataLoader when ``lazy``, else a list)."""
+    loader = make_loader(split, tokenizer, batch_size=settings["batch_size"], max_length=settings["max_length"],
+                         shuffle=shuffle, seed=settings["seed"])
+    return loader if lazy else list(loader)

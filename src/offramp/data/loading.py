@@ -7,11 +7,27 @@ from pathlib import Path
 
 import numpy as np
 
-from offramp.data.sources import (LOCAL_SUFFIXES, OFFLINE, Columns, RawExample, hub_split_names, is_local,
-                                  load_hub, load_local)
-from offramp.data.splits import (SPLITS, ClassificationData, TextSplit, check_texts,
-                                 infer_label_names, map_labels, regression_labels, split_indices,
-                                 to_split)
+from offramp.data.sources import (
+    LOCAL_SUFFIXES,
+    OFFLINE,
+    Columns,
+    RawExample,
+    hub_split_names,
+    is_local,
+    load_hub,
+    load_local,
+)
+from offramp.data.splits import (
+    SPLITS,
+    ClassificationData,
+    TextSplit,
+    check_texts,
+    infer_label_names,
+    map_labels,
+    regression_labels,
+    split_indices,
+    to_split,
+)
 
 
 def _finish(name: str, parts: dict[str, list[RawExample]], names: list[str] | None, *,

@@ -15,11 +15,13 @@ import torch
 from torch import Tensor
 
 from offramp.backbones.base import check_ids
-from offramp.engines.rows import RunningRows, row_keys
+from offramp.engines.rows import RunningRows
+from offramp.outputs import Prediction
 from offramp.policies import ExitPolicy, ExitSignals, require_signals
+from offramp.policies.base import row_keys
 
 if TYPE_CHECKING:
-    from offramp.modeling import EarlyExitModel, Prediction
+    from offramp.modeling import EarlyExitModel
 
 
 SIGNALS = ("logits", "labels", "hidden", "halting", "gate", "row_key")  # what the classify engine can supply
@@ -34,10 +36,8 @@ def model_signals(model: "EarlyExitModel") -> set[str]:
 
 def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mask: Tensor | None,
                        policy: ExitPolicy, *, token_type_ids: Tensor | None = None,
-                       labels: Tensor | None = None) -> "Prediction":
+                       labels: Tensor | None = None) -> Prediction:
     """Run ``model`` with real per-row early exit under ``policy``."""
-    from offramp.modeling import Prediction
-
     attention_mask = check_ids(input_ids, attention_mask)
     if "labels" in policy.needs and labels is None:
         raise ValueError(f"policy {policy.type!r} needs labels: pass labels=...")

@@ -9,18 +9,17 @@ Timings interleave the variants and take medians, so drift of a noisy machine hi
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from offramp.config import OfframpConfig
+from offramp.config import CONFIG_NAME, OfframpConfig
+from offramp.data.assets import minilm_path, mpnet_path
 from offramp.modeling import EarlyExitModel
 from offramp.policies import ExitPolicy, ExitSignals, PolicyState
 from offramp.utils import atomic_write_json
@@ -136,9 +135,6 @@ def load_model(name: str) -> EarlyExitModel:
     """"minilm" / "mpnet" (offline packages), an offramp checkpoint folder, or any HF encoder."""
     from pathlib import Path
 
-    from offramp.data.assets import minilm_path, mpnet_path
-    from offramp.config import CONFIG_NAME
-
     if (Path(name) / CONFIG_NAME).is_file() or (Path(name) / "checkpoint" / CONFIG_NAME).is_file():
         return EarlyExitModel.from_pretrained(name).eval()
     path = {"minilm": minilm_path, "mpnet": mpnet_path}.get(name, lambda: name)()
@@ -168,19 +164,3 @@ def run(model: str = "minilm", *, batch_sizes: tuple[int, ...] = (1, 32), num_ro
     if json_path:
         atomic_write_json(json_path, result)
     return result
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
-    from offramp.evaluation.bench_args import build_parser
-
-    p = build_parser(prog)
-    a = p.parse_args(argv)
-    if a.json_path:
-        from offramp.cli.common import check_out
-
-        check_out(Path(a.json_path), True, "--json file")
-    out = run("mpnet" if a.mpnet else a.model, batch_sizes=tuple(int(x) for x in a.batch_sizes.split(",")),
-              num_rows=a.rows, seq_len=a.seq_len, repeats=a.repeats, threads=a.threads, clock=a.clock,
-              json_path=a.json_path, default_allocator=a.default_allocator)
-    print(json.dumps(out, indent=2))
-    return out

@@ -19,8 +19,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from offramp.engines.rows import RunningRows
+from offramp.modeling.state_cache import pooled_batches
 from offramp.policies import ExitPolicy, ExitSignals, make_policy, require_signals
+from offramp.policies.base import row_keys
 from offramp.utils import atomic_dir, load_safetensors, read_json, readable_dir
+from offramp.utils import progress as bar
 
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel
@@ -49,7 +52,7 @@ class ExitTrace:
         halting: (n, E) halting probabilities lambda, if the model has a halting layer.
         gate: (n, E) gate values, if the model has gates.
         hidden: (E, n, d) pooled hidden states, if collected (for saturation).
-        row_key: (n,) int64 hash of each row's token ids (``offramp.engines.rows.row_keys``), which
+        row_key: (n,) int64 hash of each row's token ids (``offramp.policies.base.row_keys``), which
             ``ponder_sample`` keys its random draws on.
         layer_flops: FLOPs of running up to each exit (E,), if known.
         meta: free-form metadata (model, data, split, ...).
@@ -144,17 +147,12 @@ def collect(model: "EarlyExitModel", batches: Iterable[dict[str, Tensor]], *, ke
     ``state_cache`` (True or a folder) reads the backbone's pooled states from the cache of
     ``offramp.modeling.state_cache`` when this backbone has run over these inputs before (a frozen
     ``offramp train`` stores them), and stores them otherwise; the heads always run."""
-    from offramp.utils import progress as bar
-
     model.eval()
-    from offramp.engines.rows import row_keys
 
     logits, labels, halting, gate, hidden, keys = [], [], [], [], [], []
     device = model.device
     pooled = None
     if state_cache:
-        from offramp.modeling.state_cache import pooled_batches
-
         batches = list(batches)
         pooled = pooled_batches(model, batches, desc="collect", show=progress, cache=state_cache)
     for i, batch in enumerate(batches if pooled is not None else bar(batches, desc="collect", enabled=progress)):

@@ -8,45 +8,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from offramp.evaluation.flops import model_exit_flops
 from offramp.evaluation.sweep import metric_fn
 from offramp.evaluation.timing import time_model
-
-
-FIRST_EXIT_SHARE = 0.95  # at or above this share of rows leaving at the first exit, say so
-FIRST_EXIT_MIN_ROWS = 20
-
-
-def warn_first_exit(exit_index: Sequence[int] | np.ndarray, exit_layers: Sequence[int], what: str,
-                    fix: str) -> bool:
-    """Warn when (almost) every row leaves at the first exit (the later exits then do nothing and
-    the setting is likely too aggressive), or at any one exit before the last (the rule then
-    treats every row alike). True when it warned."""
-    import warnings
-
-    index = np.asarray(exit_index, dtype=np.int64)
-    if len(exit_layers) < 2 or len(index) < FIRST_EXIT_MIN_ROWS:
-        return False
-    counts = np.bincount(index, minlength=len(exit_layers))
-    k = int(counts[:-1].argmax())  # leaving at the last exit is the full model: nothing to say
-    share = float(counts[k] / len(index))
-    if share < FIRST_EXIT_SHARE:
-        return False
-    if k == 0:
-        warnings.warn(f"{what}: {share:.0%} of {len(index)} rows leave at the first exit (layer {exit_layers[0]}), "
-                      f"so the exits after it are almost never used; {fix}", stacklevel=2)
-    else:
-        warnings.warn(f"{what}: {share:.0%} of {len(index)} rows leave at the same exit (layer {exit_layers[k]}): "
-                      f"the rule does not tell easy rows from hard ones; {fix}", stacklevel=2)
-    return True
+from offramp.flops import model_exit_flops
+from offramp.policies.base import warn_first_exit
+from offramp.utils import progress as bar
 
 
 @torch.no_grad()
 def run_policy(model: Any, batches: Sequence[dict], policy: Any, *,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``model.predict`` over ``batches``: (logits (n, c), exit_index (n,), labels (n,))."""
-    from offramp.utils import progress as bar
-
     model.eval()
     logits, index, labels = [], [], []
     for b in bar(batches, desc="early exit", unit="batch", enabled=progress):

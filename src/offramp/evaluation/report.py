@@ -21,7 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from offramp.evaluation.collect import replay  # noqa: E402
 from offramp.evaluation.sweep import SweepPoint, SweepResult, pareto  # noqa: E402
+from offramp.flops import ExitFlops  # noqa: E402
 from offramp.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
@@ -261,3 +263,34 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
     atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=float))
     atomic_write_text(paths["markdown"], "\n".join(md))
     return paths
+
+
+def trace_flops(trace: Any) -> Any:
+    """The ExitFlops stored with a trace by `offramp collect`, or None."""
+    f = trace.meta.get("flops") if isinstance(trace.meta, dict) else None
+    if not f:
+        return None
+    return ExitFlops(tuple(f["exit_layers"]), np.asarray(f["per_exit"], dtype=np.float64), float(f["full"]),
+                     float(f["embeddings"]), float(f["layer"]), float(f["head"]), float(f["extra"]))
+
+
+def per_exit_metric(trace: Any) -> list[float] | None:
+    """Accuracy of each exit over the trace (None for regression or without labels)."""
+    if trace.labels is None or trace.logits.shape[-1] == 1:
+        return None
+    return [round(float(x), 4) for x in (trace.logits.argmax(-1) == trace.labels[None]).float().mean(1)]
+
+
+def reliability_curves(trace: Any, chosen: dict[str, Any]) -> dict[str, dict] | None:
+    """Reliability bins of the last exit and of each chosen rule's exits (classification only)."""
+    if trace.labels is None or trace.logits.shape[-1] == 1:
+        return None
+    labels = trace.labels.numpy()
+    curves = {}
+    last = trace.logits[-1].numpy()
+    curves["full model"] = reliability_bins(softmax_confidence(last), last.argmax(-1) == labels)
+    for rule, point in chosen.items():
+        if point is not None and point.policy:
+            logits = replay(point.policy, trace)[1].numpy()
+            curves[rule] = reliability_bins(softmax_confidence(logits), logits.argmax(-1) == labels)
+    return curves

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from offramp.evaluation.flops import ExitFlops
+from offramp.evaluation.collect import replay, trace_signals
+from offramp.flops import ExitFlops
+from offramp.policies import POLICIES, ExitSpace, make_policy
 
 if TYPE_CHECKING:
     from offramp.policies import ExitSpace
@@ -79,8 +81,6 @@ def _classes(trace: Any) -> int:
 
 def exit_space(trace: Any) -> "ExitSpace":
     """The exits and output size of a trace: what a policy's default grid may depend on."""
-    from offramp.policies import ExitSpace
-
     if hasattr(trace, "space"):
         return trace.space()
     return ExitSpace(tuple(int(x) for x in trace.exit_layers), _classes(trace), int(trace.num_layers))
@@ -228,15 +228,12 @@ def pareto(points: Iterable[SweepPoint], by: str = "mean_exit_layer") -> list[Sw
 def _signals(trace: Any) -> set[str]:
     if hasattr(trace, "signals"):
         return trace.signals()
-    from offramp.evaluation.collect import trace_signals
 
     return trace_signals(trace)
 
 
 def available_rules(trace: Any) -> list[str]:
     """Registered policies that can run on ``trace`` (its signals cover what they need)."""
-    from offramp.policies import POLICIES
-
     have = _signals(trace)
     return [name for name, cls in POLICIES.items() if name not in NOT_SWEPT and set(cls.needs) <= have]
 
@@ -249,9 +246,6 @@ def sweep_rule(trace: Any, rule: str, spec: str | Mapping[str, Any], *, metric: 
                flops: ExitFlops | None = None, grid: Sequence[float] | None = None) -> list[SweepPoint]:
     """Points of one rule: its policy at every value of ``grid`` (default: the policy's own
     ``sweep_grid``)."""
-    from offramp.evaluation.collect import replay
-    from offramp.policies import make_policy
-
     spec = _as_spec(spec)
     kind = spec.pop("type")
     base = make_policy(kind, **spec)
@@ -292,7 +286,7 @@ def sweep(trace: Any, rules: Sequence[str] | Mapping[str, str | Mapping[str, Any
         rules: policy names, or display name -> policy name / policy dict (e.g.
             ``{"PABEE": "patience"}``). None: every registered policy the trace supports.
         metric: ``accuracy`` | ``macro_f1`` (classification), ``pearson`` | ``neg_mse`` (regression).
-        flops: per-exit FLOPs (see :func:`offramp.evaluation.flops.exit_flops`) to add FLOPs costs.
+        flops: per-exit FLOPs (see :func:`offramp.flops.exit_flops`) to add FLOPs costs.
         grids: display name or policy name -> values to sweep instead of the defaults.
         oracle_label: appended to the oracle names (to tell apart oracles of several models).
 

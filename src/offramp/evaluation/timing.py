@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from offramp.utils import progress as bar
+
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -88,7 +90,6 @@ def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tenso
     for inputs in prepared[:warmup]:
         full(inputs)
         early(inputs)
-    from offramp.utils import progress as bar
 
     full_times, early_times = [], []
     shown = bar(None, desc="timing full model vs early exit", unit="batch", total=repeats * len(prepared),

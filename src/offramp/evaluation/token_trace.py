@@ -26,10 +26,13 @@ import torch
 from torch import Tensor
 
 from offramp.engines.rows import RunningRows
-from offramp.evaluation.collect import TRACE_META, TRACE_TENSORS, write_trace
-from offramp.policies import ExitPolicy, ExitSignals, ExitSpace, make_policy, require_signals
+from offramp.evaluation.collect import TRACE_META, TRACE_TENSORS, ExitTrace, write_trace
+from offramp.evaluation.sweep import NOT_SWEPT, SweepPoint, SweepResult
+from offramp.flops import Shapes, decode_layer_flops
+from offramp.policies import POLICIES, ExitPolicy, ExitSignals, ExitSpace, make_policy, require_signals
 from offramp.policies.base import DISTRIBUTION_STATS, distribution_stat
 from offramp.utils import load_safetensors, read_json, readable_dir
+from offramp.utils import progress as bar
 
 KIND = "tokens"
 FULL = -1  # marks a row that reached no exit (never happens in a complete trace)
@@ -129,8 +132,6 @@ class TokenTrace:
 
 def load_trace(directory: str | os.PathLike) -> Any:
     """An ``ExitTrace`` (classification) or a ``TokenTrace`` (generation), by what the folder holds."""
-    from offramp.evaluation.collect import ExitTrace
-
     folder = readable_dir(directory)
     meta_path = folder / TRACE_META
     if meta_path.is_file():
@@ -151,8 +152,6 @@ def collect_tokens(model: Any, sequences: list[tuple[Tensor, int]], *, keep_hidd
             ``offramp.training.distill.greedy_continuations`` (the full model's own continuations).
         keep_hidden: also keep the (E, n, d) exit features (what saturation reads).
     """
-    from offramp.utils import progress as bar
-
     if not sequences:
         raise ValueError("no sequences to collect: give at least one prompt")
     model.eval()
@@ -192,8 +191,6 @@ def collect_tokens(model: Any, sequences: list[tuple[Tensor, int]], *, keep_hidd
 def decode_step_flops(model: Any, context: float) -> dict[str, Any]:
     """FLOPs of one decoding step's parts at a mean context of ``context`` tokens: per layer, per exit
     head (features + confidence classifier) and one full-vocabulary LM head (final norm included)."""
-    from offramp.evaluation.flops import Shapes, decode_layer_flops
-
     shapes = Shapes.from_config(model.backbone.config)
     heads = [2 * sum(p.numel() for p in h.parameters()) + 2 * sum(p.numel() for p in c.parameters())
              for h, c in zip(model.heads, model.confidence)]
@@ -266,8 +263,6 @@ def token_flops(trace: TokenTrace, exit_index: Tensor, reads_logits: bool, heads
 # ------------------------------------------------------------------------------------------ sweep
 def _point(rule: str, policy: dict, param: str | None, value: Any, trace: TokenTrace, idx: Tensor,
            reads_logits: bool, heads: bool = True):
-    from offramp.evaluation.sweep import SweepPoint
-
     layers = np.asarray(trace.exit_layers + [trace.num_layers], dtype=np.float64)
     agree = float((taken_tokens(trace, idx) == trace.final_top1).double().mean())
     mean_layer = float(layers[idx.numpy()].mean())
@@ -283,9 +278,6 @@ def sweep_tokens(trace: TokenTrace, rules: Any = None, *, grids: dict | None = N
     """Every generation rule over its grid on a token trace: agreement with the full model vs mean
     exit layer and FLOPs per decoded token, with the full model and the oracle (first exit that
     agrees). The metric is token agreement; ``exit_counts`` has E + 1 entries (last: full model)."""
-    from offramp.evaluation.sweep import NOT_SWEPT, SweepResult
-    from offramp.policies import POLICIES
-
     if rules is None:
         rules = [name for name, cls in POLICIES.items() if name not in NOT_SWEPT and set(cls.needs) <= trace.signals()]
     named = dict(rules) if isinstance(rules, dict) else {r: r for r in rules}
@@ -321,11 +313,17 @@ def sweep_tokens(trace: TokenTrace, rules: Any = None, *, grids: dict | None = N
 
 
 # --------------------------------------------------------------------------------- engine recording
-def engine_trace(records: list[dict[str, Any]], exit_layers: list[int], num_layers: int, vocab_size: int) -> TokenTrace:
-    """A token trace of what the generate engine itself saw (``generate(..., record_signals=True)``):
+def engine_trace(output: Any) -> TokenTrace:
+    """A token trace of what the generate engine itself saw (the ``GenerateOutput`` of
+    ``generate(..., record_signals=True)``):
     per decoded token, the signals at every exit it reached (NaN / -1 past its exit). Replaying a
     policy over it must give the engine's own exits: the protocol check for any backbone and cache
     strategy, where a teacher-forced trace matches the engine only under an exact cache."""
+    if "signals" not in output.extra:
+        raise ValueError("the output holds no recorded signals: generate with record_signals=True")
+    signals = output.extra["signals"]
+    records, exit_layers = signals["records"], signals["exit_layers"]
+    num_layers, vocab_size = signals["num_layers"], signals["vocab_size"]
     e = len(exit_layers)
     n = sum(r["rows"].numel() for r in records)
     stats = {k: torch.full((e, n), float("nan")) for k in ("max_prob", "entropy", "margin")}

@@ -13,23 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-GATE_DEFAULTS: dict[str, Any] = {"type": "uncertainty", "init_bias": 0.0}
+from offramp.config import GATE_DEFAULTS, check_gate_config  # noqa: F401  (the gate config, validated there)
+
 NUM_FEATURES = 4
-
-
-def check_gate_config(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The gate config with defaults filled in (None stays None); ValueError naming a bad key."""
-    if cfg is None:
-        return None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"gate must be None or a dict like {{'type': 'uncertainty'}}, got {cfg!r}")
-    unknown = set(cfg) - set(GATE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"gate: unknown keys {sorted(unknown)}; known keys are {sorted(GATE_DEFAULTS)}")
-    out = {**GATE_DEFAULTS, **cfg}
-    if out["type"] != "uncertainty":
-        raise ValueError(f"gate.type must be 'uncertainty' (the JEI-DNN four-feature gate), got {out['type']!r}")
-    return out
 
 
 def _entropy(p: Tensor) -> Tensor:  # (..., c) -> (...)

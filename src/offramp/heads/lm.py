@@ -5,7 +5,7 @@ final norm and (tied) LM head then give the logits, so the full-vocabulary proje
 and run once per token, at the exit taken. The exit decision reads the features through a
 ``ConfidenceHead`` (d -> 64 -> 1), far cheaper than one layer.
 
-Head types (``LM_HEADS``):
+Head types (``offramp.heads.LM_HEADS``):
 - ``tied``: the features are the hidden state itself (no parameters; CALM's shared classifier);
 - ``ffn``: CALM-style one-layer FFN, ``h + W act(h)``, zero-initialised so it starts as ``tied``;
 - ``block``: transformer-block-style FFN, ``h + W2 act(W1 norm(h))`` with its own norm;
@@ -99,21 +99,3 @@ class ConfidenceHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:  # (b, t, d) -> (b, t) logit
         return self.out(nn.functional.gelu(self.up(self.norm(features))))[..., 0]
-
-
-def _heads() -> dict[str, type[LMExitHead]]:
-    from offramp.heads.mamba_head import MambaExitHead
-
-    return {"tied": TiedHead, "ffn": FFNHead, "block": BlockHead, "mamba": MambaExitHead}
-
-
-LM_HEADS: dict[str, type[LMExitHead]] = {}
-
-
-def build_lm_head(kind: str, hidden_size: int, **kwargs: Any) -> LMExitHead:
-    """An exit head of type ``kind`` (one of ``LM_HEADS``)."""
-    if not LM_HEADS:
-        LM_HEADS.update(_heads())
-    if kind not in LM_HEADS:
-        raise ValueError(f"unknown exit head type {kind!r}; choose one of {sorted(LM_HEADS)}")
-    return LM_HEADS[kind](hidden_size, **kwargs)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from offramp.config import CONFIG_NAME, DTYPES, KIND_USE, KINDS, read_config
+from offramp.data.assets import offline_hint, resolve_model_path
 from offramp.utils import atomic_dir, atomic_write_json, load_safetensors, readable_dir, unsafe_global
 
 HEADS_NAME = "offramp_heads.safetensors"
@@ -68,7 +69,6 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
 
     if kwargs.get("trust_remote_code"):
         raise ValueError("trust_remote_code is not supported: offramp never runs code from a model folder")
-    from offramp.data.assets import resolve_model_path
 
     spec = resolve_model_path(str(spec))  # offline aliases (minilm, mpnet, smollm2-offline, ...)
     local = Path(str(spec)).exists()
@@ -78,8 +78,6 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
     try:
         return auto_class.from_pretrained(str(spec), **kwargs)
     except OSError as e:
-        from offramp.data.assets import offline_hint
-
         raise ValueError(f"cannot load the {what} {str(spec)!r}: {e}. Give a local HF model folder or a Hub id "
                          f"(Hub ids need internet access). {offline_hint(str(spec))}") from None
     except pickle.UnpicklingError as e:
@@ -199,17 +197,3 @@ class ExitModelBase(nn.Module):
             raise ValueError(f"{directory}: heads do not match the config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); the checkpoint is damaged or from another version; "
                              f"{self.fix}")
-
-
-def load(directory: str | os.PathLike, **kwargs: Any) -> ExitModelBase:
-    """Open any offramp model checkpoint by its kind: an ``EarlyExitModel`` (classifier) or a
-    ``DecoderExitModel`` (token exits). Keyword arguments go to that class's ``from_pretrained``."""
-    from offramp.modeling.decoder import DecoderExitModel
-    from offramp.modeling.encoder import EarlyExitModel
-
-    folder = readable_dir(directory)
-    if not (folder / CONFIG_NAME).is_file() and (readable_dir(folder / "checkpoint") / CONFIG_NAME).is_file():
-        folder = readable_dir(folder / "checkpoint")  # a training output folder
-    kind, _ = read_config(folder)
-    classes = {EarlyExitModel.kind: EarlyExitModel, DecoderExitModel.kind: DecoderExitModel}
-    return classes[kind].from_pretrained(folder, **kwargs)

@@ -20,9 +20,12 @@ from torch import Tensor, nn
 
 from offramp.backbones import DecoderAdapter, adapter_for
 from offramp.config import DecoderExitConfig
-from offramp.heads.lm import ConfidenceHead, LMExitHead, build_lm_head
+from offramp.engines.generate import generate as exit_generate
+from offramp.engines.generate import speculative_generate as self_speculate
+from offramp.heads import build_lm_head
+from offramp.heads.lm import ConfidenceHead, LMExitHead
 from offramp.modeling.base import ExitModelBase, load_hf_model
-from offramp.modeling.outputs import DecoderExitOutput
+from offramp.outputs import DecoderExitOutput
 
 LEGACY_WEIGHTS = "offramp_exit_heads.safetensors"  # the previous release's head file
 
@@ -108,19 +111,15 @@ class DecoderExitModel(ExitModelBase):
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
         """``offramp.engines.generate.generate`` with this model's default policy and cache strategy."""
-        from offramp.engines.generate import generate
-
         if kwargs.get("policy") is None and kwargs.get("threshold") is None:
             kwargs["policy"] = self.config.policy
         kwargs.setdefault("cache_strategy", self.config.cache_strategy)
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return exit_generate(self, input_ids, attention_mask, **kwargs)
 
     def speculative_generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
         """Lossless self-speculation (``offramp.engines.generate.speculative``): an exit drafts, the
         layers after it verify; the output is greedy decoding's."""
-        from offramp.engines.generate.speculative import speculative_generate
-
-        return speculative_generate(self, input_ids, attention_mask, **kwargs)
+        return self_speculate(self, input_ids, attention_mask, **kwargs)
 
     # ---- save / load -------------------------------------------------------------------------
     @classmethod

@@ -13,10 +13,14 @@ from transformers import AutoModel, AutoTokenizer
 from offramp.backbones import adapter_for
 from offramp.backbones.base import check_ids
 from offramp.config import CONFIG_NAME, OfframpConfig
+from offramp.data.assets import resolve_model_path
+from offramp.engines.classify import early_exit_predict
 from offramp.heads.classifier import ExitClassifiers
+from offramp.heads.gate import build_gates
 from offramp.heads.halting import HaltingLayer, exit_log_distribution
 from offramp.modeling.base import ExitModelBase, load_hf_model
-from offramp.modeling.outputs import EarlyExitOutput, Prediction
+from offramp.objectives import compute_loss
+from offramp.outputs import EarlyExitOutput, Prediction
 from offramp.policies import ExitPolicy, make_policy
 from offramp.utils import readable_dir
 
@@ -66,7 +70,6 @@ class EarlyExitModel(ExitModelBase):
     def _build_gates(self) -> nn.Module | None:
         if not self.config.gate:
             return None
-        from offramp.heads.gate import build_gates  # JEI-DNN gates
 
         return build_gates(self.config.gate, len(self.exit_layers))
 
@@ -81,8 +84,6 @@ class EarlyExitModel(ExitModelBase):
                                               else getattr(model.config, "_name_or_path", None) or None)
         if tokenizer is None and not isinstance(backbone, nn.Module):
             try:
-                from offramp.data.assets import resolve_model_path
-
                 tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(backbone)))
             except (OSError, ValueError):
                 tokenizer = None
@@ -140,8 +141,6 @@ class EarlyExitModel(ExitModelBase):
         if output_pooled:
             out.pooled = pooled
         if labels is not None:
-            from offramp.objectives import compute_loss
-
             out.loss = compute_loss(self, out, self.check_labels(labels))
         return out
 
@@ -166,8 +165,6 @@ class EarlyExitModel(ExitModelBase):
                 policy: str | dict | ExitPolicy | None = None, token_type_ids: Tensor | None = None,
                 labels: Tensor | None = None) -> Prediction:
         """Per-row early-exit inference. ``policy`` defaults to the config's policy."""
-        from offramp.engines.classify import early_exit_predict
-
         pol = make_policy(policy if policy is not None else self.config.policy)
         return early_exit_predict(self, input_ids, attention_mask, pol, token_type_ids=token_type_ids,
                                   labels=labels)

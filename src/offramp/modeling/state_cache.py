@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from offramp.data.assets import cache_dir
 from offramp.utils import atomic_write_bytes, note, progress
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 def default_root() -> Path:
     """``$OFFRAMP_CACHE/states`` (``~/.cache/offramp/states``), read when called."""
-    from offramp.data.assets import cache_dir
-
     return cache_dir() / "states"
 
 
@@ -95,3 +94,11 @@ def pooled_batches(model: "EarlyExitModel", batches: Sequence[dict[str, Tensor]]
         except OSError as e:  # a read-only or full cache folder costs the reuse, not the run
             note(f"{desc}: could not store the backbone states in {path.parent} ({e}); continuing without")
     return out
+
+
+def state_cache_setting(value: str | None) -> bool | str:
+    """The ``state_cache`` argument of the library calls from ``--state-cache``: None (not given)
+    keeps states in the default folder, "off" (or no, none, false, 0) keeps none, else a folder."""
+    if value is None:
+        return True
+    return False if value.strip().lower() in ("off", "no", "none", "false", "0") else value

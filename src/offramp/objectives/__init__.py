@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from offramp.objectives.jei import jei_loss
 from offramp.objectives.joint import joint_loss, per_exit_loss, self_distillation
 from offramp.objectives.ponder import ponder_loss
 
@@ -22,8 +23,6 @@ def compute_loss(model: "EarlyExitModel", out: "EarlyExitOutput", labels: Tensor
     if kind == "ponder":
         return ponder_loss(out.exit_logits, out.halting_logits, labels, **obj)
     if kind == "jei":
-        from offramp.objectives.jei import jei_loss
-
         return jei_loss(model, out, labels, **obj)
     raise ValueError(f"unknown objective {kind!r}")
 

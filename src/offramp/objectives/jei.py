@@ -25,44 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from offramp.config import JEI_DEFAULTS, PHASES, POS_WEIGHTS, check_jei_options  # noqa: F401
+from offramp.flops import model_exit_flops
+
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel, EarlyExitOutput
-
-JEI_DEFAULTS: dict[str, Any] = {
-    "cost_weight": 0.1,        # lambda: the CE / cost trade-off (sweep it for the Pareto curve)
-    "pos_weight": "none",      # the gates' positive-class weight: "none" | "balanced" | "exact"
-    "pos_weight_clip": 5.0,    # clip of the balanced / exact positive-class weights
-    "patience": 3,             # warm-up: freeze an exit when its val accuracy stops improving
-    "phase_batches": 200,      # alternate IM and gate phases every this many batches
-    "warmup_epochs": 10,       # at most this many warm-up epochs
-    "reweight_detach": True,   # treat sum CE / sum P CE as a constant (see the module docstring)
-    "costs": None,             # per-exit costs c_l; None: from the FLOPs counter
-    "phase": "both",           # what jei_loss trains in a generic loop: "warmup" | "im" | "gate" | "both"
-}
-PHASES = ("warmup", "im", "gate", "both")
-POS_WEIGHTS = ("none", "balanced", "exact")
-
-
-def check_jei_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The JEI objective options with defaults filled in; ValueError naming a bad key or value."""
-    options = {k: v for k, v in dict(options).items() if k != "type"}
-    unknown = set(options) - set(JEI_DEFAULTS)
-    if unknown:
-        raise ValueError(f"objective (jei): unknown keys {sorted(unknown)}; known keys are {sorted(JEI_DEFAULTS)}")
-    out = {**JEI_DEFAULTS, **options}
-    if out["cost_weight"] < 0:
-        raise ValueError(f"objective.cost_weight (lambda) must be >= 0, got {out['cost_weight']}")
-    if out["pos_weight_clip"] <= 0:
-        raise ValueError(f"objective.pos_weight_clip must be > 0, got {out['pos_weight_clip']}")
-    if int(out["warmup_epochs"]) < 0:
-        raise ValueError(f"objective.warmup_epochs must be >= 0, got {out['warmup_epochs']}")
-    if int(out["patience"]) < 1 or int(out["phase_batches"]) < 1:
-        raise ValueError("objective.patience and objective.phase_batches must be >= 1")
-    if out["pos_weight"] not in POS_WEIGHTS:
-        raise ValueError(f"objective.pos_weight must be one of {POS_WEIGHTS}, got {out['pos_weight']!r}")
-    if out["phase"] not in PHASES:
-        raise ValueError(f"objective.phase must be one of {PHASES}, got {out['phase']!r}")
-    return out
 
 
 def ce_per_exit(exit_logits: Tensor, labels: Tensor) -> Tensor:  # (E, b, c), (b,) -> (E, b)
@@ -161,8 +128,6 @@ def exit_costs(model: "EarlyExitModel", seq_len: float | Tensor | None = None) -
         return costs / costs[-1]
     if seq_len is not None:
         try:
-            from offramp.evaluation.flops import model_exit_flops
-
             per_exit = torch.as_tensor(model_exit_flops(model, float(seq_len)).per_exit, dtype=torch.float32)
             return per_exit / per_exit[-1]
         except ValueError:

@@ -44,7 +44,7 @@ def make_policy(spec: str | dict[str, Any] | ExitPolicy | None, **params: Any) -
     """Build a policy from a name + parameters, a {"type": name, ...} dict, or pass one through.
 
     ``POLICIES`` holds the rules that have defaults; ``probe`` (LYNX, alias ``lynx``) needs a
-    fitted probe: ``make_policy("probe", path=...)``."""
+    fitted probe: ``make_policy("probe", probe=...)``, or ``offramp.calibration.lynx.probe_policy(path)``."""
     if isinstance(spec, ExitPolicy):
         return spec
     if spec is None:

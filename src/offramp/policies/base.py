@@ -11,6 +11,8 @@ exactly the exits that inference takes.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
@@ -59,7 +61,7 @@ class ExitSignals:
         trial: (b,) at a cue event of a chain of thought: the mean token probability of a trial
             answer forced there (-1 when it is empty or did not close); DEER reads it.
         row_key: (b,) int64 stable identity of each row (a hash of its token ids,
-            ``offramp.engines.rows.row_keys``): a policy that draws random numbers keys them on it.
+            ``offramp.policies.base.row_keys``): a policy that draws random numbers keys them on it.
 
     In a chain of thought the "exits" are its cue events: ``index`` is the event number, ``layer``
     the tokens generated before the event's fork point and ``hidden`` the (b, d) cue features.
@@ -234,3 +236,68 @@ def check_range(name: str, value: float, low: float, high: float, *, low_open: b
     if too_low or too_high:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+FIRST_EXIT_SHARE = 0.95  # at or above this share of rows leaving at the first exit, say so
+FIRST_EXIT_MIN_ROWS = 20
+
+
+def warn_first_exit(exit_index: Sequence[int] | np.ndarray, exit_layers: Sequence[int], what: str,
+                    fix: str) -> bool:
+    """Warn when (almost) every row leaves at the first exit (the later exits then do nothing and
+    the setting is likely too aggressive), or at any one exit before the last (the rule then
+    treats every row alike). True when it warned."""
+    index = np.asarray(exit_index, dtype=np.int64)
+    if len(exit_layers) < 2 or len(index) < FIRST_EXIT_MIN_ROWS:
+        return False
+    counts = np.bincount(index, minlength=len(exit_layers))
+    k = int(counts[:-1].argmax())  # leaving at the last exit is the full model: nothing to say
+    share = float(counts[k] / len(index))
+    if share < FIRST_EXIT_SHARE:
+        return False
+    if k == 0:
+        warnings.warn(f"{what}: {share:.0%} of {len(index)} rows leave at the first exit (layer {exit_layers[0]}), "
+                      f"so the exits after it are almost never used; {fix}", stacklevel=2)
+    else:
+        warnings.warn(f"{what}: {share:.0%} of {len(index)} rows leave at the same exit (layer {exit_layers[k]}): "
+                      f"the rule does not tell easy rows from hard ones; {fix}", stacklevel=2)
+    return True
+
+
+# ------------------------------------------------------------------------------------- row keys
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wraps mod 2**64): a well-spread hash of each value."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def row_keys(input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """A stable 63-bit identity of each row (b,) int64: a hash of its unpadded token ids in order.
+
+    The same text gives the same key in any batch, at any position and with any padding (left or
+    right), so a policy that draws random numbers per row (``ponder_sample``) can key them on it and
+    take the same exits online and on a stored trace."""
+    ids = input_ids.detach().cpu().numpy().astype(np.uint64)
+    mask = (np.ones(ids.shape, dtype=bool) if attention_mask is None
+            else attention_mask.detach().cpu().numpy().astype(bool))
+    pos = np.cumsum(mask, axis=1, dtype=np.uint64) - np.uint64(1)  # position among the row's real tokens
+    with np.errstate(over="ignore"):
+        token = _mix64(ids * np.uint64(0x9E3779B97F4A7C15) + pos * np.uint64(0xD1B54A32D192ED03) + np.uint64(1))
+        h = np.where(mask, token, np.uint64(0)).sum(axis=1, dtype=np.uint64)
+        h = _mix64(h + mask.sum(axis=1).astype(np.uint64) * np.uint64(0x8CB92BA72F3D8DD7))
+    return torch.from_numpy((h >> np.uint64(1)).astype(np.int64)).to(input_ids.device)
+
+
+def keyed_uniform(keys: Tensor, seed: int, index: int) -> Tensor:
+    """(b,) float64 uniforms in [0, 1), a function of (row key, seed, exit index) only."""
+    k = keys.detach().cpu().numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        salt = _mix64(np.array([(seed * 0x9E3779B97F4A7C15 + index * 0xC2B2AE3D27D4EB4F + 0x165667B19E3779F9)
+                                & _MASK64], dtype=np.uint64))
+        x = _mix64(k ^ salt)
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / float(1 << 53)).to(keys.device)

@@ -4,8 +4,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from offramp.engines.rows import keyed_uniform
-from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
+from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState, keyed_uniform
 
 
 @dataclass(frozen=True)
@@ -13,7 +12,7 @@ class PonderSamplePolicy(ExitPolicy):
     """PonderNet's stochastic rule: at each exit draw Bernoulli(lambda_i) and exit on 1.
 
     The uniform of row r at exit i is a hash of (r's row key, ``seed``, i): the row key is a hash of
-    its token ids (``offramp.engines.rows.row_keys``), so a row takes the same exits whatever batch
+    its token ids (``offramp.policies.base.row_keys``), so a row takes the same exits whatever batch
     it is in and wherever in it, online and replayed from a trace.
     """
 

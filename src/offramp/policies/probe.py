@@ -3,8 +3,9 @@
 The "exits" of a chain of thought are its cue events: ``index`` is the event number and
 ``signals.hidden`` holds the (b, d) cue features (concatenated hidden states). The policy is
 stateless; the reasoning engine (``offramp.engines.reason.reason``) and the offline replay over
-stored events (``offramp.reasoning.dataset.replay_events``) call the same ``decide``. It is built
-from a fitted probe, so it is not in ``POLICIES``: ``make_policy("probe", path=...)``.
+stored events (``offramp.evaluation.events.replay_events``) call the same ``decide``. It is built
+from a fitted probe, so it is not in ``POLICIES``: ``offramp.calibration.lynx.probe_policy(path)``
+loads one from its folder.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from offramp.policies.base import ExitPolicy, ExitSignals, PolicyState
 
 @dataclass(frozen=True)
 class ProbeExitPolicy(ExitPolicy):
-    """Exit where a calibrated ``LynxProbe`` (loaded from ``path``, or given as ``probe``) accepts."""
+    """Exit where a calibrated probe (``offramp.calibration.lynx.LynxProbe``) accepts; ``path`` is the
+    folder it was loaded from, kept for ``to_dict``."""
 
     type: ClassVar[str] = "probe"
     needs: ClassVar[tuple[str, ...]] = ("hidden",)
@@ -29,11 +31,8 @@ class ProbeExitPolicy(ExitPolicy):
 
     def __post_init__(self) -> None:
         if self.probe is None:
-            if not self.path:
-                raise ValueError("probe policy needs a calibrated probe: pass path=<probe folder> or probe=")
-            from offramp.reasoning.probe import LynxProbe
-
-            object.__setattr__(self, "probe", LynxProbe.load(self.path))
+            raise ValueError("probe policy needs a calibrated probe: pass probe=, or load one from its folder "
+                             "with offramp.calibration.lynx.probe_policy(path)")
         if not hasattr(self.probe, "conformal_"):
             raise ValueError("the probe is not calibrated: call LynxProbe.calibrate(features, labels, delta)")
 

@@ -35,6 +35,14 @@ import asyncio  # (no postponed annotations: FastAPI reads the handlers' paramet
 from dataclasses import dataclass, field
 from typing import Any
 
+from offramp.serving.service import (
+    ClassifyService,
+    GenerateService,
+    ReasonService,
+    RequestError,
+    checkpoint_service_kind,
+)
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -77,8 +85,6 @@ class ServeOptions:
 
 def _service(checkpoint: str, opts: ServeOptions):
     """The service of ``checkpoint``, by its kind."""
-    from offramp.serving.service import ClassifyService, GenerateService, ReasonService, checkpoint_service_kind
-
     kind = checkpoint_service_kind(checkpoint)
     if kind == "classifier":
         return ClassifyService(checkpoint, max_texts=opts.max_texts, policies=opts.policies)
@@ -94,8 +100,6 @@ ROUTES = {"classifier": "/classify", "token_exits": "/generate", "probe": "/reas
 
 def check_checkpoints(checkpoints: list[str]) -> dict[str, str]:
     """{kind: checkpoint} of the folders to serve: one per kind (each kind has its endpoint)."""
-    from offramp.serving.service import checkpoint_service_kind
-
     if not checkpoints:
         raise ValueError("give at least one checkpoint to serve")
     out: dict[str, str] = {}
@@ -155,9 +159,9 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
     @serve.ingress(api)
     class Offramp:
         def __init__(self) -> None:
-            import torch
-
             from concurrent.futures import ThreadPoolExecutor
+
+            import torch
 
             torch.set_num_threads(opts.threads)
             self.services = {kind: _service(c, opts) for kind, c in served.items()}
@@ -203,8 +207,6 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
             await task  # the worker's error, if any, reaches every request of the batch
 
         async def _handle(self, kind: str, request: Request, batch, stream=None):
-            from offramp.serving.service import RequestError
-
             service = self.services.get(kind)
             if service is None:
                 routes = ", ".join(ROUTES[k] for k in self.services)

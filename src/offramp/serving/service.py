@@ -26,6 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from offramp.calibration.lynx import PROBE_FILE, load_policy, probe_policy
+from offramp.data.batching import encode_texts
+from offramp.data.prompts import chat_texts
+from offramp.engines.classify import model_signals
+from offramp.engines.generate import SIGNALS, SamplingOptions, TextPieces, stream_generate
+from offramp.engines.reason import SIGNALS as REASON_SIGNALS
+from offramp.engines.reason import ReasonConfig, reason_batch
+from offramp.modeling import EarlyExitModel
+from offramp.modeling.causal_lm import load_causal_lm, load_exits_and_lm
+from offramp.modeling.checkpoints import checkpoint_dir, checkpoint_kind, fit_max_length, tokenizer_of
+from offramp.policies import POLICIES, make_policy, require_signals
+
 
 class RequestError(ValueError):
     """A request the server answers with ``status`` (4xx) and ``message``."""
@@ -52,8 +64,6 @@ class _Service:
     named: dict[str, Any]
 
     def policy_names(self) -> list[str]:
-        from offramp.policies import POLICIES
-
         return sorted(set(self.named) | set(POLICIES))
 
     def _start_metrics(self) -> None:
@@ -135,8 +145,6 @@ def _bound(config: Any) -> dict[str, Any] | None:
 def _resolve_named(name: str | None, default: Any, named: dict[str, Any], signals: set[str], where: str) -> Any:
     """The policy a request names (None: ``default``); ``RequestError`` 400 if unknown or if it reads
     a signal ``signals`` lacks."""
-    from offramp.policies import POLICIES, make_policy, require_signals
-
     if name is None:
         return default
     if name in named:
@@ -171,21 +179,17 @@ class ClassifyService(_Service):
 
     def __init__(self, checkpoint: str | Path, *, max_texts: int = 64, max_length: int | None = None,
                  max_chars: int = 100_000, policies: dict[str, dict] | None = None) -> None:
-        from offramp import EarlyExitModel
-        from offramp.cli import common
-        from offramp.policies import make_policy
-
         if max_texts < 1:
             raise ValueError(f"max_texts must be >= 1, got {max_texts}")
-        folder = common.checkpoint_dir(checkpoint)
-        kind = common.checkpoint_kind(folder)
+        folder = checkpoint_dir(checkpoint)
+        kind = checkpoint_kind(folder)
         if kind != "classifier":
             raise ValueError(f"{checkpoint} holds {kind!r}; `offramp serve` serves classifiers (`offramp train` "
                              "checkpoints)")
         self.model = EarlyExitModel.from_pretrained(folder).eval()
-        self.tokenizer = common.tokenizer_of(self.model)
+        self.tokenizer = tokenizer_of(self.model)
         self.max_texts, self.max_chars = max_texts, max_chars
-        self.max_length = common.fit_max_length(
+        self.max_length = fit_max_length(
             self.model, max_length or self.model.config.extra.get("data", {}).get("max_length", 128),
             given=max_length is not None)
         self.default = make_policy(self.model.config.policy)
@@ -199,8 +203,6 @@ class ClassifyService(_Service):
     def resolve(self, name: str | None):
         """The policy a request names (None: the checkpoint's); ``RequestError`` 400 if unknown or
         if this model's exits cannot supply what it reads."""
-        from offramp.engines.classify import model_signals
-
         # served rows have no labels: the oracle rule cannot run here
         return _resolve_named(name, self.default, self.named, model_signals(self.model) - {"labels"},
                               "a served request")
@@ -218,8 +220,6 @@ class ClassifyService(_Service):
     # ------------------------------------------------------------------ batches
     def run(self, items: list[Item]) -> list[dict[str, Any]]:
         """Classify ``items`` (the texts of possibly many requests): one early-exit batch per policy."""
-        from offramp.data.batching import encode_texts
-
         t0 = time.perf_counter()
         out: list[dict[str, Any] | None] = [None] * len(items)
         groups: dict[str | None, list[int]] = {}
@@ -275,10 +275,6 @@ class GenerateService(_Service):
     def __init__(self, folder: str | Path, *, backbone: str | None = None, max_prompts: int = 16,
                  max_new_tokens: int = 64, max_new_cap: int = 1024, max_chars: int = 100_000,
                  policies: dict[str, dict] | None = None) -> None:
-        from offramp.cli.generate import load_exits_and_lm
-        from offramp.engines.generate import SamplingOptions
-        from offramp.policies import make_policy
-
         if min(max_prompts, max_new_tokens, max_new_cap) < 1 or max_new_tokens > max_new_cap:
             raise ValueError(f"need max_prompts, max_new_tokens >= 1 and max_new_tokens <= max_new_cap, got "
                              f"{max_prompts}, {max_new_tokens}, {max_new_cap}")
@@ -292,8 +288,6 @@ class GenerateService(_Service):
         self._start_metrics()
 
     def resolve(self, name: str | None):
-        from offramp.engines.generate import SIGNALS
-
         policy = _resolve_named(name, self.default, self.named, set(SIGNALS), "token-exit generation")
         try:
             policy.check_exits(self.model.exit_layers)
@@ -318,9 +312,7 @@ class GenerateService(_Service):
             raise RequestError(400, "this model's tokenizer has no chat template: send plain prompts (chat false)")
         policy, new = _check_policy_name(body), _check_max_new(body, self.max_new_cap)
         self.resolve(policy)
-        if chat:
-            prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                          add_generation_prompt=True) for p in prompts]
+        prompts = chat_texts(self.tokenizer, prompts, chat)
         return [Item(p, policy, new) for p in prompts]
 
     def run(self, items: list[Item]) -> list[dict[str, Any]]:
@@ -343,8 +335,6 @@ class GenerateService(_Service):
         true, "text", "tokens", "exit_layers", "policy"}`` (what ``run`` returns for it). The
         pieces add up to the whole text (a piece is held back while it ends inside a character;
         ``pieces=False``: no pieces, the text is decoded once at the end)."""
-        from offramp.engines.generate import TextPieces, stream_generate
-
         t0 = time.perf_counter()
         for (name, new), idx in _groups(items, self.max_new_tokens).items():
             policy = self.resolve(name)
@@ -399,11 +389,7 @@ class ReasonService(_Service):
                  max_chars: int = 20_000, policies: dict[str, dict] | None = None) -> None:
         import dataclasses
 
-        from offramp.cli.reason import load_reasoning_lm
-        from offramp.engines.reason import ReasonConfig
-        from offramp.policies import make_policy
-
-        self.default = make_policy({"type": "probe", "path": str(probe)})
+        self.default = probe_policy(probe)
         extra = getattr(self.default.probe, "extra_", {}) or {}
         name = model or extra.get("model")
         if not name:
@@ -416,9 +402,9 @@ class ReasonService(_Service):
             raise ValueError(f"need max_questions >= 1 and max_new_cap >= {self.config.max_new_tokens}, got "
                              f"{max_questions}, {max_new_cap}")
         self.model_name = str(name)
-        self.model, self.tokenizer = load_reasoning_lm(name, dtype)
+        self.model, self.tokenizer = load_causal_lm(name, dtype)
         self.max_questions, self.max_new_cap, self.max_chars = max_questions, max_new_cap, max_chars
-        self.named = {n: make_policy(spec) for n, spec in (policies or {}).items()}
+        self.named = {n: load_policy(spec) for n, spec in (policies or {}).items()}
         self._start_metrics()
         self.stops: Counter = Counter()
         self.tokens = 0
@@ -427,14 +413,12 @@ class ReasonService(_Service):
         return sorted({"probe", *REASON_POLICIES, *self.named})
 
     def resolve(self, name: str | None):
-        from offramp.engines.reason import SIGNALS
-
         if name in (None, "probe", "lynx"):
             return self.default
         if name not in self.named and name not in REASON_POLICIES:
             raise RequestError(400, f"unknown policy {name!r} for chains of thought; known: "
                                     f"{', '.join(self.policy_names())}")
-        return _resolve_named(name, self.default, self.named, set(SIGNALS), "a chain of thought's cue events")
+        return _resolve_named(name, self.default, self.named, set(REASON_SIGNALS), "a chain of thought's cue events")
 
     def check(self, body: Any) -> list[Item]:
         """``{"questions": [...]}`` or ``{"question": "..."}``, optional ``policy`` and ``max_new_tokens``."""
@@ -450,8 +434,6 @@ class ReasonService(_Service):
     def run(self, items: list[Item]) -> list[dict[str, Any]]:
         """Reason over ``items``: one batch of chains per (policy, length)."""
         import dataclasses
-
-        from offramp.engines.reason import reason_batch
 
         t0 = time.perf_counter()
         out: list[dict[str, Any] | None] = [None] * len(items)
@@ -490,16 +472,13 @@ class ReasonService(_Service):
 def checkpoint_service_kind(path: str | Path) -> str:
     """"classifier", "token_exits" or "probe" for a folder ``offramp serve`` can serve; a ValueError
     naming what it is otherwise."""
-    from offramp.cli import common
-    from offramp.reasoning.probe import PROBE_FILE
-
     p = Path(path)
     if (p / PROBE_FILE).is_file():
         return "probe"
     if not p.is_dir():
         raise ValueError(f"{p} is not a folder: give an `offramp train` output, a token-exits folder or a probe "
                          "folder of `offramp reason fit`")
-    kind = common.checkpoint_kind(common.checkpoint_dir(p))
+    kind = checkpoint_kind(checkpoint_dir(p))
     if kind not in ("classifier", "token_exits"):
         raise ValueError(f"{p} holds {kind!r}, which `offramp serve` does not serve")
     return kind

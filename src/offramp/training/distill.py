@@ -27,7 +27,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from offramp.data.prompts import chat_texts
+from offramp.engines.generate import generate
 from offramp.objectives.distill import distill_loss, exit_weights
+from offramp.utils import progress as bar
 
 
 @dataclass
@@ -50,18 +53,13 @@ class ExitStates:
 def greedy_continuations(backbone: nn.Module, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 48,
                          batch_size: int = 8, chat: bool = False, progress: bool = False) -> list[tuple[Tensor, int]]:
     """(token ids, index of the first generated token) for each prompt, greedy, no exits."""
-    from offramp.engines.generate import generate
-    from offramp.utils import progress as bar
-
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
     tokenizer.padding_side = "left"
     out: list[tuple[Tensor, int]] = []
     for i in bar(range(0, len(prompts), batch_size), desc="greedy continuations", unit="batch", enabled=progress):
         texts = prompts[i:i + batch_size]
-        if chat:
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                                   add_generation_prompt=True) for t in texts]
+        texts = chat_texts(tokenizer, texts, chat)
         enc = tokenizer(texts, return_tensors="pt", padding=True)
         res = generate(backbone, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens)
         p = enc["input_ids"].shape[1]
@@ -96,8 +94,6 @@ def text_sequences(tokenizer: Any, texts: list[str], *, max_tokens: int = 256) -
 def collect_states(model: nn.Module, sequences: list[tuple[Tensor, int]], *, kd_top_k: int = 32,
                    progress: bool = False) -> list[ExitStates]:
     """Run the frozen backbone once per sequence; keep exit hidden states and the teacher's top-K."""
-    from offramp.utils import progress as bar
-
     states = []
     for ids, first_new in bar(sequences, desc="exit states", unit="sequence", enabled=progress):
         out = model.backbone(input_ids=ids[None].to(model.adapter.layer_device(0)), output_hidden_states=True,

@@ -28,10 +28,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from offramp.objectives.jei import (ce_per_exit, check_jei_options, exit_costs, exit_probabilities, gate_loss,
-                                    gate_pos_weights, gate_targets, im_loss)
+from offramp.evaluation.collect import ExitTrace, replay
+from offramp.modeling.state_cache import pooled_batches
+from offramp.objectives.jei import (
+    ce_per_exit,
+    check_jei_options,
+    exit_costs,
+    exit_probabilities,
+    gate_loss,
+    gate_pos_weights,
+    gate_targets,
+    im_loss,
+)
+from offramp.policies.base import warn_first_exit
+from offramp.policies.gate import GatePolicy
 from offramp.training.processes import average_gradients, make_accelerator, shard_rows
-from offramp.utils import atomic_write_json, load_torch_state, note
+from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, note
 
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel
@@ -109,8 +121,6 @@ class _Batches:
         if cache and all(given):
             self.pooled = [b["pooled"] for b in batches]  # (E, b, d) each
         elif cache:
-            from offramp.modeling.state_cache import pooled_batches
-
             self.pooled = [p.to(model.device) for p in pooled_batches(model, batches, desc="backbone states",
                                                                       show=False, cache=state_cache)]
 
@@ -186,9 +196,6 @@ def _val_pos_weights(model, val: _Batches, costs: Tensor, opts: dict) -> Tensor:
 def evaluate_gates(model: "EarlyExitModel", logits: Tensor, labels: Tensor, costs: Tensor,
                    threshold: float = 0.5) -> dict[str, Any]:
     """Accuracy, mean exit layer and mean cost of the gate rule over (E, n, c) logits."""
-    from offramp.evaluation.collect import ExitTrace, replay
-    from offramp.policies.gate import GatePolicy
-
     gates = torch.sigmoid(model.gates(logits)).float()  # (n, E)
     trace = ExitTrace(logits=logits.float(), labels=labels, exit_layers=list(model.exit_layers),
                       num_layers=model.num_layers, gate=gates)
@@ -237,8 +244,6 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
     _alternate(model, train, val, costs, opts, args, history, state)
     last = next((h for h in reversed(history) if h.get("stage") == "alternate"), None)
     if last is not None:
-        from offramp.evaluation.evaluate import warn_first_exit
-
         counts = torch.tensor(last["exit_counts"])
         warn_first_exit(torch.repeat_interleave(torch.arange(len(counts)), counts).numpy(), list(model.exit_layers),
                         f"the gates at cost weight {opts['cost_weight']:g} (validation split)",
@@ -314,8 +319,6 @@ def _step(opt, loss: Tensor, params: list, acc) -> None:
 def _save(model, costs: Tensor, args: JEIArgs, state: dict, acc=None) -> None:
     """Model + schedule state into ``output_dir/checkpoint`` in one atomic directory swap (by the
     main process of a multi-process run; the others wait for it)."""
-    from offramp.utils import atomic_dir
-
     model.config.policy = {"type": "gate", "threshold": 0.5}
     model.config.extra = {**(model.config.extra or {}), "jei": {"costs": costs.tolist(), "args": asdict(args)}}
     if acc is None or acc.is_main_process:

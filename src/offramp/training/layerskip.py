@@ -34,9 +34,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from offramp.objectives.layerskip import (CURRICULA, DROPOUT_CURRICULA, WEIGHTINGS, curriculum_mask,
-                                          early_exit_loss, exit_loss_scales, layer_dropout_rates)
-from offramp.utils import atomic_dir, load_safetensors, load_torch_state, note
+from offramp.backbones import adapter_for
+from offramp.objectives.layerskip import (
+    CURRICULA,
+    DROPOUT_CURRICULA,
+    WEIGHTINGS,
+    curriculum_mask,
+    early_exit_loss,
+    exit_loss_scales,
+    layer_dropout_rates,
+)
+from offramp.training.processes import make_accelerator
+from offramp.utils import atomic_dir, load_safetensors, load_torch_state, note, read_json
 
 STATE_NAME = "layerskip_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -227,8 +236,6 @@ class LayerTaps:
 
 
 def _adapter(model: nn.Module):
-    from offramp.backbones import adapter_for
-
     return adapter_for(getattr(model, "module", model), role="decoder")  # under DDP: the model it wraps
 
 
@@ -264,7 +271,6 @@ def _load_state(model: nn.Module, optimizer, out: Path, args: LayerSkipArgs) -> 
     state_path = out / STATE_NAME
     if not (args.resume and state_path.is_file()):
         return {"step": 0, "losses": [], "seconds": 0.0}
-    from offramp.utils import read_json
 
     state = read_json(state_path, "training state", "delete the folder to start again")
     if state.get("recipe") != args.recipe:
@@ -295,8 +301,6 @@ def train_lm(model: nn.Module, tokens: Tensor, args: LayerSkipArgs, *, tokenizer
              accelerator: Any = None) -> dict[str, Any]:
     """Train ``model`` (a HF causal LM) on windows of ``tokens`` (1-D ids); returns the state
     (step, losses, seconds, the options) that is also saved in ``output_dir``."""
-    from offramp.training.processes import make_accelerator
-
     adapter = _adapter(model)
     exits = args.validate(adapter.num_layers)
     if args.dropout_unit == "token" and adapter.kind != "ssm":

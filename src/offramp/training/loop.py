@@ -19,8 +19,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from offramp.evaluation.halting import degenerate_message, halting_report
+from offramp.modeling import EarlyExitModel
+from offramp.modeling.state_cache import INPUT_KEYS, pooled_batches
 from offramp.training.processes import make_accelerator, shard_rows
-from offramp.utils import atomic_write_json, load_torch_state, progress
+from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, progress
 
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel
@@ -131,8 +134,6 @@ def evaluate_exits(model: "EarlyExitModel", batches: Sequence[dict], accelerator
         raise ValueError("the validation split is empty")
     halting = {}
     if lambdas:
-        from offramp.evaluation.halting import halting_report
-
         report = halting_report(torch.cat(lambdas).cpu(), model.config.objective.get("lambda_p", 0.1))
         halting = {"halting": report.to_dict()}
     if model.config.is_regression:
@@ -152,7 +153,6 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     one global batch and N processes train as one process on the same batches would (the tests
     hold the two equal within float tolerance); only the main process writes checkpoints.
     """
-    from offramp.modeling import EarlyExitModel
     from transformers import get_linear_schedule_with_warmup
 
     _seed_all(args.seed)
@@ -226,8 +226,6 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     if last and last["degenerate"] and accelerator.is_main_process:
         import warnings
 
-        from offramp.evaluation.halting import degenerate_message
-
         warnings.warn(degenerate_message("train (validation split)", last["reason"]), stacklevel=2)
     return {"history": history, "checkpoint": str(ckpt)}
 
@@ -235,8 +233,6 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
 def _cache_pooled(model: "EarlyExitModel", batches: Sequence[dict], show: bool,
                   state_cache: bool | str = False) -> list[dict]:
     """Replace each batch's token inputs by the frozen backbone's pooled states (E, b, d)."""
-    from offramp.modeling.state_cache import INPUT_KEYS, pooled_batches
-
     pooled = pooled_batches(model, batches, desc="caching backbone states", show=show, cache=state_cache)
     return [{"pooled": p.to(model.device).transpose(0, 1), **{k: v for k, v in b.items() if k not in INPUT_KEYS}}
             for p, b in zip(pooled, batches)]  # pooled stored (b, E, d) so that batch-dim splitting works
@@ -251,8 +247,6 @@ def _as_inputs(batch: dict) -> dict:
 def _checkpoint(model: "EarlyExitModel", optimizer, scheduler, epoch: int, history: list, args: TrainingArgs,
                 ckpt: Path) -> None:
     """Write model + training state into ``ckpt`` in one atomic directory swap."""
-    from offramp.utils import atomic_dir
-
     with atomic_dir(ckpt) as tmp:
         model.write_files(tmp, save_backbone=args.save_backbone or not args.frozen_backbone)
         torch.save({"epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),

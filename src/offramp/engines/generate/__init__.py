@@ -3,10 +3,10 @@ decoding options (``sampling``), streamed text (``text``), lossless self-specula
 exit (``speculative``) and the cost model that picks its exit and draft length (``plan``)."""
 
 from offramp.engines.generate.engine import SIGNALS, TokenStep, decoded_exit_layers, generate, stream_generate
+from offramp.engines.generate.plan import RoundCosts, SpeculationPlan, plan_speculation
 from offramp.engines.generate.sampling import SamplingOptions
-from offramp.engines.generate.plan import SpeculationPlan, plan_speculation
 from offramp.engines.generate.speculative import frequent_tokens, speculative_generate
 from offramp.engines.generate.text import TextPieces
 
-__all__ = ["SIGNALS", "SamplingOptions", "SpeculationPlan", "decoded_exit_layers", "frequent_tokens", "generate",
+__all__ = ["SIGNALS", "RoundCosts", "SamplingOptions", "SpeculationPlan", "decoded_exit_layers", "frequent_tokens", "generate",
            "plan_speculation", "speculative_generate", "stream_generate", "TextPieces", "TokenStep"]

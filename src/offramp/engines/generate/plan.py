@@ -30,10 +30,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from offramp.engines.generate.engine import _check_inputs, generate
+from offramp.engines.generate.engine import generate
+from offramp.engines.generate.run import check_inputs
 from offramp.engines.generate.sampling import SamplingOptions
-from offramp.engines.generate.speculative import (_Speculator, check_draft_vocab, check_speculation,
-                                                  draft_cache_strategy)
+from offramp.engines.generate.speculative import Speculator, check_draft_vocab, check_speculation, draft_cache_strategy
+
+
+@dataclass(frozen=True)
+class RoundCosts:
+    """What the pieces of a round cost (seconds): one layer and the exit + LM head on w tokens per
+    row (by w), the embedding, and the drafting head over the draft vocabulary (None: not used)."""
+
+    layer_s: dict[int, float]
+    head_s: dict[int, float]
+    embed_s: float
+    draft_head_s: float | None = None
 
 
 @dataclass
@@ -113,17 +124,17 @@ def measure_costs(model: Any, input_ids: Tensor, attention_mask: Tensor, widths:
                   ) -> tuple[dict[int, float], dict[int, float], float, float | None]:
     """(per-layer seconds by width, head seconds by width, embed seconds, the drafting head's
     seconds over ``draft_vocab`` or None) through the engine's cache."""
-    spec = _Speculator(model, exit_index, input_ids, attention_mask, max(widths) + 1, max(widths), draft_vocab)
+    spec = Speculator(model, exit_index, input_ids, attention_mask, max(widths) + 1, max(widths), draft_vocab)
     spec.run.prefill(input_ids, attention_mask)
     b, p = input_ids.shape
     rows = torch.arange(b, device=input_ids.device)
-    ad, L = spec.ad, spec.L
+    ad, L = spec.adapter, spec.num_layers
     layer_s, head_s = {}, {}
     for w in sorted(set(widths)):
         spec.run.pos[:, p:p + w] = spec.run.pos[:, p - 1:p] + 1 + torch.arange(w, device=input_ids.device)
         spec.run.valid[:, p:p + w] = True
         h = ad.embed(input_ids[:, -1:].expand(b, w), spec.run.pos[:, p:p + w])
-        layer_s[w] = median_seconds(lambda: spec._layers(h, rows, True, p, range(L)), repeats) / L
+        layer_s[w] = median_seconds(lambda: spec.run_layers(h, rows, True, p, range(L)), repeats) / L
         head_s[w] = median_seconds(lambda: ad.logits(model.features(exit_index, h)).argmax(-1), repeats)
         spec.run.valid[:, p:p + w] = False
     tok = input_ids[:, -1:]
@@ -167,10 +178,13 @@ def exit_matches(model: Any, input_ids: Tensor, attention_mask: Tensor, max_new_
 def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                      max_new_tokens: int = 32, draft_tokens: Sequence[int] = (1, 2, 3, 4, 6),
                      exit_layers: Sequence[int] | None = None, margin: float = 0.05, repeats: int = 5,
-                     sampling: SamplingOptions | None = None, draft_vocab: Any = None) -> SpeculationPlan:
+                     sampling: SamplingOptions | None = None, draft_vocab: Any = None,
+                     costs: RoundCosts | None = None) -> SpeculationPlan:
     """Measure and choose (see the module docstring). ``input_ids`` / ``attention_mask``: a batch
     like the ones to decode (its size and prompt lengths set the costs); ``draft_vocab``: the
-    tokens the exits draft among, as ``speculative_generate`` takes it."""
+    tokens the exits draft among, as ``speculative_generate`` takes it; ``costs``: a cost table to
+    use instead of timing one here (another machine's, or a fixed one: the prediction is then a
+    function of the exits' acceptance alone)."""
     sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
     if not draft_tokens or min(draft_tokens) < 1:
         raise ValueError(f"draft_tokens must be a non-empty list of counts >= 1, got {list(draft_tokens)}")
@@ -185,12 +199,18 @@ def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | Non
     vocab = check_draft_vocab(model, draft_vocab)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
+    check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
     dev = model.adapter.layer_device(0)
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     widths = sorted({1, *[d + 1 for d in draft_tokens]})
     e0 = list(model.exit_layers).index(candidates[0])
-    layer_s, head_s, embed_s, draft_s = measure_costs(model, ids, attn, widths, e0, repeats, vocab)
+    if costs is None:
+        costs = RoundCosts(*measure_costs(model, ids, attn, widths, e0, repeats, vocab))
+    missing = [w for w in widths if w not in costs.layer_s or w not in costs.head_s]
+    if missing:
+        raise ValueError(f"the cost table has no layer or head cost for {missing} tokens per row: give "
+                         f"layer_s and head_s for every width in {widths} (draft_tokens + 1, and 1)")
+    layer_s, head_s, embed_s, draft_s = costs.layer_s, costs.head_s, costs.embed_s, costs.draft_head_s
     matches, lengths = exit_matches(model, ids, attn, max_new_tokens, greedy, vocab)
 
     def acceptance(rows: list[list[bool]]) -> float:  # position 0 comes from the prompt's pass

@@ -43,11 +43,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.activations import ACT2FN
 
-from offramp.engines.generate.engine import _check_inputs, _Run
+from offramp.engines.generate.mamba import mamba_chunk
+from offramp.engines.generate.run import DecodeRun, check_inputs
 from offramp.engines.generate.sampling import SamplingOptions, sampling_probs, speculative_accept
-from offramp.modeling.outputs import GenerateOutput, GenerateReport
+from offramp.names import DRAFT_RULES
+from offramp.outputs import GenerateOutput, GenerateReport
 
 
 @dataclass
@@ -83,11 +84,10 @@ def _exit_index(model: Any, exit_layer: int | None) -> int:
 
 
 def draft_cache_strategy(adapter: Any) -> str:
-    """The engine cache strategy speculation runs its ``_Run`` with (no layer is ever skipped)."""
+    """The engine cache strategy speculation runs its ``DecodeRun`` with (no layer is ever skipped)."""
     return "freeze" if adapter.kind == "ssm" else "copy_kv"
 
 
-DRAFT_RULES = ("max_prob", "token_confidence")
 
 
 def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, draft_confidence: float | None,
@@ -153,146 +153,44 @@ def frequent_tokens(sequences: Any, k: int, always: Any = ()) -> Tensor:
     return torch.tensor(top, dtype=torch.long)
 
 
-def mamba_chunk(block: nn.Module, h: Tensor, conv: Tensor, ssm: Tensor,
-                lead: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Run an HF ``MambaBlock`` or ``Mamba2Block`` on the w tokens h (r, w, d) that follow the
-    states conv (r, C, K) and ssm: its output (r, w, d) and the states after each token (w of each).
-
-    HF's Mamba mixer restarts the recurrence from zero on a multi-token call, and both mixers keep
-    only the last state; this pass continues from the given states and keeps all of them. The
-    projections run once on the chunk; the conv window and the recurrence step token by token with
-    the arithmetic of HF's one-token update, so a chunk gives what w one-token calls give.
-
-    ``lead`` (r,) makes the chunk ragged: row i's tokens are its last w - lead[i] columns, and its
-    first lead[i] columns are padding. The conv reads the row's own state right before its first
-    token, and the step size is zero at padding, which leaves the recurrent state as it was; the
-    outputs (and per-token states) at padding are meaningless, the last states are the row's.
-    """
-    m = block.mixer
-    residual = h
-    x = block.norm(h.to(dtype=block.norm.weight.dtype))
-    if block.residual_in_fp32:
-        residual = residual.to(torch.float32)
-    mamba2 = hasattr(m, "n_groups")
-    proj = m.in_proj(x)
-    if mamba2:
-        gate, xbc, dt = proj.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
-        xbc = xbc.transpose(1, 2)
-    else:
-        xbc, gate = proj.transpose(1, 2).chunk(2, dim=1)  # (r, C, w) each
-    kernel = conv.shape[-1]
-    window = torch.cat([conv.to(xbc.dtype), xbc], dim=-1).to(m.conv1d.weight.dtype)  # (r, C, K + w)
-    live = None
-    if lead is not None:  # row i's inputs, right-aligned: [padding, its conv state, its tokens]
-        t = torch.arange(window.shape[-1], device=window.device)[None]
-        o = lead.to(window.device)[:, None]
-        src = torch.where(t < o + kernel, (t - o).clamp(min=0), t)  # (r, K + w)
-        window = window.gather(-1, src[:, None].expand(-1, window.shape[1], -1))
-        live = (torch.arange(h.shape[1], device=window.device)[None] >= o).float()  # (r, w)
-    # token j's conv reads the K inputs window[j+1 : j+1+K] (a depthwise conv; unfolded, as a
-    # convolution call costs more than the arithmetic at these sizes)
-    mixed = (window.unfold(-1, kernel, 1)[:, :, 1:] * m.conv1d.weight[:, None, 0]).sum(-1)  # (r, C, w)
-    if m.conv1d.bias is not None:
-        mixed = mixed + m.conv1d.bias[:, None]
-    if m.activation is not None:
-        mixed = ACT2FN[m.activation](mixed)
-    xs = mixed.to(xbc.dtype).transpose(1, 2)  # (r, w, C)
-    convs = [window[..., j + 1:j + 1 + kernel].to(conv.dtype) for j in range(h.shape[1])]
-    ys, ssms = _mamba2_scan(m, xs, dt, ssm, live) if mamba2 else _mamba_scan(m, xs, gate, ssm, live)
-    y = torch.stack(ys, dim=1)
-    if mamba2:
-        y = m.norm(y, gate)
-    return residual + m.out_proj(y.to(x.dtype)), convs, ssms
-
-
-def _mamba_scan(m: nn.Module, xs: Tensor, gate: Tensor, ssm: Tensor,
-                live: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
-    """Mamba's selective recurrence over xs (r, w, C) from ssm (r, C, N), as HF's one-token update
-    (the element-wise terms of every token at once, then the recurrence token by token); the step
-    size is zeroed where ``live`` (r, w) is 0."""
-    step, B, Cm = torch.split(m.x_proj(xs), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
-    dt = (m.dt_proj.weight @ step.transpose(1, 2)).transpose(1, 2)  # (r, w, C)
-    if m.dt_proj.bias is not None:
-        dt = dt + m.dt_proj.bias.float().to(dt.dtype)
-    dt = F.softplus(dt).float()[..., None]  # (r, w, C, 1)
-    if live is not None:
-        dt = dt * live[:, :, None, None]
-    dA = torch.exp(dt * -torch.exp(m.A_log.float()))  # (r, w, C, N)
-    dBx = dt * B.float()[:, :, None, :] * xs.float()[..., None]
-    state, ssms, news = ssm, [], []
-    for j in range(xs.shape[1]):
-        new = state.float() * dA[:, j] + dBx[:, j]
-        state = new.to(ssm.dtype)
-        ssms.append(state)
-        news.append(new.to(Cm.dtype))
-    y = torch.matmul(torch.stack(news, dim=1), Cm.unsqueeze(-1)).squeeze(-1) + xs * m.D  # (r, w, C)
-    y = (y * F.silu(gate.transpose(1, 2))).to(xs.dtype)
-    return list(y.unbind(1)), ssms
-
-
-def _mamba2_scan(m: nn.Module, xs: Tensor, dt: Tensor, ssm: Tensor,
-                 live: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
-    """Mamba-2's multi-head recurrence over xs (r, w, C) from ssm (r, H, P, N), as HF's one-token
-    update (the gated norm is applied by the caller); the step size is zeroed where ``live`` is 0."""
-    r, heads, hd, n, groups = xs.shape[0], m.num_heads, m.head_dim, m.ssm_state_size, m.n_groups
-    x, B, Cm = torch.split(xs, [m.intermediate_size, groups * n, groups * n], dim=-1)
-    A = (-torch.exp(m.A_log.float()))[:, None, None].expand(-1, hd, n)
-    D = m.D[:, None].expand(-1, hd)
-    bias = m.dt_bias[:, None].expand(-1, hd)
-    state, ssms, ys = ssm, [], []
-
-    def per_head(t: Tensor, shape: tuple) -> Tensor:  # (r, G*N) -> each head's group
-        return t.reshape(r, groups, 1, n).expand(r, groups, heads // groups, n).contiguous().reshape(*shape)
-
-    for j in range(xs.shape[1]):
-        hj = x[:, j].reshape(r, heads, hd)
-        dtj = F.softplus(dt[:, j][..., None].expand(-1, -1, hd) + bias.to(dt.dtype))[..., None]
-        if live is not None:
-            dtj = dtj * live[:, j, None, None, None].to(dtj.dtype)
-        new = state * torch.exp(dtj.float() * A.float()) + dtj * per_head(B[:, j], (r, heads, 1, n)) * hj[..., None]
-        state = new.to(ssm.dtype)
-        ssms.append(state)
-        out = torch.bmm(new.to(Cm.dtype).view(r * heads, hd, n), per_head(Cm[:, j], (r * heads, n, 1)))
-        out = out.view(r, heads, hd)
-        ys.append((out + hj * D).to(out.dtype).to(hj.dtype).reshape(r, -1))
-    return ys, ssms
-
-
-class _Speculator:
-    """One call's state on top of the token-exit engine's cache and per-row positions."""
+class Speculator:
+    """One call of self-speculation: the drafting exit (``exit_index``, after ``exit_layer`` layers),
+    ``draft_tokens`` drafts a round, and a ``DecodeRun`` (``run``) whose cache and per-row positions
+    the drafts and the verify pass share; ``round`` drafts and verifies once, ``run_layers`` runs a
+    range of layers on a chunk of tokens."""
 
     def __init__(self, model: Any, exit_index: int, ids: Tensor, attn: Tensor, max_new: int, d: int,
                  draft_vocab: Tensor | None = None) -> None:
-        self.model, self.ad, self.e, self.d = model, model.adapter, exit_index, d
-        self.E = model.exit_layers[exit_index]
-        self.ssm = self.ad.kind == "ssm"
+        self.model, self.adapter, self.exit_index, self.draft_tokens = model, model.adapter, exit_index, d
+        self.exit_layer = model.exit_layers[exit_index]
+        self.ssm = self.adapter.kind == "ssm"
         self.vocab = self.weight = self.bias = None
         if draft_vocab is not None:  # the LM head's rows of the draft vocabulary, taken once per call
-            head = self.ad.lm_head()
+            head = self.adapter.lm_head()
             self.vocab = draft_vocab.to(head.weight.device)
             self.weight = head.weight.index_select(0, self.vocab)
             self.bias = None if getattr(head, "bias", None) is None else head.bias.index_select(0, self.vocab)
         # every round takes d + 1 columns and yields >= 1 token: max_new rounds at most
-        self.run = _Run(self.ad, model, None, draft_cache_strategy(self.ad), ids, attn, max_new * (d + 1))
+        self.run = DecodeRun(self.adapter, model, None, draft_cache_strategy(self.adapter), ids, attn, max_new * (d + 1))
         self.run.valid[:, ids.shape[1]:] = False
-        self.L = self.run.L
+        self.num_layers = self.run.num_layers
         self.trail: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # Mamba: layer -> each token's states
 
     def draft_logits(self, states: Tensor) -> tuple[Tensor, Tensor]:
         """The drafting exit's features (r, d) and logits at the last position of ``states``
         (r, w, d): over the whole vocabulary, or over the draft vocabulary's tokens (r, k) in its order."""
-        features = self.model.features(self.e, states)[:, -1]
+        features = self.model.features(self.exit_index, states)[:, -1]
         if self.vocab is None:
-            return features, self.ad.logits(features[:, None])[:, 0]
-        x = self.ad.final_norm()(features.to(self.weight.device))
-        return features, self.ad.softcap(F.linear(x, self.weight, self.bias))
+            return features, self.adapter.logits(features[:, None])[:, 0]
+        x = self.adapter.final_norm()(features.to(self.weight.device))
+        return features, self.adapter.softcap(F.linear(x, self.weight, self.bias))
 
     def draft_sure(self, features: Tensor, logits: Tensor, threshold: float, rule: str) -> bool:
         """Whether any row's draft is sure enough to draft on: its top probability (``max_prob``) or
         its confidence classifier's probability that the exit's token is the model's
         (``token_confidence``) is at least ``threshold``."""
         if rule == "token_confidence":
-            score = torch.sigmoid(self.model.confidence_logit(self.e, features[:, None])[:, -1])
+            score = torch.sigmoid(self.model.confidence_logit(self.exit_index, features[:, None])[:, -1])
         else:
             score = logits.float().softmax(-1).amax(-1)
         return bool((score >= threshold).any())
@@ -305,7 +203,7 @@ class _Speculator:
             conv, ssm = store.conv[layer], store.ssm[layer]
             if not full:
                 conv, ssm = conv.index_select(0, rows), ssm.index_select(0, rows)
-            h, convs, ssms = mamba_chunk(self.ad.layers()[layer], h.to(self.ad.layer_device(layer)), conv, ssm)
+            h, convs, ssms = mamba_chunk(self.adapter.layers()[layer], h.to(self.adapter.layer_device(layer)), conv, ssm)
             if commit:
                 old = self.trail.setdefault(layer, ([], []))
                 old[0].extend(convs)
@@ -326,7 +224,7 @@ class _Speculator:
         for layer, (convs, ssms) in self.trail.items():
             for states, trail in ((store.conv, convs), (store.ssm, ssms)):
                 kept = torch.stack(trail).to(rows.device)[accepted, pick].to(states[layer].device)
-                if rows.numel() == self.run.B:
+                if rows.numel() == self.run.batch_size:
                     states[layer] = kept
                 else:
                     states[layer].index_copy_(0, rows, kept)
@@ -341,7 +239,7 @@ class _Speculator:
         causal = (k[None, :] <= torch.arange(start, end, device=valid.device)[:, None])[None] & valid[:, None, :]
         masks: dict = {}
         for layer in layers:
-            window = self.ad.sliding_window(layer)
+            window = self.adapter.sliding_window(layer)
             if window in masks:
                 continue
             allowed = causal
@@ -351,23 +249,23 @@ class _Speculator:
             if self.run.mask_kind == "bool":
                 masks[window] = allowed
             else:
-                zero = torch.zeros((), dtype=self.ad.dtype, device=valid.device)
-                low = torch.tensor(torch.finfo(self.ad.dtype).min, dtype=self.ad.dtype, device=valid.device)
+                zero = torch.zeros((), dtype=self.adapter.dtype, device=valid.device)
+                low = torch.tensor(torch.finfo(self.adapter.dtype).min, dtype=self.adapter.dtype, device=valid.device)
                 masks[window] = torch.where(allowed, zero, low)
         return masks
 
-    def _layers(self, h: Tensor, rows: Tensor, full: bool, start: int, layers: range, commit: bool = False) -> Tensor:
+    def run_layers(self, h: Tensor, rows: Tensor, full: bool, start: int, layers: range, commit: bool = False) -> Tensor:
         """Run ``layers`` on h (r, w, d) holding columns start..start+w-1 of ``rows`` (Mamba: see
         ``_chunk``; attention layers write their cache columns either way)."""
         if self.ssm:
             return self._chunk(h, rows, full, layers, commit)
         end = start + h.shape[1]
         posw = self.run.pos.index_select(0, rows)[:, start:end]
-        rot = self.ad.rotary(h, posw)
+        rot = self.adapter.rotary(h, posw)
         masks = self._masks(rows, start, end, layers)
         for layer in layers:
             view = self.run.kv.view(layer, None if full else rows, start, end)
-            h = self.ad.run_layer(layer, h, cache=view, mask=masks[self.ad.sliding_window(layer)],
+            h = self.adapter.run_layer(layer, h, cache=view, mask=masks[self.adapter.sliding_window(layer)],
                                   position_ids=posw, rotary=rot)
         self.run.layer_rows += rows.numel() * h.shape[1] * len(layers)
         return h
@@ -379,18 +277,18 @@ class _Speculator:
         accepted drafts, then the full model's next token), the number of accepted drafts per row
         (r,) and k, the drafts made. With ``sampling.do_sample``, drafts are sampled and accepted
         by speculative sampling."""
-        run, d = self.run, self.d
+        run, d = self.run, self.draft_tokens
         sample = sampling is not None and sampling.do_sample
         q: list[Tensor] = []
-        full = rows.numel() == run.B
+        full = rows.numel() == run.batch_size
         span = torch.arange(d + 1, device=rows.device)
         run.pos[rows, col:col + d + 1] = next_pos[:, None] + span[None]
         run.valid[rows, col:col + d + 1] = True
         tokens, states, sure = [pending], [], True
         for j in range(d + 1):  # the pending token, then each draft: layers 1..E
             c = col + j
-            h = self.ad.embed(tokens[-1][:, None], run.pos.index_select(0, rows)[:, c:c + 1])
-            states.append(self._layers(h, rows, full, c, range(self.E), commit=True))
+            h = self.adapter.embed(tokens[-1][:, None], run.pos.index_select(0, rows)[:, c:c + 1])
+            states.append(self.run_layers(h, rows, full, c, range(self.exit_layer), commit=True))
             if j == d or not sure:  # the last draft's states are in: verify what was drafted
                 break
             features, logits = self.draft_logits(states[-1])
@@ -399,7 +297,7 @@ class _Speculator:
                 probs = sampling_probs(logits, sampling)
                 drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
                 if self.vocab is not None:  # q is zero outside the draft vocabulary
-                    probs = probs.new_zeros(probs.shape[0], self.ad.vocab_size).index_copy_(1, self.vocab, probs)
+                    probs = probs.new_zeros(probs.shape[0], self.adapter.vocab_size).index_copy_(1, self.vocab, probs)
                     drawn = self.vocab[drawn]
                 q.append(probs)
                 tokens.append(drawn.to(pending.device))
@@ -409,8 +307,8 @@ class _Speculator:
             sure = threshold is None or self.draft_sure(features, logits, threshold, rule)
         k = len(tokens) - 1
         run.valid[rows, col + k + 1:col + d + 1] = False  # columns this round did not draft into
-        hidden = self._layers(torch.cat(states, dim=1), rows, full, col, range(self.E, self.L))
-        logits = self.ad.logits(hidden)  # (r, k+1, V)
+        hidden = self.run_layers(torch.cat(states, dim=1), rows, full, col, range(self.exit_layer, self.num_layers))
+        logits = self.adapter.logits(hidden)  # (r, k+1, V)
         drafts = torch.stack(tokens[1:], dim=1) if k else pending.new_zeros(rows.numel(), 0)  # (r, k)
         if sample:
             qk = torch.stack(q, dim=1) if k else logits.new_zeros(rows.numel(), 0, logits.shape[-1])
@@ -465,11 +363,11 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     vocab = check_draft_vocab(model, draft_vocab)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
+    check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
     dev = model.adapter.layer_device(0)
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     start = time.perf_counter()
-    spec = _Speculator(model, e, ids, attn, max_new_tokens, draft_tokens, vocab)
+    spec = Speculator(model, e, ids, attn, max_new_tokens, draft_tokens, vocab)
     b, p = ids.shape
     out = torch.full((b, max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)
     count = torch.zeros(b, dtype=torch.long, device=dev)
@@ -512,13 +410,13 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     wall = time.perf_counter() - start
     n = int(count.max())
     new = out[:, :n]
-    layers = torch.where(torch.arange(n, device=dev)[None] < count[:, None], spec.L, 0)
+    layers = torch.where(torch.arange(n, device=dev)[None] < count[:, None], spec.num_layers, 0)
     report = GenerateReport(new_tokens=int(count.sum()), layer_rows=spec.run.layer_rows, fill_layer_rows=0,
-                            num_layers=spec.L, wall_s=wall, extra_head_rows=spec.run.head_rows,
-                            mean_exit_layer=float(spec.L))
+                            num_layers=spec.num_layers, wall_s=wall, extra_head_rows=spec.run.head_rows,
+                            mean_exit_layer=float(spec.num_layers))
     texts = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
     return GenerateOutput(sequences=torch.cat([ids, new], dim=1), new_tokens=new, exit_layers=layers, report=report,
-                          texts=texts, extra={"speculation": {**stats.to_dict(), "exit_layer": spec.E,
+                          texts=texts, extra={"speculation": {**stats.to_dict(), "exit_layer": spec.exit_layer,
                                                               "draft_tokens": draft_tokens,
                                                               "draft_confidence": draft_confidence,
                                                               "draft_rule": draft_rule,

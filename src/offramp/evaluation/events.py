@@ -18,8 +18,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from offramp.engines.reason import ReasonConfig, iter_reason
-from offramp.reasoning.tasks import Problem
+from offramp.data.tasks import Problem, numbers_equal
+from offramp.engines.reason import SIGNALS, ReasonConfig, event_signals, iter_reason
+from offramp.engines.reason.forcing import ForcedAnswer
+from offramp.policies import make_policy, require_signals
 from offramp.utils import atomic_write_bytes, atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
@@ -156,10 +158,6 @@ def replay_events(policy: Any, data: EventDataset) -> np.ndarray:
     its events decided in order until the first exit (in a batch, each chain has its own state)."""
     import torch
 
-    from offramp.engines.reason import SIGNALS, event_signals
-    from offramp.policies import make_policy, require_signals
-    from offramp.reasoning.forcing import ForcedAnswer
-
     policy = make_policy(policy)
     require_signals(policy, set(SIGNALS), "stored cue events")
     out = np.full(len(data.uids), -1, dtype=np.int64)
@@ -222,8 +220,6 @@ def oracle_ceiling(traces: list[dict[str, Any]]) -> dict[str, Any]:
 
 def same_answer(a: str | None, b: str | None) -> bool:
     """Equal as numbers, else as whitespace- and case-normalised text."""
-    from offramp.reasoning.tasks import numbers_equal
-
     if a is None or b is None:
         return False
     return numbers_equal(a, b) or " ".join(a.lower().split()) == " ".join(b.lower().split())

@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from offramp.data.sources import read_table
+
 PROMPT_SUFFIX = "\nSolve it step by step, then give the final answer as \\boxed{answer}."
 CHECK_SUFFIX = ("\nSolve it step by step and give the final answer as \\boxed{answer}. Then check your answer "
                 "step by step, and if the check fails, correct it and give the corrected \\boxed{answer}.")
@@ -157,8 +159,6 @@ def file_problems(path: str | Path, n: int | None = None, offset: int = 0) -> li
     """Problems from a local .jsonl / .csv file with a question column (question, problem or
     prompt) and an answer column (answer, solution or target), from row ``offset`` on. Numeric
     answers are compared as numbers, others as text (case-insensitive)."""
-    from offramp.data.sources import read_table
-
     path = Path(path)
     rows = read_table(path, ".jsonl or .csv")
     header = [str(k) for k in rows[0]]

@@ -10,14 +10,14 @@ stop.close()                  # removes the hooks
 ```
 
 The criterion follows every row of the batch: it decodes the row's text, detects cue events
-(``offramp.reasoning.cues``) and calls the policy's ``decide`` at each, with the hidden states of
+(``offramp.engines.reason.cues``) and calls the policy's ``decide`` at each, with the hidden states of
 the cue token captured by forward hooks on the model's layers (the ``hidden_states`` indices of
 ``ReasonConfig.feature_layers``). A row whose policy accepts a cue stops (HF pads it from then
 on). DEER's trial answers are forked from ``generate``'s live cache; ``results`` forces the
 answers of the rows that stopped, all in one batch, from the cache ``generate`` returns
 (``return_dict_in_generate=True``), without re-encoding.
 
-The decisions are those of ``offramp.engines.reason`` on the same chain. A cue whose last
+The decisions are those of ``offramp.engines.reason.engine`` on the same chain. A cue whose last
 character and its confirming character fall in the same token is decided one token later here
 (that token's hidden state is computed by the next forward), so the chain may run one token
 longer; its fork point, answer and decisions are the same.
@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 from transformers import StoppingCriteria
 
-from offramp.engines.reason import SIGNALS, ReasonConfig, eos_ids, event_signals, trial_value  # noqa: F401
+from offramp.data.tasks import extract_answer
+from offramp.engines.reason.cues import CueDetector, CueEvent
+from offramp.engines.reason.engine import SIGNALS, ReasonConfig, eos_ids, event_signals, trial_value  # noqa: F401
+from offramp.engines.reason.forcing import ForcedAnswer, force_answers, forcing_text, is_boxed
+from offramp.engines.reason.rowcache import RowCache
 from offramp.policies import ExitPolicy, make_policy, require_signals
-from offramp.reasoning.cues import CueDetector, CueEvent
-from offramp.reasoning.forcing import ForcedAnswer, force_answers, forcing_text, is_boxed
-from offramp.reasoning.rowcache import RowCache
-from offramp.reasoning.tasks import extract_answer
 
 
 def _feature_modules(model, layers: tuple[int, ...]) -> list[tuple[Any, str]]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from offramp.backbones import ADAPTERS
+
 LN_FLOPS, RMS_FLOPS = 5, 4
 
 
@@ -52,8 +54,6 @@ class Shapes:
     @classmethod
     def from_config(cls, cfg: Any) -> "Shapes":
         """Shapes of ``cfg`` (a transformers PretrainedConfig or anything with the same fields)."""
-        from offramp.backbones import ADAPTERS
-
         mt = str(getattr(cfg, "model_type", "") or "")
         adapter = ADAPTERS.get(mt)  # the shape knowledge lives in the adapters
         ssm, gated = (adapter.kind == "ssm", adapter.gated_mlp) if adapter is not None else (False, False)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from offramp.engines.reason.rowcache import RowCache, left_pad
+
 FORCING_PRESETS: dict[str, str] = {
     "boxed": "\nThe final answer is \\boxed{",
     "r1": "\n</think> Final Answer: \\boxed{",
@@ -83,8 +85,6 @@ def force_answer(model, cache, forcing_ids: list[int], *, boxed: bool, decode, e
         eos_ids: ids that end generation.
         max_answer_tokens: the most answer tokens to generate.
     """
-    from offramp.reasoning.rowcache import RowCache
-
     n = cache.get_seq_length()
     rows = RowCache(cache, torch.ones(1, n, dtype=torch.long), torch.tensor([n]))
     return force_answers(model, rows, [forcing_ids], boxed=boxed, decode=decode, eos_ids=eos_ids,
@@ -100,8 +100,6 @@ def force_answers(model, rows, forcing_ids: list[list[int]], *, boxed: bool, dec
     texts are left-padded in the block), then the answers are decoded greedily, a row leaving the
     batch when its answer is closed, it emits EOS or reaches ``max_answer_tokens``. ``rows`` is
     consumed. Each row's answer is the one ``force_answer`` gives it alone."""
-    from offramp.reasoning.rowcache import left_pad
-
     if len(forcing_ids) != rows.batch:
         raise ValueError(f"{len(forcing_ids)} forcing texts for {rows.batch} prefixes")
     if any(not f for f in forcing_ids):

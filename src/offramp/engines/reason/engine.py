@@ -1,7 +1,7 @@
 """Online reasoning engine: generate a chain of thought, stop at an accepted cue, force the answer.
 
 The loop decodes greedily with a KV cache. After each token it looks for newly confirmed cue
-events (``offramp.reasoning.cues``); at each one an exit rule decides whether to stop. On an exit
+events (``offramp.engines.reason.cues``); at each one an exit rule decides whether to stop. On an exit
 the cache is forked at the event's prefix, the answer-forcing text is appended and the answer is
 generated greedily. Generation really stops there, so the savings are measured as generated
 tokens and wall-clock, not replayed afterwards.
@@ -17,7 +17,7 @@ only for policies that read it). The rules:
 * ``deer``: DEER; a trial answer at each cue, exit when its mean token probability >= threshold;
 * ``probe``: LYNX; the calibrated probe on the cue features, exit when its set is exactly {1}.
 
-``replay_events`` (``offramp.reasoning.dataset``) runs the same ``decide`` over stored events.
+``replay_events`` (``offramp.evaluation.events``) runs the same ``decide`` over stored events.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from offramp.data.tasks import PROMPT_SUFFIX, Problem, extract_answer
 from offramp.engines.generate.sampling import SamplingOptions, sampling_probs
-from offramp.engines.rows import row_keys
+from offramp.engines.reason.cues import CueConfig, CueDetector, CueEvent
+from offramp.engines.reason.forcing import ForcedAnswer, force_answers, forcing_text, hidden_features, is_boxed
+from offramp.engines.reason.rowcache import RowCache
 from offramp.policies import ExitPolicy, ExitSignals, make_policy, require_signals
-from offramp.reasoning.cues import CueConfig, CueDetector, CueEvent
-from offramp.reasoning.forcing import ForcedAnswer, force_answers, forcing_text, hidden_features, is_boxed
-from offramp.reasoning.rowcache import RowCache
-from offramp.reasoning.tasks import PROMPT_SUFFIX, Problem, extract_answer
+from offramp.policies.base import row_keys
 
 
 @dataclass(frozen=True)

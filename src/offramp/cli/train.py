@@ -1,9 +1,4 @@
-"""``offramp train | collect | sweep | evaluate | predict | demo | bench``: the classifier's commands
-(``collect`` and ``sweep`` also take token exits and token traces).
-
-Each subcommand is a function ``cmd_<name>(args) -> int`` next to its parser ``add_<name>_parser``;
-``offramp.cli.COMMANDS`` lists them.
-"""
+"""``offramp train``: exits (and a halting layer or gates) trained on a classification set."""
 
 from __future__ import annotations
 
@@ -16,7 +11,6 @@ from typing import Any
 from offramp.cli import common
 
 
-# ------------------------------------------------------------------------------------------- train
 def add_train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="add exits to a model and train them",
                        description="Add exits to a Hugging Face encoder and train them (frozen backbone "
@@ -144,7 +138,7 @@ def _stored_train_options(model: Any, ckpt: Path) -> dict[str, Any]:
 
 
 def _train_config(args: argparse.Namespace, data: Any) -> Any:
-    from offramp import OfframpConfig
+    from offramp.config import OfframpConfig
 
     halting = None if args.halting == "none" else {"type": args.halting, "variant": args.halting_variant}
     kind = args.objective or ("ponder" if halting else "joint")
@@ -187,7 +181,7 @@ def _resolved(model: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from offramp import EarlyExitModel
+    from offramp.modeling import EarlyExitModel
     from offramp.training import TrainingArgs, train
     from offramp.utils import process_rank
 
@@ -236,8 +230,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--state-cache keeps a frozen backbone's states; with --full the backbone is trained "
                          "and its states change every step: drop one of them")
     tok = common.tokenizer_of(model)
-    train_batches = common.batches(data.train, tok, settings, shuffle=True)
-    eval_batches = common.batches(data.validation, tok, settings) if len(data.validation) else None
+    train_batches = common.split_batches(data.train, tok, settings, shuffle=True)
+    eval_batches = common.split_batches(data.validation, tok, settings) if len(data.validation) else None
     full = opts["full"]
     targs = TrainingArgs(output_dir=str(out), epochs=opts["epochs"], lr=opts["lr"], frozen_backbone=not full,
                          backbone_lr=opts["backbone_lr"] or (2e-5 if full else None), seed=settings["seed"],
@@ -295,11 +289,11 @@ def _select_and_store(model: Any, data: Any, settings: dict, rules: list[str], a
     into the checkpoint's config (atomically); None (and a warning) when none is within it."""
     from offramp.config import CONFIG_NAME
     from offramp.evaluation.collect import collect
-    from offramp.evaluation.flops import model_exit_flops
     from offramp.evaluation.sweep import select_policy
+    from offramp.flops import model_exit_flops
     from offramp.utils import atomic_write_json
 
-    loader = common.batches(data.validation, common.tokenizer_of(model), settings, lazy=True)
+    loader = common.split_batches(data.validation, common.tokenizer_of(model), settings, lazy=True)
     trace = collect(model, loader, keep_hidden=True, state_cache=common.state_cache(args) if frozen else False)
     flops = model_exit_flops(model, loader.dataset.lengths())
     metric = "pearson" if model.config.is_regression else "accuracy"
@@ -334,294 +328,3 @@ def _train_jei(model: Any, train_batches: list, eval_batches: list | None, targs
                     frozen_backbone=targs.frozen_backbone, save_backbone=targs.save_backbone, seed=targs.seed,
                     progress=True, resume=targs.resume, state_cache=targs.state_cache)
     return train_jei(model, train_batches, eval_batches, jargs)
-
-
-# ----------------------------------------------------------------------------------------- collect
-def add_collect_parser(sub: Any) -> None:
-    p = sub.add_parser("collect", help="run every exit once over a split and store the trace",
-                       description="Run all exits over a data split and store the trace (per-exit logits, "
-                                   "halting / gate values, labels, per-exit FLOPs) in a folder.")
-    p.add_argument("--model", required=True, help="checkpoint folder: a classifier (`offramp train`) or token "
-                   "exits (`offramp generate --fit-exits`: then a token trace of the prompts below)")
-    common.add_data_args(p, required=False)
-    p.add_argument("--split", choices=["train", "validation", "test"], default="test")
-    p.add_argument("--out", required=True, help="trace folder (refused if it exists, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--keep-hidden", action="store_true", help="also store pooled states / exit features "
-                   "(saturation rule)")
-    from offramp.cli.generate import add_token_collect_args
-
-    common.add_state_cache_arg(p)
-    add_token_collect_args(p)
-    p.set_defaults(func=cmd_collect)
-
-
-def cmd_collect(args: argparse.Namespace) -> int:
-    from offramp.evaluation.collect import collect
-    from offramp.evaluation.flops import model_exit_flops
-
-    out = Path(args.out)
-    common.check_out(out, args.overwrite, "trace folder")
-    if common.checkpoint_kind(args.model) == "token_exits":
-        from offramp.cli.generate import cmd_collect_tokens
-
-        if args.state_cache is not None:
-            raise ValueError("--state-cache keeps a frozen encoder's pooled states for classifier checkpoints; "
-                             "a token trace decodes with the full model: drop it")
-
-        return cmd_collect_tokens(args, out)
-    model, data, settings = common.model_and_data(args)
-    split = data.split(args.split)
-    loader = common.batches(split, common.tokenizer_of(model), settings, lazy=True)
-    lengths = loader.dataset.lengths()
-    trace = collect(model, loader, keep_hidden=args.keep_hidden, progress=True,
-                    state_cache=common.state_cache(args))
-    flops = model_exit_flops(model, lengths)
-    trace.layer_flops = flops.per_exit.tolist()
-    trace.meta = {"model": str(args.model), "data": settings, "split": args.split, "n": len(split),
-                  "label_names": data.label_names, "mean_tokens": float(lengths.mean()),
-                  "flops": flops.to_dict()}
-    if trace.halting is not None:
-        from offramp.evaluation.halting import warn_degenerate_halting
-
-        lambda_p = model.config.objective.get("lambda_p", 0.1)
-        report = warn_degenerate_halting(trace.halting, lambda_p, f"collect ({args.split} split)")
-        trace.meta["halting"] = {"lambda_p": lambda_p, **report.to_dict()}
-    trace.save(out)  # written under a temporary name and renamed: never half-written
-    print(json.dumps({"trace": str(out), "n": len(split), "exits": trace.exit_layers,
-                      "accuracy_per_exit": common.per_exit_metric(trace)}, indent=2))
-    return 0
-
-
-# ------------------------------------------------------------------------------------------- sweep
-def add_sweep_parser(sub: Any) -> None:
-    p = sub.add_parser("sweep", help="every exit rule over a grid on a stored trace: Pareto report",
-                       description="Replay every exit rule over a grid of its parameter on a trace from "
-                                   "`offramp collect`; write report.md, report.json and PNG plots.")
-    p.add_argument("--trace", required=True, help="trace folder from `offramp collect`")
-    p.add_argument("--out", required=True, help="report folder (refused if it exists, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--rules", default=None, help="comma-separated policies (default: every one the trace supports)")
-    p.add_argument("--grid", action="append", default=[], metavar="RULE=V1,V2,...",
-                   help="values to sweep for a rule instead of its default grid (repeatable)")
-    p.add_argument("--metric", default=None, help="accuracy (default) | macro_f1 | pearson | neg_mse")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="chosen setting: the cheapest within this much of the full model (default 0.01)")
-    p.set_defaults(func=cmd_sweep)
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from offramp.evaluation.report import write_report
-    from offramp.evaluation.sweep import sweep
-    from offramp.evaluation.token_trace import TokenTrace, load_trace
-
-    out = Path(args.out)
-    common.check_out(out, args.overwrite, "report folder")
-    trace = load_trace(args.trace)
-    if isinstance(trace, TokenTrace):
-        return _sweep_tokens(args, trace, out)
-    metric = args.metric or ("pearson" if trace.logits.shape[-1] == 1 else "accuracy")
-    rules = [r.strip() for r in args.rules.split(",") if r.strip()] if args.rules else None
-    if trace.halting is not None and (rules is None or {"q_exit", "ponder_sample"} & set(rules)):
-        from offramp.evaluation.halting import warn_degenerate_halting
-
-        warn_degenerate_halting(trace.halting, (trace.meta.get("halting") or {}).get("lambda_p", 0.1),
-                                f"sweep ({args.trace})")
-    result = sweep(trace, rules, metric=metric, flops=common.trace_flops(trace),
-                   grids=common.parse_grids(args.grid))
-    chosen = {r: result.best_within(r, args.tolerance) for r in result.rules}
-    rel = common.reliability_curves(trace, chosen)
-    from offramp.utils import atomic_dir
-
-    with atomic_dir(out) as tmp:  # one folder swap: never a new report.json beside an old report.md
-        paths = write_report(tmp, result, chosen=chosen, reliability=rel, title="offramp sweep",
-                             tolerance=args.tolerance, notes=[f"trace: {args.trace} ({len(trace)} examples, split "
-                                    f"{trace.meta.get('split', '?')})"])
-        summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
-    print(summary)
-    _print_commands(chosen, trace.meta.get("model"), "classifier")
-    print(f"\nreport: {out}")
-    return 0
-
-
-def _print_commands(chosen: dict, model: str | None, kind: str) -> None:
-    """The command that uses each chosen setting (the sweep's point is exactly what it gives)."""
-    import shlex
-
-    lm = "LM"
-    if kind == "token_exits" and model:  # the exits name their base model
-        try:
-            from offramp.config import read_config
-
-            lm = read_config(model, expect="token_exits")[1].get("base_model_name_or_path") or lm
-        except (ValueError, OSError):
-            pass
-
-    lines = []
-    for rule, point in chosen.items():
-        if point is None or not point.policy:
-            continue
-        spec = dict(point.policy)
-        name = spec.get("type")
-        value = [] if point.param is None else ["--value", str(point.value)]
-        policy = [name] if point.param is not None or len(spec) == 1 else [json.dumps(spec)]
-        target = ["--model", model or "CHECKPOINT"] if kind == "classifier" else ["--exits", model or "EXITS"]
-        cmd = (["offramp", "evaluate", *target, "--policy", *policy, *value] if kind == "classifier" else
-               ["offramp", "generate", "--model", lm, *target, "--policy", *policy, *value, "--prompt", "..."])
-        lines.append(f"  {rule}: {' '.join(shlex.quote(c) for c in cmd)}")
-    if lines:
-        print("\nTo run a chosen setting (predict takes the same --policy / --value):" if kind == "classifier"
-              else "\nTo generate with a chosen setting:")
-        print("\n".join(lines))
-
-
-def _sweep_tokens(args: argparse.Namespace, trace: Any, out: Path) -> int:
-    """``offramp sweep`` on a token trace: agreement with the full model vs layers and FLOPs."""
-    from offramp.evaluation.report import write_report
-    from offramp.evaluation.token_trace import sweep_tokens
-    from offramp.utils import atomic_dir
-
-    if args.metric not in (None, "agreement"):
-        raise ValueError(f"a token trace is swept on agreement with the full model, not {args.metric!r}: drop --metric")
-    rules = [r.strip() for r in args.rules.split(",") if r.strip()] if args.rules else None
-    result = sweep_tokens(trace, rules, grids=common.parse_grids(args.grid))
-    chosen = {r: result.best_within(r, args.tolerance) for r in result.rules}
-    with atomic_dir(out) as tmp:
-        paths = write_report(tmp, result, chosen=chosen, title="offramp sweep (token exits)",
-                             tolerance=args.tolerance, notes=[f"trace: {args.trace} ({trace.num_sequences} sequences, {len(trace)} decoded "
-                                    "tokens; agreement = the exit's token equals the full model's, teacher-forced; "
-                                    "the last exit count is the full model)"])
-        summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
-    print(summary)
-    _print_commands(chosen, trace.meta.get("model"), "token_exits")
-    print(f"\nreport: {out}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------- evaluate
-def add_evaluate_parser(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="one rule at one setting, real early exit, measured time",
-                       description="Run real per-row early exit with one policy on a split: metric, mean "
-                                   "exit layer, exit histogram, FLOPs, and wall-clock vs the full model "
-                                   "measured in the same run.")
-    p.add_argument("--model", required=True, help="checkpoint folder")
-    common.add_data_args(p, required=False)
-    p.add_argument("--split", choices=["train", "validation", "test"], default="test")
-    common.add_policy_args(p)
-    p.add_argument("--repeats", type=int, default=1, help="timed passes (median kept; default 1)")
-    p.add_argument("--no-timing", action="store_true", help="skip the wall-clock comparison")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="time by wall-clock (default) or by this process's CPU time (steady on a shared "
-                        "machine with offramp --threads 1)")
-    p.add_argument("--json", default=None, help="also write the result to this file")
-    p.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from offramp.evaluation.evaluate import evaluate_policy
-
-    common.require_min(args, repeats=1)
-    if args.json:
-        common.check_out(Path(args.json), True, "--json file")
-    model, data, settings = common.model_and_data(args)
-    policy = common.make_policy_arg(args.policy, args.value, model.config.policy)
-    split = data.split(args.split)
-    loader = common.batches(split, common.tokenizer_of(model), settings, lazy=True)
-    result = evaluate_policy(model, list(loader), policy, lengths=loader.dataset.lengths(),
-                             timing=not args.no_timing, repeats=args.repeats, progress=True, clock=args.clock)
-    result = {"model": str(args.model), "split": args.split, **result}
-    text = json.dumps(result, indent=2)
-    if args.json:
-        from offramp.utils import atomic_write_text
-
-        atomic_write_text(args.json, text + "\n")
-    print(text)
-    return 0
-
-
-# ----------------------------------------------------------------------------------------- predict
-def add_predict_parser(sub: Any) -> None:
-    p = sub.add_parser("predict", help="texts in, label + confidence + exit layer out (JSON lines)",
-                       description="Classify texts given as arguments, in a file (--file: .txt one per "
-                                   "line, or .csv/.jsonl with a text column), or on stdin. Prints one JSON "
-                                   "object per text: label, confidence, exit_layer.")
-    p.add_argument("texts", nargs="*", help="texts to classify ('-' or none: read stdin)")
-    p.add_argument("--model", required=True, help="checkpoint folder")
-    p.add_argument("--file", default=None, help=".txt (one text per line) or .csv/.tsv/.jsonl")
-    p.add_argument("--text-column", default=None, help="text column of a .csv/.jsonl --file")
-    common.add_policy_args(p)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=None)
-    p.set_defaults(func=cmd_predict)
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from offramp import EarlyExitModel
-
-    common.require_min(args, batch_size=1, max_length=2)
-    texts = common.read_texts(args.texts, args.file, args.text_column)
-    model = EarlyExitModel.from_pretrained(common.checkpoint_dir(args.model))
-    policy = common.make_policy_arg(args.policy, args.value, model.config.policy)
-    max_length = common.fit_max_length(model, args.max_length or model.config.extra.get("data", {}).get(
-        "max_length", 128), given=args.max_length is not None)
-    for row in common.predict_rows(model, texts, policy, batch_size=args.batch_size, max_length=max_length):
-        print(json.dumps(row, ensure_ascii=False))
-    return 0
-
-
-# -------------------------------------------------------------------------------------- demo, bench
-def add_demo_parser(sub: Any) -> None:
-
-    p = sub.add_parser("demo", help="the offline end-to-end comparison of exit rules (the README's command)",
-                       description="Train exits on a frozen MiniLM-L6 for the offline tweets set, compare "
-                                   "PABEE, PonderNet, PALBERT (Q-exit), entropy and max-prob, measure real "
-                                   "speed-ups, and write a report folder with summary.json.")
-    _add_demo_args(p)
-    p.set_defaults(func=lambda a: __import__("offramp.demo", fromlist=["run_demo"]).run_demo(a))
-
-
-def _add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF encoder name or folder, or an offline alias: minilm "
-                   "(the default), mpnet")
-    p.add_argument("--data", default="tweets", help="tweets (default), bbc, a .csv/.jsonl file, split files "
-                   "(train=FILE,validation=FILE,test=FILE) or a HF dataset")
-    p.add_argument("--data-config", default=None, help="HF dataset configuration")
-    p.add_argument("--out", default=None, help="report folder (default: a fresh offramp-demo-<time> folder)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--max-train", type=int, default=2000, help="training examples (default 2000)")
-    p.add_argument("--max-eval", type=int, default=500, help="validation and test examples (default 500)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
-    p.add_argument("--epochs", type=int, default=12, help="epochs over the cached states (default 12)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--time-examples", type=int, default=160, help="test examples timed per rule (default 160)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per rule (median kept; default 3)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="time by wall-clock (default) or by this process's CPU time; with offramp --threads 1 "
-                        "the ratio holds when other processes load the machine (with more threads, waiting "
-                        "threads burn CPU time too)")
-    p.add_argument("--tolerance", type=float, default=0.01, help="accuracy within this of the full model")
-    p.add_argument("--seed", type=int, default=0)
-    common.add_state_cache_arg(p)
-
-
-def add_bench_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="the classify speed benchmark (plain HF vs early exit, JSON)",
-                       description="The classify speed benchmark (benchmarks/classify_speed.py): overhead "
-                                   "of the early-exit engine and realised vs ideal speed-up at batch sizes "
-                                   "1 and 32, as JSON. Arguments after `bench` go to the benchmark "
-                                   "(`offramp bench --help` lists them).",
-                       add_help=False)
-    p.set_defaults(func=cmd_bench, bench_args=[])
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from offramp.evaluation.bench_args import build_parser
-
-    argv = list(args.bench_args)
-    argv = argv[1:] if argv[:1] == ["--"] else argv
-    build_parser("offramp bench").parse_args(argv)  # --help and bad options answer before torch loads
-    from offramp.evaluation.bench import main as bench_main
-
-    bench_main(argv, prog="offramp bench")
-    return 0

@@ -29,16 +29,20 @@ import copy
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from offramp.calibration.conformal import ClassConditionalConformal, conformal_quantile
+from offramp.names import CHAIN_RISKS
+from offramp.policies import ExitPolicy, make_policy
+from offramp.policies.probe import ProbeExitPolicy
 from offramp.utils import atomic_dir, load_torch_state, read_json, readable_dir
 
 PROBE_FILE = "probe.json"
-RISKS = ("premature", "lost")  # per chain: any stop at a wrong answer, or one that loses a right answer
+RISKS = CHAIN_RISKS
 WEIGHTS_FILE = "probe.pt"
 
 
@@ -247,3 +251,16 @@ class LynxProbe:
                 probe.chain_threshold_ = float(meta["chain_threshold"])
                 probe.chain_count_ = meta["chain_count"]
         return probe
+
+
+def probe_policy(path: str | Path) -> ProbeExitPolicy:
+    """The LYNX exit rule of the calibrated probe saved in ``path`` (``offramp reason fit --out``)."""
+    return ProbeExitPolicy(path=str(path), probe=LynxProbe.load(path))
+
+
+def load_policy(spec: Any) -> ExitPolicy:
+    """``make_policy(spec)``, and a probe spec with a path (``{"type": "probe", "path": ...}``, what
+    ``ProbeExitPolicy.to_dict`` writes; alias ``lynx``) loaded from its folder."""
+    if isinstance(spec, dict) and spec.get("type") in ("probe", "lynx") and spec.get("path") and "probe" not in spec:
+        return probe_policy(spec["path"])
+    return make_policy(spec)

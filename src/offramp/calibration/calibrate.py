@@ -1,0 +1,58 @@
+"""Calibrate an exit rule on a trace, as ``offramp calibrate`` does: Learn-then-Test (a bound on
+the risk the rule adds, with probability 1 - delta) or CATs (the max-prob threshold of a target
+consistency), and optionally per-exit conformal prediction sets at level alpha."""
+
+from __future__ import annotations
+
+from offramp.calibration.conformal import PerExitConformal
+from offramp.calibration.risk import CATsStopping, LearnThenTest
+from offramp.evaluation.collect import replay
+from offramp.names import TOKEN_RISKS
+from offramp.policies import make_policy
+
+
+def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", risk: str = "disagree",
+              delta: float = 0.05, epsilon: float = 0.05, pvalue: str = "hoeffding",
+              grid: list[float] | None = None, alpha: float | None = None,
+              tolerance: float = 0.0) -> tuple[dict | None, str, dict]:
+    """Calibrate a rule on a trace: (policy dict or None, one-line bound, record for ``extra``)."""
+    if method == "cats":
+        if not hasattr(trace, "logits"):
+            raise ValueError("the CATs rule needs per-exit class logits: it applies to classifiers; use --method ltt")
+        rule = CATsStopping(epsilon).fit(trace.logits.numpy())
+        chosen = rule.to_policy()
+        text = (f"CATs: exit when max_prob > {rule.threshold_:.6g}: P(prediction == full model) >= "
+                f"{1 - epsilon:g} (n={len(trace)})")
+        record = {"method": "cats", "epsilon": epsilon, "threshold": rule.threshold_, "n": len(trace)}
+    else:
+        spec = policy or config.policy.get("type")
+        base = dict(config.policy) if config.policy.get("type") == spec else {"type": spec}
+        pol = make_policy(base)
+        ltt = LearnThenTest(delta, epsilon, risk=risk, pvalue=pvalue, tolerance=tolerance).fit(pol, trace, grid)
+        text = f"{pol.type}: {ltt.summary()}"
+        if risk in TOKEN_RISKS:
+            text += (" (token trace: exact for the generated text with greedy decoding and the catch_up cache)"
+                     if risk == "sequence" and tolerance == 0 else
+                     " (token trace, teacher-forced: calibrate without --trace to measure real generations)")
+        chosen = ltt.policy_
+        step = ltt.steps_[ltt.index_] if ltt.index_ >= 0 else None
+        record = {"method": "ltt", "risk": risk, "delta": delta, "epsilon": epsilon, "pvalue": pvalue,
+                  **({"tolerance": tolerance} if risk == "sequence" else {}),
+                  "n": ltt.n_, "threshold": ltt.threshold_,
+                  "empirical_risk": None if step is None else step.risk,
+                  "mean_exit_layer": None if step is None else step.mean_exit_layer}
+    if chosen is None:
+        return None, text, record
+    record["policy"] = chosen.to_dict()
+    record["bound"] = text
+    if alpha is not None and getattr(trace, "labels", None) is not None:
+        record["conformal"] = _conformal(chosen, trace, alpha)
+    return chosen.to_dict(), text, record
+
+
+def _conformal(policy, trace, alpha: float) -> dict:
+    index, _ = replay(policy, trace)
+    probs = trace.logits.double().softmax(-1).numpy()
+    cal = PerExitConformal(alpha).fit(probs, trace.labels.numpy(), index.numpy())
+    return {"alpha": alpha, "quantiles": [float(q) for q in cal.quantiles_],
+            "counts": cal.counts_.tolist(), "fallback": cal.fallback_.tolist()}
