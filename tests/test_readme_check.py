@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("check_readme", ROOT / "scripts" / "check_readme.py")
 check = importlib.util.module_from_spec(spec)
 sys.modules["check_readme"] = check

@@ -1,0 +1,81 @@
+"""`offramp train --resume` continues a run as it was trained: its stored options are the defaults,
+and a flag that contradicts them is an error naming both values."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+from tiny_assets import write_csv, write_model
+
+from offramp.cli import main
+from offramp.training import loop
+
+COMMON = ["--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    return root, write_model(root / "tiny"), write_csv(root / "d.csv", n=48)
+
+
+def _train(out, model, csv, *extra):
+    return main([*COMMON, "train", "--model", str(model), "--data", str(csv), "--out", str(out), "--full",
+                 "--epochs", "2", "--lr", "5e-3", "--backbone-lr", "1e-3", "--batch-size", "16", *extra])
+
+
+def test_resume_of_a_killed_full_run_equals_the_uninterrupted_run(assets, monkeypatch):
+    root, model, csv = assets
+    assert _train(root / "whole", model, csv) == 0
+    real, calls = loop._checkpoint, []
+
+    def killed_after_first_checkpoint(*a, **k):
+        real(*a, **k)
+        calls.append(1)
+        raise KeyboardInterrupt  # the run dies right after epoch 1's checkpoint
+
+    monkeypatch.setattr(loop, "_checkpoint", killed_after_first_checkpoint)
+    assert _train(root / "killed", model, csv) == 130
+    monkeypatch.setattr(loop, "_checkpoint", real)
+    assert calls == [1]
+    # no --full, no --lr: the run's own options are used (before: the backbone was re-cached as
+    # if frozen and the optimizer state did not fit)
+    assert main([*COMMON, "train", "--out", str(root / "killed"), "--resume"]) == 0
+    a = load_file(str(root / "whole" / "checkpoint" / "offramp_heads.safetensors"))
+    b = load_file(str(root / "killed" / "checkpoint" / "offramp_heads.safetensors"))
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
+    bb_a = load_file(str(root / "whole" / "checkpoint" / "backbone" / "model.safetensors"))
+    bb_b = load_file(str(root / "killed" / "checkpoint" / "backbone" / "model.safetensors"))
+    moved = max(float((bb_a[k] - bb_b[k]).abs().max()) for k in bb_a)
+    assert moved < 1e-5  # the fine-tuned backbone too
+
+
+def test_a_contradicting_flag_names_both_values(assets, tmp_path, capsys):
+    root, model, csv = assets
+    assert _train(tmp_path / "run", model, csv, "--epochs", "1") == 0
+    capsys.readouterr()
+    for flag, stored, given in ((["--lr", "1e-2"], "0.005", "0.01"), (["--halting", "palbert"], "'none'", "'palbert'"),
+                                (["--batch-size", "8"], "16", "8"), (["--weights", "pabee"], "'uniform'", "'pabee'")):
+        assert main([*COMMON, "train", "--out", str(tmp_path / "run"), "--resume", *flag]) == 2
+        err = capsys.readouterr().err
+        assert f"this run was trained with {flag[0]} {stored}, not {given}" in err, err
+        assert "Loading weights" not in err  # --quiet silences the libraries' bars too
+    assert main([*COMMON, "train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--full"]) == 0
+
+
+def test_frozen_resume_still_caches_and_extends(assets, tmp_path):
+    root, model, csv = assets
+    out = tmp_path / "frozen"
+    assert main([*COMMON, "train", "--model", str(model), "--data", str(csv), "--out", str(out), "--epochs", "1",
+                 "--batch-size", "16"]) == 0
+    shutil.copytree(out, tmp_path / "copy")
+    assert main([*COMMON, "train", "--out", str(out), "--resume", "--epochs", "2"]) == 0
+    import json
+
+    history = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    stored = json.loads((out / "checkpoint" / "offramp_config.json").read_text())["extra"]["train"]
+    assert stored["full"] is False and stored["epochs"] == 2
