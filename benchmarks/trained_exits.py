@@ -1,7 +1,7 @@
 """Decoders trained to exit (LayerSkip) against the same decoders trained without it, measured in one run.
 
-    python scripts/train_lm.py --arch llama --recipe plain     --out ~/.cache/offramp/llama-bbc-plain ...
-    python scripts/train_lm.py --arch llama --recipe layerskip --out ~/.cache/offramp/llama-bbc-layerskip ...
+    offramp train-lm --arch llama --recipe plain     --out ~/.cache/offramp/llama-bbc-plain ...
+    offramp train-lm --arch llama --recipe layerskip --out ~/.cache/offramp/llama-bbc-layerskip ...
     python benchmarks/trained_exits.py --json benchmarks/results/trained_exits.json
 
 For every model folder (default: the ``{llama,mamba}-bbc-{plain,layerskip}`` folders that exist in
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else [m for m in DEFAULT_MODELS if (CACHE / m).exists()]
     if not names:
-        p.error(f"no trained models in {CACHE} ({', '.join(DEFAULT_MODELS)}): train them with scripts/train_lm.py")
+        p.error(f"no trained models in {CACHE} ({', '.join(DEFAULT_MODELS)}): train them with offramp train-lm")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -247,7 +247,7 @@ def test_bad_policy_and_value(ws, capsys):
 
 def test_train_full_finetuning_with_options(ws, capsys, tmp_path):
     rc, out, _ = run(capsys, "train", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "full",
-                     "--full", "--epochs", "1", "--exits", "2,4", "--pooling", "mean", "--weights", "pabee",
+                     "--full", "--epochs", "1", "--exit-layers", "2,4", "--pooling", "mean", "--weights", "pabee",
                      "--shared-head", "--policy", "entropy", "--value", "0.5")
     assert rc == 0 and len(json.loads(out)["accuracy_per_exit"]) == 2
     cfg = json.loads((tmp_path / "full" / "checkpoint" / "offramp_config.json").read_text())
@@ -357,3 +357,20 @@ def test_ponder_options_without_a_halting_layer_are_refused(ws, capsys, tmp_path
 def test_no_first_exit_warning_when_rows_go_deeper(ws, capsys):
     rc, _, err = run(capsys, "evaluate", "--model", ws["run"], "--policy", "never", "--no-timing")
     assert rc == 0 and "first exit" not in err
+
+
+def test_deprecated_spellings_warn_and_mean_the_new_option():
+    """One meaning per flag: the previous release's spellings still parse, into the new option, with
+    a warning that names the new spelling and the release that removes them."""
+    parser = build_parser()
+    cases = [(["train", "--model", "m", "--data", "d", "--out", "o", "--exits", "2,4"], "exits", "2,4", "--exit-layers"),
+             (["calibrate", "--model", "m", "--tolerance", "0.2"], "tolerance", 0.2, "--token-tolerance"),
+             (["generate", "--model", "m", "--threshold", "0.5"], "threshold", 0.5, "--policy token_confidence"),
+             (["reason", "run", "--model", "m", "--question", "q", "--prompt", "check"], "prompt", "check", "--prompt-style"),
+             (["reason", "run", "--model", "m", "--question", "q", "--method", "deer", "--lambda", "0.9"], "lam", 0.9, "--value")]
+    for argv, dest, value, new in cases:
+        with pytest.warns(FutureWarning, match=rf"is spelled {re.escape(new)}.*removed in offramp 0\.2\.0"):
+            args = parser.parse_args(argv)
+        assert getattr(args, dest) == value, argv
+    args = parser.parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--exit-layers", "3"])
+    assert args.exits == "3"

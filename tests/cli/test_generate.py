@@ -9,13 +9,16 @@ import pytest
 import torch
 from decoder_models import tiny_lm_folder
 
+from offramp.cli.fit_exits import add_fit_exits_parser
 from offramp.cli.generate import add_generate_parser
 from offramp.modeling import DecoderExitModel
 
 
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    add_generate_parser(parser.add_subparsers(dest="command"))
+    sub = parser.add_subparsers(dest="command")
+    add_generate_parser(sub)
+    add_fit_exits_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -32,8 +35,8 @@ def test_generate_never_exit_then_with_exits(tmp_path, capsys) -> None:
     assert rows[0]["tokens"] == ref.tolist()[:len(rows[0]["tokens"])]
     exits = DecoderExitModel.from_backbone(model, exit_layers=[2, 3])
     exits.save_pretrained(tmp_path / "exits")
-    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--threshold", "0",
-                 "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--json", str(out)]) == 0
+    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy",
+                 "token_confidence", "--value", "0", "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--json", str(out)]) == 0
     layers = json.loads(out.read_text())["rows"][0]["exit_layers"]
     assert layers[0] == 4 and set(layers[1:]) <= {2}
     assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy", "static",
@@ -46,7 +49,8 @@ def test_generate_never_exit_then_with_exits(tmp_path, capsys) -> None:
 def test_generate_stream_writes_the_tokens_of_generate_line_by_line(tmp_path, capsys) -> None:
     folder, model = tiny_lm_folder(tmp_path)
     DecoderExitModel.from_backbone(model, exit_layers=[2, 3]).save_pretrained(tmp_path / "exits")
-    common = ["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--threshold", "0.02",
+    common = ["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy",
+              "token_confidence", "--value", "0.02",
               "--prompt", "w5 w6 w7", "--prompt", "w9", "--prompt", "w11 w12", "--max-new-tokens", "6",
               "--batch-size", "2"]
     assert _run(common + ["--json", str(tmp_path / "plain.json")]) == 0
@@ -104,12 +108,14 @@ def test_fit_exits_on_a_text_file_trains_saves_and_uses_them(tmp_path, capsys) -
     docs = [" ".join(f"w{4 + (i * 7 + j) % 90}" for j in range(20)) for i in range(6)]
     text.write_text("\n\n".join(docs) + "\n\n\n")
     out = tmp_path / "exits"
-    assert _run(["generate", "--model", str(folder), "--fit-exits", str(out), "--fit-text", str(text),
-                 "--exit-layers", "2,3", "--fit-epochs", "2", "--fit-max-tokens", "12", "--threshold", "0",
-                 "--prompt", "w5 w6 w7", "--max-new-tokens", "4", "--json", str(tmp_path / "o.json")]) == 0
+    assert _run(["fit-exits", "--model", str(folder), "--out", str(out), "--fit-text", str(text),
+                 "--exit-layers", "2,3", "--fit-epochs", "2", "--fit-max-tokens", "12"]) == 0
     printed = capsys.readouterr()
     assert "heads epoch 2/2" in printed.err and f"saved to {out}" in printed.err  # progress on stderr
     assert "heads epoch" not in printed.out  # stdout carries results only
+    assert json.loads(printed.out)["exit_layers"] == [2, 3]
+    assert _run(["generate", "--model", str(folder), "--exits", str(out), "--policy", "token_confidence", "--value",
+                 "0", "--prompt", "w5 w6 w7", "--max-new-tokens", "4", "--json", str(tmp_path / "o.json")]) == 0
     loaded = DecoderExitModel.from_pretrained(out, backbone=model)
     assert loaded.exit_layers == [2, 3]
     trained = torch.cat([p.flatten() for p in loaded.heads.parameters()])
@@ -132,14 +138,22 @@ def test_fit_exits_on_a_text_file_trains_saves_and_uses_them(tmp_path, capsys) -
         [r["tokens"] for r in json.loads(plain.read_text())["rows"]]
 
 
-def test_fit_text_bad_input(tmp_path) -> None:
+def test_fit_exits_bad_input(tmp_path, capsys) -> None:
     folder, _ = tiny_lm_folder(tmp_path)
-    with pytest.raises(ValueError, match="add --fit-exits"):
-        _run(["generate", "--model", str(folder), "--fit-text", "bbc", "--prompt", "w5"])
     with pytest.raises(ValueError, match="does not exist"):
-        _run(["generate", "--model", str(folder), "--fit-exits", str(tmp_path / "e"),
-              "--fit-text", str(tmp_path / "missing.txt"), "--prompt", "w5"])
+        _run(["fit-exits", "--model", str(folder), "--out", str(tmp_path / "e"), "--fit-text",
+              str(tmp_path / "missing.txt")])
     assert not (tmp_path / "e").exists()
+    with pytest.raises(ValueError, match="add --fit-text"):
+        _run(["fit-exits", "--model", str(folder), "--out", str(tmp_path / "e"), "--text-column", "body"])
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        _run(["fit-exits", "--model", str(folder), "--out", str(tmp_path / "kept")])
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"  # nothing replaced unasked
+    with pytest.raises(SystemExit):  # the previous release's mode of generate names the command now
+        _run(["generate", "--model", str(folder), "--fit-exits", str(tmp_path / "e"), "--prompt", "w5"])
+    assert "offramp fit-exits --model MODEL --out" in capsys.readouterr().err
 
 
 def test_collect_sweep_calibrate_and_generate_on_token_exits(tmp_path, capsys) -> None:
@@ -178,7 +192,7 @@ def test_collect_sweep_calibrate_and_generate_on_token_exits(tmp_path, capsys) -
     assert "is for classifiers" in capsys.readouterr().err
     # on real generations of the prompts (no trace), for the cache strategy it will be used with
     assert main(["calibrate", "--model", str(tmp_path / "exits"), "--prompts-file", str(prompts), "--max-new-tokens",
-                 "6", "--policy", "token_confidence", "--risk", "sequence", "--tolerance", "0.2", "--delta", "0.5",
+                 "6", "--policy", "token_confidence", "--risk", "sequence", "--token-tolerance", "0.2", "--delta", "0.5",
                  "--epsilon", "0.2", "--pvalue", "binomial", "--cache-strategy", "copy_kv"]) == 0
     printed = capsys.readouterr()
     assert "real greedy generations, cache copy_kv" in printed.out and "calibrate: " in printed.err
@@ -190,6 +204,7 @@ def test_collect_sweep_calibrate_and_generate_on_token_exits(tmp_path, capsys) -
 def test_generate_speculative_equals_greedy_and_refuses_what_it_cannot_do(tmp_path, capsys) -> None:
     folder, model = tiny_lm_folder(tmp_path)
     DecoderExitModel.from_backbone(model, exit_layers=[2, 3], head="tied").save_pretrained(tmp_path / "exits")
+    DecoderExitModel.from_backbone(model, exit_layers=[2, 3], head="mamba").save_pretrained(tmp_path / "mamba-exits")
     plain, spec = tmp_path / "plain.json", tmp_path / "spec.json"
     prompts = ["--prompt", "w5 w6 w7", "--prompt", "w9 w40"]
     assert _run(["generate", "--model", str(folder), *prompts, "--max-new-tokens", "9", "--json", str(plain)]) == 0
@@ -223,8 +238,8 @@ def test_generate_speculative_equals_greedy_and_refuses_what_it_cannot_do(tmp_pa
                            (["--speculative", "--exits", "x", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
                            (["--speculative", "--exits", str(tmp_path / "exits"), "--draft-exit", "1"],
                             "not one of the model's exits"),
-                           (["--speculative", "--fit-exits", str(tmp_path / "new"), "--head", "mamba"],
-                            "Mamba-block head cannot take back"),
+                           (["--speculative", "--exits", str(tmp_path / "mamba-exits")],
+                            "stateful \\(Mamba\\) head, whose state cannot take back"),
                            (["--draft-vocab", "8"], "option of --speculative"),
                            (["--speculative", "--exits", "x", "--draft-vocab", "0"], "--draft-vocab must be >= 1"),
                            (["--speculative", "--exits", "x", "--draft-rule", "token_confidence"],

@@ -2,7 +2,7 @@
 
 ``COMMANDS`` lists every subcommand with the module that defines it (``add_<name>_parser`` next to
 ``cmd_<name>``): ``train``, ``traces`` (collect, sweep, evaluate), ``predict``, ``demo``, ``bench``,
-``generate``, ``reason`` (run, build, fit), ``calibrate`` and ``serve``; ``common`` holds the shared
+``train_lm``, ``fit_exits``, ``generate``, ``reason`` (run, build, fit), ``calibrate`` and ``serve``; ``common`` holds the shared
 options (data, policy, outputs). Adding a command is its module's two functions plus one line in ``COMMANDS``. Bad input
 ends with ``offramp <cmd>: error: ...`` and exit status 2.
 """
@@ -22,6 +22,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("sweep", "offramp.cli.traces", "add_sweep_parser"),
     ("evaluate", "offramp.cli.traces", "add_evaluate_parser"),
     ("predict", "offramp.cli.predict", "add_predict_parser"),
+    ("train-lm", "offramp.cli.train_lm", "add_train_lm_parser"),
+    ("fit-exits", "offramp.cli.fit_exits", "add_fit_exits_parser"),
     ("generate", "offramp.cli.generate", "add_generate_parser"),
     ("reason", "offramp.cli.reason", "add_reason_parser"),
     ("calibrate", "offramp.cli.calibrate", "add_calibrate_parser"),

@@ -51,9 +51,10 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--risk", choices=RISKS + TOKEN_RISKS, default=None,
                    help="disagree (default) | wrong_when_full_right for classifiers; sequence (default) | token "
                         "for token exits")
-    p.add_argument("--tolerance", type=float, default=0.0,
+    p.add_argument("--token-tolerance", dest="tolerance", type=float, default=0.0,
                    help="risk sequence: the share of differing tokens a sequence may have and still count as "
                         "consistent (default 0: any difference counts)")
+    common.add_deprecated(p, "--tolerance", "--token-tolerance", dest="tolerance", type=float, default=0.0)
     p.add_argument("--delta", type=float, default=0.05, help="risk level to control (ltt)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability (ltt) / inconsistency (cats)")
     p.add_argument("--pvalue", choices=PVALUES, default="hoeffding",
@@ -97,7 +98,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     common.check_out(ckpt, True, "checkpoint folder")  # the chosen rule is written into it
     common.require_unit(args, "delta", "epsilon", "alpha")
     if not 0.0 <= args.tolerance < 1.0:
-        raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
+        raise ValueError(f"--token-tolerance must be in [0, 1), got {args.tolerance}")
     allowed = RISKS if kind == "classifier" else TOKEN_RISKS
     risk = args.risk or allowed[0]
     if risk not in allowed:

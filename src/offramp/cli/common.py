@@ -34,6 +34,29 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'offramp.cli.common' has no attribute {name!r}")
 
 
+REMOVAL = "0.2.0"  # the release that drops the deprecated spellings below
+
+
+class DeprecatedOption(argparse.Action):
+    """An old spelling of an option: stores into the new one's destination and warns once."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        import warnings
+
+        warnings.warn(f"{option_string} is spelled {self.new} now; {option_string} will be removed in "
+                      f"offramp {REMOVAL}", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated(p: Any, old: str, new: str, *, dest: str, **kwargs: Any) -> None:
+    """Accept ``old`` as a hidden, warned spelling of ``new`` (the same destination) until ``REMOVAL``."""
+    p.add_argument(old, dest=dest, action=DeprecatedOption, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
 def require_min(args: argparse.Namespace | dict[str, Any], **lows: float) -> None:
     """Refuse each named option below its minimum (``require_min(args, n=1)``: --n must be >= 1).
 
@@ -146,7 +169,7 @@ def parse_exits(text: str) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--exits must be 'all' or comma-separated layer numbers like 2,4,6; got {text!r}") from None
+        raise ValueError(f"--exit-layers must be 'all' or comma-separated layer numbers like 2,4,6; got {text!r}") from None
 
 
 # --------------------------------------------------------------------------------------- policies

@@ -1,13 +1,14 @@
 """``offramp generate``: text generation with token-level early exits (DYNAMAX / CALM).
 
-    offramp generate --model smollm2-offline --fit-exits exits/smollm2 --chat \\
+    offramp fit-exits --model smollm2-offline --out exits/smollm2 --chat
+    offramp generate --model smollm2-offline --exits exits/smollm2 --chat \\
         --prompt "Write one sentence about the sea." --policy token_confidence --value 0.8 --show-exits
     offramp generate --model smollm2-offline --exits exits/smollm2 --prompts-file prompts.txt --json out.json
     offramp generate --model runs/llama-ls --exits exits/llama-ls --speculative --plan --prompt "..."
 
-Without ``--exits`` / ``--fit-exits`` no token exits (output equals plain greedy ``generate``).
-``--speculative`` is lossless self-speculation from an exit (greedy, or ``--sample`` with the full
-model's distribution); ``--plan`` measures this machine's costs and picks its exit and draft length.
+Without ``--exits`` no token exits (output equals plain greedy ``generate``). ``--speculative`` is
+lossless self-speculation from an exit (greedy, or ``--sample`` with the full model's
+distribution); ``--plan`` measures this machine's costs and picks its exit and draft length.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from offramp.cli import common
-from offramp.names import CACHE_STRATEGIES, DRAFT_RULES, LM_HEAD_TYPES
+from offramp.names import CACHE_STRATEGIES, DRAFT_RULES
+
+
+class FitExitsMoved(argparse.Action):
+    """``generate --fit-exits`` of the previous release: fitting is its own command now."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str | None = None):
+        parser.error(f"fitting exits is its own command now: `offramp fit-exits --model MODEL --out {values}`, "
+                     f"then `offramp generate --model MODEL --exits {values} ...`")
 
 
 def add_generate_parser(subparsers: Any) -> None:
@@ -29,27 +38,13 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--model", required=True,
                    help="HF causal LM folder or Hub id, or an offline alias: smollm2-offline, mamba-bbc-offline")
     p.add_argument("--exits", help="folder of trained exits (saved by DecoderExitModel.save_pretrained)")
-    p.add_argument("--fit-exits", metavar="OUT", help="train exits on the model's own greedy continuations of "
-                   "offline BBC News prompts, save them to OUT and use them")
-    p.add_argument("--head", choices=LM_HEAD_TYPES, default="ffn", help="with --fit-exits")
-    p.add_argument("--exit-layers", help="with --fit-exits: layers run before each exit, e.g. 15,18,21 "
-                   "(default: 5 exits in the second half)")
-    p.add_argument("--train-prompts", type=int, default=64, help="with --fit-exits: prompts to continue")
-    p.add_argument("--fit-text", metavar="DATA", help="with --fit-exits: distil on this text instead of the "
-                   "model's own continuations (teacher-forced, no decoding): a .txt file (documents "
-                   "separated by blank lines), a .csv/.tsv/.jsonl file, bbc, or a Hub dataset name")
-    p.add_argument("--text-column", help="with --fit-text: the column holding the text (default: detected)")
-    p.add_argument("--fit-split", default="train", help="with --fit-text and a Hub dataset: the split")
-    p.add_argument("--fit-texts", type=int, default=256, help="with --fit-text: how many texts to use")
-    p.add_argument("--fit-max-tokens", type=int, default=256, help="with --fit-text: tokens kept per text")
-    p.add_argument("--fit-epochs", type=int, default=3, help="with --fit-exits: epochs of head distillation")
-    p.add_argument("--top-k", type=int, default=1, help="with --fit-exits: exit ok if its token is in the top-k")
+    p.add_argument("--fit-exits", metavar="OUT", action=FitExitsMoved, help=argparse.SUPPRESS)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     common.add_policy_args(p, generation=True)
-    p.add_argument("--threshold", type=float, default=None,
-                   help="shorthand for --policy token_confidence --value T (kept for scripts of the previous release)")
+    p.add_argument("--threshold", type=float, default=None, action=common.DeprecatedOption,
+                   new="--policy token_confidence --value T", help=argparse.SUPPRESS)
     p.add_argument("--cache-strategy", choices=CACHE_STRATEGIES, default=None,
                    help="what skipped layers store (default copy_kv; freeze for Mamba; catch_up is exact on both)")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -62,7 +57,7 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--speculative", action="store_true",
                    help="lossless self-speculation: an exit drafts, the rest of the model verifies (output = "
                         "greedy decoding's, or with --sample drawn from the full model's distribution; needs "
-                        "--exits or --fit-exits)")
+                        "--exits)")
     p.add_argument("--draft-exit", type=int, default=None,
                    help="with --speculative: the exit layer that drafts (default: the deepest exit)")
     p.add_argument("--draft-tokens", type=int, default=3, help="with --speculative: most tokens drafted per round")
@@ -73,7 +68,7 @@ def add_generate_parser(subparsers: Any) -> None:
                         "confidence classifier)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="with --speculative: draft among the K tokens most frequent in the text the exits were "
-                        "fitted on (recorded by --fit-exits); the LM head then reads K rows per draft, and the "
+                        "fitted on (recorded by offramp fit-exits); the LM head then reads K rows per draft, and the "
                         "output is unchanged")
     p.add_argument("--plan", action="store_true",
                    help="with --speculative: measure this machine's costs and the exits' acceptance on the first "
@@ -108,7 +103,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     """Refuse settings that would fail late or silently change nothing, before the model loads."""
     import math
 
-    common.require_min(args, batch_size=1, max_new_tokens=1, fit_epochs=1)
+    common.require_min(args, batch_size=1, max_new_tokens=1)
     if args.threshold is not None and not (0.0 <= args.threshold <= 1.0):  # NaN fails this too
         raise ValueError(f"--threshold must be a number in [0, 1], got {args.threshold}")
     if args.value is not None and math.isnan(args.value):
@@ -141,8 +136,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError("--draft-rule says how --draft-confidence is read: add --draft-confidence, or drop it")
     if args.draft_vocab is not None and args.draft_vocab < 1:
         raise ValueError(f"--draft-vocab must be >= 1 tokens, got {args.draft_vocab}")
-    if not (args.exits or args.fit_exits):
-        raise ValueError("--speculative drafts with a token exit: add --exits DIR (or --fit-exits OUT)")
+    if not args.exits:
+        raise ValueError("--speculative drafts with a token exit: add --exits DIR (fit them with `offramp "
+                         "fit-exits`)")
     conflicting = [flag for flag, on in (("--repetition-penalty", args.repetition_penalty != 1.0),
                                          ("--policy / --threshold",
                                           args.policy is not None or args.threshold is not None)) if on]
@@ -162,72 +158,20 @@ def _check_policy(args: argparse.Namespace) -> None:
         args.policy, args.value = "token_confidence", args.threshold
     if args.policy is None and args.value is None:
         return
-    if not (args.exits or args.fit_exits):
-        raise ValueError("--policy / --value / --threshold need exits: add --exits DIR or --fit-exits OUT")
+    if not args.exits:
+        raise ValueError("--policy / --value / --threshold need exits: add --exits DIR (fit them with `offramp "
+                         "fit-exits`)")
     if args.policy is not None:
         policy = common.make_policy_arg(args.policy, args.value, {})
         require_signals(policy, set(SIGNALS), "token-exit generation",
                         "use one of max_prob, entropy, margin, patience, saturation, static, token_confidence")
 
 
-DRAFT_VOCAB_KEPT = 16384  # the most frequent tokens of the fitted text that the exits' config records
-
-
-def _fit_layers(args: argparse.Namespace) -> list[int] | None:
-    """The --exit-layers to fit (None: the default exits)."""
-    return [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
-
-
-def _exit_model(args: argparse.Namespace, backbone: Any, tok: Any) -> Any:
+def _exit_model(args: argparse.Namespace, backbone: Any) -> Any:
+    """The token exits of --exits on ``backbone`` (None without --exits: plain decoding)."""
     from offramp.modeling import DecoderExitModel
 
-    if args.fit_text and not args.fit_exits:
-        raise ValueError("--fit-text is training data for --fit-exits OUT: add --fit-exits")
-    if args.exits and args.fit_exits:
-        raise ValueError("give either --exits (load trained exits) or --fit-exits (train them), not both")
-    if args.exits:
-        return DecoderExitModel.from_pretrained(args.exits, backbone=backbone)
-    if not args.fit_exits:
-        return None
-    from offramp.data.assets import bbc_prompts
-    from offramp.engines.generate import frequent_tokens
-    from offramp.training.distill import fit_exits, greedy_continuations, text_sequences
-
-    layers = _fit_layers(args)
-    model = DecoderExitModel.from_backbone(backbone, exit_layers=layers, head=args.head, top_k=args.top_k,
-                                           base_model_name_or_path=_model_ref(args.model, backbone))
-    if args.fit_text:
-        from offramp.data import load_texts
-
-        texts = load_texts(args.fit_text, text_column=args.text_column, split=args.fit_split,
-                           limit=args.fit_texts)
-        seqs = text_sequences(tok, texts, max_tokens=args.fit_max_tokens)
-    else:
-        seqs = greedy_continuations(backbone, tok, bbc_prompts(args.train_prompts, split="train",
-                                                               instruct=args.chat),
-                                    max_new_tokens=40, chat=args.chat, progress=True)
-    fit_exits(model, seqs, head_epochs=args.fit_epochs, log=lambda m: common.log(f"fit-exits: {m}"), progress=True)
-    # the fitted text's tokens by frequency: --draft-vocab K drafts among the first K
-    model.config.draft_vocab = frequent_tokens([seq[p:] for seq, p in seqs], DRAFT_VOCAB_KEPT).tolist()
-    model.save_pretrained(args.fit_exits)
-    common.log(f"fit-exits: saved to {args.fit_exits}")
-    return model
-
-
-def _check_speculative_backbone(args: argparse.Namespace, backbone: Any) -> None:
-    """What --speculative needs of the model, before any exit is trained."""
-    from offramp.backbones import adapter_for
-    from offramp.modeling.decoder import default_exit_layers
-
-    adapter = adapter_for(backbone, role="decoder")
-    if args.fit_exits and args.head == "mamba":
-        raise ValueError("--speculative drafts from an exit without state (a Mamba-block head cannot take back "
-                         "rejected drafts): fit --head ffn, tied or block")
-    if args.fit_exits and args.draft_exit is not None:
-        layers = _fit_layers(args) or default_exit_layers(adapter.num_layers)
-        if args.draft_exit not in layers:
-            raise ValueError(f"--draft-exit {args.draft_exit} is not one of the exits to fit {layers}: add it to "
-                             "--exit-layers or pick one of them")
+    return DecoderExitModel.from_pretrained(args.exits, backbone=backbone) if args.exits else None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -244,12 +188,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     if args.json:
         common.check_out(Path(args.json), True, "--json file")
-    if args.fit_exits:
-        common.check_out(Path(args.fit_exits), True, "--fit-exits folder")
     backbone, tok = load_causal_lm(args.model)
-    if args.speculative:
-        _check_speculative_backbone(args, backbone)
-    exit_model = _exit_model(args, backbone, tok)
+    exit_model = _exit_model(args, backbone)
     policy = None
     if exit_model is not None:
         policy = common.make_policy_arg(args.policy, args.value, exit_model.config.policy)
@@ -319,7 +259,7 @@ def _draft_vocab(args: argparse.Namespace, exit_model: Any, sampling: Any) -> An
     stored = exit_model.config.draft_vocab
     if not stored:
         raise ValueError(f"the exits in {args.exits} record no draft vocabulary (fitted before it was recorded): "
-                         "fit them again with --fit-exits, or drop --draft-vocab")
+                         "fit them again with `offramp fit-exits`, or drop --draft-vocab")
     eos = sampling.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     top = list(stored[:args.draft_vocab])
@@ -434,14 +374,3 @@ def cmd_collect_tokens(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
-def _model_ref(name: str, backbone: Any) -> str:
-    """How token exits name their base model: an offline alias as the alias (resolved at load, so
-    moving the cache or the environment does not break them), a local folder as an absolute path,
-    a Hub id as given."""
-    from offramp.data.assets import ALIASES
-
-    if name in ALIASES and not Path(name).exists():
-        return name
-    if Path(name).exists():
-        return str(Path(name).resolve())
-    return getattr(backbone, "name_or_path", None) or name

@@ -52,10 +52,12 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     run.add_argument("--probe", help="a calibrated probe folder written by `offramp reason fit`")
     run.add_argument("--budget", type=int, default=None, help="cap the chain at this many tokens, then force the "
                      "answer")
-    run.add_argument("--method", choices=("lynx", "deer", "budget", "full"), default=None,
-                     help="the previous release's spelling: lynx = --policy probe, deer = --policy deer, "
-                          "budget = --budget (default 256), full = --policy never")
-    run.add_argument("--lambda", dest="lam", type=float, default=None, help="with --method deer: = --value")
+    # the previous release's spellings: lynx = --policy probe, deer = --policy deer, budget = --budget
+    # (default 256), full = --policy never; --lambda = --value
+    run.add_argument("--method", choices=("lynx", "deer", "budget", "full"), default=None, action=common.DeprecatedOption,
+                     new="--policy (probe, deer, never) or --budget", help=argparse.SUPPRESS)
+    run.add_argument("--lambda", dest="lam", type=float, default=None, action=common.DeprecatedOption, new="--value",
+                     help=argparse.SUPPRESS)
     run.add_argument("--out", help="append one JSON line per problem here (default: print)")
     run.add_argument("--sample", action="store_true", help="sample the chains (forced answers stay greedy)")
     run.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
@@ -104,8 +106,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cue-words", default=None, help=f"comma-separated (default {DEFAULT_WORDS}; '' for none)")
     p.add_argument("--no-steps", action="store_true", help="no step-boundary cues (blank lines, sentence ends)")
     p.add_argument("--layers", default=None, help="hidden_states indices of the features (default -1)")
-    p.add_argument("--prompt", default="plain", help="the instruction after each question: plain (solve step by "
-                   "step, box the answer), check (then check the answer), or literal text (default plain)")
+    p.add_argument("--prompt-style", dest="prompt", default="plain", help="the instruction after each question: "
+                   "plain (solve step by step, box the answer), check (then check the answer), or literal text "
+                   "(default plain)")
+    common.add_deprecated(p, "--prompt", "--prompt-style", dest="prompt", default="plain")
     p.add_argument("--batch-size", type=int, default=8, help="chains decoded together (default 8)")
 
 

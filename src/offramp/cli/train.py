@@ -30,7 +30,9 @@ def add_train_parser(sub: Any) -> None:
                    help="metric points the selected setting may lose against the last exit (default 0.01)")
     # Every option below is stored with the run (extra.train): --resume reuses it, and a flag given
     # with --resume that contradicts it is an error. Defaults: TRAIN_DEFAULTS.
-    p.add_argument("--exits", default=None, help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
+    p.add_argument("--exit-layers", dest="exits", default=None, metavar="LAYERS",
+                   help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
+    common.add_deprecated(p, "--exits", "--exit-layers", dest="exits", default=None)
     p.add_argument("--shared-head", action="store_true", default=None, help="one classifier for every exit (PALBERT)")
     p.add_argument("--pooling", choices=["auto", "cls", "mean"], default=None,
                    help="auto (default): mean for sentence-transformers models trained with mean pooling, else cls")

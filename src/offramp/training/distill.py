@@ -22,13 +22,16 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from offramp.data.assets import ALIASES, bbc_prompts
 from offramp.data.prompts import chat_texts
-from offramp.engines.generate import generate
+from offramp.engines.generate import frequent_tokens, generate
+from offramp.modeling.decoder import DecoderExitModel
 from offramp.objectives.distill import distill_loss, exit_weights
 from offramp.utils import progress as bar
 
@@ -252,3 +255,38 @@ def fit_exits(model: nn.Module, sequences: list[tuple[Tensor, int]], *, head_epo
     model.config.top_k = top_k
     return {"head_loss": head_hist, "confidence_loss": conf_hist, "exit_ok_rate": targets.mean(0).tolist(),
             "positions": int(feats.shape[0]), "final_head_loss": head_hist[-1] if head_hist else math.nan}
+
+
+DRAFT_VOCAB_KEPT = 16384  # the most frequent tokens of the fitted text that the exits' config records
+
+
+def model_reference(name: str, backbone: Any) -> str:
+    """How token exits name their base model: an offline alias as the alias (resolved at load, so
+    moving the cache or the environment does not break them), a local folder as an absolute path,
+    a Hub id as given."""
+    if name in ALIASES and not Path(name).exists():
+        return name
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    return getattr(backbone, "name_or_path", None) or name
+
+
+def fit_token_exits(backbone: nn.Module, tokenizer: Any, model_name: str, *, exit_layers: list[int] | None = None,
+                    head: str = "ffn", top_k: int = 1, texts: list[str] | None = None, max_tokens: int = 256,
+                    prompts: int = 64, chat: bool = False, epochs: int = 3,
+                    log: Callable[[str], None] | None = None) -> DecoderExitModel:
+    """Token exits for a frozen causal LM, fitted and ready to save: distilled on ``texts``
+    (teacher-forced, ``max_tokens`` per text) or, without texts, on the model's own greedy
+    continuations of ``prompts`` offline BBC News prompts. The exits' config names the LM
+    (``model_reference``) and records the fitted text's tokens by frequency (``draft_vocab``)."""
+    model = DecoderExitModel.from_backbone(backbone, exit_layers=exit_layers, head=head, top_k=top_k,
+                                           base_model_name_or_path=model_reference(model_name, backbone))
+    if texts is not None:
+        seqs = text_sequences(tokenizer, texts, max_tokens=max_tokens)
+    else:
+        seqs = greedy_continuations(backbone, tokenizer, bbc_prompts(prompts, split="train", instruct=chat),
+                                    max_new_tokens=40, chat=chat, progress=True)
+    fit_exits(model, seqs, head_epochs=epochs, log=log, progress=True)
+    # the fitted text's tokens by frequency: speculation's draft vocabulary is their first K
+    model.config.draft_vocab = frequent_tokens([seq[p:] for seq, p in seqs], DRAFT_VOCAB_KEPT).tolist()
+    return model
