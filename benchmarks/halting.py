@@ -30,7 +30,8 @@ import torch
 
 from offramp import EarlyExitModel, OfframpConfig
 from offramp.data.batching import DATA_DEFAULTS, load_from_settings, split_batches  # noqa: E402
-from offramp.modeling.checkpoints import default_pooling, tokenizer_of  # noqa: E402
+from offramp.modeling.checkpoints import default_pooling  # noqa: E402
+from offramp.modeling.predict import tokenizer_of  # noqa: E402
 from offramp.data.assets import resolve_model_path
 from offramp.evaluation.collect import collect, replay
 from offramp.evaluation.halting import halting_report

@@ -82,7 +82,8 @@ class Classify:
 
     def __init__(self, run: str, n: int, policy: dict, args: argparse.Namespace) -> None:
         from offramp import EarlyExitModel
-        from offramp.modeling.checkpoints import checkpoint_dir, tokenizer_of
+        from offramp.modeling.checkpoints import checkpoint_dir
+        from offramp.modeling.predict import tokenizer_of
         from offramp.modeling.predict import predict_rows
         from offramp.data import load_data
         from offramp.policies import make_policy

@@ -218,6 +218,23 @@ class OfframpConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
+        self._check_exit_layers()
+        self._check_head_and_halting()
+        self._check_objective()
+        if not isinstance(self.policy, dict) or "type" not in self.policy:
+            raise ValueError(f"policy must be a dict with a 'type', got {self.policy!r}")
+        if self.label_names is not None and self.num_labels > 1 and len(self.label_names) != self.num_labels:
+            raise ValueError(f"label_names has {len(self.label_names)} names but num_labels is {self.num_labels}")
+        for f in fields(self):
+            try:
+                json.dumps(getattr(self, f.name))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{f.name} must hold only JSON values (str, numbers, lists, dicts; a path as "
+                                 f"str(path)): {e}") from None
+
+    def _check_types(self) -> None:
+        """Every field of the JSON type it is stored as."""
         if isinstance(self.base_model_name_or_path, os.PathLike):
             self.base_model_name_or_path = os.fspath(self.base_model_name_or_path)
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
@@ -239,6 +256,9 @@ class OfframpConfig:
             self.label_names = list(self.label_names)
         if not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"num_labels must be an integer >= 1 (1 = regression), got {self.num_labels!r}")
+
+    def _check_exit_layers(self) -> None:
+        """1-based, strictly increasing, non-empty (or None: every layer)."""
         if self.exit_layers is not None:
             layers = list(self.exit_layers)
             if not layers:
@@ -248,6 +268,9 @@ class OfframpConfig:
             if sorted(set(layers)) != layers:
                 raise ValueError(f"exit_layers must be strictly increasing without repeats, got {layers}")
             self.exit_layers = layers
+
+    def _check_head_and_halting(self) -> None:
+        """The head, the halting layer and the gates, with defaults filled in."""
         self.head = _merge("head", self.head, HEAD_DEFAULTS)
         if self.head["type"] != "linear":
             raise ValueError(f"head.type must be 'linear', got {self.head['type']!r}")
@@ -264,6 +287,9 @@ class OfframpConfig:
                     f"halting.position must be none, random or sinusoidal, got {self.halting['position']!r}")
         if self.gate is not None:
             self.gate = check_gate_config(self.gate)
+
+    def _check_objective(self) -> None:
+        """The objective with its defaults, and what it needs of the model."""
         obj = dict(self.objective or {"type": "joint"})
         kind = obj.pop("type", "joint")
         if kind in OBJECTIVE_DEFAULTS:
@@ -289,16 +315,6 @@ class OfframpConfig:
                 raise ValueError("objective 'ponder' needs a halting layer: set halting={'type': 'palbert'} "
                                  "or {'type': 'pondernet'}")
         self.objective = {"type": kind, **obj}
-        if not isinstance(self.policy, dict) or "type" not in self.policy:
-            raise ValueError(f"policy must be a dict with a 'type', got {self.policy!r}")
-        if self.label_names is not None and self.num_labels > 1 and len(self.label_names) != self.num_labels:
-            raise ValueError(f"label_names has {len(self.label_names)} names but num_labels is {self.num_labels}")
-        for f in fields(self):
-            try:
-                json.dumps(getattr(self, f.name))
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{f.name} must hold only JSON values (str, numbers, lists, dicts; a path as "
-                                 f"str(path)): {e}") from None
 
     @property
     def is_regression(self) -> bool:

@@ -21,7 +21,7 @@ _LIBRARY = {"load_from_settings": "offramp.data.batching",
             "reliability_curves": "offramp.evaluation.report", "trace_flops": "offramp.evaluation.report",
             "checkpoint_dir": "offramp.modeling.checkpoints", "checkpoint_kind": "offramp.modeling.checkpoints",
             "default_pooling": "offramp.modeling.checkpoints", "fit_max_length": "offramp.modeling.checkpoints",
-            "max_positions": "offramp.modeling.checkpoints", "tokenizer_of": "offramp.modeling.checkpoints",
+            "max_positions": "offramp.modeling.checkpoints", "tokenizer_of": "offramp.modeling.predict",
             "predict_rows": "offramp.modeling.predict", "state_cache_setting": "offramp.modeling.state_cache",
             "check_out": "offramp.utils", "log": "offramp.utils"}
 

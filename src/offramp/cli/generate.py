@@ -177,11 +177,8 @@ def _exit_model(args: argparse.Namespace, backbone: Any) -> Any:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``offramp generate``; ValueError on bad input (the main CLI prints it)."""
     from offramp.data.prompts import chat_texts
-    from offramp.engines.generate import generate
     from offramp.engines.generate.sampling import SamplingOptions
-    from offramp.engines.generate.speculative import speculative_generate
     from offramp.modeling.causal_lm import load_causal_lm
-    from offramp.utils import progress
 
     _check_numbers(args)
     _check_policy(args)
@@ -190,53 +187,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         common.check_out(Path(args.json), True, "--json file")
     backbone, tok = load_causal_lm(args.model)
     exit_model = _exit_model(args, backbone)
-    policy = None
-    if exit_model is not None:
-        policy = common.make_policy_arg(args.policy, args.value, exit_model.config.policy)
     sampling = SamplingOptions.from_model(backbone, do_sample=args.sample, temperature=args.temperature,
                                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                           seed=args.seed)
     texts = chat_texts(tok, prompts, args.chat)
-    model = exit_model if exit_model is not None else backbone
-    vocab = None
+    policy, plan, drafts = None, None, {}
     if args.speculative:
-        from offramp.engines.generate.speculative import check_speculation
-
-        check_speculation(exit_model, sampling, args.draft_tokens, args.draft_confidence, args.draft_exit,
-                          args.draft_rule or "max_prob")
-        vocab = _draft_vocab(args, exit_model, sampling)
-        policy = None
-    rows, start, drafts, plan = [], time.perf_counter(), {}, None
-    if args.plan:
-        plan = _plan(args, exit_model, tok(texts[:args.batch_size], return_tensors="pt", padding=True), sampling,
-                     vocab)
-        start = time.perf_counter()
-    batches = range(0, len(texts), args.batch_size)
-    for i in progress(batches, desc="generate", unit="batch", enabled=len(batches) > 1):
-        enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True)
-        if args.speculative and plan is not None and plan.best is None:
-            out = generate(backbone, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
-                           sampling=sampling, tokenizer=tok)
-        elif args.speculative:
-            out = speculative_generate(exit_model, enc["input_ids"], enc["attention_mask"],
-                                       exit_layer=args.draft_exit, draft_tokens=args.draft_tokens,
-                                       draft_confidence=args.draft_confidence, draft_rule=args.draft_rule or "max_prob",
-                                       draft_vocab=vocab, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                       tokenizer=tok)
-            for key in ("row_rounds", "drafted", "accepted"):
-                drafts[key] = drafts.get(key, 0) + out.extra["speculation"][key]
-        elif args.stream:
-            rows += _stream(model, enc, i, prompts, tok, policy, sampling, args)
-            continue
-        else:
-            out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
-                           policy=policy, cache_strategy=args.cache_strategy, sampling=sampling, tokenizer=tok)
-        for r in range(len(out.texts)):
-            keep = out.exit_layers[r] > 0
-            rows.append({"prompt": prompts[i + r], "text": out.texts[r], "tokens": out.new_tokens[r][keep].tolist(),
-                         "exit_layers": out.exit_layers[r][keep].tolist()})
-    wall = time.perf_counter() - start
-    _print(rows, tok, args.show_exits, model, wall, quiet=args.stream)
+        rows, wall, plan, drafts = _decode_speculative(args, exit_model, backbone, tok, texts, prompts, sampling)
+    else:
+        if exit_model is not None:
+            policy = common.make_policy_arg(args.policy, args.value, exit_model.config.policy)
+        model = exit_model if exit_model is not None else backbone
+        rows, wall = _decode(args, model, tok, texts, prompts, policy, sampling)
+    _print(rows, tok, args.show_exits, exit_model if exit_model is not None else backbone, wall, quiet=args.stream)
     if drafts:
         common.log(f"speculation: {drafts['accepted']} of {drafts['drafted']} drafted tokens accepted "
                    f"({drafts['accepted'] / max(1, drafts['drafted']):.0%}), "
@@ -248,6 +211,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                       "cache_strategy": args.cache_strategy, "wall_s": wall, "rows": rows,
                                       **({"plan": plan.to_dict()} if plan is not None else {})})
     return 0
+
+
+def _batches(tok: Any, texts: list[str], batch_size: int) -> Any:
+    """(first prompt's number, left-padded encoding) of each batch, with a progress bar."""
+    from offramp.utils import progress
+
+    starts = range(0, len(texts), batch_size)
+    for i in progress(starts, desc="generate", unit="batch", enabled=len(starts) > 1):
+        yield i, tok(texts[i:i + batch_size], return_tensors="pt", padding=True)
+
+
+def _rows(out: Any, prompts: list[str], first: int) -> list[dict]:
+    """The output rows of one decoded batch: prompt, text, tokens and their exit layers."""
+    rows = []
+    for r in range(len(out.texts)):
+        keep = out.exit_layers[r] > 0
+        rows.append({"prompt": prompts[first + r], "text": out.texts[r], "tokens": out.new_tokens[r][keep].tolist(),
+                     "exit_layers": out.exit_layers[r][keep].tolist()})
+    return rows
+
+
+def _decode(args: argparse.Namespace, model: Any, tok: Any, texts: list[str], prompts: list[str], policy: Any,
+            sampling: Any) -> tuple[list[dict], float]:
+    """Early-exit decoding (plain greedy / sampled decoding without exits), streamed with --stream:
+    (rows, wall-clock seconds)."""
+    from offramp.engines.generate import generate
+
+    rows, start = [], time.perf_counter()
+    for i, enc in _batches(tok, texts, args.batch_size):
+        if args.stream:
+            rows += _stream(model, enc, i, prompts, tok, policy, sampling, args)
+            continue
+        out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                       policy=policy, cache_strategy=args.cache_strategy, sampling=sampling, tokenizer=tok)
+        rows += _rows(out, prompts, i)
+    return rows, time.perf_counter() - start
+
+
+def _decode_speculative(args: argparse.Namespace, exit_model: Any, backbone: Any, tok: Any, texts: list[str],
+                        prompts: list[str], sampling: Any) -> tuple[list[dict], float, Any, dict]:
+    """Self-speculation (--speculative, with --plan: the setting measured fastest, or plain decoding
+    when none beats it): (rows, wall-clock seconds after the plan, the plan or None, draft counts)."""
+    from offramp.engines.generate import generate
+    from offramp.engines.generate.speculative import check_speculation, speculative_generate
+
+    check_speculation(exit_model, sampling, args.draft_tokens, args.draft_confidence, args.draft_exit,
+                      args.draft_rule or "max_prob")
+    vocab = _draft_vocab(args, exit_model, sampling)
+    plan = None
+    if args.plan:
+        plan = _plan(args, exit_model, tok(texts[:args.batch_size], return_tensors="pt", padding=True), sampling,
+                     vocab)
+    rows, drafts, start = [], {}, time.perf_counter()
+    for i, enc in _batches(tok, texts, args.batch_size):
+        if plan is not None and plan.best is None:
+            out = generate(backbone, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                           sampling=sampling, tokenizer=tok)
+        else:
+            out = speculative_generate(exit_model, enc["input_ids"], enc["attention_mask"],
+                                       exit_layer=args.draft_exit, draft_tokens=args.draft_tokens,
+                                       draft_confidence=args.draft_confidence, draft_rule=args.draft_rule or "max_prob",
+                                       draft_vocab=vocab, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                       tokenizer=tok)
+            for key in ("row_rounds", "drafted", "accepted"):
+                drafts[key] = drafts.get(key, 0) + out.extra["speculation"][key]
+        rows += _rows(out, prompts, i)
+    return rows, time.perf_counter() - start, plan, drafts
 
 
 def _draft_vocab(args: argparse.Namespace, exit_model: Any, sampling: Any) -> Any:

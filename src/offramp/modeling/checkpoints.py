@@ -45,13 +45,6 @@ def checkpoint_kind(path: str | Path) -> str:
     return read_config(readable_dir(folder))[0]
 
 
-def tokenizer_of(model: Any) -> Any:
-    if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer: save one with the checkpoint (the backbone folder "
-                         "must include its tokenizer files)")
-    return model.tokenizer
-
-
 def max_positions(model: Any) -> int | None:
     """How many tokens the model's position embeddings (and its tokenizer) allow, or None if unbounded."""
     cfg = model.backbone.config

@@ -8,14 +8,23 @@ from typing import Any
 
 from offramp.data.batching import TokenizedSplit, check_texts
 from offramp.data.splits import TextSplit
-from offramp.modeling.checkpoints import tokenizer_of
 from offramp.policies.base import warn_first_exit
 from offramp.utils import progress
 
 
-def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: int = 32,
-                 max_length: int = 128) -> Iterator[dict[str, Any]]:
-    """One dict per text: label (name), confidence, exit_layer (value instead of label for regression)."""
+def tokenizer_of(model: Any) -> Any:
+    """The model's tokenizer; a ValueError naming the fix when its checkpoint has none."""
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer: save one with the checkpoint (the backbone folder "
+                         "must include its tokenizer files)")
+    return model.tokenizer
+
+
+def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: int = 32, max_length: int = 128,
+                 warn: bool = True) -> Iterator[dict[str, Any]]:
+    """One dict per text, ``batch_size`` texts at a time, by real per-row early exit: text, label
+    (its name when the model has label names), confidence and exit_layer (value instead of label
+    and confidence for regression). ``warn``: say so when (almost) every row leaves at one exit."""
     check_texts(texts)
     tok = tokenizer_of(model)
     data = TokenizedSplit(TextSplit(list(texts), None, [0] * len(texts)), tok, max_length=max_length)
@@ -28,5 +37,6 @@ def predict_rows(model: Any, texts: Sequence[str], policy: Any, *, batch_size: i
                              token_type_ids=enc.get("token_type_ids"))
         exit_index += pred.exit_index.tolist()
         yield from model.prediction_rows(chunk, pred)
-    warn_first_exit(exit_index, list(model.exit_layers), f"policy {policy.to_dict()}",
-                    "if that loses too much accuracy, use a stricter --value (or another --policy)")
+    if warn:
+        warn_first_exit(exit_index, list(model.exit_layers), f"policy {policy.to_dict()}",
+                        "if that loses too much accuracy, use a stricter --value (or another --policy)")

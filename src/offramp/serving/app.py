@@ -143,6 +143,52 @@ async def _ndjson(streams: list):
     await asyncio.gather(*tasks)
 
 
+async def _stream_batch(pool: Any, service: Any, items: list):
+    """The streamed generation of a batch: the decoder runs in the worker thread and hands over each
+    step's lines; every yield gives each item of the batch its lines of that step ([] when it got
+    no token), and StopIteration once its generation is done."""
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue = asyncio.Queue()
+
+    def work() -> None:
+        try:
+            service.stream(items, lambda u: loop.call_soon_threadsafe(steps.put_nowait, u))
+        finally:
+            loop.call_soon_threadsafe(steps.put_nowait, None)
+
+    task = loop.run_in_executor(pool, work)
+    done = [False] * len(items)
+    while (updates := await steps.get()) is not None:
+        out: list[Any] = [StopIteration if done[i] else updates.get(i, []) for i in range(len(items))]
+        for i, lines in updates.items():
+            done[i] = done[i] or bool(lines and lines[-1].get("done"))
+        yield out
+    await task  # the worker's error, if any, reaches every request of the batch
+
+
+async def _checked_items(services: dict[str, Any], kind: str, request: Any) -> Any:
+    """(body, items) of a request to the ``kind`` endpoint, or the JSON error response (404 for a
+    kind this server does not serve, 400 for a body that is not JSON, the service's 4xx for a bad
+    request) before any model work."""
+    from fastapi.responses import JSONResponse
+
+    service = services.get(kind)
+    if service is None:
+        routes = ", ".join(ROUTES[k] for k in services)
+        return JSONResponse({"error": f"this server has no {kind!r} checkpoint; it serves {routes}"}, status_code=404)
+    try:
+        body = await request.json()
+    except Exception as e:  # any undecodable body
+        return JSONResponse({"error": f"the body is not valid JSON ({type(e).__name__}); see "
+                                      f"GET /health for what {ROUTES[kind]} takes"}, status_code=400)
+    try:
+        items = service.check(body)
+    except RequestError as e:
+        return JSONResponse({"error": e.message}, status_code=e.status)
+    service.requests += 1
+    return body, items
+
+
 def build_app(checkpoints: str | list[str], options: ServeOptions | None = None):
     """The Ray Serve application (bound deployment) serving ``checkpoints`` (one per kind):
     ``/classify``, ``/generate`` and ``/reason`` for the kinds given."""
@@ -185,43 +231,14 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
 
         @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
         async def _generate_stream(self, items: list):
-            # the decoder runs in the worker thread and hands over each step's lines; every yield
-            # gives each item of the batch its lines of that step ([] when it got no token), and
-            # StopIteration once its generation is done
-            loop = asyncio.get_running_loop()
-            steps: asyncio.Queue = asyncio.Queue()
-
-            def work() -> None:
-                try:
-                    self.services["token_exits"].stream(items, lambda u: loop.call_soon_threadsafe(steps.put_nowait, u))
-                finally:
-                    loop.call_soon_threadsafe(steps.put_nowait, None)
-
-            task = loop.run_in_executor(self.pool, work)
-            done = [False] * len(items)
-            while (updates := await steps.get()) is not None:
-                out: list[Any] = [StopIteration if done[i] else updates.get(i, []) for i in range(len(items))]
-                for i, lines in updates.items():
-                    done[i] = done[i] or bool(lines and lines[-1].get("done"))
+            async for out in _stream_batch(self.pool, self.services["token_exits"], items):
                 yield out
-            await task  # the worker's error, if any, reaches every request of the batch
 
         async def _handle(self, kind: str, request: Request, batch, stream=None):
-            service = self.services.get(kind)
-            if service is None:
-                routes = ", ".join(ROUTES[k] for k in self.services)
-                return JSONResponse({"error": f"this server has no {kind!r} checkpoint; it serves {routes}"},
-                                    status_code=404)
-            try:
-                body = await request.json()
-            except Exception as e:  # any undecodable body
-                return JSONResponse({"error": f"the body is not valid JSON ({type(e).__name__}); see "
-                                              f"GET /health for what {ROUTES[kind]} takes"}, status_code=400)
-            try:
-                items = service.check(body)
-            except RequestError as e:
-                return JSONResponse({"error": e.message}, status_code=e.status)
-            service.requests += 1
+            checked = await _checked_items(self.services, kind, request)
+            if isinstance(checked, JSONResponse):
+                return checked
+            body, items = checked
             if stream is not None and body.get("stream"):
                 return StreamingResponse(_ndjson([stream(it) for it in items]), media_type="application/x-ndjson")
             return {"results": list(await asyncio.gather(*(batch(it) for it in items)))}

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from offramp.calibration.lynx import PROBE_FILE, load_policy, probe_policy
-from offramp.data.batching import encode_texts
 from offramp.data.prompts import chat_texts
 from offramp.engines.classify import model_signals
 from offramp.engines.generate import SIGNALS, SamplingOptions, TextPieces, stream_generate
@@ -35,7 +34,8 @@ from offramp.engines.reason import SIGNALS as REASON_SIGNALS
 from offramp.engines.reason import ReasonConfig, reason_batch
 from offramp.modeling import EarlyExitModel
 from offramp.modeling.causal_lm import load_causal_lm, load_exits_and_lm
-from offramp.modeling.checkpoints import checkpoint_dir, checkpoint_kind, fit_max_length, tokenizer_of
+from offramp.modeling.checkpoints import checkpoint_dir, checkpoint_kind, fit_max_length
+from offramp.modeling.predict import predict_rows, tokenizer_of
 from offramp.policies import POLICIES, make_policy, require_signals
 
 
@@ -228,10 +228,9 @@ class ClassifyService(_Service):
         for name, idx in groups.items():
             policy = self.resolve(name)
             texts = [items[i].text for i in idx]
-            enc = encode_texts(texts, self.tokenizer, max_length=self.max_length)
-            pred = self.model.predict(enc["input_ids"], enc["attention_mask"], policy,
-                                      token_type_ids=enc.get("token_type_ids"))
-            for i, row in zip(idx, self.model.prediction_rows(texts, pred)):
+            rows = predict_rows(self.model, texts, policy, batch_size=len(texts), max_length=self.max_length,
+                                warn=False)
+            for i, row in zip(idx, rows):
                 row.pop("text")
                 out[i] = {**row, "policy": policy.type}
                 self.exits[int(row["exit_layer"])] += 1

@@ -327,6 +327,32 @@ class Speculator:
         return best, accepted, k
 
 
+def _first_token(logits: Tensor, sampling: SamplingOptions, gen: torch.Generator | None) -> Tensor:
+    """The token after the prompt, from the prefill's logits (b, V): sampled or greedy."""
+    if sampling.do_sample:
+        return torch.multinomial(sampling_probs(logits, sampling), 1, generator=gen)[:, 0]
+    return logits.argmax(-1)
+
+
+def _emit(rows: Tensor, best: Tensor, accepted: Tensor, out: Tensor, count: Tensor, done: Tensor,
+          sampling: SamplingOptions) -> int:
+    """Write each running row's accepted drafts and the full model's token after them into ``out``
+    (at most up to max_new_tokens, and up to its EOS); mark the rows that ended. Returns the
+    number of tokens written."""
+    max_new, written = out.shape[1], 0
+    for i, r in enumerate(rows.tolist()):
+        new = best[i, :int(accepted[i]) + 1][:max_new - int(count[r])]
+        eos = sampling.is_eos(new)
+        if bool(eos.any()):
+            new = new[:int(eos.nonzero()[0, 0]) + 1]
+        n = new.numel()
+        out[r, count[r]:count[r] + n] = new
+        count[r] += n
+        written += n
+        done[r] = bool(eos.any()) or bool(count[r] >= max_new)
+    return written
+
+
 @torch.no_grad()
 def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                          exit_layer: int | None = None, draft_tokens: int = 3, draft_confidence: float | None = None,
@@ -344,7 +370,7 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
             of its draft (None: always draft d tokens).
         draft_rule: how sure an exit is: ``max_prob``, its top probability; ``token_confidence``,
             its confidence classifier's probability that its token is the full model's (fit them
-            first: ``fit_exits`` / ``offramp generate --fit-exits``).
+            first: ``fit_exits`` / ``offramp fit-exits``).
         max_new_tokens: tokens per row (fewer if it emits EOS).
         sampling: EOS, padding, and sampling with temperature / top-p / seed (speculative sampling:
             the tokens are distributed as the full model's sampling draws them, though not the
@@ -368,18 +394,24 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     start = time.perf_counter()
     spec = Speculator(model, e, ids, attn, max_new_tokens, draft_tokens, vocab)
-    b, p = ids.shape
-    out = torch.full((b, max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)
-    count = torch.zeros(b, dtype=torch.long, device=dev)
-    stats = SpeculationStats()
+    out = torch.full((ids.shape[0], max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)
+    count = torch.zeros(ids.shape[0], dtype=torch.long, device=dev)
     gen = sampling.generator(dev)
-    prefill = spec.run.prefill(ids, attn)
-    if sampling.do_sample:
-        first = torch.multinomial(sampling_probs(prefill, sampling), 1, generator=gen)[:, 0].to(dev)
-    else:
-        first = prefill.argmax(-1).to(dev)
+    first = _first_token(spec.run.prefill(ids, attn), sampling, gen).to(dev)
     out[:, 0], count[:] = first, 1
-    done = sampling.is_eos(first) | (count >= max_new_tokens)
+    stats = _rounds(spec, first, out, count, draft_confidence, draft_rule, sampling, gen)
+    settings = {"exit_layer": spec.exit_layer, "draft_tokens": draft_tokens, "draft_confidence": draft_confidence,
+                "draft_rule": draft_rule, "draft_vocab": None if vocab is None else vocab.numel(),
+                "sampled": sampling.do_sample}
+    return _output(spec, ids, out, count, time.perf_counter() - start, {**stats.to_dict(), **settings}, tokenizer)
+
+
+def _rounds(spec: Speculator, first: Tensor, out: Tensor, count: Tensor, draft_confidence: float | None,
+            draft_rule: str, sampling: SamplingOptions, gen: torch.Generator | None) -> SpeculationStats:
+    """Draft and verify, round after round, until every row has ended (EOS or max_new_tokens);
+    each round's tokens go to ``out`` / ``count``."""
+    stats, p = SpeculationStats(), spec.run.prompt_len
+    done = sampling.is_eos(first) | (count >= out.shape[1])
     pending = first
     next_pos = spec.run.pos[:, p - 1] + 1
     col = p
@@ -391,34 +423,23 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
         stats.row_rounds += rows.numel()
         stats.drafted += rows.numel() * k
         stats.accepted += int(accepted.sum())
-        for i, r in enumerate(rows.tolist()):
-            new = best[i, :int(accepted[i]) + 1]
-            room = max_new_tokens - int(count[r])
-            new = new[:room]
-            eos = sampling.is_eos(new)
-            if bool(eos.any()):
-                new = new[:int(eos.nonzero()[0, 0]) + 1]
-            n = new.numel()
-            out[r, count[r]:count[r] + n] = new
-            count[r] += n
-            stats.emitted += n
-            done[r] = bool(eos.any()) or bool(count[r] >= max_new_tokens)
+        stats.emitted += _emit(rows, best, accepted, out, count, done, sampling)
         pending = pending.clone()
         pending[rows] = best.gather(1, accepted[:, None])[:, 0]  # the full model's next token
         next_pos[rows] += accepted + 1
-        col += draft_tokens + 1
-    wall = time.perf_counter() - start
+        col += spec.draft_tokens + 1
+    return stats
+
+
+def _output(spec: Speculator, ids: Tensor, out: Tensor, count: Tensor, wall: float, speculation: dict[str, Any],
+            tokenizer: Any) -> GenerateOutput:
+    """The ``GenerateOutput`` of a speculation call: every emitted token ran every layer."""
     n = int(count.max())
     new = out[:, :n]
-    layers = torch.where(torch.arange(n, device=dev)[None] < count[:, None], spec.num_layers, 0)
+    layers = torch.where(torch.arange(n, device=out.device)[None] < count[:, None], spec.num_layers, 0)
     report = GenerateReport(new_tokens=int(count.sum()), layer_rows=spec.run.layer_rows, fill_layer_rows=0,
                             num_layers=spec.num_layers, wall_s=wall, extra_head_rows=spec.run.head_rows,
                             mean_exit_layer=float(spec.num_layers))
     texts = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
     return GenerateOutput(sequences=torch.cat([ids, new], dim=1), new_tokens=new, exit_layers=layers, report=report,
-                          texts=texts, extra={"speculation": {**stats.to_dict(), "exit_layer": spec.exit_layer,
-                                                              "draft_tokens": draft_tokens,
-                                                              "draft_confidence": draft_confidence,
-                                                              "draft_rule": draft_rule,
-                                                              "draft_vocab": None if vocab is None else vocab.numel(),
-                                                              "sampled": sampling.do_sample}})
+                          texts=texts, extra={"speculation": speculation})
