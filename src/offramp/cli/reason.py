@@ -73,6 +73,13 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
     build.set_defaults(func=cmd_reason_build)
+    _add_fit_parser(sub)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    return p
+
+
+def _add_fit_parser(sub: Any) -> None:
+    """``reason fit``: the probe trained on an event dataset and calibrated for a risk bound."""
     fit = sub.add_parser("fit", help="train the probe and calibrate its conformal exit rule")
     fit.add_argument("data", help="dataset folder written by `offramp reason build`")
     fit.add_argument("--delta", type=float, required=True,
@@ -91,8 +98,6 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--out", required=True, help="probe folder")
     fit.set_defaults(func=cmd_reason_fit)
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
-    return p
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -28,8 +28,13 @@ def add_train_parser(sub: Any) -> None:
                         "checkpoint's policy (predict and evaluate then use it)")
     p.add_argument("--select-tolerance", type=float, default=0.01,
                    help="metric points the selected setting may lose against the last exit (default 0.01)")
-    # Every option below is stored with the run (extra.train): --resume reuses it, and a flag given
-    # with --resume that contradicts it is an error. Defaults: TRAIN_DEFAULTS.
+    _add_run_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options stored with the run (extra.train): --resume reuses them, and a flag given with
+    --resume that contradicts one is an error. Defaults: TRAIN_DEFAULTS."""
     p.add_argument("--exit-layers", dest="exits", default=None, metavar="LAYERS",
                    help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
     common.add_deprecated(p, "--exits", "--exit-layers", dest="exits", default=None)
@@ -42,6 +47,21 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--halting-variant", choices=["concat", "diff", "rnn"], default=None, help="default concat")
     p.add_argument("--objective", choices=["joint", "ponder", "jei"], default=None,
                    help="joint (default), ponder (with --halting), jei (JEI-DNN gates, trained with its schedule)")
+    _add_objective_args(p)
+    p.add_argument("--full", action="store_true", default=None, help="fine-tune the backbone too (default: exits only)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="total epochs (default 3; with --resume the run's own, or more to extend it)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3")
+    p.add_argument("--backbone-lr", type=float, default=None, help="backbone lr with --full (default 2e-5)")
+    p.add_argument("--policy", default=None, help="default exit policy stored in the checkpoint")
+    p.add_argument("--value", type=float, default=None, help="its parameter (threshold, patience, q, layer)")
+    p.add_argument("--regression", action="store_true", default=None, help="numeric labels, one output, MSE")
+    p.add_argument("--backbone-by-reference", action="store_true", default=None,
+                   help="frozen backbone: store only the exits; the backbone is loaded from --model again")
+
+
+def _add_objective_args(p: argparse.ArgumentParser) -> None:
+    """The options of each objective (jei, joint, ponder)."""
     p.add_argument("--cost-weight", type=float, default=None,
                    help="jei objective: lambda, the CE / cost trade-off (default 0.1)")
     p.add_argument("--gate-pos-weight", choices=["none", "balanced", "exact"], default=None,
@@ -64,17 +84,6 @@ def add_train_parser(sub: Any) -> None:
                    help="ponder objective: pull the batch's mean exit distribution to the prior (batch, default: "
                         "the halting then differs by input) or every row's (row: PonderNet's and PALBERT's "
                         "papers; the halting tends to copy the prior for every input)")
-    p.add_argument("--full", action="store_true", default=None, help="fine-tune the backbone too (default: exits only)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="total epochs (default 3; with --resume the run's own, or more to extend it)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3")
-    p.add_argument("--backbone-lr", type=float, default=None, help="backbone lr with --full (default 2e-5)")
-    p.add_argument("--policy", default=None, help="default exit policy stored in the checkpoint")
-    p.add_argument("--value", type=float, default=None, help="its parameter (threshold, patience, q, layer)")
-    p.add_argument("--regression", action="store_true", default=None, help="numeric labels, one output, MSE")
-    p.add_argument("--backbone-by-reference", action="store_true", default=None,
-                   help="frozen backbone: store only the exits; the backbone is loaded from --model again")
-    p.set_defaults(func=cmd_train)
 
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -182,49 +191,63 @@ def _resolved(model: str) -> str:
     return resolve_model_path(model)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _resumed(args: argparse.Namespace, out: Path, given_data: dict[str, Any]) -> tuple[Any, Any, dict, dict]:
+    """--resume: (model, data, data settings, train options) of the run in ``out``; a flag that
+    contradicts what the run was trained with is an error."""
     from offramp.modeling import EarlyExitModel
+
+    ckpt = common.checkpoint_dir(out)
+    common.check_out(ckpt, True, "checkpoint folder")
+    model = EarlyExitModel.from_pretrained(ckpt)
+    opts = _train_options(args, _stored_train_options(model, ckpt))
+    vars(args).update(opts)  # the JEI schedule reads the resolved options
+    if args.model and _model_ref(args.model) != model.config.base_model_name_or_path:
+        raise ValueError(f"--resume: this run was trained from {model.config.base_model_name_or_path!r}, not "
+                         f"{args.model!r}; drop --model to continue it")
+    stored_data = model.config.extra.get("data", {})
+    changed = [k for k, v in given_data.items() if k in stored_data and stored_data[k] != v]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"--resume: this run was trained with --{k.replace('_', '-')} {stored_data[k]!r}, not "
+                         f"{given_data[k]!r}; drop it to continue on the run's own data")
+    settings = {**common.DATA_DEFAULTS, **stored_data, **given_data}
+    if args.policy is not None or args.value is not None:
+        model.config.policy = common.make_policy_arg(args.policy, args.value, model.config.policy).to_dict()
+    data = common.load_from_settings(settings, label_names=model.config.label_names,
+                                     regression=model.config.is_regression)
+    return model, data, settings, opts
+
+
+def _started(args: argparse.Namespace, out: Path, given_data: dict[str, Any]) -> tuple[Any, Any, dict, dict]:
+    """A new run: (model, data, data settings, train options), ``out`` checked before any work."""
+    from offramp.modeling import EarlyExitModel
+    from offramp.utils import process_rank
+
+    if not args.model:
+        raise ValueError("--model is required (a HF model name or folder) unless --resume")
+    if args.data is None:
+        raise ValueError("--data is required: an offline name (tweets, bbc), a .csv/.jsonl file or a "
+                         "HF dataset name")
+    if process_rank() == 0:  # the other processes of a multi-process run write nothing
+        common.check_out(out, args.overwrite, "output folder")
+    opts = _train_options(args, None)
+    vars(args).update(opts)  # _train_config reads the resolved options
+    settings = {**common.DATA_DEFAULTS, **given_data}
+    data = common.load_from_settings(settings, regression=opts["regression"])
+    import torch
+
+    torch.manual_seed(settings["seed"])  # the exit heads' initialisation is part of the run's seed
+    model = EarlyExitModel.from_backbone(args.model, _train_config(args, data))
+    return model, data, settings, opts
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from offramp.training import TrainingArgs, train
     from offramp.utils import process_rank
 
     out = Path(args.out)
     given_data = common.data_settings(args, only_given=True)
-    if args.resume:
-        ckpt = common.checkpoint_dir(out)
-        common.check_out(ckpt, True, "checkpoint folder")
-        model = EarlyExitModel.from_pretrained(ckpt)
-        opts = _train_options(args, _stored_train_options(model, ckpt))
-        vars(args).update(opts)  # the JEI schedule reads the resolved options
-        if args.model and _model_ref(args.model) != model.config.base_model_name_or_path:
-            raise ValueError(f"--resume: this run was trained from {model.config.base_model_name_or_path!r}, not "
-                             f"{args.model!r}; drop --model to continue it")
-        stored_data = model.config.extra.get("data", {})
-        changed = [k for k, v in given_data.items() if k in stored_data and stored_data[k] != v]
-        if changed:
-            k = changed[0]
-            raise ValueError(f"--resume: this run was trained with --{k.replace('_', '-')} {stored_data[k]!r}, not "
-                             f"{given_data[k]!r}; drop it to continue on the run's own data")
-        settings = {**common.DATA_DEFAULTS, **stored_data, **given_data}
-        if args.policy is not None or args.value is not None:
-            model.config.policy = common.make_policy_arg(args.policy, args.value, model.config.policy).to_dict()
-        data = common.load_from_settings(settings, label_names=model.config.label_names,
-                                         regression=model.config.is_regression)
-    else:
-        if not args.model:
-            raise ValueError("--model is required (a HF model name or folder) unless --resume")
-        if args.data is None:
-            raise ValueError("--data is required: an offline name (tweets, bbc), a .csv/.jsonl file or a "
-                             "HF dataset name")
-        if process_rank() == 0:  # the other processes of a multi-process run write nothing
-            common.check_out(out, args.overwrite, "output folder")
-        opts = _train_options(args, None)
-        vars(args).update(opts)  # _train_config reads the resolved options
-        settings = {**common.DATA_DEFAULTS, **given_data}
-        data = common.load_from_settings(settings, regression=opts["regression"])
-        import torch
-
-        torch.manual_seed(settings["seed"])  # the exit heads' initialisation is part of the run's seed
-        model = EarlyExitModel.from_backbone(args.model, _train_config(args, data))
+    model, data, settings, opts = (_resumed if args.resume else _started)(args, out, given_data)
     settings["max_length"] = common.fit_max_length(model, settings["max_length"], given="max_length" in given_data)
     model.config.extra["train"] = dict(opts)  # what --resume continues with
     select = _selection_rules(args, model, data)  # refused before any training

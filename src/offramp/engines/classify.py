@@ -9,7 +9,7 @@ host sync per exit (to know how many rows remain), none per row.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -32,6 +32,29 @@ def model_signals(model: "EarlyExitModel") -> set[str]:
     gate when it has a halting layer / gates."""
     return {"logits", "labels", "hidden", "row_key"} | ({"halting"} if model.halting is not None else set()) \
         | ({"gate"} if model.gates is not None else set())
+
+
+def _exit_signals(model: "EarlyExitModel", k: int, layer: int, hidden: Tensor, carried: dict[str, Any],
+                  reads: set[str]) -> ExitSignals:
+    """What exit ``k`` gives the policy for the running rows. What the policy reads decides what
+    runs: the pooled state (logits, hidden, halting, gate), the head (logits; gates read the
+    logits), the halting layer, the gates; rows that leave at an exit whose head did not run get it
+    then, for those rows only. The halting and gate states in ``carried`` move on to this exit."""
+    cls = model.classifiers
+    pooled = cls.pool(hidden, carried["mask"]) if reads & {"logits", "hidden", "halting", "gate"} else None  # (r, d)
+    logits = cls(k, pooled) if reads & {"logits", "gate"} else None  # (r, c)
+    signals = ExitSignals(logits=logits, layer=layer, hidden=pooled if "hidden" in reads else None,
+                          labels=carried["labels"], row_key=carried["row_key"])
+    if "halting" in reads:
+        if carried["halt_prev"] is None:
+            carried["halt_prev"] = model.halting.start(pooled)
+        z, carried["halt_prev"] = model.halting.step(k, pooled, carried["halt_prev"])
+        signals.halting = torch.sigmoid(z)
+    if "gate" in reads:
+        signals.gate, carried["gate_state"] = model.gates.step(k, logits, carried["gate_state"])
+    if signals.logits is None and signals.hidden is None and signals.halting is None:
+        signals.hidden = hidden[:, 0]  # rows are counted from some tensor: (r, d), not read
+    return signals
 
 
 def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mask: Tensor | None,
@@ -57,34 +80,19 @@ def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mas
                "halt_prev": None, "gate_state": None,
                "row_key": row_keys(input_ids, attention_mask) if "row_key" in policy.needs else None}
     reads = set(policy.needs)
-    # what the policy reads decides what runs at an exit it may leave at: the pooled state (logits,
-    # hidden, halting, gate), the head (logits; gates read the logits), the halting layer, the gates.
-    # Rows that leave at an exit whose head did not run get it then, for those rows only.
-    want_pooled, want_logits = bool(reads & {"logits", "hidden", "halting", "gate"}), bool(reads & {"logits", "gate"})
     decides = policy.type != "never"  # the never policy exits nowhere: only the last exit runs
     out_logits = torch.empty(b, model.config.num_labels, device=device, dtype=next(cls.parameters()).dtype)
     out_index = torch.full((b,), last, dtype=torch.long, device=device)
     for i in range(model.exit_layers[-1]):
         carried["hidden"] = hidden = a.run_layer(i, carried["hidden"], carried["ctx"])
-        k = model._exit_at.get(i + 1)
+        k = model.exit_index_of.get(i + 1)
         if k is None or (k != last and not decides):
             continue
         if k == last:
             out_logits[running.index] = cls(k, cls.pool(hidden, carried["mask"]))
             break
-        pooled = cls.pool(hidden, carried["mask"]) if want_pooled else None  # (r, d)
-        logits = cls(k, pooled) if want_logits else None  # (r, c)
-        signals = ExitSignals(logits=logits, layer=i + 1, hidden=pooled if "hidden" in reads else None,
-                              labels=carried["labels"], row_key=carried["row_key"])
-        if "halting" in reads:
-            if carried["halt_prev"] is None:
-                carried["halt_prev"] = model.halting.start(pooled)
-            z, carried["halt_prev"] = model.halting.step(k, pooled, carried["halt_prev"])
-            signals.halting = torch.sigmoid(z)
-        if "gate" in reads:
-            signals.gate, carried["gate_state"] = model.gates.step(k, logits, carried["gate_state"])
-        if signals.logits is None and signals.hidden is None and signals.halting is None:
-            signals.hidden = hidden[:, 0]  # rows are counted from some tensor: (r, d), not read
+        signals = _exit_signals(model, k, i + 1, hidden, carried, reads)
+        logits = signals.logits
         exits, carried["state"] = policy.decide(k, signals, carried["state"])
 
         def write(local: Tensor, original: Tensor, logits: Tensor | None = logits, k: int = k,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +20,6 @@ from offramp.evaluation.collect import replay, trace_signals
 from offramp.flops import ExitFlops
 from offramp.policies import POLICIES, ExitSpace, make_policy
 
-if TYPE_CHECKING:
-    from offramp.policies import ExitSpace
 
 ORACLE, CONSISTENCY_ORACLE = "oracle", "consistency oracle"
 REGRESSION_TOL = 0.1

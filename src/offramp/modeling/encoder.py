@@ -58,7 +58,7 @@ class EarlyExitModel(ExitModelBase):
             raise ValueError(f"exit_layers {layers} go past the backbone's {n} layers; use numbers in 1..{n}")
         self.config = config
         self._exit_layers = layers
-        self._exit_at = {layer: i for i, layer in enumerate(layers)}
+        self.exit_index_of = {layer: i for i, layer in enumerate(layers)}  # layers run -> exit index
         h = self.adapter.hidden_size
         head = config.head
         pooler = self.adapter.pooler() if head["use_pooler"] and head["pooling"] == "cls" else None
@@ -118,7 +118,7 @@ class EarlyExitModel(ExitModelBase):
         pooled = []
         for i in range(self.exit_layers[-1]):
             hidden = a.run_layer(i, hidden, ctx)
-            if i + 1 in self._exit_at:
+            if i + 1 in self.exit_index_of:
                 pooled.append(self.classifiers.pool(hidden, attention_mask))
         return torch.stack(pooled)
 

@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +25,6 @@ from offramp.modeling.state_cache import INPUT_KEYS, pooled_batches
 from offramp.training.processes import make_accelerator, shard_rows
 from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, progress
 
-if TYPE_CHECKING:
-    from offramp.modeling import EarlyExitModel
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "training_state.pt"
@@ -160,17 +158,8 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     ckpt = out / CHECKPOINT_DIR
     accelerator = make_accelerator()
     model.freeze_backbone(args.frozen_backbone)
-    start_epoch, history = 0, []
-    state = None
-    if args.resume and (ckpt / STATE_NAME).is_file():
-        model.load_heads(ckpt)
-        if not args.frozen_backbone:  # fine-tuned weights live in the checkpoint's backbone/
-            model.backbone.load_state_dict(EarlyExitModel.from_pretrained(ckpt).backbone.state_dict())
-        state = load_torch_state(ckpt / STATE_NAME, "training state",
-                                 "start the run again without --resume, into a new --out")
-        start_epoch, history = state["epoch"] + 1, state["history"]
-    elif args.resume:
-        raise ValueError(f"--resume: no checkpoint at {ckpt} to continue from; start without --resume")
+    state = _resume(model, args, ckpt) if args.resume else None
+    start_epoch, history = (state["epoch"] + 1, state["history"]) if state is not None else (0, [])
     if args.cache_backbone:
         if not args.frozen_backbone:
             raise ValueError("cache_backbone needs a frozen backbone (frozen_backbone=True)")
@@ -180,7 +169,6 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     optimizer = torch.optim.AdamW(_param_groups(model, args))
     if not len(train_batches):
         raise ValueError("the training split is empty: no batches to train on")
-    rank, world = accelerator.process_index, accelerator.num_processes
     steps = max(1, len(train_batches) * args.epochs)  # one step per global batch, on any number of processes
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
     if state is not None:
@@ -192,25 +180,8 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
         pmodel.train()
         if args.frozen_backbone:  # a frozen backbone is a fixed feature extractor: no dropout in it
             model.backbone.eval()
-        total, count = 0.0, 0
-        order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(args.seed + epoch))
-        bar = progress([train_batches[i] for i in order.tolist()], desc=f"epoch {epoch + 1}/{args.epochs}",
-                       enabled=args.progress and accelerator.is_local_main_process)
-        for batch in bar:
-            batch, weight = shard_rows(batch, rank, world)
-            if batch is None:
-                continue  # fewer rows than processes: every process skips it
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss = pmodel(**_as_inputs(batch)).loss
-            accelerator.backward(loss * weight)
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(pmodel.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            total, count = total + loss.item(), count + 1
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": _train_epoch(
+            pmodel, accelerator, optimizer, scheduler, train_batches, epoch, args)}
         if eval_batches:  # every process evaluates the whole split (the same numbers everywhere)
             batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in eval_batches]
             metrics.update(evaluate_exits(accelerator.unwrap_model(pmodel), batches))
@@ -228,6 +199,44 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
 
         warnings.warn(degenerate_message("train (validation split)", last["reason"]), stacklevel=2)
     return {"history": history, "checkpoint": str(ckpt)}
+
+
+def _resume(model: "EarlyExitModel", args: TrainingArgs, ckpt: Path) -> dict[str, Any]:
+    """Load the heads (and a fine-tuned backbone) of the checkpoint in ``ckpt``; its training state
+    (epoch, history, optimizer, scheduler, RNG)."""
+    if not (ckpt / STATE_NAME).is_file():
+        raise ValueError(f"--resume: no checkpoint at {ckpt} to continue from; start without --resume")
+    model.load_heads(ckpt)
+    if not args.frozen_backbone:  # fine-tuned weights live in the checkpoint's backbone/
+        model.backbone.load_state_dict(EarlyExitModel.from_pretrained(ckpt).backbone.state_dict())
+    return load_torch_state(ckpt / STATE_NAME, "training state",
+                            "start the run again without --resume, into a new --out")
+
+
+def _train_epoch(pmodel: Any, accelerator: Accelerator, optimizer: Any, scheduler: Any,
+                 train_batches: Sequence[dict], epoch: int, args: TrainingArgs) -> float:
+    """One epoch over the batches, in the order seeded by ``seed + epoch`` (each process takes its
+    rows of every global batch); the mean training loss."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    total, count = 0.0, 0
+    order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(args.seed + epoch))
+    bar = progress([train_batches[i] for i in order.tolist()], desc=f"epoch {epoch + 1}/{args.epochs}",
+                   enabled=args.progress and accelerator.is_local_main_process)
+    for batch in bar:
+        batch, weight = shard_rows(batch, rank, world)
+        if batch is None:
+            continue  # fewer rows than processes: every process skips it
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        loss = pmodel(**_as_inputs(batch)).loss
+        accelerator.backward(loss * weight)
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(pmodel.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        total, count = total + loss.item(), count + 1
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
 
 
 def _cache_pooled(model: "EarlyExitModel", batches: Sequence[dict], show: bool,
