@@ -37,6 +37,7 @@ from offramp.evaluation.sweep import sweep
 from offramp.evaluation.timing import time_model
 from offramp.flops import model_exit_flops
 from offramp.modeling import EarlyExitModel
+from offramp.modeling.base import load_hf_model
 from offramp.modeling.checkpoints import default_pooling
 from offramp.modeling.state_cache import pooled_batches, state_cache_setting
 from offramp.policies.base import row_keys
@@ -181,15 +182,16 @@ def run_demo(args: argparse.Namespace) -> int:
     data = load_data(args.data, config=args.data_config, seed=args.seed, max_train=args.max_train,
                      max_eval=args.max_eval)
     settings = _data_settings(args)
+    backbone = load_hf_model(AutoModel, model_path, "model").eval()  # no remote code; damaged files named
     try:
         tok = AutoTokenizer.from_pretrained(model_path)
-        backbone = AutoModel.from_pretrained(model_path).eval()
-    except OSError as e:
-        raise ValueError(f"cannot load the model {model_path!r}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the tokenizer of {model_path!r}: {e}") from None
     loaders = {s: split_batches(data.split(s), tok, settings, lazy=True) for s in ("train", "validation", "test")}
     batches = {s: list(loader) for s, loader in loaders.items()}
     probe = _probe_model(backbone, tok, model_path, data)
-    states = {s: _pooled(probe, batches[s], f"backbone states ({s})", state_cache_setting(getattr(args, "state_cache", None))) for s in batches}
+    cache = state_cache_setting(getattr(args, "state_cache", None))
+    states = {s: _pooled(probe, batches[s], f"backbone states ({s})", cache) for s in batches}
     cached = _cached_batches(*states["train"][:2], args.batch_size, args.seed)
     models = _train_exit_sets(backbone, tok, model_path, data, cached, out, args)
 
