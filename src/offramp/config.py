@@ -78,7 +78,7 @@ def read_config(directory: str | os.PathLike, expect: str | None = None) -> tupl
         if other:
             raise ValueError(f"{directory} is {other}, not a model checkpoint")
         raise ValueError(f"{directory} is not an offramp checkpoint: {CONFIG_NAME} is missing "
-                         "(save one with save_pretrained, `offramp train` or `offramp generate --fit-exits`)")
+                         "(save one with save_pretrained, `offramp train` or `offramp fit-exits`)")
     data = read_json(path, "offramp config", "the checkpoint is damaged: train or save it again")
     kind, data = upgrade_config(data, str(path))
     if expect is not None and kind != expect:
@@ -404,7 +404,7 @@ class DecoderExitConfig:
         if self.draft_vocab is not None and (not isinstance(self.draft_vocab, list) or not self.draft_vocab or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.draft_vocab)):
             raise ValueError("draft_vocab must be a non-empty list of token ids (ints >= 0) or null: fit the exits "
-                             "again (offramp generate --fit-exits) to record it")
+                             "again (offramp fit-exits) to record it")
         if not isinstance(self.policy, dict) or "type" not in self.policy:
             raise ValueError(f"policy must be a dict with a 'type', got {self.policy!r}")
         make_policy(self.policy)  # a bad stored policy is an error on load, not at the first token

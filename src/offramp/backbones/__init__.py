@@ -25,7 +25,7 @@ _ADAPTER_CLASSES: tuple[type, ...] = (BertAdapter, MPNetAdapter, DistilBertAdapt
                                       LlamaAdapter, Gemma3Adapter, GPT2Adapter, MambaAdapter, Mamba2Adapter)
 ADAPTERS: dict[str, type] = {name: cls for cls in _ADAPTER_CLASSES for name in cls.model_types}
 ROLE_USE = {"encoder": "a classifier with exits (EarlyExitModel, offramp train)",
-            "decoder": "token exits for generation (DecoderExitModel, offramp generate --fit-exits)"}
+            "decoder": "token exits for generation (DecoderExitModel, offramp fit-exits)"}
 
 
 def adapter_for(model: nn.Module, role: str | None = None):

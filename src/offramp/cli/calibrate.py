@@ -7,7 +7,7 @@ offramp calibrate --model exits/smollm2 --trace exits/trace-cal --policy token_c
     --delta 0.2 --epsilon 0.1
 ```
 
-On token exits (``offramp generate --fit-exits``) the risks are per generated sequence: ``sequence``
+On token exits (``offramp fit-exits``) the risks are per generated sequence: ``sequence``
 (the share of positions where the text differs from the full model's exceeds ``--tolerance``) or
 ``token`` (that share itself). Without ``--trace`` the losses come from real greedy generations of
 the calibration prompts (``--prompts N`` held-out offline ones, or ``--prompt`` /

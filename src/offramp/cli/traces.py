@@ -16,7 +16,7 @@ def add_collect_parser(sub: Any) -> None:
                        description="Run all exits over a data split and store the trace (per-exit logits, "
                                    "halting / gate values, labels, per-exit FLOPs) in a folder.")
     p.add_argument("--model", required=True, help="checkpoint folder: a classifier (`offramp train`) or token "
-                   "exits (`offramp generate --fit-exits`: then a token trace of the prompts below)")
+                   "exits (`offramp fit-exits`: then a token trace of the prompts below)")
     common.add_data_args(p, required=False)
     p.add_argument("--split", choices=["train", "validation", "test"], default="test")
     p.add_argument("--out", required=True, help="trace folder (refused if it exists, unless --overwrite)")

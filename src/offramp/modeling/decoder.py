@@ -46,7 +46,7 @@ class DecoderExitModel(ExitModelBase):
     kind: ClassVar[str] = "token_exits"
     config_class: ClassVar[type] = DecoderExitConfig
     legacy_heads: ClassVar[tuple[str, ...]] = (LEGACY_WEIGHTS,)
-    fix: ClassVar[str] = "fit the exits again (offramp generate --fit-exits)"
+    fix: ClassVar[str] = "fit the exits again (offramp fit-exits)"
 
     def __init__(self, backbone: nn.Module, config: DecoderExitConfig) -> None:
         super().__init__()

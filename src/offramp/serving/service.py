@@ -256,7 +256,7 @@ def _groups(items: list[Item], default_new: int) -> dict[tuple[str | None, int],
 
 
 class GenerateService(_Service):
-    """A token-exits folder (``DecoderExitModel.save_pretrained``, ``offramp generate --fit-exits``)
+    """A token-exits folder (``DecoderExitModel.save_pretrained``, ``offramp fit-exits``)
     ready to serve: greedy generation with per-token exits, prompts of concurrent requests decoded
     as one ragged batch.
 

@@ -79,7 +79,7 @@ def _exit_index(model: Any, exit_layer: int | None) -> int:
         return len(layers) - 1
     if exit_layer not in layers:
         raise ValueError(f"exit_layer {exit_layer} is not one of the model's exits {layers}: pick one of them "
-                         "(or fit exits there with offramp generate --fit-exits --exits ...)")
+                         "(or fit exits there with offramp fit-exits --exit-layers ...)")
     return layers.index(exit_layer)
 
 
