@@ -1,4 +1,7 @@
-"""Run every command block of the README, as written, and check each one.
+"""Run every command block of the README and of the docs pages, as written, and check each one.
+
+The pages run in ``PAGES`` order (README first, then docs/ in the order of mkdocs.yml's nav), so a
+page may use what an earlier one wrote.
 
 Each ```bash block is split into commands (a line ending in a backslash continues the command;
 comment lines are skipped) and run with bash in the repository root, in README order, so that a
@@ -40,6 +43,10 @@ CI_COMMAND = "python -m pytest"
 OFFLINE_ERROR = re.compile(r"^offramp [\w -]+: error: .+", re.MULTILINE)
 
 
+PAGES = ("README.md", "docs/tutorial.md", "docs/classification.md", "docs/calibration.md", "docs/generation.md",
+         "docs/reasoning.md", "docs/serving.md", "docs/training.md")
+
+
 @dataclass
 class Block:
     number: int
@@ -47,10 +54,15 @@ class Block:
     line: int  # 1-based line of the opening fence
     text: str
     continues: bool = False  # a python block that continues the one before it
+    page: str = "README.md"
+
+    @property
+    def where(self) -> str:
+        return f"{self.page} line {self.line}"
 
 
-def blocks(readme: str) -> list[Block]:
-    """The fenced bash and python blocks of ``readme``, in order."""
+def blocks(readme: str, page: str = "README.md", first: int = 1) -> list[Block]:
+    """The fenced bash and python blocks of ``readme`` (a page), in order, numbered from ``first``."""
     out, lines, i = [], readme.splitlines(), 0
     while i < len(lines):
         m = re.match(r"^```(\w+)\s*$", lines[i])
@@ -65,8 +77,8 @@ def blocks(readme: str) -> list[Block]:
         i += 1
         if m.group(1) in ("bash", "python"):
             before = "\n".join(lines[max(0, start - 4):start]).lower()
-            out.append(Block(len(out) + 1, m.group(1), start + 1, "\n".join(body) + "\n",
-                             continues=m.group(1) == "python" and CONTINUES in before))
+            out.append(Block(first + len(out), m.group(1), start + 1, "\n".join(body) + "\n",
+                             continues=m.group(1) == "python" and CONTINUES in before, page=page))
     return out
 
 
@@ -124,7 +136,7 @@ def run_command(cmd: str, timeout: float) -> dict:
 def run_python(chain: list[Block], timeout: float) -> dict:
     """Run python blocks as one script (a chain continues in one interpreter)."""
     source = "".join(b.text for b in chain)
-    where = ", ".join(f"README line {b.line}" for b in chain)
+    where = ", ".join(b.where for b in chain)
     if INTERNET.match(chain[0].text.lstrip()):
         try:
             compile(source, where, "exec")
@@ -150,17 +162,20 @@ def run_python(chain: list[Block], timeout: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Run every command block of the README and check it.")
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p = argparse.ArgumentParser(description="Run every command block of the README and the docs pages and check it.")
+    p.add_argument("--pages", nargs="+", default=list(PAGES), help="the pages, in order (default: README.md and "
+                   "the docs pages)")
     p.add_argument("--only", default=None, help="block numbers to run, e.g. 3,4 (see --list)")
     p.add_argument("--list", action="store_true", help="list the blocks and their commands, run nothing")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one command may run (default 3600)")
     a = p.parse_args(argv)
-    found = blocks(Path(a.readme).read_text(encoding="utf-8"))
+    found: list[Block] = []
+    for page in a.pages:
+        found += blocks((ROOT / page).read_text(encoding="utf-8"), page, len(found) + 1)
     only = None if a.only is None else {int(x) for x in a.only.split(",") if x.strip()}
     if a.list:
         for b in found:
-            print(f"[{b.number}] {b.lang} (line {b.line}){' continues' if b.continues else ''}")
+            print(f"[{b.number}] {b.lang} ({b.where}){' continues' if b.continues else ''}")
             for c in (commands(b) if b.lang == "bash" else [b.text.splitlines()[0] + " ..."]):
                 print(f"    {c}")
         return 0
@@ -168,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def flush() -> None:
         if chain:
-            note(f"python block at README line {chain[0].line} ({len(chain)} block(s))")
+            note(f"python block at {chain[0].where} ({len(chain)} block(s))")
             results.append(run_python(list(chain), a.timeout))
             print(json.dumps(results[-1]), flush=True)
             chain.clear()
@@ -179,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     for b in found:
         if only is not None and b.number not in only:
             continue
+        if chain and chain[-1].page != b.page:
+            flush()  # a python example continues on its own page only
         if b.lang == "python":
             if not b.continues:
                 flush()
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"command": cmd, "kind": "the CI test command (.ci/run runs it)", "ok": True})
                 print(json.dumps(results[-1]), flush=True)
                 continue
-            note(f"block {b.number} (README line {b.line}): {cmd[:150]}")
+            note(f"block {b.number} ({b.where}): {cmd[:150]}")
             results.append(run_command(cmd, a.timeout))
             print(json.dumps(results[-1]), flush=True)
     flush()

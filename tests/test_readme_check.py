@@ -63,13 +63,19 @@ def test_an_offline_command_must_succeed_and_a_python_example_must_print():
     assert check.run_python([check.Block(1, "python", 1, "print(2)\n")], 60)["ok"]
 
 
-def test_every_readme_block_parses():
-    """Every bash command of the README is valid bash, every python block compiles."""
-    found = check.blocks((ROOT / "README.md").read_text(encoding="utf-8"))
-    assert sum(b.lang == "bash" for b in found) >= 10
+def test_every_block_of_the_readme_and_the_docs_parses():
+    """Every bash command of the README and the docs pages is valid bash, every python block
+    compiles; every page the check runs exists and has something to run."""
+    found = []
+    for page in check.PAGES:
+        blocks = check.blocks((ROOT / page).read_text(encoding="utf-8"), page, len(found) + 1)
+        assert blocks, page
+        found += blocks
+    assert sum(b.lang == "bash" for b in found) >= 20
+    assert [b.number for b in found] == list(range(1, len(found) + 1))
     for b in found:
         if b.lang == "python":
-            compile(b.text, f"README line {b.line}", "exec")
+            compile(b.text, b.where, "exec")
             continue
         for cmd in check.commands(b):
             proc = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
