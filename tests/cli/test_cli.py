@@ -113,6 +113,13 @@ def test_evaluate_measures_time_and_writes_json(ws, capsys, tmp_path):
     t = res["timing"]
     assert t["full_s"] > 0 and t["early_s"] > 0 and t["speedup"] == pytest.approx(t["full_s"] / t["early_s"])
     assert res["flops"]["speedup"] > 2
+    # beside the rule: the full model on the same rows, and how often the rule disagrees with it
+    rc, out, _ = run(capsys, "evaluate", "--model", ws["run"], "--policy", "never", "--no-timing")
+    never = json.loads(out)
+    assert never["disagreement"] == 0 and never["accuracy"] == never["full_model"]["accuracy"]
+    assert res["full_model"]["accuracy"] == never["accuracy"]
+    assert 0 < res["disagreement"] <= 1  # layer 1 against 4 layers of a tiny random model
+    assert abs(res["accuracy"] - res["full_model"]["accuracy"]) <= res["disagreement"] + 1e-9
 
 
 def test_predict_from_args_file_and_stdin(ws, capsys, tmp_path, monkeypatch):

@@ -96,7 +96,7 @@ def test_offline_smollm2_without_gguf_names_the_install(monkeypatch, tmp_path):
     import offramp.data.assets as assets
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(assets, "CACHE", tmp_path / "cache")
+    monkeypatch.setenv("OFFRAMP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(ValueError, match=r"offramp\[gguf\]"):
         assets.smollm2_dir()

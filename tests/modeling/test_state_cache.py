@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from encoders import build_encoder
@@ -79,3 +81,14 @@ def test_collect_from_the_cache_equals_collect_from_the_backbone(bert_backbone, 
 def test_default_root_follows_offramp_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("OFFRAMP_CACHE", str(tmp_path))
     assert state_cache.default_root.__wrapped__() == tmp_path / "states"  # conftest keeps tests private
+
+
+def test_the_cache_follows_xdg_cache_home_when_offramp_cache_is_unset(monkeypatch, tmp_path):
+    monkeypatch.delenv("OFFRAMP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert state_cache.default_root.__wrapped__() == tmp_path / "xdg" / "offramp" / "states"
+    monkeypatch.setenv("OFFRAMP_CACHE", str(tmp_path / "mine"))  # offramp's own variable wins
+    assert state_cache.default_root.__wrapped__() == tmp_path / "mine" / "states"
+    monkeypatch.delenv("OFFRAMP_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # the XDG spec: a relative path is ignored
+    assert state_cache.default_root.__wrapped__() == Path.home() / ".cache" / "offramp" / "states"

@@ -147,3 +147,13 @@ def test_threshold_out_of_range(spec):
 def test_unknown_policy_name():
     with pytest.raises(ValueError, match="unknown policy 'bogus'.*entropy"):
         make_policy("bogus")
+
+
+def test_an_unknown_policy_name_suggests_the_closest_one():
+    from offramp.policies import make_policy
+
+    with pytest.raises(ValueError, match=r"unknown policy 'entropi'; did you mean 'entropy'\?"):
+        make_policy("entropi")
+    with pytest.raises(ValueError, match=r"unknown policy 'zzz'; known policies") as e:
+        make_policy("zzz")
+    assert "did you mean" not in str(e.value)

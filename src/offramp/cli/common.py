@@ -117,7 +117,8 @@ def add_state_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-cache", default=None, metavar="DIR|off",
                    help="keep the frozen backbone's pooled states, keyed by its weights and the exact "
                         "inputs, so that train, collect and the demo run it once per model and data "
-                        "(default: $OFFRAMP_CACHE/states, i.e. ~/.cache/offramp/states; off: do not keep)")
+                        "(default: states/ in $OFFRAMP_CACHE, else $XDG_CACHE_HOME/offramp, else ~/.cache/offramp; "
+                        "off: do not keep)")
 
 
 def state_cache(args: argparse.Namespace) -> bool | str:

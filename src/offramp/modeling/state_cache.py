@@ -31,7 +31,7 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def default_root() -> Path:
-    """``$OFFRAMP_CACHE/states`` (``~/.cache/offramp/states``), read when called."""
+    """``states/`` in the cache folder (``offramp.data.assets.cache_dir``), read when called."""
     return cache_dir() / "states"
 
 

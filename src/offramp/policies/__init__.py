@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from offramp.policies.base import ExitPolicy, ExitSignals, ExitSpace, PolicyState, require_signals
@@ -56,7 +57,10 @@ def make_policy(spec: str | dict[str, Any] | ExitPolicy | None, **params: Any) -
     if spec in ARTEFACT_POLICIES:
         return ARTEFACT_POLICIES[spec](**params)
     if spec not in POLICIES:
-        raise ValueError(f"unknown policy {spec!r}; known policies: {sorted(POLICIES) + sorted(ARTEFACT_POLICIES)}")
+        known = sorted(POLICIES) + sorted(ARTEFACT_POLICIES)
+        close = difflib.get_close_matches(str(spec), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown policy {spec!r}; {hint}known policies: {known}")
     try:
         return POLICIES[spec](**params)
     except TypeError as e:
