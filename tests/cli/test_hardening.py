@@ -218,3 +218,30 @@ def test_library_error_types_are_value_errors(ws, tmp_path):
     (ckpt / "offramp_heads.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         EarlyExitModel.from_pretrained(ckpt)
+
+
+def test_the_cut_texts_warning_comes_once_per_command_over_every_split(ws):
+    """train reads three splits (and the sweep of --select-policy one again): one warning."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "offramp.cli", "--threads", "1", "train", "--model", str(ws["model"]), "--data",
+            str(ws["csv"]), "--out", str(ws["root"] / "trunc"), "--epochs", "1", "--max-length", "4",
+            "--select-policy", "entropy", "--state-cache", "off"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("are longer than max_length=4 tokens") == 1
+
+
+def test_a_once_per_command_warning_is_shown_once_and_others_every_time(capsys):
+    from offramp.cli import _show_warning
+    from offramp.data.batching import TruncationWarning
+
+    show = _show_warning("train")
+    for n in (3, 5):
+        show(f"{n} texts cut", TruncationWarning, "f.py", 1)
+        show(f"other {n}", UserWarning, "f.py", 2)
+    err = capsys.readouterr().err
+    assert err.count("texts cut") == 1 and "3 texts cut" in err and err.count("other") == 2
+    show = _show_warning("predict")  # the next command says it again
+    show("7 texts cut", TruncationWarning, "f.py", 1)
+    assert "offramp predict: warning: 7 texts cut" in capsys.readouterr().err

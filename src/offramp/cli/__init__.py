@@ -127,9 +127,20 @@ USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EN
                   errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.EDQUOT}
 
 
+ONCE_PER_COMMAND = ("TruncationWarning",)  # said once: the same advice for every split a command reads
+
+
 def _show_warning(command: str):
-    """Warnings as one line, ``offramp CMD: warning: ...``, on stderr."""
+    """Warnings as one line, ``offramp CMD: warning: ...``, on stderr; a warning of a category in
+    ``ONCE_PER_COMMAND`` only the first time in a command (the others name another split)."""
+    said: set[str] = set()
+
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        name = getattr(category, "__name__", "")
+        if name in ONCE_PER_COMMAND:
+            if name in said:
+                return
+            said.add(name)
         print(f"offramp {command}: warning: {message}", file=file or sys.stderr, flush=True)
     return show
 
