@@ -82,11 +82,10 @@ class Classify:
 
     def __init__(self, run: str, n: int, policy: dict, args: argparse.Namespace) -> None:
         from offramp import EarlyExitModel
-        from offramp.modeling.checkpoints import checkpoint_dir
-        from offramp.modeling.predict import tokenizer_of
-        from offramp.modeling.predict import predict_rows
         from offramp.data import load_data
+        from offramp.modeling.predict import predict_rows, tokenizer_of
         from offramp.policies import make_policy
+        from offramp.utils import checkpoint_dir
 
         self.inputs = list(load_data("tweets", max_eval=n).test.texts[:n])
         self.policy, self.policies = policy, {"exits": policy, "never": {"type": "never"}}
@@ -139,10 +138,10 @@ class Generate:
     route, unit = "/generate", "tokens"
 
     def __init__(self, run: str, n: int, policy: dict, args: argparse.Namespace) -> None:
-        from offramp.modeling.causal_lm import load_exits_and_lm
         from offramp.data.assets import bbc_prompts
         from offramp.data.prompts import chat_texts
         from offramp.engines.generate import generate
+        from offramp.modeling.causal_lm import load_exits_and_lm
 
         self.max_new = args.max_new_tokens
         self.model, self.tok = load_exits_and_lm(run)

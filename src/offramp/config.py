@@ -22,12 +22,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from offramp.names import DTYPES  # noqa: F401  (a language model's --dtype)
+from offramp.names import CONFIG_NAME, DTYPES  # noqa: F401  (a language model's --dtype)
 from offramp.policies import make_policy
 from offramp.utils import atomic_write_json, read_json
 from offramp.version import __version__
 
-CONFIG_NAME = "offramp_config.json"
 FORMAT_VERSION = 2
 KINDS = {"classifier": "a classifier with exits (EarlyExitModel)",
          "token_exits": "token exits for a decoder LM (DecoderExitModel)"}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+CONFIG_NAME = "offramp_config.json"  # the file that makes a folder an offramp checkpoint (offramp.config)
+
 # exit rules (offramp.policies.POLICIES, plus the probe built from a fitted file)
 CLASSIFY_POLICIES = ("entropy", "max_prob", "margin", "patience", "saturation", "q_exit", "ponder_sample", "gate",
                      "oracle", "static", "never")

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from offramp.names import CONFIG_NAME
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -321,3 +323,14 @@ def check_out(path: Path, overwrite: bool, what: str) -> None:
     except OSError as e:
         raise ValueError(f"{what} {path} cannot be written: {base} is not writable ({e.strerror}); "
                          "choose another --out") from None
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path`` if it is (or holds, under checkpoint/) an offramp checkpoint; else a ValueError. Reads
+    no file and loads no library, so a wrong path is reported at once."""
+    p = Path(path)
+    for cand in (p, p / "checkpoint"):
+        if (cand / CONFIG_NAME).is_file():
+            return cand
+    raise ValueError(f"{p} is not an offramp checkpoint folder ({CONFIG_NAME} not found in it or in "
+                     f"{p / 'checkpoint'}); give the --out folder of `offramp train` or a save_pretrained folder")

@@ -245,3 +245,16 @@ def test_a_once_per_command_warning_is_shown_once_and_others_every_time(capsys):
     show = _show_warning("predict")  # the next command says it again
     show("7 texts cut", TruncationWarning, "f.py", 1)
     assert "offramp predict: warning: 7 texts cut" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["predict", "--model", "/nonexistent/run", "hi"],
+                                  ["evaluate", "--model", "/nonexistent/run"],
+                                  ["collect", "--model", "/nonexistent/run", "--out", "/nonexistent/trace"]])
+def test_a_missing_checkpoint_folder_is_reported_before_torch_loads(argv):
+    import subprocess
+
+    code = ("import sys\nfrom offramp.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr[-1000:]
+    assert "is not an offramp checkpoint folder" in proc.stderr

@@ -19,7 +19,7 @@ from offramp.names import CLASSIFY_POLICIES, DATA_DEFAULTS, GENERATION_POLICIES
 _LIBRARY = {"load_from_settings": "offramp.data.batching",
             "split_batches": "offramp.data.batching", "per_exit_metric": "offramp.evaluation.report",
             "reliability_curves": "offramp.evaluation.report", "trace_flops": "offramp.evaluation.report",
-            "checkpoint_dir": "offramp.modeling.checkpoints", "checkpoint_kind": "offramp.modeling.checkpoints",
+            "checkpoint_dir": "offramp.utils", "checkpoint_kind": "offramp.modeling.checkpoints",
             "default_pooling": "offramp.modeling.checkpoints", "fit_max_length": "offramp.modeling.checkpoints",
             "max_positions": "offramp.modeling.checkpoints", "tokenizer_of": "offramp.modeling.predict",
             "predict_rows": "offramp.modeling.predict", "state_cache_setting": "offramp.modeling.state_cache",
@@ -150,12 +150,15 @@ def parse_pairs(text: str, flag: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------ checkpoints
 def model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """The checkpoint of ``args.model`` and its data (stored settings, overridden by given ones)."""
+    from offramp.utils import checkpoint_dir
+
+    folder = checkpoint_dir(args.model)  # a wrong path is reported before any library loads
+    given = data_settings(args, only_given=True)
     from offramp.data.batching import load_from_settings
     from offramp.modeling import EarlyExitModel
-    from offramp.modeling.checkpoints import checkpoint_dir, fit_max_length
+    from offramp.modeling.checkpoints import fit_max_length
 
-    given = data_settings(args, only_given=True)
-    model = EarlyExitModel.from_pretrained(checkpoint_dir(args.model))
+    model = EarlyExitModel.from_pretrained(folder)
     settings = {**DATA_DEFAULTS, **model.config.extra.get("data", {}), **given}
     settings["max_length"] = fit_max_length(model, settings["max_length"], given="max_length" in given)
     data = load_from_settings(settings, label_names=model.config.label_names,

@@ -25,11 +25,12 @@ def add_predict_parser(sub: Any) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    common.require_min(args, batch_size=1, max_length=2)
+    folder = common.checkpoint_dir(args.model)  # a wrong path is reported before any library loads
+    texts = common.read_texts(args.texts, args.file, args.text_column)
     from offramp.modeling import EarlyExitModel
 
-    common.require_min(args, batch_size=1, max_length=2)
-    texts = common.read_texts(args.texts, args.file, args.text_column)
-    model = EarlyExitModel.from_pretrained(common.checkpoint_dir(args.model))
+    model = EarlyExitModel.from_pretrained(folder)
     policy = common.make_policy_arg(args.policy, args.value, model.config.policy)
     max_length = common.fit_max_length(model, args.max_length or model.config.extra.get("data", {}).get(
         "max_length", 128), given=args.max_length is not None)

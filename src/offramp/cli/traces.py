@@ -31,6 +31,7 @@ def add_collect_parser(sub: Any) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    common.checkpoint_dir(args.model)  # a wrong path is reported before any library loads
     from offramp.evaluation.collect import collect
     from offramp.flops import model_exit_flops
 
@@ -192,6 +193,7 @@ def add_evaluate_parser(sub: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    common.checkpoint_dir(args.model)  # a wrong path is reported before any library loads
     from offramp.evaluation.evaluate import evaluate_policy
 
     common.require_min(args, repeats=1)

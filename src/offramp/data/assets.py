@@ -36,6 +36,7 @@ import torch
 from offramp.data import load_texts
 from offramp.utils import atomic_dir
 
+
 def cache_dir() -> Path:
     """The cache folder, read when called: ``$OFFRAMP_CACHE``, else ``$XDG_CACHE_HOME/offramp``
     (the XDG base directory), else ``~/.cache/offramp``."""

@@ -20,7 +20,6 @@ from offramp.evaluation.collect import replay, trace_signals
 from offramp.flops import ExitFlops
 from offramp.policies import POLICIES, ExitSpace, make_policy
 
-
 ORACLE, CONSISTENCY_ORACLE = "oracle", "consistency oracle"
 REGRESSION_TOL = 0.1
 NOT_SWEPT = ("oracle", "never")  # the oracle is added as the oracle points; never is the full model

@@ -1,5 +1,5 @@
-"""Finding and opening offramp checkpoints: ``load`` (any kind), ``checkpoint_dir`` (a save folder or
-a training run's ``checkpoint/``) and ``checkpoint_kind``."""
+"""Opening offramp checkpoints: ``load`` (any kind), ``checkpoint_kind``, and what a model can
+embed (``max_positions``); ``offramp.utils.checkpoint_dir`` finds the folder without loading anything."""
 
 from __future__ import annotations
 
@@ -24,16 +24,6 @@ def load(directory: str | os.PathLike, **kwargs: Any) -> ExitModelBase:
     kind, _ = read_config(folder)
     classes = {EarlyExitModel.kind: EarlyExitModel, DecoderExitModel.kind: DecoderExitModel}
     return classes[kind].from_pretrained(folder, **kwargs)
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """``path`` if it is (or holds, under checkpoint/) an offramp checkpoint; else a ValueError."""
-    p = Path(path)
-    for cand in (p, p / "checkpoint"):
-        if (cand / CONFIG_NAME).is_file():
-            return cand
-    raise ValueError(f"{p} is not an offramp checkpoint folder ({CONFIG_NAME} not found in it or in "
-                     f"{p / 'checkpoint'}); give the --out folder of `offramp train` or a save_pretrained folder")
 
 
 def checkpoint_kind(path: str | Path) -> str:

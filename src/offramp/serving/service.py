@@ -34,9 +34,10 @@ from offramp.engines.reason import SIGNALS as REASON_SIGNALS
 from offramp.engines.reason import ReasonConfig, reason_batch
 from offramp.modeling import EarlyExitModel
 from offramp.modeling.causal_lm import load_causal_lm, load_exits_and_lm
-from offramp.modeling.checkpoints import checkpoint_dir, checkpoint_kind, fit_max_length
+from offramp.modeling.checkpoints import checkpoint_kind, fit_max_length
 from offramp.modeling.predict import predict_rows, tokenizer_of
 from offramp.policies import POLICIES, make_policy, require_signals
+from offramp.utils import checkpoint_dir
 
 
 class RequestError(ValueError):

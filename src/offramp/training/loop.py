@@ -25,7 +25,6 @@ from offramp.modeling.state_cache import INPUT_KEYS, pooled_batches
 from offramp.training.processes import make_accelerator, shard_rows
 from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, progress
 
-
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "training_state.pt"
 
