@@ -79,3 +79,29 @@ def test_frozen_resume_still_caches_and_extends(assets, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     stored = json.loads((out / "checkpoint" / "offramp_config.json").read_text())["extra"]["train"]
     assert stored["full"] is False and stored["epochs"] == 2
+
+
+def test_resume_chooses_the_selected_rule_again_and_retires_a_stale_bound(assets, tmp_path, capsys):
+    """A resumed run that trains further changes the weights: the rule --select-policy chose is
+    chosen again on them, and a bound offramp calibrate certified is no longer claimed."""
+    import json
+
+    _, model, csv = assets
+    out = tmp_path / "run"
+    assert _train(out, model, csv, "--select-policy", "entropy,max_prob", "--select-tolerance", "0.5") == 0
+    config_path = out / "checkpoint" / "offramp_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["extra"]["selected"]["epochs"] == 2
+    assert main([*COMMON, "calibrate", "--model", str(out), "--split", "validation", "--policy", "entropy",
+                 "--delta", "0.5", "--epsilon", "0.5"]) == 0
+    assert "calibration" in json.loads(config_path.read_text())["extra"]
+    capsys.readouterr()
+    assert main(["--threads", "1", "train", "--out", str(out), "--resume", "--epochs", "3"]) == 0
+    err = capsys.readouterr().err
+    extra = json.loads(config_path.read_text())["extra"]
+    assert extra["selected"]["epochs"] == 3 and extra["selected"]["rules"] == ["entropy", "max_prob"]
+    assert "calibration" not in extra and "stale_calibration" in extra
+    assert "calibrated on the earlier weights" in err and "chosen again" in err
+    capsys.readouterr()
+    assert main(["--threads", "1", "train", "--out", str(out), "--resume", "--epochs", "3"]) == 0  # nothing to train
+    assert "earlier weights" not in capsys.readouterr().err

@@ -215,7 +215,37 @@ def _resumed(args: argparse.Namespace, out: Path, given_data: dict[str, Any]) ->
         model.config.policy = common.make_policy_arg(args.policy, args.value, model.config.policy).to_dict()
     data = common.load_from_settings(settings, label_names=model.config.label_names,
                                      regression=model.config.is_regression)
+    if opts["epochs"] > _epochs_done(ckpt):
+        _retire_stale_rule(model, args)
     return model, data, settings, opts
+
+
+def _epochs_done(ckpt: Path) -> int:
+    """How many epochs the run in ``ckpt`` has trained (0 when it stored no training state)."""
+    from offramp.training.loop import STATE_NAME
+    from offramp.utils import load_torch_state
+
+    if not (ckpt / STATE_NAME).is_file():
+        return 0
+    return int(load_torch_state(ckpt / STATE_NAME, "training state", "start a new run without --resume")["epoch"]) + 1
+
+
+def _retire_stale_rule(model: Any, args: argparse.Namespace) -> None:
+    """The resumed run trains further, so a rule chosen or certified on the earlier weights no longer
+    holds: a selected one is chosen again with its rules and tolerance (unless --select-policy names
+    others); a calibrated one keeps its setting, but its bound moves to ``extra.stale_calibration``
+    and a warning says to calibrate again."""
+    extra = model.config.extra
+    selected = extra.get("selected")
+    if isinstance(selected, dict) and args.select_policy is None and selected.get("rules"):
+        args.select_policy = ",".join(selected["rules"])
+        args.select_tolerance = float(selected.get("tolerance", args.select_tolerance))
+        common.log(f"--resume: the rule selected on the earlier weights ({selected.get('policy')}) is chosen again "
+                   f"after training, among {args.select_policy}")
+    if "calibration" in extra:
+        extra["stale_calibration"] = extra.pop("calibration")
+        warnings.warn(f"--resume: the rule {model.config.policy} was calibrated on the earlier weights; its bound no "
+                      "longer holds for the weights this run trains. Run offramp calibrate again", stacklevel=1)
 
 
 def _started(args: argparse.Namespace, out: Path, given_data: dict[str, Any]) -> tuple[Any, Any, dict, dict]:
@@ -331,6 +361,7 @@ def _select_and_store(model: Any, data: Any, settings: dict, rules: list[str], a
         return None
     chosen = result.selection(point, tolerance=args.select_tolerance, split="validation", n=len(data.validation),
                               rules=rules)
+    chosen["epochs"] = int(model.config.extra.get("train", {}).get("epochs", 0))  # the weights it was chosen on
     model.config.policy = dict(point.policy)
     model.config.extra["selected"] = chosen
     atomic_write_json(ckpt / CONFIG_NAME, model.config.to_dict())
