@@ -53,6 +53,8 @@ def add_train_lm_parser(subparsers: Any) -> None:
     p.add_argument("--rotation", type=int, default=2, help="LayerSkip: the rotational curriculum's period")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", dest="lm_threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (as offramp --threads N train-lm)")
     p.set_defaults(func=cmd_train_lm)
 
 
@@ -61,7 +63,11 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
     from offramp.training.layerskip import LayerSkipArgs
     from offramp.training.small_lm import SmallLMOptions, train_small_lm
 
-    common.require_min(args, max_steps=1, seq_len=2, batch=1, save_every=1, rotation=1, warmup=0)
+    common.require_min(args, max_steps=1, seq_len=2, batch=1, save_every=1, rotation=1, warmup=0, lm_threads=1)
+    if args.lm_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.lm_threads)
     layers = common.parse_exits(args.exit_layers) if args.exit_layers else None
     options = SmallLMOptions(arch=args.arch, recipe=args.recipe, out=args.out, tokenizer=args.tokenizer,
                              vocab=args.vocab, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
