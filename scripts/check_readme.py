@@ -12,8 +12,15 @@ itself (.ci/run), so it is not run a second time here.
 
 Each ```python block is run as a script; a block whose preceding paragraph says "Continuing the
 Python example above" continues the python block before it (bash blocks may stand between): the
-chain runs as one script, in place of its last block (so later commands find what it wrote). A python block whose first
-line says it needs internet is compiled, not run.
+chain runs as one script, in place of its last block (so later commands find what it wrote). A
+python block whose first line says it needs internet is compiled, not run.
+
+An ```output block after a bash block (```output of="offramp demo": after the bash block that
+runs that) is what the block's last command prints: every line shown
+must be printed, in order (other lines may come between); ``...`` stands for anything, and
+```output tolerance=0.1 lets each shown number be off by 10% of itself (timings, sampled
+figures); without it numbers must be exact. So a shown output cannot drift from what the command
+prints.
 
 Prints one JSON object per command on stdout as it finishes, and a summary line; progress on
 stderr. Exit status 1 when any command failed.
@@ -55,6 +62,8 @@ class Block:
     text: str
     continues: bool = False  # a python block that continues the one before it
     page: str = "README.md"
+    expect: str | None = None  # a shown output (an ```output block right after it) its last command must print
+    tolerance: float = 0.0     # how far a shown number may be from the printed one (relative)
 
     @property
     def where(self) -> str:
@@ -65,7 +74,7 @@ def blocks(readme: str, page: str = "README.md", first: int = 1) -> list[Block]:
     """The fenced bash and python blocks of ``readme`` (a page), in order, numbered from ``first``."""
     out, lines, i = [], readme.splitlines(), 0
     while i < len(lines):
-        m = re.match(r"^```(\w+)\s*$", lines[i])
+        m = re.match(r"^```(\w+)(.*)$", lines[i])
         if not m:
             i += 1
             continue
@@ -75,6 +84,12 @@ def blocks(readme: str, page: str = "README.md", first: int = 1) -> list[Block]:
             body.append(lines[i])
             i += 1
         i += 1
+        if m.group(1) == "output":
+            of = re.search(r'of="([^"]+)"', m.group(2))  # the earlier command it shows, when not the last one
+            owners = [b for b in out if b.lang == "bash" and (of is None or of.group(1) in b.text)]
+            if owners and owners[-1].expect is None:
+                tol = re.search(r"tolerance=([0-9.]+)", m.group(2))
+                owners[-1].expect, owners[-1].tolerance = "\n".join(body), float(tol.group(1)) if tol else 0.0
         if m.group(1) in ("bash", "python"):
             before = "\n".join(lines[max(0, start - 4):start]).lower()
             out.append(Block(first + len(out), m.group(1), start + 1, "\n".join(body) + "\n",
@@ -99,12 +114,43 @@ def commands(block: Block) -> list[str]:
     return out
 
 
+NUMBER = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+
+
+def line_matches(expected: str, actual: str, tolerance: float) -> bool:
+    """Whether a printed line is the shown one: ``...`` stands for anything, and each number may be
+    off by ``tolerance`` of itself (0: exactly); the rest must be the same."""
+    parts = re.split(f"({NUMBER}|\\.\\.\\.)", expected.strip())
+    pattern = "".join(f"({NUMBER})" if re.fullmatch(NUMBER, p) else ".*?" if p == "..." else re.escape(p)
+                      for p in parts)
+    m = re.fullmatch(pattern, actual.strip())
+    if m is None:
+        return False
+    shown = [float(p) for p in parts if re.fullmatch(NUMBER, p)]
+    return all(abs(float(got) - want) <= tolerance * abs(want) for got, want in zip(m.groups(), shown))
+
+
+def output_mismatch(expected: str, printed: str, tolerance: float) -> str | None:
+    """None when every shown line is printed, in order (other lines may come between); else the
+    first shown line that was not."""
+    lines = printed.splitlines()
+    at = 0
+    for want in filter(str.strip, expected.splitlines()):
+        while at < len(lines) and not line_matches(want, lines[at], tolerance):
+            at += 1
+        if at == len(lines):
+            return want
+        at += 1
+    return None
+
+
 def _tail(text: str, n: int = 1500) -> str:
     return text if len(text) <= n else "..." + text[-n:]
 
 
-def run_command(cmd: str, timeout: float) -> dict:
-    """Run one README command; offline ones must succeed, internet ones must fail cleanly."""
+def run_command(cmd: str, timeout: float, expect: str | None = None, tolerance: float = 0.0) -> dict:
+    """Run one README command; offline ones must succeed, internet ones must fail cleanly; with
+    ``expect`` (the page's shown output), it must print those lines."""
     internet = INTERNET.search(cmd) is not None
     env = dict(os.environ)
     if internet:
@@ -130,6 +176,11 @@ def run_command(cmd: str, timeout: float) -> dict:
         result.update(kind="offline", ok=proc.returncode == 0, stdout=_tail(proc.stdout, 600))
         if proc.returncode != 0:
             result.update(why=f"exit status {proc.returncode}", stderr=_tail(proc.stderr))
+        elif expect is not None:
+            missing = output_mismatch(expect, proc.stdout, tolerance)
+            if missing is not None:
+                result.update(ok=False, why=f"the page shows a line it did not print: {missing!r}",
+                              stdout=_tail(proc.stdout))
     return result
 
 
@@ -208,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             if not continued(i):
                 flush()  # the chain is whole: run it now, before the commands after it use what it wrote
             continue
-        for cmd in commands(b):
+        cmds = commands(b)
+        for k, cmd in enumerate(cmds):
             if CI_COMMAND in cmd:
                 results.append({"command": cmd, "kind": "the CI test command (.ci/run runs it)", "ok": True})
                 print(json.dumps(results[-1]), flush=True)
                 continue
             note(f"block {b.number} ({b.where}): {cmd[:150]}")
-            results.append(run_command(cmd, a.timeout))
+            last = k == len(cmds) - 1
+            results.append(run_command(cmd, a.timeout, b.expect if last else None, b.tolerance))
             print(json.dumps(results[-1]), flush=True)
     flush()
     failed = [r for r in results if not r["ok"]]

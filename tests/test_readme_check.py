@@ -121,3 +121,20 @@ def test_a_python_block_runs_before_the_commands_after_it(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '"failed": 0' in proc.stdout.splitlines()[-1]
+
+
+def test_a_shown_output_must_be_what_the_command_prints(tmp_path):
+    """The docs check compares an ```output block with what its command printed: a changed
+    number fails it, within a stated tolerance it passes, and ``...`` stands for anything."""
+    printed = "loading\naccuracy 0.95 at layer 2 (n=200, 3.1 s)\ndone"
+    assert check.output_mismatch("accuracy 0.95 at layer 2 (n=200, ...)", printed, 0.0) is None
+    assert check.output_mismatch("accuracy 0.99 at layer 2 (n=200, ...)", printed, 0.0) is not None
+    assert check.output_mismatch("accuracy 0.90 at layer 2 (n=200, ...)", printed, 0.1) is None
+    assert check.output_mismatch("accuracy 0.95 at layer 3 (n=200, ...)", printed, 0.1) is not None  # 3 vs 2
+    assert check.output_mismatch("done\nloading", printed, 0.0) == "loading"  # in order
+    page = tmp_path / "page.md"
+    for shown, ok in (("n=200 ...", True), ("n=201 ...", False)):
+        page.write_text(f"Run it:\n\n```bash\necho 'n=200 rows'\n```\n\nIt prints:\n\n```output\n{shown}\n```\n")
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_readme.py"), "--pages", str(page)],
+                              capture_output=True, text=True, timeout=120)
+        assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
