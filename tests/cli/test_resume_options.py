@@ -105,3 +105,20 @@ def test_resume_chooses_the_selected_rule_again_and_retires_a_stale_bound(assets
     capsys.readouterr()
     assert main(["--threads", "1", "train", "--out", str(out), "--resume", "--epochs", "3"]) == 0  # nothing to train
     assert "earlier weights" not in capsys.readouterr().err
+
+
+def test_train_by_default_stops_on_validation_with_the_epochs_as_a_cap(assets, tmp_path):
+    """Without --epochs, training runs until --patience (3) epochs bring no better validation score,
+    at most 30 epochs (frozen backbone); both are stored with the run."""
+    import json
+
+    from offramp.training.loop import stalled
+
+    _, model, csv = assets
+    out = tmp_path / "default"
+    assert main([*COMMON, "train", "--model", str(model), "--data", str(csv), "--out", str(out), "--lr", "5e-2",
+                 "--batch-size", "16"]) == 0
+    history = json.loads((out / "metrics.json").read_text())
+    stored = json.loads((out / "checkpoint" / "offramp_config.json").read_text())["extra"]["train"]
+    assert stored["epochs"] == 30 and stored["patience"] == 3
+    assert len(history) < 30 and stalled(history, 3) and not stalled(history[:-1], 3)

@@ -50,7 +50,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_objective_args(p)
     p.add_argument("--full", action="store_true", default=None, help="fine-tune the backbone too (default: exits only)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="total epochs (default 3; with --resume the run's own, or more to extend it)")
+                   help="the most epochs (default 30, or 10 with --full; with --resume the run's own, or more "
+                        "to extend it); training stops earlier once --patience epochs bring no better "
+                        "validation score")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after this many epochs without a better validation score (the exits' mean "
+                        "accuracy; default 3; 0: train every epoch)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-3")
     p.add_argument("--backbone-lr", type=float, default=None, help="backbone lr with --full (default 2e-5)")
     p.add_argument("--policy", default=None, help="default exit policy stored in the checkpoint")
@@ -91,9 +96,11 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "halting_variant": "concat", "objective": None, "cost_weight": 0.1, "gate_pos_weight": "none",
     "warmup_epochs": None,
     "warmup_patience": None, "weights": "uniform", "distill": 0.0,
-    "beta": 0.5, "lambda_p": 0.1, "kl_target": "batch", "full": False, "epochs": 3, "lr": 1e-3, "backbone_lr": None,
+    "beta": 0.5, "lambda_p": 0.1, "kl_target": "batch", "full": False, "epochs": None, "patience": 3, "lr": 1e-3,
+    "backbone_lr": None,
     "regression": False, "backbone_by_reference": False}
-RESUME_MAY_CHANGE = ("epochs",)  # a resumed run may be extended; everything else is the run's own
+RESUME_MAY_CHANGE = ("epochs", "patience")  # a resumed run may be extended; everything else is the run's own
+DEFAULT_EPOCHS = {False: 30, True: 10}  # the cap on epochs, frozen backbone / --full (early stopping ends sooner)
 
 
 def _train_options(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
@@ -103,7 +110,7 @@ def _train_options(args: argparse.Namespace, stored: dict[str, Any] | None) -> d
     for key in ("lr", "backbone_lr"):
         if key in given and not given[key] > 0:
             raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {given[key]}")
-    common.require_min(given, epochs=1, warmup_epochs=0, warmup_patience=1)
+    common.require_min(given, epochs=1, warmup_epochs=0, warmup_patience=1, patience=0)
     objective = given.get("objective", (stored or {}).get("objective"))
     jei_only = [k for k in ("cost_weight", "gate_pos_weight", "warmup_epochs", "warmup_patience") if k in given]
     if jei_only and objective != "jei":
@@ -117,7 +124,10 @@ def _train_options(args: argparse.Namespace, stored: dict[str, Any] | None) -> d
         raise ValueError(f"{flag} is an option of the ponder objective (a halting layer) and would do nothing "
                          "here: add --halting palbert or --halting pondernet, or drop it")
     if stored is None:
-        return {**TRAIN_DEFAULTS, **given}
+        opts = {**TRAIN_DEFAULTS, **given}
+        if opts["epochs"] is None:  # JEI-DNN runs its own schedule (a warm-up with patience, then phases)
+            opts["epochs"] = 3 if opts["objective"] == "jei" else DEFAULT_EPOCHS[bool(opts["full"])]
+        return opts
     for key, value in given.items():
         if key not in RESUME_MAY_CHANGE and key in stored and stored[key] != value:
             flag = "--" + key.replace("_", "-")
@@ -288,7 +298,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_batches = common.split_batches(data.train, tok, settings, shuffle=True)
     eval_batches = common.split_batches(data.validation, tok, settings) if len(data.validation) else None
     full = opts["full"]
-    targs = TrainingArgs(output_dir=str(out), epochs=opts["epochs"], lr=opts["lr"], frozen_backbone=not full,
+    targs = TrainingArgs(output_dir=str(out), epochs=opts["epochs"], patience=opts.get("patience"), lr=opts["lr"],
+                         frozen_backbone=not full,
                          backbone_lr=opts["backbone_lr"] or (2e-5 if full else None), seed=settings["seed"],
                          resume=args.resume, cache_backbone=not full, state_cache=common.state_cache(args),
                          save_backbone=not opts["backbone_by_reference"])

@@ -23,7 +23,7 @@ from offramp.evaluation.halting import degenerate_message, halting_report
 from offramp.modeling import EarlyExitModel
 from offramp.modeling.state_cache import INPUT_KEYS, pooled_batches
 from offramp.training.processes import make_accelerator, shard_rows
-from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, progress
+from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, note, progress
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "training_state.pt"
@@ -35,7 +35,10 @@ class TrainingArgs:
 
     Args:
         output_dir: where the checkpoint (``output_dir/checkpoint``) and metrics go.
-        epochs: passes over the training batches.
+        epochs: passes over the training batches: the most, when ``patience`` stops earlier.
+        patience: stop once this many epochs in a row have not raised the validation score (the
+            exits' mean accuracy, or minus their mean squared error for regression) above its best
+            so far; None or 0: train every epoch. Needs validation batches.
         lr: learning rate of the exits (and of the backbone when not frozen).
         backbone_lr: learning rate of the backbone in full fine-tuning (default ``lr``).
         weight_decay: AdamW weight decay.
@@ -55,6 +58,7 @@ class TrainingArgs:
 
     output_dir: str
     epochs: int = 3
+    patience: int | None = None
     lr: float = 1e-3
     backbone_lr: float | None = None
     weight_decay: float = 0.0
@@ -71,6 +75,8 @@ class TrainingArgs:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.patience is not None and self.patience < 0:
+            raise ValueError(f"patience must be >= 0 (0: no early stopping), got {self.patience}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -176,6 +182,10 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
         torch.set_rng_state(state["rng"])
     pmodel, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per global batch
     for epoch in range(start_epoch, args.epochs):
+        if args.patience and stalled(history, args.patience):
+            note(f"early stop: no better validation score in the last {args.patience} epochs "
+                 f"(best at epoch {best_epoch(history)} of {epoch})")
+            break
         pmodel.train()
         if args.frozen_backbone:  # a frozen backbone is a fixed feature extractor: no dropout in it
             model.backbone.eval()
@@ -198,6 +208,28 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
 
         warnings.warn(degenerate_message("train (validation split)", last["reason"]), stacklevel=2)
     return {"history": history, "checkpoint": str(ckpt)}
+
+
+def validation_score(metrics: dict[str, Any]) -> float | None:
+    """What early stopping watches: the exits' mean validation accuracy (minus their mean squared
+    error for regression); None for an epoch without validation."""
+    if "accuracy_per_exit" in metrics:
+        return float(np.mean(metrics["accuracy_per_exit"]))
+    if "mse_per_exit" in metrics:
+        return -float(np.mean(metrics["mse_per_exit"]))
+    return None
+
+
+def best_epoch(history: Sequence[dict[str, Any]]) -> int | None:
+    """The (1-based) epoch of the best validation score so far (the first of equal ones)."""
+    scored = [(validation_score(m), m["epoch"]) for m in history if validation_score(m) is not None]
+    return max(scored, key=lambda s: (s[0], -s[1]))[1] if scored else None
+
+
+def stalled(history: Sequence[dict[str, Any]], patience: int) -> bool:
+    """Whether the last ``patience`` epochs all failed to beat the best validation score before them."""
+    best = best_epoch(history)
+    return best is not None and history[-1]["epoch"] - best >= patience
 
 
 def _resume(model: "EarlyExitModel", args: TrainingArgs, ckpt: Path) -> dict[str, Any]:
