@@ -225,19 +225,22 @@ def _resumed(args: argparse.Namespace, out: Path, given_data: dict[str, Any]) ->
         model.config.policy = common.make_policy_arg(args.policy, args.value, model.config.policy).to_dict()
     data = common.load_from_settings(settings, label_names=model.config.label_names,
                                      regression=model.config.is_regression)
-    if opts["epochs"] > _epochs_done(ckpt):
+    if _trains_further(ckpt, opts):
         _retire_stale_rule(model, args)
     return model, data, settings, opts
 
 
-def _epochs_done(ckpt: Path) -> int:
-    """How many epochs the run in ``ckpt`` has trained (0 when it stored no training state)."""
-    from offramp.training.loop import STATE_NAME
+def _trains_further(ckpt: Path, opts: dict[str, Any]) -> bool:
+    """Whether resuming the run in ``ckpt`` with ``opts`` trains any epoch: it has epochs left and
+    has not stopped on validation."""
+    from offramp.training.loop import STATE_NAME, stalled
     from offramp.utils import load_torch_state
 
     if not (ckpt / STATE_NAME).is_file():
-        return 0
-    return int(load_torch_state(ckpt / STATE_NAME, "training state", "start a new run without --resume")["epoch"]) + 1
+        return True
+    state = load_torch_state(ckpt / STATE_NAME, "training state", "start a new run without --resume")
+    history = state.get("history", [])
+    return opts["epochs"] > int(state["epoch"]) + 1 and not (opts.get("patience") and stalled(history, opts["patience"]))
 
 
 def _retire_stale_rule(model: Any, args: argparse.Namespace) -> None:
