@@ -381,3 +381,10 @@ def test_deprecated_spellings_warn_and_mean_the_new_option():
         assert getattr(args, dest) == value, argv
     args = parser.parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--exit-layers", "3"])
     assert args.exits == "3"
+
+
+def test_a_rule_named_without_value_is_refused_unless_the_checkpoint_stores_it(ws, capsys):
+    rc, _, err = run(capsys, "evaluate", "--model", ws["run"], "--policy", "entropy", "--no-timing")
+    assert rc == 2 and "policy 'entropy' needs its threshold" in err and "--value" in err
+    rc, out, _ = run(capsys, "evaluate", "--model", ws["run"], "--policy", "entropy", "--value", "0.5", "--no-timing")
+    assert rc == 0 and json.loads(out)["policy"] == {"type": "entropy", "threshold": 0.5}

@@ -157,3 +157,29 @@ def test_an_unknown_policy_name_suggests_the_closest_one():
     with pytest.raises(ValueError, match=r"unknown policy 'zzz'; known policies") as e:
         make_policy("zzz")
     assert "did you mean" not in str(e.value)
+
+
+def test_a_rule_named_without_its_setting_is_the_stored_one_or_an_error():
+    """A bare rule name never silently takes the rule's default setting: it is the checkpoint's
+    stored (calibrated) policy when that is the rule, and an error naming the fix otherwise."""
+    from offramp.policies import named_or_stored
+
+    stored = {"type": "entropy", "threshold": 0.123}
+    assert named_or_stored("entropy", stored).threshold == 0.123
+    assert named_or_stored(None, stored).threshold == 0.123
+    assert named_or_stored({"type": "entropy", "threshold": 0.5}, stored).threshold == 0.5
+    assert named_or_stored("never", stored).type == "never"  # a rule without a setting
+    with pytest.raises(ValueError, match=r"policy 'max_prob' needs its threshold.*offramp calibrate --policy max_prob"):
+        named_or_stored("max_prob", stored)
+
+
+def test_predict_and_the_cli_refuse_a_bare_rule_the_checkpoint_does_not_store(tiny_bert, tmp_path, capsys):
+    from offramp import EarlyExitModel, OfframpConfig
+
+    model = EarlyExitModel.from_backbone(tiny_bert, OfframpConfig(num_labels=3, policy={"type": "entropy",
+                                                                                        "threshold": 0.2}))
+    ids, mask = make_batch(4, 6)
+    stored = model.predict(ids, mask, policy={"type": "entropy", "threshold": 0.2})
+    assert torch.equal(model.predict(ids, mask, policy="entropy").exit_index, stored.exit_index)
+    with pytest.raises(ValueError, match="policy 'patience' needs its patience"):
+        model.predict(ids, mask, policy="patience")

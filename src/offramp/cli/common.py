@@ -186,9 +186,13 @@ def add_policy_args(p: argparse.ArgumentParser, *, generation: bool = False) -> 
 
 
 def make_policy_arg(name: str | None, value: float | None, default: dict[str, Any]) -> Any:
-    """The policy named on the command line (or ``default``), with ``value`` set on its parameter."""
-    from offramp.policies import make_policy
+    """The policy named on the command line (or ``default``), with ``value`` set on its parameter;
+    a rule named without --value is ``default`` when that is the rule, else an error
+    (``offramp.policies.named_or_stored``)."""
+    from offramp.policies import make_policy, named_or_stored
 
+    if name is not None and value is None and not name.strip().startswith("{"):
+        return named_or_stored(name, default)
     if name is None:
         spec: Any = dict(default)
     elif name.strip().startswith("{"):

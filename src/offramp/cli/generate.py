@@ -162,7 +162,7 @@ def _check_policy(args: argparse.Namespace) -> None:
         raise ValueError("--policy / --value / --threshold need exits: add --exits DIR (fit them with `offramp "
                          "fit-exits`)")
     if args.policy is not None:
-        policy = common.make_policy_arg(args.policy, args.value, {})
+        policy = common.make_policy_arg(args.policy, args.value, {"type": args.policy})  # its signals only
         require_signals(policy, set(SIGNALS), "token-exit generation",
                         "use one of max_prob, entropy, margin, patience, saturation, static, token_confidence")
 

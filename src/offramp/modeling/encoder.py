@@ -21,7 +21,7 @@ from offramp.heads.halting import HaltingLayer, exit_log_distribution
 from offramp.modeling.base import ExitModelBase, load_hf_model
 from offramp.objectives import compute_loss
 from offramp.outputs import EarlyExitOutput, Prediction
-from offramp.policies import ExitPolicy, make_policy
+from offramp.policies import ExitPolicy, named_or_stored
 from offramp.utils import readable_dir
 
 BACKBONE_DIR = "backbone"
@@ -164,8 +164,10 @@ class EarlyExitModel(ExitModelBase):
     def predict(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 policy: str | dict | ExitPolicy | None = None, token_type_ids: Tensor | None = None,
                 labels: Tensor | None = None) -> Prediction:
-        """Per-row early-exit inference. ``policy`` defaults to the config's policy."""
-        pol = make_policy(policy if policy is not None else self.config.policy)
+        """Per-row early-exit inference. ``policy`` defaults to the config's policy; a rule named
+        without its setting (``"entropy"``) is the config's when the config stores that rule, and
+        an error otherwise (``offramp.policies.named_or_stored``)."""
+        pol = named_or_stored(policy, self.config.policy)
         return early_exit_predict(self, input_ids, attention_mask, pol, token_type_ids=token_type_ids,
                                   labels=labels)
 

@@ -67,4 +67,26 @@ def make_policy(spec: str | dict[str, Any] | ExitPolicy | None, **params: Any) -
         raise ValueError(f"bad parameters for policy {spec!r}: {e}") from e
 
 
-__all__ = ["ARTEFACT_POLICIES", "POLICIES", "DeerPolicy", "ExitPolicy", "ProbeExitPolicy", "TokenConfidencePolicy", "ExitSignals", "ExitSpace", "PolicyState", "make_policy", "require_signals"]
+def named_or_stored(spec: str | dict[str, Any] | ExitPolicy | None, stored: dict[str, Any] | None) -> ExitPolicy:
+    """The policy a user names, against the one a checkpoint stores: None is the stored one; a rule
+    named without its setting (a bare name, ``"entropy"``) takes the stored setting when the stored
+    policy is that rule, and is an error otherwise for a rule that has a setting (its default would
+    be used silently, whatever the data); anything else is ``make_policy(spec)``."""
+    if spec is None:
+        return make_policy(stored)
+    name = spec.strip() if isinstance(spec, str) else None
+    if name is None or name.startswith("{"):
+        return make_policy(spec)
+    name = "probe" if name == "lynx" else name
+    if stored and stored.get("type") == name:
+        return make_policy(stored)
+    policy = make_policy(name)
+    if policy.threshold_field is not None:
+        raise ValueError(f"policy {name!r} needs its {policy.threshold_field}: give it ({{'type': {name!r}, "
+                         f"{policy.threshold_field!r}: ...}}, or --value on the command line), or calibrate one "
+                         f"into the checkpoint (offramp calibrate --policy {name}); the checkpoint stores "
+                         f"{(stored or {}).get('type')!r}")
+    return policy
+
+
+__all__ = ["ARTEFACT_POLICIES", "POLICIES", "DeerPolicy", "ExitPolicy", "ProbeExitPolicy", "TokenConfidencePolicy", "ExitSignals", "ExitSpace", "PolicyState", "make_policy", "named_or_stored", "require_signals"]
