@@ -44,7 +44,8 @@ class DeprecatedOption(argparse.Action):
         self.new = new
         super().__init__(option_strings, dest, **kwargs)
 
-    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
         import warnings
 
         warnings.warn(f"{option_string} is spelled {self.new} now; {option_string} will be removed in "
@@ -173,7 +174,8 @@ def parse_exits(text: str) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--exit-layers must be 'all' or comma-separated layer numbers like 2,4,6; got {text!r}") from None
+        raise ValueError(f"--exit-layers must be 'all' or comma-separated layer numbers like 2,4,6; "
+                         f"got {text!r}") from None
 
 
 # --------------------------------------------------------------------------------------- policies

@@ -27,11 +27,13 @@ def add_fit_exits_parser(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--chat", action="store_true", help="wrap the offline prompts in the model's chat template")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="the LM's dtype (default float32)")
-    p.add_argument("--head", choices=LM_HEAD_TYPES, default="ffn", help="the exit head (default ffn; mamba: the DYNAMAX Mamba block)")
+    p.add_argument("--head", choices=LM_HEAD_TYPES, default="ffn",
+                   help="the exit head (default ffn; mamba: the DYNAMAX Mamba block)")
     p.add_argument("--exit-layers", metavar="LAYERS",
                    help="layers run before each exit, e.g. 15,18,21 "
                    "(default: 5 exits in the second half)")
-    p.add_argument("--train-prompts", type=int, default=64, help="without --fit-text: how many offline BBC News prompts the model continues (default 64)")
+    p.add_argument("--train-prompts", type=int, default=64,
+                   help="without --fit-text: how many offline BBC News prompts the model continues (default 64)")
     p.add_argument("--fit-text", metavar="DATA", help="distil on this text instead of the "
                    "model's own continuations (teacher-forced, no decoding): a .txt file (documents "
                    "separated by blank lines), a .csv/.tsv/.jsonl file, bbc, or a Hub dataset name")
@@ -40,7 +42,8 @@ def add_fit_exits_parser(subparsers: Any) -> None:
     p.add_argument("--fit-texts", type=int, default=256, help="with --fit-text: how many texts to use")
     p.add_argument("--fit-max-tokens", type=int, default=256, help="with --fit-text: tokens kept per text")
     p.add_argument("--fit-epochs", type=int, default=3, help="epochs of head distillation (default 3)")
-    p.add_argument("--top-k", type=int, default=1, help="an exit is right where its token is among the full model's top k (default 1)")
+    p.add_argument("--top-k", type=int, default=1,
+                   help="an exit is right where its token is among the full model's top k (default 1)")
     p.set_defaults(func=cmd_fit_exits)
 
 

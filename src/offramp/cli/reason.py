@@ -54,8 +54,9 @@ def add_reason_parser(subparsers: Any) -> argparse.ArgumentParser:
                      "answer")
     # the previous release's spellings: lynx = --policy probe, deer = --policy deer, budget = --budget
     # (default 256), full = --policy never; --lambda = --value
-    run.add_argument("--method", choices=("lynx", "deer", "budget", "full"), default=None, action=common.DeprecatedOption,
-                     new="--policy (probe, deer, never) or --budget", help=argparse.SUPPRESS)
+    run.add_argument("--method", choices=("lynx", "deer", "budget", "full"), default=None,
+                     action=common.DeprecatedOption, new="--policy (probe, deer, never) or --budget",
+                     help=argparse.SUPPRESS)
     run.add_argument("--lambda", dest="lam", type=float, default=None, action=common.DeprecatedOption, new="--value",
                      help=argparse.SUPPRESS)
     run.add_argument("--out", help="append one JSON line per problem here (default: print)")

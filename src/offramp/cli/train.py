@@ -240,7 +240,8 @@ def _trains_further(ckpt: Path, opts: dict[str, Any]) -> bool:
         return True
     state = load_torch_state(ckpt / STATE_NAME, "training state", "start a new run without --resume")
     history = state.get("history", [])
-    return opts["epochs"] > int(state["epoch"]) + 1 and not (opts.get("patience") and stalled(history, opts["patience"]))
+    stopped = bool(opts.get("patience")) and stalled(history, opts["patience"])
+    return opts["epochs"] > int(state["epoch"]) + 1 and not stopped
 
 
 def _retire_stale_rule(model: Any, args: argparse.Namespace) -> None:

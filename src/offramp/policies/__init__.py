@@ -89,4 +89,5 @@ def named_or_stored(spec: str | dict[str, Any] | ExitPolicy | None, stored: dict
     return policy
 
 
-__all__ = ["ARTEFACT_POLICIES", "POLICIES", "DeerPolicy", "ExitPolicy", "ProbeExitPolicy", "TokenConfidencePolicy", "ExitSignals", "ExitSpace", "PolicyState", "make_policy", "named_or_stored", "require_signals"]
+__all__ = ["ARTEFACT_POLICIES", "POLICIES", "DeerPolicy", "ExitPolicy", "ProbeExitPolicy", "TokenConfidencePolicy",
+           "ExitSignals", "ExitSpace", "PolicyState", "make_policy", "named_or_stored", "require_signals"]

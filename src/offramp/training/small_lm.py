@@ -115,8 +115,8 @@ def train_small_lm(options: SmallLMOptions, run: LayerSkipArgs) -> dict[str, Any
     on the processes other than the main one of a multi-process launch)."""
     texts = bbc_articles()  # shuffled with seed 0
     held_out, train_texts = texts[:HELD_OUT], texts[HELD_OUT:]
-    tokenizer = tokenizer_for(train_texts, options.vocab,
-                              Path(options.tokenizer) if options.tokenizer else cache_dir() / f"bbc-bpe-{options.vocab}")
+    folder = Path(options.tokenizer) if options.tokenizer else cache_dir() / f"bbc-bpe-{options.vocab}"
+    tokenizer = tokenizer_for(train_texts, options.vocab, folder)
     model = build_small_lm(options, tokenizer)
     ids = _token_stream(tokenizer, train_texts)
     run.output_dir, run.recipe = options.out, options.recipe

@@ -8,5 +8,6 @@ from offramp.engines.generate.sampling import SamplingOptions
 from offramp.engines.generate.speculative import frequent_tokens, speculative_generate
 from offramp.engines.generate.text import TextPieces
 
-__all__ = ["SIGNALS", "RoundCosts", "SamplingOptions", "SpeculationPlan", "decoded_exit_layers", "frequent_tokens", "generate",
+__all__ = ["SIGNALS", "RoundCosts", "SamplingOptions", "SpeculationPlan", "decoded_exit_layers", "frequent_tokens",
+           "generate",
            "plan_speculation", "speculative_generate", "stream_generate", "TextPieces", "TokenStep"]
