@@ -273,7 +273,7 @@ def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, ar
              f"vs real early exit, batch {args.batch_size}, "
              f"{args.time_examples} test examples; run time {elapsed:.0f} s"]
     write_report(out, test, chosen=chosen, measured=measured, reliability=rel, title="offramp demo", notes=notes,
-                 tolerance=args.tolerance,
+                 tolerance=args.tolerance, split="test",
                  extra={"summary": summary})
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     rows = [{"rule": "full model", "accuracy": summary["full"]["accuracy"], "mean exit layer": test.num_layers,

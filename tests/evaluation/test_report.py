@@ -88,3 +88,40 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_bytes(target, 3.0)  # type: ignore[arg-type]
     assert target.read_text() == "old" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_plots_say_what_they_show_and_how_sure_it_is(tmp_path, result):
+    """Pareto: the split and n in the title, a legend under the plots, the full model in a ±1
+    standard error band, chosen settings with error bars, oracles as bounds; histograms: each
+    panel's setting and metric, the oracle's panel a bound; reliability: a panel per curve and
+    an x axis that starts where the bins do."""
+    from matplotlib.patches import Rectangle
+
+    from offramp.evaluation.report import plot_exit_histograms, plot_pareto, plot_reliability, standard_error
+
+    chosen = {r: result.best_within(r, 0.01) for r in result.rules}
+    fig = plot_pareto(result, tmp_path / "p.png", chosen=chosen, split="validation")
+    assert fig._suptitle.get_text() == "accuracy vs compute on the validation split (n = 200)"
+    legend = fig.legends[0]
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert "±1 standard error" in texts and any("a bound, reads the labels" in t for t in texts)
+    assert "every setting swept (the line: its frontier)" in texts
+    ax = fig.axes[0]
+    full = next(iter(result.full.values())).metric
+    se = standard_error(result, full)
+    assert se == pytest.approx((full * (1 - full) / 200) ** 0.5)
+    bands = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert any(np.isclose(b.get_y(), full - se) and np.isclose(b.get_height(), 2 * se) for b in bands)
+    assert len(ax.containers) == sum(p is not None for p in chosen.values())  # an error bar per chosen setting
+    hist = {**{r: p for r, p in chosen.items() if p is not None}, result.oracles[0].rule: result.oracles[0]}
+    fig = plot_exit_histograms(hist, result.exit_layers, tmp_path / "h.png", split="validation")
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    assert any(t.startswith("entropy: threshold=") and "accuracy 0." in t for t in titles)
+    assert any("a bound, not a rule" in t for t in titles)
+    conf = np.array([0.6, 0.7, 0.95, 0.99])
+    curves = {"full model": reliability_bins(conf, np.array([1, 0, 1, 1])),
+              "entropy": reliability_bins(conf, np.array([1, 1, 1, 0]))}
+    fig = plot_reliability(curves, tmp_path / "r.png", split="test")
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title().split(" (")[0] for a in panels] == ["full model", "entropy"]
+    assert panels[0].get_xlim()[0] == pytest.approx(0.5)  # the lowest bin holding an example starts at 0.53

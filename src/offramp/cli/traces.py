@@ -110,7 +110,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     with atomic_dir(out) as tmp:  # one folder swap: never a new report.json beside an old report.md
         paths = write_report(tmp, result, chosen=chosen, reliability=rel, title="offramp sweep",
-                             tolerance=args.tolerance, notes=[f"trace: {args.trace} ({len(trace)} examples, split "
+                             split=trace.meta.get("split"), tolerance=args.tolerance, notes=[f"trace: {args.trace} ({len(trace)} examples, split "
                                     f"{trace.meta.get('split', '?')})"])
         summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()
     print(summary)
@@ -163,7 +163,7 @@ def _sweep_tokens(args: argparse.Namespace, trace: Any, out: Path) -> int:
     chosen = {r: result.best_within(r, args.tolerance) for r in result.rules}
     with atomic_dir(out) as tmp:
         paths = write_report(tmp, result, chosen=chosen, title="offramp sweep (token exits)",
-                             tolerance=args.tolerance, notes=[f"trace: {args.trace} ({trace.num_sequences} sequences, {len(trace)} decoded "
+                             split="held-out prompts'", tolerance=args.tolerance, notes=[f"trace: {args.trace} ({trace.num_sequences} sequences, {len(trace)} decoded "
                                     "tokens; agreement = the exit's token equals the full model's, teacher-forced; "
                                     "the last exit count is the full model)"])
         summary = paths["markdown"].read_text().split("Pareto frontier")[0].strip()

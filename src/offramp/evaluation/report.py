@@ -79,12 +79,40 @@ def _metric_range(result: SweepResult) -> tuple[float, float]:
     return lo - pad, hi + 4 * pad
 
 
-def plot_pareto(result: SweepResult, path: str | Path, *, chosen: Mapping[str, SweepPoint] | None = None) -> None:
+PROPORTIONS = ("accuracy", "agreement")  # metrics that are a share of rows: a standard error sqrt(p(1-p)/n)
+
+
+def _rows(result: SweepResult) -> int:
+    """How many rows (tokens) the sweep's points were measured on."""
+    full = next(iter(result.full.values()), None) or (result.points[0] if result.points else None)
+    return int(sum(full.exit_counts)) if full is not None else 0
+
+
+def standard_error(result: SweepResult, value: float) -> float | None:
+    """The standard error of a metric value of this sweep, where the metric is a share of rows."""
+    n = _rows(result)
+    if result.metric not in PROPORTIONS or n < 2:
+        return None
+    return math.sqrt(max(value * (1 - value), 0.0) / n)
+
+
+def _where(result: SweepResult, split: str | None) -> str:
+    n = _rows(result)
+    return f"on the {split} split (n = {n})" if split else f"(n = {n})"
+
+
+def plot_pareto(result: SweepResult, path: str | Path, *, chosen: Mapping[str, SweepPoint] | None = None,
+                split: str | None = None) -> Any:
     """Metric vs mean exit layer (and vs FLOPs when counted): every rule, frontiers, oracles, full.
 
-    The y axis spans the rules and the full models; an oracle above it is drawn on the top edge
-    with its value in the legend, so that it does not squeeze the curves. A rule with a single
-    setting (no parameter, e.g. PonderNet's sampling) is one labelled square, not a curve."""
+    Each rule's swept settings are small dots and its frontier a line (one setting: a square); a
+    star is its chosen setting, with ±1 standard error bars where the metric is a share of rows,
+    and the full model is a grey line in a ±1 standard error band, so that a difference inside the
+    band reads as noise. Oracles are bounds, not rules (they read the labels): a dotted line each,
+    named with its value in the legend. The y axis spans the rules and the full models; an oracle
+    above it is listed, not drawn. The legend sits under the plots in columns. Returns the figure."""
+    from matplotlib.lines import Line2D
+
     by = ["mean_exit_layer"] + (["mean_flops"] if result.full_flops is not None else [])
     fig, axes = plt.subplots(1, len(by), figsize=(6.5 * len(by), 4.8), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -106,79 +134,120 @@ def plot_pareto(result: SweepResult, path: str | Path, *, chosen: Mapping[str, S
                         ms=3, color=col, label=rule)
             if chosen and rule in chosen and chosen[rule] is not None:
                 c = chosen[rule]
-                ax.scatter([getattr(c, key) / scale], [c.metric], s=110, marker="*", color=col,
-                           edgecolor="black", zorder=5)
-        for o, marker in zip(result.oracles, ["X", "P", "D", "v", "^", "s"]):
-            x = getattr(o, key) / scale
-            if o.metric > hi:  # off the scale: on the top edge, its value in the legend
-                ax.scatter([x], [hi], s=70, marker=marker, color="black", zorder=6, clip_on=False,
-                           label=f"{o.rule}: {result.metric} {o.metric:.3g}, drawn on the top edge")
-            else:
-                ax.scatter([x], [o.metric], s=70, marker=marker, color="black", label=o.rule, zorder=6)
+                ax.errorbar([getattr(c, key) / scale], [c.metric], yerr=standard_error(result, c.metric),
+                            fmt="*", ms=12, color=col, mec="black", ecolor=col, capsize=3, zorder=5)
         for k, (f, rules) in enumerate(fulls):
             label = "full model" if len(fulls) == 1 else f"full model ({', '.join(rules)})"
             ax.axhline(f.metric, color="gray", ls=styles[k % len(styles)], lw=1.0, label=label)
+            se = standard_error(result, f.metric)
+            if se is not None:
+                ax.axhspan(f.metric - se, f.metric + se, color="gray", alpha=0.12, lw=0,
+                           label="±1 standard error" if k == 0 else None)
+        for o, ls in zip(result.oracles, [":", (0, (1, 3)), (0, (3, 1, 1, 1))]):
+            label = f"{o.rule} (a bound, reads the labels): {result.metric} {o.metric:.3g}"
+            if o.metric <= hi:
+                ax.axhline(o.metric, color="black", ls=ls, lw=1.2, label=label)
+            else:  # above the axis: listed, not drawn
+                ax.plot([], [], color="black", ls=ls, lw=1.2, label=label + ", above this axis")
         ax.set_ylim(lo, hi)
         ax.set_xlabel("mean exit layer" if key == "mean_exit_layer" else "mean GFLOPs per example")
         ax.set_ylabel(result.metric)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    axes[0][-1].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"{result.metric} vs compute (grey lines: full model; star: chosen setting)")
+    handles += [Line2D([], [], ls="", marker="o", ms=4, color="gray", alpha=0.5),
+                Line2D([], [], ls="", marker="*", ms=10, color="gray", mec="black")]
+    labels += ["every setting swept (the line: its frontier)", "chosen setting (±1 standard error)"]
+    fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(3, len(labels)), frameon=False)
+    fig.suptitle(f"{result.metric} vs compute {_where(result, split)}")
     _save_fig(fig, Path(path))
+    return fig
 
 
 def plot_exit_histograms(points: Mapping[str, SweepPoint], exit_layers: Sequence[int],
-                         path: str | Path) -> None:
-    """One bar chart per rule: share of rows leaving at each exit layer."""
+                         path: str | Path, *, metric: str = "accuracy", split: str | None = None) -> Any:
+    """One bar chart per rule: the share of rows leaving at each exit layer, titled with the
+    rule's setting, its metric and mean exit layer. An oracle's panel is hatched grey and says
+    it is a bound (it reads the labels), not a rule to use. Returns the figure."""
     names = [k for k, v in points.items() if v is not None]
     if not names:
         raise ValueError("no points to draw exit histograms for")
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         p = points[name]
+        oracle = p.policy.get("type") == "oracle"
         counts = np.asarray(p.exit_counts, dtype=np.float64)
-        ax.bar([str(x) for x in exit_layers], counts / max(1.0, counts.sum()), color="tab:blue")
-        ax.set_title(f"{name}\nmean exit layer {p.mean_exit_layer:.2f}", fontsize=9)
+        ax.bar([str(x) for x in exit_layers], counts / max(1.0, counts.sum()),
+               color="lightgray" if oracle else "tab:blue", hatch="//" if oracle else None,
+               edgecolor="gray" if oracle else None)
+        setting = "a bound, not a rule: it reads the labels" if oracle else \
+            ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in p.policy.items() if k != "type") or "no setting"
+        ax.set_title(f"{name}: {setting}\n{metric} {p.metric:.3f}, mean exit layer {p.mean_exit_layer:.2f}",
+                     fontsize=9)
         ax.set_xlabel("exit layer")
         ax.set_ylabel("share of rows")
         ax.set_ylim(0, 1)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
+    n = int(sum(points[names[0]].exit_counts))
+    fig.suptitle(f"where rows left, {'on the ' + split + ' split ' if split else ''}(n = {n})", fontsize=10)
     fig.tight_layout()
     _save_fig(fig, Path(path))
+    return fig
 
 
-def plot_reliability(curves: Mapping[str, dict], path: str | Path) -> None:
-    """Reliability diagram: accuracy vs confidence per bin for each curve (from reliability_bins),
-    and below it how many examples fall in each bin (a bin of 3 examples says little)."""
-    fig, (ax, cax) = plt.subplots(2, 1, figsize=(5.6, 6.6), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1.2], "hspace": 0.08})
-    ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=0.8, label="perfect calibration")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+def plot_reliability(curves: Mapping[str, dict], path: str | Path, *, split: str | None = None) -> Any:
+    """Reliability diagrams, one panel per curve (from reliability_bins): accuracy against
+    confidence per bin, the full model's curve in grey in every other panel for reference, the
+    number of examples per bin as bars on a second axis (a bin of 3 examples says little). The x
+    axis starts at the lowest confidence any bin holds. Returns the figure."""
     names = list(curves)
-    for i, name in enumerate(names):
-        rel, col = curves[name], colors[i % len(colors)]
-        pts = [(b["confidence"], b["accuracy"]) for b in rel["bins"] if b["count"]]
-        ax.plot([c for c, _ in pts], [a for _, a in pts], "-o", ms=3, color=col,
-                label=f"{name} (ECE {rel['ece']:.3f})")
-        width = (rel["bins"][0]["high"] - rel["bins"][0]["low"]) / (len(names) + 1)
-        cax.bar([b["low"] + (i + 0.5) * width for b in rel["bins"]], [b["count"] for b in rel["bins"]],
-                width=width, color=col, align="edge")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    cax.set_xlabel("confidence (max softmax probability)")
-    cax.set_ylabel("examples per bin")
-    cax.grid(alpha=0.3, axis="y")
+    if not names:
+        raise ValueError("no reliability curves to draw")
+    lows = [b["low"] for rel in curves.values() for b in rel["bins"] if b["count"]]
+    x0 = math.floor(min(lows) * 10 + 1e-9) / 10 if lows else 0.0
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    reference = curves.get("full model")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def points(rel: dict) -> tuple[list[float], list[float]]:
+        kept = [b for b in rel["bins"] if b["count"]]
+        return [b["confidence"] for b in kept], [b["accuracy"] for b in kept]
+
+    for i, (ax, name) in enumerate(zip(axes.flat, names)):
+        rel = curves[name]
+        ax.plot([x0, 1], [x0, 1], color="gray", ls="--", lw=0.8)
+        if reference is not None and name != "full model":
+            ax.plot(*points(reference), "-", color="gray", lw=1, alpha=0.7, label="full model")
+        ax.plot(*points(rel), "-o", ms=3, color=colors[i % len(colors)], label=name)
+        counts = ax.twinx()
+        counts.bar([b["low"] for b in rel["bins"]], [b["count"] for b in rel["bins"]],
+                   width=rel["bins"][0]["high"] - rel["bins"][0]["low"], align="edge", color="gray", alpha=0.15)
+        counts.set_ylabel("examples per bin", fontsize=8)
+        ax.set_zorder(counts.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        ax.set_title(f"{name} (ECE {rel['ece']:.3f})", fontsize=9)
+        ax.set_xlim(x0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (max softmax probability)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.grid(alpha=0.3)
+        if reference is not None and name != "full model":
+            ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"reliability {'on the ' + split + ' split' if split else ''} (dashed: perfect calibration)",
+                 fontsize=10)
+    fig.tight_layout()
     _save_fig(fig, Path(path))
+    return fig
 
 
-# ----------------------------------------------------------------------------------------- markdown
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A GitHub Markdown table of ``rows`` (floats shown with 4 significant decimals)."""
     def fmt(v: Any) -> str:
@@ -208,7 +277,7 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
                  measured: Mapping[str, Mapping[str, Any]] | None = None,
                  reliability: Mapping[str, dict] | None = None, title: str = "offramp report",
                  notes: Sequence[str] = (), extra: Mapping[str, Any] | None = None,
-                 tolerance: float = 0.01) -> dict[str, Path]:
+                 tolerance: float = 0.01, split: str | None = None) -> dict[str, Path]:
     """Write report.md, report.json and the PNG plots of a sweep into ``out_dir``.
 
     Args:
@@ -220,6 +289,7 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
         title: the Markdown title; notes: lines printed under it; extra: more keys for report.json.
         tolerance: how far below its full model a chosen setting may be (the default chooser's,
             and what the report says).
+        split: the split the trace holds (named in the plots' titles).
 
     Returns:
         name -> path of each file written.
@@ -247,14 +317,14 @@ def write_report(out_dir: str | Path, result: SweepResult, *,
           markdown_table(front, ["rule", "setting", m, "mean exit layer", "FLOPs speed-up"]), "",
           "![pareto](pareto.png)", "", "![exit layers](exit_histogram.png)", ""]
     paths = {"markdown": out / "report.md", "json": out / "report.json", "pareto": out / "pareto.png"}
-    plot_pareto(result, paths["pareto"], chosen=chosen)
+    plot_pareto(result, paths["pareto"], chosen=chosen, split=split)
     hist_points = {r: p for r, p in chosen.items() if p is not None}
     hist_points.update({o.rule: o for o in result.oracles[:1]})
     paths["exit_histogram"] = out / "exit_histogram.png"
-    plot_exit_histograms(hist_points, result.exit_layers, paths["exit_histogram"])
+    plot_exit_histograms(hist_points, result.exit_layers, paths["exit_histogram"], metric=m, split=split)
     if reliability:
         paths["reliability"] = out / "reliability.png"
-        plot_reliability(reliability, paths["reliability"])
+        plot_reliability(reliability, paths["reliability"], split=split)
         md += ["![reliability](reliability.png)", ""]
     payload = {"title": title, "sweep": result.to_dict(),
                "chosen": {r: (p.to_dict() if p else None) for r, p in chosen.items()},
