@@ -15,8 +15,8 @@ Python example above" continues the python block before it (bash blocks may stan
 chain runs as one script, in place of its last block (so later commands find what it wrote). A
 python block whose first line says it needs internet is compiled, not run.
 
-An ```output block after a bash block (```output of="offramp demo": after the bash block that
-runs that) is what the block's last command prints: every line shown
+An ```output block after a bash or python block (```output of="offramp demo": after the block
+that holds that) is what the block's last command (or the python example) prints: every line shown
 must be printed, in order (other lines may come between); ``...`` stands for anything, and
 ```output tolerance=0.1 lets each shown number be off by 10% of itself (timings, sampled
 figures); without it numbers must be exact. So a shown output cannot drift from what the command
@@ -86,7 +86,7 @@ def blocks(readme: str, page: str = "README.md", first: int = 1) -> list[Block]:
         i += 1
         if m.group(1) == "output":
             of = re.search(r'of="([^"]+)"', m.group(2))  # the earlier command it shows, when not the last one
-            owners = [b for b in out if b.lang == "bash" and (of is None or of.group(1) in b.text)]
+            owners = [b for b in out if of is None or of.group(1) in b.text]
             if owners and owners[-1].expect is None:
                 tol = re.search(r"tolerance=([0-9.]+)", m.group(2))
                 owners[-1].expect, owners[-1].tolerance = "\n".join(body), float(tol.group(1)) if tol else 0.0
@@ -209,6 +209,10 @@ def run_python(chain: list[Block], timeout: float) -> dict:
         result.update(why=f"exit status {proc.returncode}", stderr=_tail(proc.stderr))
     elif not proc.stdout.strip():
         result.update(ok=False, why="printed nothing: an example should show its result")
+    elif chain[-1].expect is not None:
+        missing = output_mismatch(chain[-1].expect, proc.stdout, chain[-1].tolerance)
+        if missing is not None:
+            result.update(ok=False, why=f"the page shows a line it did not print: {missing!r}")
     return result
 
 

@@ -138,3 +138,12 @@ def test_a_shown_output_must_be_what_the_command_prints(tmp_path):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_readme.py"), "--pages", str(page)],
                               capture_output=True, text=True, timeout=120)
         assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+
+
+def test_a_python_example_is_compared_with_its_shown_output(tmp_path):
+    page = tmp_path / "page.md"
+    for shown, ok in (("accuracy 0.95", True), ("accuracy 0.85", False), ("acc...", True)):
+        page.write_text(f"Run it:\n\n```python\nprint('accuracy', 0.95)\n```\n\n```output\n{shown}\n```\n")
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_readme.py"), "--pages", str(page)],
+                              capture_output=True, text=True, timeout=120)
+        assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
