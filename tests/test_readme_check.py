@@ -147,3 +147,20 @@ def test_a_python_example_is_compared_with_its_shown_output(tmp_path):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_readme.py"), "--pages", str(page)],
                               capture_output=True, text=True, timeout=120)
         assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+
+
+def test_an_unknown_name_close_to_an_offline_one_gets_did_you_mean(monkeypatch):
+    from offramp.data import sources
+    from offramp.data.assets import offline_hint
+
+    assert offline_hint("minlm").startswith("Did you mean the offline alias 'minilm'?")
+    assert "Did you mean" not in offline_hint("someone/else")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no internet")
+
+    monkeypatch.setattr("datasets.get_dataset_split_names", offline)
+    with pytest.raises(ValueError, match="Did you mean the offline set 'tweets'"):
+        sources.hub_split_names("twets", None)
+    with pytest.raises(ValueError, match="Offline sets: tweets, bbc"):
+        sources.hub_split_names("glue", None)

