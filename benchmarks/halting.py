@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 
 from offramp import EarlyExitModel, OfframpConfig
-from offramp.data.batching import DATA_DEFAULTS, load_from_settings, split_batches  # noqa: E402
-from offramp.modeling.checkpoints import default_pooling  # noqa: E402
-from offramp.modeling.predict import tokenizer_of  # noqa: E402
 from offramp.data.assets import resolve_model_path
+from offramp.data.batching import load_from_settings, split_batches  # noqa: E402
 from offramp.evaluation.collect import collect, replay
 from offramp.evaluation.halting import halting_report
 from offramp.evaluation.sweep import sweep
+from offramp.modeling.checkpoints import default_pooling  # noqa: E402
+from offramp.modeling.predict import tokenizer_of  # noqa: E402
+from offramp.names import DATA_DEFAULTS  # noqa: E402
 from offramp.training import TrainingArgs, train
 
 PONDER = {"type": "ponder", "beta": 0.5, "lambda_p": 0.1}

@@ -30,7 +30,7 @@ import torch
 from offramp.config import CONFIG_NAME, OfframpConfig
 from offramp.data import load_data
 from offramp.data.assets import ENCODER_ALIASES, resolve_model_path
-from offramp.data.batching import DATA_DEFAULTS, split_batches
+from offramp.data.batching import split_batches
 from offramp.evaluation.collect import ExitTrace
 from offramp.evaluation.report import markdown_table, reliability_curves, trace_flops, write_report
 from offramp.evaluation.sweep import sweep
@@ -40,6 +40,7 @@ from offramp.modeling import EarlyExitModel
 from offramp.modeling.base import load_hf_model
 from offramp.modeling.checkpoints import default_pooling
 from offramp.modeling.state_cache import pooled_batches, state_cache_setting
+from offramp.names import DATA_DEFAULTS
 from offramp.policies.base import row_keys
 from offramp.training import TrainingArgs, train
 from offramp.utils import atomic_write_json, atomic_write_text, check_out, log

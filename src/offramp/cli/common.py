@@ -22,7 +22,7 @@ _LIBRARY = {"load_from_settings": "offramp.data.batching",
             "checkpoint_dir": "offramp.utils", "checkpoint_kind": "offramp.modeling.checkpoints",
             "default_pooling": "offramp.modeling.checkpoints", "fit_max_length": "offramp.modeling.checkpoints",
             "max_positions": "offramp.modeling.checkpoints", "tokenizer_of": "offramp.modeling.predict",
-            "predict_rows": "offramp.modeling.predict", "state_cache_setting": "offramp.modeling.state_cache",
+            "predict_rows": "offramp.modeling.predict",
             "check_out": "offramp.utils", "log": "offramp.utils"}
 
 
@@ -124,7 +124,9 @@ def add_state_cache_arg(p: argparse.ArgumentParser) -> None:
 
 def state_cache(args: argparse.Namespace) -> bool | str:
     """The ``state_cache`` argument of the library calls from --state-cache."""
-    return __getattr__("state_cache_setting")(getattr(args, "state_cache", None))
+    from offramp.modeling.state_cache import state_cache_setting
+
+    return state_cache_setting(getattr(args, "state_cache", None))
 
 
 def data_settings(args: argparse.Namespace, *, only_given: bool = False) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from offramp.data.loading import Columns, load_data
 from offramp.data.splits import TextSplit
-from offramp.names import DATA_DEFAULTS  # noqa: F401  (the settings load_from_settings reads)
 
 
 class TruncationWarning(UserWarning):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from offramp.config import JEI_DEFAULTS, PHASES, POS_WEIGHTS, check_jei_options  # noqa: F401
+from offramp.config import JEI_DEFAULTS, POS_WEIGHTS, check_jei_options
 from offramp.flops import model_exit_flops
 
 if TYPE_CHECKING:
