@@ -67,8 +67,8 @@ def load_model(name: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = prepare_model(name)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never a question on stdin
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False).eval()
     return model, tok
 
 

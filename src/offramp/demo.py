@@ -37,7 +37,7 @@ from offramp.evaluation.sweep import sweep
 from offramp.evaluation.timing import time_model
 from offramp.flops import model_exit_flops
 from offramp.modeling import EarlyExitModel
-from offramp.modeling.base import load_hf_model
+from offramp.modeling.base import load_hf_model, load_hf_tokenizer
 from offramp.modeling.checkpoints import default_pooling
 from offramp.modeling.state_cache import pooled_batches, state_cache_setting
 from offramp.names import DATA_DEFAULTS
@@ -170,7 +170,7 @@ def _store_winners(out: Path, models: dict[str, Any], val_result: Any, tolerance
 
 def run_demo(args: argparse.Namespace) -> int:
     """Train, sweep, choose on validation, measure on test; write the report and summary.json."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     t0 = time.time()
     out = Path(args.out or f"offramp-demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -184,10 +184,7 @@ def run_demo(args: argparse.Namespace) -> int:
                      max_eval=args.max_eval)
     settings = _data_settings(args)
     backbone = load_hf_model(AutoModel, model_path, "model").eval()  # no remote code; damaged files named
-    try:
-        tok = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the tokenizer of {model_path!r}: {e}") from None
+    tok = load_hf_tokenizer(model_path)
     loaders = {s: split_batches(data.split(s), tok, settings, lazy=True) for s in ("train", "validation", "test")}
     batches = {s: list(loader) for s, loader in loaders.items()}
     probe = _probe_model(backbone, tok, model_path, data)

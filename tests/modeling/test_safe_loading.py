@@ -6,6 +6,8 @@ ValueError naming the file, and the marker must not exist afterwards.
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 from pathlib import Path
 
@@ -37,7 +39,7 @@ def plant_pickle(path: Path) -> None:
 def no_marker():
     MARKER.unlink(missing_ok=True)
     yield
-    assert not MARKER.exists(), "a crafted pickle ran code"
+    assert not MARKER.exists(), "a crafted file ran code"
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +154,69 @@ def test_no_loader_unpickles_or_trusts_remote_code():
         for bad in ("pickle.load", "allow_pickle=True", "trust_remote_code=True", "eval(", "exec("):
             hits = [ln for ln in text.splitlines() if bad in ln and ".eval()" not in ln]
             assert not hits, f"{f}: {bad}: {hits}"
+
+
+# -- a folder that asks to run its own code ---------------------------------------------------------
+
+EVIL = f"open({str(MARKER)!r}, 'w').write('ran')\n"
+
+
+def _asks_for_code(folder: Path, *, model: bool, tokenizer: bool) -> Path:
+    """Give ``folder`` an ``auto_map`` pointing at ``evil.py``, whose import writes MARKER."""
+    (folder / "evil.py").write_text(EVIL + "from transformers import PretrainedConfig, PreTrainedModel\n"
+                                    "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+                                    "class EvilModel(PreTrainedModel):\n    config_class = EvilConfig\n")
+    if model:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(model_type="evil", architectures=["EvilModel"],
+                   auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel",
+                             "AutoModelForCausalLM": "evil.EvilModel"})
+        (folder / "config.json").write_text(json.dumps(cfg))
+    if tokenizer:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        cfg.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture
+def answer_yes(monkeypatch):
+    """A "y" waiting on stdin, as `printf 'y\\n' | offramp ...` gives: transformers' question would take it."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\ny\ny\n"))
+
+
+def test_a_causal_lm_that_asks_for_its_code_is_refused_whatever_stdin_holds(tmp_path, answer_yes, capsys):
+    from decoder_models import tiny_lm_folder
+
+    folder, _ = tiny_lm_folder(tmp_path)
+    _asks_for_code(folder, model=True, tokenizer=False)
+    assert main(["--threads", "1", "generate", "--model", str(folder), "--prompt", "w4 w5",
+                 "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "needs to run its own Python code" in err and "never runs code" in err, err
+
+
+def test_a_tokenizer_that_asks_for_its_code_is_refused(run, tmp_path, answer_yes, capsys):
+    """The crafted tokenizer sits in a trained checkpoint: `evaluate` loads it with the model."""
+    out = _copy(run / "run", tmp_path / "run")
+    _asks_for_code(out / "checkpoint", model=False, tokenizer=True)
+    assert main(["--threads", "1", "evaluate", "--model", str(out), "--data", str(run / "d.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint's tokenizer" in err and "needs to run its own Python code" in err, err
+
+
+def test_an_encoder_backbone_that_asks_for_its_code_is_refused(run, tmp_path, answer_yes, capsys):
+    model = _asks_for_code(_copy(run / "tiny", tmp_path / "tiny"), model=True, tokenizer=True)
+    assert main(["--threads", "1", "train", "--model", str(model), "--data", str(run / "d.csv"), "--out",
+                 str(tmp_path / "out"), "--epochs", "1"]) == 2
+    assert "needs to run its own Python code" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_trust_remote_code_is_refused_in_the_api(run):
+    from offramp.modeling import load_hf_model
+
+    from transformers import AutoModel
+
+    with pytest.raises(ValueError, match="never runs code"):
+        load_hf_model(AutoModel, run / "tiny", "model", trust_remote_code=True)

@@ -162,8 +162,9 @@ def gguf_parts_dir(alias: str) -> Path:
             for i in range(1, n + 1):
                 with open(importlib.import_module(f"{prefix}{i}").get_part_path(), "rb") as f:
                     shutil.copyfileobj(f, f_out)
-        tok = AutoTokenizer.from_pretrained(str(staging), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(staging), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(staging), gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(staging), gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
         model.hf_quantizer = None  # dequantised weights: save them as plain tensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -197,8 +198,9 @@ def smollm2_dir() -> Path:
     ggufs = sorted(pkg.glob("*.gguf"))
     if not ggufs:
         raise ValueError(f"no .gguf file in {pkg}")
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0].name)
-    quant = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=ggufs[0].name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0].name, trust_remote_code=False)
+    quant = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=ggufs[0].name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     cfg = quant.config.to_dict()
     cfg.pop("quantization_config", None)
     model = type(quant)(type(quant.config).from_dict(cfg))

@@ -62,14 +62,13 @@ def resolve_dtype(name: str, device: str = "cpu") -> Any:
 def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs: Any) -> nn.Module:
     """``auto_class.from_pretrained(spec)`` (``spec``: a folder, a Hub id or an offline alias) with
     every way a folder can be bad turned into a ValueError naming it (a missing folder, damaged weights, a config that is not JSON, a pickle that would
-    need to run code). ``trust_remote_code`` is never set: no code from the folder runs."""
+    need to run code). ``trust_remote_code`` is always passed as False, so transformers never asks on stdin whether to run
+    a folder's code (a "y" there would run it); a folder that needs its own code is refused."""
     import pickle
 
     from safetensors import SafetensorError
 
-    if kwargs.get("trust_remote_code"):
-        raise ValueError("trust_remote_code is not supported: offramp never runs code from a model folder")
-
+    kwargs = _no_remote_code(kwargs)
     spec = resolve_model_path(str(spec))  # offline aliases (minilm, mpnet, smollm2-offline, ...)
     local = Path(str(spec)).exists()
     if local and (Path(str(spec)) / CONFIG_NAME).is_file():
@@ -86,10 +85,47 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
                          "with model.safetensors, or convert the weights with a tool you trust") from None
     except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, RuntimeError, KeyError, ValueError,
             EOFError) as e:
+        if isinstance(e, ValueError) and _asks_for_code(e):
+            raise ValueError(_code_refusal(what, spec)) from None
         if not local and not isinstance(e, ValueError):
             raise
         raise ValueError(f"cannot load the {what} {str(spec)!r}: its files are damaged or not a HF model "
                          f"({type(e).__name__}: {e}); save the model again or point to another folder") from None
+
+
+def load_hf_tokenizer(spec: str | os.PathLike, what: str = "tokenizer", **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(spec)`` with ``trust_remote_code=False`` (never a question on
+    stdin; a tokenizer that needs its own code is refused) and its errors as a ValueError naming
+    ``spec``. ``spec`` may be an offline alias."""
+    from transformers import AutoTokenizer
+
+    kwargs = _no_remote_code(kwargs)
+    spec = resolve_model_path(str(spec))
+    try:
+        return AutoTokenizer.from_pretrained(str(spec), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        if _asks_for_code(e):
+            raise ValueError(_code_refusal(what, spec)) from None
+        raise ValueError(f"cannot load the {what} of {str(spec)!r} ({type(e).__name__}: {e}); give a local HF "
+                         f"model folder or a Hub id (Hub ids need internet access). {offline_hint(str(spec))}"
+                         ) from None
+
+
+def _no_remote_code(kwargs: dict[str, Any]) -> dict[str, Any]:
+    if kwargs.get("trust_remote_code"):
+        raise ValueError("trust_remote_code is not supported: offramp never runs code from a model folder")
+    return {**kwargs, "trust_remote_code": False}
+
+
+def _asks_for_code(error: BaseException) -> bool:
+    text = str(error)
+    return "trust_remote_code" in text or "custom code" in text
+
+
+def _code_refusal(what: str, spec: Any) -> str:
+    return (f"refused to load the {what} {str(spec)!r}: it needs to run its own Python code (an auto_map in its "
+            "config), and offramp never runs code from a model folder. Use a model whose architecture "
+            "transformers ships, or convert it to one")
 
 
 def shape_mismatches(module: nn.Module, state: dict[str, Tensor]) -> list[str]:

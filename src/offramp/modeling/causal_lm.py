@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from offramp.config import read_config
-from offramp.data.assets import offline_hint, resolve_model_path
-from offramp.modeling.base import load_hf_model, resolve_dtype
+from offramp.modeling.base import load_hf_model, load_hf_tokenizer, resolve_dtype
 from offramp.modeling.decoder import DecoderExitModel
 from offramp.utils import readable_dir
 
@@ -22,11 +21,7 @@ def load_causal_lm(name: str, dtype: torch.dtype | str = torch.float32) -> tuple
     where it is native, else float32)."""
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype  # a bad name fails before loading
     model = load_hf_model(AutoModelForCausalLM, name, "model", dtype=torch_dtype).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load model {name!r} (its tokenizer: {e}); give a local HF model folder "
-                         f"or a Hub id (Hub ids need internet access). {offline_hint(name)}") from None
+    tok = load_hf_tokenizer(name, "tokenizer")
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -8,17 +8,16 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 from offramp.backbones import adapter_for
 from offramp.backbones.base import check_ids
 from offramp.config import CONFIG_NAME, OfframpConfig
-from offramp.data.assets import resolve_model_path
 from offramp.engines.classify import early_exit_predict
 from offramp.heads.classifier import ExitClassifiers
 from offramp.heads.gate import build_gates
 from offramp.heads.halting import HaltingLayer, exit_log_distribution
-from offramp.modeling.base import ExitModelBase, load_hf_model
+from offramp.modeling.base import ExitModelBase, load_hf_model, load_hf_tokenizer
 from offramp.objectives import compute_loss
 from offramp.outputs import EarlyExitOutput, Prediction
 from offramp.policies import ExitPolicy, named_or_stored
@@ -84,8 +83,10 @@ class EarlyExitModel(ExitModelBase):
                                               else getattr(model.config, "_name_or_path", None) or None)
         if tokenizer is None and not isinstance(backbone, nn.Module):
             try:
-                tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(backbone)))
-            except (OSError, ValueError):
+                tokenizer = load_hf_tokenizer(str(backbone))
+            except ValueError as e:
+                if str(e).startswith("refused"):
+                    raise
                 tokenizer = None
         return cls(model, config, tokenizer)
 
@@ -203,11 +204,7 @@ class EarlyExitModel(ExitModelBase):
         backbone = _load_backbone(source, **load_kwargs)
         tokenizer = None
         if (directory / "tokenizer_config.json").is_file():
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(directory))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{directory}: its tokenizer files cannot be read ({type(e).__name__}: {e}); "
-                                 "save the checkpoint again") from None
+            tokenizer = load_hf_tokenizer(directory, "checkpoint's tokenizer")
         return cls(backbone, config, tokenizer)
 
     # -- text convenience -----------------------------------------------------------------------

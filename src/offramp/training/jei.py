@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from offramp.evaluation.collect import ExitTrace, replay
+from offramp.modeling.base import load_hf_model
 from offramp.modeling.state_cache import pooled_batches
 from offramp.objectives.jei import (
     ce_per_exit,
@@ -338,7 +339,8 @@ def _load_state(model, args: JEIArgs) -> dict:
     if (ckpt / "backbone").is_dir() and not args.frozen_backbone:
         from transformers import AutoModel
 
-        model.backbone.load_state_dict(AutoModel.from_pretrained(str(ckpt / "backbone")).state_dict())
+        saved = load_hf_model(AutoModel, ckpt / "backbone", "JEI checkpoint's backbone")
+        model.backbone.load_state_dict(saved.state_dict())
     return load_torch_state(ckpt / STATE_NAME, "JEI training state",
                             "start the run again without resume, into a new output folder")
 
