@@ -110,6 +110,48 @@ def test_concurrent_clients_are_batched_and_nothing_is_lost(server):
     assert sum(exits.values()) == len(texts)
 
 
+POISON = [({"text": "fine \ud800 words"}, 400, "lone surrogate (U+D800) at character 5"),
+          ({"texts": ["good", 7]}, 400, "text 2 must be a string, got int"),
+          ({"texts": [float("nan")]}, 400, "text 1 must be a string, got float")]
+
+
+def test_poisoned_requests_fail_alone_and_every_good_neighbour_is_answered(server):
+    """Good and poisoned requests arrive together from many clients: each poisoned one gets its 4xx
+    JSON, and every good one its right answer."""
+    url, run = server
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(32)]
+    expected = {t: r for t, r in zip(texts, _offline(run, texts))}
+    answers: dict[str, dict] = {}
+    refused: list[tuple[int, dict, int, str]] = []
+    go = threading.Barrier(6)
+
+    def good(k: int) -> None:
+        go.wait()
+        for t in texts[k::4]:
+            status, out = post(url + "/classify", {"text": t})
+            assert status == 200, out
+            answers[t] = out["results"][0]
+
+    def bad() -> None:
+        go.wait()
+        for _ in range(3):
+            for body, status, message in POISON:
+                refused.append((*post(url + "/classify", body), status, message))
+
+    workers = [threading.Thread(target=good, args=(k,)) for k in range(4)] + [threading.Thread(target=bad)
+                                                                              for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sorted(answers) == sorted(texts)
+    for t in texts:
+        _same([answers[t]], [expected[t]])
+    assert len(refused) == 2 * 3 * len(POISON)
+    for got, out, status, message in refused:
+        assert got == status and message in out["error"], out
+
+
 def _serve_cmd(argv: list[str]) -> int:
     import argparse
 

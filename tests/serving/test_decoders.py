@@ -193,6 +193,44 @@ def test_bad_requests_get_a_4xx(server):
     assert post(url + "/generate", {"prompt": "w5"})[0] == 200
 
 
+def test_poisoned_prompts_fail_alone_and_every_good_neighbour_is_answered(server):
+    url, root, (probe, rlm, rtok) = server
+    expected = {p: _offline_generate(root, p, "never", 8)[0] for p in PROMPTS}
+    poison = [("/generate", {"prompt": " ".join(["w5"] * 125), "policy": "never", "max_new_tokens": 8}, 413,
+               "past the model's 128"),
+              ("/generate", {"prompt": "w5 \udfff", "policy": "never", "max_new_tokens": 8}, 400, "lone surrogate"),
+              ("/generate", {"prompt": "w5", "max_new_tokens": 64, "stream": True, "prompts": None}, 400,
+               "either"),
+              ("/reason", {"question": " ".join(["add"] * 600)}, 413, "past the model's 512"),
+              ("/reason", {"question": "add \ud800"}, 400, "lone surrogate")]
+    answers: dict[str, list[list[int]]] = {p: [] for p in PROMPTS}
+    refused: list = []
+    go = threading.Barrier(4)
+
+    def good() -> None:
+        go.wait()
+        for _ in range(2):
+            for p in PROMPTS:
+                status, out = post(url + "/generate", {"prompt": p, "policy": "never", "max_new_tokens": 8})
+                assert status == 200, out
+                answers[p].append(out["results"][0]["tokens"])
+
+    def bad() -> None:
+        go.wait()
+        for route, body, status, message in poison:
+            refused.append((*post(url + route, body), status, message, route))
+
+    workers = [threading.Thread(target=good) for _ in range(2)] + [threading.Thread(target=bad) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(answers[p] == [expected[p]] * 4 for p in PROMPTS)
+    assert len(refused) == 2 * len(poison)
+    for got, out, status, message, route in refused:
+        assert got == status and message in out["error"], (route, out)
+
+
 def test_shutdown_drains_a_request_in_flight(server):
     """Last in this module: it stops the server. A streamed generation that has begun when
     shutdown starts still ends with every token."""

@@ -25,7 +25,10 @@ Endpoints (JSON):
 
 One server serves one checkpoint of each kind at once (``offramp serve CLASSIFIER EXITS PROBE``).
 
-A bad request gets a 4xx with ``{"error": message}`` and the replica keeps serving; Ray Serve
+A bad request gets a 4xx with ``{"error": message}`` and the replica keeps serving: each request
+is checked alone before it joins a batch (text that is valid Unicode, a length within the
+model's positions, known fields and policies), and an input that still fails inside a batch is
+run again alone, so it fails by itself and the batch's other requests are answered; Ray Serve
 drains in-flight requests on shutdown (``graceful_shutdown_timeout_s``). Replicas scale out with
 ``num_replicas`` and, on a Ray cluster (``ray start --head`` on one machine, ``ray start
 --address`` on the others), across machines.
@@ -185,6 +188,8 @@ async def _checked_items(services: dict[str, Any], kind: str, request: Any) -> A
         items = service.check(body)
     except RequestError as e:
         return JSONResponse({"error": e.message}, status_code=e.status)
+    except ValueError as e:  # a check the service leaves to the library (a tokenizer's, a chat template's)
+        return JSONResponse({"error": f"bad request: {e}"}, status_code=400)
     service.requests += 1
     return body, items
 
@@ -199,6 +204,12 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
     opts = options or ServeOptions()
     served = check_checkpoints([checkpoints] if isinstance(checkpoints, str) else list(checkpoints))
     api = FastAPI(title="offramp", description="early-exit classification, generation and reasoning")
+
+    @api.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        # whatever escapes a handler is answered in the documented shape, never a plain-text 500
+        return JSONResponse({"error": f"the server failed on this request ({type(error).__name__}: {error})"},
+                            status_code=500)
 
     @serve.deployment(num_replicas=opts.replicas, ray_actor_options={"num_cpus": 0},
                       graceful_shutdown_timeout_s=opts.drain_s, max_ongoing_requests=1000)
@@ -241,7 +252,11 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
             body, items = checked
             if stream is not None and body.get("stream"):
                 return StreamingResponse(_ndjson([stream(it) for it in items]), media_type="application/x-ndjson")
-            return {"results": list(await asyncio.gather(*(batch(it) for it in items)))}
+            results = list(await asyncio.gather(*(batch(it) for it in items)))
+            for n, row in enumerate(results, 1):
+                if "error" in row:  # this input failed inside its batch; the batch's other requests are answered
+                    return JSONResponse({"error": f"input {n}: {row['error']}"}, status_code=row["status"])
+            return {"results": results}
 
         @api.post("/classify")
         async def classify(self, request: Request):

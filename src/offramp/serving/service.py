@@ -20,6 +20,7 @@ replica keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from offramp.data.prompts import chat_texts
 from offramp.engines.classify import model_signals
 from offramp.engines.generate import SIGNALS, SamplingOptions, TextPieces, stream_generate
 from offramp.engines.reason import SIGNALS as REASON_SIGNALS
-from offramp.engines.reason import ReasonConfig, reason_batch
+from offramp.engines.reason import ReasonConfig, check_chain_positions, reason_batch
 from offramp.modeling import EarlyExitModel
 from offramp.modeling.causal_lm import load_causal_lm, load_exits_and_lm
 from offramp.modeling.checkpoints import checkpoint_kind, fit_max_length
@@ -97,11 +98,46 @@ def _check_fields(body: Any, allowed: set[str], example: str) -> dict:
 
 
 def _check_text(t: Any, n: int, what: str, max_chars: int, hint: str = "") -> str:
-    if not isinstance(t, str) or not t.strip():
+    if not isinstance(t, str):
+        raise RequestError(400, f"{what} {n} must be a string, got {type(t).__name__} {str(t)[:40]!r}")
+    if not t.strip():
         raise RequestError(400, f"{what} {n} is empty: every input needs at least one non-space character")
     if len(t) > max_chars:
         raise RequestError(413, f"{what} {n} has {len(t)} characters; the server takes at most {max_chars}{hint}")
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(400, f"{what} {n} is not valid Unicode: a lone surrogate (U+{ord(t[e.start]):04X}) at "
+                                f"character {e.start}; JSON \\uD800-\\uDFFF escapes come in pairs (send the text "
+                                "as UTF-8)") from None
     return t
+
+
+def failed_row(error: BaseException) -> dict[str, Any]:
+    """The result of an input that failed inside a batch: ``{"error", "status"}`` (400 for a
+    ValueError, the library's bad-input error, else 500). Its neighbours in the batch are answered."""
+    status = 400 if isinstance(error, ValueError) else 500
+    return {"error": f"this input failed ({type(error).__name__}: {error})", "status": status}
+
+
+def _each_alone_on_failure(groups: dict[Any, list[int]], run_group: Callable[[Any, list[int]], None],
+                           fail: Callable[[int, BaseException], None]) -> None:
+    """``run_group(key, indices)`` for each group; a group that raises runs again one item at a time,
+    so an input that fails inside a batch fails alone (``fail(index, error)``) and the others
+    are answered."""
+    for key, idx in groups.items():
+        try:
+            run_group(key, idx)
+            continue
+        except Exception as e:  # any failure: find the item(s) that cause it
+            if len(idx) == 1:
+                fail(idx[0], e)
+                continue
+        for i in idx:
+            try:
+                run_group(key, [i])
+            except Exception as e:  # this item alone fails: its answer says so
+                fail(i, e)
 
 
 def _check_count(body: dict, many: str, one: str, limit: int) -> list:
@@ -226,7 +262,8 @@ class ClassifyService(_Service):
         groups: dict[str | None, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault(it.policy, []).append(i)
-        for name, idx in groups.items():
+
+        def run_group(name: str | None, idx: list[int]) -> None:
             policy = self.resolve(name)
             texts = [items[i].text for i in idx]
             rows = predict_rows(self.model, texts, policy, batch_size=len(texts), max_length=self.max_length,
@@ -236,6 +273,8 @@ class ClassifyService(_Service):
                 out[i] = {**row, "policy": policy.type}
                 self.exits[int(row["exit_layer"])] += 1
             self.batches += 1
+
+        _each_alone_on_failure(groups, run_group, lambda i, e: out.__setitem__(i, failed_row(e)))
         self._record(len(items), time.perf_counter() - t0)
         return out  # type: ignore[return-value]
 
@@ -313,6 +352,14 @@ class GenerateService(_Service):
         policy, new = _check_policy_name(body), _check_max_new(body, self.max_new_cap)
         self.resolve(policy)
         prompts = chat_texts(self.tokenizer, prompts, chat)
+        limit = self.model.adapter.max_positions()
+        if limit is not None:
+            for n, p in enumerate(prompts, 1):
+                length = len(self.tokenizer(p)["input_ids"])
+                if length + (new or self.max_new_tokens) > limit:
+                    raise RequestError(413, f"prompt {n} has {length} tokens; with max_new_tokens "
+                                            f"{new or self.max_new_tokens} it needs {length + (new or self.max_new_tokens)} "
+                                            f"positions, past the model's {limit}: shorten it or lower max_new_tokens")
         return [Item(p, policy, new) for p in prompts]
 
     def run(self, items: list[Item]) -> list[dict[str, Any]]:
@@ -336,21 +383,41 @@ class GenerateService(_Service):
         pieces add up to the whole text (a piece is held back while it ends inside a character;
         ``pieces=False``: no pieces, the text is decoded once at the end)."""
         t0 = time.perf_counter()
-        for (name, new), idx in _groups(items, self.max_new_tokens).items():
+        sent: Counter = Counter()  # token lines emitted per item: a batch run again after a failure skips them
+        done: set[int] = set()
+
+        def run_group(key: tuple[str | None, int], idx: list[int]) -> None:
+            name, new = key
+            idx = [i for i in idx if i not in done]
             policy = self.resolve(name)
             enc = self.tokenizer([items[i].text for i in idx], return_tensors="pt", padding=True)
             texts = TextPieces(self.tokenizer, len(idx), pieces=pieces, index=idx)
+            seen: Counter = Counter()
             for step in stream_generate(self.model, enc["input_ids"], enc["attention_mask"], policy=policy,
                                         cache_strategy=self.model.config.cache_strategy, max_new_tokens=new,
                                         sampling=self.sampling):
                 updates: dict[int, list[dict[str, Any]]] = {}
                 for line in texts.lines(step):
+                    i = line["index"]
                     if line.get("done"):
                         self.exits.update(line["exit_layers"])
                         line["policy"] = policy.type
-                    updates.setdefault(line["index"], []).append(line)
-                emit(updates)
+                        done.add(i)
+                    else:
+                        seen[i] += 1
+                        if seen[i] <= sent[i]:
+                            continue  # this item's token was streamed before its batch failed
+                        sent[i] = seen[i]
+                    updates.setdefault(i, []).append(line)
+                if updates:
+                    emit(updates)
             self.batches += 1
+
+        def fail(i: int, e: BaseException) -> None:
+            done.add(i)
+            emit({i: [{"index": i, "done": True, **failed_row(e)}]})
+
+        _each_alone_on_failure(_groups(items, self.max_new_tokens), run_group, fail)
         self._record(len(items), time.perf_counter() - t0)
 
     def metrics(self) -> dict[str, Any]:
@@ -387,8 +454,6 @@ class ReasonService(_Service):
     def __init__(self, probe: str | Path, *, model: str | None = None, dtype: str = "float32",
                  max_questions: int = 8, max_new_tokens: int | None = None, max_new_cap: int = 4096,
                  max_chars: int = 20_000, policies: dict[str, dict] | None = None) -> None:
-        import dataclasses
-
         self.default = probe_policy(probe)
         extra = getattr(self.default.probe, "extra_", {}) or {}
         name = model or extra.get("model")
@@ -429,15 +494,20 @@ class ReasonService(_Service):
             _check_text(t, n, "question", self.max_chars)
         policy, new = _check_policy_name(body), _check_max_new(body, self.max_new_cap)
         self.resolve(policy)
+        config = dataclasses.replace(self.config, max_new_tokens=new or self.config.max_new_tokens)
+        try:
+            check_chain_positions(self.model, self.tokenizer, questions, config)
+        except ValueError as e:
+            raise RequestError(413, str(e)) from None
         return [Item(q, policy, new) for q in questions]
 
     def run(self, items: list[Item]) -> list[dict[str, Any]]:
         """Reason over ``items``: one batch of chains per (policy, length)."""
-        import dataclasses
-
         t0 = time.perf_counter()
         out: list[dict[str, Any] | None] = [None] * len(items)
-        for (name, new), idx in _groups(items, self.config.max_new_tokens).items():
+
+        def run_group(key: tuple[str | None, int], idx: list[int]) -> None:
+            name, new = key
             policy = self.resolve(name)
             config = dataclasses.replace(self.config, max_new_tokens=new)
             results = reason_batch(self.model, self.tokenizer, [items[i].text for i in idx], policy=policy,
@@ -452,6 +522,9 @@ class ReasonService(_Service):
                 if res.exit_event is not None:
                     self.exits[int(res.exit_event)] += 1
             self.batches += 1
+
+        _each_alone_on_failure(_groups(items, self.config.max_new_tokens), run_group,
+                               lambda i, e: out.__setitem__(i, failed_row(e)))
         self._record(len(items), time.perf_counter() - t0)
         return out  # type: ignore[return-value]
 

@@ -9,6 +9,8 @@ from offramp.engines.reason.engine import (
                                            SIGNALS,
                                            ReasonConfig,
                                            ReasonResult,
+                                           chain_positions,
+                                           check_chain_positions,
                                            eos_ids,
                                            event_signals,
                                            iter_reason,
@@ -22,6 +24,7 @@ from offramp.engines.reason.rowcache import RowCache
 from offramp.engines.reason.stopping import CueStoppingCriteria
 
 __all__ = ["SIGNALS", "CueConfig", "CueDetector", "CueEvent", "CueStoppingCriteria", "FORCING_PRESETS",
-           "ForcedAnswer", "ReasonConfig", "ReasonResult", "RowCache", "eos_ids", "event_signals", "find_cues",
+           "ForcedAnswer", "ReasonConfig", "ReasonResult", "RowCache", "chain_positions", "check_chain_positions",
+           "eos_ids", "event_signals", "find_cues",
            "force_answer", "force_answers", "fork_cache", "iter_reason", "prompt_ids", "reason", "reason_batch",
            "trial_value"]

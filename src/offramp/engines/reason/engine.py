@@ -167,6 +167,28 @@ def prompt_ids(tokenizer, question: str, suffix: str = PROMPT_SUFFIX) -> list[in
     return list(tokenizer.encode(f"Question: {content}\nAnswer:", add_special_tokens=False))
 
 
+def chain_positions(tokenizer, question: str, config: ReasonConfig) -> int:
+    """The most positions a chain for ``question`` can reach: its prompt, ``max_new_tokens`` of
+    thought, the answer-forcing text and ``max_answer_tokens`` of answer."""
+    forcing = len(tokenizer.encode(forcing_text(config.forcing), add_special_tokens=False))
+    return len(prompt_ids(tokenizer, question, config.prompt_suffix)) + config.max_new_tokens + forcing + \
+        config.max_answer_tokens
+
+
+def check_chain_positions(model, tokenizer, questions: list[str], config: ReasonConfig) -> None:
+    """A ValueError naming the first question whose chain could run past the model's positions
+    (``max_position_embeddings``), and the fix, before any work."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not limit:
+        return
+    for n, q in enumerate(questions, 1):
+        need = chain_positions(tokenizer, q, config)
+        if need > limit:
+            raise ValueError(f"question {n}'s chain could reach {need} positions (prompt + max_new_tokens "
+                             f"{config.max_new_tokens} + the forced answer), past the model's {limit}: "
+                             "shorten the question or lower max_new_tokens")
+
+
 def eos_ids(tokenizer, model) -> set[int]:
     ids: set[int] = set()
     for src in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
@@ -396,6 +418,7 @@ def iter_reason(model, tokenizer, problems, *, policy: str | dict | ExitPolicy |
     policy = make_policy(policy)
     require_signals(policy, set(SIGNALS), "a chain of thought's cue events",
                     "use never, static (a token count), deer or probe")
+    check_chain_positions(model, tokenizer, [p.question if isinstance(p, Problem) else p for p in items], config)
     eng = _Engine(model, tokenizer, policy, config, on_event, label_events)
     queue = list(enumerate(items))[::-1]
     while queue or eng.chains:

@@ -1,0 +1,109 @@
+"""The services behind ``offramp serve``, without the server: a request is checked alone before it
+joins a batch, and an input that still fails inside a batch fails alone while its neighbours are
+answered as if the bad one had never come."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoder_models import tiny_lm_folder
+from tiny_assets import write_csv, write_model
+
+from offramp.cli import main
+from offramp.modeling import DecoderExitModel
+from offramp.serving.service import ClassifyService, GenerateService, Item, RequestError
+
+GOOD = ["good great fine", "bad awful", "okay neutral words here"]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    root = tmp_path_factory.mktemp("svc")
+    model, csv = write_model(root / "tiny"), write_csv(root / "d.csv", n=60)
+    threads = torch.get_num_threads()
+    assert main(["--threads", "1", "--quiet", "train", "--model", str(model), "--data", str(csv), "--out",
+                 str(root / "run"), "--epochs", "1", "--batch-size", "16"]) == 0
+    torch.set_num_threads(threads)
+    return ClassifyService(root / "run")
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    root = tmp_path_factory.mktemp("svc-gen")
+    folder, lm = tiny_lm_folder(root)
+    DecoderExitModel.from_backbone(lm, exit_layers=[1, 2, 3], base_model_name_or_path=str(folder)).save_pretrained(
+        root / "exits")
+    return GenerateService(root / "exits", max_new_tokens=6)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"text": "good \ud800"}, 400, "text 1 is not valid Unicode: a lone surrogate (U+D800) at character 5"),
+    ({"texts": ["good", 3]}, 400, "text 2 must be a string, got int"),
+    ({"texts": [None]}, 400, "text 1 must be a string, got NoneType"),
+    ({"texts": [float("nan")]}, 400, "text 1 must be a string, got float 'nan'"),
+])
+def test_classify_checks_each_text_before_the_batch(classifier, body, status, message):
+    with pytest.raises(RequestError, match=None) as e:
+        classifier.check(body)
+    assert e.value.status == status and message in e.value.message, e.value.message
+
+
+def test_a_text_that_fails_inside_a_batch_fails_alone(classifier):
+    alone = classifier.run([Item(t) for t in GOOD])
+    mixed = classifier.run([Item(GOOD[0]), Item("good \ud800"), Item(GOOD[1]), Item(GOOD[2])])
+    assert mixed[1]["status"] == 500 and "this input failed (TypeError" in mixed[1]["error"]  # the tokenizer's
+    for got, want in zip([mixed[0], mixed[2], mixed[3]], alone):
+        assert got["label"] == want["label"] and got["exit_layer"] == want["exit_layer"]
+        assert got["confidence"] == pytest.approx(want["confidence"], abs=2e-3)
+
+
+def test_generate_checks_the_prompt_length_with_max_new_tokens(generator):
+    limit = generator.model.adapter.max_positions()
+    with pytest.raises(RequestError) as e:
+        generator.check({"prompt": " ".join(["w5"] * (limit - 3)), "max_new_tokens": 4})
+    assert e.value.status == 413 and f"past the model's {limit}" in e.value.message
+    assert len(generator.check({"prompt": " ".join(["w5"] * (limit - 4)), "max_new_tokens": 4})) == 1
+    with pytest.raises(RequestError, match="lone surrogate"):
+        generator.check({"prompts": ["w5", "w6 \udc80"]})
+
+
+def test_a_prompt_that_fails_inside_a_batch_fails_alone_and_streams_the_others_once(generator):
+    prompts = ["w5 w6 w7", "w9", "w12 w13"]
+    alone = generator.run([Item(p) for p in prompts])
+    items = [Item(prompts[0]), Item("w5 \ud800"), Item(prompts[1]), Item(prompts[2])]
+    lines: dict[int, list[dict]] = {}
+    generator.stream(items, lambda updates: [lines.setdefault(i, []).extend(u) for i, u in updates.items()])
+    assert lines[1] == [{"index": 1, "done": True, **lines[1][0]}] and lines[1][0]["status"] == 500
+    for i, expected in zip((0, 2, 3), alone):
+        tokens = [line["token"] for line in lines[i] if "token" in line]
+        assert tokens == expected["tokens"]  # each token streamed once, though the batch ran again
+        assert "".join(line["text"] for line in lines[i] if "token" in line) == expected["text"]
+        assert lines[i][-1]["done"] and lines[i][-1]["tokens"] == expected["tokens"]
+
+
+def test_a_batch_that_fails_midway_is_run_again_without_streaming_a_token_twice(generator, monkeypatch):
+    """The batch fails after some tokens were streamed; run again alone, each prompt streams only
+    the tokens it had not yet sent."""
+    from offramp.serving import service
+
+    candidates = [f"w{i} w{i + 1}" for i in range(4, 60)]
+    full = [p for p, r in zip(candidates, generator.run([Item(p) for p in candidates])) if len(r["tokens"]) == 6]
+    prompts = full[:2]  # generations that run past the failure at step 3 (most end early at EOS)
+    assert len(prompts) == 2
+    alone = generator.run([Item(p) for p in prompts])
+    real, calls = service.stream_generate, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        for n, step in enumerate(real(*args, **kwargs)):
+            if len(calls) == 1 and n == 3:
+                raise RuntimeError("a kernel failed")
+            yield step
+
+    monkeypatch.setattr(service, "stream_generate", flaky)
+    lines: dict[int, list[dict]] = {}
+    generator.stream([Item(p) for p in prompts], lambda u: [lines.setdefault(i, []).extend(v) for i, v in u.items()])
+    assert len(calls) == 3  # the batch, then each prompt alone
+    for i, expected in enumerate(alone):
+        assert [line["token"] for line in lines[i] if "token" in line] == expected["tokens"]
+        assert lines[i][-1]["tokens"] == expected["tokens"]
