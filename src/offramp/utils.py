@@ -234,6 +234,22 @@ def load_safetensors(path: str | os.PathLike, what: str, fix: str, device: str =
                          f"truncated; {fix}") from None
 
 
+def stored_shapes(path: str | os.PathLike, what: str, fix: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a safetensors file, read from its header alone (no tensor is loaded); a
+    damaged or foreign file is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: no {what}; {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): the {what} is damaged or "
+                         f"truncated; {fix}") from None
+
+
 def load_torch_state(path: str | os.PathLike, what: str, fix: str) -> Any:
     """A ``torch.save`` file of tensors and plain values, loaded with ``weights_only=True``.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from offramp.config import CONFIG_NAME, DTYPES, KIND_USE, KINDS, read_config
 from offramp.data.assets import offline_hint, resolve_model_path
-from offramp.utils import atomic_dir, atomic_write_json, load_safetensors, readable_dir, unsafe_global
+from offramp.utils import atomic_dir, atomic_write_json, load_safetensors, readable_dir, stored_shapes, unsafe_global
 
 HEADS_NAME = "offramp_heads.safetensors"
 
@@ -75,6 +76,8 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
         kind, _ = read_config(spec)
         raise ValueError(f"{spec} holds {KINDS[kind]}, not a Hugging Face {what}: use it with {KIND_USE[kind]}")
     try:
+        if local:
+            check_config_fits_weights(auto_class, Path(str(spec)), what)
         return auto_class.from_pretrained(str(spec), **kwargs)
     except OSError as e:
         raise ValueError(f"cannot load the {what} {str(spec)!r}: {e}. Give a local HF model folder or a Hub id "
@@ -91,6 +94,62 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
             raise
         raise ValueError(f"cannot load the {what} {str(spec)!r}: its files are damaged or not a HF model "
                          f"({type(e).__name__}: {e}); save the model again or point to another folder") from None
+
+
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """{name: shape} of a HF model folder's safetensors weights (one file or shards), from the headers
+    alone; None where the folder has no safetensors weights."""
+    fix = "save the model again or point to another folder"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a shard index ({type(e).__name__}: {e}); {fix}") from None
+        out: dict[str, tuple[int, ...]] = {}
+        for shard in shards:
+            if Path(shard).name != shard:
+                raise ValueError(f"{index} names a shard outside its folder ({shard!r}); {fix}")
+            out.update(stored_shapes(folder / shard, "model weights", fix))
+        return out
+    if (folder / "model.safetensors").is_file():
+        return stored_shapes(folder / "model.safetensors", "model weights", fix)
+    return None
+
+
+def check_config_fits_weights(auto_class: Any, folder: Path, what: str) -> None:
+    """Refuse, before anything is allocated, a folder whose config.json describes a model larger
+    than its weights: more layers than the weights hold (a crafted ``num_hidden_layers`` of 10^9
+    would build modules until the process dies), or sizes (hidden, intermediate, vocabulary) whose
+    parameters the weights do not hold. The model is built on the meta device (no memory) to count."""
+    import math
+
+    import torch
+    from transformers import AutoConfig
+
+    shapes = weight_shapes(folder)
+    if shapes is None or not (folder / "config.json").is_file():
+        return  # no safetensors header to compare with (transformers reads the rest, weights-only)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    layers = getattr(config, "num_hidden_layers", None)
+    held = {int(m.group(1)) for name in shapes for m in [LAYER_INDEX.search(name)] if m}
+    if isinstance(layers, int) and held and layers > max(held) + 1:
+        raise ValueError(f"{folder / 'config.json'} says num_hidden_layers {layers}, but the weights hold layers "
+                         f"0..{max(held)}: the config was edited or belongs to another model; fix "
+                         f"num_hidden_layers or save the {what} again")
+    stored = sum(math.prod(s) for s in shapes.values())
+    with torch.device("meta"):
+        shell = auto_class.from_config(config)
+    wanted = sum(p.numel() for p in shell.parameters())
+    if wanted > 1.25 * stored + 1_000_000:
+        sizes = ", ".join(f"{k} {getattr(config, k)}" for k in ("hidden_size", "intermediate_size", "vocab_size",
+                                                                  "num_hidden_layers") if hasattr(config, k))
+        raise ValueError(f"{folder / 'config.json'} describes a model of {wanted:,} parameters, but the weights "
+                         f"hold {stored:,}: a size in the config ({sizes}) does not match the weights; fix the "
+                         f"config or save the {what} again")
 
 
 def load_hf_tokenizer(spec: str | os.PathLike, what: str = "tokenizer", **kwargs: Any) -> Any:
@@ -138,7 +197,7 @@ def shape_mismatches(module: nn.Module, state: dict[str, Tensor]) -> list[str]:
 
 class ExitModelBase(nn.Module):
     """Exits on a HF backbone. Subclasses set ``kind``, ``config_class`` and ``_exit_layers``, and
-    implement ``_from_folder`` (build the model of a saved config) and optionally ``_write_extra``.
+    implement ``_parts`` (the constructor's arguments for a saved config) and optionally ``_write_extra``.
 
     Attributes:
         kind: the checkpoint kind (``offramp.config.KINDS``).
@@ -201,9 +260,32 @@ class ExitModelBase(nn.Module):
         except (ValueError, TypeError) as e:
             raise ValueError(f"{folder / CONFIG_NAME}: {e}; the checkpoint is damaged or was edited by hand; "
                              f"{cls.fix}") from None
-        model = cls._from_folder(folder, config, **kwargs)
+        parts = cls._parts(folder, config, **kwargs)
+        cls._check_head_shapes(folder, parts)
+        model = cls(*parts)
         model.load_heads(folder)
         return model.eval()
+
+    @classmethod
+    def _check_head_shapes(cls, folder: Path, parts: tuple) -> None:
+        """Build the heads ``parts`` describe on the meta device (no memory) and compare their shapes
+        with those stored in the heads file's header, so that a crafted size in the config (10^7
+        labels, a 10^7-wide confidence layer) is an error before anything is allocated."""
+        import torch
+
+        path = next((folder / n for n in (HEADS_NAME, *cls.legacy_heads) if (folder / n).is_file()), None)
+        if path is None:
+            raise ValueError(f"{folder} has no {HEADS_NAME}: it is not a complete offramp checkpoint; {cls.fix}")
+        stored = stored_shapes(path, "exit heads", cls.fix)
+        with torch.device("meta"):
+            shell = cls(*parts)
+        wanted = {k: tuple(v.shape) for k, v in shell.state_dict().items() if not k.startswith("backbone.")}
+        wrong = [f"{k} {stored[k]} (the config asks for {wanted[k]})" for k in wanted if k in stored
+                 and stored[k] != wanted[k]]
+        if wrong:
+            raise ValueError(f"{path}: head shapes do not match {CONFIG_NAME}: {'; '.join(wrong[:3])}"
+                             f"{' ...' if len(wrong) > 3 else ''}. The heads and the config come from different "
+                             f"checkpoints (or another backbone), or the config was edited; {cls.fix}")
 
     @classmethod
     def _resolve(cls, folder: Path) -> Path:
@@ -211,7 +293,8 @@ class ExitModelBase(nn.Module):
         return folder
 
     @classmethod
-    def _from_folder(cls, folder: Path, config: Any, **kwargs: Any) -> "ExitModelBase":
+    def _parts(cls, folder: Path, config: Any, **kwargs: Any) -> tuple:
+        """The arguments of ``cls(...)`` for a saved ``config`` (the backbone loaded)."""
         raise NotImplementedError
 
     def load_heads(self, directory: str | os.PathLike) -> None:

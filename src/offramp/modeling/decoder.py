@@ -61,8 +61,8 @@ class DecoderExitModel(ExitModelBase):
         kwargs = {k: v for k, v in config.head.items() if k != "type"}
         self.heads = nn.ModuleList(build_lm_head(config.head["type"], d, **kwargs) for _ in config.exit_layers)
         self.confidence = nn.ModuleList(ConfidenceHead(d, config.confidence_hidden) for _ in config.exit_layers)
-        device = self.adapter.head_device
-        self.to(device=device, dtype=self.adapter.dtype)
+        if not any(p.is_meta for p in self.parameters()):  # on the meta device: a shell whose shapes are checked
+            self.to(device=self.adapter.head_device, dtype=self.adapter.dtype)
 
     @property
     def backbone(self) -> nn.Module:
@@ -123,8 +123,8 @@ class DecoderExitModel(ExitModelBase):
 
     # ---- save / load -------------------------------------------------------------------------
     @classmethod
-    def _from_folder(cls, folder: Path, config: DecoderExitConfig, backbone: nn.Module | None = None,
-                     **backbone_kwargs: Any) -> "DecoderExitModel":
+    def _parts(cls, folder: Path, config: DecoderExitConfig, backbone: nn.Module | None = None,
+               **backbone_kwargs: Any) -> tuple:
         if backbone is None:
             if not config.base_model_name_or_path:
                 raise ValueError(f"{folder}: the checkpoint names no base model: pass backbone=")
@@ -133,4 +133,4 @@ class DecoderExitModel(ExitModelBase):
             backbone_kwargs.setdefault("dtype", torch.float32)
             backbone = load_hf_model(AutoModelForCausalLM, config.base_model_name_or_path, "backbone",
                                      **backbone_kwargs).eval()
-        return cls(backbone, config)
+        return backbone, config

@@ -195,7 +195,7 @@ class EarlyExitModel(ExitModelBase):
         return folder
 
     @classmethod
-    def _from_folder(cls, directory: Path, config: OfframpConfig, **load_kwargs: Any) -> "EarlyExitModel":
+    def _parts(cls, directory: Path, config: OfframpConfig, **load_kwargs: Any) -> tuple:
         source = directory / BACKBONE_DIR
         if not source.is_dir():
             if not config.base_model_name_or_path:
@@ -205,7 +205,7 @@ class EarlyExitModel(ExitModelBase):
         tokenizer = None
         if (directory / "tokenizer_config.json").is_file():
             tokenizer = load_hf_tokenizer(directory, "checkpoint's tokenizer")
-        return cls(backbone, config, tokenizer)
+        return backbone, config, tokenizer
 
     # -- text convenience -----------------------------------------------------------------------
     def encode(self, texts: list[str], max_length: int = 128) -> dict[str, Tensor]:
