@@ -194,3 +194,23 @@ def test_health_states_the_calibrated_bound(server, tmp_path):
     health = ClassifyService(copy).health()
     assert health["calibration"] == {"bound": "threshold=0.4: P(disagree risk <= 0.1) >= 0.95", "risk": "disagree",
                                      "delta": 0.1, "epsilon": 0.05, "n": 200, "threshold": 0.4}
+
+
+def test_the_local_ray_listens_on_loopback_only(server):
+    """Every socket Ray's processes listen on (GCS, raylet, workers, Serve's controller and proxy,
+    the dashboard agent and its metrics exporter) is bound to 127.0.0.1."""
+    import ipaddress
+
+    import psutil
+
+    ray_pids = {p.pid for p in psutil.process_iter(["name", "cmdline"])
+                if any(k in " ".join(p.info["cmdline"] or [p.info["name"] or ""]) for k in ("ray::", "raylet",
+                                                                                               "gcs_server", "ray/"))}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ray_pids]
+    assert len(listening) >= 5  # the GCS, the raylet, the proxy, ... were found
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return address.is_loopback or getattr(address, "ipv4_mapped", None) is not None and address.ipv4_mapped.is_loopback
+
+    open_to_all = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening if not loopback(c.laddr.ip)]
+    assert not open_to_all, open_to_all

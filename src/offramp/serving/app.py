@@ -221,6 +221,7 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
             import torch
 
             torch.set_num_threads(opts.threads)
+            _replica_grpc_on_loopback()
             self.services = {kind: _service(c, opts) for kind, c in served.items()}
             self.pool = ThreadPoolExecutor(max_workers=1)  # one batch at a time on this replica's cores
 
@@ -293,6 +294,8 @@ def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None =
     interrupted (Ctrl-C or SIGTERM), then shuts down, draining the requests in flight."""
     import os
 
+    if address is None:
+        local_ray_on_loopback()
     import ray
     from ray import serve
 
@@ -326,6 +329,40 @@ def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None =
         finally:
             _drain_and_stop()
     return url
+
+
+def local_ray_on_loopback() -> None:
+    """Make the Ray that ``offramp serve`` starts listen on 127.0.0.1 only: its GCS, raylet, workers,
+    Serve controller and proxy, dashboard agent and metrics exporter bind every interface by default
+    (on Linux Ray takes the machine's address as the node's). With the node on the loopback address,
+    as Ray does on macOS and Windows, nothing is reachable from another host. A cluster
+    (``--address``) keeps Ray's own settings, and so does a user who sets the variable."""
+    import os
+    import sys
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        constants.ENABLE_RAY_CLUSTER = False  # ray was imported before: its node address is read at start
+
+
+def _replica_grpc_on_loopback() -> None:
+    """In a replica of a Ray whose node is on the loopback address (``local_ray_on_loopback``): bind the
+    replica's inter-deployment gRPC server (which Ray Serve opens on every interface, "[::]:0",
+    whatever the node's address) to 127.0.0.1 too. It starts after the deployment's constructor,
+    which calls this; on a cluster nothing changes."""
+    import ray
+    from ray.serve._private import replica
+
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if ray.util.get_node_ip_address() != "127.0.0.1" or original is None or hasattr(original, "loopback"):
+        return
+
+    def on_loopback(server: Any, address: str) -> Any:
+        return original(server, address.replace("[::]:", "127.0.0.1:", 1))
+
+    on_loopback.loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback
 
 
 def _drain_and_stop() -> None:
