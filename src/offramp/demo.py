@@ -174,7 +174,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     out = Path(args.out or f"offramp-demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_out(out, args.overwrite, "demo folder")
+    check_out(out, args.overwrite, "demo folder", {"--model": args.model, "--data": args.data})
     if torch.get_num_threads() > (os.cpu_count() or 2):
         torch.set_num_threads(os.cpu_count() or 2)
 

@@ -320,10 +320,16 @@ def log(msg: str) -> None:
     note(f"[{time.time() - _T0:6.1f}s] {msg}")
 
 
-def check_out(path: Path, overwrite: bool, what: str) -> None:
+def check_out(path: Path, overwrite: bool, what: str, inputs: dict[str, Any] | None = None) -> None:
     """Refuse, before any work, an output path that cannot be written: an existing non-empty one
-    (unless ``overwrite``), one below a regular file, or one in a folder this process cannot write."""
+    (unless ``overwrite``), one below a regular file, or one in a folder this process cannot write;
+    and, even with ``overwrite``, one that is, holds or sits inside one of the command's
+    ``inputs`` ({option: path}; None values skipped): writing it would replace what the command reads."""
     path = Path(path)
+    overlap = _overlap(path, inputs or {})
+    if overlap:
+        raise ValueError(f"{what} {path} {overlap}: the command would replace what it reads; choose an --out "
+                         "outside its inputs")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"{what} {path}: {parent} is a file, not a folder; choose another --out")
@@ -341,11 +347,28 @@ def check_out(path: Path, overwrite: bool, what: str) -> None:
                          "choose another --out") from None
 
 
+def _overlap(out: Path, inputs: dict[str, Any]) -> str:
+    """How ``out`` meets the first input it meets ("is --model X", "holds --data X", "is inside
+    --trace X"), or ""."""
+    target = out.resolve()
+    for option, value in inputs.items():
+        if value is None or not Path(str(value)).exists():
+            continue  # a Hub id, an offline alias or a built-in data set name: no path of the user's
+        src = Path(str(value)).resolve()
+        if target == src:
+            return f"is {option} {value}"
+        if target in src.parents:
+            return f"holds {option} {value}"
+        if src in target.parents:
+            return f"is inside {option} {value}"
+    return ""
+
+
 def checkpoint_dir(path: str | os.PathLike) -> Path:
     """``path`` if it is (or holds, under checkpoint/) an offramp checkpoint; else a ValueError. Reads
     no file and loads no library, so a wrong path is reported at once."""
-    p = Path(path)
-    for cand in (p, p / "checkpoint"):
+    p = readable_dir(path)  # a save killed between its two renames left the previous copy in .NAME.old
+    for cand in (p, readable_dir(p / "checkpoint")):
         if (cand / CONFIG_NAME).is_file():
             return cand
     raise ValueError(f"{p} is not an offramp checkpoint folder ({CONFIG_NAME} not found in it or in "

@@ -214,8 +214,10 @@ def test_existing_output_folder_is_refused_unless_overwrite(ws, capsys, tmp_path
     assert rc == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
     rc, _, _ = run(capsys, "collect", "--model", ws["run"], "--out", out, "--overwrite")
     assert rc == 0 and (out / "trace.json").is_file()
-    rc, _, err = run(capsys, "sweep", "--trace", ws["trace"], "--out", ws["trace"])
+    rc, _, err = run(capsys, "sweep", "--trace", ws["trace"], "--out", out)  # out holds a trace now
     assert rc == 2 and "--overwrite" in err
+    rc, _, err = run(capsys, "sweep", "--trace", ws["trace"], "--out", ws["trace"], "--overwrite")
+    assert rc == 2 and "would replace what it reads" in err
 
 
 def test_interrupted_collect_leaves_no_half_written_trace(ws, capsys, tmp_path, monkeypatch):

@@ -72,6 +72,13 @@ def test_build_fit_then_lynx(model_dir, tmp_path, capsys, monkeypatch):
                  "--risk", "lost", "--out", str(tmp_path / "probe-lost")]) == 0
     assert json.loads(capsys.readouterr().out)["risk"] == "lost"
     assert LynxProbe.load(tmp_path / "probe-lost").risk_ == "lost"
+    fit_again = ["reason", "fit", str(tmp_path / "ev"), "--delta", "0.3", "--epochs", "20", "--out"]
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        _run([*fit_again, str(tmp_path / "probe")])  # the probe folder is kept
+    for out, how in ((tmp_path / "ev", "is DATA"), (tmp_path, "holds DATA"), (tmp_path / "ev" / "p", "is inside DATA")):
+        with pytest.raises(ValueError, match=f"{how} .*would replace what it reads"):
+            _run([*fit_again, str(out), "--overwrite"])
+    assert len(load_dataset(tmp_path / "ev").uids) == 4 and LynxProbe.load(tmp_path / "probe").delta_ == 0.3
     with pytest.raises(ValueError, match="add --per chain"):
         _run(["reason", "fit", str(tmp_path / "ev"), "--delta", "0.3", "--risk", "lost",
               "--out", str(tmp_path / "probe-x")])
@@ -87,7 +94,8 @@ def test_bad_input(model_dir, tmp_path):
     with pytest.raises(ValueError, match="needs --probe"):
         _run(["reason", "run", "--model", model_dir, "--question", "x", "--method", "lynx"])
     with pytest.raises(ValueError, match="no labelled problems"):
-        _run(["reason", "fit", str(tmp_path), "--delta", "0.1", "--out", str(tmp_path / "p")])
+        (tmp_path / "empty").mkdir()
+        _run(["reason", "fit", str(tmp_path / "empty"), "--delta", "0.1", "--out", str(tmp_path / "p")])
     with pytest.raises(ValueError, match="cannot load the model"):
         _run(["reason", "run", "--model", str(tmp_path / "missing"), "--question", "x"])
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):

@@ -34,6 +34,21 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'offramp.cli.common' has no attribute {name!r}")
 
 
+def inputs(**options: Any) -> dict[str, Any]:
+    """{"--option": path} of what a command reads, for ``check_out``'s overlap test: ``fit_text=X``
+    becomes ``--fit-text``; split files (``train=A.csv,test=B.csv``) count each file."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, str) and "=" in value and not Path(value).exists():
+            for part in value.split(","):
+                split, _, path = part.partition("=")
+                out[f"{flag} {split.strip()}"] = path.strip() or None
+        else:
+            out[flag] = value
+    return out
+
+
 REMOVAL = "0.2.0"  # the release that drops the deprecated spellings below
 
 

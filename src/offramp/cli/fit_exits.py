@@ -57,7 +57,8 @@ def cmd_fit_exits(args: argparse.Namespace) -> int:
     layers = common.parse_exits(args.exit_layers) if args.exit_layers else None
     if args.text_column and not args.fit_text:
         raise ValueError("--text-column names a column of --fit-text: add --fit-text DATA, or drop it")
-    common.check_out(Path(args.out), args.overwrite, "exits folder")
+    common.check_out(Path(args.out), args.overwrite, "exits folder",
+                     common.inputs(model=args.model, fit_text=args.fit_text))
     backbone, tok = load_causal_lm(args.model, args.dtype)
     texts = None
     if args.fit_text:

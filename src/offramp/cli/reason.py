@@ -97,7 +97,8 @@ def _add_fit_parser(sub: Any) -> None:
                      help="share of problems that train the probe; the rest calibrate it (default 0.6)")
     fit.add_argument("--epochs", type=int, default=300)
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--out", required=True, help="probe folder")
+    fit.add_argument("--out", required=True, help="probe folder (refused if it exists, unless --overwrite)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     fit.set_defaults(func=cmd_reason_fit)
 
 
@@ -196,7 +197,7 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
     if args.lam is not None and not 0.0 <= args.lam <= 1.0:  # NaN fails this too
         raise ValueError(f"--lambda must be in [0, 1], got {args.lam}")
     if args.out:
-        common.check_out(Path(args.out), True, "--out file")
+        common.check_out(Path(args.out), True, "--out file", common.inputs(model=args.model, task=args.task))
     method, spec = _run_policy(args)
     policy = load_policy(spec)
     probe = getattr(policy, "probe", None)
@@ -222,7 +223,8 @@ def cmd_reason_build(args: argparse.Namespace) -> int:
     from offramp.evaluation.events import build_dataset
 
     common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1, batch_size=1)
-    common.check_out(Path(args.out), True, "dataset folder")
+    # an existing dataset folder is resumed (its manifest must match), never replaced
+    common.check_out(Path(args.out), True, "dataset folder", common.inputs(model=args.model, task=args.task))
     config = _config(args)
     model, tok = _load(args)
     uids = build_dataset(model, tok, _problems(args), args.out, config=config, model_name=args.model,
@@ -242,7 +244,7 @@ def cmd_reason_fit(args: argparse.Namespace) -> int:
     if args.risk == "lost" and args.per != "chain":
         raise ValueError("--risk lost is a per-chain risk: add --per chain")
     common.require_min(args, epochs=1)
-    common.check_out(Path(args.out), True, "probe folder")
+    common.check_out(Path(args.out), args.overwrite, "probe folder", {"DATA": args.data})
     data = load_dataset(args.data)
     n_fit = int(round(len(data.uids) * args.fit_fraction))
     if n_fit < 1 or n_fit >= len(data.uids):

@@ -36,7 +36,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from offramp.flops import model_exit_flops
 
     out = Path(args.out)
-    common.check_out(out, args.overwrite, "trace folder")
+    common.check_out(out, args.overwrite, "trace folder", common.inputs(model=args.model, data=args.data))
     if common.checkpoint_kind(args.model) == "token_exits":
         from offramp.cli.generate import cmd_collect_tokens
 
@@ -91,7 +91,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from offramp.evaluation.token_trace import TokenTrace, load_trace
 
     out = Path(args.out)
-    common.check_out(out, args.overwrite, "report folder")
+    common.check_out(out, args.overwrite, "report folder", common.inputs(trace=args.trace))
     trace = load_trace(args.trace)
     if isinstance(trace, TokenTrace):
         return _sweep_tokens(args, trace, out)

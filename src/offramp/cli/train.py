@@ -273,7 +273,7 @@ def _started(args: argparse.Namespace, out: Path, given_data: dict[str, Any]) ->
         raise ValueError("--data is required: an offline name (tweets, bbc), a .csv/.jsonl file or a "
                          "HF dataset name")
     if process_rank() == 0:  # the other processes of a multi-process run write nothing
-        common.check_out(out, args.overwrite, "output folder")
+        common.check_out(out, args.overwrite, "output folder", common.inputs(model=args.model, data=args.data))
     opts = _train_options(args, None)
     vars(args).update(opts)  # _train_config reads the resolved options
     settings = {**common.DATA_DEFAULTS, **given_data}

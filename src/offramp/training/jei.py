@@ -44,7 +44,7 @@ from offramp.objectives.jei import (
 from offramp.policies.base import warn_first_exit
 from offramp.policies.gate import GatePolicy
 from offramp.training.processes import average_gradients, make_accelerator, shard_rows
-from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, note
+from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, note, readable_dir
 
 if TYPE_CHECKING:
     from offramp.modeling import EarlyExitModel
@@ -332,7 +332,7 @@ def _save(model, costs: Tensor, args: JEIArgs, state: dict, acc=None) -> None:
 
 
 def _load_state(model, args: JEIArgs) -> dict:
-    ckpt = Path(args.output_dir) / "checkpoint"
+    ckpt = readable_dir(Path(args.output_dir) / "checkpoint")  # .checkpoint.old after a save killed mid-swap
     if not (ckpt / STATE_NAME).is_file():
         raise ValueError(f"resume: no JEI checkpoint at {ckpt} to continue from; start without resume")
     model.load_heads(ckpt)

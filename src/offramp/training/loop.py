@@ -23,7 +23,7 @@ from offramp.evaluation.halting import degenerate_message, halting_report
 from offramp.modeling import EarlyExitModel
 from offramp.modeling.state_cache import INPUT_KEYS, pooled_batches
 from offramp.training.processes import make_accelerator, shard_rows
-from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, note, progress
+from offramp.utils import atomic_dir, atomic_write_json, load_torch_state, note, progress, readable_dir
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "training_state.pt"
@@ -234,7 +234,9 @@ def stalled(history: Sequence[dict[str, Any]], patience: int) -> bool:
 
 def _resume(model: "EarlyExitModel", args: TrainingArgs, ckpt: Path) -> dict[str, Any]:
     """Load the heads (and a fine-tuned backbone) of the checkpoint in ``ckpt``; its training state
-    (epoch, history, optimizer, scheduler, RNG)."""
+    (epoch, history, optimizer, scheduler, RNG). A save killed between its two renames left the
+    checkpoint in ``.checkpoint.old``: it is read from there (the next save puts it back)."""
+    ckpt = readable_dir(ckpt)
     if not (ckpt / STATE_NAME).is_file():
         raise ValueError(f"--resume: no checkpoint at {ckpt} to continue from; start without --resume")
     model.load_heads(ckpt)
