@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from offramp.names import CONFIG_NAME, DTYPES  # noqa: F401  (a language model's --dtype)
+from offramp.names import CLASSIFY_POLICIES, CONFIG_NAME, DTYPES, GENERATION_POLICIES  # noqa: F401 (DTYPES: --dtype)
 from offramp.policies import make_policy
 from offramp.utils import atomic_write_json, read_json
 from offramp.version import __version__
@@ -124,11 +124,35 @@ KL_TARGETS = ("batch", "row")  # the batch's mean exit distribution (default) or
 
 
 def _merge(name: str, given: dict | None, defaults: dict) -> dict:
+    """``given`` over ``defaults``: an unknown key, or a value not of its default's JSON type (a
+    string where a number belongs), is a ValueError naming it."""
     given = dict(given or {})
     unknown = set(given) - set(defaults)
     if unknown:
         raise ValueError(f"{name}: unknown keys {sorted(unknown)}; known keys are {sorted(defaults)}")
+    for key, value in given.items():
+        kind = _json_kind(defaults[key])
+        if kind is not None and value is not None and _json_kind(value) not in (kind, *(("int",) if kind == "number"
+                                                                                        else ())):
+            raise ValueError(f"{name.split(' ')[0]}.{key} must be {_KIND_WORDS[kind]}, got {value!r}")
     return {**defaults, **given}
+
+
+_KIND_WORDS = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string",
+               "list": "a list", "dict": "a JSON object"}
+
+
+def _json_kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "number"
+    for kind, types in (("str", str), ("list", (list, tuple)), ("dict", dict)):
+        if isinstance(value, types):
+            return kind
+    return None
 
 
 
@@ -223,6 +247,9 @@ class OfframpConfig:
         self._check_objective()
         if not isinstance(self.policy, dict) or "type" not in self.policy:
             raise ValueError(f"policy must be a dict with a 'type', got {self.policy!r}")
+        if self.policy["type"] not in CLASSIFY_POLICIES:
+            raise ValueError(f"policy {self.policy['type']!r} does not exit a classifier's layers; a classifier "
+                             f"takes {', '.join(CLASSIFY_POLICIES)}")
         if self.label_names is not None and self.num_labels > 1 and len(self.label_names) != self.num_labels:
             raise ValueError(f"label_names has {len(self.label_names)} names but num_labels is {self.num_labels}")
         for f in fields(self):
@@ -244,6 +271,9 @@ class OfframpConfig:
         for name in ("head", "extra", "objective", "policy"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict (a JSON object), got {getattr(self, name)!r}")
+        for key in ("data", "train", "calibration"):  # what offramp itself stores in extra
+            if self.extra.get(key) is not None and not isinstance(self.extra[key], dict):
+                raise ValueError(f"extra.{key} must be a JSON object, got {self.extra[key]!r}")
         for name in ("halting", "gate"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict (a JSON object) or None, got {getattr(self, name)!r}")
@@ -275,6 +305,8 @@ class OfframpConfig:
             raise ValueError(f"head.type must be 'linear', got {self.head['type']!r}")
         if self.head["pooling"] not in ("cls", "mean"):
             raise ValueError(f"head.pooling must be 'cls' or 'mean', got {self.head['pooling']!r}")
+        if not 0 <= self.head["dropout"] < 1:
+            raise ValueError(f"head.dropout must be in [0, 1), got {self.head['dropout']!r}")
         if self.halting is not None:
             self.halting = _merge("halting", self.halting, HALTING_DEFAULTS)
             if self.halting["type"] not in ("pondernet", "palbert"):
@@ -284,6 +316,10 @@ class OfframpConfig:
             if self.halting["position"] not in ("none", "random", "sinusoidal"):
                 raise ValueError(
                     f"halting.position must be none, random or sinusoidal, got {self.halting['position']!r}")
+            if not 0 <= self.halting["num_layers"] <= 16:  # each is a d x d layer; the papers use 1
+                raise ValueError(f"halting.num_layers must be in [0, 16], got {self.halting['num_layers']}")
+            if not 0 <= self.halting["dropout"] < 1:
+                raise ValueError(f"halting.dropout must be in [0, 1), got {self.halting['dropout']!r}")
         if self.gate is not None:
             self.gate = check_gate_config(self.gate)
 
@@ -398,14 +434,22 @@ class DecoderExitConfig:
             raise ValueError("head must name its type, e.g. {'type': 'ffn'}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if isinstance(self.confidence_hidden, bool) or not isinstance(self.confidence_hidden, int) or \
+                not 1 <= self.confidence_hidden <= 1 << 16:
+            raise ValueError(f"confidence_hidden must be an integer in [1, 65536], got {self.confidence_hidden!r}")
         if self.extra is None:
             self.extra = {}
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a JSON object, got {self.extra!r}")
         if self.draft_vocab is not None and (not isinstance(self.draft_vocab, list) or not self.draft_vocab or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.draft_vocab)):
             raise ValueError("draft_vocab must be a non-empty list of token ids (ints >= 0) or null: fit the exits "
                              "again (offramp fit-exits) to record it")
         if not isinstance(self.policy, dict) or "type" not in self.policy:
             raise ValueError(f"policy must be a dict with a 'type', got {self.policy!r}")
+        if self.policy["type"] not in GENERATION_POLICIES:
+            raise ValueError(f"policy {self.policy['type']!r} does not exit a decoder's layers; token exits take "
+                             f"{', '.join(GENERATION_POLICIES)}")
         make_policy(self.policy)  # a bad stored policy is an error on load, not at the first token
         for f in fields(self):
             try:

@@ -195,6 +195,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ loading
+def asks_for_code(error: BaseException) -> bool:
+    """Whether torch's weights-only refusal ``error`` is a pickle asking for a Python object (which
+    could run code), rather than bytes that are no pickle at all."""
+    return "GLOBAL" in str(error)
+
+
 def unsafe_global(error: BaseException) -> str:
     """The Python object a refused pickle asked for, from torch's weights-only error text."""
     import re
@@ -204,8 +210,10 @@ def unsafe_global(error: BaseException) -> str:
     return f"it asks for {found.group(1)}" if found else "an object that is not a tensor"
 
 
-def read_json(path: str | os.PathLike, what: str, fix: str) -> dict[str, Any]:
-    """A JSON object from ``path``; a ValueError naming the file, ``what`` it should be and ``fix``."""
+def read_json(path: str | os.PathLike, what: str, fix: str, types: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON object from ``path``; a ValueError naming the file, ``what`` it should be and ``fix``.
+    ``types`` ({key: type or tuple of types}): a key present (and not null) of another type is refused
+    too, naming the key."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -216,7 +224,18 @@ def read_json(path: str | os.PathLike, what: str, fix: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object: it is not a valid "
                          f"{what}; {fix}")
+    for key, kind in (types or {}).items():
+        value = data.get(key)
+        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
+                kind if isinstance(kind, tuple) else (kind,)))):
+            names = " or ".join(JSON_TYPE_NAMES.get(k, k.__name__) for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ValueError(f"{path}: {key!r} must be {names}, got {value!r:.60}: the {what} is damaged or was "
+                             f"edited; {fix}")
     return data
+
+
+JSON_TYPE_NAMES = {dict: "a JSON object", list: "a list", str: "a string", int: "an integer", float: "a number",
+                   bool: "true or false"}
 
 
 def load_safetensors(path: str | os.PathLike, what: str, fix: str, device: str = "cpu") -> dict[str, Any]:
@@ -266,11 +285,13 @@ def load_torch_state(path: str | os.PathLike, what: str, fix: str) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
+        if not asks_for_code(e):  # bytes that are no pickle at all
+            raise ValueError(f"{path} is not a readable {what}: it is not a file torch.save wrote; {fix}") from None
         raise ValueError(f"{path}: refused to load the {what}: it holds more than tensors and plain values "
                          f"({unsafe_global(e)}), and loading it could run code. Use only files that offramp "
                          f"wrote; {fix}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable {what} ({e}); {fix}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path} is not a readable {what} ({type(e).__name__}: {e}); {fix}") from None
 
 
 # ----------------------------------------------------------------------------------------- progress
@@ -320,12 +341,15 @@ def log(msg: str) -> None:
     note(f"[{time.time() - _T0:6.1f}s] {msg}")
 
 
-def check_out(path: Path, overwrite: bool, what: str, inputs: dict[str, Any] | None = None) -> None:
+def check_out(path: Path, overwrite: bool, what: str, inputs: dict[str, Any] | None = None, *,
+              file: bool = False) -> None:
     """Refuse, before any work, an output path that cannot be written: an existing non-empty one
     (unless ``overwrite``), one below a regular file, or one in a folder this process cannot write;
     and, even with ``overwrite``, one that is, holds or sits inside one of the command's
     ``inputs`` ({option: path}; None values skipped): writing it would replace what the command reads."""
     path = Path(path)
+    if file and path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: name a file in it (for example {path / 'out.json'})")
     overlap = _overlap(path, inputs or {})
     if overlap:
         raise ValueError(f"{what} {path} {overlap}: the command would replace what it reads; choose an --out "

@@ -67,12 +67,14 @@ def test_a_classifier_config_with_ten_million_labels(ws, tmp_path):
     assert rc == 2 and "head shapes do not match" in err and "(the config asks for (10000000," in err, err[-2000:]
 
 
-def test_token_exits_with_a_twenty_million_wide_confidence_layer(ws, tmp_path):
+@pytest.mark.parametrize("width, match", [(2 * 10**7, "confidence_hidden must be an integer in [1, 65536]"),
+                                          (60_000, "head shapes do not match")])
+def test_token_exits_with_a_crafted_confidence_width(ws, tmp_path, width, match):
     exits = _copy(ws["exits"], tmp_path / "exits")
-    _edit(exits / "offramp_config.json", confidence_hidden=2 * 10**7)
+    _edit(exits / "offramp_config.json", confidence_hidden=width)
     rc, err = offramp_capped("generate", "--model", ws["lm"], "--exits", exits, "--prompt", "w5 w6",
                              "--max-new-tokens", "2")
-    assert rc == 2 and "head shapes do not match" in err and "20000000" in err, err[-2000:]
+    assert rc == 2 and match in err and str(width) in err, err[-2000:]
 
 
 @pytest.mark.parametrize("field, value, match", [

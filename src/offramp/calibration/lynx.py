@@ -225,7 +225,12 @@ class LynxProbe:
             raise ValueError(f"{path} holds no LYNX probe ({PROBE_FILE} missing): train one with "
                              f"`offramp reason fit EVENTS --out {path}` (or LynxProbe.save)")
         fix = "fit the probe again (offramp reason fit)"
-        meta = read_json(path / PROBE_FILE, "LYNX probe", fix)
+        meta = read_json(path / PROBE_FILE, "LYNX probe", fix,
+                         {"hidden": list, "epochs": int, "lr": (int, float), "weight_decay": (int, float), "seed": int,
+                          "mean": list, "std": list, "class_weights": list, "extra": dict, "delta": (int, float),
+                          "quantiles": list, "counts": list, "per": str, "risk": str,
+                          "chain_threshold": (int, float, str), "chain_count": int})
+        _check_probe_meta(path / PROBE_FILE, meta, fix)
         try:
             return cls._from_meta(path, meta, fix)
         except (KeyError, TypeError, RuntimeError) as e:
@@ -251,6 +256,31 @@ class LynxProbe:
                 probe.chain_threshold_ = float(meta["chain_threshold"])
                 probe.chain_count_ = meta["chain_count"]
         return probe
+
+
+def _check_probe_meta(file: Path, meta: dict, fix: str) -> None:
+    """The lists of ``probe.json`` hold what the probe reads: numbers (quantiles: numbers or null),
+    layer widths in [1, 65536], and the settings it was fitted with as a JSON object."""
+    def bad(key: str, what: str) -> ValueError:
+        return ValueError(f"{file}: {key!r} must hold {what}, got {meta.get(key)!r:.60}: the LYNX probe is damaged "
+                          f"or was edited; {fix}")
+
+    def numbers(values: list, none: bool = False) -> bool:
+        return all((v is None and none) or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+
+    if not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 1 << 16 for h in meta.get("hidden", [])):
+        raise bad("hidden", "layer widths (integers in [1, 65536])")
+    for key in ("mean", "std", "class_weights", "counts"):
+        if not numbers(meta.get(key) or []):
+            raise bad(key, "numbers")
+    if not numbers(meta.get("quantiles") or [], none=True):
+        raise bad("quantiles", "numbers (null for infinity)")
+    if len(meta.get("mean") or []) != len(meta.get("std") or []):
+        raise bad("std", f"as many numbers as 'mean' ({len(meta.get('mean') or [])})")
+    reason_config = (meta.get("extra") or {}).get("reason_config")
+    if reason_config is not None and not isinstance(reason_config, dict):
+        raise ValueError(f"{file}: extra.reason_config must be a JSON object (the settings of the events it was "
+                         f"fitted on), got {reason_config!r:.60}; {fix}")
 
 
 def probe_policy(path: str | Path) -> ProbeExitPolicy:

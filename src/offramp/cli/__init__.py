@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug_main or getattr(args, "debug", False)
     errors = getattr(args, "encoding_errors", None) or args.encoding_errors_main or "strict"
     name = " ".join(filter(None, [args.command, getattr(args, "reason_command", None)]))
+    try:
+        _text_arguments(args, errors)
+    except ValueError as e:
+        print(f"offramp {name}: error: {e}", file=sys.stderr)
+        return 2
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -121,6 +126,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         set_quiet(was_quiet)
         warnings.showwarning = shown
+
+
+TEXT_ARGUMENTS = {"texts": "text", "prompt": "--prompt", "question": "--question"}  # dest: how it is named
+
+
+def _text_arguments(args: argparse.Namespace, errors: str) -> None:
+    """Texts given as arguments that hold bytes which are not UTF-8 (Python keeps them as lone
+    surrogates): an error naming the argument (strict), or the bytes replaced by U+FFFD (replace),
+    as for text read from files. Paths are left alone (any bytes name a file)."""
+    for dest, label in TEXT_ARGUMENTS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        many = isinstance(value, list)
+        fixed = []
+        for n, text in enumerate(value if many else [value], 1):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                if errors != "replace":
+                    byte = ord(text[e.start]) - 0xDC00
+                    where = f"{label} {n}" if many else label
+                    raise ValueError(f"{where} is not UTF-8 (byte 0x{byte:02x} at character {e.start}): pass UTF-8 "
+                                     "text, or --encoding-errors replace to read such bytes as U+FFFD") from None
+                text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            fixed.append(text)
+        setattr(args, dest, fixed if many else fixed[0])
 
 
 USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR,

@@ -54,7 +54,7 @@ def bench_main(argv: list[str] | None = None, prog: str | None = None) -> dict[s
     p = bench_parser(prog)
     a = p.parse_args(argv)
     if a.json_path:
-        check_out(Path(a.json_path), True, "--json file")
+        check_out(Path(a.json_path), True, "--json file", file=True)
     out = run("mpnet" if a.mpnet else a.model, batch_sizes=tuple(int(x) for x in a.batch_sizes.split(",")),
               num_rows=a.rows, seq_len=a.seq_len, repeats=a.repeats, threads=a.threads, clock=a.clock,
               json_path=a.json_path, default_allocator=a.default_allocator)

@@ -182,9 +182,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _check_numbers(args)
     _check_policy(args)
+    if args.speculative and args.cache_strategy is not None:
+        raise ValueError("--cache-strategy chooses how token-exit decoding fills the cache of the layers a token "
+                         "skipped; --speculative verifies every token with all layers and keeps an exact cache: "
+                         "drop --cache-strategy")
     prompts = _prompts(args)
     if args.json:
-        common.check_out(Path(args.json), True, "--json file")
+        common.check_out(Path(args.json), True, "--json file", file=True)
     backbone, tok = load_causal_lm(args.model)
     exit_model = _exit_model(args, backbone)
     sampling = SamplingOptions.from_model(backbone, do_sample=args.sample, temperature=args.temperature,

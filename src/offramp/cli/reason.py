@@ -190,6 +190,8 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
     from offramp.engines.reason import iter_reason
 
     common.require_min(args, max_new_tokens=1, max_answer_tokens=1, n=1, batch_size=1)
+    if args.question is not None and not args.question.strip():
+        raise ValueError("--question is empty: give the problem text, or --task to run a set of problems")
     if not args.sample and (args.temperature != 1.0 or args.top_p != 1.0):
         raise ValueError("--temperature and --top-p shape sampling: add --sample (chains are greedy without it)")
     if args.budget is not None:
@@ -197,7 +199,8 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
     if args.lam is not None and not 0.0 <= args.lam <= 1.0:  # NaN fails this too
         raise ValueError(f"--lambda must be in [0, 1], got {args.lam}")
     if args.out:
-        common.check_out(Path(args.out), True, "--out file", common.inputs(model=args.model, task=args.task))
+        common.check_out(Path(args.out), True, "--out file", common.inputs(model=args.model, task=args.task),
+                         file=True)
     method, spec = _run_policy(args)
     policy = load_policy(spec)
     probe = getattr(policy, "probe", None)
@@ -205,7 +208,7 @@ def cmd_reason_run(args: argparse.Namespace) -> int:
     if args.budget is not None:
         config = type(config)(**{**config.__dict__, "max_new_tokens": args.budget})
     model, tok = _load(args)
-    items = [args.question] if args.question else _problems(args)
+    items = [args.question] if args.question is not None else _problems(args)
     for i, res in iter_reason(model, tok, items, policy=policy, config=config, batch_size=args.batch_size):
         item = items[i]
         row = {"method": method, "policy": spec, **({"uid": item.uid, "gold": item.answer} if hasattr(item, "uid")
@@ -246,6 +249,8 @@ def cmd_reason_fit(args: argparse.Namespace) -> int:
     common.require_min(args, epochs=1)
     common.check_out(Path(args.out), args.overwrite, "probe folder", {"DATA": args.data})
     data = load_dataset(args.data)
+    manifest = read_json(Path(args.data) / MANIFEST, "event dataset manifest",
+                         "build the dataset again (offramp reason build)", {"config": dict, "model": str})
     n_fit = int(round(len(data.uids) * args.fit_fraction))
     if n_fit < 1 or n_fit >= len(data.uids):
         raise ValueError(f"{len(data.uids)} problems cannot be split {args.fit_fraction:.2f} / rest: label more")
@@ -253,8 +258,6 @@ def cmd_reason_fit(args: argparse.Namespace) -> int:
     probe = LynxProbe(epochs=args.epochs, seed=args.seed).fit(fit.features, fit.labels)
     probe = probe.calibrate(cal.features, cal.labels, delta=args.delta, per=args.per, groups=cal.groups,
                             risk=args.risk, chain_right=cal.chain_right)
-    manifest = read_json(Path(args.data) / MANIFEST, "event dataset manifest",
-                         "build the dataset again (offramp reason build)")
     probe.save(args.out, extra={"reason_config": manifest["config"], "model": manifest["model"]})
     q = probe.conformal_.quantiles_
     print(json.dumps({"out": args.out, "delta": args.delta, "events_fit": int(fit.labels.size),

@@ -198,7 +198,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     common.require_min(args, repeats=1)
     if args.json:
-        common.check_out(Path(args.json), True, "--json file")
+        common.check_out(Path(args.json), True, "--json file", file=True)
     model, data, settings = common.model_and_data(args)
     policy = common.make_policy_arg(args.policy, args.value, model.config.policy)
     split = data.split(args.split)

@@ -233,15 +233,13 @@ def _resumed(args: argparse.Namespace, out: Path, given_data: dict[str, Any]) ->
 def _trains_further(ckpt: Path, opts: dict[str, Any]) -> bool:
     """Whether resuming the run in ``ckpt`` with ``opts`` trains any epoch: it has epochs left and
     has not stopped on validation."""
-    from offramp.training.loop import STATE_NAME, stalled
-    from offramp.utils import load_torch_state
+    from offramp.training.loop import STATE_NAME, load_training_state, stalled
 
     if not (ckpt / STATE_NAME).is_file():
         return True
-    state = load_torch_state(ckpt / STATE_NAME, "training state", "start a new run without --resume")
-    history = state.get("history", [])
-    stopped = bool(opts.get("patience")) and stalled(history, opts["patience"])
-    return opts["epochs"] > int(state["epoch"]) + 1 and not stopped
+    state = load_training_state(ckpt)
+    stopped = bool(opts.get("patience")) and stalled(state["history"], opts["patience"])
+    return opts["epochs"] > state["epoch"] + 1 and not stopped
 
 
 def _retire_stale_rule(model: Any, args: argparse.Namespace) -> None:
@@ -295,7 +293,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings["max_length"] = common.fit_max_length(model, settings["max_length"], given="max_length" in given_data)
     model.config.extra["train"] = dict(opts)  # what --resume continues with
     select = _selection_rules(args, model, data)  # refused before any training
-    if opts["full"] and args.state_cache is not None:
+    if opts["full"] and args.state_cache not in (None, "off"):  # off: no cache, which --full needs anyway
         raise ValueError("--state-cache keeps a frozen backbone's states; with --full the backbone is trained "
                          "and its states change every step: drop one of them")
     tok = common.tokenizer_of(model)

@@ -111,7 +111,7 @@ class ExitTrace:
             raise ValueError(f"{directory} is not a complete exit trace ({TRACE_META} and {TRACE_TENSORS} "
                              "are written together at the end of `offramp collect`); collect it again")
         fix = "collect it again (offramp collect)"
-        meta = read_json(meta_path, "trace metadata", fix)
+        meta = read_json(meta_path, "trace metadata", fix, {"meta": dict, "layer_flops": list, "exit_layers": list})
         if meta.get("kind") == "tokens":
             raise ValueError(f"{directory} is a token trace (generation), not a classification trace: load it with "
                              "offramp.evaluation.token_trace.TokenTrace.load (offramp sweep / calibrate take both)")

@@ -102,7 +102,7 @@ class TokenTrace:
     def load(cls, directory: str | os.PathLike) -> "TokenTrace":
         directory = readable_dir(directory)
         fix = "collect it again (offramp collect --model ... --exits ...)"
-        meta = read_json(directory / TRACE_META, "trace metadata", fix)
+        meta = read_json(directory / TRACE_META, "trace metadata", fix, {"meta": dict, "exit_layers": list})
         if meta.get("kind") != KIND:
             raise ValueError(f"{directory} is a classification trace, not a token trace; load it with ExitTrace.load")
         if not meta.get("complete"):

@@ -54,17 +54,29 @@ def make_policy(spec: str | dict[str, Any] | ExitPolicy | None, **params: Any) -
         params = {**{k: v for k, v in spec.items() if k != "type"}, **params}
         spec = spec.get("type")
     spec = "probe" if spec == "lynx" else spec
-    if spec in ARTEFACT_POLICIES:
-        return ARTEFACT_POLICIES[spec](**params)
-    if spec not in POLICIES:
+    cls = ARTEFACT_POLICIES.get(spec) or POLICIES.get(spec)  # type: ignore[arg-type]
+    if cls is None:
         known = sorted(POLICIES) + sorted(ARTEFACT_POLICIES)
         close = difflib.get_close_matches(str(spec), known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(f"unknown policy {spec!r}; {hint}known policies: {known}")
+    fields = policy_fields(cls)
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in the "
+                         f"{spec!r} policy; it takes {', '.join(['type', *fields])}")
     try:
-        return POLICIES[spec](**params)
+        return cls(**params)
     except TypeError as e:
-        raise ValueError(f"bad parameters for policy {spec!r}: {e}") from e
+        raise ValueError(f"bad parameters for policy {spec!r}: {e}") from None
+
+
+def policy_fields(cls: type[ExitPolicy]) -> list[str]:
+    """The settings a policy type takes (its constructor's keyword arguments)."""
+    import inspect
+
+    return [n for n, p in inspect.signature(cls).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def named_or_stored(spec: str | dict[str, Any] | ExitPolicy | None, stored: dict[str, Any] | None) -> ExitPolicy:

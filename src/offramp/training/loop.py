@@ -242,8 +242,20 @@ def _resume(model: "EarlyExitModel", args: TrainingArgs, ckpt: Path) -> dict[str
     model.load_heads(ckpt)
     if not args.frozen_backbone:  # fine-tuned weights live in the checkpoint's backbone/
         model.backbone.load_state_dict(EarlyExitModel.from_pretrained(ckpt).backbone.state_dict())
-    return load_torch_state(ckpt / STATE_NAME, "training state",
-                            "start the run again without --resume, into a new --out")
+    return load_training_state(ckpt)
+
+
+def load_training_state(ckpt: Path) -> dict[str, Any]:
+    """The training state saved in ``ckpt`` (epoch, history, optimizer, ...), its epoch and history
+    checked (a damaged or edited one is a ValueError, not extra or missing epochs)."""
+    fix = "start the run again without --resume, into a new --out"
+    state = load_torch_state(Path(ckpt) / STATE_NAME, "training state", fix)
+    epoch, history = (state.get("epoch"), state.get("history")) if isinstance(state, dict) else (None, None)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0 or not isinstance(history, list) or \
+            len(history) != epoch + 1 or not all(isinstance(h, dict) and "epoch" in h for h in history):
+        raise ValueError(f"{Path(ckpt) / STATE_NAME}: its epoch ({epoch!r:.40}) and history (a list of one record per "
+                         f"epoch, got {type(history).__name__}) do not agree: the training state is damaged; {fix}")
+    return state
 
 
 def _train_epoch(pmodel: Any, accelerator: Accelerator, optimizer: Any, scheduler: Any,
