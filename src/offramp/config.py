@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -209,6 +208,16 @@ def check_jei_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"objective.phase must be one of {PHASES}, got {out['phase']!r}")
     return out
 
+def _refuse_unknown_keys(data: dict[str, Any], cls: type) -> None:
+    """A key the config class does not have is an error naming the known ones (a key ignored in
+    silence would be a setting that does nothing)."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {unknown} in a {cls.kind!r} config; it takes "
+                         f"{known} (a config written by a newer offramp needs that release)")
+
+
 @dataclass
 class OfframpConfig:
     """Configuration of an early-exit model.
@@ -363,11 +372,8 @@ class OfframpConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "OfframpConfig":
         data = config_fields(data, cls.kind)
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            warnings.warn(f"ignoring unknown offramp config keys {sorted(unknown)}", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        _refuse_unknown_keys(data, cls)
+        return cls(**data)
 
     def save(self, directory: str | os.PathLike) -> None:
         atomic_write_json(Path(directory) / CONFIG_NAME, self.to_dict())
@@ -463,8 +469,5 @@ class DecoderExitConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "DecoderExitConfig":
         data = config_fields(data, cls.kind)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(f"ignoring unknown offramp config keys: {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        _refuse_unknown_keys(data, cls)
+        return cls(**data)

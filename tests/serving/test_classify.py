@@ -173,6 +173,9 @@ def test_serve_refuses_bad_options_before_starting(tmp_path, server):
         _serve_cmd([str(run), "--policies", '{"x": {"type": "nope"}}'])
     with pytest.raises(ValueError, match="not an offramp checkpoint"):
         _serve_cmd([str(tmp_path)])
+    port = int(server[0].rsplit(":", 1)[1])  # the running server's port: in use
+    with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use"):
+        _serve_cmd([str(run), "--port", str(port)])
 
 
 def test_health_states_the_calibrated_bound(server, tmp_path):

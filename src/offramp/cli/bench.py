@@ -48,6 +48,7 @@ def bench_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def bench_main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    from offramp.cli.common import parse_ints
     from offramp.evaluation.bench import run
     from offramp.utils import check_out
 
@@ -55,7 +56,8 @@ def bench_main(argv: list[str] | None = None, prog: str | None = None) -> dict[s
     a = p.parse_args(argv)
     if a.json_path:
         check_out(Path(a.json_path), True, "--json file", file=True)
-    out = run("mpnet" if a.mpnet else a.model, batch_sizes=tuple(int(x) for x in a.batch_sizes.split(",")),
+    sizes = tuple(parse_ints(a.batch_sizes, "--batch-sizes", "comma-separated batch sizes like 1,32"))
+    out = run("mpnet" if a.mpnet else a.model, batch_sizes=sizes,
               num_rows=a.rows, seq_len=a.seq_len, repeats=a.repeats, threads=a.threads, clock=a.clock,
               json_path=a.json_path, default_allocator=a.default_allocator)
     print(json.dumps(out, indent=2))

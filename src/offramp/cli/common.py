@@ -188,11 +188,18 @@ def parse_exits(text: str) -> list[int] | None:
     """'all' -> None; '2,4,6' -> [2, 4, 6]."""
     if text.strip().lower() == "all":
         return None
+    return parse_ints(text, "--exit-layers", "'all' or comma-separated layer numbers like 2,4,6")
+
+
+def parse_ints(text: str, option: str, expected: str) -> list[int]:
+    """'2,4,-1' -> [2, 4, -1]; anything else a ValueError naming ``option`` and what it takes."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--exit-layers must be 'all' or comma-separated layer numbers like 2,4,6; "
-                         f"got {text!r}") from None
+        values = []
+    if not values:
+        raise ValueError(f"{option} must be {expected}; got {text!r}")
+    return values
 
 
 # --------------------------------------------------------------------------------------- policies

@@ -129,7 +129,8 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     cues = base.get("cues", {})
     words = args.cue_words if args.cue_words is not None else ",".join(cues.get("words", DEFAULT_WORDS.split(",")))
     steps = (not args.no_steps) and cues.get("step_boundaries", True)
-    layers = (tuple(int(x) for x in args.layers.split(",")) if args.layers
+    layers = (tuple(common.parse_ints(args.layers, "--layers", "comma-separated hidden_states indices like 1,-1"))
+              if args.layers
               else tuple(base.get("feature_layers", (-1,))))
     return ReasonConfig(cues=CueConfig(words=tuple(w.strip() for w in words.split(",") if w.strip()),
                                        step_boundaries=steps),

@@ -70,9 +70,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 make_policy(spec)
             except ValueError as e:
                 raise ValueError(f"--policies {name!r}: {e}") from None
-    from offramp.serving.app import check_checkpoints
+    from offramp.serving.app import check_checkpoints, check_port_free, local_ray_on_loopback
 
     served = check_checkpoints(args.checkpoint)
+    check_port_free(args.host, args.port)
+    if args.address is None:
+        local_ray_on_loopback()  # before ray is imported
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
@@ -84,8 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_texts=args.max_texts, threads=args.replica_threads, policies=policies,
                         max_new_tokens=args.max_new_tokens, model=args.model, dtype=args.dtype)
     where = ", ".join(f"{c} at {ROUTES[k]}" for k, c in served.items())
-    common.log(f"serving {where} on http://{args.host}:{args.port} ({args.replicas} replica(s)); "
-               "Ctrl-C stops it (requests in flight finish first)")
-    serve_checkpoint(args.checkpoint, opts, host=args.host, port=args.port, address=args.address)
+    common.log(f"starting Ray Serve for {where} on http://{args.host}:{args.port} ({args.replicas} replica(s))")
+    serve_checkpoint(args.checkpoint, opts, host=args.host, port=args.port, address=args.address,
+                     ready=lambda url: common.log(f"serving at {url}: it answers now; Ctrl-C stops it (requests in "
+                                                  "flight finish first)"))
     print(json.dumps({"stopped": True}), file=sys.stdout)
     return 0

@@ -288,12 +288,15 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
 
 
 def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None = None, *, host: str = "127.0.0.1",
-                     port: int = 8000, address: str | None = None, blocking: bool = True) -> str:
+                     port: int = 8000, address: str | None = None, blocking: bool = True,
+                     ready: Any = None) -> str:
     """Start Ray (a local one, or join ``address``), Serve on ``host:port`` and the application of
     ``checkpoint`` (or several, one per kind); returns the base URL. ``blocking`` waits until
-    interrupted (Ctrl-C or SIGTERM), then shuts down, draining the requests in flight."""
+    interrupted (Ctrl-C or SIGTERM), then shuts down, draining the requests in flight. ``ready(url)``
+    is called once the application answers requests."""
     import os
 
+    check_port_free(host, port)
     if address is None:
         local_ray_on_loopback()
     import ray
@@ -313,6 +316,8 @@ def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None =
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(checkpoint, options), name="offramp", route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
+    if ready is not None:
+        ready(url)
     if blocking:
         import signal
         import time
@@ -329,6 +334,25 @@ def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None =
         finally:
             _drain_and_stop()
     return url
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A ValueError naming ``host:port`` and the fix when another process listens there, before Ray
+    starts (Ray's own failure is a long traceback after its start)."""
+    import errno
+    import socket
+
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is in use (another server, or an earlier offramp serve "
+                                 "still running): choose another --port, or stop that process") from None
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): check --host and --port") from None
 
 
 def local_ray_on_loopback() -> None:
