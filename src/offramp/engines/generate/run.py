@@ -277,6 +277,112 @@ class DecodeRun:
         return logits, exit_at
 
 
+    # ---- continuous batching: rows join and leave between steps ------------------------------
+    def _column_tensors(self) -> list[tuple[str, int]]:
+        """(attribute, column dim) of every per-row tensor indexed by column."""
+        return [("valid", 1), ("pos", 1)] + ([("pending_hidden", 1)] if self.strategy == "catch_up" else [])
+
+    def _stores(self) -> list[Any]:
+        return [s for s in (getattr(self, "ssm", None), self.head_states) if s is not None]
+
+    def pad_columns(self, left: int, right: int) -> None:
+        """Add ``left`` padding columns before the row data (nothing there: masked out) and
+        ``right`` columns after (room for more tokens, positions continuing each row's)."""
+        if left == right == 0:
+            return
+        b = self.batch_size
+        for name, dim in self._column_tensors():
+            t = getattr(self, name)
+            shape = list(t.shape)
+            shape[dim] = left
+            before = torch.zeros(shape, dtype=t.dtype, device=t.device)
+            shape[dim] = right
+            if name == "pos":
+                after = t[:, -1:] + torch.arange(1, right + 1, device=t.device)[None]
+            elif name == "valid":
+                after = torch.ones(shape, dtype=t.dtype, device=t.device)
+            else:
+                after = torch.zeros(shape, dtype=t.dtype, device=t.device)
+            setattr(self, name, torch.cat([before, t, after], dim=dim))
+        if self.adapter.kind == "attention":
+            for bufs in (self.kv.keys, self.kv.values):
+                for i, t in enumerate(bufs):
+                    heads, hd = t.shape[1], t.shape[3]
+                    bufs[i] = torch.cat([t.new_zeros(b, heads, left, hd), t, t.new_zeros(b, heads, right, hd)], dim=2)
+            self.kv.max_len += left + right
+        if self.strategy == "catch_up":
+            self.filled = [f + left for f in self.filled]
+        self.max_len += left + right
+        self.prompt_len += left
+        self.has_pad = self.has_pad or left > 0
+
+    def merge(self, other: DecodeRun, col: int, other_col: int) -> int:
+        """Take the rows of ``other`` (a run of the same model and settings, prefilled) into this
+        run: this run's next token goes to column ``col``, ``other``'s to ``other_col``; both are
+        padded to one column (left) and one length (right). Returns the merged next column."""
+        target = max(col, other_col)
+        self.pad_columns(target - col, 0)
+        other.pad_columns(target - other_col, 0)
+        length = max(self.max_len, other.max_len)
+        self.pad_columns(0, length - self.max_len)
+        other.pad_columns(0, length - other.max_len)
+        for name, _ in self._column_tensors():
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        if self.adapter.kind == "attention":
+            for mine, theirs in ((self.kv.keys, other.kv.keys), (self.kv.values, other.kv.values)):
+                for i in range(len(mine)):
+                    mine[i] = torch.cat([mine[i], theirs[i].to(mine[i].device)])
+            self.kv.batch += other.batch_size
+        for mine, theirs in zip(self._stores(), other._stores()):
+            for name in ("conv", "ssm"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                setattr(mine, name, [y if x is None else x if y is None else torch.cat([x, y.to(x.device)])
+                                     for x, y in zip(a, b)])
+        if self.strategy == "catch_up":
+            self.filled = [torch.cat([a, b]) for a, b in zip(self.filled, other.filled)]
+        self.batch_size += other.batch_size
+        self.has_pad = self.has_pad or other.has_pad
+        for name in ("layer_rows", "fill_rows", "head_rows"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return target
+
+    def keep_rows(self, rows: Tensor, col: int) -> int:
+        """Keep only ``rows`` (their order), then drop the leading columns no kept row uses; returns
+        the next column after that cut."""
+        for name, _ in self._column_tensors():
+            setattr(self, name, getattr(self, name).index_select(0, rows.to(getattr(self, name).device)))
+        if self.adapter.kind == "attention":
+            for bufs in (self.kv.keys, self.kv.values):
+                for i, t in enumerate(bufs):
+                    bufs[i] = t.index_select(0, rows.to(t.device))
+            self.kv.batch = rows.numel()
+        for store in self._stores():
+            for name in ("conv", "ssm"):
+                setattr(store, name, [None if t is None else t.index_select(0, rows.to(t.device))
+                                      for t in getattr(store, name)])
+        if self.strategy == "catch_up":
+            self.filled = [f.index_select(0, rows.to(f.device)) for f in self.filled]
+        self.batch_size = rows.numel()
+        if not self.batch_size:
+            return col
+        used = self.valid[:, :col].any(0).nonzero()
+        cut = int(used[0, 0]) if used.numel() else col
+        if cut:
+            for name, dim in self._column_tensors():
+                setattr(self, name, getattr(self, name).narrow(dim, cut, getattr(self, name).shape[dim] - cut))
+            if self.adapter.kind == "attention":
+                for bufs in (self.kv.keys, self.kv.values):
+                    for i, t in enumerate(bufs):
+                        bufs[i] = t[:, :, cut:].contiguous()
+                self.kv.max_len -= cut
+            if self.strategy == "catch_up":
+                self.filled = [f - cut for f in self.filled]
+            self.max_len -= cut
+            self.prompt_len = max(self.prompt_len - cut, 0)
+        self.has_pad = bool((~self.valid[:, :col - cut]).any())
+        return col - cut
+
+
 def check_inputs(adapter: DecoderAdapter, ids: Tensor, attn: Tensor, max_new: int, strategy: str) -> None:
     if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(ids.shape)}")
