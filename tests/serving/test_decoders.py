@@ -231,6 +231,109 @@ def test_poisoned_prompts_fail_alone_and_every_good_neighbour_is_answered(server
         assert got == status and message in out["error"], (route, out)
 
 
+# ------------------------------------------------------------------ the OpenAI API, with its own client
+def _client(url):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_completions_equal_offline_generate(server):
+    url, root, (probe, _, _) = server
+    client = _client(url)
+    assert {m.id for m in client.models.list().data} == {str(root / "exits"), str(probe)}
+    for prompt in PROMPTS:
+        tokens, layers = _offline_generate(root, prompt, {"type": "max_prob", "threshold": 0.0}, 12)
+        out = client.completions.create(model=str(root / "exits"), prompt=prompt, max_tokens=12,
+                                        extra_body={"offramp": {"policy": "eager"}})
+        from offramp.modeling.causal_lm import load_exits_and_lm
+
+        _, tok = load_exits_and_lm(str(root / "exits"))
+        assert out.choices[0].text == tok.decode(tokens, skip_special_tokens=True)
+        assert out.usage.completion_tokens == len(tokens)
+        assert out.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+        assert out.choices[0].finish_reason == ("length" if len(tokens) == 12 else "stop")
+        extra = out.choices[0].model_extra["offramp"]
+        assert extra["exit_layers"] == layers and extra["policy"] == "max_prob"
+        decoded = layers[1:]  # the first token comes from the prompt's pass through every layer
+        assert extra["layers_saved"] == pytest.approx(1 - sum(decoded) / (4 * len(decoded)) if decoded else 0, abs=1e-4)
+        streamed = client.completions.create(model=str(root / "exits"), prompt=prompt, max_tokens=12, stream=True,
+                                             stream_options={"include_usage": True},
+                                             extra_body={"offramp": {"policy": "eager"}})
+        chunks = list(streamed)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+        assert chunks[-1].usage.completion_tokens == len(tokens)
+
+
+def test_openai_chat_and_errors_in_openai_shape(server):
+    url, root, (probe, _, rtok) = server
+    client = _client(url)
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=str(root / "exits"), messages=[{"role": "user", "content": "w5"}])
+    assert "no chat template" in e.value.body["message"] and e.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4o", prompt="w5")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=str(root / "exits"), prompt="w5", n=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=str(root / "exits"), prompt=" ".join(["w5"] * 120), max_tokens=20)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=str(root / "exits"), prompt="w5", presence_penalty=0.5)
+    assert e.value.body["param"] == "presence_penalty"
+    # the reasoning model: a chat request stops its chain where `offramp reason run` stops it
+    from offramp.calibration.lynx import probe_policy
+    from offramp.engines.reason import ReasonConfig, reason
+
+    for question in QUESTIONS:
+        out = client.chat.completions.create(model=str(probe), messages=[{"role": "user", "content": question}],
+                                             max_tokens=20)
+        offline = reason(server[2][1], rtok, question, policy=probe_policy(probe),
+                         config=ReasonConfig.from_dict({**probe_policy(probe).probe.extra_["reason_config"],
+                                                        "max_new_tokens": 20}))
+        extra = out.choices[0].model_extra["offramp"]
+        assert (out.choices[0].message.content, extra["stop"], extra["exit_event"]) == \
+            (offline.answer or "", offline.stop, offline.exit_event)
+        assert out.usage.completion_tokens == offline.tokens
+
+
+def test_a_request_joining_mid_generation_gets_the_tokens_it_gets_alone(server):
+    url, root, _ = server
+    client = _client(url)
+    prompts = [f"w{i} w{i + 1}" for i in range(4, 60)]
+    lengths = {p: len(_offline_generate(root, p, "never", 40)[0]) for p in prompts}
+    long = max(lengths, key=lengths.get)
+    shorts = [p for p in prompts if p != long][:6]
+    got: dict[str, list[str]] = {}
+    first = threading.Event()
+
+    def streamer() -> None:
+        pieces = []
+        for c in client.completions.create(model=str(root / "exits"), prompt=long, max_tokens=40, stream=True,
+                                           extra_body={"offramp": {"policy": "never"}}):
+            pieces.append(c.choices[0].text if c.choices else "")
+            first.set()
+        got[long] = ["".join(pieces)]
+
+    def joiner(p: str) -> None:
+        first.wait(60)
+        got[p] = [client.completions.create(model=str(root / "exits"), prompt=p, max_tokens=40,
+                                            extra_body={"offramp": {"policy": "never"}}).choices[0].text]
+
+    workers = [threading.Thread(target=streamer)] + [threading.Thread(target=joiner, args=(p,)) for p in shorts]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    from offramp.modeling.causal_lm import load_exits_and_lm
+
+    _, tok = load_exits_and_lm(str(root / "exits"))
+    for p in [long, *shorts]:
+        assert got[p] == [tok.decode(_offline_generate(root, p, "never", 40)[0], skip_special_tokens=True)], p
+
+
 def test_shutdown_drains_a_request_in_flight(server):
     """Last in this module: it stops the server. A streamed generation that has begun when
     shutdown starts still ends with every token."""

@@ -68,42 +68,83 @@ def test_generate_checks_the_prompt_length_with_max_new_tokens(generator):
 
 
 def test_a_prompt_that_fails_inside_a_batch_fails_alone_and_streams_the_others_once(generator):
+    """A prompt the checks let through but the tokenizer cannot encode fails by itself."""
     prompts = ["w5 w6 w7", "w9", "w12 w13"]
     alone = generator.run([Item(p) for p in prompts])
     items = [Item(prompts[0]), Item("w5 \ud800"), Item(prompts[1]), Item(prompts[2])]
-    lines: dict[int, list[dict]] = {}
-    generator.stream(items, lambda updates: [lines.setdefault(i, []).extend(u) for i, u in updates.items()])
-    assert lines[1] == [{"index": 1, "done": True, **lines[1][0]}] and lines[1][0]["status"] == 500
-    for i, expected in zip((0, 2, 3), alone):
-        tokens = [line["token"] for line in lines[i] if "token" in line]
-        assert tokens == expected["tokens"]  # each token streamed once, though the batch ran again
-        assert "".join(line["text"] for line in lines[i] if "token" in line) == expected["text"]
-        assert lines[i][-1]["done"] and lines[i][-1]["tokens"] == expected["tokens"]
+    with pytest.raises(TypeError):  # submit tokenizes: the item fails before it joins any batch
+        generator.submit(items[1], lambda event: None)
+    mixed = generator.run([items[0], items[2], items[3]])
+    assert [m["tokens"] for m in mixed] == [a["tokens"] for a in alone]
+
+
+def _candidates(generator, n: int = 6) -> list[str]:
+    """Prompts whose generations run the full ``n`` tokens (most end early at EOS)."""
+    candidates = [f"w{i} w{i + 1}" for i in range(4, 60)]
+    return [p for p, r in zip(candidates, generator.run([Item(p) for p in candidates])) if len(r["tokens"]) == n]
 
 
 def test_a_batch_that_fails_midway_is_run_again_without_streaming_a_token_twice(generator, monkeypatch):
-    """The batch fails after some tokens were streamed; run again alone, each prompt streams only
-    the tokens it had not yet sent."""
-    from offramp.serving import service
+    """A step of the running batch fails after some tokens were streamed; each prompt of it is
+    decoded again alone, streaming only the tokens it had not yet sent."""
+    from offramp.serving import scheduler
 
-    candidates = [f"w{i} w{i + 1}" for i in range(4, 60)]
-    full = [p for p, r in zip(candidates, generator.run([Item(p) for p in candidates])) if len(r["tokens"]) == 6]
-    prompts = full[:2]  # generations that run past the failure at step 3 (most end early at EOS)
+    prompts = _candidates(generator)[:2]
     assert len(prompts) == 2
     alone = generator.run([Item(p) for p in prompts])
-    real, calls = service.stream_generate, []
+    real, calls = scheduler.ContinuousBatch.step, []
 
-    def flaky(*args, **kwargs):
+    def flaky(self):
         calls.append(1)
-        for n, step in enumerate(real(*args, **kwargs)):
-            if len(calls) == 1 and n == 3:
-                raise RuntimeError("a kernel failed")
-            yield step
+        if len(calls) == 3:
+            raise RuntimeError("a kernel failed")
+        return real(self)
 
-    monkeypatch.setattr(service, "stream_generate", flaky)
+    monkeypatch.setattr(scheduler.ContinuousBatch, "step", flaky)
     lines: dict[int, list[dict]] = {}
     generator.stream([Item(p) for p in prompts], lambda u: [lines.setdefault(i, []).extend(v) for i, v in u.items()])
-    assert len(calls) == 3  # the batch, then each prompt alone
+    assert len(calls) == 3  # then each prompt ran alone, outside the batch
     for i, expected in enumerate(alone):
         assert [line["token"] for line in lines[i] if "token" in line] == expected["tokens"]
-        assert lines[i][-1]["tokens"] == expected["tokens"]
+        assert "".join(line["text"] for line in lines[i] if "token" in line) == expected["text"]
+        assert lines[i][-1]["tokens"] == expected["tokens"] and lines[i][-1]["finish_reason"] == "length"
+
+
+def test_prompts_that_join_a_running_batch_get_the_tokens_they_get_alone(generator):
+    """Requests arriving while others decode join the running batch and leave it when they end."""
+    import threading
+
+    prompts = _candidates(generator, 6)[:4] + ["w9", "w12 w13"]
+    alone = {p: r["tokens"] for p, r in zip(prompts, generator.run([Item(p) for p in prompts]))}
+    got: dict[str, list[int]] = {}
+    started = threading.Event()
+    steps_before = generator.scheduler.steps
+
+    def client(k: int) -> None:
+        if k:
+            started.wait()
+        out = generator.run([Item(prompts[k], max_new_tokens=6)])[0]
+        got[prompts[k]] = out["tokens"]
+        started.set()
+
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(len(prompts))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert got == alone
+    assert generator.scheduler.stats()["mean_rows_per_step"] > 1  # rows shared steps
+    assert generator.scheduler.steps > steps_before
+
+
+def test_stop_strings_end_the_text_before_them(generator):
+    prompt = _candidates(generator)[0]
+    full = generator.run([Item(prompt)])[0]
+    words = full["text"].split()
+    assert len(words) >= 3
+    stop = " " + words[2]
+    out = generator.run([Item(prompt, stop=(stop,))])[0]
+    assert out["text"] == full["text"][:full["text"].index(stop)] and out["finish_reason"] == "stop"
+    lines: list[dict] = []
+    generator.stream([Item(prompt, stop=(stop,))], lambda u: lines.extend(u[0]))
+    assert "".join(line["text"] for line in lines if "token" in line) == out["text"]

@@ -35,12 +35,18 @@ drains in-flight requests on shutdown (``graceful_shutdown_timeout_s``). Replica
 """
 
 import asyncio  # (no postponed annotations: FastAPI reads the handlers' parameter types)
+import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from offramp.engines.generate import SamplingOptions
+from offramp.engines.reason import prompt_ids
+from offramp.serving import openai_api
 from offramp.serving.service import (
     ClassifyService,
     GenerateService,
+    Item,
     ReasonService,
     RequestError,
     checkpoint_service_kind,
@@ -93,7 +99,8 @@ def _service(checkpoint: str, opts: ServeOptions):
         return ClassifyService(checkpoint, max_texts=opts.max_texts, policies=opts.policies)
     if kind == "token_exits":
         return GenerateService(checkpoint, backbone=opts.model, max_prompts=opts.max_texts,
-                               max_new_tokens=opts.max_new_tokens or 64, policies=opts.policies)
+                               max_new_tokens=opts.max_new_tokens or 64, policies=opts.policies,
+                               max_rows=opts.max_batch_size)
     return ReasonService(checkpoint, model=opts.model, dtype=opts.dtype, max_questions=opts.max_texts,
                          max_new_tokens=opts.max_new_tokens, policies=opts.policies)
 
@@ -116,57 +123,90 @@ def check_checkpoints(checkpoints: list[str]) -> dict[str, str]:
 
 
 async def _ndjson(streams: list):
-    """One JSON line per line of ``streams`` (async iterators of lists of dicts, one per item of a
-    request) as they come, the items' lines interleaved, each line's ``index`` the item's place
-    in the request; a failure ends the answer with an ``{"error": ...}`` line."""
-    import json
-
+    """One JSON line per event of ``streams`` (async iterators of event dicts, one per item of a
+    request) as they come, the items' events interleaved, each line's ``index`` the item's place in
+    the request; a failure ends that item with an ``{"error": ...}`` line."""
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, s) -> None:
         try:
-            async for lines in s:
-                for line in lines:
-                    await merged.put({**line, "index": index})  # the service numbers items in its batch
-                if lines and lines[-1].get("done"):
-                    break
+            async for event in s:
+                await merged.put({**event, "index": index})
         except Exception as e:  # the worker failed: say so in the stream, which the client reads to its end
-            await merged.put({"error": f"generation failed: {type(e).__name__}: {e}"})
+            await merged.put({"index": index, "done": True, "error": f"generation failed: {type(e).__name__}: {e}"})
         finally:
             await merged.put(None)
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     left = len(tasks)
-    while left:
-        line = await merged.get()
-        if line is None:
-            left -= 1
-        else:
-            yield json.dumps(line) + "\n"
-    await asyncio.gather(*tasks)
+    try:
+        while left:
+            line = await merged.get()
+            if line is None:
+                left -= 1
+            else:
+                yield json.dumps(line) + "\n"
+    finally:
+        for t in tasks:
+            t.cancel()  # a client that went away: its rows stop decoding
 
 
-async def _stream_batch(pool: Any, service: Any, items: list):
-    """The streamed generation of a batch: the decoder runs in the worker thread and hands over each
-    step's lines; every yield gives each item of the batch its lines of that step ([] when it got
-    no token), and StopIteration once its generation is done."""
+async def _row_lines(service: Any, item: Any):
+    async for event in _row_events(service, item):
+        yield event
+
+
+async def _openai_stream(service: Any, item: Any, req: Any, prompt_tokens: int, num_layers: int):
+    """Server-sent events of one completion in OpenAI's chunk format, then ``data: [DONE]``."""
+    first = True
+    async for event in _row_events(service, item):
+        if event.get("done"):
+            if "error" in event:
+                yield openai_api.sse(openai_api.error_body(event["status"], event["error"]))
+                break
+            extra = openai_api._extension(event, num_layers)
+            yield openai_api.sse(openai_api.chunk(req, finish=event["finish_reason"], first=first, extra=extra))
+            if req.include_usage:
+                yield openai_api.sse(openai_api.usage_chunk(req, prompt_tokens, len(event["tokens"])))
+        elif event["text"] or first:
+            yield openai_api.sse(openai_api.chunk(req, text=event["text"], first=first))
+            first = False
+    yield openai_api.sse("[DONE]")
+
+
+def _open_rows(service: Any, items: list) -> tuple[list[asyncio.Queue], list[Any]]:
+    """Start decoding ``items`` in the service's running batch; one queue of events per item (filled
+    from the decoding thread) and the keys that ``cancel`` takes."""
     loop = asyncio.get_running_loop()
-    steps: asyncio.Queue = asyncio.Queue()
+    queues: list[asyncio.Queue] = []
+    keys = []
+    for item in items:
+        q: asyncio.Queue = asyncio.Queue()
+        keys.append(service.submit(item, lambda event, q=q: loop.call_soon_threadsafe(q.put_nowait, event)))
+        queues.append(q)
+    return queues, keys
 
-    def work() -> None:
-        try:
-            service.stream(items, lambda u: loop.call_soon_threadsafe(steps.put_nowait, u))
-        finally:
-            loop.call_soon_threadsafe(steps.put_nowait, None)
 
-    task = loop.run_in_executor(pool, work)
-    done = [False] * len(items)
-    while (updates := await steps.get()) is not None:
-        out: list[Any] = [StopIteration if done[i] else updates.get(i, []) for i in range(len(items))]
-        for i, lines in updates.items():
-            done[i] = done[i] or bool(lines and lines[-1].get("done"))
-        yield out
-    await task  # the worker's error, if any, reaches every request of the batch
+async def _row_events(service: Any, item: Any):
+    """The events of one item as they come (its last has ``done``); a client that goes away (the
+    generator closed early) stops its decoding."""
+    (q,), (key,) = _open_rows(service, [item])
+    done = False
+    try:
+        while not done:
+            event = await q.get()
+            done = bool(event.get("done"))
+            yield event
+    finally:
+        if not done:
+            service.cancel(key)
+
+
+async def _final(service: Any, item: Any) -> dict[str, Any]:
+    async for event in _row_events(service, item):
+        if event.get("done"):
+            return {k: v for k, v in event.items() if k != "done"}
+    raise RuntimeError("a generation ended without its result")
 
 
 async def _checked_items(services: dict[str, Any], kind: str, request: Any) -> Any:
@@ -223,6 +263,9 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
             torch.set_num_threads(opts.threads)
             _replica_grpc_on_loopback()
             self.services = {kind: _service(c, opts) for kind, c in served.items()}
+            self.ids = dict(served)  # the model ids of the OpenAI routes: each checkpoint as given
+            self.created = int(time.time())
+            self.models = [self.ids[k] for k in ("token_exits", "probe") if k in self.ids]
             self.pool = ThreadPoolExecutor(max_workers=1)  # one batch at a time on this replica's cores
 
         async def _run(self, kind: str, items: list) -> list[dict[str, Any]]:
@@ -234,26 +277,22 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
             return await self._run("classifier", items)
 
         @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
-        async def _generate(self, items: list) -> list[dict[str, Any]]:
-            return await self._run("token_exits", items)
-
-        @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
         async def _reason(self, items: list) -> list[dict[str, Any]]:
             return await self._run("probe", items)
 
-        @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
-        async def _generate_stream(self, items: list):
-            async for out in _stream_batch(self.pool, self.services["token_exits"], items):
-                yield out
-
-        async def _handle(self, kind: str, request: Request, batch, stream=None):
+        async def _handle(self, kind: str, request: Request, batch):
             checked = await _checked_items(self.services, kind, request)
             if isinstance(checked, JSONResponse):
                 return checked
             body, items = checked
-            if stream is not None and body.get("stream"):
-                return StreamingResponse(_ndjson([stream(it) for it in items]), media_type="application/x-ndjson")
-            results = list(await asyncio.gather(*(batch(it) for it in items)))
+            if kind == "token_exits":  # the running batch: each prompt joins at the next step
+                service = self.services[kind]
+                if body.get("stream"):
+                    return StreamingResponse(_ndjson([_row_lines(service, it) for it in items]),
+                                             media_type="application/x-ndjson")
+                results = list(await asyncio.gather(*(_final(service, it) for it in items)))
+            else:
+                results = list(await asyncio.gather(*(batch(it) for it in items)))
             for n, row in enumerate(results, 1):
                 if "error" in row:  # this input failed inside its batch; the batch's other requests are answered
                     return JSONResponse({"error": f"input {n}: {row['error']}"}, status_code=row["status"])
@@ -265,7 +304,116 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
 
         @api.post("/generate")
         async def generate(self, request: Request):
-            return await self._handle("token_exits", request, self._generate, self._generate_stream)
+            return await self._handle("token_exits", request, None)
+
+        # ---- the OpenAI API (offramp.serving.openai_api) ------------------------------------------
+        @api.get("/v1/models")
+        async def v1_models(self):
+            return openai_api.models(list(self.models), self.created)
+
+        @api.post("/v1/completions")
+        async def v1_completions(self, request: Request):
+            return await self._openai(request, chat=False)
+
+        @api.post("/v1/chat/completions")
+        async def v1_chat_completions(self, request: Request):
+            return await self._openai(request, chat=True)
+
+        async def _openai(self, request: Request, chat: bool):
+            try:
+                body = await request.json()
+            except Exception as e:  # any undecodable body
+                return JSONResponse(openai_api.error_body(400, f"the body is not valid JSON ({type(e).__name__})"),
+                                    status_code=400)
+            try:
+                kind = self._model_kind(body)
+                if kind == "probe":
+                    return await self._openai_reason(body)
+                service = self.services["token_exits"]
+                req = openai_api.check_completion(body, chat=chat, model_id=self.ids["token_exits"],
+                                                  tokenizer=service.tokenizer, base=service.sampling,
+                                                  default_max=service.max_new_tokens, max_cap=service.max_new_cap,
+                                                  max_chars=service.max_chars)
+                if req.stop_thinking is not None:
+                    raise openai_api.OpenAIError(400, "offramp.stop_thinking needs the reasoning model: name it in "
+                                                      f"model ({self.ids.get('probe', 'none is served')})", "offramp")
+                service.resolve(req.policy)
+                prompt_tokens = len(service.tokenizer(req.prompt)["input_ids"])
+                limit = service.model.adapter.max_positions()
+                if limit is not None and prompt_tokens + req.max_tokens > limit:
+                    raise openai_api.OpenAIError(400, f"this request needs {prompt_tokens} prompt tokens + max_tokens "
+                                                      f"{req.max_tokens}, past the model's context of {limit}",
+                                                 "max_tokens", "context_length_exceeded")
+            except openai_api.OpenAIError as e:
+                return JSONResponse(e.body(), status_code=e.status)
+            except RequestError as e:
+                return JSONResponse(openai_api.error_body(e.status, e.message), status_code=e.status)
+            service.requests += 1
+            item = Item(req.prompt, req.policy, req.max_tokens, req.sampling, req.stop)
+            layers = service.model.adapter.num_layers
+            if req.stream:
+                return StreamingResponse(_openai_stream(service, item, req, prompt_tokens, layers),
+                                         media_type="text/event-stream")
+            result = await _final(service, item)
+            if "error" in result:
+                return JSONResponse(openai_api.error_body(result["status"], result["error"]),
+                                    status_code=result["status"])
+            return openai_api.response(req, result, prompt_tokens, layers)
+
+        def _model_kind(self, body: Any) -> str:
+            """Which checkpoint a request names in ``model`` (the generation one when it names none)."""
+            llms = {k: i for k, i in self.ids.items() if k in ("token_exits", "probe")}
+            if not llms:
+                raise openai_api.OpenAIError(404, "this server serves no language model (only /classify)", "model",
+                                             "model_not_found")
+            name = body.get("model") if isinstance(body, dict) else None
+            if name is None:
+                return "token_exits" if "token_exits" in llms else "probe"
+            for kind, model_id in llms.items():
+                if name == model_id:
+                    return kind
+            raise openai_api.OpenAIError(404, f"the model {name!r} does not exist here; this server serves "
+                                              f"{sorted(llms.values())} (GET /v1/models)", "model", "model_not_found")
+
+        async def _openai_reason(self, body: dict):
+            """A chat request to the reasoning model: its last user message reasons as ``offramp reason
+            run`` would, the chain stopping where ``offramp.stop_thinking`` says (the probe by default)."""
+            service = self.services["probe"]
+            req = openai_api.check_completion(body, chat=True, model_id=self.ids["probe"], tokenizer=service.tokenizer,
+                                              base=SamplingOptions(), default_max=service.config.max_new_tokens,
+                                              max_cap=service.max_new_cap, max_chars=service.max_chars, template=False)
+            if req.sampling.do_sample:
+                raise openai_api.OpenAIError(400, "chains of thought are greedy here: leave temperature out (or 0)",
+                                             "temperature")
+            policy = (req.stop_thinking or {}).get("policy", "probe")
+            if set(req.stop_thinking or {}) - {"policy"} or not isinstance(policy, str):
+                raise openai_api.OpenAIError(400, 'offramp.stop_thinking takes {"policy": NAME}', "offramp")
+            try:
+                items = service.check({"question": req.question, "policy": policy, "max_new_tokens": req.max_tokens})
+            except RequestError as e:
+                raise openai_api.OpenAIError(e.status, e.message, "messages") from None
+            service.requests += 1
+            res = await self._reason(items[0])
+            if "error" in res:
+                return JSONResponse(openai_api.error_body(res["status"], res["error"]), status_code=res["status"])
+            result = {"text": res["answer"] or "", "reasoning_content": res["chain"], "finish_reason": "stop",
+                      "completion_tokens": res["tokens"],
+                      "offramp": {k: res[k] for k in ("stop", "exit_event", "chain_tokens", "answer_tokens",
+                                                      "trial_tokens", "policy")}}
+            prompt_tokens = len(prompt_ids(service.tokenizer, req.question, service.config.prompt_suffix))
+            out = openai_api.response(req, result, prompt_tokens, 0)
+            if not req.stream:
+                return out
+            message = out["choices"][0]["message"]
+
+            async def one_chunk():
+                yield openai_api.sse(openai_api.chunk(req, text=message["content"], first=True))
+                yield openai_api.sse(openai_api.chunk(req, finish="stop", extra=out["choices"][0]["offramp"]))
+                if req.include_usage:
+                    yield openai_api.sse(openai_api.usage_chunk(req, prompt_tokens, res["tokens"]))
+                yield openai_api.sse("[DONE]")
+
+            return StreamingResponse(one_chunk(), media_type="text/event-stream")
 
         @api.post("/reason")
         async def reason(self, request: Request):

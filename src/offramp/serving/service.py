@@ -30,7 +30,7 @@ from typing import Any, Callable
 from offramp.calibration.lynx import PROBE_FILE, load_policy, probe_policy
 from offramp.data.prompts import chat_texts
 from offramp.engines.classify import model_signals
-from offramp.engines.generate import SIGNALS, SamplingOptions, TextPieces, stream_generate
+from offramp.engines.generate import SIGNALS, SamplingOptions
 from offramp.engines.reason import SIGNALS as REASON_SIGNALS
 from offramp.engines.reason import ReasonConfig, check_chain_positions, reason_batch
 from offramp.modeling import EarlyExitModel
@@ -38,6 +38,7 @@ from offramp.modeling.causal_lm import load_causal_lm, load_exits_and_lm
 from offramp.modeling.checkpoints import checkpoint_kind, fit_max_length
 from offramp.modeling.predict import predict_rows, tokenizer_of
 from offramp.policies import POLICIES, make_policy, require_signals
+from offramp.serving.scheduler import GenerationScheduler
 from offramp.utils import checkpoint_dir
 
 
@@ -52,11 +53,14 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class Item:
     """One input of a request, with the policy it asks for (None: the checkpoint's) and, for
-    generation and reasoning, the most new tokens (None: the server's default)."""
+    generation and reasoning, the most new tokens (None: the server's default); for generation
+    its sampling (None: greedy) and the strings that end it."""
 
     text: str
     policy: str | None = None
     max_new_tokens: int | None = None
+    sampling: Any = None
+    stop: tuple[str, ...] = ()
 
 
 class _Service:
@@ -297,8 +301,8 @@ def _groups(items: list[Item], default_new: int) -> dict[tuple[str | None, int],
 
 class GenerateService(_Service):
     """A token-exits folder (``DecoderExitModel.save_pretrained``, ``offramp fit-exits``)
-    ready to serve: greedy generation with per-token exits, prompts of concurrent requests decoded
-    as one ragged batch.
+    ready to serve: generation with per-token exits, prompts of concurrent requests decoded in one
+    continuously refilled batch (a prompt joins at the next step and leaves when it ends).
 
     Args:
         folder: the token-exits folder; the LM it names is loaded (``backbone`` overrides it).
@@ -306,6 +310,7 @@ class GenerateService(_Service):
         max_new_tokens: the default generation length; ``max_new_cap`` the most a request may ask.
         max_chars: the longest prompt accepted (413 beyond).
         policies: extra named policies (``{"fast": {"type": "max_prob", "threshold": 0.9}}``).
+        max_rows: the most prompts decoding at once (per policy); more wait for a free row.
     """
 
     kind = "token_exits"
@@ -313,7 +318,7 @@ class GenerateService(_Service):
 
     def __init__(self, folder: str | Path, *, backbone: str | None = None, max_prompts: int = 16,
                  max_new_tokens: int = 64, max_new_cap: int = 1024, max_chars: int = 100_000,
-                 policies: dict[str, dict] | None = None) -> None:
+                 policies: dict[str, dict] | None = None, max_rows: int = 32) -> None:
         if min(max_prompts, max_new_tokens, max_new_cap) < 1 or max_new_tokens > max_new_cap:
             raise ValueError(f"need max_prompts, max_new_tokens >= 1 and max_new_tokens <= max_new_cap, got "
                              f"{max_prompts}, {max_new_tokens}, {max_new_cap}")
@@ -325,6 +330,8 @@ class GenerateService(_Service):
         self.default = make_policy(self.model.config.policy)
         self.named = {name: make_policy(spec) for name, spec in (policies or {}).items()}
         self._start_metrics()
+        self.scheduler = GenerationScheduler(self.model, self.tokenizer, cache_strategy=self.model.config.cache_strategy,
+                                             max_rows=max_rows)
 
     def resolve(self, name: str | None):
         policy = _resolve_named(name, self.default, self.named, set(SIGNALS), "token-exit generation")
@@ -362,8 +369,27 @@ class GenerateService(_Service):
                                             f"positions, past the model's {limit}: shorten it or lower max_new_tokens")
         return [Item(p, policy, new) for p in prompts]
 
+    def submit(self, item: Item, emit: Callable[[dict[str, Any]], None]) -> Any:
+        """Start decoding ``item`` in the running batch (it joins at the next step); ``emit`` gets its
+        events from the decoding thread (``offramp.serving.scheduler``). Returns the key ``cancel`` takes."""
+        policy = self.resolve(item.policy)
+        ids = list(self.tokenizer(item.text)["input_ids"])
+
+        def record(event: dict[str, Any]) -> None:
+            if event.get("done") and "exit_layers" in event:
+                self.exits.update(event["exit_layers"])
+                self.rows += 1
+            emit(event)
+
+        return self.scheduler.submit(ids, item.max_new_tokens or self.max_new_tokens, policy,
+                                     item.sampling or self.sampling, record, stop=item.stop)
+
+    def cancel(self, key: Any) -> None:
+        self.scheduler.cancel(key)
+
     def run(self, items: list[Item]) -> list[dict[str, Any]]:
-        """Generate for ``items``: one left-padded early-exit batch per (policy, length)."""
+        """Generate for ``items`` (each joins the running batch) and wait for every result:
+        ``{"text", "tokens", "exit_layers", "finish_reason", "policy"}`` (or ``{"error", "status"}``)."""
         out: list[dict[str, Any] | None] = [None] * len(items)
 
         def keep(updates: dict[int, list[dict[str, Any]]]) -> None:
@@ -371,54 +397,34 @@ class GenerateService(_Service):
                 if lines[-1].get("done"):
                     out[i] = {k: v for k, v in lines[-1].items() if k not in ("index", "done")}
 
-        self.stream(items, keep, pieces=False)
+        self.stream(items, keep)
         return out  # type: ignore[return-value]
 
-    def stream(self, items: list[Item], emit: Callable[[dict[int, list[dict[str, Any]]]], None], *,
-               pieces: bool = True) -> None:
-        """Generate for ``items`` as ``run`` does, calling ``emit({item: [lines]})`` after every
-        decoding step, for each prompt that got a token: ``{"index": item, "token": id, "text":
-        piece, "exit_layer": l}`` and, when its generation ends, then ``{"index": item, "done":
-        true, "text", "tokens", "exit_layers", "policy"}`` (what ``run`` returns for it). The
-        pieces add up to the whole text (a piece is held back while it ends inside a character;
-        ``pieces=False``: no pieces, the text is decoded once at the end)."""
+    def stream(self, items: list[Item], emit: Callable[[dict[int, list[dict[str, Any]]]], None]) -> None:
+        """Generate for ``items`` as ``run`` does, calling ``emit({item: [lines]})`` for each token:
+        ``{"index": item, "token": id, "text": piece, "exit_layer": l}`` and, when its generation
+        ends, ``{"index": item, "done": true, "text", "tokens", "exit_layers", "finish_reason",
+        "policy"}``. The pieces add up to the whole text (a piece is held back while it ends inside
+        a character or may begin a stop string). Returns when every item is done."""
+        import threading
+
         t0 = time.perf_counter()
-        sent: Counter = Counter()  # token lines emitted per item: a batch run again after a failure skips them
-        done: set[int] = set()
+        left, finished = [len(items)], threading.Event()
 
-        def run_group(key: tuple[str | None, int], idx: list[int]) -> None:
-            name, new = key
-            idx = [i for i in idx if i not in done]
-            policy = self.resolve(name)
-            enc = self.tokenizer([items[i].text for i in idx], return_tensors="pt", padding=True)
-            texts = TextPieces(self.tokenizer, len(idx), pieces=pieces, index=idx)
-            seen: Counter = Counter()
-            for step in stream_generate(self.model, enc["input_ids"], enc["attention_mask"], policy=policy,
-                                        cache_strategy=self.model.config.cache_strategy, max_new_tokens=new,
-                                        sampling=self.sampling):
-                updates: dict[int, list[dict[str, Any]]] = {}
-                for line in texts.lines(step):
-                    i = line["index"]
-                    if line.get("done"):
-                        self.exits.update(line["exit_layers"])
-                        line["policy"] = policy.type
-                        done.add(i)
-                    else:
-                        seen[i] += 1
-                        if seen[i] <= sent[i]:
-                            continue  # this item's token was streamed before its batch failed
-                        sent[i] = seen[i]
-                    updates.setdefault(i, []).append(line)
-                if updates:
-                    emit(updates)
-            self.batches += 1
+        def to(i: int) -> Callable[[dict[str, Any]], None]:
+            def on(event: dict[str, Any]) -> None:
+                emit({i: [{"index": i, **event}]})
+                if event.get("done"):
+                    left[0] -= 1
+                    if not left[0]:
+                        finished.set()
+            return on
 
-        def fail(i: int, e: BaseException) -> None:
-            done.add(i)
-            emit({i: [{"index": i, "done": True, **failed_row(e)}]})
-
-        _each_alone_on_failure(_groups(items, self.max_new_tokens), run_group, fail)
-        self._record(len(items), time.perf_counter() - t0)
+        for i, item in enumerate(items):
+            self.submit(item, to(i))
+        finished.wait()
+        self.batches = self.scheduler.steps
+        self._record(0, time.perf_counter() - t0)
 
     def metrics(self) -> dict[str, Any]:
         return {**self._base_metrics(), "default_policy": self.default.to_dict(),
