@@ -9,12 +9,16 @@ Endpoints (JSON):
   row leaves at its own exit.
 * ``POST /generate`` ``{"prompt": "...", "max_new_tokens": 32, "policy": "max_prob", "chat": false}``
   (or ``"prompts": [...]``) on a token-exits folder -> ``{"results": [{"text", "tokens",
-  "exit_layers", "policy"}]}``: the prompts of concurrent requests decode as one ragged batch
-  (one per generation length and policy), each token leaving at its own exit. With ``"stream":
+  "exit_layers", "finish_reason", "policy"}]}``: every prompt joins the running batch of its policy at
+  the next step and leaves it when it ends (continuous batching, ``offramp.serving.scheduler``),
+  each token leaving at its own exit. With ``"stream":
   true`` the answer is NDJSON, one line per token as it is decoded (``{"index", "token", "text",
   "exit_layer"}``, ``text`` the new piece) and, when a prompt's generation ends, its result line
-  (``{"index", "done": true, "text", "tokens", "exit_layers", "policy"}``); streamed requests
-  batch with each other (``serve.batch`` over a generator).
+  (``{"index", "done": true, "text", "tokens", "exit_layers", "finish_reason", "policy"}``);
+  streamed and whole answers share the running batch.
+* ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``: the OpenAI API
+  (``offramp.serving.openai_api``) on the token-exits model, and chat on the reasoning model, whose
+  chain stops where ``offramp.stop_thinking`` says; streamed as server-sent events.
 * ``POST /reason`` ``{"question": "...", "policy": "probe"}`` on a probe folder of ``offramp reason
   fit`` (and the model it names) -> ``{"results": [{"answer", "tokens", "chain_tokens", "stop",
   "exit_event", "chain", "events", ...}]}``: chains of concurrent requests reason as one batch.
@@ -36,6 +40,7 @@ drains in-flight requests on shutdown (``graceful_shutdown_timeout_s``). Replica
 
 import asyncio  # (no postponed annotations: FastAPI reads the handlers' parameter types)
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +74,8 @@ class ServeOptions:
             generation, the probe's setting for chains).
         model: the LM to load for a token-exits or probe folder instead of the one it names.
         dtype: the reasoning LM's dtype (``auto``: bfloat16 where the hardware computes it natively, else float32).
+        batching: generation's batching: "continuous" (a prompt joins the running batch at the next
+            step) or "static" (a batch runs until its last prompt ends; to compare against).
     """
 
     replicas: int = 1
@@ -81,8 +88,11 @@ class ServeOptions:
     max_new_tokens: int | None = None
     model: str | None = None
     dtype: str = "float32"
+    batching: str = "continuous"
 
     def __post_init__(self) -> None:
+        if self.batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be continuous or static, got {self.batching!r}")
         for name in ("replicas", "max_batch_size", "max_texts", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -100,7 +110,7 @@ def _service(checkpoint: str, opts: ServeOptions):
     if kind == "token_exits":
         return GenerateService(checkpoint, backbone=opts.model, max_prompts=opts.max_texts,
                                max_new_tokens=opts.max_new_tokens or 64, policies=opts.policies,
-                               max_rows=opts.max_batch_size)
+                               max_rows=opts.max_batch_size, static=opts.batching == "static")
     return ReasonService(checkpoint, model=opts.model, dtype=opts.dtype, max_questions=opts.max_texts,
                          max_new_tokens=opts.max_new_tokens, policies=opts.policies)
 
@@ -261,6 +271,7 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
             import torch
 
             torch.set_num_threads(opts.threads)
+            _quiet_libraries()
             _replica_grpc_on_loopback()
             self.services = {kind: _service(c, opts) for kind, c in served.items()}
             self.ids = dict(served)  # the model ids of the OpenAI routes: each checkpoint as given
@@ -460,7 +471,9 @@ def serve_checkpoint(checkpoint: str | list[str], options: ServeOptions | None =
         os.environ.setdefault(name, value)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": address} if address else {"include_dashboard": False}
-        ray.init(log_to_driver=False, **kwargs)
+        ray.init(log_to_driver=False, logging_level=logging.WARNING, **kwargs)
+        _STARTED_RAY[0] = address is None
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # offramp says when it answers
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(checkpoint, options), name="offramp", route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
@@ -518,6 +531,17 @@ def local_ray_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False  # ray was imported before: its node address is read at start
 
 
+def _quiet_libraries() -> None:
+    """No progress bars from transformers or the Hub in the server's log (loading weights in every
+    replica would print them)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _replica_grpc_on_loopback() -> None:
     """In a replica of a Ray whose node is on the loopback address (``local_ray_on_loopback``): bind the
     replica's inter-deployment gRPC server (which Ray Serve opens on every interface, "[::]:0",
@@ -537,16 +561,27 @@ def _replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = on_loopback
 
 
+_STARTED_RAY = [False]  # whether serve_checkpoint started the (local) Ray it serves on
+
+
 def _drain_and_stop() -> None:
     """Delete the application first (its replicas stop taking requests and finish the ones in
     flight, for up to ``drain_s``, while the HTTP proxies still carry their answers), then stop
-    Serve. ``serve.shutdown`` alone stops the proxies at once and cuts answers still streaming."""
+    Serve. ``serve.shutdown`` alone stops the proxies at once and cuts answers still streaming.
+    On a local Ray this process started, Ray's own shutdown ends Serve with it (``serve.shutdown``
+    there only adds a "graceful_shutdown failed ... retries" line about its controller); on a
+    cluster Serve is stopped explicitly, as the cluster goes on."""
+    import ray
     from ray import serve
 
     try:
         serve.delete("offramp")
     finally:
-        serve.shutdown()
+        if _STARTED_RAY[0]:
+            ray.shutdown()
+            _STARTED_RAY[0] = False
+        else:
+            serve.shutdown()
 
 
 def shutdown() -> None:
@@ -555,4 +590,5 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         _drain_and_stop()
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()

@@ -52,10 +52,14 @@ class GenerationScheduler:
         tokenizer: decodes the pieces.
         cache_strategy: the model's cache strategy.
         max_rows: the most prompts decoding at once per policy (more wait for a free row).
+        static: static batching instead (queued prompts start only when the running batch has
+            ended), to measure what continuous batching gains.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, cache_strategy: str | None, max_rows: int = 32) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, cache_strategy: str | None, max_rows: int = 32,
+                 static: bool = False) -> None:
         self.model, self.tokenizer, self.cache_strategy, self.max_rows = model, tokenizer, cache_strategy, max_rows
+        self.static = static
         self.inbox: queue.Queue = queue.Queue()
         self.batches: dict[str, ContinuousBatch] = {}
         self.requests: dict[Hashable, _Request] = {}
@@ -114,7 +118,7 @@ class GenerationScheduler:
             if batch is None:
                 batch = self.batches[name] = ContinuousBatch(self.model, policy=req.policy,
                                                              cache_strategy=self.cache_strategy,
-                                                             max_rows=self.max_rows)
+                                                             max_rows=self.max_rows, static=self.static)
             try:
                 batch.add(req.key, req.ids, req.max_new, sampling=req.sampling)
             except ValueError as e:
@@ -134,7 +138,7 @@ class GenerationScheduler:
             tokens = batch.step()
         except Exception as error:  # a failure inside the batch: every prompt of it runs again alone
             self.batches[name] = ContinuousBatch(self.model, policy=batch.policy, cache_strategy=self.cache_strategy,
-                                                 max_rows=self.max_rows)
+                                                 max_rows=self.max_rows, static=self.static)
             for key in batch.keys:
                 self._alone(self.requests.pop(key), error)
             return

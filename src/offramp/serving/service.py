@@ -70,7 +70,18 @@ class _Service:
     named: dict[str, Any]
 
     def policy_names(self) -> list[str]:
-        return sorted(set(self.named) | set(POLICIES))
+        """The policy names a request to this service may give: exactly those ``resolve`` accepts."""
+        return sorted(n for n in self._candidates() if self._accepts(n))
+
+    def _candidates(self) -> set[str]:
+        return set(self.named) | set(POLICIES)
+
+    def _accepts(self, name: str) -> bool:
+        try:
+            self.resolve(name)
+        except (RequestError, ValueError):
+            return False
+        return True
 
     def _start_metrics(self) -> None:
         self.exits: Counter = Counter()
@@ -311,6 +322,7 @@ class GenerateService(_Service):
         max_chars: the longest prompt accepted (413 beyond).
         policies: extra named policies (``{"fast": {"type": "max_prob", "threshold": 0.9}}``).
         max_rows: the most prompts decoding at once (per policy); more wait for a free row.
+        static: static batching (a batch runs until its last prompt ends), to compare against.
     """
 
     kind = "token_exits"
@@ -318,7 +330,7 @@ class GenerateService(_Service):
 
     def __init__(self, folder: str | Path, *, backbone: str | None = None, max_prompts: int = 16,
                  max_new_tokens: int = 64, max_new_cap: int = 1024, max_chars: int = 100_000,
-                 policies: dict[str, dict] | None = None, max_rows: int = 32) -> None:
+                 policies: dict[str, dict] | None = None, max_rows: int = 32, static: bool = False) -> None:
         if min(max_prompts, max_new_tokens, max_new_cap) < 1 or max_new_tokens > max_new_cap:
             raise ValueError(f"need max_prompts, max_new_tokens >= 1 and max_new_tokens <= max_new_cap, got "
                              f"{max_prompts}, {max_new_tokens}, {max_new_cap}")
@@ -331,7 +343,7 @@ class GenerateService(_Service):
         self.named = {name: make_policy(spec) for name, spec in (policies or {}).items()}
         self._start_metrics()
         self.scheduler = GenerationScheduler(self.model, self.tokenizer, cache_strategy=self.model.config.cache_strategy,
-                                             max_rows=max_rows)
+                                             max_rows=max_rows, static=static)
 
     def resolve(self, name: str | None):
         policy = _resolve_named(name, self.default, self.named, set(SIGNALS), "token-exit generation")
@@ -480,8 +492,8 @@ class ReasonService(_Service):
         self.stops: Counter = Counter()
         self.tokens = 0
 
-    def policy_names(self) -> list[str]:
-        return sorted({"probe", *REASON_POLICIES, *self.named})
+    def _candidates(self) -> set[str]:
+        return {"probe", *REASON_POLICIES, *self.named}
 
     def resolve(self, name: str | None):
         if name in (None, "probe", "lynx"):

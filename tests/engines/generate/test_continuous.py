@@ -58,8 +58,9 @@ def _alone(model, prompt, n, policy, strategy, sampling=NO_EOS):
     return out.new_tokens[0][keep].tolist(), out.exit_layers[0][keep].tolist()
 
 
-def _continuous(model, policy, strategy, sampling=NO_EOS, max_rows=32, per_row=None):
-    batch = ContinuousBatch(model, policy=policy, cache_strategy=strategy, sampling=sampling, max_rows=max_rows)
+def _continuous(model, policy, strategy, sampling=NO_EOS, max_rows=32, per_row=None, static=False):
+    batch = ContinuousBatch(model, policy=policy, cache_strategy=strategy, sampling=sampling, max_rows=max_rows,
+                            static=static)
     got: dict[int, tuple[list[int], list[int]]] = {i: ([], []) for i in range(len(PROMPTS))}
     step, finished, most = 0, set(), 0
     while len(finished) < len(PROMPTS):
@@ -121,6 +122,8 @@ def test_max_rows_queues_the_rest_and_cancel_drops_a_row():
     assert most == 2
     for i, prompt in enumerate(PROMPTS):
         assert got[i][0] == _alone(model, prompt, LENGTHS[i], "never", "catch_up")[0]
+    static, _ = _continuous(model, "never", "catch_up", static=True)  # a batch runs until its last row ends
+    assert static == got
     batch = ContinuousBatch(model, policy="never", sampling=NO_EOS)
     batch.add("a", PROMPTS[0], 5)
     batch.add("b", PROMPTS[2], 5)

@@ -65,11 +65,13 @@ class ContinuousBatch:
         cache_strategy: as in ``generate`` (default copy_kv / freeze).
         sampling: the default token choice (greedy with the model's EOS); ``add`` may give a row its own.
         max_rows: the most rows decoding at once; more wait in the queue.
+        static: admit queued rows only when no row is running (static batching: a batch runs until
+            its last row ends), for comparison.
     """
 
     def __init__(self, model: nn.Module, *, policy: str | dict | ExitPolicy | None = None,
                  cache_strategy: str | None = None, sampling: SamplingOptions | None = None,
-                 max_rows: int = 32) -> None:
+                 max_rows: int = 32, static: bool = False) -> None:
         exit_model = model if hasattr(model, "exit_layers") else None
         backbone = exit_model.backbone if exit_model is not None else model
         self.adapter = exit_model.adapter if exit_model is not None else adapter_for(backbone, role="decoder")
@@ -81,7 +83,7 @@ class ContinuousBatch:
             self.policy.check_exits(exit_model.exit_layers)
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.exit_model, self.max_rows = exit_model, max_rows
+        self.exit_model, self.max_rows, self.static = exit_model, max_rows, static
         self.strategy = cache_strategy or ("copy_kv" if self.adapter.kind == "attention" else "freeze")
         self.sampling = sampling or SamplingOptions.from_model(backbone)
         self.queue: list[_Row] = []
@@ -151,6 +153,8 @@ class ContinuousBatch:
         return out
 
     def _join(self) -> None:
+        if self.static and self.rows:
+            return
         while self.queue and len(self.rows) < self.max_rows:
             row = self.queue.pop(0)
             ids = torch.tensor([row.prompt], device=self.adapter.layer_device(0))
