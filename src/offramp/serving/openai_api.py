@@ -90,8 +90,6 @@ def check_completion(body: Any, *, chat: bool, model_id: str, tokenizer: Any, ba
     """The ``Completion`` a request body asks for, or an ``OpenAIError`` naming the field at fault.
     ``template``: a chat request is put through the tokenizer's chat template (False: a reasoning
     model, which builds its own prompt from the last user message)."""
-    from offramp.data.prompts import chat_texts
-
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object")
     unknown = sorted(set(body) - FIELDS[chat])
@@ -146,7 +144,6 @@ def check_completion(body: Any, *, chat: bool, model_id: str, tokenizer: Any, ba
         if not isinstance(prompt, str):
             raise OpenAIError(400, "prompt must be a string (or a list of one string)", "prompt")
         _check_string(prompt, "prompt", max_chars)
-        prompt = chat_texts(tokenizer, [prompt], False)[0]
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = default_max

@@ -439,7 +439,9 @@ class GenerateService(_Service):
         self._record(0, time.perf_counter() - t0)
 
     def metrics(self) -> dict[str, Any]:
-        return {**self._base_metrics(), "default_policy": self.default.to_dict(),
+        stats = self.scheduler.stats()  # a "batch" is a decoding step of the running batch
+        return {**self._base_metrics(), "batches": stats["steps"], "mean_batch_rows": stats["mean_rows_per_step"],
+                "running": stats["running"], "queued": stats["queued"], "default_policy": self.default.to_dict(),
                 "num_layers": self.model.adapter.num_layers, "exit_layers": list(self.model.exit_layers)}
 
     def health(self) -> dict[str, Any]:
