@@ -262,6 +262,10 @@ def test_openai_completions_equal_offline_generate(server):
         chunks = list(streamed)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
         assert chunks[-1].usage.completion_tokens == len(tokens)
+        greedy = tok.decode(_offline_generate(root, prompt, "never", 12)[0], skip_special_tokens=True)
+        spec = client.completions.create(model=str(root / "exits"), prompt=prompt, max_tokens=12,
+                                         extra_body={"offramp": {"speculative": True}})
+        assert spec.choices[0].text == greedy and spec.choices[0].model_extra["offramp"]["policy"] == "speculative"
 
 
 def test_openai_chat_and_errors_in_openai_shape(server):

@@ -148,3 +148,13 @@ def test_stop_strings_end_the_text_before_them(generator):
     lines: list[dict] = []
     generator.stream([Item(prompt, stop=(stop,))], lambda u: lines.extend(u[0]))
     assert "".join(line["text"] for line in lines if "token" in line) == out["text"]
+
+
+def test_speculative_items_get_greedy_decoding_in_their_own_running_batch(generator):
+    prompts = _candidates(generator)[:3] + ["w9"]
+    greedy = generator.run([Item(p, policy="never") for p in prompts])
+    spec = generator.run([Item(p, speculative=True) for p in prompts])
+    assert [s["tokens"] for s in spec] == [g["tokens"] for g in greedy]
+    assert all(s["policy"] == "speculative" for s in spec)
+    with pytest.raises(RequestError, match="drop \"policy\""):
+        generator.check({"prompt": "w5", "speculative": True, "policy": "never"})

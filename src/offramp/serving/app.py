@@ -360,7 +360,10 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
             except RequestError as e:
                 return JSONResponse(openai_api.error_body(e.status, e.message), status_code=e.status)
             service.requests += 1
-            item = Item(req.prompt, req.policy, req.max_tokens, req.sampling, req.stop)
+            if req.speculative and req.sampling.do_sample:
+                return JSONResponse(openai_api.error_body(400, "offramp.speculative is greedy here: leave temperature "
+                                                               "out (or 0)", "temperature"), status_code=400)
+            item = Item(req.prompt, req.policy, req.max_tokens, req.sampling, req.stop, req.speculative)
             layers = service.model.adapter.num_layers
             if req.stream:
                 return StreamingResponse(_openai_stream(service, item, req, prompt_tokens, layers),

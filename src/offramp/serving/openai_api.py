@@ -9,7 +9,8 @@
 refused by name rather than ignored.
 
 offramp's own settings travel in the extension field ``offramp`` (with the ``openai`` client:
-``extra_body={"offramp": {...}}``): ``policy`` (a named exit policy), and on a chat request to a
+``extra_body={"offramp": {...}}``): ``policy`` (a named exit policy), ``speculative`` (lossless
+self-speculation from an exit: greedy decoding's tokens, drafted and verified), and on a chat request to a
 reasoning model ``stop_thinking`` (``{"policy": "probe" | "deer" | "never" | "static"}``: stop the
 chain of thought where that rule accepts a cue, the calibrated LYNX probe by default). Each choice
 carries ``offramp``: the exit layer of every token and the layers saved, or where the chain stopped.
@@ -70,6 +71,7 @@ class Completion:
     stream: bool
     include_usage: bool
     policy: str | None = None
+    speculative: bool = False
     stop_thinking: dict[str, Any] | None = None
     question: str = ""  # a chat request's last user message (what a reasoning model answers)
     id: str = field(default_factory=lambda: f"{uuid.uuid4().hex[:24]}")
@@ -109,8 +111,11 @@ def check_completion(body: Any, *, chat: bool, model_id: str, tokenizer: Any, ba
     if field_name not in body:
         raise OpenAIError(400, f"{field_name!r} is required", field_name)
     ext = body.get("offramp") or {}
-    if not isinstance(ext, dict) or set(ext) - {"policy", "stop_thinking"}:
-        raise OpenAIError(400, 'offramp must be an object with "policy" and / or "stop_thinking"', "offramp")
+    if not isinstance(ext, dict) or set(ext) - {"policy", "stop_thinking", "speculative"}:
+        raise OpenAIError(400, 'offramp must be an object with "policy", "speculative" or "stop_thinking"', "offramp")
+    if not isinstance(ext.get("speculative", False), bool) or (ext.get("speculative") and ext.get("policy")):
+        raise OpenAIError(400, "offramp.speculative is true or false, without offramp.policy (speculation is "
+                               "lossless: every token is the full model's)", "offramp")
     if ext.get("policy") is not None and not isinstance(ext["policy"], str):
         raise OpenAIError(400, "offramp.policy must be a policy name", "offramp")
     thinking = ext.get("stop_thinking")
@@ -168,7 +173,8 @@ def check_completion(body: Any, *, chat: bool, model_id: str, tokenizer: Any, ba
         raise OpenAIError(400, "stream_options must be an object", "stream_options")
     return Completion(chat=chat, model=model_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
                       stop=tuple(stop), stream=stream, include_usage=bool(options.get("include_usage")),
-                      policy=ext.get("policy"), stop_thinking=thinking, question=question)
+                      policy=ext.get("policy"), speculative=ext.get("speculative", False), stop_thinking=thinking,
+                      question=question)
 
 
 def _check_string(text: str, name: str, max_chars: int, allow_empty: bool = False) -> None:

@@ -1,7 +1,8 @@
 """Continuous batching behind the server: one worker thread decodes every running prompt.
 
 Requests ``submit`` a prompt (token ids, its policy, its sampling, its stop strings) with a callback;
-the worker adds it to the running ``ContinuousBatch`` of its policy at the next step, and calls
+the worker adds it to the running ``ContinuousBatch`` of its policy (or, for lossless
+self-speculation, the running ``ContinuousSpeculation``) at the next step, and calls
 back, from its thread, once per token (``{"token", "text", "exit_layer"}``, ``text`` the new piece)
 and once at the end (``{"done": True, "text", "tokens", "exit_layers", "finish_reason"}``, where
 ``finish_reason`` is "stop" at EOS or a stop string and "length" at ``max_new_tokens``). A prompt
@@ -23,7 +24,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from offramp.engines.generate import ContinuousBatch, SamplingOptions, generate
+from offramp.engines.generate import ContinuousBatch, ContinuousSpeculation, SamplingOptions, generate
 from offramp.policies import ExitPolicy
 
 Event = dict[str, Any]
@@ -38,6 +39,7 @@ class _Request:
     sampling: SamplingOptions
     stop: tuple[str, ...]
     emit: Callable[[Event], None]
+    speculative: bool = False
     tokens: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)
     sent: str = ""  # the text already handed out
@@ -72,10 +74,12 @@ class GenerationScheduler:
 
     # ------------------------------------------------------------------ from the request side
     def submit(self, ids: list[int], max_new: int, policy: ExitPolicy, sampling: SamplingOptions,
-               emit: Callable[[Event], None], stop: tuple[str, ...] = ()) -> Hashable:
-        """Queue a prompt; returns its key (for ``cancel``). ``emit`` is called from the worker thread."""
+               emit: Callable[[Event], None], stop: tuple[str, ...] = (), speculative: bool = False) -> Hashable:
+        """Queue a prompt; returns its key (for ``cancel``). ``emit`` is called from the worker thread.
+        ``speculative``: lossless self-speculation (greedy; ``policy`` is not used) in its own running batch."""
         key = next(self._ids)
-        self.inbox.put(("add", _Request(key, list(ids), max_new, policy, sampling, tuple(s for s in stop if s), emit)))
+        self.inbox.put(("add", _Request(key, list(ids), max_new, policy, sampling, tuple(s for s in stop if s), emit,
+                                        speculative)))
         return key
 
     def cancel(self, key: Hashable) -> None:
@@ -113,13 +117,11 @@ class GenerationScheduler:
     def _apply(self, op: str, arg: Any) -> None:
         if op == "add":
             req: _Request = arg
-            name = _policy_key(req.policy)
-            batch = self.batches.get(name)
-            if batch is None:
-                batch = self.batches[name] = ContinuousBatch(self.model, policy=req.policy,
-                                                             cache_strategy=self.cache_strategy,
-                                                             max_rows=self.max_rows, static=self.static)
+            name = _batch_key(req)
             try:
+                batch = self.batches.get(name)
+                if batch is None:
+                    batch = self.batches[name] = self._new_batch(req)
                 batch.add(req.key, req.ids, req.max_new, sampling=req.sampling)
             except ValueError as e:
                 req.emit({"done": True, "error": str(e), "status": 400})
@@ -128,7 +130,13 @@ class GenerationScheduler:
         elif op == "cancel":
             req = self.requests.pop(arg, None)
             if req is not None:
-                self.batches[_policy_key(req.policy)].cancel(arg)
+                self.batches[_batch_key(req)].cancel(arg)
+
+    def _new_batch(self, req: _Request) -> Any:
+        if req.speculative:
+            return ContinuousSpeculation(self.model, sampling=req.sampling, max_rows=self.max_rows)
+        return ContinuousBatch(self.model, policy=req.policy, cache_strategy=self.cache_strategy,
+                               max_rows=self.max_rows, static=self.static)
 
     def _step(self, name: str) -> None:
         batch = self.batches[name]
@@ -137,8 +145,7 @@ class GenerationScheduler:
         try:
             tokens = batch.step()
         except Exception as error:  # a failure inside the batch: every prompt of it runs again alone
-            self.batches[name] = ContinuousBatch(self.model, policy=batch.policy, cache_strategy=self.cache_strategy,
-                                                 max_rows=self.max_rows, static=self.static)
+            del self.batches[name]
             for key in batch.keys:
                 self._alone(self.requests.pop(key), error)
             return
@@ -172,7 +179,7 @@ class GenerationScheduler:
         req.emit({"token": token, "text": piece, "exit_layer": exit_layer})
         if last:
             req.emit({"done": True, "text": text, "tokens": req.tokens, "exit_layers": req.exit_layers,
-                      "finish_reason": reason, "policy": req.policy.type})
+                      "finish_reason": reason, "policy": "speculative" if req.speculative else req.policy.type})
         return last
 
     def _alone(self, req: _Request, error: BaseException) -> None:
@@ -181,7 +188,8 @@ class GenerationScheduler:
         req.tokens, req.exit_layers, req.sent = [], [], ""
         quiet = _Quiet(req)
         try:
-            out = generate(self.model, _tensor([req.ids]), None, policy=req.policy, cache_strategy=self.cache_strategy,
+            policy = "never" if req.speculative else req.policy  # speculation's tokens are greedy decoding's
+            out = generate(self.model, _tensor([req.ids]), None, policy=policy, cache_strategy=self.cache_strategy,
                            max_new_tokens=req.max_new, sampling=req.sampling)
         except Exception as e:  # it fails alone too: its own answer says so
             status = 400 if isinstance(e, ValueError) else 500
@@ -216,10 +224,11 @@ class _Quiet:
             self.req.emit(event)
 
 
-def _policy_key(policy: ExitPolicy) -> str:
+def _batch_key(req: _Request) -> str:
+    """Rows share a running batch when they decode alike: the same exit policy, or speculation."""
     import json
 
-    return json.dumps(policy.to_dict(), sort_keys=True, default=str)
+    return "speculative" if req.speculative else json.dumps(req.policy.to_dict(), sort_keys=True, default=str)
 
 
 def _tensor(values: list) -> Any:

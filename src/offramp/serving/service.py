@@ -61,6 +61,7 @@ class Item:
     max_new_tokens: int | None = None
     sampling: Any = None
     stop: tuple[str, ...] = ()
+    speculative: bool = False
 
 
 class _Service:
@@ -357,9 +358,9 @@ class GenerateService(_Service):
         """``{"prompts": [...]}`` or ``{"prompt": "..."}``, optional ``policy``, ``max_new_tokens``,
         ``chat`` (wrap each prompt in the model's chat template) and ``stream`` (the server's
         business: answer line by line as tokens are decoded)."""
-        body = _check_fields(body, {"prompts", "prompt", "policy", "max_new_tokens", "chat", "stream"},
+        body = _check_fields(body, {"prompts", "prompt", "policy", "max_new_tokens", "chat", "stream", "speculative"},
                              '{"prompt": "...", "max_new_tokens": 32}')
-        for flag in ("chat", "stream"):
+        for flag in ("chat", "stream", "speculative"):
             if not isinstance(body.get(flag, False), bool):
                 raise RequestError(400, f'"{flag}" must be true or false, got {body[flag]!r}')
         prompts = _check_count(body, "prompts", "prompt", self.max_prompts)
@@ -379,7 +380,10 @@ class GenerateService(_Service):
                     raise RequestError(413, f"prompt {n} has {length} tokens; with max_new_tokens "
                                             f"{new or self.max_new_tokens} it needs {length + (new or self.max_new_tokens)} "
                                             f"positions, past the model's {limit}: shorten it or lower max_new_tokens")
-        return [Item(p, policy, new) for p in prompts]
+        if body.get("speculative") and policy is not None:
+            raise RequestError(400, '"speculative" decodes losslessly (greedy, every token checked by the full model): '
+                                    'drop "policy"')
+        return [Item(p, policy, new, speculative=body.get("speculative", False)) for p in prompts]
 
     def submit(self, item: Item, emit: Callable[[dict[str, Any]], None]) -> Any:
         """Start decoding ``item`` in the running batch (it joins at the next step); ``emit`` gets its
@@ -394,7 +398,8 @@ class GenerateService(_Service):
             emit(event)
 
         return self.scheduler.submit(ids, item.max_new_tokens or self.max_new_tokens, policy,
-                                     item.sampling or self.sampling, record, stop=item.stop)
+                                     item.sampling or self.sampling, record, stop=item.stop,
+                                     speculative=item.speculative)
 
     def cancel(self, key: Any) -> None:
         self.scheduler.cancel(key)

@@ -139,3 +139,33 @@ def test_a_prompt_past_the_positions_is_refused_when_added():
     with pytest.raises(ValueError, match="exceeds the model's context"):
         batch.add(0, list(range(5, 100)), 40)
     assert len(batch) == 0
+
+
+@pytest.mark.parametrize("family, draft_confidence", [("llama", None), ("llama", 0.3), ("gemma3", None),
+                                                      ("mamba", None)])
+def test_self_speculation_with_rows_joining_gives_greedy_decoding_alone(family, draft_confidence):
+    from offramp.engines.generate.continuous import ContinuousSpeculation
+
+    # drafts from the tied head after 3 of 4 layers: close enough to the full model to be accepted often
+    model = DecoderExitModel.from_backbone(tiny_decoder(family), exit_layers=[3], head="tied").eval()
+    batch = ContinuousSpeculation(model, exit_layer=3, draft_tokens=3, draft_confidence=draft_confidence,
+                                  sampling=NO_EOS)
+    got: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+    step, finished, most = 0, set(), 0
+    while len(finished) < len(PROMPTS):
+        for i, at in enumerate(ARRIVALS):
+            if at == step:
+                batch.add(i, PROMPTS[i], LENGTHS[i])
+        tokens = batch.step()
+        for t in tokens:
+            assert t.index == len(got[t.key])
+            got[t.key].append(t.token)
+            if t.finished:
+                finished.add(t.key)
+        most = max(most, len({t.key for t in tokens}))
+        step += 1
+        assert step < 200
+    assert most >= 3 and batch.spec is None  # rows shared rounds
+    assert batch.report()["acceptance"] > 0  # drafts were accepted: rounds gave several tokens
+    for i, prompt in enumerate(PROMPTS):
+        assert got[i] == _alone(model, prompt, LENGTHS[i], "never", None)[0], i

@@ -179,3 +179,136 @@ class ContinuousBatch:
     def report(self) -> dict[str, Any]:
         """Counters of the running batch: rows running and queued, steps, next column."""
         return {"running": len(self.rows), "queued": len(self.queue), "steps": self.steps, "column": self.col}
+
+
+class ContinuousSpeculation:
+    """Lossless self-speculation (``speculative_generate``, greedy) for rows that join and leave a
+    running batch between rounds: each round drafts ``draft_tokens`` tokens from the drafting exit
+    for every running row and verifies them with the remaining layers in one pass; every row gets
+    greedy decoding's tokens (all its tokens are the full model's), so a row's output is that of
+    ``generate`` on its prompt alone, whoever shares its rounds. ``step`` returns every token each
+    row gained in the round (the accepted drafts and the full model's token after them).
+
+    Args:
+        model: a ``DecoderExitModel``; ``exit_layer``, ``draft_tokens``, ``draft_confidence``,
+            ``draft_rule`` and ``draft_vocab`` as in ``speculative_generate``.
+        sampling: EOS and pad ids; speculation here is greedy.
+        max_rows: the most rows drafting at once.
+    """
+
+    def __init__(self, model: nn.Module, *, exit_layer: int | None = None, draft_tokens: int = 4,
+                 draft_confidence: float | None = None, draft_rule: str = "max_prob", draft_vocab: Any = None,
+                 sampling: SamplingOptions | None = None, max_rows: int = 32) -> None:
+        from offramp.engines.generate.speculative import check_draft_vocab, check_speculation
+
+        self.model = model
+        self.sampling = sampling or SamplingOptions.from_model(model.backbone)
+        if self.sampling.do_sample:
+            raise ValueError("served self-speculation is greedy: drop sampling (temperature), or decode without it")
+        self.exit_index = check_speculation(model, self.sampling, draft_tokens, draft_confidence, exit_layer,
+                                            draft_rule)
+        self.vocab = check_draft_vocab(model, draft_vocab)
+        self.draft_tokens, self.draft_confidence, self.draft_rule = draft_tokens, draft_confidence, draft_rule
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.max_rows, self.static, self.adapter = max_rows, False, model.adapter
+        self.queue: list[_Row] = []
+        self.rows: list[_Row] = []
+        self.spec: Any = None
+        self.next_pos: Tensor | None = None  # (rows,) the position of each row's pending token
+        self.col = 0
+        self.steps = self.drafted = self.accepted = 0
+
+    __len__ = ContinuousBatch.__len__
+    keys = ContinuousBatch.keys
+
+    def add(self, key: Hashable, input_ids: list[int] | Tensor, max_new_tokens: int,
+            sampling: SamplingOptions | None = None) -> None:
+        """Queue a prompt; it joins at the next round. Checked now (positions, sampling)."""
+        from offramp.engines.generate.speculative import draft_cache_strategy
+
+        if sampling is not None and sampling.do_sample:
+            raise ValueError("served self-speculation is greedy: drop temperature, or turn speculation off")
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        check_inputs(self.adapter, ids[None], torch.ones_like(ids)[None], max_new_tokens,
+                     draft_cache_strategy(self.adapter))
+        if key in self.keys:
+            raise ValueError(f"row key {key!r} is already in the batch")
+        self.queue.append(_Row(key, ids.tolist(), max_new_tokens, sampling or self.sampling, None))
+
+    def cancel(self, key: Hashable) -> bool:
+        for i, row in enumerate(self.queue):
+            if row.key == key:
+                del self.queue[i]
+                return True
+        for i, row in enumerate(self.rows):
+            if row.key == key:
+                self._keep([j for j in range(len(self.rows)) if j != i])
+                return True
+        return False
+
+    @torch.no_grad()
+    def step(self) -> list[RowToken]:
+        """Join queued prompts (each gets its first token from its prefill), then one draft-and-verify
+        round for every running row; drop the rows that ended."""
+        from offramp.engines.generate.speculative import Speculator
+
+        out: list[RowToken] = []
+        keep = list(range(len(self.rows)))
+        while self.queue and len(self.rows) < self.max_rows:
+            row = self.queue.pop(0)
+            ids = torch.tensor([row.prompt], device=self.adapter.layer_device(0))
+            spec = Speculator(self.model, self.exit_index, ids, torch.ones_like(ids), row.max_new, self.draft_tokens,
+                              self.vocab)
+            first = int(spec.run.prefill(ids, torch.ones_like(ids)).argmax(-1)[0])
+            pos = spec.run.pos[:, ids.shape[1] - 1] + 1
+            if self.spec is None:
+                self.spec, self.col, self.next_pos = spec, ids.shape[1], pos
+            else:
+                self.col = self.spec.run.merge(spec.run, self.col, ids.shape[1])
+                self.next_pos = torch.cat([self.next_pos, pos.to(self.next_pos.device)])
+            self.rows.append(row)
+            done = self._give(row, [first], out)
+            if not done:
+                keep.append(len(self.rows) - 1)
+        self._keep(keep)
+        if not self.rows:
+            return out
+        rows = torch.arange(len(self.rows), device=self.spec.run.valid.device)
+        pending = torch.tensor([r.tokens[-1] for r in self.rows], device=rows.device)
+        best, accepted, k = self.spec.round(pending, rows, self.next_pos, self.col, self.draft_confidence, None, None,
+                                            self.draft_rule)
+        self.steps += 1
+        self.drafted += len(self.rows) * k
+        self.accepted += int(accepted.sum())
+        self.next_pos = self.next_pos + accepted.to(self.next_pos.device) + 1
+        self.col += self.draft_tokens + 1
+        keep = [i for i, row in enumerate(self.rows)
+                if not self._give(row, best[i, :int(accepted[i]) + 1].tolist(), out)]
+        self._keep(keep)
+        return out
+
+    def _give(self, row: _Row, tokens: list[int], out: list[RowToken]) -> bool:
+        """Hand ``tokens`` to ``row`` up to its EOS or max_new_tokens; True when it ended."""
+        for token in tokens:
+            row.tokens.append(token)
+            done = bool(row.sampling.is_eos(torch.tensor([token]))[0]) or len(row.tokens) >= row.max_new
+            out.append(RowToken(row.key, len(row.tokens) - 1, token, self.adapter.num_layers, done))
+            if done:
+                return True
+        return False
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.spec, self.col, self.next_pos = None, 0, None
+            return
+        index = torch.tensor(keep, device=self.spec.run.valid.device)
+        self.next_pos = self.next_pos.index_select(0, index.to(self.next_pos.device))
+        self.col = self.spec.run.keep_rows(index, self.col)
+
+    def report(self) -> dict[str, Any]:
+        return {"running": len(self.rows), "queued": len(self.queue), "steps": self.steps, "column": self.col,
+                "acceptance": self.accepted / max(self.drafted, 1)}

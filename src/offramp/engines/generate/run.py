@@ -60,6 +60,7 @@ class DecodeRun:
         self.layer_rows = 0
         self.fill_rows = 0
         self.head_rows = 0
+        self.future_valid = True  # columns past the prompt: valid (decoding) or not until written (speculation)
         if adapter.kind == "attention":
             heads, head_dim = adapter.kv_shape()
             devices = [adapter.layer_device(i) for i in range(self.num_layers)]
@@ -300,7 +301,7 @@ class DecodeRun:
             if name == "pos":
                 after = t[:, -1:] + torch.arange(1, right + 1, device=t.device)[None]
             elif name == "valid":
-                after = torch.ones(shape, dtype=t.dtype, device=t.device)
+                after = torch.full(shape, self.future_valid, dtype=t.dtype, device=t.device)
             else:
                 after = torch.zeros(shape, dtype=t.dtype, device=t.device)
             setattr(self, name, torch.cat([before, t, after], dim=dim))

@@ -173,6 +173,7 @@ class Speculator:
         # every round takes d + 1 columns and yields >= 1 token: max_new rounds at most
         self.run = DecodeRun(self.adapter, model, None, draft_cache_strategy(self.adapter), ids, attn, max_new * (d + 1))
         self.run.valid[:, ids.shape[1]:] = False
+        self.run.future_valid = False  # a column is valid once a round has written an accepted token there
         self.num_layers = self.run.num_layers
         self.trail: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # Mamba: layer -> each token's states
 
