@@ -28,6 +28,7 @@ from offramp.backbones import adapter_for
 from offramp.engines.generate.engine import SIGNALS
 from offramp.engines.generate.run import DecodeRun, check_inputs
 from offramp.engines.generate.sampling import SamplingOptions, next_tokens
+from offramp.engines.generate.speculative import Speculator, check_draft_vocab, check_speculation, draft_cache_strategy
 from offramp.policies import ExitPolicy, make_policy, require_signals
 
 
@@ -199,8 +200,6 @@ class ContinuousSpeculation:
     def __init__(self, model: nn.Module, *, exit_layer: int | None = None, draft_tokens: int = 4,
                  draft_confidence: float | None = None, draft_rule: str = "max_prob", draft_vocab: Any = None,
                  sampling: SamplingOptions | None = None, max_rows: int = 32) -> None:
-        from offramp.engines.generate.speculative import check_draft_vocab, check_speculation
-
         self.model = model
         self.sampling = sampling or SamplingOptions.from_model(model.backbone)
         if self.sampling.do_sample:
@@ -225,8 +224,6 @@ class ContinuousSpeculation:
     def add(self, key: Hashable, input_ids: list[int] | Tensor, max_new_tokens: int,
             sampling: SamplingOptions | None = None) -> None:
         """Queue a prompt; it joins at the next round. Checked now (positions, sampling)."""
-        from offramp.engines.generate.speculative import draft_cache_strategy
-
         if sampling is not None and sampling.do_sample:
             raise ValueError("served self-speculation is greedy: drop temperature, or turn speculation off")
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
@@ -251,8 +248,6 @@ class ContinuousSpeculation:
     def step(self) -> list[RowToken]:
         """Join queued prompts (each gets its first token from its prefill), then one draft-and-verify
         round for every running row; drop the rows that ended."""
-        from offramp.engines.generate.speculative import Speculator
-
         out: list[RowToken] = []
         keep = list(range(len(self.rows)))
         while self.queue and len(self.rows) < self.max_rows:
