@@ -112,7 +112,8 @@ def _service(checkpoint: str, opts: ServeOptions):
                                max_new_tokens=opts.max_new_tokens or 64, policies=opts.policies,
                                max_rows=opts.max_batch_size, static=opts.batching == "static")
     return ReasonService(checkpoint, model=opts.model, dtype=opts.dtype, max_questions=opts.max_texts,
-                         max_new_tokens=opts.max_new_tokens, policies=opts.policies)
+                         max_new_tokens=opts.max_new_tokens, policies=opts.policies,
+                         max_rows=opts.max_batch_size)
 
 
 ROUTES = {"classifier": "/classify", "token_exits": "/generate", "probe": "/reason"}
@@ -287,16 +288,12 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
         async def _classify(self, items: list) -> list[dict[str, Any]]:
             return await self._run("classifier", items)
 
-        @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0)
-        async def _reason(self, items: list) -> list[dict[str, Any]]:
-            return await self._run("probe", items)
-
         async def _handle(self, kind: str, request: Request, batch):
             checked = await _checked_items(self.services, kind, request)
             if isinstance(checked, JSONResponse):
                 return checked
             body, items = checked
-            if kind == "token_exits":  # the running batch: each prompt joins at the next step
+            if kind in ("token_exits", "probe"):  # the running batch: each input joins at the next step
                 service = self.services[kind]
                 if body.get("stream"):
                     return StreamingResponse(_ndjson([_row_lines(service, it) for it in items]),
@@ -407,7 +404,7 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
             except RequestError as e:
                 raise openai_api.OpenAIError(e.status, e.message, "messages") from None
             service.requests += 1
-            res = await self._reason(items[0])
+            res = await _final(service, items[0])
             if "error" in res:
                 return JSONResponse(openai_api.error_body(res["status"], res["error"]), status_code=res["status"])
             result = {"text": res["answer"] or "", "reasoning_content": res["chain"], "finish_reason": "stop",
@@ -431,7 +428,7 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
 
         @api.post("/reason")
         async def reason(self, request: Request):
-            return await self._handle("probe", request, self._reason)
+            return await self._handle("probe", request, None)
 
         @api.get("/health")
         async def health(self):

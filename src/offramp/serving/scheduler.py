@@ -16,7 +16,9 @@ allowed to fail its neighbours: every prompt of that batch is decoded again alon
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import queue
 import threading
 import time
@@ -24,7 +26,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from offramp.engines.generate import ContinuousBatch, ContinuousSpeculation, SamplingOptions, generate
+from offramp.engines.reason import ReasonBatch, reason
 from offramp.policies import ExitPolicy
 
 Event = dict[str, Any]
@@ -226,12 +231,86 @@ class _Quiet:
 
 def _batch_key(req: _Request) -> str:
     """Rows share a running batch when they decode alike: the same exit policy, or speculation."""
-    import json
-
     return "speculative" if req.speculative else json.dumps(req.policy.to_dict(), sort_keys=True, default=str)
 
 
 def _tensor(values: list) -> Any:
-    import torch
-
     return torch.tensor(values)
+
+
+class ReasonScheduler:
+    """Continuous batching of chains of thought: one worker thread steps a ``ReasonBatch`` per
+    (policy, settings); a question joins at the next step and leaves when its chain and answer are
+    done. ``emit`` gets one event, ``{"done": True, "result": ReasonResult}`` (or ``{"done": True,
+    "error", "status"}``), from the worker thread. A step that fails runs each of its chains again
+    alone, so only a chain that fails alone gets an error."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.inbox: queue.Queue = queue.Queue()
+        self.batches: dict[str, Any] = {}
+        self.waiting: dict[Hashable, tuple[Any, Any, Any, Callable[[Event], None]]] = {}
+        self.steps = 0
+        self._ids = itertools.count()
+        self.thread = threading.Thread(target=self._loop, name="offramp-reasoner", daemon=True)
+        self.thread.start()
+
+    def submit(self, question: str, policy: Any, config: Any, emit: Callable[[Event], None]) -> Hashable:
+        key = next(self._ids)
+        self.inbox.put((key, question, policy, config, emit))
+        return key
+
+    def close(self) -> None:
+        self.inbox.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            busy = any(len(b) for b in self.batches.values())
+            items = []
+            try:
+                items.append(self.inbox.get(block=not busy))
+                while True:
+                    items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for item in items:
+                if item is None:
+                    return
+                key, question, policy, config, emit = item
+                name = json.dumps([policy.to_dict(), dataclasses.asdict(config)], sort_keys=True, default=str)
+                try:
+                    batch = self.batches.get(name)
+                    if batch is None:
+                        batch = self.batches[name] = ReasonBatch(self.model, self.tokenizer, policy=policy,
+                                                                 config=config, batch_size=self.batch_size)
+                    batch.add(key, question)
+                except ValueError as e:
+                    emit({"done": True, "error": str(e), "status": 400})
+                    continue
+                self.waiting[key] = (question, policy, config, emit)
+            for name in list(self.batches):
+                self._step(name)
+
+    def _step(self, name: str) -> None:
+        batch = self.batches[name]
+        if not len(batch):
+            return
+        try:
+            done = batch.step()
+        except Exception as error:  # every chain of the failed batch runs again alone
+            del self.batches[name]
+            for key in [k for k in self.waiting if k in set(batch.keys.values()) | {k for k, _ in batch.waiting}]:
+                question, policy, config, emit = self.waiting.pop(key)
+                try:
+                    emit({"done": True, "result": reason(self.model, self.tokenizer, question, policy=policy,
+                                                         config=config)})
+                except Exception as e:  # it fails alone too
+                    emit({"done": True, "error": f"this input failed ({type(e).__name__}: {e}; its batch failed "
+                                                 f"with {type(error).__name__})",
+                          "status": 400 if isinstance(e, ValueError) else 500})
+            return
+        self.steps += 1
+        for key, result in done:
+            entry = self.waiting.pop(key, None)
+            if entry is not None:
+                entry[3]({"done": True, "result": result})

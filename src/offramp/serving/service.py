@@ -32,13 +32,13 @@ from offramp.data.prompts import chat_texts
 from offramp.engines.classify import model_signals
 from offramp.engines.generate import SIGNALS, SamplingOptions
 from offramp.engines.reason import SIGNALS as REASON_SIGNALS
-from offramp.engines.reason import ReasonConfig, check_chain_positions, reason_batch
+from offramp.engines.reason import ReasonConfig, check_chain_positions
 from offramp.modeling import EarlyExitModel
 from offramp.modeling.causal_lm import load_causal_lm, load_exits_and_lm
 from offramp.modeling.checkpoints import checkpoint_kind, fit_max_length
 from offramp.modeling.predict import predict_rows, tokenizer_of
 from offramp.policies import POLICIES, make_policy, require_signals
-from offramp.serving.scheduler import GenerationScheduler
+from offramp.serving.scheduler import GenerationScheduler, ReasonScheduler
 from offramp.utils import checkpoint_dir
 
 
@@ -303,14 +303,6 @@ class ClassifyService(_Service):
                 "calibration": _bound(self.model.config), "policies": self.policy_names()}
 
 
-def _groups(items: list[Item], default_new: int) -> dict[tuple[str | None, int], list[int]]:
-    """Indices of ``items`` by (policy, max_new_tokens): one engine batch each."""
-    out: dict[tuple[str | None, int], list[int]] = {}
-    for i, it in enumerate(items):
-        out.setdefault((it.policy, it.max_new_tokens or default_new), []).append(i)
-    return out
-
-
 class GenerateService(_Service):
     """A token-exits folder (``DecoderExitModel.save_pretrained``, ``offramp fit-exits``)
     ready to serve: generation with per-token exits, prompts of concurrent requests decoded in one
@@ -471,6 +463,7 @@ class ReasonService(_Service):
         max_new_tokens: the longest chain by default (the probe's setting when None);
             ``max_new_cap`` the most a request may ask.
         policies: extra named policies (``{"deer": {"type": "deer", "threshold": 0.9}}``).
+        max_rows: the most chains reasoning at once (per policy and length); more wait for a free row.
     """
 
     kind = "probe"
@@ -478,7 +471,7 @@ class ReasonService(_Service):
 
     def __init__(self, probe: str | Path, *, model: str | None = None, dtype: str = "float32",
                  max_questions: int = 8, max_new_tokens: int | None = None, max_new_cap: int = 4096,
-                 max_chars: int = 20_000, policies: dict[str, dict] | None = None) -> None:
+                 max_chars: int = 20_000, policies: dict[str, dict] | None = None, max_rows: int = 8) -> None:
         self.default = probe_policy(probe)
         extra = getattr(self.default.probe, "extra_", {}) or {}
         name = model or extra.get("model")
@@ -498,6 +491,7 @@ class ReasonService(_Service):
         self._start_metrics()
         self.stops: Counter = Counter()
         self.tokens = 0
+        self.scheduler = ReasonScheduler(self.model, self.tokenizer, batch_size=max_rows)
 
     def _candidates(self) -> set[str]:
         return {"probe", *REASON_POLICIES, *self.named}
@@ -526,31 +520,53 @@ class ReasonService(_Service):
             raise RequestError(413, str(e)) from None
         return [Item(q, policy, new) for q in questions]
 
+    def submit(self, item: Item, emit: Callable[[dict[str, Any]], None]) -> Any:
+        """Start the chain of ``item`` in the running batch of its policy and length (it joins at the
+        next step); ``emit`` gets ``{"done": True, **result row}`` (or an error) from the worker thread."""
+        policy = self.resolve(item.policy)
+        config = dataclasses.replace(self.config, max_new_tokens=item.max_new_tokens or self.config.max_new_tokens)
+
+        def done(event: dict[str, Any]) -> None:
+            if "result" not in event:
+                emit(event)
+                return
+            res = event["result"]
+            row = res.to_dict()
+            row.pop("correct", None)
+            row.pop("chain_ids", None)
+            self.rows += 1
+            self.stops[res.stop] += 1
+            self.tokens += res.tokens
+            if res.exit_event is not None:
+                self.exits[int(res.exit_event)] += 1
+            emit({"done": True, **row, "policy": policy.type})
+
+        return self.scheduler.submit(item.text, policy, config, done)
+
+    def cancel(self, key: Any) -> None:
+        """Chains are short and answered whole: a chain whose client went away finishes anyway."""
+
     def run(self, items: list[Item]) -> list[dict[str, Any]]:
-        """Reason over ``items``: one batch of chains per (policy, length)."""
+        """Reason over ``items`` (each joins the running batch) and wait for every result."""
+        import threading
+
         t0 = time.perf_counter()
         out: list[dict[str, Any] | None] = [None] * len(items)
+        left, finished = [len(items)], threading.Event()
 
-        def run_group(key: tuple[str | None, int], idx: list[int]) -> None:
-            name, new = key
-            policy = self.resolve(name)
-            config = dataclasses.replace(self.config, max_new_tokens=new)
-            results = reason_batch(self.model, self.tokenizer, [items[i].text for i in idx], policy=policy,
-                                   config=config, batch_size=len(idx))
-            for i, res in zip(idx, results):
-                row = res.to_dict()
-                row.pop("correct", None)
-                row.pop("chain_ids", None)
-                out[i] = {**row, "policy": policy.type}
-                self.stops[res.stop] += 1
-                self.tokens += res.tokens
-                if res.exit_event is not None:
-                    self.exits[int(res.exit_event)] += 1
-            self.batches += 1
+        def to(i: int) -> Callable[[dict[str, Any]], None]:
+            def on(event: dict[str, Any]) -> None:
+                out[i] = {k: v for k, v in event.items() if k != "done"}
+                left[0] -= 1
+                if not left[0]:
+                    finished.set()
+            return on
 
-        _each_alone_on_failure(_groups(items, self.config.max_new_tokens), run_group,
-                               lambda i, e: out.__setitem__(i, failed_row(e)))
-        self._record(len(items), time.perf_counter() - t0)
+        for i, item in enumerate(items):
+            self.submit(item, to(i))
+        finished.wait()
+        self.batches = self.scheduler.steps
+        self._record(0, time.perf_counter() - t0)
         return out  # type: ignore[return-value]
 
     def metrics(self) -> dict[str, Any]:

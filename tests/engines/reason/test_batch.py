@@ -131,3 +131,27 @@ def test_models_that_cannot_be_batched_are_refused():
         reason_batch(model, tiny_tokenizer(), ["two"], batch_size=0)
     with pytest.raises(ValueError, match="problem 1 is a int"):
         reason_batch(model, tiny_tokenizer(), ["two", 3])
+
+
+@pytest.mark.parametrize("policy", ["never", {"type": "deer", "threshold": 0.5}, "lynx"])
+def test_chains_joining_a_running_batch_are_what_they_are_alone(lm, policy):
+    """A server's continuous batching: questions added while others reason, each joining at the next step."""
+    from offramp.engines.reason import ReasonBatch
+
+    model, tok = lm
+    if policy == "lynx":
+        policy = ProbeExitPolicy(probe=always_accepting_probe(2 * model.config.hidden_size))
+    batch = ReasonBatch(model, tok, policy=policy, config=CFG, batch_size=3)
+    arrivals = {0: [0, 1], 3: [2], 5: [3, 4], 9: [5, 6]}  # step -> questions added then
+    got, step, most = {}, 0, 0
+    while len(got) < len(QUESTIONS):
+        for q in arrivals.get(step, []):
+            batch.add(f"q{q}", QUESTIONS[q])
+        most = max(most, len(batch.engine.chains))
+        for key, res in batch.step():
+            got[key] = res
+        step += 1
+        assert step < 500
+    assert most == 3 and len(batch) == 0  # chains shared steps, at most batch_size at once
+    for q, question in enumerate(QUESTIONS):
+        _same(got[f"q{q}"], reason(model, tok, question, policy=policy, config=CFG))

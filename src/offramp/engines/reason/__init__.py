@@ -7,6 +7,7 @@ LYNX probe is a calibrator: ``offramp.calibration.lynx``; the tasks are data: ``
 from offramp.engines.reason.cues import CueConfig, CueDetector, CueEvent, find_cues
 from offramp.engines.reason.engine import (
                                            SIGNALS,
+                                           ReasonBatch,
                                            ReasonConfig,
                                            ReasonResult,
                                            chain_positions,
@@ -24,7 +25,7 @@ from offramp.engines.reason.rowcache import RowCache
 from offramp.engines.reason.stopping import CueStoppingCriteria
 
 __all__ = ["SIGNALS", "CueConfig", "CueDetector", "CueEvent", "CueStoppingCriteria", "FORCING_PRESETS",
-           "ForcedAnswer", "ReasonConfig", "ReasonResult", "RowCache", "chain_positions", "check_chain_positions",
+           "ForcedAnswer", "ReasonBatch", "ReasonConfig", "ReasonResult", "RowCache", "chain_positions", "check_chain_positions",
            "eos_ids", "event_signals", "find_cues",
            "force_answer", "force_answers", "fork_cache", "iter_reason", "prompt_ids", "reason", "reason_batch",
            "trial_value"]

@@ -427,6 +427,47 @@ def iter_reason(model, tokenizer, problems, *, policy: str | dict | ExitPolicy |
         yield from eng.step()
 
 
+class ReasonBatch:
+    """Chains that join a running batch between steps (a server's continuous batching): ``add`` a
+    question (or ``Problem``) under a key; each ``step`` joins what waits (up to ``batch_size``
+    chains decode together), decodes one token for every chain and returns ``(key, ReasonResult)``
+    for each chain that ended. Each chain's tokens, events, decisions and answer are those it gets
+    alone (as in ``iter_reason``, which runs the same engine on a fixed list)."""
+
+    def __init__(self, model, tokenizer, *, policy: str | dict | ExitPolicy | None = None,
+                 config: ReasonConfig | None = None, batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.config = config or ReasonConfig()
+        self.policy = make_policy(policy)
+        require_signals(self.policy, set(SIGNALS), "a chain of thought's cue events",
+                        "use never, static (a token count), deer or probe")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.engine = _Engine(model, tokenizer, self.policy, self.config, None, False)
+        self.waiting: list[tuple[Any, Any]] = []
+        self.keys: dict[int, Any] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.engine.chains) + len(self.waiting)
+
+    def add(self, key: Any, problem) -> None:
+        """Queue a chain; its positions are checked now (a ValueError before any work)."""
+        question = problem.question if isinstance(problem, Problem) else problem
+        check_chain_positions(self.model, self.tokenizer, [question], self.config)
+        self.waiting.append((key, problem))
+
+    def step(self) -> list[tuple[Any, ReasonResult]]:
+        while self.waiting and len(self.engine.chains) < self.batch_size:
+            key, problem = self.waiting.pop(0)
+            self.keys[self._next] = key
+            self.engine.join(self._next, problem)
+            self._next += 1
+        if not self.engine.chains:
+            return []
+        return [(self.keys.pop(i), res) for i, res in self.engine.step()]
+
+
 def reason_batch(model, tokenizer, problems, *, policy: str | dict | ExitPolicy | None = None,
                  config: ReasonConfig | None = None, batch_size: int = 8,
                  on_event: Callable[[EventContext], dict[str, Any]] | None = None,
