@@ -14,7 +14,10 @@ configurations run in the same process, on the same prompts:
 Per configuration and concurrency: new tokens/s, p50 / p99 latency, p50 time to first token, and
 ``p50_over_single``: the p50 latency over the p50 latency of one client alone on the same server.
 Every answer is compared with offline ``generate`` of its prompt alone (``equal_to_offline`` counts
-the equal ones). Results: JSON on stdout and in ``--out``.
+the equal ones). What bounds ``p50_over_single`` on this machine: a step of b rows costs more than a
+step of one (``offline_step_s``, plain decoding at each client count's batch size), so a request
+among b others cannot be faster than ``bound_p50_over_single`` = step(b) / step(1) times its time
+alone; ``of_possible`` = bound / measured. Results: JSON on stdout and in ``--out``.
 
 Example: ``python benchmarks/serve_openai.py --checkpoint exits/smollm2 --out
 benchmarks/results/serve_openai.json`` (the token exits of docs/generation.md).
@@ -62,6 +65,34 @@ def offline_answers(run: str, prompts: list[str], policies: dict[str, dict], max
             texts.append(tok.decode(res.new_tokens[0][keep].tolist(), skip_special_tokens=True))
         out[name] = texts
         log(f"offline answers ({name}) computed")
+    return out
+
+
+def step_times(run: str, prompts: list[str], sizes: list[int], max_tokens: int) -> dict[int, float]:
+    """Seconds per decoding step of plain greedy decoding (the never rule) at each batch size, offline:
+    what bounds a served request's latency when that many decode together (a row's tokens come one
+    step at a time, and a step of b rows costs step(b))."""
+    from offramp.data.prompts import chat_texts
+    from offramp.engines.generate import SamplingOptions, generate
+    from offramp.modeling.causal_lm import load_exits_and_lm
+
+    model, tok = load_exits_and_lm(run)
+    model.eval()
+    tok.padding_side = "left"
+    texts = chat_texts(tok, prompts)
+    no_eos = SamplingOptions(eos_token_id=None, pad_token_id=tok.pad_token_id)
+    out = {}
+    for b in sizes:
+        batch = (texts * (b // len(texts) + 1))[:b]
+        enc = tok(batch, return_tensors="pt", padding=True)
+        runs = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            generate(model, enc["input_ids"], enc["attention_mask"], policy="never", max_new_tokens=max_tokens,
+                     sampling=no_eos)
+            runs.append((time.perf_counter() - t0) / max_tokens)
+        out[b] = min(runs)
+        log(f"offline: {out[b] * 1000:.0f} ms per step at batch {b}")
     return out
 
 
@@ -154,10 +185,15 @@ def main(argv: list[str] | None = None) -> None:
                         f"{res['requests']} equal to offline")
         finally:
             shutdown()
+    steps = step_times(args.checkpoint, prompts, sorted(set(args.clients) | {1}), args.max_tokens)
     for row in rows:
         single = next(r for r in rows if r["batching"] == row["batching"] and r["policy"] == row["policy"]
                       and r["clients"] == 1)
         row["p50_over_single"] = row["p50_s"] / single["p50_s"]
+        # the bound: every client's row decoding in one batch of `clients` rows, each step at step(clients)
+        bound = steps[row["clients"]] / steps[1]
+        row["bound_p50_over_single"] = bound
+        row["of_possible"] = bound / row["p50_over_single"]
     for row in rows:
         if row["batching"] == "continuous":
             static = next((r for r in rows if r["batching"] == "static" and r["policy"] == row["policy"]
@@ -168,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             row["throughput_over_never"] = row["tokens_per_s"] / never["tokens_per_s"]
     report = {"checkpoint": args.checkpoint, "policy": policy, "prompts": len(prompts), "max_tokens": args.max_tokens,
               "stream": args.stream, "threads": args.threads, "max_batch_size": args.max_batch_size,
-              "client": "openai", "rows": rows}
+              "client": "openai", "offline_step_s": {str(b): v for b, v in steps.items()}, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, report)
     print(json.dumps(report, indent=1))

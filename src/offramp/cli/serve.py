@@ -2,12 +2,13 @@
 
 A classifier (``offramp train`` output) is served at /classify, a token-exits folder at /generate,
 a LYNX probe (``offramp reason fit`` output, with the model it was fitted on) at /reason; one
-server takes one checkpoint of each kind.
+server takes one checkpoint of each kind. Language models also answer the OpenAI API
+(/v1/models, /v1/completions, /v1/chat/completions), in continuously refilled batches.
 
 ```
 offramp serve runs/minilm-pabee --port 8000 --replicas 2 --max-batch-size 32
 curl -s localhost:8000/classify -H 'content-type: application/json' -d '{"texts": ["great game!"]}'
-offramp serve exits/smollm2 runs/probe-offline --dtype auto   # /generate and /reason
+offramp serve exits/smollm2 runs/probe-offline --dtype auto   # /v1/chat/completions, /generate, /reason
 ```
 """
 
@@ -30,9 +31,11 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="model copies, each in its own process (default 1)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="texts per early-exit batch (default 32)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="texts per early-exit batch; for language "
+                   "models, the most prompts (chains) in the running batch (default 32)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a batch waits for more texts (default 5 ms)")
+                   help="how long a classification batch waits for more texts (default 5 ms; generation and "
+                        "reasoning batch continuously: a request joins at the next step)")
     p.add_argument("--max-texts", type=int, default=64, help="texts one request may send (default 64)")
     p.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (default 1)")
     p.add_argument("--policies", default=None, help='named policies requests may choose, as JSON: '

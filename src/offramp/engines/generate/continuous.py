@@ -154,19 +154,30 @@ class ContinuousBatch:
         return out
 
     def _join(self) -> None:
+        """Prefill every queued prompt that fits, together as one left-padded batch, and merge them in."""
         if self.static and self.rows:
             return
-        while self.queue and len(self.rows) < self.max_rows:
-            row = self.queue.pop(0)
-            ids = torch.tensor([row.prompt], device=self.adapter.layer_device(0))
-            attn = torch.ones_like(ids)
-            run = DecodeRun(self.adapter, self.exit_model, self.policy, self.strategy, ids, attn, row.max_new)
-            row.logits, row.exit_at = run.prefill(ids, attn)[0], run.num_layers
-            if self.run is None:
-                self.run, self.col = run, ids.shape[1]
-            else:
-                self.col = self.run.merge(run, self.col, ids.shape[1])
-            self.rows.append(row)
+        joining = self.queue[:self.max_rows - len(self.rows)]
+        if not joining:
+            return
+        del self.queue[:len(joining)]
+        width = max(len(r.prompt) for r in joining)
+        dev = self.adapter.layer_device(0)
+        ids = torch.zeros(len(joining), width, dtype=torch.long, device=dev)
+        attn = torch.zeros_like(ids)
+        for i, row in enumerate(joining):
+            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt, device=dev)
+            attn[i, width - len(row.prompt):] = 1
+        run = DecodeRun(self.adapter, self.exit_model, self.policy, self.strategy, ids, attn,
+                        max(r.max_new for r in joining))
+        logits = run.prefill(ids, attn)
+        for row, lg in zip(joining, logits):
+            row.logits, row.exit_at = lg, run.num_layers
+        if self.run is None:
+            self.run, self.col = run, width
+        else:
+            self.col = self.run.merge(run, self.col, width)
+        self.rows.extend(joining)
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
