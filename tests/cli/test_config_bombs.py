@@ -24,10 +24,28 @@ def _capped() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
 
 
-def offramp_capped(*argv: object) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "offramp.cli", "--threads", "1", *map(str, argv)],
-                          capture_output=True, text=True, preexec_fn=_capped, timeout=120)
-    return proc.returncode, proc.stderr
+DRIVER = """
+import contextlib, io, json, sys
+from offramp.cli import main
+results = []
+for argv in json.load(sys.stdin):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main(["--threads", "1", *argv])
+        except Exception as e:  # what an unchecked size does under the cap: its own case fails
+            rc = type(e).__name__
+    results.append([rc, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def offramp_capped(*runs: list) -> list[tuple[int, str]]:
+    """Each argv of ``runs`` through ``offramp``, in one process (torch loads once) capped at 2 GiB."""
+    proc = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps([[str(a) for a in r] for r in runs]),
+                          capture_output=True, text=True, preexec_fn=_capped, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [tuple(x) for x in json.loads(proc.stdout.splitlines()[-1])]
 
 
 @pytest.fixture(scope="module")
@@ -60,38 +78,49 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_a_classifier_config_with_ten_million_labels(ws, tmp_path):
-    run = _copy(ws["run"], tmp_path / "run")
+def _cases(ws: dict[str, Path], root: Path) -> dict[str, tuple[list, str]]:
+    """{case: (argv, what the error must say)}, each on its own crafted copy."""
+    cases: dict[str, tuple[list, str]] = {}
+    run = _copy(ws["run"], root / "labels")
     _edit(run / "checkpoint" / "offramp_config.json", num_labels=10**7, label_names=None)
-    rc, err = offramp_capped("predict", "--model", run, "good great")
-    assert rc == 2 and "head shapes do not match" in err and "(the config asks for (10000000," in err, err[-2000:]
-
-
-@pytest.mark.parametrize("width, match", [(2 * 10**7, "confidence_hidden must be an integer in [1, 65536]"),
-                                          (60_000, "head shapes do not match")])
-def test_token_exits_with_a_crafted_confidence_width(ws, tmp_path, width, match):
-    exits = _copy(ws["exits"], tmp_path / "exits")
-    _edit(exits / "offramp_config.json", confidence_hidden=width)
-    rc, err = offramp_capped("generate", "--model", ws["lm"], "--exits", exits, "--prompt", "w5 w6",
-                             "--max-new-tokens", "2")
-    assert rc == 2 and match in err and str(width) in err, err[-2000:]
-
-
-@pytest.mark.parametrize("field, value, match", [
-    ("num_hidden_layers", 10**9, "says num_hidden_layers 1000000000, but the weights hold layers 0..3"),
-    ("intermediate_size", 10**7, "describes a model of"),
-    ("vocab_size", 10**8, "describes a model of"),
-])
-def test_a_backbone_config_that_asks_for_more_than_its_weights(ws, tmp_path, field, value, match):
-    model = _copy(ws["model"], tmp_path / "tiny")
-    _edit(model / "config.json", **{field: value})
-    rc, err = offramp_capped("train", "--model", model, "--data", ws["csv"], "--out", tmp_path / "out", "--epochs", 1)
-    assert rc == 2 and match in err and "Traceback" not in err, err[-2000:]
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_causal_lm_config_with_a_billion_layers(ws, tmp_path):
-    lm = _copy(ws["lm"], tmp_path / "lm")
+    cases["ten-million-labels"] = (["predict", "--model", run, "good great"],
+                                   "classifiers.linears.0.bias (3,) (the config asks for (10000000,))")
+    for width, match in ((2 * 10**7, "confidence_hidden must be an integer in [1, 65536]"),
+                         (60_000, "head shapes do not match")):
+        exits = _copy(ws["exits"], root / f"exits-{width}")
+        _edit(exits / "offramp_config.json", confidence_hidden=width)
+        cases[f"confidence-{width}"] = (["generate", "--model", ws["lm"], "--exits", exits, "--prompt", "w5 w6",
+                                         "--max-new-tokens", "2"], match)
+    for field, value, match in (("num_hidden_layers", 10**9, "says num_hidden_layers 1000000000, but the weights "
+                                                             "hold layers 0..3"),
+                                ("intermediate_size", 10**7, "describes a model of"),
+                                ("vocab_size", 10**8, "describes a model of")):
+        model = _copy(ws["model"], root / field)
+        _edit(model / "config.json", **{field: value})
+        cases[f"encoder-{field}"] = (["train", "--model", model, "--data", ws["csv"], "--out", root / f"out-{field}",
+                                      "--epochs", 1], match)
+    lm = _copy(ws["lm"], root / "lm")
     _edit(lm / "config.json", num_hidden_layers=10**9)
-    rc, err = offramp_capped("generate", "--model", lm, "--prompt", "w5 w6", "--max-new-tokens", "2")
-    assert rc == 2 and "says num_hidden_layers 1000000000" in err, err[-2000:]
+    cases["causal-lm-layers"] = (["generate", "--model", lm, "--prompt", "w5 w6", "--max-new-tokens", "2"],
+                                 "says num_hidden_layers 1000000000")
+    return cases
+
+
+CASES = ["ten-million-labels", "confidence-20000000", "confidence-60000", "encoder-num_hidden_layers",
+         "encoder-intermediate_size", "encoder-vocab_size", "causal-lm-layers"]
+
+
+@pytest.fixture(scope="module")
+def results(ws, tmp_path_factory) -> dict[str, tuple[int, str, str, Path]]:
+    root = tmp_path_factory.mktemp("crafted")
+    cases = _cases(ws, root)
+    assert sorted(cases) == sorted(CASES)
+    out = offramp_capped(*[cases[c][0] for c in CASES])
+    return {c: (rc, err, cases[c][1], root) for c, (rc, err) in zip(CASES, out)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_crafted_size_is_refused_before_any_allocation(results, case):
+    rc, err, match, root = results[case]
+    assert rc == 2 and match in err and "Traceback" not in err, err[-2000:]
+    assert not list(root.glob("out-*"))  # train wrote nothing
