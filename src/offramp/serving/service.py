@@ -94,6 +94,29 @@ class _Service:
         self.latencies.append(seconds)
         del self.latencies[:-10_000]
 
+    def _submit_all(self, items: list[Item], on: Callable[[int, dict[str, Any]], None]) -> None:
+        """``submit`` every item to the running batch, pass each event to ``on(index, event)``, and
+        return when every item is done (for callers without an event loop: tests, ``run``)."""
+        import threading
+
+        t0 = time.perf_counter()
+        left, finished = [len(items)], threading.Event()
+
+        def to(i: int) -> Callable[[dict[str, Any]], None]:
+            def forward(event: dict[str, Any]) -> None:
+                on(i, event)
+                if event.get("done"):
+                    left[0] -= 1
+                    if not left[0]:
+                        finished.set()
+            return forward
+
+        for i, item in enumerate(items):
+            self.submit(item, to(i))  # type: ignore[attr-defined]
+        finished.wait()
+        self.batches = self.scheduler.steps  # type: ignore[attr-defined]
+        self._record(0, time.perf_counter() - t0)
+
     def _base_metrics(self) -> dict[str, Any]:
         import numpy as np
 
@@ -415,25 +438,7 @@ class GenerateService(_Service):
         ends, ``{"index": item, "done": true, "text", "tokens", "exit_layers", "finish_reason",
         "policy"}``. The pieces add up to the whole text (a piece is held back while it ends inside
         a character or may begin a stop string). Returns when every item is done."""
-        import threading
-
-        t0 = time.perf_counter()
-        left, finished = [len(items)], threading.Event()
-
-        def to(i: int) -> Callable[[dict[str, Any]], None]:
-            def on(event: dict[str, Any]) -> None:
-                emit({i: [{"index": i, **event}]})
-                if event.get("done"):
-                    left[0] -= 1
-                    if not left[0]:
-                        finished.set()
-            return on
-
-        for i, item in enumerate(items):
-            self.submit(item, to(i))
-        finished.wait()
-        self.batches = self.scheduler.steps
-        self._record(0, time.perf_counter() - t0)
+        self._submit_all(items, lambda i, event: emit({i: [{"index": i, **event}]}))
 
     def metrics(self) -> dict[str, Any]:
         stats = self.scheduler.stats()  # a "batch" is a decoding step of the running batch
@@ -548,25 +553,8 @@ class ReasonService(_Service):
 
     def run(self, items: list[Item]) -> list[dict[str, Any]]:
         """Reason over ``items`` (each joins the running batch) and wait for every result."""
-        import threading
-
-        t0 = time.perf_counter()
         out: list[dict[str, Any] | None] = [None] * len(items)
-        left, finished = [len(items)], threading.Event()
-
-        def to(i: int) -> Callable[[dict[str, Any]], None]:
-            def on(event: dict[str, Any]) -> None:
-                out[i] = {k: v for k, v in event.items() if k != "done"}
-                left[0] -= 1
-                if not left[0]:
-                    finished.set()
-            return on
-
-        for i, item in enumerate(items):
-            self.submit(item, to(i))
-        finished.wait()
-        self.batches = self.scheduler.steps
-        self._record(0, time.perf_counter() - t0)
+        self._submit_all(items, lambda i, event: out.__setitem__(i, {k: v for k, v in event.items() if k != "done"}))
         return out  # type: ignore[return-value]
 
     def metrics(self) -> dict[str, Any]:

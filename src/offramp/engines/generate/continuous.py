@@ -57,7 +57,36 @@ class _Row:
     exit_at: int = 0
 
 
-class ContinuousBatch:
+class _Rows:
+    """What both running batches share: their queued and running rows, and dropping one."""
+
+    queue: list[_Row]
+    rows: list[_Row]
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.queue)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [r.key for r in self.rows + self.queue]
+
+    def cancel(self, key: Hashable) -> bool:
+        """Drop a row (its client went away); True if it was there."""
+        for i, row in enumerate(self.queue):
+            if row.key == key:
+                del self.queue[i]
+                return True
+        for i, row in enumerate(self.rows):
+            if row.key == key:
+                self._keep([j for j in range(len(self.rows)) if j != i])
+                return True
+        return False
+
+    def _keep(self, keep: list[int]) -> None:
+        raise NotImplementedError
+
+
+class ContinuousBatch(_Rows):
     """Rows that join and leave a running token-exit decoding batch between steps.
 
     Args:
@@ -93,13 +122,6 @@ class ContinuousBatch:
         self.col = 0  # the column of every running row's next token
         self.steps = 0
 
-    def __len__(self) -> int:
-        return len(self.rows) + len(self.queue)
-
-    @property
-    def keys(self) -> list[Hashable]:
-        return [r.key for r in self.rows + self.queue]
-
     def add(self, key: Hashable, input_ids: list[int] | Tensor, max_new_tokens: int,
             sampling: SamplingOptions | None = None) -> None:
         """Queue a prompt (token ids, no padding); it joins at the next ``step`` with room. Its
@@ -111,18 +133,6 @@ class ContinuousBatch:
         sampling = sampling or self.sampling
         dev = self.adapter.layer_device(0)
         self.queue.append(_Row(key, ids.tolist(), max_new_tokens, sampling, sampling.generator(dev)))
-
-    def cancel(self, key: Hashable) -> bool:
-        """Drop a row (its client went away); True if it was there."""
-        for i, row in enumerate(self.queue):
-            if row.key == key:
-                del self.queue[i]
-                return True
-        for i, row in enumerate(self.rows):
-            if row.key == key:
-                self._keep([j for j in range(len(self.rows)) if j != i])
-                return True
-        return False
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -193,7 +203,7 @@ class ContinuousBatch:
         return {"running": len(self.rows), "queued": len(self.queue), "steps": self.steps, "column": self.col}
 
 
-class ContinuousSpeculation:
+class ContinuousSpeculation(_Rows):
     """Lossless self-speculation (``speculative_generate``, greedy) for rows that join and leave a
     running batch between rounds: each round drafts ``draft_tokens`` tokens from the drafting exit
     for every running row and verifies them with the remaining layers in one pass; every row gets
@@ -229,9 +239,6 @@ class ContinuousSpeculation:
         self.col = 0
         self.steps = self.drafted = self.accepted = 0
 
-    __len__ = ContinuousBatch.__len__
-    keys = ContinuousBatch.keys
-
     def add(self, key: Hashable, input_ids: list[int] | Tensor, max_new_tokens: int,
             sampling: SamplingOptions | None = None) -> None:
         """Queue a prompt; it joins at the next round. Checked now (positions, sampling)."""
@@ -243,17 +250,6 @@ class ContinuousSpeculation:
         if key in self.keys:
             raise ValueError(f"row key {key!r} is already in the batch")
         self.queue.append(_Row(key, ids.tolist(), max_new_tokens, sampling or self.sampling, None))
-
-    def cancel(self, key: Hashable) -> bool:
-        for i, row in enumerate(self.queue):
-            if row.key == key:
-                del self.queue[i]
-                return True
-        for i, row in enumerate(self.rows):
-            if row.key == key:
-                self._keep([j for j in range(len(self.rows)) if j != i])
-                return True
-        return False
 
     @torch.no_grad()
     def step(self) -> list[RowToken]:
