@@ -144,8 +144,11 @@ class ContinuousBatch(_Rows):
             return []
         out, keep, chosen = [], [], []
         for i, row in enumerate(self.rows):
-            history = torch.tensor([row.prompt + row.tokens], device=row.logits.device)
-            token = int(next_tokens(row.logits[None], history, row.sampling, row.generator)[0])
+            if row.sampling.do_sample or row.sampling.repetition_penalty != 1.0:  # these read the row's history
+                history = torch.tensor([row.prompt + row.tokens], device=row.logits.device)
+                token = int(next_tokens(row.logits[None], history, row.sampling, row.generator)[0])
+            else:
+                token = int(row.logits.float().argmax())  # greedy: next_tokens' argmax, without the history
             row.tokens.append(token)
             done = bool(row.sampling.is_eos(torch.tensor([token]))[0]) or len(row.tokens) >= row.max_new
             out.append(RowToken(row.key, len(row.tokens) - 1, token, row.exit_at, done))
