@@ -103,3 +103,22 @@ def test_cats_method_and_bad_policy(tiny_bert, tmp_path, capsys):
         _run(["--model", str(ckpt), "--trace", str(trace), "--policy", "never"])
     with pytest.raises(ValueError, match="not an offramp checkpoint"):
         _run(["--model", str(tmp_path), "--trace", str(trace)])
+
+
+def test_calibrate_warns_when_the_certified_rule_is_trivial_and_not_otherwise():
+    import warnings
+
+    from offramp.calibration.calibrate import calibrate
+    from offramp.config import OfframpConfig
+
+    rng = np.random.default_rng(3)
+    config = OfframpConfig(policy={"type": "entropy", "threshold": 0.5})
+    same = _trace(rng, 400)
+    same.logits[:] = same.logits[-1]  # every exit predicts what the last does: exiting all at once is safe
+    with pytest.warns(UserWarning, match="trivial one: every row exits at the first exit"):
+        _, _, record = calibrate(config, same, delta=0.1, epsilon=0.1)
+    assert record["mean_exit_layer"] == 1 and record["ideal_speedup"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a normal trace: no warning
+        _, _, record = calibrate(config, _trace(rng, 400), delta=0.1, epsilon=0.1)
+    assert 1 < record["mean_exit_layer"] < 4 and record["ideal_speedup"] == pytest.approx(4 / record["mean_exit_layer"])

@@ -43,11 +43,35 @@ def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", 
                   "mean_exit_layer": None if step is None else step.mean_exit_layer}
     if chosen is None:
         return None, text, record
+    if record.get("mean_exit_layer") is not None:
+        _say_what_was_certified(record, trace)
     record["policy"] = chosen.to_dict()
     record["bound"] = text
     if alpha is not None and getattr(trace, "labels", None) is not None:
         record["conformal"] = _conformal(chosen, trace, alpha)
     return chosen.to_dict(), text, record
+
+
+ASSUMPTION = ("the bound assumes the calibration rows and the rows the rule will see are alike "
+              "(exchangeable): data of another kind (short phrases against full sentences, another "
+              "domain) can break it; calibrate on data like what you will serve")
+
+
+def _say_what_was_certified(record: dict, trace) -> None:
+    """Add the certified rule's ideal speed-up to ``record``, and warn when it is a trivial rule:
+    every row at the first exit (the bound then says only that the first exit is good enough on
+    this data) or never exiting early (no speed-up)."""
+    import warnings
+
+    mean, first, last = float(record["mean_exit_layer"]), trace.exit_layers[0], trace.num_layers
+    record["ideal_speedup"] = last / mean if mean > 0 else None
+    if abs(mean - first) < 1e-9:
+        warnings.warn(f"the certified rule is the trivial one: every row exits at the first exit (layer {first}). "
+                      "Its bound holds because the first exit alone is within epsilon on this calibration data; "
+                      "check that this data is like what you will serve, or lower --epsilon", stacklevel=3)
+    elif abs(mean - last) < 1e-9:
+        warnings.warn(f"the certified rule never exits before the last layer ({last}): it is safe and saves "
+                      "nothing; raise --epsilon or --delta, or calibrate on more rows", stacklevel=3)
 
 
 def _conformal(policy, trace, alpha: float) -> dict:

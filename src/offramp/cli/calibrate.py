@@ -109,7 +109,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     rule = args.policy or config.policy["type"]
     grid = None if args.grid is None else common.parse_grids([f"{rule}={args.grid}"])[rule]
     trace = _trace(args)
-    from offramp.calibration.calibrate import calibrate
+    from offramp.calibration.calibrate import ASSUMPTION, calibrate
 
     policy, text, record = calibrate(config, trace, policy=args.policy, method=args.method, risk=risk,
                                      delta=args.delta, epsilon=args.epsilon, pvalue=args.pvalue, grid=grid,
@@ -120,6 +120,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     config.policy = policy
     config.extra = {**(config.extra or {}), "calibration": _jsonable(record)}
     atomic_write_json(ckpt / CONFIG_NAME, config.to_dict())  # atomic: temp file + rename
+    if record.get("ideal_speedup"):
+        common.log(f"certified: mean exit layer {record['mean_exit_layer']:.2f} of {trace.num_layers} (ideal "
+                   f"speed-up {record['ideal_speedup']:.2f}x) on {record['n']} calibration rows; {ASSUMPTION}")
     print(text)
     print(f"wrote policy {policy} to {ckpt / 'offramp_config.json'}")
     return 0
