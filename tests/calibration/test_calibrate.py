@@ -122,3 +122,39 @@ def test_calibrate_warns_when_the_certified_rule_is_trivial_and_not_otherwise():
         warnings.simplefilter("error")  # a normal trace: no warning
         _, _, record = calibrate(config, _trace(rng, 400), delta=0.1, epsilon=0.1)
     assert 1 < record["mean_exit_layer"] < 4 and record["ideal_speedup"] == pytest.approx(4 / record["mean_exit_layer"])
+
+
+def test_the_check_interval_holds_the_true_risk_of_a_synthetic_rule():
+    from offramp.calibration.calibrate import check_risk
+
+    rng = np.random.default_rng(11)
+    policy = make_policy({"type": "entropy", "threshold": 0.8})
+    population = _trace(rng, 100_000)  # the true risk of this rule, to a few 1e-3
+    index, _ = replay(policy, population)
+    truth = float((population.logits[index, torch.arange(100_000)].argmax(-1) != population.logits[-1].argmax(-1))
+                  .float().mean())
+    held = [check_risk(policy, _trace(rng, 1500), risk="disagree", delta=0.1, epsilon=0.05) for _ in range(20)]
+    inside = sum(h["interval"][0] <= truth <= h["interval"][1] for h in held)
+    assert inside >= 17  # a 95% interval: about 19 of 20 hold the truth
+    assert all(h["consistent"] == (h["interval"][0] <= 0.1) for h in held)
+    assert 0 < truth < 1 and all(h["n"] == 1500 for h in held)
+
+
+def test_calibrate_check_reports_the_risk_on_another_split(tmp_path, capsys):
+    from tiny_assets import write_csv, write_model
+
+    from offramp.cli import main
+
+    model, csv = write_model(tmp_path / "tiny"), write_csv(tmp_path / "d.csv", n=120)
+    assert main(["--threads", "1", "--quiet", "train", "--model", str(model), "--data", str(csv), "--out",
+                 str(tmp_path / "run"), "--epochs", "2", "--batch-size", "16"]) == 0
+    capsys.readouterr()
+    assert main(["--threads", "1", "--quiet", "calibrate", "--model", str(tmp_path / "run"), "--policy", "entropy",
+                 "--delta", "0.5", "--epsilon", "0.5", "--check", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "check on test: disagree risk" in out and "the bound 0.5" in out
+    cal = json.loads((tmp_path / "run" / "checkpoint" / "offramp_config.json").read_text())["extra"]["calibration"]
+    check = cal["check"]
+    assert check["split"] == "test" and check["n"] == 12 and check["interval"][0] <= check["risk"] <= check["interval"][1]
+    with pytest.raises(ValueError, match="the split calibrate certifies on"):
+        main(["--debug", "calibrate", "--model", str(tmp_path / "run"), "--check", "validation"])

@@ -5,9 +5,9 @@ consistency), and optionally per-exit conformal prediction sets at level alpha."
 from __future__ import annotations
 
 from offramp.calibration.conformal import PerExitConformal
-from offramp.calibration.risk import CATsStopping, LearnThenTest
+from offramp.calibration.risk import CATsStopping, LearnThenTest, exit_losses
 from offramp.evaluation.collect import replay
-from offramp.names import TOKEN_RISKS
+from offramp.names import RISKS, TOKEN_RISKS
 from offramp.policies import make_policy
 
 
@@ -50,6 +50,27 @@ def calibrate(config, trace, *, policy: str | None = None, method: str = "ltt", 
     if alpha is not None and getattr(trace, "labels", None) is not None:
         record["conformal"] = _conformal(chosen, trace, alpha)
     return chosen.to_dict(), text, record
+
+
+def check_risk(policy, trace, *, risk: str, delta: float, epsilon: float) -> dict:
+    """The realised risk of a certified classifier ``policy`` on another split's ``trace``, with its
+    exact (Clopper-Pearson) binomial interval at level 1 - epsilon, and whether it is consistent
+    with the bound "risk <= delta" (the interval reaches down to delta or below). A bound that the
+    check contradicts says that the two splits differ in kind (the guarantee assumes they do not)."""
+    from scipy.stats import binomtest  # scipy ships with scikit-learn, as the binomial p-value does
+
+    if risk not in RISKS:
+        raise ValueError(f"--check measures a classifier's 0/1 risk ({', '.join(RISKS)}), not {risk!r}")
+    if risk == "wrong_when_full_right" and getattr(trace, "labels", None) is None:
+        raise ValueError("the check split has no labels: wrong_when_full_right needs them; use --risk disagree")
+    index, _ = replay(policy, trace)
+    labels = None if trace.labels is None else trace.labels.numpy()
+    losses = exit_losses(trace.logits.numpy(), labels, index.numpy().astype("int64"), risk)
+    n, k = int(losses.size), int(round(float(losses.sum())))
+    low, high = binomtest(k, n).proportion_ci(confidence_level=1 - epsilon, method="exact")
+    layers = [trace.exit_layers[i] for i in index.tolist()]
+    return {"n": n, "risk": k / n, "interval": [float(low), float(high)], "level": 1 - epsilon, "delta": delta,
+            "consistent": bool(low <= delta), "mean_exit_layer": sum(layers) / n}
 
 
 ASSUMPTION = ("the bound assumes the calibration rows and the rows the rule will see are alike "

@@ -62,6 +62,9 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "[0, 1]) or binomial (the tightest, 0/1 losses only)")
     p.add_argument("--grid", default=None,
                    help="comma-separated thresholds, most conservative first (default: a fixed grid per rule)")
+    p.add_argument("--check", metavar="SPLIT", choices=["train", "validation", "test"], default=None,
+                   help="classifiers: also measure the certified rule's risk on this split of the data, with its "
+                        "binomial interval, and say whether it is consistent with the bound")
     p.add_argument("--alpha", type=float, default=None,
                    help="also fit per-exit conformal sets at this miscoverage and store their quantiles")
     from offramp.cli.generate import add_token_collect_args
@@ -74,15 +77,16 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _trace(args: argparse.Namespace):
+def _trace(args: argparse.Namespace, split: str | None = None):
+    """The calibration trace (--trace, or one collected on --split); with ``split``, that split's."""
     from offramp.cli import common
     from offramp.evaluation.collect import collect
     from offramp.evaluation.token_trace import load_trace
 
-    if args.trace:
+    if args.trace and split is None:
         return load_trace(args.trace)
     model, data, settings = common.model_and_data(args)
-    loader = common.split_batches(data.split(args.split), common.tokenizer_of(model), settings, lazy=True)
+    loader = common.split_batches(data.split(split or args.split), common.tokenizer_of(model), settings, lazy=True)
     return collect(model, loader)
 
 
@@ -104,12 +108,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if risk not in allowed:
         raise ValueError(f"--risk {risk} is for {'token exits' if kind == 'classifier' else 'classifiers'}; "
                          f"this checkpoint is {kind}: use --risk {' or '.join(allowed)}")
+    if args.check is not None and (kind != "classifier" or args.method != "ltt"):
+        raise ValueError("--check measures a classifier's Learn-then-Test bound on another split: drop it here")
+    if args.check is not None and not args.trace and args.check == args.split:
+        raise ValueError(f"--check {args.check} is the split calibrate certifies on: check on another one")
     if kind == "token_exits" and not args.trace:
         return _calibrate_generation(args, ckpt, config, risk)
     rule = args.policy or config.policy["type"]
     grid = None if args.grid is None else common.parse_grids([f"{rule}={args.grid}"])[rule]
     trace = _trace(args)
-    from offramp.calibration.calibrate import ASSUMPTION, calibrate
+    from offramp.calibration.calibrate import ASSUMPTION, calibrate, check_risk
+    from offramp.policies import make_policy
 
     policy, text, record = calibrate(config, trace, policy=args.policy, method=args.method, risk=risk,
                                      delta=args.delta, epsilon=args.epsilon, pvalue=args.pvalue, grid=grid,
@@ -124,6 +133,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
         common.log(f"certified: mean exit layer {record['mean_exit_layer']:.2f} of {trace.num_layers} (ideal "
                    f"speed-up {record['ideal_speedup']:.2f}x) on {record['n']} calibration rows; {ASSUMPTION}")
     print(text)
+    if args.check is not None:
+        check = check_risk(make_policy(policy), _trace(args, args.check), risk=risk, delta=args.delta,
+                           epsilon=args.epsilon)
+        lo, hi = check["interval"]
+        verdict = "consistent with" if check["consistent"] else "NOT consistent with (the splits differ in kind?)"
+        print(f"check on {args.check}: {risk} risk {check['risk']:.4f} on n={check['n']}, {check['level']:.0%} "
+              f"interval [{lo:.4f}, {hi:.4f}]: {verdict} the bound {args.delta:g}; mean exit layer "
+              f"{check['mean_exit_layer']:.2f}")
+        config.extra["calibration"]["check"] = _jsonable({"split": args.check, **check})
+        atomic_write_json(ckpt / CONFIG_NAME, config.to_dict())
     print(f"wrote policy {policy} to {ckpt / 'offramp_config.json'}")
     return 0
 
