@@ -3,7 +3,9 @@
 Measures, at each batch size:
 - overhead: time of ``predict`` with the never-exit policy / time of the plain HF forward + head;
 - realised speed-up / ideal speed-up with rows assigned known mixed exit depths, where ideal =
-  layers / mean exit layer and realised = plain time / early-exit time.
+  layers / mean exit layer and realised = plain time / early-exit time;
+- the same for a "shallow" assignment, where most rows leave at the first or second exit (what
+  a good rule does on easy data, and where what an early exit still pays weighs most).
 Timings interleave the variants and take medians, so drift of a noisy machine hits all alike.
 """
 
@@ -85,8 +87,26 @@ def _inputs(model: EarlyExitModel, n: int, seq_len: int, seed: int) -> tuple[Ten
     return ids, torch.ones_like(ids)
 
 
+SHALLOW = (0.6, 0.3)  # the shares of rows that leave at the first and at the second exit; the rest at the last
+
+
+def assigned_depths(layers: list[int], num_rows: int, kind: str, seed: int) -> Tensor:
+    """Each row's exit layer: "mixed" spreads rows evenly over the exits, "shallow" sends most to the
+    first two (``SHALLOW``), the rest to the last; shuffled so depths do not come in blocks."""
+    exits = torch.tensor(layers)
+    if kind == "mixed":
+        depth = exits[torch.arange(num_rows) % len(layers)]
+    elif kind == "shallow":
+        first, second = round(SHALLOW[0] * num_rows), round(SHALLOW[1] * num_rows)
+        depth = torch.cat([exits[:1].repeat(first), exits[1:2].repeat(second),
+                           exits[-1:].repeat(num_rows - first - second)])
+    else:
+        raise ValueError(f"depths must be 'mixed' or 'shallow', got {kind!r}")
+    return depth[torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))]
+
+
 def measure(model: EarlyExitModel, batch_size: int, *, num_rows: int = 64, seq_len: int = 64,
-            repeats: int = 5, seed: int = 0, clock: str = "wall") -> dict[str, float]:
+            repeats: int = 5, seed: int = 0, clock: str = "wall", depths: str = "mixed") -> dict[str, float]:
     """Overhead and realised/ideal speed-up at one batch size (rows processed in batches).
 
     ``clock="wall"`` uses wall-clock time; ``clock="cpu"`` the CPU time of this process, which a
@@ -97,9 +117,7 @@ def measure(model: EarlyExitModel, batch_size: int, *, num_rows: int = 64, seq_l
     model.eval()
     plain = _plain_forward(model)
     ids, mask = _inputs(model, num_rows, seq_len, seed)
-    layers = torch.tensor(model.exit_layers)
-    depth = layers[torch.arange(num_rows) % len(layers)]  # known mixed depths, evenly spread
-    depth = depth[torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))]
+    depth = assigned_depths(model.exit_layers, num_rows, depths, seed)
     assigned = AssignedDepthPolicy()
     batches = [(ids[i:i + batch_size], mask[i:i + batch_size], depth[i:i + batch_size])
                for i in range(0, num_rows, batch_size)]
@@ -161,6 +179,13 @@ def run(model: str = "minilm", *, batch_sizes: tuple[int, ...] = (1, 32), num_ro
         result["ideal_speedup"] = r["ideal_speedup"]
         result["mean_exit_layer"] = r["mean_exit_layer"]
         result[f"detail_bs{bs}"] = {k: r[k] for k in r if k.endswith(("_wall", "_cpu"))}
+        s = measure(m, bs, num_rows=num_rows, seq_len=seq_len, repeats=repeats, clock=clock, depths="shallow")
+        shallow = result.setdefault("shallow", {"shares": {"first_exit": SHALLOW[0], "second_exit": SHALLOW[1]},
+                                                "ideal_speedup": s["ideal_speedup"],
+                                                "mean_exit_layer": s["mean_exit_layer"]})
+        shallow[f"realised_over_ideal_bs{bs}"] = s["realised_over_ideal"]
+        shallow[f"realised_speedup_bs{bs}"] = s["realised_speedup"]
+        shallow[f"overhead_bs{bs}"] = s["overhead"]
     if json_path:
         atomic_write_json(json_path, result)
     return result
