@@ -67,7 +67,7 @@ def test_generate_checks_the_prompt_length_with_max_new_tokens(generator):
         generator.check({"prompts": ["w5", "w6 \udc80"]})
 
 
-def test_a_prompt_that_fails_inside_a_batch_fails_alone_and_streams_the_others_once(generator):
+def test_a_prompt_the_tokenizer_cannot_encode_fails_before_it_joins_and_the_others_are_answered(generator):
     """A prompt the checks let through but the tokenizer cannot encode fails by itself."""
     prompts = ["w5 w6 w7", "w9", "w12 w13"]
     alone = generator.run([Item(p) for p in prompts])

@@ -175,7 +175,7 @@ async def _openai_stream(service: Any, item: Any, req: Any, prompt_tokens: int, 
             if "error" in event:
                 yield openai_api.sse(openai_api.error_body(event["status"], event["error"]))
                 break
-            extra = openai_api._extension(event, num_layers)
+            extra = openai_api.extension(event, num_layers)
             yield openai_api.sse(openai_api.chunk(req, finish=event["finish_reason"], first=first, extra=extra))
             if req.include_usage:
                 yield openai_api.sse(openai_api.usage_chunk(req, prompt_tokens, len(event["tokens"])))
@@ -346,12 +346,10 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
                     raise openai_api.OpenAIError(400, "offramp.stop_thinking needs the reasoning model: name it in "
                                                       f"model ({self.ids.get('probe', 'none is served')})", "offramp")
                 service.resolve(req.policy)
-                prompt_tokens = len(service.tokenizer(req.prompt)["input_ids"])
-                limit = service.model.adapter.max_positions()
-                if limit is not None and prompt_tokens + req.max_tokens > limit:
-                    raise openai_api.OpenAIError(400, f"this request needs {prompt_tokens} prompt tokens + max_tokens "
-                                                      f"{req.max_tokens}, past the model's context of {limit}",
-                                                 "max_tokens", "context_length_exceeded")
+                try:
+                    prompt_tokens = service.prompt_tokens(req.prompt, req.max_tokens)
+                except RequestError as e:  # OpenAI's code for it, as clients expect
+                    raise openai_api.OpenAIError(400, e.message, "max_tokens", "context_length_exceeded") from None
             except openai_api.OpenAIError as e:
                 return JSONResponse(e.body(), status_code=e.status)
             except RequestError as e:

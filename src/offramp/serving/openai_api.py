@@ -191,7 +191,8 @@ def _check_string(text: str, name: str, max_chars: int, allow_empty: bool = Fals
 
 
 # ---------------------------------------------------------------------------------- responses
-def _extension(result: dict[str, Any], num_layers: int) -> dict[str, Any]:
+def extension(result: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """A generation's ``offramp`` field: each token's exit layer, its policy, the layers saved."""
     layers = result.get("exit_layers") or []
     decoded = layers[1:]  # the first token comes from the prompt's forward pass: every layer
     saved = 1 - sum(decoded) / (num_layers * len(decoded)) if decoded else 0.0
@@ -213,7 +214,7 @@ def response(req: Completion, result: dict[str, Any], prompt_tokens: int, num_la
             choice["message"]["reasoning_content"] = result["reasoning_content"]
     else:
         choice["text"] = result["text"]
-    choice["offramp"] = result["offramp"] if "offramp" in result else _extension(result, num_layers)
+    choice["offramp"] = result["offramp"] if "offramp" in result else extension(result, num_layers)
     return {"id": ("chatcmpl-" if req.chat else "cmpl-") + req.id,
             "object": "chat.completion" if req.chat else "text_completion", "created": req.created,
             "model": req.model, "choices": [choice],

@@ -45,6 +45,7 @@ class _Request:
     stop: tuple[str, ...]
     emit: Callable[[Event], None]
     speculative: bool = False
+    muted: bool = False  # re-run alone after a failed step: its tokens already sent are not sent again
     tokens: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)
     sent: str = ""  # the text already handed out
@@ -181,7 +182,8 @@ class GenerationScheduler:
         if not last and (ready.endswith("\ufffd") or not ready.startswith(req.sent)):
             ready = req.sent  # a character still incomplete (or decoding revised it): wait
         piece, req.sent = ready[len(req.sent):] if ready.startswith(req.sent) else "", max(ready, req.sent, key=len)
-        req.emit({"token": token, "text": piece, "exit_layer": exit_layer})
+        if not req.muted:
+            req.emit({"token": token, "text": piece, "exit_layer": exit_layer})
         if last:
             req.emit({"done": True, "text": text, "tokens": req.tokens, "exit_layers": req.exit_layers,
                       "finish_reason": reason, "policy": "speculative" if req.speculative else req.policy.type})
@@ -191,7 +193,6 @@ class GenerationScheduler:
         """Decode ``req`` alone from its start, sending only the tokens it had not sent."""
         sent = len(req.tokens)
         req.tokens, req.exit_layers, req.sent = [], [], ""
-        quiet = _Quiet(req)
         try:
             policy = "never" if req.speculative else req.policy  # speculation's tokens are greedy decoding's
             out = generate(self.model, _tensor([req.ids]), None, policy=policy, cache_strategy=self.cache_strategy,
@@ -204,29 +205,9 @@ class GenerationScheduler:
         layers = out.exit_layers[0]
         tokens = out.new_tokens[0][layers > 0].tolist()
         for i, (tok, layer) in enumerate(zip(tokens, layers[layers > 0].tolist())):
-            quiet.muted = i < sent
-            if self._take(quiet, tok, layer, i == len(tokens) - 1):
+            req.muted = i < sent
+            if self._take(req, tok, layer, i == len(tokens) - 1):
                 break
-
-
-class _Quiet:
-    """A request whose first tokens were already sent: the same bookkeeping, those events muted."""
-
-    def __init__(self, req: _Request) -> None:
-        self.__dict__["req"], self.__dict__["muted"] = req, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.req, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "muted":
-            self.__dict__["muted"] = value
-        else:
-            setattr(self.req, name, value)
-
-    def emit(self, event: Event) -> None:
-        if not self.muted or event.get("done"):
-            self.req.emit(event)
 
 
 def _batch_key(req: _Request) -> str:

@@ -387,18 +387,23 @@ class GenerateService(_Service):
         policy, new = _check_policy_name(body), _check_max_new(body, self.max_new_cap)
         self.resolve(policy)
         prompts = chat_texts(self.tokenizer, prompts, chat)
-        limit = self.model.adapter.max_positions()
-        if limit is not None:
-            for n, p in enumerate(prompts, 1):
-                length = len(self.tokenizer(p)["input_ids"])
-                if length + (new or self.max_new_tokens) > limit:
-                    raise RequestError(413, f"prompt {n} has {length} tokens; with max_new_tokens "
-                                            f"{new or self.max_new_tokens} it needs {length + (new or self.max_new_tokens)} "
-                                            f"positions, past the model's {limit}: shorten it or lower max_new_tokens")
+        for n, p in enumerate(prompts, 1):
+            self.prompt_tokens(p, new or self.max_new_tokens, f"prompt {n}")
         if body.get("speculative") and policy is not None:
             raise RequestError(400, '"speculative" decodes losslessly (greedy, every token checked by the full model): '
                                     'drop "policy"')
         return [Item(p, policy, new, speculative=body.get("speculative", False)) for p in prompts]
+
+    def prompt_tokens(self, text: str, max_new: int, what: str = "the prompt") -> int:
+        """The tokens of ``text``; a ``RequestError`` 413 when they and ``max_new`` new ones would run
+        past the model's positions."""
+        length = len(self.tokenizer(text)["input_ids"])
+        limit = self.model.adapter.max_positions()
+        if limit is not None and length + max_new > limit:
+            raise RequestError(413, f"{what} has {length} tokens; with max_new_tokens {max_new} it needs "
+                                    f"{length + max_new} positions, past the model's {limit}: shorten it or lower "
+                                    "max_new_tokens")
+        return length
 
     def submit(self, item: Item, emit: Callable[[dict[str, Any]], None]) -> Any:
         """Start decoding ``item`` in the running batch (it joins at the next step); ``emit`` gets its

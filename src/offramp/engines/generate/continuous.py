@@ -234,7 +234,7 @@ class ContinuousSpeculation(_Rows):
         self.draft_tokens, self.draft_confidence, self.draft_rule = draft_tokens, draft_confidence, draft_rule
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.max_rows, self.static, self.adapter = max_rows, False, model.adapter
+        self.max_rows, self.adapter = max_rows, model.adapter
         self.queue: list[_Row] = []
         self.rows: list[_Row] = []
         self.spec: Any = None
