@@ -31,6 +31,7 @@ from offramp.config import CONFIG_NAME, OfframpConfig
 from offramp.data import load_data
 from offramp.data.assets import ENCODER_ALIASES, resolve_model_path
 from offramp.data.batching import split_batches
+from offramp.devices import resolve_device
 from offramp.evaluation.collect import ExitTrace
 from offramp.evaluation.report import markdown_table, reliability_curves, trace_flops, write_report
 from offramp.evaluation.sweep import sweep
@@ -120,10 +121,11 @@ def _train_exit_sets(backbone: Any, tok: Any, model_path: str, data: Any, cached
                             extra={"data": _data_settings(args)},
                             **_with_pooling(spec, model_path))
         torch.manual_seed(args.seed)  # the same exit heads every run
-        model = EarlyExitModel.from_backbone(backbone, cfg, tokenizer=tok)
+        model = EarlyExitModel.from_backbone(backbone, cfg, tokenizer=tok).to(backbone.device)
         log(f"training the {name} exits ({model.num_exits} exits, {args.epochs} epochs on cached states)")
         targs = TrainingArgs(output_dir=str(out / "models" / name), epochs=args.epochs, lr=args.lr,
-                             frozen_backbone=True, save_backbone=False, seed=args.seed, progress=True)
+                             frozen_backbone=True, save_backbone=False, seed=args.seed, progress=True,
+                             device=str(backbone.device), dtype=getattr(args, "dtype", "float32"))
         with _one_thread():  # tiny matmuls: threads only add synchronisation (20x slower on a busy CPU)
             train(model, cached, None, targs)
         models[name] = model.eval()
@@ -183,7 +185,8 @@ def run_demo(args: argparse.Namespace) -> int:
     data = load_data(args.data, config=args.data_config, seed=args.seed, max_train=args.max_train,
                      max_eval=args.max_eval)
     settings = _data_settings(args)
-    backbone = load_hf_model(AutoModel, model_path, "model").eval()  # no remote code; damaged files named
+    device = resolve_device(getattr(args, "device", "cpu"))
+    backbone = load_hf_model(AutoModel, model_path, "model").to(device).eval()  # no remote code
     tok = load_hf_tokenizer(model_path)
     loaders = {s: split_batches(data.split(s), tok, settings, lazy=True) for s in ("train", "validation", "test")}
     batches = {s: list(loader) for s, loader in loaders.items()}
@@ -230,7 +233,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def _probe_model(backbone: Any, tok: Any, model_path: str, data: Any) -> Any:
     spec = _with_pooling(EXIT_SETS["pabee"], model_path)
     return EarlyExitModel.from_backbone(backbone, OfframpConfig(base_model_name_or_path=model_path,
-                                                                num_labels=data.num_labels, **spec), tokenizer=tok)
+                                                                num_labels=data.num_labels, **spec),
+                                        tokenizer=tok).to(backbone.device)
 
 
 def _with_pooling(spec: dict[str, Any], model_path: str) -> dict[str, Any]:

@@ -113,11 +113,12 @@ def test_dtype_auto_follows_the_hardware_and_a_bad_name_fails_before_loading(mod
 
     import torch
 
-    from offramp.modeling import base, resolve_dtype
+    from offramp import devices
+    from offramp.modeling import resolve_dtype
     from offramp.modeling.causal_lm import load_causal_lm
 
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(base, "native_bf16", lambda device="cpu", n=native: n)
+        monkeypatch.setattr(devices, "native_bf16", lambda device="cpu", n=native: n)
         assert resolve_dtype("auto") == want
         model, _ = load_causal_lm(model_dir, "auto")
         assert next(model.parameters()).dtype == want

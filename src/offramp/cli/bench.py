@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from offramp.cli.common import add_device_args, chosen_device
+
 
 def add_bench_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="the classify speed benchmark (plain HF vs early exit, JSON)",
@@ -42,6 +44,7 @@ def bench_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="wall-clock (default) or this process's CPU time (robust on a shared machine); "
                         "both are recorded under detail_bs*")
     p.add_argument("--json", dest="json_path", default=None, help="write the JSON here too")
+    add_device_args(p)
     p.add_argument("--default-allocator", action="store_true",
                    help="keep glibc's moving malloc thresholds (by default they are fixed: see steady_allocator)")
     return p
@@ -54,11 +57,12 @@ def bench_main(argv: list[str] | None = None, prog: str | None = None) -> dict[s
 
     p = bench_parser(prog)
     a = p.parse_args(argv)
+    device = chosen_device(a, "bench")
     if a.json_path:
         check_out(Path(a.json_path), True, "--json file", file=True)
     sizes = tuple(parse_ints(a.batch_sizes, "--batch-sizes", "comma-separated batch sizes like 1,32"))
     out = run("mpnet" if a.mpnet else a.model, batch_sizes=sizes,
               num_rows=a.rows, seq_len=a.seq_len, repeats=a.repeats, threads=a.threads, clock=a.clock,
-              json_path=a.json_path, default_allocator=a.default_allocator)
+              json_path=a.json_path, default_allocator=a.default_allocator, device=device, dtype=a.dtype)
     print(json.dumps(out, indent=2))
     return out

@@ -72,7 +72,7 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_token_collect_args(p)
     p.add_argument("--cache-strategy", choices=CACHE_STRATEGIES, default=None,
                    help="token exits: the cache strategy the threshold is certified for (default: the exits' own)")
-
+    common.add_device_args(p)
     p.set_defaults(func=run_calibrate)
     return p
 
@@ -167,7 +167,7 @@ def _calibrate_generation(args: argparse.Namespace, ckpt, config, risk: str) -> 
     require_signals(policy, set(SIGNALS), "token-exit generation")
     grid = None if args.grid is None else common.parse_grids([f"{policy.type}={args.grid}"])[policy.type]
     prompts = token_prompts(args)
-    model, tok = load_exits_and_lm(str(ckpt), args.backbone)
+    model, tok = load_exits_and_lm(str(ckpt), args.backbone, args.dtype, common.chosen_device(args, "calibrate"))
     strategy = args.cache_strategy or config.cache_strategy
     ltt = calibrate_generation(model, prompt_batches(tok, prompts, args.chat, batch_size), policy,
                                delta=args.delta, epsilon=args.epsilon, risk=risk, tolerance=args.tolerance,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from offramp.names import CLASSIFY_POLICIES, DATA_DEFAULTS, GENERATION_POLICIES
+from offramp.names import CLASSIFY_POLICIES, DATA_DEFAULTS, DTYPES, GENERATION_POLICIES
 
 # The library pieces the commands use, imported on first use (PEP 562) so that `offramp --help`
 # and a bad option answer without loading torch.
@@ -128,6 +128,29 @@ def help_text(doc: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def add_device_args(p: argparse.ArgumentParser, *, dtype_help: str = "the model's dtype") -> None:
+    """--device and --dtype, the same on every command that loads a model."""
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where the model runs (default auto: the first CUDA GPU when torch sees one, else the CPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help=f"{dtype_help} (default float32; auto: bfloat16 where the device computes it natively, "
+                        "else float32)")
+
+
+def chosen_device(args: argparse.Namespace, command: str) -> Any:
+    """The torch device of ``args.device``, checked before any work (a missing GPU is an error naming
+    the fix); a command on a GPU says which one on stderr."""
+    from offramp.devices import describe_device, resolve_device, resolve_dtype
+
+    device = resolve_device(getattr(args, "device", "auto"))
+    dtype = resolve_dtype(getattr(args, "dtype", "float32"), device)  # a bad name fails here too
+    if device.type != "cpu":
+        from offramp.utils import note
+
+        note(f"offramp {command}: running on {describe_device(device)}, {str(dtype).removeprefix('torch.')}")
+    return device
+
+
 def add_state_cache_arg(p: argparse.ArgumentParser) -> None:
     """--state-cache: where a frozen backbone's pooled states are kept between commands."""
     p.add_argument("--state-cache", default=None, metavar="DIR|off",
@@ -176,7 +199,8 @@ def model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     from offramp.modeling import EarlyExitModel
     from offramp.modeling.checkpoints import fit_max_length
 
-    model = EarlyExitModel.from_pretrained(folder)
+    model = EarlyExitModel.from_pretrained(folder, device=chosen_device(args, args.command),
+                                           dtype=getattr(args, "dtype", None))
     settings = {**DATA_DEFAULTS, **model.config.extra.get("data", {}), **given}
     settings["max_length"] = fit_max_length(model, settings["max_length"], given="max_length" in given)
     data = load_from_settings(settings, label_names=model.config.label_names,

@@ -15,7 +15,14 @@ def add_demo_parser(sub: Any) -> None:
                                    "PABEE, PonderNet, PALBERT (Q-exit), entropy and max-prob, measure real "
                                    "speed-ups, and write a report folder with summary.json.")
     _add_demo_args(p)
-    p.set_defaults(func=lambda a: __import__("offramp.demo", fromlist=["run_demo"]).run_demo(a))
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    common.chosen_device(args, "demo")  # a missing GPU is an error before any loading
+    from offramp.demo import run_demo
+
+    return run_demo(args)
 
 
 def _add_demo_args(p: argparse.ArgumentParser) -> None:
@@ -41,3 +48,5 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=0.01, help="accuracy within this of the full model")
     p.add_argument("--seed", type=int, default=0)
     common.add_state_cache_arg(p)
+    common.add_device_args(p, dtype_help="training precision: float32, or bfloat16 / float16 mixed precision "
+                                         "(autocast, float32 weights)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from offramp.cli import common
-from offramp.names import DTYPES, LM_HEAD_TYPES
+from offramp.names import LM_HEAD_TYPES
 
 
 def add_fit_exits_parser(subparsers: Any) -> None:
@@ -26,7 +26,7 @@ def add_fit_exits_parser(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="folder for the exits (DecoderExitModel.save_pretrained)")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--chat", action="store_true", help="wrap the offline prompts in the model's chat template")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="the LM's dtype (default float32)")
+    common.add_device_args(p, dtype_help="the LM's dtype")
     p.add_argument("--head", choices=LM_HEAD_TYPES, default="ffn",
                    help="the exit head (default ffn; mamba: the DYNAMAX Mamba block)")
     p.add_argument("--exit-layers", metavar="LAYERS",
@@ -59,7 +59,7 @@ def cmd_fit_exits(args: argparse.Namespace) -> int:
         raise ValueError("--text-column names a column of --fit-text: add --fit-text DATA, or drop it")
     common.check_out(Path(args.out), args.overwrite, "exits folder",
                      common.inputs(model=args.model, fit_text=args.fit_text))
-    backbone, tok = load_causal_lm(args.model, args.dtype)
+    backbone, tok = load_causal_lm(args.model, args.dtype, common.chosen_device(args, "fit-exits"))
     texts = None
     if args.fit_text:
         texts = load_texts(args.fit_text, text_column=args.text_column, split=args.fit_split, limit=args.fit_texts)

@@ -54,6 +54,7 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    common.add_device_args(p, dtype_help="the LM's dtype")
     p.add_argument("--speculative", action="store_true",
                    help="lossless self-speculation: an exit drafts, the rest of the model verifies (output = "
                         "greedy decoding's, or with --sample drawn from the full model's distribution; needs "
@@ -189,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     if args.json:
         common.check_out(Path(args.json), True, "--json file", file=True)
-    backbone, tok = load_causal_lm(args.model)
+    backbone, tok = load_causal_lm(args.model, args.dtype, common.chosen_device(args, "generate"))
     exit_model = _exit_model(args, backbone)
     sampling = SamplingOptions.from_model(backbone, do_sample=args.sample, temperature=args.temperature,
                                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -395,7 +396,7 @@ def cmd_collect_tokens(args: argparse.Namespace, out: Path) -> int:
 
     prompts = token_prompts(args)
     given = bool(args.prompt or args.prompts_file)
-    model, tok = load_exits_and_lm(args.model, args.backbone)
+    model, tok = load_exits_and_lm(args.model, args.backbone, args.dtype, common.chosen_device(args, "collect"))
     seqs = greedy_continuations(model.backbone, tok, prompts, max_new_tokens=args.max_new_tokens, chat=args.chat,
                                 progress=True)
     trace = collect_tokens(model, seqs, keep_hidden=args.keep_hidden, progress=True,

@@ -21,6 +21,7 @@ def add_predict_parser(sub: Any) -> None:
     common.add_policy_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=None)
+    common.add_device_args(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -30,7 +31,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     texts = common.read_texts(args.texts, args.file, args.text_column)
     from offramp.modeling import EarlyExitModel
 
-    model = EarlyExitModel.from_pretrained(folder)
+    model = EarlyExitModel.from_pretrained(folder, device=common.chosen_device(args, "predict"), dtype=args.dtype)
     policy = common.make_policy_arg(args.policy, args.value, model.config.policy)
     max_length = common.fit_max_length(model, args.max_length or model.config.extra.get("data", {}).get(
         "max_length", 128), given=args.max_length is not None)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from offramp.cli import common
-from offramp.names import CHAIN_RISKS, DTYPES
+from offramp.names import CHAIN_RISKS
 
 DEFAULT_WORDS = "hmm,wait,alternatively"
 
@@ -105,8 +105,7 @@ def _add_fit_parser(sub: Any) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF causal LM name or folder, or an offline alias: "
                    "qwen-coder-0.5b-offline, qwen-coder-1.5b-offline (Qwen2.5-Coder-Instruct from GGUF packages)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="the LM's dtype (default float32; auto: "
-                   "bfloat16 where the hardware computes it natively, such as AVX-512 CPUs, else float32)")
+    common.add_device_args(p, dtype_help="the LM's dtype")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-answer-tokens", type=int, default=16)
     p.add_argument("--forcing", default=None, help="boxed | r1 | plain | literal text (default boxed)")
@@ -144,7 +143,7 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
 def _load(args: argparse.Namespace):
     from offramp.modeling.causal_lm import load_causal_lm
 
-    return load_causal_lm(args.model, args.dtype)
+    return load_causal_lm(args.model, args.dtype, common.chosen_device(args, f"reason {args.reason_command}"))
 
 
 def _problems(args: argparse.Namespace):

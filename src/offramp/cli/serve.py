@@ -20,7 +20,6 @@ import sys
 from typing import Any
 
 from offramp.cli import common
-from offramp.names import DTYPES
 
 
 def add_serve_parser(subparsers: Any) -> None:
@@ -42,9 +41,7 @@ def add_serve_parser(subparsers: Any) -> None:
                    '\'{"fast": {"type": "entropy", "threshold": 0.5}}\' (every policy type is also accepted by name)')
     p.add_argument("--model", default=None, help="the LM to load for the token-exits or probe folder instead of "
                    "the one it names (a folder, Hub id or offline alias; applies to both when both are served)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="dtype of the reasoning LM (default float32; auto: bfloat16 where the hardware computes it "
-                        "natively, such as AVX-512 CPUs, else float32)")
+    common.add_device_args(p, dtype_help="the served models' dtype")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default length of a generation (64) or "
                    "of a chain of thought (the probe's setting); requests may ask for their own")
     p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto or HOST:6379) to "
@@ -76,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from offramp.serving.app import check_checkpoints, check_port_free, local_ray_on_loopback
 
     served = check_checkpoints(args.checkpoint)
+    common.chosen_device(args, "serve")  # a missing GPU is an error before Ray starts
     check_port_free(args.host, args.port)
     if args.address is None:
         local_ray_on_loopback()  # before ray is imported
@@ -88,7 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     opts = ServeOptions(replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                         max_texts=args.max_texts, threads=args.replica_threads, policies=policies,
-                        max_new_tokens=args.max_new_tokens, model=args.model, dtype=args.dtype)
+                        max_new_tokens=args.max_new_tokens, model=args.model, dtype=args.dtype,
+                        device=args.device)
     where = ", ".join(f"{c} at {ROUTES[k]}" for k, c in served.items())
     common.log(f"starting Ray Serve for {where} on http://{args.host}:{args.port} ({args.replicas} replica(s))")
     serve_checkpoint(args.checkpoint, opts, host=args.host, port=args.port, address=args.address,

@@ -27,6 +27,7 @@ def add_collect_parser(sub: Any) -> None:
 
     common.add_state_cache_arg(p)
     add_token_collect_args(p)
+    common.add_device_args(p)
     p.set_defaults(func=cmd_collect)
 
 
@@ -189,6 +190,7 @@ def add_evaluate_parser(sub: Any) -> None:
                    help="time by wall-clock (default) or by this process's CPU time (steady on a shared "
                         "machine with offramp --threads 1)")
     p.add_argument("--json", default=None, help="also write the result to this file")
+    common.add_device_args(p)
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -22,6 +22,8 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     common.add_state_cache_arg(p)
+    common.add_device_args(p, dtype_help="training precision: float32, or bfloat16 / float16 mixed precision "
+                                         "(autocast, float32 weights)")
     p.add_argument("--select-policy", default=None, metavar="RULES",
                    help="after training, sweep these rules (comma-separated, or 'all') on the validation split "
                         "and store the cheapest setting within --select-tolerance of the full model as the "
@@ -289,6 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     given_data = common.data_settings(args, only_given=True)
+    device = common.chosen_device(args, "train")  # a missing GPU is an error before any loading
     model, data, settings, opts = (_resumed if args.resume else _started)(args, out, given_data)
     settings["max_length"] = common.fit_max_length(model, settings["max_length"], given="max_length" in given_data)
     model.config.extra["train"] = dict(opts)  # what --resume continues with
@@ -304,7 +307,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          frozen_backbone=not full,
                          backbone_lr=opts["backbone_lr"] or (2e-5 if full else None), seed=settings["seed"],
                          resume=args.resume, cache_backbone=not full, state_cache=common.state_cache(args),
-                         save_backbone=not opts["backbone_by_reference"])
+                         save_backbone=not opts["backbone_by_reference"], device=str(device), dtype=args.dtype)
     common.log(f"training {model.num_exits} exits on {len(data.train)} examples "
                f"({'full fine-tuning' if full else 'frozen backbone'}), {opts['epochs']} epochs"
                + (" (resumed)" if args.resume else ""))
@@ -395,5 +398,6 @@ def _train_jei(model: Any, train_batches: list, eval_batches: list | None, targs
                     epochs=targs.epochs, lr=targs.lr,
                     warmup_epochs=args.warmup_epochs, patience=args.warmup_patience,
                     frozen_backbone=targs.frozen_backbone, save_backbone=targs.save_backbone, seed=targs.seed,
-                    progress=True, resume=targs.resume, state_cache=targs.state_cache)
+                    progress=True, resume=targs.resume, state_cache=targs.state_cache, device=targs.device,
+                    dtype=targs.dtype)
     return train_jei(model, train_batches, eval_batches, jargs)

@@ -53,6 +53,8 @@ def add_train_lm_parser(subparsers: Any) -> None:
     p.add_argument("--rotation", type=int, default=2, help="LayerSkip: the rotational curriculum's period")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    common.add_device_args(p, dtype_help="training precision: float32, or bfloat16 / float16 mixed precision "
+                                         "(autocast, float32 weights)")
     p.add_argument("--threads", dest="lm_threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (as offramp --threads N train-lm)")
     p.set_defaults(func=cmd_train_lm)
@@ -69,6 +71,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.lm_threads)
     layers = common.parse_exits(args.exit_layers) if args.exit_layers else None
+    device = common.chosen_device(args, "train-lm")
     options = SmallLMOptions(arch=args.arch, recipe=args.recipe, out=args.out, tokenizer=args.tokenizer,
                              vocab=args.vocab, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
                              seed=args.seed)
@@ -77,7 +80,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
                         e_scale=args.e_scale, weighting=args.weighting, curriculum=args.curriculum,
                         rotation=args.rotation, exit_layers=layers, dropout_unit=args.dropout_unit,
                         dropout_curriculum=args.dropout_curriculum, max_minutes=args.minutes,
-                        save_every=args.save_every, seed=args.seed)
+                        save_every=args.save_every, seed=args.seed, device=str(device), dtype=args.dtype)
     report = train_small_lm(options, run)
     if report is not None:
         print(json.dumps(report))

@@ -69,7 +69,9 @@ def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mas
                     "for gate, or choose another policy")
     policy.check_exits(model.exit_layers)
     a, cls = model.adapter, model.classifiers
-    b, device = input_ids.shape[0], input_ids.device
+    b, device = input_ids.shape[0], next(cls.parameters()).device  # inputs go where the model is
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    token_type_ids = None if token_type_ids is None else token_type_ids.to(device)
     num_exits, last = model.num_exits, model.num_exits - 1
     hidden = a.embed(input_ids, token_type_ids)  # (b, t, d)
     running = RunningRows(b, device)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from offramp.config import CONFIG_NAME, OfframpConfig
 from offramp.data.assets import minilm_path, mpnet_path
+from offramp.devices import describe_device, module_device, resolve_device, resolve_dtype, synchronize
 from offramp.modeling import EarlyExitModel
 from offramp.policies import ExitPolicy, ExitSignals, PolicyState
 from offramp.utils import atomic_write_json
@@ -73,10 +74,12 @@ def steady_allocator() -> bool:
         return False
 
 
-def _time(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
+def _time(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call, the device's queued work included."""
+    synchronize(device)
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
+    synchronize(device)
     return time.perf_counter() - w0, time.process_time() - c0
 
 
@@ -84,7 +87,8 @@ def _inputs(model: EarlyExitModel, n: int, seq_len: int, seed: int) -> tuple[Ten
     g = torch.Generator().manual_seed(seed)
     vocab = model.backbone.config.vocab_size
     ids = torch.randint(1000 if vocab > 2000 else 3, vocab, (n, seq_len), generator=g)
-    return ids, torch.ones_like(ids)
+    device = module_device(model)
+    return ids.to(device), torch.ones_like(ids, device=device)
 
 
 SHALLOW = (0.6, 0.3)  # the shares of rows that leave at the first and at the second exit; the rest at the last
@@ -110,14 +114,18 @@ def measure(model: EarlyExitModel, batch_size: int, *, num_rows: int = 64, seq_l
     """Overhead and realised/ideal speed-up at one batch size (rows processed in batches).
 
     ``clock="wall"`` uses wall-clock time; ``clock="cpu"`` the CPU time of this process, which a
-    machine shared with other jobs disturbs far less (exact for one thread). Both are recorded.
+    machine shared with other jobs disturbs far less (exact for one thread). Both are recorded. On a
+    GPU only wall-clock time measures the work (the CPU waits for the device).
     """
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     model.eval()
+    device = module_device(model)
+    if clock == "cpu" and device.type != "cpu":
+        raise ValueError(f"--clock cpu measures this process's CPU time, not the work on {device}: use --clock wall")
     plain = _plain_forward(model)
     ids, mask = _inputs(model, num_rows, seq_len, seed)
-    depth = assigned_depths(model.exit_layers, num_rows, depths, seed)
+    depth = assigned_depths(model.exit_layers, num_rows, depths, seed).to(device)
     assigned = AssignedDepthPolicy()
     batches = [(ids[i:i + batch_size], mask[i:i + batch_size], depth[i:i + batch_size])
                for i in range(0, num_rows, batch_size)]
@@ -133,7 +141,7 @@ def measure(model: EarlyExitModel, batch_size: int, *, num_rows: int = 64, seq_l
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(_time(fn))
+            times[name].append(_time(fn, device))
     mean_exit = float(depth.float().mean())
     ideal = model.num_layers / mean_exit
     out: dict[str, float] = {"ideal_speedup": ideal, "mean_exit_layer": mean_exit}
@@ -149,27 +157,32 @@ def measure(model: EarlyExitModel, batch_size: int, *, num_rows: int = 64, seq_l
     return out
 
 
-def load_model(name: str) -> EarlyExitModel:
-    """"minilm" / "mpnet" (offline packages), an offramp checkpoint folder, or any HF encoder."""
+def load_model(name: str, device: str | torch.device = "cpu", dtype: str = "float32") -> EarlyExitModel:
+    """"minilm" / "mpnet" (offline packages), an offramp checkpoint folder, or any HF encoder, on
+    ``device`` in ``dtype``."""
     from pathlib import Path
 
     if (Path(name) / CONFIG_NAME).is_file() or (Path(name) / "checkpoint" / CONFIG_NAME).is_file():
-        return EarlyExitModel.from_pretrained(name).eval()
+        return EarlyExitModel.from_pretrained(name, device=device, dtype=dtype).eval()
     path = {"minilm": minilm_path, "mpnet": mpnet_path}.get(name, lambda: name)()
     torch.manual_seed(0)
-    return EarlyExitModel.from_backbone(path, OfframpConfig(num_labels=3)).eval()
+    dev = resolve_device(device)
+    return EarlyExitModel.from_backbone(path, OfframpConfig(num_labels=3)).to(dev, resolve_dtype(dtype, dev)).eval()
 
 
 def run(model: str = "minilm", *, batch_sizes: tuple[int, ...] = (1, 32), num_rows: int = 64, seq_len: int = 64,
         repeats: int = 5, threads: int | None = None, clock: str = "wall",
-        json_path: str | None = None, default_allocator: bool = False) -> dict[str, Any]:
+        json_path: str | None = None, default_allocator: bool = False, device: str = "cpu",
+        dtype: str = "float32") -> dict[str, Any]:
     """The benchmark's JSON: ``overhead_bs{N}``, ``realised_over_ideal_bs{N}``, ... per batch size."""
     if threads:
         torch.set_num_threads(threads)
     steady = False if default_allocator else steady_allocator()
-    m = load_model(model)
+    m = load_model(model, device, dtype)
+    dev = module_device(m)
     result: dict[str, Any] = {"model": model, "num_layers": m.num_layers, "seq_len": seq_len, "num_rows": num_rows,
-                              "threads": torch.get_num_threads(), "clock": clock,
+                              "threads": torch.get_num_threads(), "clock": clock, "device": describe_device(dev),
+                              "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
                               "allocator": "fixed malloc thresholds" if steady else "default"}
     for bs in batch_sizes:
         r = measure(m, bs, num_rows=num_rows, seq_len=seq_len, repeats=repeats, clock=clock)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from offramp.devices import synchronize
 from offramp.utils import progress as bar
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -68,11 +69,6 @@ def early_predict(model: Any, policy: Any) -> Callable[[dict[str, Tensor]], Any]
     return run
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tensor]], *,
               device: torch.device | str = "cpu", repeats: int = 3, warmup: int = 1,
@@ -97,13 +93,13 @@ def time_pair(full: Callable, early: Callable, batches: Sequence[dict[str, Tenso
     for _ in range(repeats):
         tf = te = 0.0
         for inputs in prepared:
-            _sync(device)
+            synchronize(device)
             t0 = now()
             full(inputs)
-            _sync(device)
+            synchronize(device)
             t1 = now()
             early(inputs)
-            _sync(device)
+            synchronize(device)
             t2 = now()
             tf, te = tf + (t1 - t0), te + (t2 - t1)
             shown.update(1)

@@ -19,45 +19,12 @@ from typing import Any, ClassVar
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from offramp.config import CONFIG_NAME, DTYPES, KIND_USE, KINDS, read_config
+from offramp.config import CONFIG_NAME, KIND_USE, KINDS, read_config
 from offramp.data.assets import offline_hint, resolve_model_path
+from offramp.devices import native_bf16, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 from offramp.utils import atomic_dir, atomic_write_json, load_safetensors, readable_dir, stored_shapes, unsafe_global
 
 HEADS_NAME = "offramp_heads.safetensors"
-
-
-def native_bf16(device: str = "cpu") -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices natively: a CUDA GPU that supports it, or a
-    CPU with oneDNN's bfloat16 kernels (AVX-512 and newer). Elsewhere bfloat16 is emulated, and
-    slower than float32."""
-    import torch
-
-    if str(device).startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
-
-
-def resolve_dtype(name: str, device: str = "cpu") -> Any:
-    """The torch dtype of a ``--dtype`` value (``DTYPES``). ``auto`` is bfloat16 where ``device``
-    computes it natively (``native_bf16``), else float32. Asking for bfloat16 where it is emulated
-    works, with a warning that float32 is faster there."""
-    import warnings
-
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)} (auto: bfloat16 where "
-                         "the hardware computes it natively, else float32)")
-    if name == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    if name == "bfloat16" and not native_bf16(device):
-        warnings.warn(f"bfloat16 is emulated on this {'GPU' if str(device).startswith('cuda') else 'CPU'} "
-                      "(no native bfloat16 kernels) and runs slower than float32 here: use --dtype auto or "
-                      "float32", stacklevel=2)
-    return getattr(torch, name)
 
 
 def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs: Any) -> nn.Module:
@@ -251,8 +218,16 @@ class ExitModelBase(nn.Module):
 
     # -- load -----------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "ExitModelBase":
-        """Load what ``save_pretrained`` wrote; a folder of another kind gets an error naming it."""
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: Any = None, dtype: Any = None,
+                        **kwargs: Any) -> "ExitModelBase":
+        """Load what ``save_pretrained`` wrote; a folder of another kind gets an error naming it.
+        ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a torch device) and ``dtype`` (a
+        ``--dtype`` name or a torch dtype) move the loaded model; None leaves it where it loads (the
+        CPU, or the given backbone's device), in float32. A device this machine lacks is an error
+        before anything is read."""
+        dev = resolve_device(device) if device is not None else None
+        if isinstance(dtype, str):
+            dtype = resolve_dtype(dtype, dev or "cpu")
         folder = cls._resolve(readable_dir(directory))
         _, data = read_config(folder, expect=cls.kind)
         try:
@@ -264,6 +239,8 @@ class ExitModelBase(nn.Module):
         cls._check_head_shapes(folder, parts)
         model = cls(*parts)
         model.load_heads(folder)
+        if dev is not None or dtype is not None:
+            model.to(device=dev, dtype=dtype)
         return model.eval()
 
     @classmethod

@@ -113,6 +113,9 @@ class EarlyExitModel(ExitModelBase):
     def _run_pooled(self, input_ids: Tensor, attention_mask: Tensor | None,
                     token_type_ids: Tensor | None) -> Tensor:  # (E, b, d)
         attention_mask = check_ids(input_ids, attention_mask)
+        device = self.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        token_type_ids = None if token_type_ids is None else token_type_ids.to(device)
         a = self.adapter
         hidden = a.embed(input_ids, token_type_ids)  # (b, t, d)
         ctx = a.context(hidden, attention_mask)

@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from offramp.devices import resolve_device
 from offramp.engines.generate import SamplingOptions
 from offramp.engines.reason import prompt_ids
 from offramp.serving import openai_api
@@ -73,7 +74,10 @@ class ServeOptions:
         max_new_tokens: the default length of a generation or a chain (None: 64 tokens for
             generation, the probe's setting for chains).
         model: the LM to load for a token-exits or probe folder instead of the one it names.
-        dtype: the reasoning LM's dtype (``auto``: bfloat16 where the hardware computes it natively, else float32).
+        dtype: every served model's dtype (``auto``: bfloat16 where the hardware computes it natively, else
+            float32).
+        device: where the replicas run: ``auto`` (a GPU when Ray sees one), ``cpu`` or ``cuda``; on GPUs
+            Ray gives each replica one (a share of one when there are more replicas than GPUs).
         batching: generation's batching: "continuous" (a prompt joins the running batch at the next
             step) or "static" (a batch runs until its last prompt ends; to compare against).
     """
@@ -88,6 +92,7 @@ class ServeOptions:
     max_new_tokens: int | None = None
     model: str | None = None
     dtype: str = "float32"
+    device: str = "auto"
     batching: str = "continuous"
 
     def __post_init__(self) -> None:
@@ -105,15 +110,34 @@ class ServeOptions:
 def _service(checkpoint: str, opts: ServeOptions):
     """The service of ``checkpoint``, by its kind."""
     kind = checkpoint_service_kind(checkpoint)
+    device = replica_device(opts.device)
     if kind == "classifier":
-        return ClassifyService(checkpoint, max_texts=opts.max_texts, policies=opts.policies)
+        return ClassifyService(checkpoint, max_texts=opts.max_texts, policies=opts.policies, device=device,
+                               dtype=opts.dtype)
     if kind == "token_exits":
         return GenerateService(checkpoint, backbone=opts.model, max_prompts=opts.max_texts,
                                max_new_tokens=opts.max_new_tokens or 64, policies=opts.policies,
-                               max_rows=opts.max_batch_size, static=opts.batching == "static")
+                               max_rows=opts.max_batch_size, static=opts.batching == "static", device=device,
+                               dtype=opts.dtype)
     return ReasonService(checkpoint, model=opts.model, dtype=opts.dtype, max_questions=opts.max_texts,
                          max_new_tokens=opts.max_new_tokens, policies=opts.policies,
-                         max_rows=opts.max_batch_size)
+                         max_rows=opts.max_batch_size, device=device)
+
+
+def replica_gpus(device: str, replicas: int) -> float:
+    """The GPUs Ray reserves for each replica: none on the CPU; one each while there are enough,
+    else an equal share of those this machine has. A GPU this machine lacks is an error naming the fix."""
+    import torch
+
+    if resolve_device(device).type != "cuda":
+        return 0.0
+    return min(1.0, torch.cuda.device_count() / replicas)
+
+
+def replica_device(device: str) -> str:
+    """The device a replica loads its models on: inside a Ray replica the GPU Ray gave it is its
+    ``cuda`` (Ray sets CUDA_VISIBLE_DEVICES), whichever index the command named."""
+    return "cuda" if str(device).startswith("cuda") else device
 
 
 ROUTES = {"classifier": "/classify", "token_exits": "/generate", "probe": "/reason"}
@@ -262,7 +286,9 @@ def build_app(checkpoints: str | list[str], options: ServeOptions | None = None)
         return JSONResponse({"error": f"the server failed on this request ({type(error).__name__}: {error})"},
                             status_code=500)
 
-    @serve.deployment(num_replicas=opts.replicas, ray_actor_options={"num_cpus": 0},
+    gpus = replica_gpus(opts.device, opts.replicas)
+
+    @serve.deployment(num_replicas=opts.replicas, ray_actor_options={"num_cpus": 0, "num_gpus": gpus},
                       graceful_shutdown_timeout_s=opts.drain_s, max_ongoing_requests=1000)
     @serve.ingress(api)
     class Offramp:

@@ -251,10 +251,12 @@ class ClassifyService(_Service):
         max_chars: the longest text accepted (longer: 413), so one request cannot stall a replica.
         policies: extra named policies a request may choose (``{"fast": {"type": "entropy", ...}}``);
             every registered policy type is also accepted by its name, with its default parameters.
+        device, dtype: where the model runs (auto, cpu, cuda, cuda:N) and its dtype (``--dtype``).
     """
 
     def __init__(self, checkpoint: str | Path, *, max_texts: int = 64, max_length: int | None = None,
-                 max_chars: int = 100_000, policies: dict[str, dict] | None = None) -> None:
+                 max_chars: int = 100_000, policies: dict[str, dict] | None = None, device: str = "cpu",
+                 dtype: str = "float32") -> None:
         if max_texts < 1:
             raise ValueError(f"max_texts must be >= 1, got {max_texts}")
         folder = checkpoint_dir(checkpoint)
@@ -262,7 +264,7 @@ class ClassifyService(_Service):
         if kind != "classifier":
             raise ValueError(f"{checkpoint} holds {kind!r}; `offramp serve` serves classifiers (`offramp train` "
                              "checkpoints)")
-        self.model = EarlyExitModel.from_pretrained(folder).eval()
+        self.model = EarlyExitModel.from_pretrained(folder, device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer_of(self.model)
         self.max_texts, self.max_chars = max_texts, max_chars
         self.max_length = fit_max_length(
@@ -339,6 +341,7 @@ class GenerateService(_Service):
         policies: extra named policies (``{"fast": {"type": "max_prob", "threshold": 0.9}}``).
         max_rows: the most prompts decoding at once (per policy); more wait for a free row.
         static: static batching (a batch runs until its last prompt ends), to compare against.
+        device, dtype: where the LM and its exits run (auto, cpu, cuda, cuda:N) and their dtype.
     """
 
     kind = "token_exits"
@@ -346,11 +349,12 @@ class GenerateService(_Service):
 
     def __init__(self, folder: str | Path, *, backbone: str | None = None, max_prompts: int = 16,
                  max_new_tokens: int = 64, max_new_cap: int = 1024, max_chars: int = 100_000,
-                 policies: dict[str, dict] | None = None, max_rows: int = 32, static: bool = False) -> None:
+                 policies: dict[str, dict] | None = None, max_rows: int = 32, static: bool = False,
+                 device: str = "cpu", dtype: str = "float32") -> None:
         if min(max_prompts, max_new_tokens, max_new_cap) < 1 or max_new_tokens > max_new_cap:
             raise ValueError(f"need max_prompts, max_new_tokens >= 1 and max_new_tokens <= max_new_cap, got "
                              f"{max_prompts}, {max_new_tokens}, {max_new_cap}")
-        self.model, self.tokenizer = load_exits_and_lm(str(folder), backbone)
+        self.model, self.tokenizer = load_exits_and_lm(str(folder), backbone, dtype, device)
         self.model.eval()
         self.sampling = SamplingOptions.from_model(self.model.backbone, do_sample=False)
         self.max_prompts, self.max_new_tokens, self.max_new_cap = max_prompts, max_new_tokens, max_new_cap
@@ -469,6 +473,7 @@ class ReasonService(_Service):
         probe: the probe folder; its cue, forcing and feature settings are reused.
         model: the LM to load (default: the one the probe's events were built with).
         dtype: the LM's dtype (``auto``: bfloat16 where the hardware computes it natively, else float32).
+        device: where it runs (auto, cpu, cuda, cuda:N).
         max_questions: the most questions one request may send.
         max_new_tokens: the longest chain by default (the probe's setting when None);
             ``max_new_cap`` the most a request may ask.
@@ -481,7 +486,8 @@ class ReasonService(_Service):
 
     def __init__(self, probe: str | Path, *, model: str | None = None, dtype: str = "float32",
                  max_questions: int = 8, max_new_tokens: int | None = None, max_new_cap: int = 4096,
-                 max_chars: int = 20_000, policies: dict[str, dict] | None = None, max_rows: int = 8) -> None:
+                 max_chars: int = 20_000, policies: dict[str, dict] | None = None, max_rows: int = 8,
+                 device: str = "cpu") -> None:
         self.default = probe_policy(probe)
         extra = getattr(self.default.probe, "extra_", {}) or {}
         name = model or extra.get("model")
@@ -495,7 +501,7 @@ class ReasonService(_Service):
             raise ValueError(f"need max_questions >= 1 and max_new_cap >= {self.config.max_new_tokens}, got "
                              f"{max_questions}, {max_new_cap}")
         self.model_name = str(name)
-        self.model, self.tokenizer = load_causal_lm(name, dtype)
+        self.model, self.tokenizer = load_causal_lm(name, dtype, device)
         self.max_questions, self.max_new_cap, self.max_chars = max_questions, max_new_cap, max_chars
         self.named = {n: load_policy(spec) for n, spec in (policies or {}).items()}
         self._start_metrics()

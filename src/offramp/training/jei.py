@@ -81,6 +81,8 @@ class JEIArgs:
         resume: continue from ``output_dir/checkpoint`` (written atomically after the warm-up and
             after every epoch of the alternating stage).
         state_cache: keep the frozen backbone's pooled states across runs (see ``TrainingArgs``).
+        device / dtype: where training runs (``auto``: the GPUs when there are any, else the CPU)
+            and its mixed precision (float32: none; bfloat16 / float16: autocast; ``make_accelerator``).
     """
 
     output_dir: str
@@ -99,6 +101,8 @@ class JEIArgs:
     seq_len: float | None = None
     resume: bool = False
     state_cache: bool | str = False
+    device: str = "auto"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -120,7 +124,7 @@ class _Batches:
             raise ValueError("batches with precomputed 'pooled' states need frozen_backbone=True and a "
                              "'pooled' entry in every batch")
         if cache and all(given):
-            self.pooled = [b["pooled"] for b in batches]  # (E, b, d) each
+            self.pooled = [b["pooled"].to(model.device) for b in batches]  # (E, b, d) each
         elif cache:
             self.pooled = [p.to(model.device) for p in pooled_batches(model, batches, desc="backbone states",
                                                                       show=False, cache=state_cache)]
@@ -134,7 +138,7 @@ class _Batches:
         return self.model(**_inputs(self.batches[i])).exit_logits
 
     def labels(self, i: int) -> Tensor:  # (b,)
-        return self.batches[i]["labels"]
+        return self.batches[i]["labels"].to(self.model.device)
 
     @torch.no_grad()
     def all_logits(self) -> tuple[Tensor, Tensor]:
@@ -230,7 +234,8 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
     seq_len = args.seq_len or sum(float(b["attention_mask"].sum()) for b in train_batches
                                   if "attention_mask" in b) / max(1, sum(int(b["labels"].shape[0]) for b in train_batches))
     costs = exit_costs(model, seq_len or None)
-    acc = make_accelerator()
+    acc = make_accelerator(args.device, args.dtype)
+    model.to(acc.device)
     shards = [shard_rows(b, acc.process_index, acc.num_processes) for b in train_batches]
     shards = [(b, w) for b, w in shards if b is not None]  # every process skips the same too-small batches
     train = _Batches(model, [b for b, _ in shards], cache=args.frozen_backbone, state_cache=args.state_cache,
@@ -239,10 +244,12 @@ def train_jei(model: "EarlyExitModel", train_batches: list[dict], val_batches: l
     val = _Batches(model, val_batches, cache=args.frozen_backbone, state_cache=args.state_cache)
     state = _load_state(model, args) if args.resume else None
     history: list[dict] = state["history"] if state else []
-    if state is None:
-        _warmup(model, train, val, opts, args, history)
-        _save(model, costs, args, {"epoch": 0, "history": history, "rng": torch.get_rng_state()}, acc)
-    _alternate(model, train, val, costs, opts, args, history, state)
+    costs = costs.to(acc.device)
+    with acc.autocast():  # the mixed precision of args.dtype (none for float32)
+        if state is None:
+            _warmup(model, train, val, opts, args, history)
+            _save(model, costs, args, {"epoch": 0, "history": history, "rng": torch.get_rng_state()}, acc)
+        _alternate(model, train, val, costs, opts, args, history, state)
     last = next((h for h in reversed(history) if h.get("stage") == "alternate"), None)
     if last is not None:
         counts = torch.tensor(last["exit_counts"])

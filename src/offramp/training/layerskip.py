@@ -81,6 +81,8 @@ class LayerSkipArgs:
         seed: the model-independent seed of the windows and of the layer-dropout draws.
         resume: continue from ``output_dir`` when it holds a state of this recipe.
         progress: a line on stderr every ``log_every`` steps.
+        device / dtype: where training runs (``auto``: the GPUs when there are any, else the CPU)
+            and its mixed precision (float32: none; bfloat16 / float16: autocast; ``make_accelerator``).
     """
 
     output_dir: str
@@ -106,6 +108,8 @@ class LayerSkipArgs:
     resume: bool = True
     progress: bool = True
     log_every: int = 10
+    device: str = "auto"
+    dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the state (data, model size, ...)
 
     def validate(self, num_layers: int) -> list[int]:
@@ -311,7 +315,7 @@ def train_lm(model: nn.Module, tokens: Tensor, args: LayerSkipArgs, *, tokenizer
     if len(tokens) <= args.seq_len + 1:
         raise ValueError(f"{len(tokens)} tokens are too few for windows of {args.seq_len}: give more text "
                          f"or a shorter seq_len")
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(args.device, args.dtype)
     out = Path(args.output_dir)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

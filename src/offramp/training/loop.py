@@ -54,6 +54,8 @@ class TrainingArgs:
         state_cache: where those pooled states are also kept across runs, keyed by the backbone's
             weights and the exact inputs (``offramp.modeling.state_cache``): False (not kept), True
             (``~/.cache/offramp/states``) or a folder.
+        device / dtype: where training runs (``auto``: the GPUs when there are any, else the CPU)
+            and its mixed precision (float32: none; bfloat16 / float16: autocast; ``make_accelerator``).
     """
 
     output_dir: str
@@ -71,6 +73,8 @@ class TrainingArgs:
     progress: bool = True
     cache_backbone: bool = False
     state_cache: bool | str = False
+    device: str = "auto"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -161,7 +165,7 @@ def train(model: "EarlyExitModel", train_batches: Sequence[dict], eval_batches: 
     _seed_all(args.seed)
     out = Path(args.output_dir)
     ckpt = out / CHECKPOINT_DIR
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(args.device, args.dtype)
     model.freeze_backbone(args.frozen_backbone)
     state = _resume(model, args, ckpt) if args.resume else None
     start_epoch, history = (state["epoch"] + 1, state["history"]) if state is not None else (0, [])

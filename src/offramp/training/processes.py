@@ -14,13 +14,27 @@ from typing import Any
 
 import torch
 
+from offramp.devices import resolve_device, resolve_dtype
 
-def make_accelerator(**kwargs: Any):
-    """An ``accelerate.Accelerator`` on the GPUs when there are any, else on the CPU (gloo)."""
+PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def make_accelerator(device: str | torch.device = "auto", dtype: str = "float32", **kwargs: Any):
+    """An ``accelerate.Accelerator`` on ``device`` (``auto``: the GPUs when there are any, else the
+    CPU with gloo), training in ``dtype``'s mixed precision: float32 none, bfloat16 / float16
+    Accelerate's autocast with float32 weights (``auto``: bfloat16 where the device computes it
+    natively). A missing GPU, or float16 on a CPU, is an error before any work."""
     from accelerate import Accelerator
 
-    acc = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    dev = resolve_device(device)
+    precision = PRECISION[resolve_dtype(dtype, dev)]
+    if precision == "fp16" and dev.type != "cuda":
+        raise ValueError("--dtype float16 trains with float16 mixed precision, which needs a GPU: use bfloat16 "
+                         "or float32 on a CPU")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if dev.type == "cuda" and world == 1:
+        torch.cuda.set_device(dev)  # one process: the GPU named (launchers give each process its own)
+    acc = Accelerator(cpu=dev.type != "cuda", mixed_precision=precision, **kwargs)
     if acc.num_processes != world:
         raise ValueError(f"{world} processes were launched but Accelerate joined {acc.num_processes}: launch with "
                          "`torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N` "
