@@ -45,13 +45,16 @@ class RunningRows:
 
     def leave(self, exits: Tensor, write: Callable[[Tensor, Tensor], None] | None,
               carried: dict[str, Any]) -> dict[str, Any]:
-        """Apply one exit decision ((r,) bool); returns ``carried`` cut to the rows that stay."""
-        if not bool(exits.any()):
+        """Apply one exit decision ((r,) bool); returns ``carried`` cut to the rows that stay. The
+        decision reaches the host once (how many rows leave); the rows are found on the device."""
+        leaving = int(exits.sum())  # the one host synchronisation of a decision
+        if not leaving:
             return carried
+        order = torch.argsort(exits.to(torch.int8), stable=True)  # the rows that stay, then those that leave
+        stay = exits.shape[0] - leaving
+        keep, local = order[:stay], order[stay:]
         if write is not None:
-            local = exits.nonzero()[:, 0]
             write(local, self.index[local.to(self.index.device)])
-        keep = (~exits).nonzero()[:, 0]
         self.index = self.index[keep.to(self.index.device)]
         if keep.numel() == 0:
             return {k: None for k in carried}

@@ -126,7 +126,7 @@ class ContinuousBatch(_Rows):
             sampling: SamplingOptions | None = None) -> None:
         """Queue a prompt (token ids, no padding); it joins at the next ``step`` with room. Its
         settings are checked now (a prompt past the model's positions is a ValueError here)."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        ids = _host_ids(input_ids)
         check_inputs(self.adapter, ids[None], torch.ones_like(ids)[None], max_new_tokens, self.strategy)
         if key in self.keys:
             raise ValueError(f"row key {key!r} is already in the batch")
@@ -143,14 +143,17 @@ class ContinuousBatch(_Rows):
         if not self.rows:
             return []
         out, keep, chosen = [], [], []
+        greedy = [i for i, row in enumerate(self.rows) if not _reads_history(row.sampling)]
+        best = dict(zip(greedy, torch.stack([self.rows[i].logits for i in greedy]).float().argmax(-1).tolist())) \
+            if greedy else {}  # one transfer for every greedy row: next_tokens' argmax, without the history
         for i, row in enumerate(self.rows):
-            if row.sampling.do_sample or row.sampling.repetition_penalty != 1.0:  # these read the row's history
+            if i in best:
+                token = best[i]
+            else:
                 history = torch.tensor([row.prompt + row.tokens], device=row.logits.device)
                 token = int(next_tokens(row.logits[None], history, row.sampling, row.generator)[0])
-            else:
-                token = int(row.logits.float().argmax())  # greedy: next_tokens' argmax, without the history
             row.tokens.append(token)
-            done = bool(row.sampling.is_eos(torch.tensor([token]))[0]) or len(row.tokens) >= row.max_new
+            done = token in row.sampling.eos_ids or len(row.tokens) >= row.max_new
             out.append(RowToken(row.key, len(row.tokens) - 1, token, row.exit_at, done))
             if not done:
                 keep.append(i)
@@ -247,7 +250,7 @@ class ContinuousSpeculation(_Rows):
         """Queue a prompt; it joins at the next round. Checked now (positions, sampling)."""
         if sampling is not None and sampling.do_sample:
             raise ValueError("served self-speculation is greedy: drop temperature, or turn speculation off")
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        ids = _host_ids(input_ids)
         check_inputs(self.adapter, ids[None], torch.ones_like(ids)[None], max_new_tokens,
                      draft_cache_strategy(self.adapter))
         if key in self.keys:
@@ -288,8 +291,9 @@ class ContinuousSpeculation(_Rows):
         self.accepted += int(accepted.sum())
         self.next_pos = self.next_pos + accepted.to(self.next_pos.device) + 1
         self.col += self.draft_tokens + 1
-        keep = [i for i, row in enumerate(self.rows)
-                if not self._give(row, best[i, :int(accepted[i]) + 1].tolist(), out)]
+        host = torch.cat([accepted[:, None].to(best.device), best], 1).tolist()  # one transfer for the round
+        keep = [i for i, (row, (n, *tokens)) in enumerate(zip(self.rows, host))
+                if not self._give(row, tokens[:n + 1], out)]
         self._keep(keep)
         return out
 
@@ -297,7 +301,7 @@ class ContinuousSpeculation(_Rows):
         """Hand ``tokens`` to ``row`` up to its EOS or max_new_tokens; True when it ended."""
         for token in tokens:
             row.tokens.append(token)
-            done = bool(row.sampling.is_eos(torch.tensor([token]))[0]) or len(row.tokens) >= row.max_new
+            done = token in row.sampling.eos_ids or len(row.tokens) >= row.max_new
             out.append(RowToken(row.key, len(row.tokens) - 1, token, self.adapter.num_layers, done))
             if done:
                 return True
@@ -317,3 +321,14 @@ class ContinuousSpeculation(_Rows):
     def report(self) -> dict[str, Any]:
         return {"running": len(self.rows), "queued": len(self.queue), "steps": self.steps, "column": self.col,
                 "acceptance": self.accepted / max(self.drafted, 1)}
+
+
+def _host_ids(input_ids: list[int] | Tensor) -> Tensor:
+    """A prompt's token ids as a 1-D tensor on the host, where its checks run (it reaches the model's
+    device when it joins the batch)."""
+    return torch.as_tensor(input_ids, dtype=torch.long, device="cpu").reshape(-1)
+
+
+def _reads_history(sampling: SamplingOptions) -> bool:
+    """Whether choosing a row's token reads more than its logits (sampling, repetition penalty)."""
+    return sampling.do_sample or sampling.repetition_penalty != 1.0

@@ -123,8 +123,10 @@ class _Decoding:
             self.wall += time.perf_counter() - start
             yield TokenStep(i, alive, tok, exit_at, eos | last)
             start = time.perf_counter()
-            alive = (~done).nonzero()[:, 0]
-            if alive.numel() == 0 or last:
+            if last:
+                break
+            alive = (~done).nonzero()[:, 0]  # the step's one host synchronisation: which rows go on
+            if alive.numel() == 0:
                 break
             logits, exit_at = run.step(seq[alive, col], alive, col)
         self.wall += time.perf_counter() - start

@@ -335,23 +335,26 @@ def _first_token(logits: Tensor, sampling: SamplingOptions, gen: torch.Generator
     return logits.argmax(-1)
 
 
-def _emit(rows: Tensor, best: Tensor, accepted: Tensor, out: Tensor, count: Tensor, done: Tensor,
-          sampling: SamplingOptions) -> int:
+def _emit(live: list[int], best: Tensor, accepted: Tensor, out: Tensor, count: list[int], done: list[bool],
+          sampling: SamplingOptions) -> tuple[int, int]:
     """Write each running row's accepted drafts and the full model's token after them into ``out``
-    (at most up to max_new_tokens, and up to its EOS); mark the rows that ended. Returns the
-    number of tokens written."""
-    max_new, written = out.shape[1], 0
-    for i, r in enumerate(rows.tolist()):
-        new = best[i, :int(accepted[i]) + 1][:max_new - int(count[r])]
-        eos = sampling.is_eos(new)
-        if bool(eos.any()):
-            new = new[:int(eos.nonzero()[0, 0]) + 1]
-        n = new.numel()
-        out[r, count[r]:count[r] + n] = new
+    (at most up to max_new_tokens, and up to its EOS); update the rows' host-side ``count`` and
+    ``done``. The round's outcome reaches the host in one transfer. Returns (tokens written, drafts
+    accepted)."""
+    max_new, eos, written = out.shape[1], set(sampling.eos_ids), 0
+    host = torch.cat([accepted[:, None].to(best.device), best], 1).tolist()
+    for i, r in enumerate(live):
+        n_accepted, *tokens = host[i]
+        new = tokens[:n_accepted + 1][:max_new - count[r]]
+        end = next((j for j, t in enumerate(new) if t in eos), None)
+        if end is not None:
+            new = new[:end + 1]
+        n = len(new)
+        out[r, count[r]:count[r] + n] = best[i, :n]  # a copy on the device: no transfer
         count[r] += n
         written += n
-        done[r] = bool(eos.any()) or bool(count[r] >= max_new)
-    return written
+        done[r] = end is not None or count[r] >= max_new
+    return written, sum(h[0] for h in host)
 
 
 @torch.no_grad()
@@ -412,23 +415,28 @@ def _rounds(spec: Speculator, first: Tensor, out: Tensor, count: Tensor, draft_c
     """Draft and verify, round after round, until every row has ended (EOS or max_new_tokens);
     each round's tokens go to ``out`` / ``count``."""
     stats, p = SpeculationStats(), spec.run.prompt_len
-    done = sampling.is_eos(first) | (count >= out.shape[1])
+    max_new, eos = out.shape[1], set(sampling.eos_ids)
+    counts = [1] * out.shape[0]  # the rows' progress, kept on the host (the first token is written)
+    done = [t in eos or 1 >= max_new for t in first.tolist()]
     pending = first
     next_pos = spec.run.pos[:, p - 1] + 1
     col = p
-    while not bool(done.all()):
-        rows = (~done).nonzero()[:, 0]
+    while not all(done):
+        live = [r for r, d in enumerate(done) if not d]
+        rows = torch.tensor(live, device=pending.device)
         best, accepted, k = spec.round(pending.index_select(0, rows), rows, next_pos.index_select(0, rows), col,
                                        draft_confidence, sampling, gen, draft_rule)
         stats.rounds += 1
-        stats.row_rounds += rows.numel()
-        stats.drafted += rows.numel() * k
-        stats.accepted += int(accepted.sum())
-        stats.emitted += _emit(rows, best, accepted, out, count, done, sampling)
+        stats.row_rounds += len(live)
+        stats.drafted += len(live) * k
+        written, taken = _emit(live, best, accepted, out, counts, done, sampling)
+        stats.emitted += written
+        stats.accepted += taken
         pending = pending.clone()
         pending[rows] = best.gather(1, accepted[:, None])[:, 0]  # the full model's next token
         next_pos[rows] += accepted + 1
         col += spec.draft_tokens + 1
+    count.copy_(torch.tensor(counts, device=count.device))
     return stats
 
 

@@ -124,7 +124,7 @@ def event_signals(policy: ExitPolicy, fork: int, features: Tensor, force: Callab
     signals = ExitSignals(layer=int(fork), hidden=features.reshape(1, -1))
     if "trial" in policy.needs and force is not None:
         ans = force()
-        signals.trial = torch.tensor([trial_value(ans)], dtype=torch.float64)
+        signals.trial = torch.tensor([trial_value(ans)], dtype=torch.float64, device=features.device)
         info.update(trial=ans.text, mean_prob=ans.mean_prob, complete=ans.complete)
     return signals
 
@@ -262,11 +262,11 @@ class _Engine:
         ids = prompt_ids(self.tok, question, self.cfg.prompt_suffix)
         gen = None
         if self.sampling is not None:
-            key = int(row_keys(torch.tensor([ids]))[0])
+            key = int(row_keys(torch.tensor([ids], device="cpu"))[0])  # on the host: the ids are a list
             gen = torch.Generator().manual_seed((key ^ (self.cfg.seed * 0x9E3779B97F4A7C15)) & ((1 << 63) - 1))
         ch = _Chain(index, problem, ids, self.policy, self.cfg, gen)
         one = RowCache.empty_like(self.model)
-        ch.logits = one.step(self.model, torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+        ch.logits = one.step(self.model, torch.tensor([ids], device=one.device), logits_to_keep=1).logits[0, -1]
         self.rows = self.rows.merge(one)
         self.chains.append(ch)
 
@@ -319,20 +319,27 @@ class _Engine:
                             ch.exit_ctx.event.index if ch.exit_ctx else None, ch.log, list(kept), feats)
 
     # ------------------------------------------------------------------ one decoding step
-    def pick(self, ch: _Chain) -> int:
+    def picks(self) -> list[int]:
+        """Every chain's next token: greedy ones in one transfer from the device; sampled ones drawn
+        with each chain's own generator (on the host, where it lives)."""
+        if not self.chains:
+            return []
         if self.sampling is None:
-            return int(ch.logits.argmax())
-        probs = sampling_probs(ch.logits[None], self.sampling)[0]
-        return int(torch.multinomial(probs, 1, generator=ch.generator))
+            return torch.stack([ch.logits for ch in self.chains]).argmax(-1).tolist()
+        out = []
+        for ch in self.chains:
+            probs = sampling_probs(ch.logits[None], self.sampling)[0].cpu()
+            out.append(int(torch.multinomial(probs, 1, generator=ch.generator)))
+        return out
 
     def step(self) -> list[tuple[int, ReasonResult]]:
         """Pick every chain's next token, retire the chains that end, run one step, decide at cue events."""
         done, going = [], []
-        for ch in self.chains:
+        picked = self.picks()
+        for ch, nxt in zip(self.chains, picked):
             if len(ch.ids) >= self.cfg.max_new_tokens:
                 done.append(ch)
                 continue
-            nxt = self.pick(ch)
             if nxt in self.eos:
                 ch.stop = "eos"
                 done.append(ch)
@@ -342,7 +349,7 @@ class _Engine:
         results = self.finish(done) if done else []
         if not going:
             return results
-        tokens = torch.tensor([[ch.ids[-1]] for ch in self.chains])
+        tokens = torch.tensor([[ch.ids[-1]] for ch in self.chains], device=self.rows.device)
         out = self.rows.step(self.model, tokens, output_hidden_states=True, logits_to_keep=1)
         new: list[EventContext] = []
         for i, ch in enumerate(self.chains):

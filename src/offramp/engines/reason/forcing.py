@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from offramp.engines.reason.rowcache import RowCache, left_pad
+from offramp.engines.reason.rowcache import RowCache, input_device, left_pad
 
 FORCING_PRESETS: dict[str, str] = {
     "boxed": "\nThe final answer is \\boxed{",
@@ -85,8 +85,8 @@ def force_answer(model, cache, forcing_ids: list[int], *, boxed: bool, decode, e
         eos_ids: ids that end generation.
         max_answer_tokens: the most answer tokens to generate.
     """
-    n = cache.get_seq_length()
-    rows = RowCache(cache, torch.ones(1, n, dtype=torch.long), torch.tensor([n]))
+    n, device = cache.get_seq_length(), input_device(model)
+    rows = RowCache(cache, torch.ones(1, n, dtype=torch.long, device=device), torch.tensor([n], device=device))
     return force_answers(model, rows, [forcing_ids], boxed=boxed, decode=decode, eos_ids=eos_ids,
                          max_answer_tokens=max_answer_tokens)[0]
 
@@ -111,11 +111,11 @@ def force_answers(model, rows, forcing_ids: list[list[int]], *, boxed: bool, dec
     out: list[ForcedAnswer | None] = [None] * len(forcing_ids)
     live = list(range(len(forcing_ids)))  # rows of ``rows`` -> answer index
     for _ in range(max_answer_tokens):
-        logp = logits.float().log_softmax(-1)  # (r, v)
-        nxt = logp.argmax(-1)
+        best, nxt = logits.float().log_softmax(-1).max(-1)  # (r,): greedy tokens and their log-probabilities
+        host = torch.stack([best.double(), nxt.double()], 1).tolist()  # one transfer per answer token
         keep: list[int] = []
         for j, a in enumerate(live):
-            t = int(nxt[j])
+            t = int(host[j][1])
             if t in eos_ids:
                 out[a] = ForcedAnswer(decode(ids[a]).strip(), tuple(ids[a]), _mean_prob(logps[a]), False)
                 continue
@@ -125,16 +125,16 @@ def force_answers(model, rows, forcing_ids: list[list[int]], *, boxed: bool, dec
             if end is not None:
                 # the terminator token does not count towards the confidence unless it carries answer text
                 if end > len(decode(ids[a][:-1])) or len(ids[a]) == 1:
-                    logps[a].append(float(logp[j, t]))
+                    logps[a].append(host[j][0])
                 out[a] = ForcedAnswer(text[:end].strip(), tuple(ids[a]), _mean_prob(logps[a]), True)
                 continue
-            logps[a].append(float(logp[j, t]))
+            logps[a].append(host[j][0])
             keep.append(j)
         if not keep or len(ids[live[keep[0]]]) >= max_answer_tokens:
             break
         if len(keep) < len(live):
             rows.keep(keep)
-            nxt = nxt[keep]
+            nxt = nxt[torch.tensor(keep, device=nxt.device)]
             live = [live[j] for j in keep]
         logits = rows.step(model, nxt[:, None], logits_to_keep=1).logits[:, -1]
     for a in range(len(out)):
@@ -153,7 +153,8 @@ def reencoded_answer(model, prefix_ids: list[int], forcing_ids: list[int], **kwa
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.tensor([prefix_ids]), cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=torch.tensor([prefix_ids], device=input_device(model)), cache=cache, use_cache=True,
+              logits_to_keep=1)
     return force_answer(model, cache, forcing_ids, **kwargs)
 
 

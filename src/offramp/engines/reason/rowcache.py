@@ -45,8 +45,9 @@ class RowCache:
     def empty_like(cls, model) -> "RowCache":
         from transformers import DynamicCache
 
-        return cls(DynamicCache(config=model.config), torch.zeros(0, 0, dtype=torch.long),
-                   torch.zeros(0, dtype=torch.long))
+        device = input_device(model)
+        return cls(DynamicCache(config=model.config), torch.zeros(0, 0, dtype=torch.long, device=device),
+                   torch.zeros(0, dtype=torch.long, device=device))
 
     @classmethod
     def from_tensors(cls, model, keys: list[Tensor], values: list[Tensor], mask: Tensor) -> "RowCache":
@@ -57,6 +58,11 @@ class RowCache:
             cache.update(k, v, i)
         _check_layers(cache)
         return cls(cache, mask, mask.sum(1))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go (the mask and positions live there too)."""
+        return self.mask.device
 
     @property
     def batch(self) -> int:
@@ -76,7 +82,9 @@ class RowCache:
         b, w = tokens.shape
         if b != self.batch and self.width:
             raise ValueError(f"{b} rows of tokens for a cache of {self.batch} rows")
-        token_mask = torch.ones(b, w, dtype=torch.long) if token_mask is None else token_mask.long()
+        tokens = tokens.to(self.device)
+        token_mask = torch.ones(b, w, dtype=torch.long, device=self.device) if token_mask is None \
+            else token_mask.to(self.device).long()
         mask = torch.cat([self.mask, token_mask], 1) if self.width else token_mask
         pos = self.pos[:, None] + token_mask.cumsum(1) - 1 if self.width else token_mask.cumsum(1) - 1
         out = model(input_ids=tokens, attention_mask=mask, position_ids=pos.clamp(min=0), cache=self.cache,
@@ -90,7 +98,7 @@ class RowCache:
     # ------------------------------------------------------------------ rows
     def keep(self, rows: list[int]) -> "RowCache":
         """Keep only ``rows``, in that order (in place), and trim the padding no row needs any more."""
-        idx = torch.as_tensor(rows, dtype=torch.long)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, idx.to(layer.keys.device))
             layer.values = layer.values.index_select(0, idx.to(layer.values.device))
@@ -140,34 +148,40 @@ class RowCache:
         A row's tokens are the last ``pos`` columns (they are contiguous), so a prefix is a slice."""
         if len(rows) != len(lengths):
             raise ValueError("fork needs one length per row")
+        pos = self.pos.tolist()  # one transfer for every row's length
         for r, n in zip(rows, lengths):
-            if not 1 <= n <= int(self.pos[r]):
-                raise ValueError(f"fork length {n} is outside row {r}'s cached prefix (1..{int(self.pos[r])})")
+            if not 1 <= n <= pos[r]:
+                raise ValueError(f"fork length {n} is outside row {r}'s cached prefix (1..{pos[r]})")
         width = max(lengths)
         keys, values = self._kv()
         new_k, new_v = [], []
         for k, v in zip(keys, values):
             parts_k, parts_v = [], []
             for r, n in zip(rows, lengths):
-                start = self.width - int(self.pos[r])
+                start = self.width - pos[r]
                 pad = k.new_zeros(k.shape[1], width - n, k.shape[3])
                 parts_k.append(torch.cat([pad, k[r, :, start:start + n]], 1))
                 parts_v.append(torch.cat([pad, v[r, :, start:start + n]], 1))
             new_k.append(torch.stack(parts_k))
             new_v.append(torch.stack(parts_v))
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, n in enumerate(lengths):
-            mask[i, width - n:] = 1
+        lengths_t = torch.tensor(lengths, device=self.device)
+        mask = (torch.arange(width, device=self.device)[None] >= width - lengths_t[:, None]).long()
         return RowCache.from_tensors(model, new_k, new_v, mask)
 
 
+def input_device(model) -> torch.device:
+    """The device a causal LM takes its input ids on (its embedding's)."""
+    return model.get_input_embeddings().weight.device
+
+
 def left_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """(ids, mask) of ragged token lists, left-padded to the longest."""
+    """(ids, mask) of ragged token lists, left-padded to the longest, on the host (``RowCache.step``
+    moves them to the model's device in one copy)."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device="cpu")
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long, device="cpu")
             mask[i, width - len(s):] = 1
     return ids, mask

@@ -35,7 +35,7 @@ from offramp.data.tasks import extract_answer
 from offramp.engines.reason.cues import CueDetector, CueEvent
 from offramp.engines.reason.engine import SIGNALS, ReasonConfig, eos_ids, event_signals, trial_value  # noqa: F401
 from offramp.engines.reason.forcing import ForcedAnswer, force_answers, forcing_text, is_boxed
-from offramp.engines.reason.rowcache import RowCache
+from offramp.engines.reason.rowcache import RowCache, input_device
 from offramp.policies import ExitPolicy, make_policy, require_signals
 
 
@@ -125,11 +125,10 @@ class CueStoppingCriteria(StoppingCriteria):
 
     # ------------------------------------------------------------------ forced answers
     def _rows(self, cache) -> RowCache:
-        width = cache.get_seq_length()
-        mask = torch.ones(len(self.done), width, dtype=torch.long)
-        for i, p in enumerate(self.pads.tolist()):
-            mask[i, :p] = 0
-        return RowCache(cache, mask, width - self.pads)
+        width, device = cache.get_seq_length(), input_device(self.model)
+        pads = self.pads.to(device)
+        mask = (torch.arange(width, device=device)[None] >= pads[:, None]).long()
+        return RowCache(cache, mask, width - pads)
 
     def _force(self, cache, items: list[tuple[int, int, list[int]]]) -> list[ForcedAnswer]:
         """Forced answers of (row, fork, generated ids) from ``cache`` (HF's), in one batch. Generated
