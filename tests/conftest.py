@@ -7,6 +7,17 @@ import torch
 from encoders import ENCODERS, build_encoder
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The ``gpu`` tests need a CUDA GPU: without one they are skipped, and the summary says why."""
+    if torch.cuda.is_available():
+        return
+    why = (f"no CUDA GPU here (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}): "
+           "benchmarks/device_check.sh runs these on a machine with one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
 @pytest.fixture(scope="session", params=ENCODERS)
 def encoder(request) -> tuple[str, torch.nn.Module]:
     return request.param, build_encoder(request.param).eval()

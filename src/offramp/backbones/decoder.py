@@ -90,15 +90,16 @@ class DecoderAdapter:
         raise NotImplementedError
 
     def logits(self, hidden: Tensor) -> Tensor:  # (b, t, d) -> (b, t, V)
-        """Final norm then LM head (the full-vocabulary projection)."""
-        hidden = hidden.to(self.head_device)
-        return self.softcap(self.lm_head()(self.final_norm()(hidden)))
+        """Final norm then LM head (the full-vocabulary projection), in the head's dtype (a Mamba
+        model in bfloat16 keeps its residual stream in float32, as HF's own forward does)."""
+        normed = self.final_norm()(hidden.to(self.head_device))
+        return self.softcap(self.lm_head()(normed.to(self.dtype)))
 
     def logits_subset(self, hidden: Tensor, token_ids: Tensor) -> Tensor:  # (n, d), (k,) -> (n, k)
         """Logits of the tokens ``token_ids`` only (training on a teacher's top-k support)."""
         head = self.lm_head()
         bias = None if getattr(head, "bias", None) is None else head.bias[token_ids]
-        x = self.final_norm()(hidden.to(self.head_device))
+        x = self.final_norm()(hidden.to(self.head_device)).to(head.weight.dtype)
         return self.softcap(nn.functional.linear(x, head.weight[token_ids], bias))
 
     def softcap(self, logits: Tensor) -> Tensor:

@@ -86,3 +86,13 @@ def test_bad_inputs_raise_clear_errors() -> None:
     bert_like.config = type("C", (), {"model_type": "bert"})()
     with pytest.raises(ValueError, match="unsupported decoder model_type 'bert'.*is a encoder"):
         adapter_for(bert_like, role="decoder")
+
+
+@pytest.mark.parametrize("family", ["llama", "mamba"])
+def test_bfloat16_decoding_equals_hf_greedy(family: str) -> None:
+    # a Mamba model in bfloat16 keeps its residual stream in float32: the LM head gets its own dtype
+    model = tiny_decoder(family).to(torch.bfloat16)
+    ids, mask = ragged_prompts(2)
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0,
+                         eos_token_id=3)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=8).sequences, ref)
