@@ -51,7 +51,7 @@ OFFLINE_ERROR = re.compile(r"^offramp [\w -]+: error: .+", re.MULTILINE)
 
 
 PAGES = ("README.md", "docs/tutorial.md", "docs/classification.md", "docs/calibration.md", "docs/generation.md",
-         "docs/reasoning.md", "docs/serving.md", "docs/training.md")
+         "docs/reasoning.md", "docs/serving.md", "docs/training.md", "docs/devices.md")
 
 
 @dataclass
