@@ -50,6 +50,11 @@ class RunningRows:
         leaving = int(exits.sum())  # the one host synchronisation of a decision
         if not leaving:
             return carried
+        if leaving == exits.shape[0]:  # every row leaves (always so at batch 1): nothing to sort or cut
+            if write is not None:
+                write(torch.arange(leaving, device=exits.device), self.index)
+            self.index = self.index[:0]
+            return {k: None for k in carried}
         order = torch.argsort(exits.to(torch.int8), stable=True)  # the rows that stay, then those that leave
         stay = exits.shape[0] - leaving
         keep, local = order[:stay], order[stay:]
