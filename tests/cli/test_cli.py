@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from commands import cli
 from tiny_assets import write_csv, write_model
 
@@ -30,7 +31,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     paths = {"root": root, "model": write_model(root / "tiny"), "csv": write_csv(root / "d.csv", n=120)}
     assert cli("train", "--model", paths["model"], "--data", paths["csv"], "--out", root / "run",
-               "--halting", "palbert", "--epochs", "2", "--lr", "1e-2", "--batch-size", "16") == 0
+               "--halting", "palbert", "--head", "linear", "--epochs", "2", "--lr", "1e-2", "--batch-size", "16") == 0
     assert cli("collect", "--model", root / "run", "--out", root / "trace") == 0
     paths.update(run=root / "run", trace=root / "trace")
     return paths
@@ -145,7 +146,7 @@ def test_demo_writes_summary_with_the_exact_schema(ws, capsys, tmp_path):
                      "--epochs", "1", "--time-examples", "8", "--batch-size", "8", "--tolerance", "0.99")
     assert rc == 0 and "| PALBERT |" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary) == {"full", "rules"} and set(summary["full"]) == {"accuracy", "wall_s"}
+    assert set(summary) == {"full", "rules", "full_mlp_exits"} and set(summary["full"]) == {"accuracy", "wall_s"}
     assert set(summary["rules"]) == {"PABEE", "PonderNet", "PALBERT", "entropy", "max_prob"}
     for rule in summary["rules"].values():
         assert set(rule) == {"accuracy", "mean_exit_layer", "num_layers", "speedup_measured", "setting"}
@@ -154,7 +155,7 @@ def test_demo_writes_summary_with_the_exact_schema(ws, capsys, tmp_path):
     for name in ("report.md", "pareto.png", "exit_histogram.png", "reliability.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
     # each exit set's checkpoint stores its cheapest rule within the tolerance on validation
-    for name, rules in (("pabee", {"patience", "entropy", "max_prob"}), ("palbert", {"q_exit"})):
+    for name, rules in (("pabee", {"patience"}), ("exits", {"entropy", "max_prob"}), ("palbert", {"q_exit"})):
         cfg = json.loads((tmp_path / "demo" / "models" / name / "checkpoint" / "offramp_config.json").read_text())
         assert cfg["policy"]["type"] in rules and cfg["policy"] == cfg["extra"]["selected"]["policy"]
     rc, _, err = run(capsys, "demo", "--model", ws["model"], "--data", ws["csv"], "--out", tmp_path / "demo")
@@ -390,3 +391,20 @@ def test_a_rule_named_without_value_is_refused_unless_the_checkpoint_stores_it(w
     assert rc == 2 and "policy 'entropy' needs its threshold" in err and "--value" in err
     rc, out, _ = run(capsys, "evaluate", "--model", ws["run"], "--policy", "entropy", "--value", "0.5", "--no-timing")
     assert rc == 0 and json.loads(out)["policy"] == {"type": "entropy", "threshold": 0.5}
+
+
+def test_train_with_an_mlp_head_and_self_distillation_then_predict(capsys, tmp_path):
+    from offramp import EarlyExitModel
+
+    model, csv = write_model(tmp_path / "tiny"), write_csv(tmp_path / "d.csv", n=60)
+    code, _, err = run(capsys, "train", "--model", model, "--data", csv, "--out", tmp_path / "run", "--epochs", "1",
+                       "--batch-size", "16", "--head", "mlp", "--head-hidden", "16", "--distill", "1")
+    assert code == 0, err
+    trained = EarlyExitModel.from_pretrained(tmp_path / "run" / "checkpoint")
+    assert trained.config.head["type"] == "mlp" and trained.config.objective["distill"] == 1.0
+    assert isinstance(trained.classifiers.linears[0], torch.nn.Sequential)
+    code, out, err = run(capsys, "predict", "--model", tmp_path / "run", "good words")
+    assert code == 0 and "exit_layer" in out, err
+    code, _, err = run(capsys, "train", "--model", model, "--data", csv, "--out", tmp_path / "run2", "--converge", "1")
+    assert code == 2 and "--converge" in err and "--full" in err
+    assert not (tmp_path / "run2").exists()

@@ -84,7 +84,7 @@ def _cases(ws: dict[str, Path], root: Path) -> dict[str, tuple[list, str]]:
     run = _copy(ws["run"], root / "labels")
     _edit(run / "checkpoint" / "offramp_config.json", num_labels=10**7, label_names=None)
     cases["ten-million-labels"] = (["predict", "--model", run, "good great"],
-                                   "classifiers.linears.0.bias (3,) (the config asks for (10000000,))")
+                                   "classifiers.linears.0.3.bias (3,) (the config asks for (10000000,))")
     for width, match in ((2 * 10**7, "confidence_hidden must be an integer in [1, 65536]"),
                          (60_000, "head shapes do not match")):
         exits = _copy(ws["exits"], root / f"exits-{width}")

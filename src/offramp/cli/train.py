@@ -41,6 +41,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="'all' or 1-based layers, e.g. 2,4,6 (default all)")
     common.add_deprecated(p, "--exits", "--exit-layers", dest="exits", default=None)
     p.add_argument("--shared-head", action="store_true", default=None, help="one classifier for every exit (PALBERT)")
+    p.add_argument("--head", choices=["linear", "mlp"], default=None,
+                   help="the exit classifier: mlp (the default: one hidden layer of --head-hidden units) or linear")
+    p.add_argument("--head-hidden", type=int, default=None, help="the mlp head's hidden width (default 256)")
     p.add_argument("--pooling", choices=["auto", "cls", "mean"], default=None,
                    help="auto (default): mean for sentence-transformers models trained with mean pooling, else cls")
     p.add_argument("--no-pooler", action="store_true", default=None, help="CLS pooling without the model's pooler")
@@ -84,9 +87,18 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
                    help="jei objective: warm-up epochs without validation gain before an exit is frozen (default 3)")
     p.add_argument("--weights", choices=["uniform", "pabee"], default=None,
                    help="joint objective: per-exit loss weights (pabee: j / sum j; default uniform)")
-    p.add_argument("--distill", type=float, default=None, help="joint objective: self-distillation weight (default 0)")
+    p.add_argument("--distill", type=float, default=None,
+                   help="joint objective: weight of self-distillation from the last exit (default 1; 0: none)")
+    p.add_argument("--distill-temperature", dest="temperature", type=float, default=None,
+                   help="joint objective: the self-distillation temperature (default 2)")
+    p.add_argument("--converge", type=float, default=None,
+                   help="joint objective with --full: weight of the LEAP-style term pulling each exit's pooled state "
+                        "towards the last layer's (default 0)")
     p.add_argument("--beta", type=float, default=None, help="ponder objective: KL weight (default 0.5)")
     p.add_argument("--lambda-p", type=float, default=None, help="ponder objective: geometric prior (default 0.1)")
+    p.add_argument("--head-loss", type=float, default=None,
+                   help="ponder objective: weight of every exit's own loss beside the halting-weighted one "
+                        "(default 1: the last exit keeps its accuracy; 0: the papers' loss)")
     p.add_argument("--kl-target", choices=["batch", "row"], default=None,
                    help="ponder objective: pull the batch's mean exit distribution to the prior (batch, default: "
                         "the halting then differs by input) or every row's (row: PonderNet's and PALBERT's "
@@ -94,11 +106,12 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
 
 
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "exits": "all", "shared_head": False, "pooling": "auto", "no_pooler": False, "halting": "none",
+    "exits": "all", "shared_head": False, "head": "mlp", "head_hidden": 256, "pooling": "auto", "no_pooler": False, "halting": "none",
     "halting_variant": "concat", "objective": None, "cost_weight": 0.1, "gate_pos_weight": "none",
     "warmup_epochs": None,
-    "warmup_patience": None, "weights": "uniform", "distill": 0.0,
-    "beta": 0.5, "lambda_p": 0.1, "kl_target": "batch", "full": False, "epochs": None, "patience": 3, "lr": 1e-3,
+    "warmup_patience": None, "weights": "uniform", "distill": 1.0, "temperature": 2.0, "converge": 0.0,
+    "beta": 0.5, "lambda_p": 0.1, "kl_target": "batch", "head_loss": 1.0, "full": False, "epochs": None,
+    "patience": 3, "lr": 1e-3,
     "backbone_lr": None,
     "regression": False, "backbone_by_reference": False}
 RESUME_MAY_CHANGE = ("epochs", "patience")  # a resumed run may be extended; everything else is the run's own
@@ -120,7 +133,7 @@ def _train_options(args: argparse.Namespace, stored: dict[str, Any] | None) -> d
         raise ValueError(f"{flag} is an option of the JEI-DNN schedule and would do nothing here: add "
                          "--objective jei, or drop it")
     halting = given.get("halting", (stored or {}).get("halting", "none"))
-    ponder_only = [k for k in ("beta", "lambda_p", "kl_target") if k in given]
+    ponder_only = [k for k in ("beta", "lambda_p", "kl_target", "head_loss") if k in given]
     if ponder_only and (halting in (None, "none") or objective not in (None, "ponder")):
         flag = "--" + ponder_only[0].replace("_", "-")
         raise ValueError(f"{flag} is an option of the ponder objective (a halting layer) and would do nothing "
@@ -174,14 +187,19 @@ def _train_config(args: argparse.Namespace, data: Any) -> Any:
         jei = jei_config(cost_weight=args.cost_weight, pos_weight=args.gate_pos_weight)
         objective, gate, default_policy = jei["objective"], jei["gate"], jei["policy"]
     else:
-        objective = ({"type": "joint", "weights": args.weights, "distill": args.distill} if kind == "joint"
+        if args.converge and not args.full:
+            raise ValueError("--converge pulls the backbone's middle layers towards its last one, which a frozen "
+                             "backbone cannot do: add --full, or drop --converge")
+        objective = ({"type": "joint", "weights": args.weights, "distill": args.distill,
+                      "temperature": args.temperature, "converge": args.converge}
+                     if kind == "joint"
                      else {"type": "ponder", "beta": args.beta, "lambda_p": args.lambda_p,
-                           "kl_target": args.kl_target})
+                           "kl_target": args.kl_target, "heads": args.head_loss})
         default_policy = {"type": "never"}
     policy = common.make_policy_arg(args.policy, args.value, default_policy).to_dict()
     return OfframpConfig(base_model_name_or_path=_model_ref(args.model), num_labels=data.num_labels,
                          exit_layers=common.parse_exits(args.exits),
-                         head={"shared": args.shared_head,
+                         head={"shared": args.shared_head, "type": args.head, "hidden": args.head_hidden,
                                "pooling": common.default_pooling(_resolved(args.model)) if args.pooling == "auto"
                                else args.pooling,
                                "use_pooler": not args.no_pooler},

@@ -62,7 +62,8 @@ class EarlyExitModel(ExitModelBase):
         head = config.head
         pooler = self.adapter.pooler() if head["use_pooler"] and head["pooling"] == "cls" else None
         self.classifiers = ExitClassifiers(h, config.num_labels, len(layers), shared=head["shared"],
-                                           pooling=head["pooling"], dropout=head["dropout"], pooler=pooler)
+                                           pooling=head["pooling"], dropout=head["dropout"], pooler=pooler,
+                                           kind=head["type"], mlp_hidden=head["hidden"])
         self.halting = HaltingLayer(h, len(layers), **config.halting) if config.halting else None
         self.gates = self._build_gates()
 
@@ -142,7 +143,7 @@ class EarlyExitModel(ExitModelBase):
                 out.halting_logits, obj.get("truncation", "force_last"), obj.get("epsilon", 0.05)).exp()
         if self.gates is not None:
             out.gate_logits = self.gates(out.exit_logits)
-        if output_pooled:
+        if output_pooled or (labels is not None and self.config.objective.get("converge")):
             out.pooled = pooled
         if labels is not None:
             out.loss = compute_loss(self, out, self.check_labels(labels))

@@ -19,7 +19,8 @@ def compute_loss(model: "EarlyExitModel", out: "EarlyExitOutput", labels: Tensor
     obj = dict(model.config.objective)
     kind = obj.pop("type")
     if kind == "joint":
-        return joint_loss(out.exit_logits, labels, obj["weights"], obj["distill"], obj["temperature"])
+        return joint_loss(out.exit_logits, labels, obj["weights"], obj["distill"], obj["temperature"],
+                          obj["converge"], out.pooled)
     if kind == "ponder":
         return ponder_loss(out.exit_logits, out.halting_logits, labels, **obj)
     if kind == "jei":

@@ -39,11 +39,25 @@ def self_distillation(exit_logits: Tensor, temperature: float = 1.0) -> Tensor: 
     return kl.mean() * t * t
 
 
+def convergence(pooled: Tensor) -> Tensor:  # (E, b, d) -> scalar
+    """Mean over the early exits of 1 - cos(pooled state, the last exit's, detached): the exit-aware
+    term of LEAP (arXiv 2605.01058), which pulls a fine-tuned backbone's middle layers towards what
+    its last layer says, so that shallow exits can be right. Zero gradient with a frozen backbone."""
+    if pooled.shape[0] < 2:
+        return pooled.new_zeros(())
+    target = pooled[-1].detach().float()
+    return (1 - F.cosine_similarity(pooled[:-1].float(), target[None], dim=-1)).mean()
+
+
 def joint_loss(exit_logits: Tensor, labels: Tensor, weights: str = "uniform", distill: float = 0.0,
-               temperature: float = 1.0) -> Tensor:
-    """sum_j w_j mean_b L_j(b)  +  distill * self-distillation."""
+               temperature: float = 1.0, converge: float = 0.0, pooled: Tensor | None = None) -> Tensor:
+    """sum_j w_j mean_b L_j(b)  +  distill * self-distillation  +  converge * convergence(pooled)."""
     w = exit_weights(exit_logits.shape[0], weights).to(exit_logits.device)
     loss = (w * per_exit_loss(exit_logits, labels).mean(1)).sum()
     if distill:
         loss = loss + distill * self_distillation(exit_logits, temperature)
+    if converge:
+        if pooled is None:
+            raise ValueError("objective.converge needs the exits' pooled states")
+        loss = loss + converge * convergence(pooled)
     return loss

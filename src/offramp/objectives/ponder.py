@@ -23,13 +23,20 @@ from offramp.objectives.joint import per_exit_loss
 
 def ponder_loss(exit_logits: Tensor, halting_logits: Tensor, labels: Tensor, *, beta: float = 0.5,
                 lambda_p: float = 0.1, kl_direction: str = "prior_to_model", truncation: str = "force_last",
-                epsilon: float = 0.05, kl_target: str = "batch") -> Tensor:
-    """L = sum_i mean_b[p_i * L_i] + beta * KL, p from the halting logits (b, E).
+                epsilon: float = 0.05, kl_target: str = "batch", heads: float = 0.0) -> Tensor:
+    """L = sum_i mean_b[p_i * L_i] + beta * KL (+ heads * mean_i mean_b L_i), p from the halting
+    logits (b, E).
 
     KL is mean_b KL(p_b, prior) for ``kl_target="row"`` and KL(mean_b p_b, prior) for ``"batch"``.
+    ``heads`` adds every exit's own loss, equally weighted: with a batch KL the halting sends most
+    rows' weight to early exits, and without it the deeper heads (the last one included) learn
+    from few rows.
     """
+    per_exit = per_exit_loss(exit_logits, labels)  # (E, b)
     logp = exit_log_distribution(halting_logits.float(), truncation, epsilon)  # (b, E)
-    task = (logp.exp().T * per_exit_loss(exit_logits, labels)).sum(0).mean()
+    task = (logp.exp().T * per_exit).sum(0).mean()
+    if heads:
+        task = task + heads * per_exit.mean()
     prior = geometric_prior(halting_logits.shape[1], lambda_p).to(logp.device)
     if kl_target == "batch":
         mean_logp = torch.logsumexp(logp, dim=0, keepdim=True) - math.log(logp.shape[0])  # (1, E)
