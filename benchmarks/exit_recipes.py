@@ -81,7 +81,7 @@ def evaluate_recipe(model: EarlyExitModel, val: list, test: list, timed: list, a
     model.eval()
     traces = {s: collect(model, b) for s, b in (("validation", val), ("test", test))}
     results = {s: sweep(t, list(RULES)) for s, t in traces.items()}
-    full_val, full_test = results["validation"].full, results["test"].full
+    full_test = results["test"].full
     key = next(iter(full_test))
     full_acc = full_test[key].metric
     out = {"full_accuracy": full_acc, "per_exit_accuracy": _per_exit(traces["test"]), "rules": {}}
@@ -101,7 +101,6 @@ def evaluate_recipe(model: EarlyExitModel, val: list, test: list, timed: list, a
     out["accuracy_at_mean_exit_layer"] = _frontier(curve, model.num_layers)
     within = [r["measured_speedup"] for r in out["rules"].values() if r["points_lost"] <= 100 * args.tolerance]
     out["speedup_within_1pt"] = max(within) if within else 1.0
-    del full_val
     return out
 
 
@@ -172,11 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         model = build(path, recipe, data, pooling)
         full = RECIPES[recipe][2]
         targs = TrainingArgs(output_dir=f"{args.out}/{args.data}-{args.model}-{recipe}",
-                             epochs=args.full_epochs if full else args.epochs, lr=2e-5 if full else args.lr,
+                             epochs=args.full_epochs if full else args.epochs, lr=1e-3 if full else args.lr,
                              backbone_lr=2e-5 if full else None, frozen_backbone=not full, save_backbone=False,
                              seed=args.seed, progress=False)
         if full:
-            targs.lr = 1e-3
             train(model, batches["train"], None, targs)
         else:
             frozen_train = frozen_train or cached(probe, batches["train"], 32, args.seed)

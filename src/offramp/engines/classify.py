@@ -57,6 +57,13 @@ def _exit_signals(model: "EarlyExitModel", k: int, layer: int, hidden: Tensor, c
     return signals
 
 
+def on_device(device: torch.device, input_ids: Tensor, attention_mask: Tensor,
+              token_type_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A batch's tensors where the model is (callers may pass them on the CPU)."""
+    return (input_ids.to(device), attention_mask.to(device),
+            None if token_type_ids is None else token_type_ids.to(device))
+
+
 def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mask: Tensor | None,
                        policy: ExitPolicy, *, token_type_ids: Tensor | None = None,
                        labels: Tensor | None = None) -> Prediction:
@@ -69,9 +76,8 @@ def early_exit_predict(model: "EarlyExitModel", input_ids: Tensor, attention_mas
                     "for gate, or choose another policy")
     policy.check_exits(model.exit_layers)
     a, cls = model.adapter, model.classifiers
-    b, device = input_ids.shape[0], next(cls.parameters()).device  # inputs go where the model is
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    token_type_ids = None if token_type_ids is None else token_type_ids.to(device)
+    b, device = input_ids.shape[0], next(cls.parameters()).device
+    input_ids, attention_mask, token_type_ids = on_device(device, input_ids, attention_mask, token_type_ids)
     num_exits, last = model.num_exits, model.num_exits - 1
     hidden = a.embed(input_ids, token_type_ids)  # (b, t, d)
     running = RunningRows(b, device)

@@ -13,7 +13,7 @@ from transformers import AutoModel
 from offramp.backbones import adapter_for
 from offramp.backbones.base import check_ids
 from offramp.config import CONFIG_NAME, OfframpConfig
-from offramp.engines.classify import early_exit_predict
+from offramp.engines.classify import early_exit_predict, on_device
 from offramp.heads.classifier import ExitClassifiers
 from offramp.heads.gate import build_gates
 from offramp.heads.halting import HaltingLayer, exit_log_distribution
@@ -114,9 +114,7 @@ class EarlyExitModel(ExitModelBase):
     def _run_pooled(self, input_ids: Tensor, attention_mask: Tensor | None,
                     token_type_ids: Tensor | None) -> Tensor:  # (E, b, d)
         attention_mask = check_ids(input_ids, attention_mask)
-        device = self.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        token_type_ids = None if token_type_ids is None else token_type_ids.to(device)
+        input_ids, attention_mask, token_type_ids = on_device(self.device, input_ids, attention_mask, token_type_ids)
         a = self.adapter
         hidden = a.embed(input_ids, token_type_ids)  # (b, t, d)
         ctx = a.context(hidden, attention_mask)
