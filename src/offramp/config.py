@@ -408,8 +408,9 @@ class DecoderExitConfig:
         head: exit head type ("tied", "ffn", "block", "mamba") and its keyword arguments.
         confidence_hidden: width of the confidence classifier.
         top_k: an exit counts as correct when its top token is in the final layer's top-k.
-        policy: the default exit policy of generation, {"type": name, **parameters}; ``offramp
-            calibrate`` writes a certified one here (its bound goes to ``extra["calibration"]``).
+        policy: the default exit policy of generation, {"type": name, **parameters}: ``never``
+            (every layer) until ``offramp calibrate`` writes a certified one here (its bound goes to
+            ``extra["calibration"]``); an uncalibrated rule is never a folder's default.
         cache_strategy: default cache strategy (copy_kv | propagate | catch_up | freeze | update).
         base_model_name_or_path: where ``from_pretrained`` loads the backbone from.
         extra: free-form metadata (training data, calibration results, ...).
@@ -423,7 +424,7 @@ class DecoderExitConfig:
     head: dict = field(default_factory=lambda: {"type": "ffn"})
     confidence_hidden: int = 64
     top_k: int = 1
-    policy: dict[str, Any] = field(default_factory=lambda: {"type": "token_confidence", "threshold": 0.9})
+    policy: dict[str, Any] = field(default_factory=lambda: {"type": "never"})
     cache_strategy: str | None = None
     base_model_name_or_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -35,11 +35,11 @@ def test_generate_never_exit_then_with_exits(tmp_path, capsys) -> None:
     assert rows[0]["tokens"] == ref.tolist()[:len(rows[0]["tokens"])]
     exits = DecoderExitModel.from_backbone(model, exit_layers=[2, 3])
     exits.save_pretrained(tmp_path / "exits")
-    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy",
+    assert _run(["generate", "--no-fallback", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy",
                  "token_confidence", "--value", "0", "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--json", str(out)]) == 0
     layers = json.loads(out.read_text())["rows"][0]["exit_layers"]
     assert layers[0] == 4 and set(layers[1:]) <= {2}
-    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy", "static",
+    assert _run(["generate", "--no-fallback", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy", "static",
                  "--value", "3", "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--json", str(out)]) == 0
     written = json.loads(out.read_text())
     assert written["policy"] == {"type": "static", "layer": 3} and set(written["rows"][0]["exit_layers"][1:]) == {3}
@@ -49,7 +49,7 @@ def test_generate_never_exit_then_with_exits(tmp_path, capsys) -> None:
 def test_generate_stream_writes_the_tokens_of_generate_line_by_line(tmp_path, capsys) -> None:
     folder, model = tiny_lm_folder(tmp_path)
     DecoderExitModel.from_backbone(model, exit_layers=[2, 3]).save_pretrained(tmp_path / "exits")
-    common = ["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy",
+    common = ["generate", "--no-fallback", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--policy",
               "token_confidence", "--value", "0.02",
               "--prompt", "w5 w6 w7", "--prompt", "w9", "--prompt", "w11 w12", "--max-new-tokens", "6",
               "--batch-size", "2"]
@@ -79,7 +79,7 @@ def test_generate_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="need exits"):
         _run(["generate", "--model", str(folder), "--prompt", "w5", "--threshold", "0.5"])
     with pytest.raises(ValueError, match="not both"):
-        _run(["generate", "--model", str(folder), "--exits", "x", "--prompt", "w5", "--threshold", "0.5",
+        _run(["generate", "--no-fallback", "--model", str(folder), "--exits", "x", "--prompt", "w5", "--threshold", "0.5",
               "--policy", "max_prob"])
     with pytest.raises(ValueError, match="needs halting, which token-exit generation does not supply"):
         _run(["generate", "--model", str(tmp_path / "not-loaded"), "--exits", "x", "--prompt", "w5",
@@ -114,7 +114,7 @@ def test_fit_exits_on_a_text_file_trains_saves_and_uses_them(tmp_path, capsys) -
     assert "heads epoch 2/2" in printed.err and f"saved to {out}" in printed.err  # progress on stderr
     assert "heads epoch" not in printed.out  # stdout carries results only
     assert json.loads(printed.out)["exit_layers"] == [2, 3]
-    assert _run(["generate", "--model", str(folder), "--exits", str(out), "--policy", "token_confidence", "--value",
+    assert _run(["generate", "--no-fallback", "--model", str(folder), "--exits", str(out), "--policy", "token_confidence", "--value",
                  "0", "--prompt", "w5 w6 w7", "--max-new-tokens", "4", "--json", str(tmp_path / "o.json")]) == 0
     loaded = DecoderExitModel.from_pretrained(out, backbone=model)
     assert loaded.exit_layers == [2, 3]
@@ -132,7 +132,7 @@ def test_fit_exits_on_a_text_file_trains_saves_and_uses_them(tmp_path, capsys) -
     spec, plain = tmp_path / "spec.json", tmp_path / "plain.json"
     prompts = ["--prompt", "w5 w6 w7", "--prompt", "w9 w40", "--max-new-tokens", "9"]
     assert _run(["generate", "--model", str(folder), *prompts, "--json", str(plain)]) == 0
-    assert _run(["generate", "--model", str(folder), "--exits", str(out), "--speculative", "--draft-vocab", "5",
+    assert _run(["generate", "--no-fallback", "--model", str(folder), "--exits", str(out), "--speculative", "--draft-vocab", "5",
                  "--draft-confidence", "0.5", "--draft-rule", "token_confidence", *prompts, "--json", str(spec)]) == 0
     assert [r["tokens"] for r in json.loads(spec.read_text())["rows"]] == \
         [r["tokens"] for r in json.loads(plain.read_text())["rows"]]
@@ -185,7 +185,7 @@ def test_collect_sweep_calibrate_and_generate_on_token_exits(tmp_path, capsys) -
     assert stored.policy["type"] == "token_confidence" and stored.policy["threshold"] < 1.0
     assert stored.extra["calibration"]["risk"] == "sequence" and stored.extra["calibration"]["n"] == 40
     out = tmp_path / "g.json"
-    assert main(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--prompt", "w5 w6 w7",
+    assert main(["generate", "--no-fallback", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--prompt", "w5 w6 w7",
                  "--max-new-tokens", "5", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["policy"] == stored.policy
     assert main(["calibrate", "--model", str(tmp_path / "exits"), "--trace", str(trace), "--risk", "disagree"]) == 2
@@ -208,14 +208,14 @@ def test_generate_speculative_equals_greedy_and_refuses_what_it_cannot_do(tmp_pa
     plain, spec = tmp_path / "plain.json", tmp_path / "spec.json"
     prompts = ["--prompt", "w5 w6 w7", "--prompt", "w9 w40"]
     assert _run(["generate", "--model", str(folder), *prompts, "--max-new-tokens", "9", "--json", str(plain)]) == 0
-    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--speculative",
+    assert _run(["generate", "--no-fallback", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--speculative",
                  "--draft-exit", "3", "--draft-tokens", "2", *prompts, "--max-new-tokens", "9",
                  "--json", str(spec)]) == 0
     assert "drafted tokens accepted" in capsys.readouterr().err
     assert [r["tokens"] for r in json.loads(spec.read_text())["rows"]] == \
         [r["tokens"] for r in json.loads(plain.read_text())["rows"]]
     planned = tmp_path / "planned.json"
-    assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--speculative", "--plan",
+    assert _run(["generate", "--no-fallback", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--speculative", "--plan",
                  *prompts, "--max-new-tokens", "9", "--json", str(planned)]) == 0
     assert "speculation plan at batch" in capsys.readouterr().err
     result = json.loads(planned.read_text())
@@ -224,7 +224,7 @@ def test_generate_speculative_equals_greedy_and_refuses_what_it_cannot_do(tmp_pa
     sampled = []
     for run in range(2):  # speculative sampling, seeded: the same draws twice
         out = tmp_path / f"sampled{run}.json"
-        assert _run(["generate", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--speculative",
+        assert _run(["generate", "--no-fallback", "--model", str(folder), "--exits", str(tmp_path / "exits"), "--speculative",
                      "--sample", "--temperature", "0.8", "--seed", "3", *prompts, "--max-new-tokens", "9",
                      "--json", str(out)]) == 0
         sampled.append([r["tokens"] for r in json.loads(out.read_text())["rows"]])

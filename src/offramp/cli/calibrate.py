@@ -163,7 +163,10 @@ def _calibrate_generation(args: argparse.Namespace, ckpt, config, risk: str) -> 
         raise ValueError("token exits are calibrated with Learn-then-Test (--method ltt)")
     batch_size = args.batch_size or 8  # --batch-size: prompts generated together
     common.require_min({"batch_size": batch_size}, batch_size=1)
-    policy = common.make_policy_arg(args.policy, None, config.policy if args.policy is None else {"type": args.policy})
+    stored = config.policy
+    if args.policy is None and stored.get("type") == "never":  # nothing certified yet: the exits' natural rule
+        stored = {"type": "max_prob" if config.head.get("type") == "tied" else "token_confidence"}
+    policy = common.make_policy_arg(args.policy, None, stored if args.policy is None else {"type": args.policy})
     require_signals(policy, set(SIGNALS), "token-exit generation")
     grid = None if args.grid is None else common.parse_grids([f"{policy.type}={args.grid}"])[policy.type]
     prompts = token_prompts(args)

@@ -71,6 +71,15 @@ def add_generate_parser(subparsers: Any) -> None:
                    help="with --speculative: draft among the K tokens most frequent in the text the exits were "
                         "fitted on (recorded by offramp fit-exits); the LM head then reads K rows per draft, and the "
                         "output is unchanged")
+    p.add_argument("--ngram", type=int, default=0, metavar="K",
+                   help="with --speculative: draft up to K tokens from n-gram matches in the prompt and the text so far "
+                        "(prompt lookup) where every row has one, from the exit otherwise; the same pass verifies both")
+    p.add_argument("--min-agreement", type=float, default=0.75,
+                   help="exit rules: the probe falls back to plain decoding when the exits' tokens agree with the full "
+                        "model's on fewer than this share (default 0.75)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="decode as asked even when the probe (a few tokens of the first prompts, plain and with "
+                        "exits) finds the mode slower than plain decoding or its tokens too often wrong")
     p.add_argument("--plan", action="store_true",
                    help="with --speculative: measure this machine's costs and the exits' acceptance on the first "
                         "batch, then draft from the exit and length predicted fastest (or decode plainly when "
@@ -115,7 +124,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v}")
     if args.top_p > 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    common.require_min(args, draft_tokens=1)
+    common.require_min(args, draft_tokens=1, ngram=0)
+    if not 0.0 <= args.min_agreement <= 1.0:  # NaN fails this too
+        raise ValueError(f"--min-agreement must be a share in [0, 1], got {args.min_agreement}")
+    if args.ngram and args.sample:
+        raise ValueError("--ngram drafts are verified greedily: drop --ngram to sample, or drop --sample")
     if args.stream:
         other = [f for f, on in (("--speculative", args.speculative), ("--show-exits", args.show_exits)) if on]
         if other:
@@ -125,7 +138,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if not args.speculative:
         given = [f for f, v in (("--draft-exit", args.draft_exit), ("--draft-confidence", args.draft_confidence),
                                 ("--draft-vocab", args.draft_vocab), ("--draft-rule", args.draft_rule),
-                                ("--plan", args.plan or None)) if v is not None]
+                                ("--plan", args.plan or None), ("--ngram", args.ngram or None)) if v is not None]
         if given:
             raise ValueError(f"{given[0]} is an option of --speculative: add --speculative, or drop it")
         return
@@ -196,13 +209,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                           seed=args.seed)
     texts = chat_texts(tok, prompts, args.chat)
-    policy, plan, drafts = None, None, {}
+    policy, plan, drafts, probe = None, None, {}, None
     if args.speculative:
-        rows, wall, plan, drafts = _decode_speculative(args, exit_model, backbone, tok, texts, prompts, sampling)
+        rows, wall, plan, drafts, probe = _decode_speculative(args, exit_model, backbone, tok, texts, prompts,
+                                                              sampling)
     else:
         if exit_model is not None:
             policy = common.make_policy_arg(args.policy, args.value, exit_model.config.policy)
-        model = exit_model if exit_model is not None else backbone
+            if policy.type == "never":
+                common.log(f"offramp generate: the exits in {args.exits} have no calibrated rule (their default is "
+                           f"never): decoding with every layer; give --policy NAME --value V, or certify one "
+                           f"with `offramp calibrate`")
+            else:
+                certified = args.policy is None and bool(exit_model.config.extra.get("calibration"))
+                probe = _probe(args, exit_model, tok, texts, sampling, "early exits", not certified,
+                               lambda ids, n: exit_model.generate(ids, policy=policy, max_new_tokens=n,
+                                                                  cache_strategy=args.cache_strategy))
+                if probe is not None and probe.fallback:
+                    policy = None
+        model = exit_model if exit_model is not None and policy is not None else backbone
         rows, wall = _decode(args, model, tok, texts, prompts, policy, sampling)
     _print(rows, tok, args.show_exits, exit_model if exit_model is not None else backbone, wall, quiet=args.stream)
     if drafts:
@@ -214,7 +239,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         atomic_write_json(args.json, {"model": args.model, "policy": None if policy is None else policy.to_dict(),
                                       "cache_strategy": args.cache_strategy, "wall_s": wall, "rows": rows,
-                                      **({"plan": plan.to_dict()} if plan is not None else {})})
+                                      **({"plan": plan.to_dict()} if plan is not None else {}),
+                                      **({"probe": probe.to_dict()} if probe is not None else {})})
     return 0
 
 
@@ -255,9 +281,10 @@ def _decode(args: argparse.Namespace, model: Any, tok: Any, texts: list[str], pr
 
 
 def _decode_speculative(args: argparse.Namespace, exit_model: Any, backbone: Any, tok: Any, texts: list[str],
-                        prompts: list[str], sampling: Any) -> tuple[list[dict], float, Any, dict]:
+                        prompts: list[str], sampling: Any) -> tuple[list[dict], float, Any, dict, Any]:
     """Self-speculation (--speculative, with --plan: the setting measured fastest, or plain decoding
-    when none beats it): (rows, wall-clock seconds after the plan, the plan or None, draft counts)."""
+    when none beats it; plain decoding too when the probe finds it slower): (rows, wall-clock seconds
+    after the plan, the plan or None, draft counts, the probe or None)."""
     from offramp.engines.generate import generate
     from offramp.engines.generate.speculative import check_speculation, speculative_generate
 
@@ -268,9 +295,18 @@ def _decode_speculative(args: argparse.Namespace, exit_model: Any, backbone: Any
     if args.plan:
         plan = _plan(args, exit_model, tok(texts[:args.batch_size], return_tensors="pt", padding=True), sampling,
                      vocab)
+    plain = plan is not None and plan.best is None
+    probe = None
+    if not plain:
+        probe = _probe(args, exit_model, tok, texts, sampling, "self-speculation", False,
+                       lambda ids, n: speculative_generate(
+                           exit_model, ids, exit_layer=args.draft_exit, draft_tokens=args.draft_tokens,
+                           draft_confidence=args.draft_confidence, draft_rule=args.draft_rule or "max_prob",
+                           draft_vocab=vocab, max_new_tokens=n, sampling=sampling, ngram_tokens=args.ngram))
+        plain = probe is not None and probe.fallback
     rows, drafts, start = [], {}, time.perf_counter()
     for i, enc in _batches(tok, texts, args.batch_size):
-        if plan is not None and plan.best is None:
+        if plain:
             out = generate(backbone, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
                            sampling=sampling, tokenizer=tok)
         else:
@@ -278,11 +314,29 @@ def _decode_speculative(args: argparse.Namespace, exit_model: Any, backbone: Any
                                        exit_layer=args.draft_exit, draft_tokens=args.draft_tokens,
                                        draft_confidence=args.draft_confidence, draft_rule=args.draft_rule or "max_prob",
                                        draft_vocab=vocab, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                       tokenizer=tok)
+                                       ngram_tokens=args.ngram, tokenizer=tok)
             for key in ("row_rounds", "drafted", "accepted"):
                 drafts[key] = drafts.get(key, 0) + out.extra["speculation"][key]
         rows += _rows(out, prompts, i)
-    return rows, time.perf_counter() - start, plan, drafts
+    return rows, time.perf_counter() - start, plan, drafts, probe
+
+
+def _probe(args: argparse.Namespace, exit_model: Any, tok: Any, texts: list[str], sampling: Any, mode: str,
+           lossy: bool, run: Any) -> Any:
+    """The probe of a decoding mode on the first two prompts (None with --no-fallback): a warning
+    on stderr when it falls back to plain decoding."""
+    if args.no_fallback:
+        return None
+    from offramp.engines.generate.guard import probe_decoding, unpadded_rows
+
+    enc = tok(texts[:2], return_tensors="pt", padding=True)
+    probe = probe_decoding(exit_model.backbone, unpadded_rows(enc["input_ids"], enc["attention_mask"], 2), run,
+                           mode=mode, lossy=lossy, tokens=min(16, max(2, args.max_new_tokens)),
+                           min_agreement=args.min_agreement, sampling=sampling)
+    if probe.fallback:
+        common.log(f"offramp generate: {probe.summary()}. Decoding plainly (every layer), the fastest correct mode "
+                   f"here; --no-fallback keeps {mode}")
+    return probe
 
 
 def _draft_vocab(args: argparse.Namespace, exit_model: Any, sampling: Any) -> Any:
@@ -306,7 +360,7 @@ def _plan(args: argparse.Namespace, exit_model: Any, enc: dict, sampling: Any, v
     from offramp.engines.generate.plan import plan_speculation
 
     plan = plan_speculation(exit_model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
-                            sampling=sampling, draft_vocab=vocab)
+                            sampling=sampling, draft_vocab=vocab, repeats=3, probe_rows=2, probe_tokens=24)
     common.log(plan.summary())
     if plan.best is not None:
         args.draft_exit, args.draft_tokens = plan.best["exit_layer"], plan.best["draft_tokens"]

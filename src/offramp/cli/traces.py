@@ -129,7 +129,8 @@ def _print_commands(chosen: dict, model: str | None, kind: str) -> None:
         try:
             from offramp.config import read_config
 
-            lm = read_config(model, expect="token_exits")[1].get("base_model_name_or_path") or lm
+            named = read_config(model, expect="token_exits")[1].get("base_model_name_or_path")
+            lm = model if named == "." else named or lm  # ".": the model's own folder
         except (ValueError, OSError):
             pass
 

@@ -39,8 +39,8 @@ def load_hf_model(auto_class: Any, spec: str | os.PathLike, what: str, **kwargs:
     kwargs = _no_remote_code(kwargs)
     spec = resolve_model_path(str(spec))  # offline aliases (minilm, mpnet, smollm2-offline, ...)
     local = Path(str(spec)).exists()
-    if local and (Path(str(spec)) / CONFIG_NAME).is_file():
-        kind, _ = read_config(spec)
+    if local and (Path(str(spec)) / CONFIG_NAME).is_file() and not (Path(str(spec)) / "config.json").is_file():
+        kind, _ = read_config(spec)  # offramp's own folder (a model trained to exit also holds config.json)
         raise ValueError(f"{spec} holds {KINDS[kind]}, not a Hugging Face {what}: use it with {KIND_USE[kind]}")
     try:
         if local:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from offramp.config import read_config
 from offramp.devices import resolve_device, resolve_dtype
 from offramp.modeling.base import load_hf_model, load_hf_tokenizer
-from offramp.modeling.decoder import DecoderExitModel
+from offramp.modeling.decoder import DecoderExitModel, base_model_of
 from offramp.utils import readable_dir
 
 
@@ -37,7 +37,7 @@ def load_exits_and_lm(folder: str, backbone: str | None = None, dtype: torch.dty
     """(DecoderExitModel, tokenizer) of a token-exits folder, the LM loaded by reference or
     ``backbone`` on ``device`` in ``dtype`` (the exit heads follow it)."""
     _, data = read_config(readable_dir(folder), expect="token_exits")
-    name = backbone or data.get("base_model_name_or_path")
+    name = backbone or base_model_of(folder, data.get("base_model_name_or_path"))
     if not name:
         raise ValueError(f"{folder} names no base model: pass --backbone NAME")
     lm, tok = load_causal_lm(name, dtype, device)

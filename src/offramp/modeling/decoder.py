@@ -4,7 +4,8 @@
 ``save_pretrained`` writes ``offramp_config.json`` (with ``base_model_name_or_path`` and the default
 exit policy) and ``offramp_heads.safetensors`` (the exit heads and confidence classifiers only);
 ``from_pretrained`` loads the backbone by that reference (or takes one you pass) and restores the
-heads. Folders of the previous release (``offramp_exit_heads.safetensors``, format
+heads. A model trained to exit carries its exits in its own folder (base ``"."``: that folder).
+Folders of the previous release (``offramp_exit_heads.safetensors``, format
 ``decoder-exits/1``) load as they are.
 
 Exit layers count layers run: exit ``k`` reads the hidden state after ``k`` layers, 1 <= k < L.
@@ -28,6 +29,13 @@ from offramp.modeling.base import ExitModelBase, load_hf_model
 from offramp.outputs import DecoderExitOutput
 
 LEGACY_WEIGHTS = "offramp_exit_heads.safetensors"  # the previous release's head file
+SELF = "."  # base model "." : the exits live in the model's own folder (a model trained to exit)
+
+
+def base_model_of(folder: str | Path, name: str | None) -> str | None:
+    """Where a token-exits folder's backbone loads from: its recorded name, or the folder itself
+    when the exits were saved with the model (``"."``)."""
+    return str(folder) if name == SELF else name
 
 
 def default_exit_layers(num_layers: int, count: int = 5) -> list[int]:
@@ -131,6 +139,7 @@ class DecoderExitModel(ExitModelBase):
             from transformers import AutoModelForCausalLM
 
             backbone_kwargs.setdefault("dtype", torch.float32)
-            backbone = load_hf_model(AutoModelForCausalLM, config.base_model_name_or_path, "backbone",
+            backbone = load_hf_model(AutoModelForCausalLM, base_model_of(folder, config.base_model_name_or_path),
+                                     "backbone",
                                      **backbone_kwargs).eval()
         return backbone, config

@@ -216,3 +216,45 @@ def test_plan_replays_the_rounds_speculation_takes(family: str, scale: float) ->
         assert s["predicted_speedup"] <= s["all_accepted_speedup"] + 1e-3  # acceptance 1 is the ceiling
     assert plan.best is None or plan.best["predicted_speedup"] >= 1.05
     assert "speculation plan at batch 3" in plan.summary()
+
+
+def test_ngram_draft_finds_the_latest_longest_match() -> None:
+    from offramp.engines.generate.speculative import ngram_draft
+
+    assert ngram_draft([5, 6, 7, 8, 1, 5, 6, 7, 9, 2, 5, 6, 7], 3) == [9, 2, 5]  # the latest "5 6 7"
+    assert ngram_draft([1, 2, 3, 4, 2], 2) == [3, 4]  # only a 1-gram occurs earlier
+    assert ngram_draft([1, 2, 3], 4) == []
+    assert ngram_draft([4, 4, 4], 5, max_n=1) == [4]  # what followed the latest earlier 4
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mamba"])
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_ngram_drafts_keep_greedy_output_and_are_used(family: str, scale: float) -> None:
+    lm, exits = _drafting(family, scale)
+    ids, mask = ragged_prompts(3)
+    for ngram in (1, 4, 8):  # a ragged batch: rounds draft from matches only where every row has one
+        ref = generate(lm, ids, mask, max_new_tokens=14)
+        out = speculative_generate(exits, ids, mask, exit_layer=2, draft_tokens=2, max_new_tokens=14,
+                                   ngram_tokens=ngram)
+        assert torch.equal(out.sequences, ref.sequences), (family, scale, ngram)
+        assert out.extra["speculation"]["ngram_tokens"] == ngram
+    used = 0
+    for r in range(3):  # one row at a time, its prompt repeated: text that repeats itself
+        row = ids[r:r + 1, mask[r].bool()]
+        prompt = torch.cat([row, row, row], dim=1)
+        ref = generate(lm, prompt, max_new_tokens=14)
+        out = speculative_generate(exits, prompt, exit_layer=2, draft_tokens=2, max_new_tokens=14, ngram_tokens=6)
+        assert torch.equal(out.sequences, ref.sequences), (family, scale, r)
+        spec = out.extra["speculation"]
+        assert spec["rounds"] >= spec["ngram_rounds"]
+        used += spec["ngram_rounds"]
+    assert used > 0
+
+
+def test_ngram_drafting_refuses_sampling_and_bad_counts() -> None:
+    _, exits = _drafting("llama", 1.0)
+    ids, mask = ragged_prompts(2)
+    with pytest.raises(ValueError, match="greedily"):
+        speculative_generate(exits, ids, mask, ngram_tokens=3, sampling=SamplingOptions(do_sample=True))
+    with pytest.raises(ValueError, match="ngram_tokens must be an integer >= 0"):
+        speculative_generate(exits, ids, mask, ngram_tokens=-1)

@@ -179,12 +179,15 @@ def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | Non
                      max_new_tokens: int = 32, draft_tokens: Sequence[int] = (1, 2, 3, 4, 6),
                      exit_layers: Sequence[int] | None = None, margin: float = 0.05, repeats: int = 5,
                      sampling: SamplingOptions | None = None, draft_vocab: Any = None,
-                     costs: RoundCosts | None = None) -> SpeculationPlan:
+                     costs: RoundCosts | None = None, probe_rows: int | None = None,
+                     probe_tokens: int | None = None) -> SpeculationPlan:
     """Measure and choose (see the module docstring). ``input_ids`` / ``attention_mask``: a batch
     like the ones to decode (its size and prompt lengths set the costs); ``draft_vocab``: the
     tokens the exits draft among, as ``speculative_generate`` takes it; ``costs``: a cost table to
     use instead of timing one here (another machine's, or a fixed one: the prediction is then a
-    function of the exits' acceptance alone)."""
+    function of the exits' acceptance alone). ``probe_rows`` / ``probe_tokens``: read the exits'
+    acceptance on the batch's first rows and tokens only (the costs still at the batch's size),
+    so that planning takes seconds: the full model decodes that much once."""
     sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
     if not draft_tokens or min(draft_tokens) < 1:
         raise ValueError(f"draft_tokens must be a non-empty list of counts >= 1, got {list(draft_tokens)}")
@@ -211,7 +214,9 @@ def plan_speculation(model: Any, input_ids: Tensor, attention_mask: Tensor | Non
         raise ValueError(f"the cost table has no layer or head cost for {missing} tokens per row: give "
                          f"layer_s and head_s for every width in {widths} (draft_tokens + 1, and 1)")
     layer_s, head_s, embed_s, draft_s = costs.layer_s, costs.head_s, costs.embed_s, costs.draft_head_s
-    matches, lengths = exit_matches(model, ids, attn, max_new_tokens, greedy, vocab)
+    rows = ids.shape[0] if probe_rows is None else max(1, min(probe_rows, ids.shape[0]))
+    steps = max_new_tokens if probe_tokens is None else max(2, min(probe_tokens, max_new_tokens))
+    matches, lengths = exit_matches(model, ids[:rows], attn[:rows], steps, greedy, vocab)
 
     def acceptance(rows: list[list[bool]]) -> float:  # position 0 comes from the prompt's pass
         return round(sum(sum(r[1:]) for r in rows) / max(1, sum(len(r) - 1 for r in rows)), 4)

@@ -60,6 +60,7 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
+    ngram_rounds: int = 0  # rounds drafted from n-gram matches (no exit run)
 
     @property
     def acceptance(self) -> float:
@@ -113,6 +114,17 @@ def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, 
     return e
 
 
+def check_ngram(ngram_tokens: int, ngram_size: int, sampling: SamplingOptions) -> None:
+    """Refuse n-gram drafting settings speculation cannot use (ValueError naming the fix)."""
+    if isinstance(ngram_tokens, bool) or not isinstance(ngram_tokens, int) or ngram_tokens < 0:
+        raise ValueError(f"ngram_tokens must be an integer >= 0 (0: no n-gram drafts), got {ngram_tokens!r}")
+    if ngram_tokens and (not isinstance(ngram_size, int) or ngram_size < 1):
+        raise ValueError(f"ngram_size must be an integer >= 1, got {ngram_size!r}")
+    if ngram_tokens and sampling.do_sample:
+        raise ValueError("n-gram drafts are verified greedily: drop ngram_tokens (--ngram) to sample, or decode "
+                         "greedily")
+
+
 def check_draft_vocab(model: Any, draft_vocab: Any) -> Tensor | None:
     """The draft vocabulary as a 1-D long tensor of distinct token ids of the model (ValueError
     naming the fix otherwise); None stays None."""
@@ -160,8 +172,9 @@ class Speculator:
     range of layers on a chunk of tokens."""
 
     def __init__(self, model: Any, exit_index: int, ids: Tensor, attn: Tensor, max_new: int, d: int,
-                 draft_vocab: Tensor | None = None) -> None:
+                 draft_vocab: Tensor | None = None, ngram_tokens: int = 0) -> None:
         self.model, self.adapter, self.exit_index, self.draft_tokens = model, model.adapter, exit_index, d
+        self.width = max(d, ngram_tokens) + 1  # cache columns a round takes: the pending token and the drafts
         self.exit_layer = model.exit_layers[exit_index]
         self.ssm = self.adapter.kind == "ssm"
         self.vocab = self.weight = self.bias = None
@@ -170,8 +183,9 @@ class Speculator:
             self.vocab = draft_vocab.to(head.weight.device)
             self.weight = head.weight.index_select(0, self.vocab)
             self.bias = None if getattr(head, "bias", None) is None else head.bias.index_select(0, self.vocab)
-        # every round takes d + 1 columns and yields >= 1 token: max_new rounds at most
-        self.run = DecodeRun(self.adapter, model, None, draft_cache_strategy(self.adapter), ids, attn, max_new * (d + 1))
+        # every round takes `width` columns and yields >= 1 token: max_new rounds at most
+        self.run = DecodeRun(self.adapter, model, None, draft_cache_strategy(self.adapter), ids, attn,
+                             max_new * self.width)
         self.run.valid[:, ids.shape[1]:] = False
         self.run.future_valid = False  # a column is valid once a round has written an accepted token there
         self.num_layers = self.run.num_layers
@@ -273,18 +287,21 @@ class Speculator:
 
     def round(self, pending: Tensor, rows: Tensor, next_pos: Tensor, col: int, threshold: float | None,
               sampling: SamplingOptions | None = None, generator: torch.Generator | None = None,
-              rule: str = "max_prob") -> tuple[Tensor, Tensor, int]:
+              rule: str = "max_prob", given: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
         """Draft from ``pending`` (r,) at column ``col``, verify; returns the tokens (r, k+1) (the
         accepted drafts, then the full model's next token), the number of accepted drafts per row
         (r,) and k, the drafts made. With ``sampling.do_sample``, drafts are sampled and accepted
-        by speculative sampling."""
-        run, d = self.run, self.draft_tokens
+        by speculative sampling. ``given`` (r, k): drafts found elsewhere (n-gram matches), verified
+        in one pass through every layer with no exit run."""
+        run, d, width = self.run, self.draft_tokens, self.width
         sample = sampling is not None and sampling.do_sample
         q: list[Tensor] = []
         full = rows.numel() == run.batch_size
-        span = torch.arange(d + 1, device=rows.device)
-        run.pos[rows, col:col + d + 1] = next_pos[:, None] + span[None]
-        run.valid[rows, col:col + d + 1] = True
+        span = torch.arange(width, device=rows.device)
+        run.pos[rows, col:col + width] = next_pos[:, None] + span[None]
+        run.valid[rows, col:col + width] = True
+        if given is not None:
+            return self._verify_given(pending, given, rows, full, col)
         tokens, states, sure = [pending], [], True
         for j in range(d + 1):  # the pending token, then each draft: layers 1..E
             c = col + j
@@ -307,18 +324,29 @@ class Speculator:
                 tokens.append((best if self.vocab is None else self.vocab[best]).to(pending.device))
             sure = threshold is None or self.draft_sure(features, logits, threshold, rule)
         k = len(tokens) - 1
-        run.valid[rows, col + k + 1:col + d + 1] = False  # columns this round did not draft into
+        run.valid[rows, col + k + 1:col + width] = False  # columns this round did not draft into
         hidden = self.run_layers(torch.cat(states, dim=1), rows, full, col, range(self.exit_layer, self.num_layers))
         logits = self.adapter.logits(hidden)  # (r, k+1, V)
         drafts = torch.stack(tokens[1:], dim=1) if k else pending.new_zeros(rows.numel(), 0)  # (r, k)
-        if sample:
-            qk = torch.stack(q, dim=1) if k else logits.new_zeros(rows.numel(), 0, logits.shape[-1])
-            best, accepted = speculative_accept(drafts, qk.to(logits.device), sampling_probs(logits, sampling),
-                                                generator)
-            best, accepted = best.to(pending.device), accepted.to(pending.device)
-        else:
-            best = logits.argmax(-1).to(pending.device)  # (r, k+1)
-            accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)  # (r,)
+        if not sample:
+            return self._accept_greedy(logits, drafts, rows, col, pending.device)
+        qk = torch.stack(q, dim=1) if k else logits.new_zeros(rows.numel(), 0, logits.shape[-1])
+        best, accepted = speculative_accept(drafts, qk.to(logits.device), sampling_probs(logits, sampling), generator)
+        best, accepted = best.to(pending.device), accepted.to(pending.device)
+        return self._settle_round(best, accepted, rows, col, k)
+
+    def _accept_greedy(self, logits: Tensor, drafts: Tensor, rows: Tensor, col: int, device: Any
+                       ) -> tuple[Tensor, Tensor, int]:
+        """Greedy acceptance: the longest drafted prefix equal to the full model's argmax."""
+        k = drafts.shape[1]
+        best = logits.argmax(-1).to(device)  # (r, k+1)
+        accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)  # (r,)
+        return self._settle_round(best, accepted, rows, col, k)
+
+    def _settle_round(self, best: Tensor, accepted: Tensor, rows: Tensor, col: int, k: int
+                      ) -> tuple[Tensor, Tensor, int]:
+        """Keep the accepted drafts' states and cache columns; the rejected ones become holes."""
+        run = self.run
         if self.ssm:
             self._settle(rows, accepted)
         cols = torch.arange(k + 1, device=rows.device)
@@ -326,6 +354,47 @@ class Speculator:
         block = run.valid[rows, col:col + k + 1]
         run.valid[rows, col:col + k + 1] = block & ~holes
         return best, accepted, k
+
+    def _verify_given(self, pending: Tensor, given: Tensor, rows: Tensor, full: bool, col: int
+                      ) -> tuple[Tensor, Tensor, int]:
+        """Verify drafts found without the model (n-gram matches): the pending token and the k
+        drafts through every layer in one pass, then greedy acceptance."""
+        k = given.shape[1]
+        self.run.valid[rows, col + k + 1:col + self.width] = False
+        chunk = torch.cat([pending[:, None], given.to(pending.device)], dim=1)  # (r, k+1)
+        h = self.adapter.embed(chunk, self.run.pos.index_select(0, rows)[:, col:col + k + 1])
+        h = self.run_layers(h, rows, full, col, range(self.exit_layer), commit=True)
+        hidden = self.run_layers(h, rows, full, col, range(self.exit_layer, self.num_layers))
+        return self._accept_greedy(self.adapter.logits(hidden), given, rows, col, pending.device)
+
+
+def ngram_draft(history: list[int], max_tokens: int, max_n: int = 3) -> list[int]:
+    """Prompt lookup: the (at most ``max_tokens``) tokens that followed the latest earlier
+    occurrence of ``history``'s last n tokens, for the longest n <= ``max_n`` that occurs; [] when
+    none does."""
+    end = len(history)
+    for n in range(min(max_n, end - 1), 0, -1):
+        tail = history[end - n:]
+        first = tail[0]
+        for start in range(end - n - 1, -1, -1):  # the latest earlier occurrence
+            if history[start] == first and history[start:start + n] == tail:
+                return history[start + n:start + n + max_tokens]
+    return []
+
+
+def _ngram_drafts(histories: list[list[int]], live: list[int], max_tokens: int, max_n: int, room: int,
+                  device: Any) -> Tensor | None:
+    """(r, k) drafts from n-gram matches when every running row has one (None otherwise): shorter
+    ones padded with their last token (a pad the model rejects costs nothing; one it accepts is its
+    own token)."""
+    drafts = []
+    for r in live:
+        found = ngram_draft(histories[r], min(max_tokens, room), max_n)
+        if not found:
+            return None
+        drafts.append(found)
+    k = max(len(x) for x in drafts)
+    return torch.tensor([x + [x[-1]] * (k - len(x)) for x in drafts], dtype=torch.long, device=device)
 
 
 def _first_token(logits: Tensor, sampling: SamplingOptions, gen: torch.Generator | None) -> Tensor:
@@ -336,7 +405,7 @@ def _first_token(logits: Tensor, sampling: SamplingOptions, gen: torch.Generator
 
 
 def _emit(live: list[int], best: Tensor, accepted: Tensor, out: Tensor, count: list[int], done: list[bool],
-          sampling: SamplingOptions) -> tuple[int, int]:
+          sampling: SamplingOptions, histories: list[list[int]] | None = None) -> tuple[int, int]:
     """Write each running row's accepted drafts and the full model's token after them into ``out``
     (at most up to max_new_tokens, and up to its EOS); update the rows' host-side ``count`` and
     ``done``. The round's outcome reaches the host in one transfer. Returns (tokens written, drafts
@@ -350,6 +419,8 @@ def _emit(live: list[int], best: Tensor, accepted: Tensor, out: Tensor, count: l
         if end is not None:
             new = new[:end + 1]
         n = len(new)
+        if histories is not None:
+            histories[r].extend(new)
         out[r, count[r]:count[r] + n] = best[i, :n]  # a copy on the device: no transfer
         count[r] += n
         written += n
@@ -362,7 +433,8 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
                          exit_layer: int | None = None, draft_tokens: int = 3, draft_confidence: float | None = None,
                          draft_rule: str = "max_prob",
                          max_new_tokens: int = 32, sampling: SamplingOptions | None = None,
-                         draft_vocab: Any = None, tokenizer: Any = None) -> GenerateOutput:
+                         draft_vocab: Any = None, ngram_tokens: int = 0, ngram_size: int = 3,
+                         tokenizer: Any = None) -> GenerateOutput:
     """Greedy decoding or sampling, drafted by a token exit and verified by the rest of the model.
 
     Args:
@@ -381,6 +453,10 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
             same draws); greedy by default. A repetition penalty is refused.
         draft_vocab: token ids the exit drafts among (``frequent_tokens``); None: the whole
             vocabulary. Drafting then reads only those rows of the LM head; the output is unchanged.
+        ngram_tokens: draft up to this many tokens from n-gram matches (prompt lookup: what
+            followed the latest earlier occurrence of the text's last ``ngram_size``..1 tokens, in
+            the prompt or the text so far) in the rounds where every running row has a match, and
+            from the exit otherwise; both are verified by the same pass (greedy only; 0: off).
         tokenizer: decodes ``texts`` when given.
 
     Returns:
@@ -391,29 +467,38 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
     sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
     e = check_speculation(model, sampling, draft_tokens, draft_confidence, exit_layer, draft_rule)
     vocab = check_draft_vocab(model, draft_vocab)
+    check_ngram(ngram_tokens, ngram_size, sampling)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
     dev = model.adapter.layer_device(0)
     ids, attn = input_ids.to(dev), attention_mask.to(dev)
     start = time.perf_counter()
-    spec = Speculator(model, e, ids, attn, max_new_tokens, draft_tokens, vocab)
+    spec = Speculator(model, e, ids, attn, max_new_tokens, draft_tokens, vocab, ngram_tokens)
     out = torch.full((ids.shape[0], max_new_tokens), sampling.pad_id, dtype=ids.dtype, device=dev)
     count = torch.zeros(ids.shape[0], dtype=torch.long, device=dev)
     gen = sampling.generator(dev)
     first = _first_token(spec.run.prefill(ids, attn), sampling, gen).to(dev)
     out[:, 0], count[:] = first, 1
-    stats = _rounds(spec, first, out, count, draft_confidence, draft_rule, sampling, gen)
+    histories = None
+    if ngram_tokens:  # each row's text on the host: the prompt's tokens and the first token
+        histories = [[t for t, m in zip(row, keep) if m] + [f]
+                     for row, keep, f in zip(ids.tolist(), attn.tolist(), first.tolist())]
+    stats = _rounds(spec, first, out, count, draft_confidence, draft_rule, sampling, gen,
+                    histories, ngram_tokens, ngram_size)
     settings = {"exit_layer": spec.exit_layer, "draft_tokens": draft_tokens, "draft_confidence": draft_confidence,
+                "ngram_tokens": ngram_tokens,
                 "draft_rule": draft_rule, "draft_vocab": None if vocab is None else vocab.numel(),
                 "sampled": sampling.do_sample}
     return _output(spec, ids, out, count, time.perf_counter() - start, {**stats.to_dict(), **settings}, tokenizer)
 
 
 def _rounds(spec: Speculator, first: Tensor, out: Tensor, count: Tensor, draft_confidence: float | None,
-            draft_rule: str, sampling: SamplingOptions, gen: torch.Generator | None) -> SpeculationStats:
+            draft_rule: str, sampling: SamplingOptions, gen: torch.Generator | None,
+            histories: list[list[int]] | None = None, ngram_tokens: int = 0, ngram_size: int = 3) -> SpeculationStats:
     """Draft and verify, round after round, until every row has ended (EOS or max_new_tokens);
-    each round's tokens go to ``out`` / ``count``."""
+    each round's tokens go to ``out`` / ``count``; with ``histories``, n-gram drafts where every
+    running row has one."""
     stats, p = SpeculationStats(), spec.run.prompt_len
     max_new, eos = out.shape[1], set(sampling.eos_ids)
     counts = [1] * out.shape[0]  # the rows' progress, kept on the host (the first token is written)
@@ -424,18 +509,23 @@ def _rounds(spec: Speculator, first: Tensor, out: Tensor, count: Tensor, draft_c
     while not all(done):
         live = [r for r, d in enumerate(done) if not d]
         rows = torch.tensor(live, device=pending.device)
+        given = None
+        if histories is not None:
+            room = max_new - min(counts[r] for r in live)
+            given = _ngram_drafts(histories, live, ngram_tokens, ngram_size, room, pending.device)
+            stats.ngram_rounds += given is not None
         best, accepted, k = spec.round(pending.index_select(0, rows), rows, next_pos.index_select(0, rows), col,
-                                       draft_confidence, sampling, gen, draft_rule)
+                                       draft_confidence, sampling, gen, draft_rule, given)
         stats.rounds += 1
         stats.row_rounds += len(live)
         stats.drafted += len(live) * k
-        written, taken = _emit(live, best, accepted, out, counts, done, sampling)
+        written, taken = _emit(live, best, accepted, out, counts, done, sampling, histories)
         stats.emitted += written
         stats.accepted += taken
         pending = pending.clone()
         pending[rows] = best.gather(1, accepted[:, None])[:, 0]  # the full model's next token
         next_pos[rows] += accepted + 1
-        col += spec.draft_tokens + 1
+        col += spec.width
     count.copy_(torch.tensor(counts, device=count.device))
     return stats
 
