@@ -66,8 +66,8 @@ def _family(name: str) -> str:
 def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings, drafters: dict,
              peers=None) -> dict:
     """offramp's methods (and the peers' ones, or only those named in ``peers``) by name;
-    ``spec_settings`` are (drafter, exit, d, draft confidence or None, draft vocabulary or None),
-    drafter a key of ``drafters`` (exit models by head)."""
+    ``spec_settings`` are (drafter, exit, d, draft confidence or None, draft vocabulary or None,
+    n-gram draft length or 0), drafter a key of ``drafters`` (exit models by head)."""
     new, pad = args.new_tokens, args.pad
 
     def hf(b):
@@ -81,11 +81,11 @@ def _methods(backbone, exits: DecoderExitModel, args, thresholds, spec_settings,
         methods[f"lossy@{args.policy}{t:g}/{strategy}"] = lambda b, t=t, strategy=strategy: generate(
             exits, b["input_ids"], b["attention_mask"], policy=_policy(args.policy, t),
             cache_strategy=strategy, max_new_tokens=new).new_tokens
-    for head, layer, d, conf, vocab in spec_settings:
-        methods[_spec_name(head, layer, d, conf, vocab)] = lambda b, m=drafters[head], layer=layer, d=d, c=conf, \
-                v=vocab: speculative_generate(m, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d,
-                                 draft_confidence=c, draft_rule=args.draft_rule, draft_vocab=v,
-                                 max_new_tokens=new).new_tokens
+    for head, layer, d, conf, vocab, ngram in spec_settings:
+        methods[_spec_name(head, layer, d, conf, vocab, ngram)] = lambda b, m=drafters[head], layer=layer, d=d, \
+                c=conf, v=vocab, g=ngram: speculative_generate(
+                    m, b["input_ids"], b["attention_mask"], exit_layer=layer, draft_tokens=d, draft_confidence=c,
+                    draft_rule=args.draft_rule, draft_vocab=v, ngram_tokens=g, max_new_tokens=new).new_tokens
     if exits.adapter.kind == "attention" and args.batch == 1:  # (HF's early-exit drafting runs at batch 1 only)
         L = exits.adapter.num_layers
         layers = [k for k in args.spec_exits if k < L]
@@ -102,10 +102,12 @@ def _policy(name: str, value: float) -> dict:
     return {"type": name, "patience": int(value)} if name == "patience" else {"type": name, "threshold": value}
 
 
-def _spec_name(head: str, layer: int, d: int, conf: float | None = None, vocab=None) -> str:
-    """speculative@E/dD[/cC][/HEAD][/vK]: exit, draft length, draft confidence, drafting head, draft vocabulary."""
+def _spec_name(head: str, layer: int, d: int, conf: float | None = None, vocab=None, ngram: int = 0) -> str:
+    """speculative@E/dD[/cC][/HEAD][/vK][/ngN]: exit, draft length, draft confidence, drafting head, draft
+    vocabulary, n-gram drafts of up to N tokens where the text has a match."""
     return (f"speculative@{layer}/d{d}" + ("" if conf is None else f"/c{conf:g}")
-            + ("" if head == "tied" else f"/{head}") + ("" if vocab is None else f"/v{len(vocab)}"))
+            + ("" if head == "tied" else f"/{head}") + ("" if vocab is None else f"/v{len(vocab)}")
+            + (f"/ng{ngram}" if ngram else ""))
 
 
 def distilled_drafter(backbone, seqs, layers: list[int], head: str, epochs: int, log,
@@ -212,6 +214,40 @@ def freeze_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens:
             "ratio_vs_full_step": round(step(L) / (sum(step(k) for k in depths_all) / len(depths_all)), 3)}
 
 
+def _last_layer_ppl(model, tok, held: torch.Tensor, windows: int) -> float:
+    L = model.config.num_hidden_layers
+    return exit_report(model, held, exit_layers=[L], seq_len=256, max_windows=windows)["exits"][-1]["perplexity"]
+
+
+def _perplexities(name: str, backbone, tok, held: torch.Tensor, args, log) -> dict:
+    """The last layer's held-out perplexity on BBC (the training domain) and on ``--other-text``, for
+    the model and for ``--baseline`` (the model it was continued-trained from), and their ratios."""
+    from offramp.data import load_texts
+
+    sets = {"bbc": held}
+    if args.other_text:
+        other = load_texts(args.other_text, limit=2000)
+        sets[args.other_text] = torch.tensor([t for text in other for t in tok(text)["input_ids"] + [tok.eos_token_id]])
+    out = {"model": {k: _last_layer_ppl(backbone, tok, v, args.report_windows) for k, v in sets.items()}}
+    if args.baseline:
+        base, _ = load_causal_lm(args.baseline)
+        out["baseline"] = {k: _last_layer_ppl(base, tok, v, args.report_windows) for k, v in sets.items()}
+        out["ratio_to_baseline"] = {k: round(out["model"][k] / out["baseline"][k], 4) for k in sets}
+        del base
+    log(f"{name}: last-layer perplexity {out}")
+    return out
+
+
+def _training_record(path: Path) -> dict | None:
+    """What ``offramp train-lm --model`` recorded (steps, tokens seen, the recipe), when it did."""
+    report = path / "exit_report.json"
+    if not report.is_file():
+        return None
+    data = json.loads(report.read_text())
+    return {k: data.get(k) for k in ("steps", "max_steps", "tokens_seen", "seconds_this_run", "recipe", "model",
+                                     "data", "train_loss")}
+
+
 def bench_model(name: str, args, log) -> dict:
     path = Path(name) if Path(name).exists() else CACHE / name
     backbone, tok = load_causal_lm(str(path))
@@ -222,10 +258,11 @@ def bench_model(name: str, args, log) -> dict:
     arch = backbone.config.model_type
     texts = bbc_articles()[:100]
     held = torch.tensor([t for text in texts for t in tok(text)["input_ids"] + [tok.eos_token_id]])
-    report = exit_report(backbone, held, seq_len=256, max_windows=32)
+    report = exit_report(backbone, held, exit_layers=args.exit_layers, seq_len=256, max_windows=args.report_windows)
+    texts_ppl = _perplexities(name, backbone, tok, held, args, log)
     log(f"{name}: perplexity {report['exits'][-1]['perplexity']}, agreement per exit "
         f"{[e['agreement'] for e in report['exits']]}")
-    exit_layers = [k for k in range(args.exit_every, L, args.exit_every)]
+    exit_layers = args.exit_layers or [k for k in range(args.exit_every, L, args.exit_every)]
     exits = DecoderExitModel.from_backbone(backbone, exit_layers=exit_layers, head="tied")
     spec_layers = [k for k in args.spec_exits if k in exit_layers]
     distil = [h for h in args.spec_heads if h != "tied"] if spec_layers else []
@@ -242,8 +279,9 @@ def bench_model(name: str, args, log) -> dict:
     vocab = None  # the draft vocabulary: the tokens most frequent in the model's own continuations
     if args.draft_vocab:
         vocab = frequent_tokens([seq[p:] for seq, p in seqs], args.draft_vocab, always=[tok.eos_token_id])
-    spec = [(h, k, d, c, vocab) for h in args.spec_heads for k in spec_layers for d in args.drafts
-            for c in args.draft_confidences]
+    spec = [(h, k, d, c, v, g) for h in args.spec_heads for k in spec_layers for d in args.drafts
+            for c in args.draft_confidences for v in ([vocab, None] if vocab is not None and args.both_vocabs
+                                                      else [vocab]) for g in args.ngram]
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words,
                         skip=args.prompts if args.eval_skip is None else args.eval_skip)
@@ -265,8 +303,10 @@ def bench_model(name: str, args, log) -> dict:
     spec_label = chosen_s and _spec_name(*chosen_s)
     log(f"{name}: chose {args.policy} {chosen_t}, speculation {spec_label}, peers {sorted(peers.values())}; evaluating")
     ev_spec = [chosen_s] if chosen_s else []
-    if chosen_s and vocab is not None:  # the same setting drafting the whole vocabulary
-        ev_spec.append(chosen_s[:4] + (None,))
+    if chosen_s and vocab is not None and chosen_s[4] is not None:  # the same setting drafting the whole vocabulary
+        ev_spec.append(chosen_s[:4] + (None, chosen_s[5]))
+    if chosen_s and chosen_s[5]:  # and without n-gram drafts
+        ev_spec.append(chosen_s[:5] + (0,))
     ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [], ev_spec, drafters,
                                          set(peers.values())), evals, args.repeats, log, args.batch)
     plan = None
@@ -283,6 +323,7 @@ def bench_model(name: str, args, log) -> dict:
             rows = []
             for row in pl.settings:  # (settings that always draft d tokens: what the plan models)
                 got = cal.get(_spec_name(head, row["exit_layer"], row["draft_tokens"], None, vocab))
+                got = got or cal.get(_spec_name(head, row["exit_layer"], row["draft_tokens"], None, None))
                 rows.append({**row, "measured_vs_never_exit": got and round(got["tokens_per_s"] / never, 3)})
             plan[head] = {"best": pl.best, "acceptance": pl.acceptance, "plain_step_s": pl.plain_step_s,
                           "draft_head_s": pl.draft_head_s, "settings": rows}
@@ -298,13 +339,31 @@ def bench_model(name: str, args, log) -> dict:
             ceiling["freeze"] = freeze_ceiling(exits, tok, evals, args.new_tokens, ceiling["layer_ms"],
                                                ceiling["head_ms"])
         log(f"{name}: oracle at agreement {lossy['agreement']}: {ceiling}")
+    possible = {}  # each offramp row as "x of y possible": gains over the never-exit engine, measured / ceiling
+    never_tps = ev["offramp_never_exit"]["tokens_per_s"]
+    if chosen_s and plan:
+        row = next((r for r in plan[chosen_s[0]]["settings"]
+                    if r["exit_layer"] == chosen_s[1] and r["draft_tokens"] == chosen_s[2]), None)
+        got = ev[spec_label]["tokens_per_s"] / never_tps
+        if row is not None:
+            top = row["all_accepted_speedup"]
+            possible["lossless"] = {"setting": spec_label, "vs_never_exit": round(got, 3), "all_accepted": top,
+                                    "of_possible": round((got - 1) / (top - 1), 3) if top > 1 else None}
+    if ceiling is not None:
+        possible["lossy"] = {"vs_never_exit": ceiling["realised_vs_never_exit"],
+                             "oracle_at_agreement": ceiling["ratio_vs_full_step"],
+                             "of_possible": ceiling["fraction_of_oracle"]}
+    if possible:
+        log(f"{name}: x of y possible {possible}")
     trained = state.get("args", {})
     out = {"model": name, "arch": arch, "layers": L, "recipe": state.get("recipe"),
            "layer_dropout": {k: trained.get(k) for k in ("dropout_unit", "p_max", "e_scale", "weighting")}
            if state.get("recipe") == "layerskip" else None, "train_steps": state.get("step"),
-           "train_seconds": state.get("seconds"), "exit_report": report["exits"],
+           "train_seconds": state.get("seconds"), "exit_report": report["exits"], "perplexity": texts_ppl,
+           "training": _training_record(path),
            "calibration": cal, "lossy_threshold": chosen_t, "speculation": spec_label,
-           "peers": sorted(peers.values()), "evaluation": ev, "ceiling": ceiling, "plan": plan}
+           "peers": sorted(peers.values()), "evaluation": ev, "ceiling": ceiling, "plan": plan,
+           "possible": possible}
     log(json.dumps({k: out[k] for k in ("model", "lossy_threshold", "speculation", "evaluation")}))
     return out
 
@@ -329,7 +388,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="lossy: the cache strategies tried (the backbone's kind picks its own)")
     p.add_argument("--train-prompts", type=int, default=64, help="continuations the confidence classifiers fit on")
     p.add_argument("--exit-every", type=int, default=2, help="lossy: an exit every this many layers")
+    p.add_argument("--exit-layers", default=None, help="lossy: these exits (default one every --exit-every layers)")
     p.add_argument("--spec-exits", default="3,4,6")
+    p.add_argument("--ngram", default="0", help="speculation: n-gram draft lengths to try (0: exit drafts only)")
+    p.add_argument("--both-vocabs", action="store_true",
+                   help="with --draft-vocab: try every speculation setting with and without the draft vocabulary")
+    p.add_argument("--baseline", default=None, help="another model (the one continued-trained from) whose held-out "
+                   "perplexity is reported beside each model's")
+    p.add_argument("--other-text", default=None, help="text of another domain (e.g. tweets) whose perplexity is "
+                   "reported for each model and the baseline")
     p.add_argument("--drafts", default="2,3,4")
     p.add_argument("--spec-heads", default="tied",
                    help="drafting heads: tied (the model's own head) and/or ffn / block adapters distilled on "
@@ -344,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--train-prompts (0: the whole vocabulary); evaluation also runs the chosen setting without")
     p.add_argument("--cycles", default="3,4,5", help="economize: cycle lengths to try")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--report-windows", type=int, default=32, help="256-token windows of held-out text per report")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=1,
                    help="prompts decoded together (ragged, left-padded); above 1 the batch-1-only peers and the "
@@ -353,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_strategies = [x for x in args.cache_strategies.split(",") if x]
     args.spec_exits = [int(x) for x in args.spec_exits.split(",") if x]
     args.drafts = [int(x) for x in args.drafts.split(",") if x]
+    args.ngram = [int(x) for x in args.ngram.split(",") if x]
+    args.exit_layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
     args.draft_confidences = [None if x == "none" else float(x) for x in args.draft_confidences.split(",") if x]
     args.spec_heads = [x for x in args.spec_heads.split(",") if x]
     bad = [h for h in args.spec_heads if h not in ("tied", "ffn", "block")]
