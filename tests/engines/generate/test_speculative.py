@@ -216,6 +216,12 @@ def test_plan_replays_the_rounds_speculation_takes(family: str, scale: float) ->
         assert s["predicted_speedup"] <= s["all_accepted_speedup"] + 1e-3  # acceptance 1 is the ceiling
     assert plan.best is None or plan.best["predicted_speedup"] >= 1.05
     assert "speculation plan at batch 3" in plan.summary()
+    # a quick plan reads the acceptance of the first row's first tokens only: the replay of that row
+    quick = plan_speculation(exits, ids, mask, max_new_tokens=12, draft_tokens=(2,), costs=costs, probe_rows=1,
+                             probe_tokens=6)
+    first, n = exit_matches(exits, ids[:1], mask[:1], 6, SamplingOptions.from_model(lm))
+    assert quick.batch_size == 3 and quick.settings[0]["tokens_per_round"] == round(
+        (n[0] - 1) / replay_rounds(first[1][0], n[0], 2), 3)
 
 
 def test_ngram_draft_finds_the_latest_longest_match() -> None:
