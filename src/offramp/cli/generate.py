@@ -61,7 +61,8 @@ def add_generate_parser(subparsers: Any) -> None:
                         "--exits)")
     p.add_argument("--draft-exit", type=int, default=None,
                    help="with --speculative: the exit layer that drafts (default: the deepest exit)")
-    p.add_argument("--draft-tokens", type=int, default=3, help="with --speculative: most tokens drafted per round")
+    p.add_argument("--draft-tokens", type=int, default=3, help="with --speculative: most tokens the exit drafts per "
+                   "round (0 with --ngram: n-gram drafts only)")
     p.add_argument("--draft-confidence", type=float, default=None,
                    help="with --speculative: stop a draft once no row's exit is this sure of its token")
     p.add_argument("--draft-rule", default=None, choices=DRAFT_RULES,
@@ -124,7 +125,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v}")
     if args.top_p > 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    common.require_min(args, draft_tokens=1, ngram=0)
+    common.require_min(args, draft_tokens=0, ngram=0)
+    if args.draft_tokens == 0 and not args.ngram:
+        raise ValueError("--draft-tokens 0 drafts from n-gram matches only: add --ngram K, or draft >= 1 tokens")
     if not 0.0 <= args.min_agreement <= 1.0:  # NaN fails this too
         raise ValueError(f"--min-agreement must be a share in [0, 1], got {args.min_agreement}")
     if args.ngram and args.sample:

@@ -255,6 +255,13 @@ def test_ngram_drafts_keep_greedy_output_and_are_used(family: str, scale: float)
         assert spec["rounds"] >= spec["ngram_rounds"]
         used += spec["ngram_rounds"]
     assert used > 0
+    # n-gram drafts only (prompt lookup): a round without a match is a plain decoding step
+    row = ids[:1, mask[0].bool()]
+    prompt = torch.cat([row, row], dim=1)
+    only = speculative_generate(exits, prompt, exit_layer=2, draft_tokens=0, max_new_tokens=14, ngram_tokens=6)
+    assert torch.equal(only.sequences, generate(lm, prompt, max_new_tokens=14).sequences)
+    spec = only.extra["speculation"]
+    assert (spec["drafted"] > 0) == (spec["ngram_rounds"] > 0)  # only matches draft
 
 
 def test_ngram_drafting_refuses_sampling_and_bad_counts() -> None:
@@ -264,3 +271,5 @@ def test_ngram_drafting_refuses_sampling_and_bad_counts() -> None:
         speculative_generate(exits, ids, mask, ngram_tokens=3, sampling=SamplingOptions(do_sample=True))
     with pytest.raises(ValueError, match="ngram_tokens must be an integer >= 0"):
         speculative_generate(exits, ids, mask, ngram_tokens=-1)
+    with pytest.raises(ValueError, match="n-gram matches only: give ngram_tokens"):
+        speculative_generate(exits, ids, mask, draft_tokens=0)

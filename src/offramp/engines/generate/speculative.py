@@ -441,7 +441,8 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
         model: a ``DecoderExitModel`` on an attention or Mamba backbone (its exit heads draft).
         input_ids: (b, t) left-padded prompts; attention_mask (b, t), 1 on real tokens.
         exit_layer: the exit that drafts (one of ``model.exit_layers``; default the deepest).
-        draft_tokens: most tokens drafted per round (d).
+        draft_tokens: most tokens drafted per round (d); 0 with ``ngram_tokens``: n-gram drafts only
+            (prompt lookup; a round without a match is a plain step).
         draft_confidence: stop a round's draft once no running row's exit is at least this sure
             of its draft (None: always draft d tokens).
         draft_rule: how sure an exit is: ``max_prob``, its top probability; ``token_confidence``,
@@ -465,9 +466,12 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
         acceptance and tokens per round.
     """
     sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
-    e = check_speculation(model, sampling, draft_tokens, draft_confidence, exit_layer, draft_rule)
-    vocab = check_draft_vocab(model, draft_vocab)
     check_ngram(ngram_tokens, ngram_size, sampling)
+    if draft_tokens == 0 and not ngram_tokens:
+        raise ValueError("draft_tokens=0 drafts from n-gram matches only: give ngram_tokens >= 1, or draft_tokens >= 1")
+    e = check_speculation(model, sampling, max(draft_tokens, 1 if ngram_tokens else draft_tokens), draft_confidence,
+                          exit_layer, draft_rule)
+    vocab = check_draft_vocab(model, draft_vocab)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     check_inputs(model.adapter, input_ids, attention_mask, max_new_tokens, draft_cache_strategy(model.adapter))
