@@ -281,7 +281,8 @@ def bench_model(name: str, args, log) -> dict:
         vocab = frequent_tokens([seq[p:] for seq, p in seqs], args.draft_vocab, always=[tok.eos_token_id])
     spec = [(h, k, d, c, v, g) for h in args.spec_heads for k in spec_layers for d in args.drafts
             for c in args.draft_confidences for v in ([vocab, None] if vocab is not None and args.both_vocabs
-                                                      else [vocab]) for g in args.ngram]
+                                                      else [vocab]) for g in args.ngram
+            if d or g]  # d 0: n-gram drafts only
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words,
                         skip=args.prompts if args.eval_skip is None else args.eval_skip)
@@ -318,7 +319,8 @@ def bench_model(name: str, args, log) -> dict:
         plan = {}
         for head in args.spec_heads:
             pl = plan_speculation(drafters[head], one["input_ids"], one["attention_mask"],
-                                  max_new_tokens=args.new_tokens, draft_tokens=args.drafts, exit_layers=spec_layers,
+                                  max_new_tokens=args.new_tokens, draft_tokens=[d for d in args.drafts if d] or [1],
+                                  exit_layers=spec_layers,
                                   draft_vocab=vocab)
             rows = []
             for row in pl.settings:  # (settings that always draft d tokens: what the plan models)

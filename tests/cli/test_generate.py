@@ -235,7 +235,7 @@ def test_generate_speculative_equals_greedy_and_refuses_what_it_cannot_do(tmp_pa
                            (["--plan"], "option of --speculative"),
                            (["--speculative", "--exits", "x", "--plan", "--draft-exit", "2"], "drop --draft-exit"),
                            (["--speculative", "--exits", "x", "--repetition-penalty", "1.2"], "drop --repetition-penalty"),
-                           (["--speculative", "--exits", "x", "--draft-tokens", "0"], "n-gram matches only: add --ngram K"),
+                           (["--speculative", "--exits", "x", "--draft-tokens", "0", "--ngram", "0"], "n-gram matches only: add --ngram K"),
                            (["--speculative", "--exits", str(tmp_path / "exits"), "--draft-exit", "1"],
                             "not one of the model's exits"),
                            (["--speculative", "--exits", str(tmp_path / "mamba-exits")],

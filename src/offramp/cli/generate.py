@@ -72,9 +72,10 @@ def add_generate_parser(subparsers: Any) -> None:
                    help="with --speculative: draft among the K tokens most frequent in the text the exits were "
                         "fitted on (recorded by offramp fit-exits); the LM head then reads K rows per draft, and the "
                         "output is unchanged")
-    p.add_argument("--ngram", type=int, default=0, metavar="K",
+    p.add_argument("--ngram", type=int, default=None, metavar="K",
                    help="with --speculative: draft up to K tokens from n-gram matches in the prompt and the text so far "
-                        "(prompt lookup) where every row has one, from the exit otherwise; the same pass verifies both")
+                        "(prompt lookup) where every row has one, from the exit otherwise; the same pass verifies both "
+                        "(default 8 greedy, 0 with --sample; 0: exit drafts only)")
     p.add_argument("--min-agreement", type=float, default=0.75,
                    help="exit rules: the probe falls back to plain decoding when the exits' tokens agree with the full "
                         "model's on fewer than this share (default 0.75)")
@@ -125,13 +126,15 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v}")
     if args.top_p > 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.ngram is not None and args.ngram and args.sample:
+        raise ValueError("--ngram drafts are verified greedily: drop --ngram to sample, or drop --sample")
+    if args.speculative and args.ngram is None:
+        args.ngram = 0 if args.sample else 8
     common.require_min(args, draft_tokens=0, ngram=0)
     if args.draft_tokens == 0 and not args.ngram:
         raise ValueError("--draft-tokens 0 drafts from n-gram matches only: add --ngram K, or draft >= 1 tokens")
     if not 0.0 <= args.min_agreement <= 1.0:  # NaN fails this too
         raise ValueError(f"--min-agreement must be a share in [0, 1], got {args.min_agreement}")
-    if args.ngram and args.sample:
-        raise ValueError("--ngram drafts are verified greedily: drop --ngram to sample, or drop --sample")
     if args.stream:
         other = [f for f, on in (("--speculative", args.speculative), ("--show-exits", args.show_exits)) if on]
         if other:
