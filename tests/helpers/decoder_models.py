@@ -74,3 +74,14 @@ def tiny_lm_folder(tmp_path):
     model.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     return tmp_path / "lm", model
+
+
+def chain_stream(n: int = 6000, vocab: int = 97, seed: int = 0) -> torch.Tensor:
+    """A second-order chain: each token follows from the two before it (a fixed random table), with
+    a random restart every 50 tokens; the last layer of a tiny model learns it in 200 steps."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(4, vocab, (vocab, vocab), generator=g)
+    out = [4, 5]
+    for i in range(n - 2):
+        out.append(int(table[out[-2], out[-1]]) if i % 50 else int(torch.randint(4, vocab, (1,), generator=g)))
+    return torch.tensor(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoder_models import ragged_prompts, tiny_decoder
+from decoder_models import chain_stream, ragged_prompts, tiny_decoder
 
 from offramp.engines.generate import generate
 from offramp.modeling import DecoderExitModel
@@ -125,21 +125,10 @@ def test_token_dropout_draws_nest_with_depth():
         LayerTaps(lm.backbone.layers, unit="tokens")
 
 
-def _stream(n: int = 6000, vocab: int = 97, seed: int = 0) -> torch.Tensor:
-    """A second-order chain: each token follows from the two before it (a fixed random table), with
-    a random restart every 50 tokens; the last layer of a tiny model learns it in 200 steps."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.randint(4, vocab, (vocab, vocab), generator=g)
-    out = [4, 5]
-    for i in range(n - 2):
-        out.append(int(table[out[-2], out[-1]]) if i % 50 else int(torch.randint(4, vocab, (1,), generator=g)))
-    return torch.tensor(out)
-
-
 @pytest.mark.recipe
 @pytest.mark.parametrize("family", ["llama", "mamba"])
 def test_recipe_trains_the_early_exits(tmp_path, family):
-    tokens = _stream()
+    tokens = chain_stream()
     reports = {}
     for recipe in ("plain", "layerskip"):
         model = tiny_decoder(family, seed=1).train()
@@ -147,7 +136,7 @@ def test_recipe_trains_the_early_exits(tmp_path, family):
                              lr=1e-2, warmup_steps=5, p_max=0.2, save_every=1000, progress=False)
         state = train_lm(model, tokens, args)
         assert state["step"] == 200 and (tmp_path / recipe / "model.safetensors").is_file()
-        reports[recipe] = {e["layer"]: e for e in exit_report(model, _stream(seed=0)[:2000], seq_len=64)["exits"]}
+        reports[recipe] = {e["layer"]: e for e in exit_report(model, chain_stream(seed=0)[:2000], seq_len=64)["exits"]}
     plain, skip = reports["plain"], reports["layerskip"]
     assert skip[4]["perplexity"] < 1.2 * plain[4]["perplexity"]  # the last layer is as good
     assert skip[4]["perplexity"] < 8  # and it learned the chain (97 tokens: 97 at chance)
@@ -168,7 +157,7 @@ def _freeze_agreement(model: torch.nn.Module, ids: torch.Tensor, rate: float = 0
 
 @pytest.mark.recipe
 def test_token_dropout_trains_deep_layers_to_do_without_exited_tokens(tmp_path):
-    tokens, held = _stream(), _stream(seed=1)[:2048].view(32, 64)
+    tokens, held = chain_stream(), chain_stream(seed=1)[:2048].view(32, 64)
     agreement = {}
     for unit in ("none", "token"):
         model = tiny_decoder("mamba", seed=1).train()
@@ -184,21 +173,21 @@ def test_token_dropout_trains_deep_layers_to_do_without_exited_tokens(tmp_path):
 @pytest.mark.recipe
 def test_uniform_weighting_trains_the_named_exit_harder(tmp_path):
     """"uniform" weighs exit 1 as much as the last layer; "depth" gives the first layer no weight."""
-    tokens, ppl = _stream(), {}
+    tokens, ppl = chain_stream(), {}
     for weighting in ("depth", "uniform"):
         model = tiny_decoder("llama", seed=1).train()
         args = LayerSkipArgs(str(tmp_path / weighting), max_steps=120, batch_size=8, seq_len=32, lr=1e-2,
                              warmup_steps=5, p_max=0.0, exit_layers=[1], curriculum="none", weighting=weighting,
                              save_every=1000, progress=False)
         train_lm(model, tokens, args)
-        ppl[weighting] = {e["layer"]: e["perplexity"] for e in exit_report(model, _stream()[:2000], seq_len=64)["exits"]}
+        ppl[weighting] = {e["layer"]: e["perplexity"] for e in exit_report(model, chain_stream()[:2000], seq_len=64)["exits"]}
     assert ppl["uniform"][1] < 0.8 * ppl["depth"][1]
     assert ppl["uniform"][4] < 1.2 * ppl["depth"][4]  # the last layer learns as well
 
 
 def _one_run(tmp_path, save_every: int) -> tuple[torch.Tensor, dict, torch.nn.Module]:
     """The token stream, the options, and a model trained once for 12 steps without interruption."""
-    tokens = _stream()
+    tokens = chain_stream()
     common = dict(recipe="layerskip", max_steps=12, batch_size=4, seq_len=16, warmup_steps=2, p_max=0.3,
                   dropout_curriculum="constant", save_every=save_every, progress=False)
     once = tiny_decoder("llama", seed=2)
@@ -242,15 +231,15 @@ def test_resume_mid_run_matches_one_run(tmp_path, monkeypatch):
 def test_bad_options_are_refused_before_work(tmp_path):
     model = tiny_decoder("llama")
     with pytest.raises(ValueError, match="unknown recipe"):
-        train_lm(model, _stream(), LayerSkipArgs(str(tmp_path), recipe="fast"))
+        train_lm(model, chain_stream(), LayerSkipArgs(str(tmp_path), recipe="fast"))
     with pytest.raises(ValueError, match=r"outside 1\.\.4"):
-        train_lm(model, _stream(), LayerSkipArgs(str(tmp_path), exit_layers=[2, 9]))
+        train_lm(model, chain_stream(), LayerSkipArgs(str(tmp_path), exit_layers=[2, 9]))
     with pytest.raises(ValueError, match="too few"):
         train_lm(model, torch.arange(10), LayerSkipArgs(str(tmp_path), seq_len=32))
     with pytest.raises(ValueError, match="dropout_unit='token'.*use dropout_unit='row'"):
-        train_lm(model, _stream(), LayerSkipArgs(str(tmp_path), dropout_unit="token"))
+        train_lm(model, chain_stream(), LayerSkipArgs(str(tmp_path), dropout_unit="token"))
     with pytest.raises(ValueError, match="unknown layer-dropout unit"):
-        train_lm(model, _stream(), LayerSkipArgs(str(tmp_path), dropout_unit="tokens"))
+        train_lm(model, chain_stream(), LayerSkipArgs(str(tmp_path), dropout_unit="tokens"))
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -260,7 +249,7 @@ def test_checkpoint_is_a_hub_folder_with_tied_exits(tmp_path):
     from offramp.modeling import DecoderExitModel
 
     model = tiny_decoder("llama")
-    train_lm(model, _stream(), LayerSkipArgs(str(tmp_path), max_steps=3, batch_size=2, seq_len=16, progress=False))
+    train_lm(model, chain_stream(), LayerSkipArgs(str(tmp_path), max_steps=3, batch_size=2, seq_len=16, progress=False))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(4, 97, (2, 6), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5)

@@ -9,22 +9,12 @@ import json
 import pytest
 import torch
 from commands import cli
-from decoder_models import tiny_decoder, tiny_lm_folder
+from decoder_models import chain_stream, tiny_decoder, tiny_lm_folder
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from offramp.modeling import DecoderExitModel
 from offramp.training.layerskip import exit_report
 from offramp.training.recipe import EarlyExitObjective, EarlyExitRecipe, EarlyExitTrainer, continue_training
-
-
-def _stream(n: int = 6000, vocab: int = 97, seed: int = 0) -> torch.Tensor:
-    """A second-order chain (a fixed random table) with a random restart every 50 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.randint(4, vocab, (vocab, vocab), generator=g)
-    out = [4, 5]
-    for i in range(n - 2):
-        out.append(int(table[out[-2], out[-1]]) if i % 50 else int(torch.randint(4, vocab, (1,), generator=g)))
-    return torch.tensor(out)
 
 
 def _args(out, steps: int, **kw) -> TrainingArguments:
@@ -38,7 +28,7 @@ def test_trainer_saves_a_folder_both_load_and_resumes(tmp_path, family) -> None:
     model = tiny_decoder(family, seed=1).train()
     recipe = EarlyExitRecipe(exit_layers=[2, 3], distill=0.5, positions=0.5,
                              dropout_unit="token" if family == "mamba" else "row")
-    summary = continue_training(model, None, _stream(2000), recipe, _args(tmp_path, 6, save_steps=3), seq_len=32)
+    summary = continue_training(model, None, chain_stream(2000), recipe, _args(tmp_path, 6, save_steps=3), seq_len=32)
     assert summary["steps"] == 6 and summary["tokens_seen"] == 6 * 8 * 32 and (tmp_path / "checkpoint-6").is_dir()
     lm = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(lm.get_input_embeddings().weight, model.get_input_embeddings().weight)
@@ -49,7 +39,7 @@ def test_trainer_saves_a_folder_both_load_and_resumes(tmp_path, family) -> None:
     again = DecoderExitModel.from_pretrained(tmp_path / "checkpoint-3")  # every checkpoint holds its exits
     assert again.exit_layers == [2, 3]
     # a longer run resumes from the last checkpoint: 3 more steps, not 9
-    resumed = continue_training(tiny_decoder(family, seed=5).train(), None, _stream(2000), recipe,
+    resumed = continue_training(tiny_decoder(family, seed=5).train(), None, chain_stream(2000), recipe,
                                 _args(tmp_path, 9, save_steps=3), seq_len=32)
     assert resumed["steps"] == 9 and len(resumed["losses"]) <= 1
 
@@ -71,7 +61,7 @@ def test_recipe_options_are_checked_before_training(tmp_path) -> None:
 
 def test_the_loss_reads_the_exits_that_are_on_and_drops_layers_only_in_training() -> None:
     model = tiny_decoder("llama", seed=1)
-    ids = _stream(256).view(4, 64)
+    ids = chain_stream(256).view(4, 64)
     objective = EarlyExitObjective(model, EarlyExitRecipe(exit_layers=[1, 2, 3], curriculum="none", p_max=0.5,
                                                           dropout_curriculum="constant", distill=1.0))
     objective.set_step(0, 10)
@@ -98,8 +88,8 @@ def test_exits_trained_with_the_recipe_agree_more_with_the_last_layer(tmp_path, 
     for name, recipe in (("plain", EarlyExitRecipe(e_scale=0.0, p_max=0.0)),
                          ("recipe", EarlyExitRecipe(distill=1.0))):
         model = tiny_decoder(family, seed=1).train()
-        continue_training(model, None, _stream(), recipe, _args(tmp_path / name, 150), seq_len=32)
-        report = exit_report(model.eval(), _stream(seed=1)[:2048], seq_len=64)
+        continue_training(model, None, chain_stream(), recipe, _args(tmp_path / name, 150), seq_len=32)
+        report = exit_report(model.eval(), chain_stream(seed=1)[:2048], seq_len=64)
         agreement[name] = {e["layer"]: e["agreement"] for e in report["exits"]}
     for layer in (2, 3):
         assert agreement["recipe"][layer] > agreement["plain"][layer], agreement

@@ -121,22 +121,32 @@ class LayerSkipArgs:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.e_scale < 0:
             raise ValueError("lr must be > 0, warmup_steps and e_scale >= 0")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown early-exit loss weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
-        if self.curriculum not in CURRICULA:
-            raise ValueError(f"unknown early-exit curriculum {self.curriculum!r}; choose one of {CURRICULA}")
-        if self.dropout_curriculum not in DROPOUT_CURRICULA:
-            raise ValueError(f"unknown layer-dropout curriculum {self.dropout_curriculum!r}; "
-                             f"choose one of {DROPOUT_CURRICULA}")
-        if not 0.0 <= self.p_max < 1.0:
-            raise ValueError(f"p_max must be in [0, 1), got {self.p_max}")
-        if self.dropout_unit not in LayerTaps.UNITS:
-            raise ValueError(f"unknown layer-dropout unit {self.dropout_unit!r}; choose one of {LayerTaps.UNITS}")
-        exits = sorted(set(self.exit_layers or range(1, num_layers + 1)) | {num_layers})
-        bad = [k for k in exits if not 1 <= k <= num_layers]
-        if bad:
-            raise ValueError(f"exit layers {bad} are outside 1..{num_layers} (the model has {num_layers} layers)")
-        return exits
+        return check_recipe(num_layers, self.exit_layers, weighting=self.weighting, curriculum=self.curriculum,
+                            dropout_curriculum=self.dropout_curriculum, dropout_unit=self.dropout_unit,
+                            p_max=self.p_max)
+
+
+def check_recipe(num_layers: int, exit_layers: Sequence[int] | None, *, weighting: str, curriculum: str,
+                 dropout_curriculum: str, dropout_unit: str, p_max: float) -> list[int]:
+    """The checks every form of the early-exit recipe shares (``LayerSkipArgs``, the Trainer's
+    ``EarlyExitRecipe``), against a ``num_layers``-layer model; the exits the loss trains (the last
+    layer added; None: every layer)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown early-exit loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    if curriculum not in CURRICULA:
+        raise ValueError(f"unknown early-exit curriculum {curriculum!r}; choose one of {CURRICULA}")
+    if dropout_curriculum not in DROPOUT_CURRICULA:
+        raise ValueError(f"unknown layer-dropout curriculum {dropout_curriculum!r}; "
+                         f"choose one of {DROPOUT_CURRICULA}")
+    if not 0.0 <= p_max < 1.0:
+        raise ValueError(f"p_max must be in [0, 1), got {p_max}")
+    if dropout_unit not in LayerTaps.UNITS:
+        raise ValueError(f"unknown layer-dropout unit {dropout_unit!r}; choose one of {LayerTaps.UNITS}")
+    exits = sorted(set(exit_layers or range(1, num_layers + 1)) | {num_layers})
+    bad = [k for k in exits if not 1 <= k <= num_layers]
+    if bad:
+        raise ValueError(f"exit layers {bad} are outside 1..{num_layers} (the model has {num_layers} layers)")
+    return exits
 
 
 class LayerTaps:

@@ -44,15 +44,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from offramp.backbones import adapter_for
 from offramp.modeling.decoder import SELF, DecoderExitModel
 from offramp.objectives.layerskip import (
-    CURRICULA,
-    DROPOUT_CURRICULA,
-    WEIGHTINGS,
     curriculum_mask,
     early_exit_loss,
     exit_loss_scales,
     layer_dropout_rates,
 )
-from offramp.training.layerskip import LayerTaps
+from offramp.training.layerskip import LayerTaps, check_recipe
 from offramp.utils import note
 
 
@@ -96,17 +93,6 @@ class EarlyExitRecipe:
 
     def validate(self, num_layers: int) -> list[int]:
         """Check every option against a ``num_layers``-layer model; return the exits (last included)."""
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown early-exit loss weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
-        if self.curriculum not in CURRICULA:
-            raise ValueError(f"unknown early-exit curriculum {self.curriculum!r}; choose one of {CURRICULA}")
-        if self.dropout_curriculum not in DROPOUT_CURRICULA:
-            raise ValueError(f"unknown layer-dropout curriculum {self.dropout_curriculum!r}; "
-                             f"choose one of {DROPOUT_CURRICULA}")
-        if self.dropout_unit not in LayerTaps.UNITS:
-            raise ValueError(f"unknown layer-dropout unit {self.dropout_unit!r}; choose one of {LayerTaps.UNITS}")
-        if not 0.0 <= self.p_max < 1.0:
-            raise ValueError(f"p_max must be in [0, 1), got {self.p_max}")
         if int(self.rotation) < 1:
             raise ValueError(f"rotation must be >= 1, got {self.rotation}")
         for name in ("e_scale", "distill"):
@@ -117,11 +103,9 @@ class EarlyExitRecipe:
             raise ValueError(f"positions must be in (0, 1], got {self.positions}")
         if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        exits = sorted(set(self.exit_layers or range(1, num_layers + 1)) | {num_layers})
-        bad = [k for k in exits if not 1 <= k <= num_layers]
-        if bad:
-            raise ValueError(f"exit layers {bad} are outside 1..{num_layers} (the model has {num_layers} layers)")
-        return exits
+        return check_recipe(num_layers, self.exit_layers, weighting=self.weighting, curriculum=self.curriculum,
+                            dropout_curriculum=self.dropout_curriculum, dropout_unit=self.dropout_unit,
+                            p_max=self.p_max)
 
 
 class EarlyExitObjective:
