@@ -162,8 +162,8 @@ class EarlyExitObjective:
                    if self.recipe.distill > 0 else None)
         losses = []
         for e, k in enumerate(self.exits):
-            if not bool(self.active[e]):
-                losses.append(last.new_zeros((), dtype=torch.float32))
+            if not bool(self.active[e]) or (k != self.adapter.num_layers and picked.numel() == 0):
+                losses.append(last.new_zeros((), dtype=torch.float32))  # off, or no labelled position to read
                 continue
             if k == self.adapter.num_layers:
                 losses.append(nn.functional.cross_entropy(last.float(), target, ignore_index=-100))
