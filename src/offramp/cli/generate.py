@@ -222,11 +222,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         if exit_model is not None:
             policy = common.make_policy_arg(args.policy, args.value, exit_model.config.policy)
-            if policy.type == "never":
+            if policy.type == "never" and args.policy is None:
                 common.log(f"offramp generate: the exits in {args.exits} have no calibrated rule (their default is "
                            f"never): decoding with every layer; give --policy NAME --value V, or certify one "
                            f"with `offramp calibrate`")
-            else:
+            elif policy.type != "never":
                 certified = args.policy is None and bool(exit_model.config.extra.get("calibration"))
                 probe = _probe(args, exit_model, tok, texts, sampling, "early exits", not certified,
                                lambda ids, n: exit_model.generate(ids, policy=policy, max_new_tokens=n,
