@@ -114,8 +114,9 @@ def check_speculation(model: Any, sampling: SamplingOptions, draft_tokens: int, 
     return e
 
 
-def check_ngram(ngram_tokens: int, ngram_size: int, sampling: SamplingOptions) -> None:
-    """Refuse n-gram drafting settings speculation cannot use (ValueError naming the fix)."""
+def check_ngram(ngram_tokens: int, ngram_size: int, sampling: SamplingOptions, draft_tokens: int = 1) -> None:
+    """Refuse n-gram drafting settings speculation cannot use (ValueError naming the fix);
+    ``draft_tokens`` 0 (n-gram drafts only) needs ``ngram_tokens``."""
     if isinstance(ngram_tokens, bool) or not isinstance(ngram_tokens, int) or ngram_tokens < 0:
         raise ValueError(f"ngram_tokens must be an integer >= 0 (0: no n-gram drafts), got {ngram_tokens!r}")
     if ngram_tokens and (not isinstance(ngram_size, int) or ngram_size < 1):
@@ -123,6 +124,8 @@ def check_ngram(ngram_tokens: int, ngram_size: int, sampling: SamplingOptions) -
     if ngram_tokens and sampling.do_sample:
         raise ValueError("n-gram drafts are verified greedily: drop ngram_tokens (--ngram) to sample, or decode "
                          "greedily")
+    if draft_tokens == 0 and not ngram_tokens:
+        raise ValueError("draft_tokens=0 drafts from n-gram matches only: give ngram_tokens >= 1, or draft_tokens >= 1")
 
 
 def check_draft_vocab(model: Any, draft_vocab: Any) -> Tensor | None:
@@ -382,7 +385,7 @@ def ngram_draft(history: list[int], max_tokens: int, max_n: int = 3) -> list[int
     return []
 
 
-def _ngram_drafts(histories: list[list[int]], live: list[int], max_tokens: int, max_n: int, room: int,
+def ngram_drafts(histories: list[list[int]], live: list[int], max_tokens: int, max_n: int, room: int,
                   device: Any) -> Tensor | None:
     """(r, k) drafts from n-gram matches when every running row has one (None otherwise): shorter
     ones padded with their last token (a pad the model rejects costs nothing; one it accepts is its
@@ -405,11 +408,11 @@ def _first_token(logits: Tensor, sampling: SamplingOptions, gen: torch.Generator
 
 
 def _emit(live: list[int], best: Tensor, accepted: Tensor, out: Tensor, count: list[int], done: list[bool],
-          sampling: SamplingOptions, histories: list[list[int]] | None = None) -> tuple[int, int]:
+          sampling: SamplingOptions, histories: list[list[int]] | None = None) -> tuple[int, int, int]:
     """Write each running row's accepted drafts and the full model's token after them into ``out``
     (at most up to max_new_tokens, and up to its EOS); update the rows' host-side ``count`` and
     ``done``. The round's outcome reaches the host in one transfer. Returns (tokens written, drafts
-    accepted)."""
+    accepted, the most drafts any row accepted)."""
     max_new, eos, written = out.shape[1], set(sampling.eos_ids), 0
     host = torch.cat([accepted[:, None].to(best.device), best], 1).tolist()
     for i, r in enumerate(live):
@@ -425,7 +428,7 @@ def _emit(live: list[int], best: Tensor, accepted: Tensor, out: Tensor, count: l
         count[r] += n
         written += n
         done[r] = end is not None or count[r] >= max_new
-    return written, sum(h[0] for h in host)
+    return written, sum(h[0] for h in host), max(h[0] for h in host)
 
 
 @torch.no_grad()
@@ -466,10 +469,8 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, attention_mask: Te
         acceptance and tokens per round.
     """
     sampling = sampling or SamplingOptions.from_model(model.backbone if hasattr(model, "backbone") else model)
-    check_ngram(ngram_tokens, ngram_size, sampling)
-    if draft_tokens == 0 and not ngram_tokens:
-        raise ValueError("draft_tokens=0 drafts from n-gram matches only: give ngram_tokens >= 1, or draft_tokens >= 1")
-    e = check_speculation(model, sampling, max(draft_tokens, 1 if ngram_tokens else draft_tokens), draft_confidence,
+    check_ngram(ngram_tokens, ngram_size, sampling, draft_tokens)
+    e = check_speculation(model, sampling, draft_tokens or 1, draft_confidence,
                           exit_layer, draft_rule)
     vocab = check_draft_vocab(model, draft_vocab)
     if attention_mask is None:
@@ -516,20 +517,21 @@ def _rounds(spec: Speculator, first: Tensor, out: Tensor, count: Tensor, draft_c
         given = None
         if histories is not None:
             room = max_new - min(counts[r] for r in live)
-            given = _ngram_drafts(histories, live, ngram_tokens, ngram_size, room, pending.device)
+            given = ngram_drafts(histories, live, ngram_tokens, ngram_size, room, pending.device)
             stats.ngram_rounds += given is not None
         best, accepted, k = spec.round(pending.index_select(0, rows), rows, next_pos.index_select(0, rows), col,
                                        draft_confidence, sampling, gen, draft_rule, given)
         stats.rounds += 1
         stats.row_rounds += len(live)
         stats.drafted += len(live) * k
-        written, taken = _emit(live, best, accepted, out, counts, done, sampling, histories)
+        written, taken, most = _emit(live, best, accepted, out, counts, done, sampling, histories)
         stats.emitted += written
         stats.accepted += taken
         pending = pending.clone()
         pending[rows] = best.gather(1, accepted[:, None])[:, 0]  # the full model's next token
         next_pos[rows] += accepted + 1
-        col += spec.width
+        col += most + 1  # the next round starts after the last column any row kept: no row's tokens
+        # are overwritten, and the columns every row rejected are reused (at batch 1 the cache has no holes)
     count.copy_(torch.tensor(counts, device=count.device))
     return stats
 
