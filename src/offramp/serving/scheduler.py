@@ -30,6 +30,7 @@ import torch
 
 from offramp.engines.generate import ContinuousBatch, ContinuousSpeculation, SamplingOptions, generate
 from offramp.engines.reason import ReasonBatch, reason
+from offramp.names import NGRAM_TOKENS
 from offramp.policies import ExitPolicy
 
 Event = dict[str, Any]
@@ -140,7 +141,9 @@ class GenerationScheduler:
 
     def _new_batch(self, req: _Request) -> Any:
         if req.speculative:
-            return ContinuousSpeculation(self.model, sampling=req.sampling, max_rows=self.max_rows)
+            # n-gram drafts where every running row has a match, as `offramp generate --speculative`
+            return ContinuousSpeculation(self.model, sampling=req.sampling, max_rows=self.max_rows,
+                                         ngram_tokens=NGRAM_TOKENS)
         return ContinuousBatch(self.model, policy=req.policy, cache_strategy=self.cache_strategy,
                                max_rows=self.max_rows, static=self.static)
 

@@ -169,3 +169,30 @@ def test_self_speculation_with_rows_joining_gives_greedy_decoding_alone(family, 
     assert batch.report()["acceptance"] > 0  # drafts were accepted: rounds gave several tokens
     for i, prompt in enumerate(PROMPTS):
         assert got[i] == _alone(model, prompt, LENGTHS[i], "never", None)[0], i
+
+
+@pytest.mark.parametrize("family, draft_tokens", [("llama", 0), ("llama", 2), ("gemma3", 0), ("mamba", 2)])
+def test_served_speculation_with_ngram_drafts_gives_greedy_decoding_alone(family, draft_tokens):
+    from offramp.engines.generate.continuous import ContinuousSpeculation
+
+    model = DecoderExitModel.from_backbone(tiny_decoder(family), exit_layers=[2], head="tied").eval()
+    batch = ContinuousSpeculation(model, exit_layer=2, draft_tokens=draft_tokens, ngram_tokens=3, sampling=NO_EOS)
+    repeated = [p * 3 for p in PROMPTS]  # prompts that repeat themselves: their continuations have matches
+    got: dict[int, list[int]] = {i: [] for i in range(len(repeated))}
+    step, finished = 0, set()
+    while len(finished) < len(repeated):
+        for i, at in enumerate(ARRIVALS):
+            if at == step:
+                batch.add(i, repeated[i], LENGTHS[i])
+        for t in batch.step():
+            assert t.index == len(got[t.key])
+            got[t.key].append(t.token)
+            if t.finished:
+                finished.add(t.key)
+        step += 1
+        assert step < 200
+    assert batch.report()["ngram_rounds"] > 0  # some rounds drafted from n-gram matches
+    for i, prompt in enumerate(repeated):
+        assert got[i] == _alone(model, prompt, LENGTHS[i], "never", None)[0], i
+    with pytest.raises(ValueError, match="n-gram matches only"):
+        ContinuousSpeculation(model, draft_tokens=0, sampling=NO_EOS)

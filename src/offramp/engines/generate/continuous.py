@@ -28,7 +28,14 @@ from offramp.backbones import adapter_for
 from offramp.engines.generate.engine import SIGNALS
 from offramp.engines.generate.run import DecodeRun, check_inputs
 from offramp.engines.generate.sampling import SamplingOptions, next_tokens
-from offramp.engines.generate.speculative import Speculator, check_draft_vocab, check_speculation, draft_cache_strategy
+from offramp.engines.generate.speculative import (
+    Speculator,
+    check_draft_vocab,
+    check_ngram,
+    check_speculation,
+    draft_cache_strategy,
+    ngram_drafts,
+)
 from offramp.policies import ExitPolicy, make_policy, require_signals
 
 
@@ -219,22 +226,28 @@ class ContinuousSpeculation(_Rows):
 
     Args:
         model: a ``DecoderExitModel``; ``exit_layer``, ``draft_tokens``, ``draft_confidence``,
-            ``draft_rule`` and ``draft_vocab`` as in ``speculative_generate``.
+            ``draft_rule``, ``draft_vocab``, ``ngram_tokens`` and ``ngram_size`` as in
+            ``speculative_generate`` (n-gram drafts in the rounds where every running row's prompt
+            and text so far have a match; ``draft_tokens=0``: n-gram drafts only).
         sampling: EOS and pad ids; speculation here is greedy.
         max_rows: the most rows drafting at once.
     """
 
     def __init__(self, model: nn.Module, *, exit_layer: int | None = None, draft_tokens: int = 4,
                  draft_confidence: float | None = None, draft_rule: str = "max_prob", draft_vocab: Any = None,
-                 sampling: SamplingOptions | None = None, max_rows: int = 32) -> None:
+                 ngram_tokens: int = 0, ngram_size: int = 3, sampling: SamplingOptions | None = None,
+                 max_rows: int = 32) -> None:
         self.model = model
         self.sampling = sampling or SamplingOptions.from_model(model.backbone)
         if self.sampling.do_sample:
             raise ValueError("served self-speculation is greedy: drop sampling (temperature), or decode without it")
-        self.exit_index = check_speculation(model, self.sampling, draft_tokens, draft_confidence, exit_layer,
+        check_ngram(ngram_tokens, ngram_size, self.sampling, draft_tokens)
+        self.exit_index = check_speculation(model, self.sampling, draft_tokens or 1, draft_confidence, exit_layer,
                                             draft_rule)
         self.vocab = check_draft_vocab(model, draft_vocab)
         self.draft_tokens, self.draft_confidence, self.draft_rule = draft_tokens, draft_confidence, draft_rule
+        self.ngram_tokens, self.ngram_size = ngram_tokens, ngram_size
+        self.ngram_rounds = 0
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.max_rows, self.adapter = max_rows, model.adapter
@@ -267,7 +280,7 @@ class ContinuousSpeculation(_Rows):
             row = self.queue.pop(0)
             ids = torch.tensor([row.prompt], device=self.adapter.layer_device(0))
             spec = Speculator(self.model, self.exit_index, ids, torch.ones_like(ids), row.max_new, self.draft_tokens,
-                              self.vocab)
+                              self.vocab, self.ngram_tokens)
             first = int(spec.run.prefill(ids, torch.ones_like(ids)).argmax(-1)[0])
             pos = spec.run.pos[:, ids.shape[1] - 1] + 1
             if self.spec is None:
@@ -284,14 +297,20 @@ class ContinuousSpeculation(_Rows):
             return out
         rows = torch.arange(len(self.rows), device=self.spec.run.valid.device)
         pending = torch.tensor([r.tokens[-1] for r in self.rows], device=rows.device)
+        given = None
+        if self.ngram_tokens:
+            room = min(r.max_new - len(r.tokens) for r in self.rows)
+            given = ngram_drafts([r.prompt + r.tokens for r in self.rows], list(range(len(self.rows))),
+                                  self.ngram_tokens, self.ngram_size, room, rows.device)
+            self.ngram_rounds += given is not None
         best, accepted, k = self.spec.round(pending, rows, self.next_pos, self.col, self.draft_confidence, None, None,
-                                            self.draft_rule)
+                                            self.draft_rule, given)
         self.steps += 1
         self.drafted += len(self.rows) * k
         self.accepted += int(accepted.sum())
         self.next_pos = self.next_pos + accepted.to(self.next_pos.device) + 1
-        self.col += self.draft_tokens + 1
         host = torch.cat([accepted[:, None].to(best.device), best], 1).tolist()  # one transfer for the round
+        self.col += max(h[0] for h in host) + 1  # after the last column any row kept (as speculative_generate)
         keep = [i for i, (row, (n, *tokens)) in enumerate(zip(self.rows, host))
                 if not self._give(row, tokens[:n + 1], out)]
         self._keep(keep)
@@ -320,7 +339,7 @@ class ContinuousSpeculation(_Rows):
 
     def report(self) -> dict[str, Any]:
         return {"running": len(self.rows), "queued": len(self.queue), "steps": self.steps, "column": self.col,
-                "acceptance": self.accepted / max(self.drafted, 1)}
+                "acceptance": self.accepted / max(self.drafted, 1), "ngram_rounds": self.ngram_rounds}
 
 
 def _host_ids(input_ids: list[int] | Tensor) -> Tensor:
