@@ -80,6 +80,40 @@ def test_probe_falls_back_when_the_mode_is_slower_and_keeps_a_mode_that_pays() -
         probe_decoding(lm, [], slow, mode="x", lossy=False)
 
 
+def test_speculation_that_does_not_pay_tries_ngram_drafts_then_plain_decoding(tmp_path, capsys, monkeypatch) -> None:
+    from offramp.engines.generate import speculative
+
+    folder, model = tiny_lm_folder(tmp_path)
+    DecoderExitModel.from_backbone(model, exit_layers=[2], head="tied").save_pretrained(tmp_path / "exits")
+    plain = tmp_path / "plain.json"
+    assert cli("generate", "--model", folder, *PROMPTS, "--json", plain) == 0
+    real, tried = speculative.speculative_generate, []
+
+    def exit_drafts_slow(*a, draft_tokens=3, **kw):  # exit drafts: far slower than plain decoding
+        tried.append(draft_tokens)
+        if draft_tokens:
+            time.sleep(0.2)
+        return real(*a, draft_tokens=draft_tokens, **kw)
+
+    monkeypatch.setattr(speculative, "speculative_generate", exit_drafts_slow)
+    out = tmp_path / "out.json"
+    capsys.readouterr()
+    assert cli("generate", "--model", folder, "--exits", tmp_path / "exits", "--speculative", "--ngram", "4",
+               *PROMPTS, "--json", out) == 0
+    err = capsys.readouterr().err
+    assert "probe of self-speculation" in err and "Trying n-gram drafts only (prompt lookup) next" in err
+    result = json.loads(out.read_text())
+    assert 3 in tried and 0 in tried  # both modes were probed, exit drafts first
+    assert result["probe"]["mode"] == "n-gram drafts only (prompt lookup)"
+    # whichever the second probe picked (n-gram drafts or plain decoding), the output is plain decoding's
+    assert [r["tokens"] for r in result["rows"]] == [r["tokens"] for r in json.loads(plain.read_text())["rows"]]
+    # without --ngram there is no second mode: straight to plain decoding
+    tried.clear()
+    assert cli("generate", "--model", folder, "--exits", tmp_path / "exits", "--speculative", "--ngram", "0",
+               *PROMPTS, "--json", out) == 0
+    assert "Decoding plainly" in capsys.readouterr().err and 0 not in tried
+
+
 def test_fitting_on_too_little_data_warns_with_the_numbers(tmp_path, capsys) -> None:
     with pytest.warns(UserWarning, match=f"fitted on 320 token positions \\(8 texts\\); below {MIN_FIT_POSITIONS}"):
         said = warn_thin_fit(8, 320, [15, 24], [0.06, 0.27])

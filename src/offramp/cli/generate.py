@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from offramp.cli import common
-from offramp.names import CACHE_STRATEGIES, DRAFT_RULES
+from offramp.names import CACHE_STRATEGIES, DRAFT_RULES, NGRAM_TOKENS
 
 
 class FitExitsMoved(argparse.Action):
@@ -75,7 +75,8 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--ngram", type=int, default=None, metavar="K",
                    help="with --speculative: draft up to K tokens from n-gram matches in the prompt and the text so far "
                         "(prompt lookup) where every row has one, from the exit otherwise; the same pass verifies both "
-                        "(default 8 greedy, 0 with --sample; 0: exit drafts only)")
+                        f"(default {NGRAM_TOKENS} greedy: the fastest measured on a CPU, where every drafted token adds "
+                        "a position to the verify pass; 0 with --sample; 0: exit drafts only)")
     p.add_argument("--min-agreement", type=float, default=0.75,
                    help="exit rules: the probe falls back to plain decoding when the exits' tokens agree with the full "
                         "model's on fewer than this share (default 0.75)")
@@ -129,7 +130,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.ngram is not None and args.ngram and args.sample:
         raise ValueError("--ngram drafts are verified greedily: drop --ngram to sample, or drop --sample")
     if args.speculative and args.ngram is None:
-        args.ngram = 0 if args.sample else 8
+        args.ngram = 0 if args.sample else NGRAM_TOKENS
     common.require_min(args, draft_tokens=0, ngram=0)
     if args.draft_tokens == 0 and not args.ngram:
         raise ValueError("--draft-tokens 0 drafts from n-gram matches only: add --ngram K, or draft >= 1 tokens")
@@ -301,15 +302,26 @@ def _decode_speculative(args: argparse.Namespace, exit_model: Any, backbone: Any
     if args.plan:
         plan = _plan(args, exit_model, tok(texts[:args.batch_size], return_tensors="pt", padding=True), sampling,
                      vocab)
-    plain = plan is not None and plan.best is None
-    probe = None
-    if not plain:
-        probe = _probe(args, exit_model, tok, texts, sampling, "self-speculation", False,
-                       lambda ids, n: speculative_generate(
-                           exit_model, ids, exit_layer=args.draft_exit, draft_tokens=args.draft_tokens,
+    # the modes to try, fastest expected first: exit drafts (with n-gram drafts when --ngram), then
+    # n-gram drafts only (prompt lookup, no exit run) when the exits' drafts do not pay; else plain
+    modes = [] if plan is not None and plan.best is None else [("self-speculation", args.draft_tokens)]
+    if args.ngram and args.draft_tokens:
+        modes.append(("n-gram drafts only (prompt lookup)", 0))
+    if plan is not None and plan.best is None and args.ngram:
+        common.log("offramp generate: the exits' drafts do not pay here; trying n-gram drafts only (prompt lookup)")
+    plain, probe = not modes, None
+    for i, (mode, d) in enumerate(modes):
+        then = modes[i + 1][0] if i + 1 < len(modes) else None
+        probe = _probe(args, exit_model, tok, texts, sampling, mode, False,
+                       lambda ids, n, d=d: speculative_generate(
+                           exit_model, ids, exit_layer=args.draft_exit, draft_tokens=d,
                            draft_confidence=args.draft_confidence, draft_rule=args.draft_rule or "max_prob",
-                           draft_vocab=vocab, max_new_tokens=n, sampling=sampling, ngram_tokens=args.ngram))
-        plain = probe is not None and probe.fallback
+                           draft_vocab=vocab, max_new_tokens=n, sampling=sampling, ngram_tokens=args.ngram),
+                       then=then)
+        if probe is None or not probe.fallback:
+            args.draft_tokens = d
+            break
+        plain = then is None
     rows, drafts, start = [], {}, time.perf_counter()
     for i, enc in _batches(tok, texts, args.batch_size):
         if plain:
@@ -328,9 +340,9 @@ def _decode_speculative(args: argparse.Namespace, exit_model: Any, backbone: Any
 
 
 def _probe(args: argparse.Namespace, exit_model: Any, tok: Any, texts: list[str], sampling: Any, mode: str,
-           lossy: bool, run: Any) -> Any:
+           lossy: bool, run: Any, then: str | None = None) -> Any:
     """The probe of a decoding mode on the first two prompts (None with --no-fallback): a warning
-    on stderr when it falls back to plain decoding."""
+    on stderr when it falls back, to plain decoding or to the mode ``then`` (tried next)."""
     if args.no_fallback:
         return None
     from offramp.engines.generate.guard import probe_decoding, unpadded_rows
@@ -339,7 +351,9 @@ def _probe(args: argparse.Namespace, exit_model: Any, tok: Any, texts: list[str]
     probe = probe_decoding(exit_model.backbone, unpadded_rows(enc["input_ids"], enc["attention_mask"], 2), run,
                            mode=mode, lossy=lossy, tokens=min(16, max(2, args.max_new_tokens)),
                            min_agreement=args.min_agreement, sampling=sampling)
-    if probe.fallback:
+    if probe.fallback and then is not None:
+        common.log(f"offramp generate: {probe.summary()}. Trying {then} next; --no-fallback keeps {mode}")
+    elif probe.fallback:
         common.log(f"offramp generate: {probe.summary()}. Decoding plainly (every layer), the fastest correct mode "
                    f"here; --no-fallback keeps {mode}")
     return probe
