@@ -104,7 +104,10 @@ def _policy(name: str, value: float) -> dict:
 
 def _spec_name(head: str, layer: int, d: int, conf: float | None = None, vocab=None, ngram: int = 0) -> str:
     """speculative@E/dD[/cC][/HEAD][/vK][/ngN]: exit, draft length, draft confidence, drafting head, draft
-    vocabulary, n-gram drafts of up to N tokens where the text has a match."""
+    vocabulary, n-gram drafts of up to N tokens where the text has a match; speculative_ngram/ngN with
+    d 0 (n-gram drafts only: prompt lookup on offramp's engine, no exit run)."""
+    if not d:
+        return f"speculative_ngram/ng{ngram}"
     return (f"speculative@{layer}/d{d}" + ("" if conf is None else f"/c{conf:g}")
             + ("" if head == "tied" else f"/{head}") + ("" if vocab is None else f"/v{len(vocab)}")
             + (f"/ng{ngram}" if ngram else ""))
@@ -282,7 +285,9 @@ def bench_model(name: str, args, log) -> dict:
     spec = [(h, k, d, c, v, g) for h in args.spec_heads for k in spec_layers for d in args.drafts
             for c in args.draft_confidences for v in ([vocab, None] if vocab is not None and args.both_vocabs
                                                       else [vocab]) for g in args.ngram
-            if d or g]  # d 0: n-gram drafts only
+            if d or (g and k == spec_layers[-1] and h == args.spec_heads[0] and v is vocab
+                          and c == args.draft_confidences[0])]
+    # d 0: n-gram drafts only, the same whatever the exit, head and vocabulary: measured once
     calib = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words)
     evals = bbc_prompts(args.prompts, split="test", instruct=False, words=args.words,
                         skip=args.prompts if args.eval_skip is None else args.eval_skip)
@@ -302,12 +307,17 @@ def bench_model(name: str, args, log) -> dict:
                 fam not in peers or row["ratio"] > cal[peers[fam]]["ratio"]):
             peers[fam] = m
     spec_label = chosen_s and _spec_name(*chosen_s)
-    log(f"{name}: chose {args.policy} {chosen_t}, speculation {spec_label}, peers {sorted(peers.values())}; evaluating")
+    # the fastest setting that drafts from an exit (the chosen one, unless n-gram drafts alone won)
+    exit_s = max((s for s in spec if s[2]), key=lambda s: cal[_spec_name(*s)]["ratio"], default=None)
+    log(f"{name}: chose {args.policy} {chosen_t}, speculation {spec_label} (from an exit: "
+        f"{exit_s and _spec_name(*exit_s)}), peers {sorted(peers.values())}; evaluating")
     ev_spec = [chosen_s] if chosen_s else []
-    if chosen_s and vocab is not None and chosen_s[4] is not None:  # the same setting drafting the whole vocabulary
-        ev_spec.append(chosen_s[:4] + (None, chosen_s[5]))
-    if chosen_s and chosen_s[5]:  # and without n-gram drafts
-        ev_spec.append(chosen_s[:5] + (0,))
+    if exit_s and exit_s != chosen_s:
+        ev_spec.append(exit_s)
+    if exit_s and vocab is not None and exit_s[4] is not None:  # the same setting drafting the whole vocabulary
+        ev_spec.append(exit_s[:4] + (None, exit_s[5]))
+    if exit_s and exit_s[5]:  # and without n-gram drafts
+        ev_spec.append(exit_s[:5] + (0,))
     ev = measure(backbone, tok, _methods(backbone, exits, args, [chosen_t] if chosen_t else [], ev_spec, drafters,
                                          set(peers.values())), evals, args.repeats, log, args.batch)
     plan = None
@@ -343,13 +353,14 @@ def bench_model(name: str, args, log) -> dict:
         log(f"{name}: oracle at agreement {lossy['agreement']}: {ceiling}")
     possible = {}  # each offramp row as "x of y possible": gains over the never-exit engine, measured / ceiling
     never_tps = ev["offramp_never_exit"]["tokens_per_s"]
-    if chosen_s and plan:
-        row = next((r for r in plan[chosen_s[0]]["settings"]
-                    if r["exit_layer"] == chosen_s[1] and r["draft_tokens"] == chosen_s[2]), None)
-        got = ev[spec_label]["tokens_per_s"] / never_tps
+    if exit_s and plan:  # (the plan models exit drafts: n-gram drafts have no all-accepted ceiling of their own)
+        row = next((r for r in plan[exit_s[0]]["settings"]
+                    if r["exit_layer"] == exit_s[1] and r["draft_tokens"] == exit_s[2]), None)
+        got = ev[_spec_name(*exit_s)]["tokens_per_s"] / never_tps
         if row is not None:
             top = row["all_accepted_speedup"]
-            possible["lossless"] = {"setting": spec_label, "vs_never_exit": round(got, 3), "all_accepted": top,
+            possible["lossless"] = {"setting": _spec_name(*exit_s), "vs_never_exit": round(got, 3),
+                                    "all_accepted": top,
                                     "of_possible": round((got - 1) / (top - 1), 3) if top > 1 else None}
     if ceiling is not None:
         possible["lossy"] = {"vs_never_exit": ceiling["realised_vs_never_exit"],
