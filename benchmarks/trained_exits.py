@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from exit_schedule import step_costs  # noqa: E402
 from generate_speed import interleaved, real_tokens, teacher_forced_agreement  # noqa: E402
 from peers import economize_methods, hf_methods  # noqa: E402
 
@@ -157,20 +158,14 @@ def oracle_ceiling(exits: DecoderExitModel, tok, prompts: list[str], new_tokens:
     token exiting after k layers costs k layers + the LM head (a layer: the engine's decoding
     step less the head, over L); exit decisions are free."""
     from offramp.engines.generate import SamplingOptions
-    from offramp.engines.generate.plan import exit_matches, median_seconds
+    from offramp.engines.generate.plan import exit_matches
 
     enc = tok(prompts, return_tensors="pt", padding=True)
     matches, lengths = exit_matches(exits, enc["input_ids"], enc["attention_mask"], new_tokens,
                                     SamplingOptions.from_model(exits.backbone))
-    one = tok(prompts[:1], return_tensors="pt")
-    # a decoding step of the engine, and the LM head alone, timed here (any backbone kind)
-    lm, ad = exits.backbone, exits.adapter
-    step_s = (median_seconds(lambda: generate(lm, one["input_ids"], one["attention_mask"], max_new_tokens=17))
-              - median_seconds(lambda: generate(lm, one["input_ids"], one["attention_mask"], max_new_tokens=1))) / 16
-    h = torch.zeros(1, 1, ad.hidden_size, dtype=ad.dtype)
-    head = median_seconds(lambda: ad.logits(h))
-    L, layers = ad.num_layers, list(exits.exit_layers)
-    layer = (step_s - head) / L
+    # a layer and the LM head alone, timed here (any backbone kind)
+    layer, head = step_costs(exits.backbone, exits.adapter, tok(prompts[:1], return_tensors="pt"))
+    L, layers = exits.adapter.num_layers, list(exits.exit_layers)
     depth = []
     for r, n in enumerate(lengths):
         for i in range(1, n):
