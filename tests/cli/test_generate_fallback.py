@@ -112,6 +112,13 @@ def test_speculation_that_does_not_pay_tries_ngram_drafts_then_plain_decoding(tm
     assert cli("generate", "--model", folder, "--exits", tmp_path / "exits", "--speculative", "--ngram", "0",
                *PROMPTS, "--json", out) == 0
     assert "Decoding plainly" in capsys.readouterr().err and 0 not in tried
+    # --draft-tokens 0: n-gram drafts only, probed as such, the exit never drafts
+    tried.clear()
+    assert cli("generate", "--model", folder, "--exits", tmp_path / "exits", "--speculative", "--ngram", "4",
+               "--draft-tokens", "0", *PROMPTS, "--json", out) == 0
+    result = json.loads(out.read_text())
+    assert result["probe"]["mode"] == "n-gram drafts only (prompt lookup)" and set(tried) == {0}
+    assert [r["tokens"] for r in result["rows"]] == [r["tokens"] for r in json.loads(plain.read_text())["rows"]]
 
 
 def test_fitting_on_too_little_data_warns_with_the_numbers(tmp_path, capsys) -> None:

@@ -295,7 +295,7 @@ def _decode_speculative(args: argparse.Namespace, exit_model: Any, backbone: Any
     from offramp.engines.generate import generate
     from offramp.engines.generate.speculative import check_speculation, speculative_generate
 
-    check_speculation(exit_model, sampling, args.draft_tokens, args.draft_confidence, args.draft_exit,
+    check_speculation(exit_model, sampling, args.draft_tokens or 1, args.draft_confidence, args.draft_exit,
                       args.draft_rule or "max_prob")
     vocab = _draft_vocab(args, exit_model, sampling)
     plan = None
@@ -304,10 +304,12 @@ def _decode_speculative(args: argparse.Namespace, exit_model: Any, backbone: Any
                      vocab)
     # the modes to try, fastest expected first: exit drafts (with n-gram drafts when --ngram), then
     # n-gram drafts only (prompt lookup, no exit run) when the exits' drafts do not pay; else plain
-    modes = [] if plan is not None and plan.best is None else [("self-speculation", args.draft_tokens)]
-    if args.ngram and args.draft_tokens:
-        modes.append(("n-gram drafts only (prompt lookup)", 0))
-    if plan is not None and plan.best is None and args.ngram:
+    ngram_only = ("n-gram drafts only (prompt lookup)", 0)
+    exit_drafts = plan is None or plan.best is not None
+    modes = [("self-speculation", args.draft_tokens)] if args.draft_tokens and exit_drafts else []
+    if args.ngram:
+        modes.append(ngram_only)
+    if not exit_drafts and args.draft_tokens and args.ngram:
         common.log("offramp generate: the exits' drafts do not pay here; trying n-gram drafts only (prompt lookup)")
     plain, probe = not modes, None
     for i, (mode, d) in enumerate(modes):
